@@ -1,0 +1,58 @@
+# swarmnet — two commands on a fresh machine: `make testnet`, `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TOXIPROXY_VERSION := v2.12.0
+TOXIPROXY := bin/toxiproxy-server
+STAMP := $(VENV)/.installed
+
+.PHONY: all install toxiproxy testnet test bench bench-node bench-boot bench-throughput chaos clean
+
+all: install toxiproxy
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Toxiproxy from source with the machine's Go, into a project-local bin/.
+# `go install .../cmd/server` names its binary `server`; give it a clear name.
+$(TOXIPROXY):
+	@mkdir -p bin/.gobin
+	@if command -v go >/dev/null 2>&1; then \
+		echo "installing Toxiproxy $(TOXIPROXY_VERSION) with go install"; \
+		GOBIN=$(CURDIR)/bin/.gobin go install github.com/Shopify/toxiproxy/v2/cmd/server@$(TOXIPROXY_VERSION) && \
+		mv bin/.gobin/server $(TOXIPROXY); \
+	else \
+		echo "no Go on this machine: Toxiproxy not installed; use --links direct (process faults only)"; \
+	fi
+
+toxiproxy: $(TOXIPROXY)
+
+testnet: install toxiproxy
+	$(VENV)/bin/swarmnet up
+
+test: install toxiproxy
+	$(PY) -m pytest -q
+
+bench: bench-node bench-boot bench-throughput
+
+bench-node: install
+	$(VENV)/bin/swarmnet bench node
+
+bench-boot: install toxiproxy
+	$(VENV)/bin/swarmnet bench boot
+
+bench-throughput: install toxiproxy
+	$(VENV)/bin/swarmnet bench throughput
+
+chaos: install toxiproxy
+	$(VENV)/bin/swarmnet chaos nightly
+
+clean:
+	rm -rf $(VENV) bin runs *.egg-info

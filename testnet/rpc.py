@@ -1,0 +1,459 @@
+"""The trio edge of the wire protocol: servers, persistent multiplexed client
+connections and a pool of them.
+
+Only bytes and time move here; framing and validation live in
+:mod:`testnet.protocol`.  Every wait has a deadline and every task belongs to
+a nursery the caller owns.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Hashable, Protocol
+
+import trio
+
+from .protocol import (
+    DEFAULT_MAX_FRAME_SIZE,
+    BadFrame,
+    Connection,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    Request,
+    RequestError,
+    Response,
+    Status,
+    error_frame,
+    NEED_DATA,
+    EOF,
+)
+
+log = logging.getLogger(__name__)
+
+RECEIVE_SIZE = 65536
+DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds
+DEFAULT_MAX_IN_FLIGHT = 256  # requests per connection before we stop reading
+
+
+class RpcError(Exception):
+    """A call did not produce a response."""
+
+
+class ConnectError(RpcError):
+    """The peer could not be reached."""
+
+
+class ConnectionLost(RpcError):
+    """The connection broke before the response arrived."""
+
+
+class RpcTimeout(RpcError):
+    """No response within the deadline."""
+
+
+class StatusError(RpcError):
+    """The peer answered with a non-200 status (raised by :meth:`RpcConnection.call_ok`)."""
+
+    def __init__(self, response: Response) -> None:
+        body = response.body
+        reason = body.get("error") if isinstance(body, dict) else None
+        super().__init__(f"status {response.status}: {reason or body!r}")
+        self.response = response
+        self.status = response.status
+
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is on the other end of an accepted connection."""
+
+    remote: Address
+    local: Address
+    conn_id: int
+
+
+class CaptureSink(Protocol):
+    """Receives every chunk of bytes a connection reads or writes.
+
+    The transport calls it below any protocol logic, so what it records is
+    what the process really saw on the wire (direction ``"in"``/``"out"``).
+    """
+
+    def record(self, conn_id: int, direction: str, local: Address, remote: Address, data: bytes) -> None: ...
+
+
+Handler = Callable[[Request, Peer], Awaitable[tuple[int, Any]]]
+
+_conn_ids = itertools.count(1)
+
+
+def _addr(sockaddr: Any) -> Address:
+    return (str(sockaddr[0]), int(sockaddr[1]))
+
+
+def _stream_addresses(stream: trio.SocketStream) -> tuple[Address, Address]:
+    return _addr(stream.socket.getsockname()), _addr(stream.socket.getpeername())
+
+
+# --------------------------------------------------------------------------- server
+
+
+async def serve_connection(
+    stream: trio.SocketStream,
+    handler: Handler,
+    *,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    capture: CaptureSink | None = None,
+) -> None:
+    """Serve requests on one accepted connection until it closes.
+
+    Requests run concurrently (answered in any order); once ``max_in_flight``
+    are running we stop reading, which pushes back on the peer.  A handler
+    error becomes a 500 for that request only.
+    """
+    conn_id = next(_conn_ids)
+    try:
+        local, remote = _stream_addresses(stream)
+    except OSError:
+        await stream.aclose()
+        return
+    peer = Peer(remote, local, conn_id)
+    conn = Connection(max_frame_size=max_frame_size)
+    send_lock = trio.Lock()
+    in_flight = trio.Semaphore(max_in_flight)
+
+    async def write(data: bytes) -> None:
+        async with send_lock:
+            if capture is not None:
+                capture.record(conn_id, "out", local, remote, data)
+            await stream.send_all(data)
+
+    async def answer(req: Request) -> None:
+        try:
+            try:
+                status, body = await handler(req, peer)
+            except RequestError as exc:
+                status, body = exc.status, exc.body
+            except Exception:
+                log.exception("handler for %r failed", req.op)
+                status, body = Status.INTERNAL_ERROR, {"error": "internal error"}
+            try:
+                data = conn.send(Response(req.id, status, body))
+            except LocalProtocolError as exc:
+                data = conn.send(Response(req.id, exc.status, {"error": str(exc)}))
+            await write(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            in_flight.release()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    break
+                if capture is not None and data:
+                    capture.record(conn_id, "in", local, remote, data)
+                conn.receive_data(data)
+                try:
+                    while True:
+                        ev = conn.next_event()
+                        if ev is NEED_DATA or ev is EOF:
+                            break
+                        if isinstance(ev, Request):
+                            await in_flight.acquire()
+                            nursery.start_soon(answer, ev)
+                        elif isinstance(ev, BadFrame):
+                            await write(error_frame(ev.status, ev.reason, ev.id or 0))
+                        # A response on a server connection answers nothing: drop it.
+                except RemoteProtocolError as exc:
+                    # The stream cannot be resynchronised: say why, then close.
+                    try:
+                        await write(error_frame(exc.status, str(exc)))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                    break
+                if not data:
+                    break
+            # Let in-flight requests finish writing before we close.
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(stream)
+
+
+async def serve(
+    handler: Handler,
+    listen: list[Address],
+    *,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    capture: CaptureSink | None = None,
+    task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on every (host, port) given (port 0 picks a free one) and serve forever.
+
+    Reports the bound addresses through ``task_status.started``.
+    """
+    listeners: list[trio.SocketListener] = []
+    for host, port in listen:
+        if not host.startswith("127."):
+            raise ValueError(f"swarmnet servers listen on 127.0.0.0/8 only, not {host!r}")
+        listeners.extend(await trio.open_tcp_listeners(port, host=host, backlog=1024))
+    bound = [_addr(l.socket.getsockname()) for l in listeners]
+
+    async def one(stream: trio.SocketStream) -> None:
+        await serve_connection(
+            stream, handler, max_frame_size=max_frame_size, max_in_flight=max_in_flight, capture=capture
+        )
+
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(trio.serve_listeners, one, [listener])
+        task_status.started(bound)
+
+
+# --------------------------------------------------------------------------- client
+
+
+class _Slot:
+    __slots__ = ("event", "response", "error")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.response: Response | None = None
+        self.error: RpcError | None = None
+
+
+class RpcConnection:
+    """A persistent client connection with many calls in flight.
+
+    Its reader runs as a task in a nursery the caller owns (:meth:`run`);
+    :func:`open_rpc` does that for a single connection.
+    """
+
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        capture: CaptureSink | None = None,
+        name: str = "",
+    ) -> None:
+        self.stream = stream
+        self.name = name
+        self._conn = Connection(max_frame_size=max_frame_size)
+        self._capture = capture
+        self._conn_id = next(_conn_ids)
+        try:
+            self.local, self.remote = _stream_addresses(stream)
+        except OSError:
+            self.local, self.remote = ("?", 0), ("?", 0)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Slot] = {}
+        self._send_lock = trio.Lock()
+        self._closed: RpcError | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    def _fail_all(self, error: RpcError) -> None:
+        if self._closed is None:
+            self._closed = error
+        for slot in self._pending.values():
+            if not slot.event.is_set():
+                slot.error = error
+                slot.event.set()
+        self._pending.clear()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read responses until the connection closes; then fail whatever is pending."""
+        task_status.started()
+        error: RpcError = ConnectionLost(f"connection to {self.name or self.remote} closed")
+        try:
+            while True:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                if self._capture is not None and data:
+                    self._capture.record(self._conn_id, "in", self.local, self.remote, data)
+                self._conn.receive_data(data)
+                while True:
+                    ev = self._conn.next_event()
+                    if ev is NEED_DATA or ev is EOF:
+                        break
+                    if isinstance(ev, Response):
+                        slot = self._pending.pop(ev.id, None)
+                        if slot is not None:
+                            slot.response = ev
+                            slot.event.set()
+                    # Requests and bad frames from a server are ignored.
+                if not data:
+                    break
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except RemoteProtocolError as exc:
+            error = ConnectionLost(f"connection to {self.name or self.remote} broke: {exc}")
+        finally:
+            self._fail_all(error)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)
+
+    async def call(self, op: str, args: dict[str, Any], *, timeout: float) -> Response:
+        """Send one request and wait for its response (any status)."""
+        if self._closed is not None:
+            raise self._closed
+        msg_id = next(self._ids)
+        slot = _Slot()
+        data = self._conn.send(Request(msg_id, op, args))
+        self._pending[msg_id] = slot
+        try:
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    async with self._send_lock:
+                        if self._capture is not None:
+                            self._capture.record(self._conn_id, "out", self.local, self.remote, data)
+                        await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self._fail_all(ConnectionLost(f"connection to {self.name or self.remote} lost: {exc}"))
+                await slot.event.wait()
+        finally:
+            self._pending.pop(msg_id, None)
+        if scope.cancelled_caught:
+            raise RpcTimeout(f"{op} to {self.name or self.remote}: no response in {timeout:.3g} s")
+        if slot.error is not None:
+            raise slot.error
+        assert slot.response is not None
+        return slot.response
+
+    async def call_ok(self, op: str, args: dict[str, Any], *, timeout: float) -> Any:
+        """Like :meth:`call` but returns the body of a 200 and raises :class:`StatusError` otherwise."""
+        resp = await self.call(op, args, timeout=timeout)
+        if resp.status != Status.OK:
+            raise StatusError(resp)
+        return resp.body
+
+    async def aclose(self) -> None:
+        self._fail_all(ConnectionLost(f"connection to {self.name or self.remote} closed locally"))
+        await trio.aclose_forcefully(self.stream)
+
+
+async def connect(
+    host: str,
+    port: int,
+    *,
+    local_host: str | None = None,
+    timeout: float = DEFAULT_CONNECT_TIMEOUT,
+) -> trio.SocketStream:
+    """A TCP stream to (host, port), from ``local_host`` when given, within ``timeout`` s."""
+    try:
+        with trio.fail_after(timeout):
+            return await trio.open_tcp_stream(host, port, local_address=local_host)
+    except trio.TooSlowError:
+        raise ConnectError(f"connect to {host}:{port} timed out after {timeout:.3g} s") from None
+    except OSError as exc:
+        raise ConnectError(f"connect to {host}:{port} failed: {exc.strerror or exc}") from None
+
+
+@asynccontextmanager
+async def open_rpc(
+    host: str,
+    port: int,
+    *,
+    local_host: str | None = None,
+    timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    capture: CaptureSink | None = None,
+) -> AsyncIterator[RpcConnection]:
+    """One connection whose reader lives for the ``async with`` block."""
+    stream = await connect(host, port, local_host=local_host, timeout=timeout)
+    rpc = RpcConnection(stream, max_frame_size=max_frame_size, capture=capture, name=f"{host}:{port}")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rpc.run)
+        try:
+            yield rpc
+        finally:
+            await rpc.aclose()
+
+
+async def call_once(host: str, port: int, op: str, args: dict[str, Any], *, timeout: float,
+                    local_host: str | None = None) -> Response:
+    """Connect, make one call, close: for tools, not for hot paths."""
+    with trio.move_on_after(timeout) as scope:
+        async with open_rpc(host, port, local_host=local_host, timeout=timeout) as rpc:
+            return await rpc.call(op, args, timeout=timeout)
+    assert scope.cancelled_caught
+    raise RpcTimeout(f"{op} to {host}:{port}: no response in {timeout:.3g} s")
+
+
+class ConnectionPool:
+    """Persistent connections keyed by peer, created on first use.
+
+    ``resolve(key)`` gives the address to dial (and an optional local address
+    to dial from); it is asked again after a connection breaks, so a peer's
+    address may change.  Readers run in ``nursery``, which the owner keeps
+    open for the pool's whole life.
+    """
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        resolve: Callable[[Hashable], tuple[str, int, str | None]],
+        *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        capture: CaptureSink | None = None,
+    ) -> None:
+        self._nursery = nursery
+        self._resolve = resolve
+        self._connect_timeout = connect_timeout
+        self._max_frame_size = max_frame_size
+        self._capture = capture
+        self._conns: dict[Hashable, RpcConnection] = {}
+        self._locks: dict[Hashable, trio.Lock] = {}
+
+    async def get(self, key: Hashable, *, timeout: float | None = None) -> RpcConnection:
+        conn = self._conns.get(key)
+        if conn is not None and not conn.closed:
+            return conn
+        lock = self._locks.setdefault(key, trio.Lock())
+        async with lock:
+            conn = self._conns.get(key)
+            if conn is not None and not conn.closed:
+                return conn
+            host, port, local_host = self._resolve(key)
+            ct = self._connect_timeout if timeout is None else min(timeout, self._connect_timeout)
+            stream = await connect(host, port, local_host=local_host, timeout=ct)
+            conn = RpcConnection(stream, max_frame_size=self._max_frame_size, capture=self._capture,
+                                 name=str(key)[:16])
+            await self._nursery.start(conn.run)
+            self._conns[key] = conn
+            return conn
+
+    async def call(self, key: Hashable, op: str, args: dict[str, Any], *, timeout: float) -> Response:
+        """Call ``op`` on peer ``key`` over its persistent connection, within ``timeout`` s overall."""
+        deadline = trio.current_time() + timeout
+        conn = await self.get(key, timeout=timeout)
+        remaining = max(deadline - trio.current_time(), 0.0)
+        return await conn.call(op, args, timeout=remaining)
+
+    async def drop(self, key: Hashable) -> None:
+        """Close the connection to ``key`` (the next call dials again)."""
+        conn = self._conns.pop(key, None)
+        if conn is not None:
+            await conn.aclose()
+
+    async def aclose(self) -> None:
+        for key in list(self._conns):
+            await self.drop(key)
+
+    def __len__(self) -> int:
+        return sum(1 for c in self._conns.values() if not c.closed)

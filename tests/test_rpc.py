@@ -1,0 +1,137 @@
+"""The trio edge: a real loopback server, persistent multiplexed clients."""
+
+import trio
+import pytest
+
+from testnet.protocol import HEADER, Connection, RequestError, Response, Status
+from testnet.rpc import (
+    ConnectError, ConnectionPool, RpcTimeout, StatusError, connect, open_rpc, serve,
+)
+
+
+async def handler(req, peer):
+    if req.op == "echo":
+        return 200, {"args": req.args, "remote": peer.remote[0]}
+    if req.op == "sleep":
+        await trio.sleep(req.args["s"])
+        return 200, req.args["tag"]
+    if req.op == "fail":
+        raise RequestError(421, "wrong swarm", {"nodes": []})
+    if req.op == "crash":
+        raise RuntimeError("boom")
+    raise RequestError(404, f"unknown op {req.op}")
+
+
+class Recorder:
+    def __init__(self):
+        self.chunks = []
+
+    def record(self, conn_id, direction, local, remote, data):
+        self.chunks.append((direction, remote[0], data))
+
+
+async def start(nursery, **kw):
+    (addr,) = await nursery.start(lambda task_status: serve(handler, [("127.0.0.1", 0)], task_status=task_status, **kw))
+    return addr
+
+
+async def test_many_calls_in_flight_answered_out_of_order():
+    async with trio.open_nursery() as nursery:
+        host, port = await start(nursery)
+        async with open_rpc(host, port) as rpc:
+            results = {}
+
+            async def one(i):
+                results[i] = (await rpc.call("sleep", {"s": (5 - i) * 0.01, "tag": i}, timeout=5)).body
+
+            async with trio.open_nursery() as inner:
+                for i in range(5):
+                    inner.start_soon(one, i)
+            assert results == {i: i for i in range(5)}
+            assert (await rpc.call("fail", {}, timeout=5)).status == 421
+            assert (await rpc.call("crash", {}, timeout=5)).status == 500
+            with pytest.raises(StatusError) as info:
+                await rpc.call_ok("nope", {}, timeout=5)
+            assert info.value.status == 404
+            # The connection survived every error above.
+            assert (await rpc.call_ok("echo", {"a": 1}, timeout=5))["args"] == {"a": 1}
+        nursery.cancel_scope.cancel()
+
+
+async def test_client_binds_its_own_loopback_address_and_capture_sees_it():
+    rec = Recorder()
+    async with trio.open_nursery() as nursery:
+        host, port = await start(nursery, capture=rec)
+        async with open_rpc(host, port, local_host="127.0.0.77") as rpc:
+            body = await rpc.call_ok("echo", {"x": b"\x01\x02"}, timeout=5)
+        assert body["remote"] == "127.0.0.77"
+        assert any(d == "in" and ip == "127.0.0.77" and b"\x01\x02" in data for d, ip, data in rec.chunks)
+        nursery.cancel_scope.cancel()
+
+
+async def test_timeout_and_connect_error():
+    async with trio.open_nursery() as nursery:
+        host, port = await start(nursery)
+        async with open_rpc(host, port) as rpc:
+            with pytest.raises(RpcTimeout):
+                await rpc.call("sleep", {"s": 10, "tag": 0}, timeout=0.05)
+            assert (await rpc.call("echo", {}, timeout=5)).ok
+        nursery.cancel_scope.cancel()
+    with pytest.raises(ConnectError):
+        # Nothing listens on the port we just closed.
+        await connect(host, port, timeout=2)
+
+
+async def test_garbage_and_oversized_frames_get_error_frames_and_others_unaffected():
+    async with trio.open_nursery() as nursery:
+        host, port = await start(nursery, max_frame_size=1000)
+        async with open_rpc(host, port) as good:
+            # A malformed body: answered with 400, connection goes on.
+            bad = await connect(host, port)
+            await bad.send_all(HEADER.pack(3) + b"\xc1\xc1\xc1")
+            await bad.send_all(Connection().send(__import__("testnet.protocol").protocol.Request(5, "echo", {})))
+            conn = Connection()
+            events = []
+            with trio.fail_after(5):
+                while len(events) < 2:
+                    conn.receive_data(await bad.receive_some(4096))
+                    events.extend(conn.events())
+            assert events[0].status == 400 and events[1] == Response(5, 200, events[1].body)
+            # An oversized announced length: error frame, then the server closes.
+            await bad.send_all(HEADER.pack(10_000))
+            with trio.fail_after(5):
+                while True:
+                    data = await bad.receive_some(4096)
+                    conn.receive_data(data)
+                    if not data:
+                        break
+            (err,) = conn.events()
+            assert err.status == Status.TOO_LARGE
+            await bad.aclose()
+            assert (await good.call("echo", {}, timeout=5)).ok
+        nursery.cancel_scope.cancel()
+
+
+async def test_pool_reuses_one_connection_and_redials_after_loss():
+    async with trio.open_nursery() as nursery:
+        host, port = await start(nursery)
+        dials = []
+
+        def resolve(key):
+            dials.append(key)
+            return host, port, None
+
+        pool = ConnectionPool(nursery, resolve)
+        for _ in range(20):
+            assert (await pool.call("peer", "echo", {}, timeout=5)).ok
+        assert dials == ["peer"] and len(pool) == 1
+        await pool.drop("peer")
+        assert (await pool.call("peer", "echo", {}, timeout=5)).ok
+        assert dials == ["peer", "peer"]
+        await pool.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_servers_refuse_non_loopback_addresses():
+    with pytest.raises(ValueError):
+        await serve(handler, [("0.0.0.0", 0)])
