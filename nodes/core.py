@@ -1,0 +1,335 @@
+"""The service node's rules, without I/O: configuration, the swarm view, op
+validation and rate limiting.  Time is always passed in (ms since epoch, or
+seconds for the token bucket); nothing here touches a socket, trio or a clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from testnet import crypto
+from testnet.protocol import RequestError, Status
+from testnet.swarm import swarm_for
+
+from .storage import StoredMessage
+
+VERSION = "swarmnet-node/0.1"
+
+# oxen-storage-server's limits.
+MAX_DATA_BYTES = 76_800
+MIN_TTL_MS = 10_000
+MAX_TTL_MS = 14 * 24 * 3600 * 1000
+STORE_CLOCK_WINDOW_MS = 10_000
+SIGNED_CLOCK_WINDOW_MS = 60_000
+MAX_HASHES_PER_REQUEST = 1000
+NAMESPACE_RANGE = range(-(2**15), 2**15)
+
+BUGS = {
+    "skip-replication": "the node that takes a store never forwards it to its swarm peers",
+    "ack-before-commit": "a store is acknowledged before it is committed (committed ~3 s later)",
+    "wrong-inbox": "retrieve sometimes answers with another account's messages",
+}
+
+
+class ConfigError(Exception):
+    """The node's configuration file is missing or wrong."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    seed_file: str
+    listen: tuple[tuple[str, int], ...]
+    db: str
+    log: str | None
+    registry: tuple[str, int]
+    capture: str | None = None
+    links: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+    admin_token: str = ""
+    clock_offset_ms: int = 0
+    parent_pid: int | None = None
+    anti_entropy_interval_s: float = 2.0
+    expiry_interval_s: float = 10.0
+    registry_poll_s: float = 1.0
+    replication_timeout_s: float = 2.0
+    rate_limit_burst: int = 600
+    rate_limit_per_second: float = 300.0
+    inject_bugs: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> NodeConfig:
+        try:
+            listen = tuple((str(h), int(p)) for h, p in raw["listen"])
+            if not listen:
+                raise ConfigError("'listen' needs at least one address")
+            rate = raw.get("rate_limit") or {}
+            bugs = tuple(raw.get("inject_bugs") or ())
+            unknown = [b for b in bugs if b not in BUGS]
+            if unknown:
+                raise ConfigError(f"unknown injected bugs {unknown}; known: {sorted(BUGS)}")
+            return cls(
+                name=str(raw["name"]),
+                seed_file=str(raw["seed_file"]),
+                listen=listen,
+                db=str(raw["db"]),
+                log=raw.get("log"),
+                registry=(str(raw["registry"][0]), int(raw["registry"][1])),
+                capture=raw.get("capture"),
+                links={str(k): (str(v[0]), int(v[1])) for k, v in (raw.get("links") or {}).items()},
+                admin_token=str(raw.get("admin_token", "")),
+                clock_offset_ms=int(raw.get("clock_offset_ms", 0)),
+                parent_pid=raw.get("parent_pid"),
+                anti_entropy_interval_s=float(raw.get("anti_entropy_interval_s", 2.0)),
+                expiry_interval_s=float(raw.get("expiry_interval_s", 10.0)),
+                registry_poll_s=float(raw.get("registry_poll_s", 1.0)),
+                replication_timeout_s=float(raw.get("replication_timeout_s", 2.0)),
+                rate_limit_burst=int(rate.get("burst", 600)),
+                rate_limit_per_second=float(rate.get("per_second", 300.0)),
+                inject_bugs=bugs,
+            )
+        except ConfigError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ConfigError(f"bad node configuration: {type(exc).__name__}: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> NodeConfig:
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read node configuration {path}: {exc}") from None
+        return cls.from_dict(raw)
+
+    def identity(self) -> crypto.Identity:
+        try:
+            with open(self.seed_file, encoding="ascii") as f:
+                return crypto.Identity.from_seed(bytes.fromhex(f.read().strip()))
+        except (OSError, ValueError, crypto.CryptoError) as exc:
+            raise ConfigError(f"cannot read the node's seed file: {type(exc).__name__}") from None
+
+
+# --------------------------------------------------------------------------- swarm view
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    ed25519_public: str
+    x25519_public: str
+    host: str
+    port: int
+    swarm_id: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"ed25519_public": self.ed25519_public, "x25519_public": self.x25519_public,
+                "host": self.host, "port": self.port, "swarm_id": self.swarm_id}
+
+
+@dataclass(frozen=True)
+class SwarmView:
+    """The registry's node list as one node sees it at one height."""
+
+    height: int
+    nodes: Mapping[str, NodeRecord]
+    me: str
+
+    @classmethod
+    def from_registry(cls, body: Mapping[str, Any], me: str) -> SwarmView:
+        nodes = {}
+        for n in body["nodes"]:
+            rec = NodeRecord(str(n["ed25519_public"]), str(n["x25519_public"]), str(n["host"]),
+                             int(n["port"]), int(n["swarm_id"]))
+            nodes[rec.ed25519_public] = rec
+        return cls(int(body["height"]), nodes, me)
+
+    @property
+    def swarm_ids(self) -> list[int]:
+        return sorted({n.swarm_id for n in self.nodes.values()})
+
+    @property
+    def my_swarm(self) -> int | None:
+        rec = self.nodes.get(self.me)
+        return rec.swarm_id if rec else None
+
+    def members(self, swarm_id: int | None) -> list[NodeRecord]:
+        return sorted((n for n in self.nodes.values() if n.swarm_id == swarm_id), key=lambda n: n.ed25519_public)
+
+    def peers(self) -> list[NodeRecord]:
+        """Members of my swarm other than me."""
+        return [n for n in self.members(self.my_swarm) if n.ed25519_public != self.me]
+
+    def swarm_of(self, pubkey: str) -> int | None:
+        ids = self.swarm_ids
+        return swarm_for(pubkey, ids) if ids else None
+
+    def is_mine(self, pubkey: str) -> bool:
+        mine = self.my_swarm
+        return mine is not None and self.swarm_of(pubkey) == mine
+
+    def wrong_swarm(self, pubkey: str) -> RequestError:
+        """The 421 answer: the right swarm's id and members (oxen-storage-server)."""
+        target = self.swarm_of(pubkey)
+        return RequestError(Status.WRONG_SWARM, "pubkey belongs to another swarm", {
+            "error": "wrong swarm", "swarm_id": target,
+            "nodes": [n.to_wire() for n in self.members(target)],
+        })
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _bad(msg: str, status: int = Status.BAD_REQUEST) -> RequestError:
+    return RequestError(status, msg)
+
+
+def _int(args: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    v = args.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise _bad(f"'{key}' must be an integer")
+    return v
+
+
+def _bytes(args: Mapping[str, Any], key: str) -> bytes:
+    v = args.get(key)
+    if not isinstance(v, bytes):
+        raise _bad(f"'{key}' must be bytes")
+    return v
+
+
+def session_pubkey(args: Mapping[str, Any]) -> str:
+    v = args.get("pubkey")
+    if not isinstance(v, str) or len(v) != 66:
+        raise _bad("'pubkey' must be a 66-character hex account id")
+    v = v.lower()
+    try:
+        bytes.fromhex(v)
+    except ValueError:
+        raise _bad("'pubkey' must be hex") from None
+    return v
+
+
+def namespace(args: Mapping[str, Any]) -> int:
+    ns = _int(args, "namespace", 0)
+    if ns not in NAMESPACE_RANGE:
+        raise _bad("'namespace' must fit in 16 bits")
+    return ns
+
+
+def hashes(args: Mapping[str, Any]) -> list[str]:
+    v = args.get("hashes")
+    if not isinstance(v, list) or not v or len(v) > MAX_HASHES_PER_REQUEST:
+        raise _bad(f"'hashes' must be a list of 1..{MAX_HASHES_PER_REQUEST} message hashes")
+    if not all(isinstance(h, str) and 0 < len(h) <= 64 for h in v):
+        raise _bad("every hash must be a short string")
+    return v
+
+
+def validate_store(args: Mapping[str, Any], now_ms: int) -> StoredMessage:
+    """A store request as the message to keep, or the status it deserves."""
+    pubkey = session_pubkey(args)
+    ns = namespace(args)
+    data = _bytes(args, "data")
+    if len(data) > MAX_DATA_BYTES:
+        raise _bad(f"data of {len(data)} bytes exceeds {MAX_DATA_BYTES}", Status.TOO_LARGE)
+    ttl = _int(args, "ttl")
+    if not MIN_TTL_MS <= ttl <= MAX_TTL_MS:
+        raise _bad(f"ttl must be between {MIN_TTL_MS} and {MAX_TTL_MS} ms")
+    ts = _int(args, "timestamp")
+    if abs(ts - now_ms) > STORE_CLOCK_WINDOW_MS:
+        raise _bad("timestamp is more than 10 s from the node's clock", Status.CLOCK_OUT_OF_RANGE)
+    return StoredMessage(pubkey, ns, crypto.message_hash(pubkey, ns, data), data, ts, ts + ttl)
+
+
+def check_signed(args: Mapping[str, Any], pubkey: str, message: bytes) -> None:
+    """The account's ed25519 signature over ``message`` (401 when wrong)."""
+    ed = args.get("pubkey_ed25519")
+    sig = args.get("signature")
+    if not isinstance(ed, str) or not isinstance(sig, bytes):
+        raise _bad("'pubkey_ed25519' (hex) and 'signature' (bytes) are required", Status.UNAUTHORIZED)
+    try:
+        ed_bytes = bytes.fromhex(ed)
+        if pubkey.startswith("05"):
+            # A 05 account's ed25519 key must convert to its x25519 Session ID.
+            crypto.check_account(pubkey, ed_bytes)
+        crypto.verify_request(ed_bytes, message, sig)
+    except (ValueError, crypto.CryptoError):
+        raise _bad("signature does not verify for this account", Status.UNAUTHORIZED) from None
+
+
+def validate_retrieve(args: Mapping[str, Any], now_ms: int) -> tuple[str, int, str | None]:
+    pubkey = session_pubkey(args)
+    ns = namespace(args)
+    ts = _int(args, "timestamp")
+    last = args.get("last_hash") or None
+    if last is not None and not isinstance(last, str):
+        raise _bad("'last_hash' must be a string")
+    check_signed(args, pubkey, crypto.retrieve_signature_message(ns, ts))
+    if abs(ts - now_ms) > SIGNED_CLOCK_WINDOW_MS:
+        raise _bad("timestamp is more than 60 s from the node's clock", Status.CLOCK_OUT_OF_RANGE)
+    return pubkey, ns, last
+
+
+def validate_delete(args: Mapping[str, Any]) -> tuple[str, list[str]]:
+    pubkey = session_pubkey(args)
+    hs = hashes(args)
+    check_signed(args, pubkey, crypto.delete_signature_message(hs))
+    return pubkey, hs
+
+
+def validate_expire(args: Mapping[str, Any], now_ms: int) -> tuple[str, list[str], int]:
+    pubkey = session_pubkey(args)
+    hs = hashes(args)
+    expiry = _int(args, "expiry")
+    if expiry > now_ms + MAX_TTL_MS:
+        raise _bad("expiry is more than 14 days ahead")
+    check_signed(args, pubkey, crypto.expire_signature_message(expiry, hs))
+    return pubkey, hs, expiry
+
+
+def message_to_wire(m: StoredMessage) -> list[Any]:
+    return [m.pubkey, m.namespace, m.hash, m.data, m.timestamp, m.expiry]
+
+
+def message_from_wire(item: Any) -> StoredMessage:
+    """A replicated message; its hash must be the hash of its content."""
+    try:
+        pubkey, ns, h, data, ts, expiry = item
+        pubkey = session_pubkey({"pubkey": pubkey})
+        if not (isinstance(data, bytes) and len(data) <= MAX_DATA_BYTES and isinstance(ts, int)
+                and isinstance(expiry, int) and isinstance(ns, int) and ns in NAMESPACE_RANGE):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise _bad("malformed replicated message") from None
+    if crypto.message_hash(pubkey, ns, data) != h:
+        raise _bad("replicated message hash does not match its content")
+    return StoredMessage(pubkey, ns, h, data, ts, expiry)
+
+
+# --------------------------------------------------------------------------- rate limit
+
+
+class TokenBucket:
+    """Per-source request budget (oxen-storage-server: 600 burst, 300/s)."""
+
+    def __init__(self, burst: int, per_second: float, max_sources: int = 10_000) -> None:
+        self.burst = burst
+        self.per_second = per_second
+        self.max_sources = max_sources
+        self._buckets: dict[Any, tuple[float, float]] = {}
+
+    def allow(self, source: Any, now_s: float) -> bool:
+        tokens, last = self._buckets.get(source, (float(self.burst), now_s))
+        tokens = min(float(self.burst), tokens + (now_s - last) * self.per_second)
+        if tokens < 1.0:
+            self._buckets[source] = (tokens, now_s)
+            return False
+        if len(self._buckets) >= self.max_sources and source not in self._buckets:
+            # Forget full buckets first: they carry no information.
+            full = [k for k, (t, l) in self._buckets.items() if t + (now_s - l) * self.per_second >= self.burst]
+            for k in full:
+                del self._buckets[k]
+        self._buckets[source] = (tokens - 1.0, now_s)
+        return True

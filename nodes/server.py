@@ -1,0 +1,504 @@
+"""The service node: a trio server over its storage, following the registry,
+replicating to its swarm and healing by anti-entropy.
+
+Rules live in :mod:`nodes.core`; this module moves bytes and time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import time
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from testnet import crypto
+from testnet.logs import event, wall_ms
+from testnet.protocol import RequestError, Request, Status
+from testnet.registry import register_args
+from testnet.rpc import ConnectionPool, Peer, RpcError, serve
+
+from . import core
+from .capture import CaptureFile
+from .core import NodeConfig, SwarmView
+from .replication import GroupCommit, PeerSender
+from .storage import Storage, StoredMessage
+
+log = logging.getLogger("node")
+
+NODE_OPS = {"replicate", "replicate_delete", "replicate_expire", "ae_digest", "ae_fetch"}
+CLIENT_OPS = {"store", "retrieve", "delete", "expire", "get_swarm", "info", "onion"}
+ADMIN_OPS = {"admin_set_links", "admin_listen", "admin_clock", "admin_stop"}
+REGISTRY_KEY = "registry"
+WRITE_BEHIND_S = 3.0  # the ack-before-commit bug's delay
+
+
+class Clock:
+    """The node's one source of time: the wall clock plus an injectable offset (ms)."""
+
+    def __init__(self, offset_ms: int = 0, source: Callable[[], float] = time.time) -> None:
+        self.offset_ms = offset_ms
+        self._source = source
+
+    def now_ms(self) -> int:
+        return int(self._source() * 1000) + self.offset_ms
+
+
+class Node:
+    def __init__(self, config: NodeConfig, *, clock: Clock | None = None) -> None:
+        self.config = config
+        self.identity = config.identity()
+        self.ed_hex = self.identity.ed25519_public.hex()
+        self.x_hex = self.identity.x25519_public.hex()
+        self.clock = clock or Clock(config.clock_offset_ms)
+        self.storage = Storage(config.db)
+        self.capture = CaptureFile(config.capture) if config.capture else None
+        self.view: SwarmView | None = None
+        self.links: dict[str, tuple[str, int]] = dict(config.links)
+        self.bugs = set(config.inject_bugs)
+        self.rate = core.TokenBucket(config.rate_limit_burst, config.rate_limit_per_second)
+        self.listening: list[tuple[str, int]] = []
+        self.tombstones: dict[str, int] = {}  # deleted hash -> its expiry (ms): never fetch it back
+        self.onion_handler: Callable[[Request, Peer], Awaitable[tuple[int, Any]]] | None = None
+        self._senders: dict[tuple[str, str], PeerSender] = {}
+        self._ae_wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._cancel: trio.CancelScope | None = None
+        self.pool: ConnectionPool | None = None
+        self.commit: GroupCommit | None = None
+        self.stats = {"stores": 0, "replicated_in": 0, "ae_fetched": 0, "ae_pushed": 0, "rehomed": 0}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def host(self) -> str:
+        return self.config.listen[0][0]
+
+    def _resolve(self, key: Any) -> tuple[str, int, str | None]:
+        if key == REGISTRY_KEY:
+            return self.config.registry[0], self.config.registry[1], self.host
+        if key in self.links:
+            h, p = self.links[key]
+            return h, p, self.host
+        rec = self.view.nodes.get(key) if self.view else None
+        if rec is None:
+            raise RpcError(f"no address known for node {str(key)[:12]}")
+        return rec.host, rec.port, self.host
+
+    async def run(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._cancel = nursery.cancel_scope
+                self.pool = ConnectionPool(nursery, self._resolve, capture=self.capture,
+                                           connect_timeout=self.config.replication_timeout_s)
+                self.commit = GroupCommit(self.storage)
+                await nursery.start(self.commit.run)
+                self.listening = await nursery.start(
+                    lambda task_status: serve(self.handle, list(self.config.listen), capture=self.capture,
+                                              task_status=task_status))
+                event(log, "listening", node=self.config.name, addresses=self.listening,
+                      ed25519=self.ed_hex[:16])
+                nursery.start_soon(self._follow_registry)
+                nursery.start_soon(self._anti_entropy_loop)
+                nursery.start_soon(self._expiry_loop)
+                if self.capture is not None:
+                    nursery.start_soon(self._flush_capture_loop)
+                task_status.started(self.listening)
+        finally:
+            if self.capture is not None:
+                self.capture.close()
+            self.storage.close()
+
+    def stop(self) -> None:
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    async def _flush_capture_loop(self) -> None:
+        while True:
+            await trio.sleep(0.2)
+            self.capture.flush()
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def handle(self, req: Request, peer: Peer) -> tuple[int, Any]:
+        op = req.op
+        if op in CLIENT_OPS and op != "info":
+            if not self.rate.allow((peer.remote[0], peer.local[1]), trio.current_time()):
+                raise RequestError(Status.RATE_LIMITED, "rate limited")
+        if op == "onion" and self.onion_handler is not None:
+            return await self.onion_handler(req, peer)
+        method = getattr(self, "op_" + op, None) if (op in CLIENT_OPS or op in NODE_OPS or op in ADMIN_OPS) else None
+        if method is None:
+            raise RequestError(Status.NOT_FOUND, f"unknown op {op!r:.70}")
+        if op in ADMIN_OPS:
+            token = req.args.get("token")
+            if not self.config.admin_token or not isinstance(token, str) or \
+                    not secrets.compare_digest(token, self.config.admin_token):
+                raise RequestError(Status.UNAUTHORIZED, "admin token required")
+        return Status.OK, await method(req.args)
+
+    def _require_view(self) -> SwarmView:
+        if self.view is None or self.view.my_swarm is None:
+            raise RequestError(Status.NOT_READY, "node has no swarm yet")
+        return self.view
+
+    # ------------------------------------------------------------------ client ops
+
+    async def op_info(self, args: dict) -> dict:
+        view = self.view
+        return {
+            "role": "node", "version": core.VERSION, "name": self.config.name,
+            "ed25519_public": self.ed_hex, "x25519_public": self.x_hex,
+            "height": view.height if view else 0,
+            "swarm_id": view.my_swarm if view else None,
+            "swarm": [n.ed25519_public for n in view.members(view.my_swarm)] if view and view.my_swarm is not None else [],
+            "clock_ms": self.clock.now_ms(), "clock_offset_ms": self.clock.offset_ms,
+            "messages": self.storage.count(), "listening": [list(a) for a in self.listening],
+            "stats": dict(self.stats),
+        }
+
+    async def op_get_swarm(self, args: dict) -> dict:
+        view = self._require_view()
+        pubkey = core.session_pubkey(args)
+        target = view.swarm_of(pubkey)
+        return {"swarm_id": target, "nodes": [n.to_wire() for n in view.members(target)]}
+
+    async def op_store(self, args: dict) -> dict:
+        msg = core.validate_store(args, self.clock.now_ms())
+        view = self._require_view()
+        if not view.is_mine(msg.pubkey):
+            raise view.wrong_swarm(msg.pubkey)
+        self.stats["stores"] += 1
+        results: dict[str, Any] = {}
+        if "ack-before-commit" in self.bugs:
+            # Deliberately broken: answer now, write (and forward) later.
+            self._nursery.start_soon(self._write_behind, msg)
+            results[self.ed_hex] = {"status": Status.OK}
+            return {"hash": msg.hash, "swarm": results}
+        try:
+            await self.commit.commit([msg])
+        except Exception as exc:  # StorageError: this node did not keep it
+            raise RequestError(Status.INTERNAL_ERROR, f"storage failed: {type(exc).__name__}") from None
+        results[self.ed_hex] = {"status": Status.OK}
+        if "skip-replication" not in self.bugs:
+            results.update(await self._fan_out("replicate", msg, core.message_to_wire, view))
+        return {"hash": msg.hash, "swarm": results}
+
+    async def _write_behind(self, msg: StoredMessage) -> None:
+        await trio.sleep(WRITE_BEHIND_S)
+        await self.commit.commit([msg])
+        if self.view is not None:
+            await self._fan_out("replicate", msg, core.message_to_wire, self.view)
+
+    async def _fan_out(self, op: str, item: Any, encode: Callable[[Any], Any], view: SwarmView) -> dict[str, Any]:
+        """Forward ``item`` to every other swarm member in parallel; each one's outcome."""
+        peers = view.peers()
+        waiters = {p.ed25519_public: self._sender(p.ed25519_public, op, encode).submit(item) for p in peers}
+        with trio.move_on_after(self.config.replication_timeout_s):
+            for w in waiters.values():
+                await w.event.wait()
+        out = {}
+        for key, w in waiters.items():
+            if not w.event.is_set():
+                out[key] = {"status": Status.GATEWAY_TIMEOUT, "error": "timeout"}
+            elif w.error is not None:
+                out[key] = {"status": Status.BAD_GATEWAY, "error": w.error}
+            else:
+                out[key] = {"status": Status.OK}
+        return out
+
+    def _sender(self, peer: str, op: str, encode: Callable[[Any], Any]) -> PeerSender:
+        s = self._senders.get((peer, op))
+        if s is None or s.closed:
+            s = PeerSender(peer, self.pool, op, self.config.replication_timeout_s, encode)
+            self._senders[(peer, op)] = s
+            self._nursery.start_soon(s.run)
+        return s
+
+    async def op_retrieve(self, args: dict) -> dict:
+        pubkey, ns, last = core.validate_retrieve(args, self.clock.now_ms())
+        view = self._require_view()
+        if not view.is_mine(pubkey):
+            raise view.wrong_swarm(pubkey)
+        msgs, more = self.storage.retrieve(pubkey, ns, last, self.clock.now_ms())
+        if "wrong-inbox" in self.bugs:
+            # Deliberately broken: mix in a neighbour account's messages.
+            for other in self.storage.pubkeys():
+                if other != pubkey and view.is_mine(other):
+                    extra, _ = self.storage.retrieve(other, ns, None, self.clock.now_ms(), limit=2)
+                    msgs = msgs + extra
+                    break
+        return {"messages": [{"hash": m.hash, "timestamp": m.timestamp, "expiry": m.expiry, "data": m.data}
+                             for m in msgs], "more": more}
+
+    async def op_delete(self, args: dict) -> dict:
+        pubkey, hs = core.validate_delete(args)
+        view = self._require_view()
+        if not view.is_mine(pubkey):
+            raise view.wrong_swarm(pubkey)
+        deleted = self._delete_local(pubkey, hs)
+        results = {self.ed_hex: {"status": Status.OK, "deleted": deleted}}
+        results.update(await self._fan_out("replicate_delete", (pubkey, hs), list, view))
+        return {"deleted": deleted, "swarm": results}
+
+    def _delete_local(self, pubkey: str, hs: list[str]) -> list[str]:
+        horizon = self.clock.now_ms() + core.MAX_TTL_MS
+        for h in hs:
+            self.tombstones[h] = horizon
+        return self.storage.delete(pubkey, hs)
+
+    async def op_expire(self, args: dict) -> dict:
+        pubkey, hs, expiry = core.validate_expire(args, self.clock.now_ms())
+        view = self._require_view()
+        if not view.is_mine(pubkey):
+            raise view.wrong_swarm(pubkey)
+        updated = self.storage.expire(pubkey, hs, max(expiry, 1))
+        results = {self.ed_hex: {"status": Status.OK, "updated": updated}}
+        results.update(await self._fan_out("replicate_expire", (pubkey, hs, expiry), list, view))
+        return {"updated": updated, "swarm": results}
+
+    # ------------------------------------------------------------------ node-to-node ops
+
+    async def op_replicate(self, args: dict) -> dict:
+        """Forwarded copies: stored, never forwarded again."""
+        items = args.get("messages")
+        if not isinstance(items, list) or len(items) > 10 * 500:
+            raise RequestError(Status.BAD_REQUEST, "'messages' must be a list")
+        msgs = [core.message_from_wire(i) for i in items]
+        msgs = [m for m in msgs if m.hash not in self.tombstones]
+        if msgs:
+            new = await self.commit.commit(msgs)
+            self.stats["replicated_in"] += sum(new)
+        return {"stored": len(msgs)}
+
+    async def op_replicate_delete(self, args: dict) -> dict:
+        done = []
+        for item in args.get("messages") or []:
+            try:
+                pubkey, hs = item
+                done.extend(self._delete_local(core.session_pubkey({"pubkey": pubkey}), core.hashes({"hashes": hs})))
+            except (TypeError, ValueError):
+                raise RequestError(Status.BAD_REQUEST, "malformed replicated delete") from None
+        return {"deleted": len(done)}
+
+    async def op_replicate_expire(self, args: dict) -> dict:
+        n = 0
+        for item in args.get("messages") or []:
+            try:
+                pubkey, hs, expiry = item
+                n += len(self.storage.expire(core.session_pubkey({"pubkey": pubkey}), core.hashes({"hashes": hs}),
+                                             max(int(expiry), 1)))
+            except (TypeError, ValueError):
+                raise RequestError(Status.BAD_REQUEST, "malformed replicated expire") from None
+        return {"updated": n}
+
+    async def op_ae_digest(self, args: dict) -> dict:
+        """Anti-entropy, step 1: which pubkeys of that swarm differ, and our hashes for them."""
+        if "skip-replication" in self.bugs:
+            return {"hashes": {}}
+        view = self._require_view()
+        swarm_id, theirs = args.get("swarm_id"), args.get("digests")
+        if not isinstance(swarm_id, int) or not isinstance(theirs, dict):
+            raise RequestError(Status.BAD_REQUEST, "'swarm_id' and 'digests' are required")
+        now = self.clock.now_ms()
+        ours = self.storage.digest(lambda pk: view.swarm_of(pk) == swarm_id, now)
+        differ = [pk for pk in set(ours) | set(theirs) if ours.get(pk) != theirs.get(pk)]
+        differ = [pk for pk in differ if isinstance(pk, str) and len(pk) == 66][:1000]
+        return {"hashes": self.storage.hashes_for(differ, now) if differ else {}}
+
+    async def op_ae_fetch(self, args: dict) -> dict:
+        hs = core.hashes(args)
+        return {"messages": [core.message_to_wire(m) for m in self.storage.get_many(hs)]}
+
+    # ------------------------------------------------------------------ admin ops
+
+    async def op_admin_set_links(self, args: dict) -> dict:
+        links = args.get("links")
+        if not isinstance(links, dict):
+            raise RequestError(Status.BAD_REQUEST, "'links' must be a map")
+        try:
+            self.links = {str(k): (str(v[0]), int(v[1])) for k, v in links.items()}
+        except (TypeError, ValueError, IndexError):
+            raise RequestError(Status.BAD_REQUEST, "'links' values must be [host, port]") from None
+        await self.pool.aclose()
+        return {"links": len(self.links)}
+
+    async def op_admin_listen(self, args: dict) -> dict:
+        addrs = args.get("addresses")
+        try:
+            addrs = [(str(h), int(p)) for h, p in addrs]
+        except (TypeError, ValueError):
+            raise RequestError(Status.BAD_REQUEST, "'addresses' must be a list of [host, port]") from None
+        try:
+            bound = await self._nursery.start(
+                lambda task_status: serve(self.handle, addrs, capture=self.capture, task_status=task_status))
+        except (OSError, ValueError) as exc:
+            raise RequestError(Status.BAD_REQUEST, f"cannot listen: {exc}") from None
+        self.listening.extend(bound)
+        return {"addresses": [list(a) for a in bound]}
+
+    async def op_admin_clock(self, args: dict) -> dict:
+        offset = args.get("offset_ms")
+        if not isinstance(offset, int) or isinstance(offset, bool):
+            raise RequestError(Status.BAD_REQUEST, "'offset_ms' must be an integer")
+        self.clock.offset_ms = offset
+        event(log, "clock offset", offset_ms=offset)
+        return {"offset_ms": offset}
+
+    async def op_admin_stop(self, args: dict) -> dict:
+        self._nursery.start_soon(self._stop_soon)
+        return {}
+
+    async def _stop_soon(self) -> None:
+        await trio.sleep(0.05)  # let the reply go out first
+        self.stop()
+
+    # ------------------------------------------------------------------ registry
+
+    async def _registry_call(self, op: str, args: dict, timeout: float) -> Any:
+        resp = await self.pool.call(REGISTRY_KEY, op, args, timeout=timeout)
+        if not resp.ok:
+            raise RequestError(resp.status, f"registry answered {resp.status}")
+        return resp.body
+
+    async def _follow_registry(self) -> None:
+        registered = False
+        height = -1
+        while True:
+            try:
+                if not registered:
+                    host, port = self.listening[0]
+                    await self._registry_call("register", register_args(self.identity, host, port, wall_ms()), 5.0)
+                    registered = True
+                    event(log, "registered", host=host, port=port)
+                body = await self._registry_call(
+                    "get_service_nodes", {"since_height": height, "wait_ms": 10_000}, 15.0)
+                if body.get("changed", True) and body["height"] != height:
+                    view = SwarmView.from_registry(body, self.ed_hex)
+                    height = view.height
+                    self._apply_view(view)
+            except (RpcError, RequestError, KeyError, TypeError, ValueError) as exc:
+                event(log, "registry unreachable", logging.WARNING, error=type(exc).__name__)
+                await self.pool.drop(REGISTRY_KEY)
+                await trio.sleep(self.config.registry_poll_s)
+
+    def _apply_view(self, view: SwarmView) -> None:
+        old = self.view
+        self.view = view
+        old_peers = {p.ed25519_public for p in old.peers()} if old and old.my_swarm is not None else set()
+        new_peers = {p.ed25519_public for p in view.peers()}
+        for key, sender in list(self._senders.items()):
+            if key[0] not in new_peers:
+                sender.close()
+                del self._senders[key]
+        event(log, "swarm view", height=view.height, swarm_id=view.my_swarm, members=len(new_peers) + 1,
+              joined=len(new_peers - old_peers), left=len(old_peers - new_peers))
+        if old is not None and old.my_swarm != view.my_swarm or new_peers - old_peers:
+            self._ae_wake.set()  # push to new members and rehome at once
+
+    # ------------------------------------------------------------------ anti-entropy
+
+    async def _anti_entropy_loop(self) -> None:
+        while True:
+            with trio.move_on_after(self.config.anti_entropy_interval_s * random.uniform(0.75, 1.25)):
+                await self._ae_wake.wait()
+            self._ae_wake = trio.Event()
+            view = self.view
+            if view is None or "skip-replication" in self.bugs:
+                continue
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._rehome, view)
+                if view.my_swarm is not None:
+                    for peer in view.peers():
+                        nursery.start_soon(self._sync_with, view, peer.ed25519_public)
+            now = self.clock.now_ms()
+            self.tombstones = {h: t for h, t in self.tombstones.items() if t > now}
+
+    async def _sync_with(self, view: SwarmView, peer: str) -> None:
+        now = self.clock.now_ms()
+        timeout = self.config.replication_timeout_s * 2
+        ours = self.storage.digest(view.is_mine, now)
+        try:
+            resp = await self.pool.call(peer, "ae_digest", {"swarm_id": view.my_swarm, "digests": ours},
+                                        timeout=timeout)
+            if not resp.ok:
+                return
+            theirs: dict[str, list[str]] = resp.body.get("hashes") or {}
+            if not theirs:
+                return
+            mine = self.storage.hashes_for([pk for pk in theirs if view.is_mine(pk)], now)
+            want, give, kill = [], [], []
+            for pk, hs in theirs.items():
+                if not view.is_mine(pk):
+                    continue
+                have = set(mine.get(pk, ()))
+                there = set(hs)
+                want += [h for h in there - have if h not in self.tombstones]
+                kill += [(pk, [h for h in there if h in self.tombstones])]
+                give += sorted(have - there)
+            if want:
+                for i in range(0, len(want), 500):
+                    got = await self.pool.call(peer, "ae_fetch", {"hashes": want[i:i + 500]}, timeout=timeout)
+                    if got.ok:
+                        msgs = [core.message_from_wire(m) for m in got.body.get("messages", [])]
+                        new = await self.commit.commit(msgs)
+                        self.stats["ae_fetched"] += sum(new)
+            if give:
+                for i in range(0, len(give), 500):
+                    msgs = self.storage.get_many(give[i:i + 500])
+                    await self.pool.call(peer, "replicate", {"messages": [core.message_to_wire(m) for m in msgs]},
+                                         timeout=timeout)
+                    self.stats["ae_pushed"] += len(msgs)
+            kill = [(pk, hs) for pk, hs in kill if hs]
+            if kill:
+                await self.pool.call(peer, "replicate_delete", {"messages": [list(k) for k in kill]}, timeout=timeout)
+        except (RpcError, RequestError) as exc:
+            event(log, "anti-entropy failed", logging.DEBUG, peer=peer[:16], error=type(exc).__name__)
+            await self.pool.drop(peer)
+
+    async def _rehome(self, view: SwarmView) -> None:
+        """Push messages that belong to another swarm to all its members, then drop them here."""
+        now = self.clock.now_ms()
+        stray = [pk for pk in self.storage.pubkeys() if not view.is_mine(pk)]
+        if not stray:
+            return
+        by_swarm: dict[int, list[str]] = {}
+        for pk in stray:
+            target = view.swarm_of(pk)
+            if target is not None:
+                by_swarm.setdefault(target, []).append(pk)
+        timeout = self.config.replication_timeout_s * 2
+        for target, pks in by_swarm.items():
+            msgs = self.storage.messages_for(pks, now)
+            members = view.members(target)
+            if not msgs or not members:
+                continue
+            ok = True
+            for member in members:
+                for i in range(0, len(msgs), 500):
+                    try:
+                        resp = await self.pool.call(member.ed25519_public, "replicate",
+                                                    {"messages": [core.message_to_wire(m) for m in msgs[i:i + 500]]},
+                                                    timeout=timeout)
+                        ok = ok and resp.ok
+                    except RpcError:
+                        ok = False
+                        await self.pool.drop(member.ed25519_public)
+                        break
+            if ok and self.view is view:
+                # Every member of the right swarm holds them now: they are not ours to keep.
+                for pk in pks:
+                    self.storage.delete(pk, [m.hash for m in msgs if m.pubkey == pk])
+                self.stats["rehomed"] += len(msgs)
+                event(log, "rehomed", swarm_id=target, messages=len(msgs))
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.expiry_interval_s)
+            removed = self.storage.delete_expired(self.clock.now_ms())
+            if removed:
+                event(log, "expired", removed=removed)
