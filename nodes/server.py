@@ -377,6 +377,10 @@ class Node:
                     event(log, "registered", host=host, port=port)
                 body = await self._registry_call(
                     "get_service_nodes", {"since_height": height, "wait_ms": 10_000}, 15.0)
+                if body["height"] < height:
+                    # The registry forgot us (restarted without its state): register again.
+                    registered, height = False, -1
+                    continue
                 if body.get("changed", True) and body["height"] != height:
                     view = SwarmView.from_registry(body, self.ed_hex)
                     height = view.height

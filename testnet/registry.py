@@ -1,0 +1,578 @@
+"""The registry: swarmnet's stand-in for the Oxen blockchain.
+
+It holds the one authoritative list of service nodes (keys, address, swarm)
+and a height that goes up by one on every change.  Nodes join with a signed
+``register`` and leave with a signed ``deregister``; after each change the
+registry re-runs :func:`testnet.swarm.assign_swarms`, as oxen-core recomputes
+swarms on every block that changes the service-node list.  Everyone else
+follows the list with the ``get_service_nodes`` long-poll.
+
+:class:`RegistryState` is the whole rule book, without I/O: time comes in as
+ms, requests as argument maps, answers go out as maps or
+:class:`~testnet.protocol.RequestError`.  :func:`run_registry` is the trio
+edge and ``python -m testnet.registry`` the process (see contracts: readiness
+line on stdout, JSON-line logs in ``--log``, SIGTERM or the parent's death
+means a clean exit with code 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import ipaddress
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Mapping
+
+import trio
+
+from . import logs
+from .crypto import BadKey, BadSignature, Identity, ed25519_to_session_id, verify_request
+from .protocol import Request, RequestError, Status
+from .rpc import Peer, serve
+from .swarm import DEFAULT_MIN_SWARM_SIZE, RING, assign_swarms, swarms_of
+
+__all__ = [
+    "RegistryError", "StateFileError", "NodeRecord", "RegistryState",
+    "TIMESTAMP_WINDOW_MS", "MAX_WAIT_MS", "STATE_FORMAT",
+    "register_message", "deregister_message", "register_args", "deregister_args",
+    "parse_poll_args", "load_state", "save_state", "run_registry", "main",
+]
+
+log = logging.getLogger(__name__)
+
+TIMESTAMP_WINDOW_MS = 60_000  # a signed register/deregister is valid this long either side of our clock
+MAX_WAIT_MS = 30_000  # longest get_service_nodes long-poll
+STATE_FORMAT = 1  # version of the --state JSON shape
+_KEY_HEX = re.compile(r"[0-9a-f]{64}")
+_SIGNATURE_BYTES = 64
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("swarmnet")
+    except Exception:  # not installed (running from a bare checkout)
+        return "0.0.0"
+
+
+VERSION = _version()
+
+
+class RegistryError(Exception):
+    """Base of the registry's own errors (request errors are RequestError)."""
+
+
+class StateFileError(RegistryError):
+    """The --state file cannot be read or does not have the expected shape."""
+
+
+# --------------------------------------------------------------------------- signing (clients)
+
+
+def register_message(ed_hex: str, x_hex: str, host: str, port: int, timestamp: int) -> bytes:
+    """What a node signs to register: b"register" + ed_hex + x_hex + host + str(port) + str(timestamp)."""
+    return b"register" + f"{ed_hex}{x_hex}{host}{port}{timestamp}".encode()
+
+
+def deregister_message(ed_hex: str, timestamp: int) -> bytes:
+    """What a node signs to deregister: b"deregister" + ed_hex + str(timestamp)."""
+    return b"deregister" + f"{ed_hex}{timestamp}".encode()
+
+
+def register_args(identity: Identity, host: str, port: int, now_ms: int) -> dict[str, Any]:
+    """Signed arguments of a ``register`` request for ``identity`` at (host, port), timestamp ``now_ms``."""
+    ed_hex, x_hex = identity.ed25519_public.hex(), identity.x25519_public.hex()
+    return {
+        "ed25519_public": ed_hex, "x25519_public": x_hex, "host": host, "port": port,
+        "timestamp": now_ms,
+        "signature": identity.sign(register_message(ed_hex, x_hex, host, port, now_ms)),
+    }
+
+
+def deregister_args(identity: Identity, now_ms: int) -> dict[str, Any]:
+    """Signed arguments of a ``deregister`` request for ``identity``, timestamp ``now_ms``."""
+    ed_hex = identity.ed25519_public.hex()
+    return {"ed25519_public": ed_hex, "timestamp": now_ms,
+            "signature": identity.sign(deregister_message(ed_hex, now_ms))}
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _bad(message: str) -> RequestError:
+    return RequestError(Status.BAD_REQUEST, message)
+
+
+def _need_args(args: object, keys: tuple[str, ...]) -> Mapping[str, Any]:
+    if not isinstance(args, Mapping):
+        raise _bad("args must be a map")
+    missing = [k for k in keys if k not in args]
+    if missing:
+        raise _bad(f"missing argument(s): {', '.join(missing)}")
+    extra = sorted(set(args) - set(keys))
+    if extra:
+        raise _bad(f"unexpected argument(s): {', '.join(map(str, extra))}")
+    return args
+
+
+def _int(value: object, what: str) -> int:
+    # bool is an int subclass; True as a port or a height is surely a mistake.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _bad(f"{what} must be an integer")
+    return value
+
+
+def _key_hex(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _KEY_HEX.fullmatch(value):
+        raise _bad(f"{what} must be 64 lowercase hex characters")
+    return value
+
+
+def _host(value: object) -> str:
+    # Nodes publish where they listen: an IP literal in canonical form, never a
+    # name to resolve, so every follower dials exactly what was signed.
+    if isinstance(value, str):
+        try:
+            if str(ipaddress.ip_address(value)) == value:
+                return value
+        except ValueError:
+            pass
+    raise _bad("host must be an IP address literal in canonical form")
+
+
+def _port(value: object) -> int:
+    port = _int(value, "port")
+    if not 1 <= port <= 65535:
+        raise _bad("port must be in [1, 65535]")
+    return port
+
+
+def _signature(value: object) -> bytes:
+    if not isinstance(value, (bytes, bytearray)) or len(value) != _SIGNATURE_BYTES:
+        raise _bad(f"signature must be {_SIGNATURE_BYTES} bytes")
+    return bytes(value)
+
+
+def _check_timestamp(timestamp: object, now_ms: int) -> int:
+    ts = _int(timestamp, "timestamp")
+    if abs(ts - now_ms) > TIMESTAMP_WINDOW_MS:
+        raise RequestError(Status.CLOCK_OUT_OF_RANGE,
+                           f"timestamp is {ts - now_ms:+d} ms from the registry clock "
+                           f"(allowed: ±{TIMESTAMP_WINDOW_MS} ms)")
+    return ts
+
+
+def _check_signature(ed_hex: str, message: bytes, signature: bytes) -> None:
+    try:
+        verify_request(bytes.fromhex(ed_hex), message, signature)
+    except BadSignature:
+        raise RequestError(Status.UNAUTHORIZED, "signature does not verify") from None
+
+
+def parse_poll_args(args: object) -> tuple[int | None, int]:
+    """(since_height or None, wait_ms clamped to [0, MAX_WAIT_MS]) of a get_service_nodes request.
+
+    ``since_height`` may be any integer (a follower that has seen nothing yet
+    may send -1); ``wait_ms`` must not be negative.
+    """
+    if not isinstance(args, Mapping):
+        raise _bad("args must be a map")
+    extra = sorted(set(args) - {"since_height", "wait_ms"})
+    if extra:
+        raise _bad(f"unexpected argument(s): {', '.join(map(str, extra))}")
+    since = args.get("since_height")
+    since = None if since is None else _int(since, "since_height")
+    wait_ms = _int(args.get("wait_ms", 0), "wait_ms")
+    if wait_ms < 0:
+        raise _bad("wait_ms must not be negative")
+    return since, min(wait_ms, MAX_WAIT_MS)
+
+
+# --------------------------------------------------------------------------- the pure state
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """One registered service node; keys are lowercase hex, ``swarm_id`` in [0, 2**64)."""
+
+    ed25519_public: str
+    x25519_public: str
+    host: str
+    port: int
+    swarm_id: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RegistryState:
+    """The service-node list and its height, with the rules for changing them.
+
+    Every method that changes the list re-runs the swarm assignment and bumps
+    ``height`` by exactly one; a request that changes nothing leaves it alone.
+    Requests are validated in this order: shape (400), timestamp (406),
+    signature (401), then existence (404).
+    """
+
+    def __init__(self, *, min_swarm: int = DEFAULT_MIN_SWARM_SIZE, seed: int = 0,
+                 nodes: Mapping[str, NodeRecord] | None = None, height: int = 0) -> None:
+        if isinstance(min_swarm, bool) or not isinstance(min_swarm, int) or min_swarm < 1:
+            raise RegistryError(f"min_swarm must be an integer >= 1, got {min_swarm!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise RegistryError(f"seed must be an integer, got {seed!r}")
+        self.min_swarm = min_swarm
+        self.seed = seed
+        self.nodes: dict[str, NodeRecord] = dict(nodes or {})
+        self.height = height
+
+    # -- requests
+
+    def register(self, args: object, now_ms: int) -> dict[str, Any]:
+        """Handle a ``register`` request; returns {"height", "swarm_id"} or raises RequestError.
+
+        A known key keeps its swarm and gets its new address (a restart); the
+        same address again changes nothing and returns the same height.
+        """
+        args = _need_args(args, ("ed25519_public", "x25519_public", "host", "port", "timestamp", "signature"))
+        ed_hex = _key_hex(args["ed25519_public"], "ed25519_public")
+        x_hex = _key_hex(args["x25519_public"], "x25519_public")
+        host, port = _host(args["host"]), _port(args["port"])
+        signature = _signature(args["signature"])
+        ts = _int(args["timestamp"], "timestamp")
+        try:
+            # Service nodes' x25519 keys are derived from their ed25519 keys.
+            derived = ed25519_to_session_id(bytes.fromhex(ed_hex))[2:]
+        except BadKey:
+            raise _bad("ed25519_public is not a valid ed25519 public key") from None
+        if derived != x_hex:
+            raise _bad("x25519_public is not the x25519 form of ed25519_public")
+        _check_timestamp(ts, now_ms)
+        _check_signature(ed_hex, register_message(ed_hex, x_hex, host, port, ts), signature)
+
+        old = self.nodes.get(ed_hex)
+        if old is not None and (old.host, old.port) == (host, port):
+            return {"height": self.height, "swarm_id": old.swarm_id}
+        if old is not None:
+            self.nodes[ed_hex] = replace(old, host=host, port=port)
+            self._reassign()
+        else:
+            self._reassign(new=NodeRecord(ed_hex, x_hex, host, port, 0))
+        self.height += 1
+        return {"height": self.height, "swarm_id": self.nodes[ed_hex].swarm_id}
+
+    def deregister(self, args: object, now_ms: int) -> dict[str, Any]:
+        """Handle a ``deregister`` request; returns {"height"} or raises RequestError (404 if unknown)."""
+        args = _need_args(args, ("ed25519_public", "timestamp", "signature"))
+        ed_hex = _key_hex(args["ed25519_public"], "ed25519_public")
+        signature = _signature(args["signature"])
+        ts = _check_timestamp(args["timestamp"], now_ms)
+        _check_signature(ed_hex, deregister_message(ed_hex, ts), signature)
+        if ed_hex not in self.nodes:
+            raise RequestError(Status.NOT_FOUND, "no such service node")
+        del self.nodes[ed_hex]
+        self._reassign()
+        self.height += 1
+        return {"height": self.height}
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole list: {"height", "changed": True, "nodes": [...]} sorted by ed25519 key."""
+        return {"height": self.height, "changed": True,
+                "nodes": [self.nodes[k].to_wire() for k in sorted(self.nodes)]}
+
+    def service_nodes(self, since_height: int | None) -> dict[str, Any]:
+        """Answer to get_service_nodes once any waiting is over.
+
+        Unchanged ({"height", "changed": False, "nodes": []}) only when the
+        caller already has this height; any other height, lower or higher
+        (a registry restarted without --state), gets the whole list.
+        """
+        if since_height is not None and since_height == self.height:
+            return {"height": self.height, "changed": False, "nodes": []}
+        return self.snapshot()
+
+    def info(self) -> dict[str, Any]:
+        return {"role": "registry", "version": VERSION, "height": self.height,
+                "nodes": len(self.nodes), "swarms": len(self.swarms()), "min_swarm": self.min_swarm}
+
+    def swarms(self) -> dict[int, list[str]]:
+        """Swarm id -> sorted member ed25519 keys."""
+        return swarms_of({k: r.swarm_id for k, r in self.nodes.items()})
+
+    def reassign(self) -> bool:
+        """Re-run the swarm assignment (after loading with another min_swarm or
+        seed); bumps the height and returns True if any node moved."""
+        before = {k: r.swarm_id for k, r in self.nodes.items()}
+        self._reassign()
+        if before != {k: r.swarm_id for k, r in self.nodes.items()}:
+            self.height += 1
+            return True
+        return False
+
+    def _reassign(self, new: NodeRecord | None = None) -> None:
+        """Add ``new`` (its swarm_id is ignored) and apply assign_swarms to every node."""
+        current: dict[str, int | None] = {k: r.swarm_id for k, r in self.nodes.items()}
+        if new is not None:
+            current[new.ed25519_public] = None  # unassigned: assign_swarms places it
+        # Compute before mutating, so a failure leaves the state as it was.
+        assigned = assign_swarms(current, min_swarm_size=self.min_swarm, seed=self.seed)
+        if new is not None:
+            self.nodes[new.ed25519_public] = new
+        for key, swarm_id in assigned.items():
+            if self.nodes[key].swarm_id != swarm_id:
+                self.nodes[key] = replace(self.nodes[key], swarm_id=swarm_id)
+
+    # -- persistence shape
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "height": self.height, "min_swarm": self.min_swarm,
+                "seed": self.seed, "nodes": [self.nodes[k].to_wire() for k in sorted(self.nodes)]}
+
+    @classmethod
+    def from_json(cls, data: object, *, min_swarm: int | None = None, seed: int | None = None) -> RegistryState:
+        """A state from :meth:`to_json` output.
+
+        ``min_swarm``/``seed`` override the stored ones; when they differ the
+        swarms are reassigned (and the height bumped if anything moved).
+        """
+        try:
+            if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+                raise ValueError(f"not a registry state of format {STATE_FORMAT}")
+            nodes: dict[str, NodeRecord] = {}
+            for raw in data["nodes"]:
+                swarm_id = _int(raw["swarm_id"], "swarm_id")
+                if not 0 <= swarm_id < RING:
+                    raise ValueError(f"swarm_id {swarm_id} is outside [0, 2**64)")
+                rec = NodeRecord(_key_hex(raw["ed25519_public"], "ed25519_public"),
+                                 _key_hex(raw["x25519_public"], "x25519_public"),
+                                 _host(raw["host"]), _port(raw["port"]), swarm_id)
+                nodes[rec.ed25519_public] = rec
+            stored_min, stored_seed = data["min_swarm"], data["seed"]
+            state = cls(min_swarm=stored_min if min_swarm is None else min_swarm,
+                        seed=stored_seed if seed is None else seed,
+                        nodes=nodes, height=_int(data["height"], "height"))
+        except RequestError as exc:
+            raise StateFileError(f"bad registry state: {exc}") from None
+        except (KeyError, TypeError, ValueError, RegistryError) as exc:
+            raise StateFileError(f"bad registry state: {type(exc).__name__}: {exc}") from None
+        if (state.min_swarm, state.seed) != (stored_min, stored_seed):
+            state.reassign()
+        return state
+
+
+def load_state(path: str, *, min_swarm: int, seed: int) -> RegistryState:
+    """The state saved at ``path`` (an empty one if the file does not exist)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return RegistryState(min_swarm=min_swarm, seed=seed)
+    except (OSError, ValueError) as exc:
+        raise StateFileError(f"cannot read registry state {path}: {exc}") from None
+    return RegistryState.from_json(data, min_swarm=min_swarm, seed=seed)
+
+
+def save_state(path: str, state: RegistryState) -> None:
+    """Write ``state`` to ``path`` atomically (see :func:`_write_json_atomic`)."""
+    _write_json_atomic(path, state.to_json())
+
+
+def _write_json_atomic(path: str, data: dict[str, Any]) -> None:
+    """A temp file in the same folder, fsync, then os.replace: readers see the old file or the new one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".registry-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# --------------------------------------------------------------------------- the trio edge
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class _Server:
+    """Requests to :class:`RegistryState`, plus waking long-polls and saving."""
+
+    def __init__(self, state: RegistryState, state_path: str | None) -> None:
+        self.state = state
+        self.state_path = state_path
+        self._changed = trio.Event()  # replaced on every change; long-polls wait on it
+        self._save_lock = trio.Lock()
+
+    async def handle(self, req: Request, peer: Peer) -> tuple[int, Any]:
+        op, args = req.op, req.args
+        if op == "get_service_nodes":
+            since, wait_ms = parse_poll_args(args)
+            if since is not None and since == self.state.height and wait_ms > 0:
+                changed = self._changed
+                with trio.move_on_after(wait_ms / 1000):
+                    await changed.wait()
+            return Status.OK, self.state.service_nodes(since)
+        if op == "info":
+            return Status.OK, self.state.info()
+        if op in ("register", "deregister"):
+            return Status.OK, await self._change(op, args, peer)
+        raise RequestError(Status.NOT_FOUND, f"unknown op {op!r}")
+
+    async def _change(self, op: str, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
+        before = self.state.height
+        swarms_before = {k: r.swarm_id for k, r in self.state.nodes.items()}
+        key = str(args.get("ed25519_public", ""))[:16]
+        try:
+            if op == "register":
+                result = self.state.register(args, _now_ms())
+            else:
+                result = self.state.deregister(args, _now_ms())
+        except RequestError as exc:
+            logs.event(log, f"{op} rejected", logging.WARNING, status=exc.status, reason=str(exc),
+                       node=key, peer=peer.remote[0])
+            raise
+        if self.state.height != before:
+            moved = sum(1 for k, r in self.state.nodes.items()
+                        if k in swarms_before and swarms_before[k] != r.swarm_id)
+            logs.event(log, f"{op}ed", node=key, height=self.state.height,
+                       swarm_id=result.get("swarm_id"), moved=moved, nodes=len(self.state.nodes),
+                       swarms=len(self.state.swarms()))
+            try:
+                await self._persist()
+            finally:  # followers hear of the change even if saving it failed
+                self._changed.set()
+                self._changed = trio.Event()
+        return result
+
+    async def _persist(self) -> None:
+        if self.state_path is None:
+            return
+        async with self._save_lock:  # FIFO: a later save never lands before an earlier one
+            data = self.state.to_json()  # taken under the lock: the newest state, as plain data
+            await trio.to_thread.run_sync(_write_json_atomic, self.state_path, data)
+
+
+async def _stop_on_signals(cancel_scope: trio.CancelScope, *,
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()  # the receiver is in place before we announce readiness
+        async for signum in signals:
+            logs.event(log, "stopping", signal=signal.Signals(signum).name)
+            cancel_scope.cancel()
+            return
+
+
+async def run_registry(
+    host: str,
+    port: int = 0,
+    *,
+    min_swarm: int = DEFAULT_MIN_SWARM_SIZE,
+    seed: int = 0,
+    state_path: str | None = None,
+    log_path: str | None = None,
+    parent_pid: int | None = None,
+    handle_signals: bool = False,
+    announce: bool = False,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the registry on (host, port) until cancelled, SIGTERM/SIGINT
+    (with ``handle_signals``) or the death of ``parent_pid``; then return.
+
+    Reports the bound addresses through ``task_status.started``; with
+    ``announce`` also prints the readiness line on stdout.  ``log_path`` gets
+    JSON-line logs for as long as this runs.  Raises StateFileError for an
+    unreadable ``state_path``.
+    """
+    handler: logging.Handler | None = None
+    if log_path is not None:
+        handler = logging.FileHandler(log_path)
+        handler.setFormatter(logs.JsonFormatter("registry"))
+        logging.getLogger().addHandler(handler)
+        if logging.getLogger().getEffectiveLevel() > logging.INFO:
+            logging.getLogger().setLevel(logging.INFO)
+    try:
+        state = (load_state(state_path, min_swarm=min_swarm, seed=seed) if state_path
+                 else RegistryState(min_swarm=min_swarm, seed=seed))
+        server = _Server(state, state_path)
+        async with trio.open_nursery() as nursery:
+            if handle_signals:
+                await nursery.start(_stop_on_signals, nursery.cancel_scope)
+            if parent_pid:
+                if sys.platform.startswith("linux") and parent_pid == os.getppid():
+                    logs.die_with_parent(signal.SIGTERM)
+                nursery.start_soon(_watch_parent, parent_pid, nursery.cancel_scope)
+            bound = await nursery.start(serve, server.handle, [(host, port)])
+            logs.event(log, "listening", addresses=bound, height=state.height, nodes=len(state.nodes),
+                       min_swarm=min_swarm, seed=seed, state=state_path)
+            if announce:
+                logs.announce_listening(bound)
+            task_status.started(bound)
+    finally:
+        if handler is not None:
+            logs.event(log, "stopped")
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+async def _watch_parent(parent_pid: int, cancel_scope: trio.CancelScope) -> None:
+    await logs.watch_parent(parent_pid, cancel_scope, interval_s=0.5)
+    if cancel_scope.cancel_called:
+        logs.event(log, "stopping", reason="parent gone", parent_pid=parent_pid)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m testnet.registry``: 0 after a clean stop, 2 for bad arguments or state."""
+    parser = argparse.ArgumentParser(prog="python -m testnet.registry",
+                                     description="Run the swarmnet registry (the service-node list).")
+    parser.add_argument("--host", required=True, help="address to listen on (127.0.0.0/8)")
+    parser.add_argument("--port", type=int, default=0, help="port (0 = pick a free one)")
+    parser.add_argument("--min-swarm", type=int, default=DEFAULT_MIN_SWARM_SIZE,
+                        help=f"minimum swarm size (default {DEFAULT_MIN_SWARM_SIZE})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the swarm assignment")
+    parser.add_argument("--state", help="JSON file that keeps the list across restarts")
+    parser.add_argument("--log", help="JSON-lines log file")
+    parser.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+    args = parser.parse_args(argv)
+    if args.min_swarm < 1:
+        parser.error("--min-swarm must be >= 1")
+    try:
+        trio.run(functools.partial(
+            run_registry, args.host, args.port, min_swarm=args.min_swarm, seed=args.seed,
+            state_path=args.state, log_path=args.log, parent_pid=args.parent_pid,
+            handle_signals=True, announce=True))
+    except KeyboardInterrupt:  # a SIGINT before the signal receiver was in place
+        pass
+    except BaseException as exc:
+        leaves = _leaves(exc)
+        if not all(isinstance(e, (RegistryError, OSError, ValueError)) for e in leaves):
+            raise
+        print(f"swarmnet registry: {leaves[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (possibly nested) exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""The registry: pure rules of RegistryState, its trio server in-process, and
+one real ``python -m testnet.registry`` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import given, settings, strategies as st
+
+from testnet.crypto import Identity
+from testnet.protocol import RequestError, Status
+from testnet.registry import (
+    MAX_WAIT_MS, RegistryState, StateFileError, deregister_args, deregister_message, load_state,
+    parse_poll_args, register_args, register_message, run_registry, save_state,
+)
+from testnet.rpc import call_once, open_rpc
+
+NOW = 1_700_000_000_000  # ms
+IDS = [Identity.from_seed(bytes([i + 1]) * 32) for i in range(16)]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def reg(state: RegistryState, i: int, port: int = 20000, now: int = NOW, host: str | None = None) -> dict:
+    return state.register(register_args(IDS[i], host or f"127.30.0.{i + 1}", port, now), now)
+
+
+def status_of(fn, *args) -> int:
+    with pytest.raises(RequestError) as info:
+        fn(*args)
+    return info.value.status
+
+
+# --------------------------------------------------------------------------- pure
+
+
+def test_signed_messages_have_the_contract_layout():
+    assert register_message("ab", "cd", "127.0.0.1", 80, 5) == b"registerabcd127.0.0.1805"
+    assert deregister_message("ab", 5) == b"deregisterab5"
+    args = register_args(IDS[0], "127.0.0.1", 80, NOW)
+    assert args["ed25519_public"] == IDS[0].ed25519_public.hex()
+    assert args["x25519_public"] == IDS[0].x25519_public.hex()
+    assert len(args["signature"]) == 64
+
+
+def test_register_reregister_and_deregister():
+    state = RegistryState(min_swarm=3)
+    assert reg(state, 0) == {"height": 1, "swarm_id": 0}
+    assert reg(state, 1)["height"] == 2
+    # Same address again: nothing changes, same height.
+    assert reg(state, 0, now=NOW + 1000) == {"height": 2, "swarm_id": 0}
+    assert state.height == 2
+    # A restart on a new port: address updated, swarm kept, height bumped.
+    assert reg(state, 0, port=20001) == {"height": 3, "swarm_id": 0}
+    node = {n["ed25519_public"]: n for n in state.snapshot()["nodes"]}[IDS[0].ed25519_public.hex()]
+    assert (node["host"], node["port"], node["swarm_id"]) == ("127.30.0.1", 20001, 0)
+    assert node["x25519_public"] == IDS[0].x25519_public.hex()
+
+    assert state.deregister(deregister_args(IDS[0], NOW), NOW) == {"height": 4}
+    assert [n["ed25519_public"] for n in state.snapshot()["nodes"]] == [IDS[1].ed25519_public.hex()]
+    assert status_of(state.deregister, deregister_args(IDS[0], NOW), NOW) == Status.NOT_FOUND
+    assert state.height == 4
+    assert state.info() | {"version": None} == {
+        "role": "registry", "version": None, "height": 4, "nodes": 1, "swarms": 1, "min_swarm": 3}
+
+
+def test_bad_signatures_are_401_and_change_nothing():
+    state = RegistryState()
+    forged = register_args(IDS[0], "127.0.0.1", 20000, NOW)
+    forged["signature"] = IDS[1].sign(register_message(
+        forged["ed25519_public"], forged["x25519_public"], "127.0.0.1", 20000, NOW))
+    assert status_of(state.register, forged, NOW) == Status.UNAUTHORIZED
+    moved = register_args(IDS[0], "127.0.0.1", 20000, NOW) | {"port": 20001}  # signed for another port
+    assert status_of(state.register, moved, NOW) == Status.UNAUTHORIZED
+    reg(state, 0)
+    other = deregister_args(IDS[1], NOW) | {"ed25519_public": IDS[0].ed25519_public.hex()}
+    assert status_of(state.deregister, other, NOW) == Status.UNAUTHORIZED
+    assert state.height == 1 and len(state.nodes) == 1
+
+
+@pytest.mark.parametrize("skew_ms, ok", [(60_000, True), (-60_000, True), (60_001, False), (-600_000, False)])
+def test_timestamps_outside_60_s_are_406(skew_ms, ok):
+    state = RegistryState()
+    args = register_args(IDS[0], "127.0.0.1", 20000, NOW + skew_ms)
+    if ok:
+        assert state.register(args, NOW)["height"] == 1
+        assert state.deregister(deregister_args(IDS[0], NOW - skew_ms), NOW) == {"height": 2}
+    else:
+        assert status_of(state.register, args, NOW) == Status.CLOCK_OUT_OF_RANGE
+        reg(state, 0)
+        assert status_of(state.deregister, deregister_args(IDS[0], NOW + skew_ms), NOW) == 406
+        assert state.height == 1
+
+
+GOOD = register_args(IDS[0], "127.0.0.1", 20000, NOW)
+
+
+@pytest.mark.parametrize("change", [
+    {"ed25519_public": None},
+    {"ed25519_public": GOOD["ed25519_public"].upper()},
+    {"ed25519_public": GOOD["ed25519_public"][:-2]},
+    {"x25519_public": IDS[1].x25519_public.hex()},  # not derived from the ed25519 key
+    {"host": ""}, {"host": "localhost"}, {"host": "127.0.0.01"}, {"host": 127},
+    {"port": 0}, {"port": 65536}, {"port": True}, {"port": "20000"},
+    {"timestamp": str(NOW)}, {"timestamp": 1.5},
+    {"signature": b"\0" * 63}, {"signature": GOOD["signature"].hex()},
+    {"extra": 1},
+])
+def test_malformed_register_is_400(change):
+    state = RegistryState()
+    args = {k: v for k, v in (GOOD | change).items() if v is not None}
+    with pytest.raises(RequestError) as info:
+        state.register(args, NOW)
+    assert info.value.status == Status.BAD_REQUEST
+    assert info.value.body["error"]
+    assert state.height == 0 and not state.nodes
+
+
+def test_malformed_deregister_and_poll_args_are_400():
+    state = RegistryState()
+    for bad in ({}, {"ed25519_public": "zz", "timestamp": NOW, "signature": b"\0" * 64},
+                deregister_args(IDS[0], NOW) | {"timestamp": None}):
+        assert status_of(state.deregister, bad, NOW) == Status.BAD_REQUEST
+    for bad in ({"since_height": "1"}, {"wait_ms": -1}, {"wait_ms": True}, {"other": 1}):
+        assert status_of(parse_poll_args, bad) == Status.BAD_REQUEST
+    assert parse_poll_args({}) == (None, 0)
+    assert parse_poll_args({"since_height": -1, "wait_ms": 10**9}) == (-1, MAX_WAIT_MS)
+
+
+def test_service_nodes_answers_unchanged_only_at_the_current_height():
+    state = RegistryState()
+    reg(state, 0)
+    assert state.service_nodes(1) == {"height": 1, "changed": False, "nodes": []}
+    for since in (None, -1, 0, 7):  # 7: a follower of a registry restarted without state
+        body = state.service_nodes(since)
+        assert body["changed"] is True and body["height"] == 1 and len(body["nodes"]) == 1
+
+
+def test_swarms_form_and_dissolve_with_min_swarm_3():
+    state = RegistryState(min_swarm=3, seed=1)
+    for i in range(12):
+        assert reg(state, i)["height"] == i + 1
+    swarms = state.swarms()
+    assert len(swarms) >= 2
+    assert all(len(members) >= 3 for members in swarms.values())
+    assert sum(map(len, swarms.values())) == 12
+    assert state.info()["swarms"] == len(swarms)
+    for i in range(10):
+        state.deregister(deregister_args(IDS[i], NOW), NOW)
+        sizes = [len(m) for m in state.swarms().values()]
+        assert len(sizes) == 1 or min(sizes) >= 3
+    assert state.height == 22 and len(state.swarms()) == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 9), st.integers(1, 3)), max_size=30))
+def test_height_bumps_exactly_when_the_list_changes(ops):
+    state = RegistryState(min_swarm=2)
+    for join, i, port in ops:
+        before = (state.height, state.snapshot()["nodes"])
+        try:
+            if join:
+                reg(state, i, port=port)
+            else:
+                state.deregister(deregister_args(IDS[i], NOW), NOW)
+        except RequestError as exc:
+            assert exc.status == Status.NOT_FOUND
+        after = state.snapshot()["nodes"]
+        assert state.height == before[0] + (after != before[1])
+        sizes = [len(m) for m in state.swarms().values()]
+        assert len(sizes) <= 1 or min(sizes) >= 2
+
+
+def test_state_file_round_trip(tmp_path):
+    path = str(tmp_path / "registry.json")
+    assert load_state(path, min_swarm=3, seed=0).height == 0  # no file yet: empty
+    state = RegistryState(min_swarm=5, seed=5)
+    for i in range(12):
+        reg(state, i)
+    assert len(state.swarms()) == 1  # 12 nodes are too few for two swarms of 7
+    save_state(path, state)
+    again = load_state(path, min_swarm=5, seed=5)
+    assert (again.height, again.snapshot()) == (state.height, state.snapshot())
+    assert [p.name for p in tmp_path.iterdir()] == ["registry.json"]  # no temp file left behind
+    # A smaller min_swarm reassigns (12 nodes now split) and bumps the height once.
+    smaller = load_state(path, min_swarm=3, seed=5)
+    assert len(smaller.swarms()) >= 2 and smaller.height == state.height + 1
+    for text in ("{", "[]", json.dumps(state.to_json() | {"format": 99}),
+                 json.dumps(state.to_json() | {"nodes": [{"ed25519_public": "x"}]})):
+        Path(path).write_text(text)
+        with pytest.raises(StateFileError):
+            load_state(path, min_swarm=3, seed=5)
+
+
+# --------------------------------------------------------------------------- in-process server
+
+
+async def test_server_long_poll_wakes_on_change_and_times_out(tmp_path):
+    state_path = str(tmp_path / "state.json")
+    async with trio.open_nursery() as nursery:
+        ((host, port),) = await nursery.start(lambda task_status: run_registry(
+            "127.0.0.1", 0, min_swarm=3, state_path=state_path, task_status=task_status))
+        async with open_rpc(host, port) as rpc:
+            first = await rpc.call_ok("get_service_nodes", {}, timeout=5)
+            assert first == {"height": 0, "changed": True, "nodes": []}
+
+            async def join_later():
+                await trio.sleep(0.1)
+                args = register_args(IDS[0], "127.30.0.1", 20000, _now())
+                assert (await rpc.call_ok("register", args, timeout=5))["height"] == 1
+
+            nursery.start_soon(join_later)
+            started = trio.current_time()
+            body = await rpc.call_ok("get_service_nodes", {"since_height": 0, "wait_ms": 5000}, timeout=8)
+            assert trio.current_time() - started < 2
+            assert body["changed"] is True and body["height"] == 1
+            assert [n["port"] for n in body["nodes"]] == [20000]
+
+            started = trio.current_time()
+            body = await rpc.call_ok("get_service_nodes", {"since_height": 1, "wait_ms": 200}, timeout=5)
+            assert trio.current_time() - started >= 0.19
+            assert body == {"height": 1, "changed": False, "nodes": []}
+
+            assert (await rpc.call("nope", {}, timeout=5)).status == Status.NOT_FOUND
+            bad = register_args(IDS[1], "127.30.0.2", 20000, _now()) | {"port": 20001}
+            assert (await rpc.call("register", bad, timeout=5)).status == Status.UNAUTHORIZED
+            assert (await rpc.call("get_service_nodes", {"wait_ms": -5}, timeout=5)).status == 400
+        nursery.cancel_scope.cancel()
+
+    # A restarted registry keeps its list.
+    async with trio.open_nursery() as nursery:
+        ((host, port),) = await nursery.start(lambda task_status: run_registry(
+            "127.0.0.1", 0, min_swarm=3, state_path=state_path, task_status=task_status))
+        info = (await call_once(host, port, "info", {}, timeout=5)).body
+        assert (info["role"], info["height"], info["nodes"], info["min_swarm"]) == ("registry", 1, 1, 3)
+        nursery.cancel_scope.cancel()
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
+
+
+# --------------------------------------------------------------------------- a real process
+
+
+async def test_registry_process_announces_answers_and_stops_on_sigterm(tmp_path):
+    log_path = tmp_path / "registry.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "testnet.registry", "--host", "127.0.0.1", "--port", "0",
+         "--min-swarm", "3", "--log", str(log_path), "--parent-pid", str(os.getpid())],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        with trio.fail_after(5):
+            line = await trio.to_thread.run_sync(proc.stdout.readline, abandon_on_cancel=True)
+        ready = json.loads(line)
+        assert ready["event"] == "listening" and ready["pid"] == proc.pid
+        ((host, port),) = ready["addresses"]
+        info = (await call_once(host, port, "info", {}, timeout=5)).body
+        assert info["role"] == "registry" and info["min_swarm"] == 3 and info["nodes"] == 0
+
+        os.kill(proc.pid, signal.SIGTERM)
+        with trio.fail_after(5):
+            code = await trio.to_thread.run_sync(proc.wait)
+        assert code == 0, proc.stderr.read().decode()
+        assert proc.stdout.read() == b""  # exactly one line on stdout
+        events = [json.loads(line)["event"] for line in log_path.read_text().splitlines()]
+        assert "listening" in events and "stopping" in events
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
