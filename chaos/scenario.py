@@ -1,0 +1,228 @@
+"""Scenarios: a TOML file says the topology, the workload, the faults (an
+explicit timeline or a seeded generator), the quiet period and the checkers.
+
+Loading is pure and strict: unknown keys and out-of-range values are errors
+that name the key, so a typo never silently runs a different experiment.
+See ``chaos/scenarios/*.toml`` for examples and SCENARIOS.md for the schema.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+CHECKERS = ("delivery", "replication", "unlinkability")
+
+# kind -> (family, default params). Families: "link" (toxics on directed links),
+# "partition" (links cut), "process" (signals / registry), "clock".
+NEMESES: dict[str, tuple[str, dict[str, Any]]] = {
+    "latency": ("link", {"latency_ms": 50, "jitter_ms": 20}),
+    "bandwidth": ("link", {"rate_kbps": 16}),
+    "blackhole": ("link", {}),
+    "reset-peer": ("link", {"timeout_ms": 0}),
+    "slicer": ("link", {"average_size": 64, "size_variation": 32, "delay_us": 500}),
+    "link-down": ("link", {}),
+    "isolate": ("partition", {}),
+    "split-swarm": ("partition", {}),
+    "halves": ("partition", {}),
+    "bridge": ("partition", {}),
+    "one-way": ("partition", {}),
+    "kill": ("process", {}),
+    "pause": ("process", {}),
+    "join": ("process", {}),
+    "leave": ("process", {}),
+    "clock-skew": ("clock", {"offset_ms": 30_000}),
+}
+
+# Target selectors a fault may name instead of concrete nodes, resolved when
+# the schedule is expanded (names) or when the fault starts (swarms).
+SELECTORS = ("node", "nodes", "swarm-of-user", "all-links", "node-links", "new")
+
+
+class ScenarioError(ValueError):
+    """The scenario file is wrong; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    nodes: int = 8
+    min_swarm: int = 3
+    users: int = 4
+    links: str = "toxiproxy"
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    rate: float = 10.0
+    duration_s: float | None = 15.0
+    messages: int | None = None
+    namespaces: tuple[int, ...] = (0,)
+    body_bytes: int = 64
+    drain_s: float = 20.0
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """One fault of an explicit timeline (targets may be selectors)."""
+
+    at_s: float
+    duration_s: float
+    kind: str
+    target: Mapping[str, Any] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    nemeses: tuple[str, ...]
+    interval_s: float = 5.0
+    duration_s: tuple[float, float] = (2.0, 5.0)
+    start_s: float = 1.0
+    count: int | None = None
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    topology: Topology
+    workload: WorkloadSpec
+    timeline: tuple[FaultSpec, ...]
+    generator: GeneratorSpec | None
+    quiet_s: float
+    checkers: tuple[str, ...]
+    seed: int | None = None
+    source: str | None = None
+
+
+def _section(raw: Mapping[str, Any], key: str, allowed: set[str]) -> Mapping[str, Any]:
+    sec = raw.get(key, {})
+    if not isinstance(sec, dict):
+        raise ScenarioError(f"[{key}] must be a table")
+    unknown = set(sec) - allowed
+    if unknown:
+        raise ScenarioError(f"unknown key(s) in [{key}]: {', '.join(sorted(unknown))}")
+    return sec
+
+
+def _num(sec: Mapping[str, Any], key: str, where: str, default: Any, lo: float, hi: float, kind: type = float) -> Any:
+    v = sec.get(key, default)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
+        raise ScenarioError(f"{where}.{key} must be {'an integer' if kind is int else 'a number'}")
+    if not lo <= v <= hi:
+        raise ScenarioError(f"{where}.{key} = {v} is outside [{lo}, {hi}]")
+    return kind(v)
+
+
+def _target(raw: Any, where: str) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if isinstance(raw, str):
+        return {"node": raw}
+    if isinstance(raw, list):
+        return {"nodes": [str(x) for x in raw]}
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{where}.target must be a node name, a list of names or a table")
+    unknown = set(raw) - set(SELECTORS) - {"count", "links"}
+    if unknown:
+        raise ScenarioError(f"{where}.target has unknown selector(s) {sorted(unknown)}; known: {SELECTORS}")
+    return dict(raw)
+
+
+def _kind(kind: Any, where: str) -> str:
+    if kind not in NEMESES:
+        raise ScenarioError(f"{where}.kind {kind!r} is not a nemesis; known: {', '.join(NEMESES)}")
+    return kind
+
+
+def parse_scenario(raw: Mapping[str, Any], *, name: str = "scenario", source: str | None = None) -> Scenario:
+    unknown = set(raw) - {"name", "description", "seed", "topology", "workload", "faults", "check"}
+    if unknown:
+        raise ScenarioError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
+    t = _section(raw, "topology", {"nodes", "min_swarm", "users", "links"})
+    links = t.get("links", "toxiproxy")
+    if links not in ("toxiproxy", "direct"):
+        raise ScenarioError("topology.links must be 'toxiproxy' or 'direct'")
+    topology = Topology(_num(t, "nodes", "topology", 8, 1, 200, int), _num(t, "min_swarm", "topology", 3, 1, 50, int),
+                        _num(t, "users", "topology", 4, 2, 100, int), links)
+    w = _section(raw, "workload", {"rate", "duration_s", "messages", "namespaces", "body_bytes", "drain_s"})
+    messages = _num(w, "messages", "workload", None, 1, 10_000_000, int)
+    duration = _num(w, "duration_s", "workload", None if messages else 15.0, 0.1, 86_400)
+    namespaces = w.get("namespaces", [0])
+    if not isinstance(namespaces, list) or not namespaces or not all(isinstance(n, int) for n in namespaces):
+        raise ScenarioError("workload.namespaces must be a non-empty list of integers")
+    workload = WorkloadSpec(_num(w, "rate", "workload", 10.0, 0.01, 100_000), duration, messages, tuple(namespaces),
+                            _num(w, "body_bytes", "workload", 64, 0, 60_000, int),
+                            _num(w, "drain_s", "workload", 20.0, 0, 3600))
+    f = _section(raw, "faults", {"timeline", "generator"})
+    timeline = []
+    for i, item in enumerate(f.get("timeline", [])):
+        where = f"faults.timeline[{i}]"
+        if not isinstance(item, dict):
+            raise ScenarioError(f"{where} must be a table")
+        extra = set(item) - {"at_s", "duration_s", "kind", "target", "params"}
+        if extra:
+            raise ScenarioError(f"unknown key(s) in {where}: {sorted(extra)}")
+        kind = _kind(item.get("kind"), where)
+        params = item.get("params", {})
+        if not isinstance(params, dict):
+            raise ScenarioError(f"{where}.params must be a table")
+        timeline.append(FaultSpec(_num(item, "at_s", where, None, 0, 86_400) or 0.0,
+                                  _num(item, "duration_s", where, 3.0, 0.01, 86_400), kind,
+                                  _target(item.get("target"), where), {**NEMESES[kind][1], **params}))
+    generator = None
+    if "generator" in f:
+        g = f["generator"]
+        where = "faults.generator"
+        if not isinstance(g, dict):
+            raise ScenarioError(f"{where} must be a table")
+        extra = set(g) - {"nemeses", "interval_s", "duration_s", "start_s", "count"}
+        if extra:
+            raise ScenarioError(f"unknown key(s) in {where}: {sorted(extra)}")
+        nemeses = g.get("nemeses")
+        if not isinstance(nemeses, list) or not nemeses:
+            raise ScenarioError(f"{where}.nemeses must be a non-empty list")
+        dur = g.get("duration_s", [2.0, 5.0])
+        if isinstance(dur, (int, float)):
+            dur = [dur, dur]
+        if not (isinstance(dur, list) and len(dur) == 2 and 0 < dur[0] <= dur[1]):
+            raise ScenarioError(f"{where}.duration_s must be a number or [min, max] with 0 < min <= max")
+        generator = GeneratorSpec(tuple(_kind(k, f"{where}.nemeses") for k in nemeses),
+                                  _num(g, "interval_s", where, 5.0, 0.1, 86_400), (float(dur[0]), float(dur[1])),
+                                  _num(g, "start_s", where, 1.0, 0, 86_400), _num(g, "count", where, None, 0, 10_000, int))
+    c = _section(raw, "check", {"quiet_s", "checkers"})
+    checkers = tuple(c.get("checkers", list(CHECKERS)))
+    bad = [x for x in checkers if x not in CHECKERS]
+    if bad:
+        raise ScenarioError(f"check.checkers: unknown {bad}; known: {CHECKERS}")
+    seed = raw.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ScenarioError("seed must be an integer")
+    return Scenario(str(raw.get("name", name)), str(raw.get("description", "")), topology, workload,
+                    tuple(timeline), generator, _num(c, "quiet_s", "check", 5.0, 0, 3600), checkers, seed, source)
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read and validate a scenario file; a name without a path looks in the shipped library."""
+    p = Path(path)
+    if not p.exists() and not p.suffix:
+        p = library_dir() / f"{path}.toml"
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ScenarioError(f"cannot read scenario {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{p.name} is not valid TOML: {exc}") from None
+    return parse_scenario(raw, name=p.stem, source=str(p))
+
+
+def library_dir() -> Path:
+    return Path(__file__).parent / "scenarios"
+
+
+def library() -> list[Path]:
+    return sorted(library_dir().glob("*.toml"))

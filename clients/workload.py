@@ -1,0 +1,264 @@
+"""Scripted users: send to random others at a set rate through onion paths,
+poll their swarms, and write a Jepsen-style history (one JSON line per event).
+
+A workload only produces operations and records what happened; checkers in
+``chaos.checkers`` judge the history.  History format: CHECKERS.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import msgpack
+import trio
+
+from testnet import crypto
+
+from .client import Client, ClientError, OutcomeUnknown
+
+log = logging.getLogger("workload")
+
+POLL_INTERVAL_S = 0.5
+MAX_CONCURRENT_SENDS = 64
+DEFAULT_TTL_MS = 24 * 3600 * 1000
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def body_digest(plaintext: bytes) -> str:
+    return hashlib.blake2b(plaintext, digest_size=16).hexdigest()
+
+
+class HistoryWriter:
+    """Appends history records as JSON lines, flushed per record (the harness may be killed)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._f = open(self.path, "a", encoding="utf-8")
+        self.records = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        record.setdefault("t", wall_ms())
+        self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._f.flush()
+        self.records += 1
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_history(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every record of a history file; a torn last line (kill -9) is skipped."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+@dataclass
+class UserSpec:
+    """One scripted user: identity, loopback host, and its dial table (ed hex -> address)."""
+
+    name: str
+    identity: crypto.Identity
+    host: str | None
+    dial: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+
+@dataclass
+class WorkloadStats:
+    sent: int = 0
+    ok: int = 0
+    failed: int = 0
+    unknown: int = 0
+    received: int = 0
+    undelivered_at_end: int = 0
+    duration_s: float = 0.0
+
+
+class ScriptedUser:
+    """A client plus inbox state: last hash per namespace, hashes seen."""
+
+    def __init__(self, spec: UserSpec, client: Client, history: HistoryWriter, names_by_id: dict[str, str]) -> None:
+        self.spec = spec
+        self.client = client
+        self.history = history
+        self.names_by_id = names_by_id
+        self.last_hash: dict[int, str | None] = {}
+        self.seen: set[str] = set()
+        self.received_ids: set[str] = set()
+
+    async def poll(self, namespaces: Iterable[int]) -> int:
+        """Retrieve new messages in every namespace; records each first-seen hash."""
+        got = 0
+        for ns in namespaces:
+            more = True
+            while more:
+                try:
+                    res = await self.client.retrieve(namespace=ns, last_hash=self.last_hash.get(ns), now_ms=wall_ms())
+                except ClientError as exc:
+                    self.history.write({"type": "fail", "op": "poll", "process": self.spec.name, "namespace": ns,
+                                        "error": str(exc)[:200]})
+                    return got
+                msgs = res.body.get("messages") or []
+                more = bool(res.body.get("more")) and bool(msgs)
+                for m in msgs:
+                    self.last_hash[ns] = m["hash"]
+                    if m["hash"] in self.seen:
+                        continue  # deduplicate by hash, as Session clients do
+                    self.seen.add(m["hash"])
+                    got += 1
+                    self._record_receive(m, ns)
+        return got
+
+    def _record_receive(self, m: dict[str, Any], ns: int) -> None:
+        rec: dict[str, Any] = {"type": "ok", "op": "receive", "process": self.spec.name, "hash": m["hash"],
+                               "namespace": ns, "msg_id": None, "sender": None, "body_digest": None, "error": None}
+        try:
+            plaintext, sender = crypto.open_message(self.spec.identity, m["data"])
+            rec["sender"] = sender
+            rec["body_digest"] = body_digest(plaintext)
+            body = msgpack.unpackb(plaintext, raw=False)
+            rec["msg_id"] = body.get("id") if isinstance(body, dict) else None
+            if rec["msg_id"]:
+                self.received_ids.add(rec["msg_id"])
+        except (crypto.CryptoError, ValueError, TypeError, msgpack.UnpackException) as exc:
+            rec["error"] = type(exc).__name__
+        self.history.write(rec)
+
+
+def make_body(msg_id: str, sender: str, recipient: str, rng: random.Random, size: int) -> bytes:
+    return msgpack.packb({"id": msg_id, "from": sender, "to": recipient, "pad": rng.randbytes(max(size, 0))},
+                         use_bin_type=True)
+
+
+async def send_one(user: ScriptedUser, recipient: ScriptedUser, msg_id: str, *, namespace: int, rng: random.Random,
+                   body_bytes: int, ttl_ms: int, stats: WorkloadStats, acked: dict[str, str]) -> None:
+    plaintext = make_body(msg_id, user.spec.name, recipient.spec.name, rng, body_bytes)
+    blob = crypto.seal_message(user.spec.identity, recipient.spec.identity.session_id, plaintext)
+    h = user.history
+    t0 = wall_ms()
+    h.write({"type": "invoke", "op": "send", "process": user.spec.name, "msg_id": msg_id, "from": user.spec.name,
+             "to": recipient.spec.name, "namespace": namespace, "ttl_ms": ttl_ms,
+             "body_digest": body_digest(plaintext), "hash": crypto.message_hash(recipient.spec.identity.session_id,
+                                                                                 namespace, blob), "t": t0})
+    stats.sent += 1
+    base = {"op": "send", "process": user.spec.name, "msg_id": msg_id}
+    try:
+        res = await user.client.store(recipient.spec.identity.session_id, blob, namespace=namespace, ttl_ms=ttl_ms,
+                                      now_ms=wall_ms())
+    except OutcomeUnknown as exc:
+        stats.unknown += 1
+        h.write({**base, "type": "info", "error": str(exc)[:200], "latency_ms": wall_ms() - t0})
+        return
+    except ClientError as exc:
+        stats.failed += 1
+        h.write({**base, "type": "fail", "error": str(exc)[:200], "latency_ms": wall_ms() - t0})
+        return
+    stats.ok += 1
+    acked[msg_id] = recipient.spec.name
+    h.write({**base, "type": "ok", "hash": res.body.get("hash"), "path": res.path, "target": res.target,
+             "attempts": res.attempts, "latency_ms": wall_ms() - t0,
+             "swarm": {k[:16]: v.get("status") for k, v in (res.body.get("swarm") or {}).items()}})
+
+
+async def run_workload(specs: Sequence[UserSpec], registry: tuple[str, int], history_path: str | os.PathLike[str], *,
+                       messages: int | None = None, duration_s: float | None = None, rate: float = 20.0,
+                       namespaces: Sequence[int] = (0,), seed: int = 0, body_bytes: int = 64,
+                       ttl_ms: int = DEFAULT_TTL_MS, drain_s: float = 20.0, client_bugs: Iterable[str] = (),
+                       senders: Sequence[str] | None = None, on_progress: Any = None) -> WorkloadStats:
+    """Drive ``specs`` users: ``messages`` sends (or for ``duration_s``) at ``rate``/s overall.
+
+    ``senders`` limits who sends (others only receive).  After the last send,
+    users keep polling for up to ``drain_s`` until every acknowledged message
+    has reached its recipient.
+    """
+    if len(specs) < 2:
+        raise ValueError("a workload needs at least 2 users")
+    if messages is None and duration_s is None:
+        raise ValueError("give messages or duration_s")
+    if rate <= 0:
+        raise ValueError("rate must be > 0 messages/s")
+    rng = random.Random(seed)
+    history = HistoryWriter(history_path)
+    stats = WorkloadStats()
+    acked: dict[str, str] = {}
+    names_by_id = {s.identity.session_id: s.name for s in specs}
+    started = trio.current_time()
+    try:
+        async with trio.open_nursery() as nursery:
+            users = {}
+            for s in specs:
+                client = Client(s.identity, name=s.name, host=s.host, nursery=nursery, registry=registry,
+                                bugs=client_bugs, rng=random.Random(rng.random()))
+                client.directory.dial = dict(s.dial)
+                await client.refresh_nodes()
+                users[s.name] = ScriptedUser(s, client, history, names_by_id)
+            sender_names = list(senders) if senders else list(users)
+            stop_polling = trio.Event()
+
+            async def poller(u: ScriptedUser) -> None:
+                while not stop_polling.is_set():
+                    n = await u.poll(namespaces)
+                    stats.received += n
+                    with trio.move_on_after(POLL_INTERVAL_S * rng.uniform(0.8, 1.2)):
+                        await stop_polling.wait()
+
+            async with trio.open_nursery() as pollers:
+                for u in users.values():
+                    pollers.start_soon(poller, u)
+                limiter = trio.CapacityLimiter(MAX_CONCURRENT_SENDS)
+                async with trio.open_nursery() as sends:
+                    seq = 0
+                    deadline = started + duration_s if duration_s is not None else math.inf
+                    while (messages is None or seq < messages) and trio.current_time() < deadline:
+                        sender = users[rng.choice(sender_names)]
+                        recipient = users[rng.choice([n for n in users if n != sender.spec.name])]
+                        seq += 1
+                        msg_id = f"{sender.spec.name}-{seq}"
+                        ns = rng.choice(list(namespaces))
+
+                        async def one(sender=sender, recipient=recipient, msg_id=msg_id, ns=ns) -> None:
+                            async with limiter:
+                                await send_one(sender, recipient, msg_id, namespace=ns, rng=rng,
+                                               body_bytes=body_bytes, ttl_ms=ttl_ms, stats=stats, acked=acked)
+
+                        sends.start_soon(one)
+                        if on_progress is not None:
+                            on_progress(stats)
+                        await trio.sleep(rng.expovariate(rate))
+                # Drain: poll until every acknowledged message reached its recipient.
+                with trio.move_on_after(drain_s):
+                    while True:
+                        missing = [m for m, r in acked.items() if m not in users[r].received_ids]
+                        if not missing:
+                            break
+                        await trio.sleep(POLL_INTERVAL_S / 2)
+                stop_polling.set()
+            # Final poll so the history holds everything that arrived.
+            for u in users.values():
+                stats.received += await u.poll(namespaces)
+            stats.undelivered_at_end = sum(1 for m, r in acked.items() if m not in users[r].received_ids)
+            for u in users.values():
+                await u.client.aclose()
+            nursery.cancel_scope.cancel()
+    finally:
+        stats.duration_s = trio.current_time() - started
+        history.write({"type": "info", "op": "workload-end", "process": "workload", "stats": stats.__dict__})
+        history.close()
+    return stats
