@@ -31,10 +31,6 @@ REQUEST_TIMEOUT_S = 10.0
 MAX_ATTEMPTS = 4
 DEFAULT_TTL_MS = 14 * 24 * 3600 * 1000
 
-CLIENT_BUGS = {
-    "client-id-in-layers": "the client writes its own Session ID into every onion layer",
-    "one-hop-path": "the client sends straight to the target, without relays",
-}
 
 
 class ClientError(Exception):

@@ -181,12 +181,15 @@ async def run_workload(specs: Sequence[UserSpec], registry: tuple[str, int], his
                        messages: int | None = None, duration_s: float | None = None, rate: float = 20.0,
                        namespaces: Sequence[int] = (0,), seed: int = 0, body_bytes: int = 64,
                        ttl_ms: int = DEFAULT_TTL_MS, drain_s: float = 20.0, client_bugs: Iterable[str] = (),
-                       senders: Sequence[str] | None = None, on_progress: Any = None) -> WorkloadStats:
+                       senders: Sequence[str] | None = None, on_progress: Any = None,
+                       before_drain: Any = None) -> WorkloadStats:
     """Drive ``specs`` users: ``messages`` sends (or for ``duration_s``) at ``rate``/s overall.
 
     ``senders`` limits who sends (others only receive).  After the last send,
     users keep polling for up to ``drain_s`` until every acknowledged message
-    has reached its recipient.
+    has reached its recipient.  ``before_drain`` (an async callable) runs
+    between the last send and the drain, users still polling: a chaos run
+    heals its faults and waits its quiet period there.
     """
     if len(specs) < 2:
         raise ValueError("a workload needs at least 2 users")
@@ -242,6 +245,8 @@ async def run_workload(specs: Sequence[UserSpec], registry: tuple[str, int], his
                         if on_progress is not None:
                             on_progress(stats)
                         await trio.sleep(rng.expovariate(rate))
+                if before_drain is not None:
+                    await before_drain()
                 # Drain: poll until every acknowledged message reached its recipient.
                 with trio.move_on_after(drain_s):
                     while True:

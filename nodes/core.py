@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from testnet import crypto
+from testnet.bugs import NODE_BUGS, UnknownBug, check_bugs
 from testnet.protocol import RequestError, Status
 from testnet.swarm import swarm_for
 
@@ -27,11 +28,6 @@ SIGNED_CLOCK_WINDOW_MS = 60_000
 MAX_HASHES_PER_REQUEST = 1000
 NAMESPACE_RANGE = range(-(2**15), 2**15)
 
-BUGS = {
-    "skip-replication": "the node that takes a store never forwards it to its swarm peers",
-    "ack-before-commit": "a store is acknowledged before it is committed (committed ~3 s later)",
-    "wrong-inbox": "retrieve sometimes answers with another account's messages",
-}
 
 
 class ConfigError(Exception):
@@ -66,10 +62,11 @@ class NodeConfig:
             if not listen:
                 raise ConfigError("'listen' needs at least one address")
             rate = raw.get("rate_limit") or {}
-            bugs = tuple(raw.get("inject_bugs") or ())
-            unknown = [b for b in bugs if b not in BUGS]
-            if unknown:
-                raise ConfigError(f"unknown injected bugs {unknown}; known: {sorted(BUGS)}")
+            try:
+                # Client bugs may be listed too (one list per run); the node acts on its own.
+                bugs = tuple(b for b in check_bugs(list(raw.get("inject_bugs") or ())) if b in NODE_BUGS)
+            except UnknownBug as exc:
+                raise ConfigError(f"unknown injected bugs: {exc}") from None
             return cls(
                 name=str(raw["name"]),
                 seed_file=str(raw["seed_file"]),

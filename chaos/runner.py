@@ -1,0 +1,211 @@
+"""One chaos run: expand, boot, play the schedule under a workload, heal,
+wait, check, report.  Also replay (same schedule, topology, keys and
+workload) and the nightly loop over the scenario library.
+
+Order of a run (Jepsen): the schedule is written before anything starts;
+faults play while users send; every fault heals; after the quiet period the
+users drain their inboxes; then the checkers read the history and the
+databases.  Everything lands in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import trio
+
+from clients.workload import UserSpec, run_workload
+from testnet import plan as P
+from testnet.bugs import CLIENT_BUGS, check_bugs
+
+from .nemesis import NemesisError, inject, live_swarms
+from .scenario import Scenario, load_scenario, parse_scenario
+from .schedule import Fault, Schedule, expand, to_toml
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    verdict: dict[str, Any]
+    exit_code: int
+    summary: str
+
+
+def node_names(scenario: Scenario) -> list[str]:
+    return [P.node_name(i) for i in range(1, scenario.topology.nodes + 1)]
+
+
+def user_names(scenario: Scenario) -> list[str]:
+    return [P.user_name(i) for i in range(1, scenario.topology.users + 1)]
+
+
+class FaultLog:
+    """faults.jsonl: what actually happened, when."""
+
+    def __init__(self, path: Path) -> None:
+        self._f = open(path, "a", encoding="utf-8")
+
+    def write(self, fault: Fault, phase: str, **extra: Any) -> None:
+        rec = {"t": int(time.time() * 1000), "fault": fault.id, "kind": fault.kind, "phase": phase, **extra}
+        self._f.write(json.dumps(rec, default=str) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+async def play(net: Any, schedule: Schedule, log: FaultLog, progress: Progress) -> None:
+    """Start each fault at its time, heal it after its duration; returns when all are healed."""
+    t0 = trio.current_time()
+
+    async def one(fault: Fault) -> None:
+        await trio.sleep_until(t0 + fault.at_s)
+        try:
+            async with inject(net, fault) as targets:
+                log.write(fault, "start", targets=targets)
+                progress(f"fault {fault.id} {fault.kind} started: {_short(targets)}")
+                await trio.sleep(fault.duration_s)
+            log.write(fault, "end", targets=targets)
+            progress(f"fault {fault.id} {fault.kind} healed")
+        except (NemesisError, LookupError, ValueError) as exc:
+            log.write(fault, "skipped", error=str(exc)[:300])
+            progress(f"fault {fault.id} {fault.kind} skipped: {exc}")
+        except Exception as exc:  # a controller error must not end the run unhealed
+            log.write(fault, "error", error=f"{type(exc).__name__}: {exc}"[:300])
+            progress(f"fault {fault.id} {fault.kind} failed: {type(exc).__name__}: {exc}")
+
+    async with trio.open_nursery() as nursery:
+        for fault in schedule.faults:
+            nursery.start_soon(one, fault)
+
+
+def _short(targets: dict[str, Any]) -> str:
+    parts = []
+    for k, v in targets.items():
+        if isinstance(v, list):
+            v = ",".join(map(str, v[:6])) + ("…" if len(v) > 6 else "")
+        parts.append(f"{k}={v}")
+    return " ".join(parts)
+
+
+def _scenario_text(scenario: Scenario) -> str:
+    if scenario.source and Path(scenario.source).exists():
+        return Path(scenario.source).read_text(encoding="utf-8")
+    raise ValueError("scenario has no source file")
+
+
+async def run_chaos(scenario: Scenario, *, seed: int | None = None, run_dir: Path | None = None,
+                    runs_dir: Path = Path("runs"), inject_bugs: tuple[str, ...] = (),
+                    schedule: Schedule | None = None, progress: Progress = print) -> RunResult:
+    """Run ``scenario`` once; returns the verdict (also in ``verdict.json``)."""
+    from testnet.controller import Options, open_testnet
+
+    from .checkers.verdict import exit_code, run_checks, summary
+
+    inject_bugs = check_bugs(list(inject_bugs))
+    seed = seed if seed is not None else (scenario.seed if scenario.seed is not None else secrets.randbits(31))
+    schedule = schedule or expand(scenario, seed, node_names(scenario), user_names(scenario))
+    topo = scenario.topology
+    opts = Options(nodes=topo.nodes, users=topo.users, min_swarm=topo.min_swarm, links=topo.links, seed=seed,
+                   run_dir=run_dir, runs_dir=runs_dir, inject_bugs=inject_bugs)
+    progress(f"scenario {scenario.name}, seed {seed}: {len(schedule.faults)} faults, "
+             f"{topo.nodes} nodes, {topo.users} users, links {topo.links}")
+    async with open_testnet(opts, progress=progress) as net:
+        rd = Path(net.run_dir)
+        schedule.write(rd / "schedule.json")
+        try:
+            (rd / "scenario.toml").write_text(_scenario_text(scenario), encoding="utf-8")
+        except ValueError:
+            pass
+        (rd / "chaos.json").write_text(json.dumps({"scenario": scenario.name, "seed": seed,
+                                                   "inject_bugs": list(inject_bugs)}, indent=2) + "\n")
+        faults = FaultLog(rd / "faults.jsonl")
+        specs = [UserSpec(u, net.user_identity(u), net.user_host(u), net.user_links(u)) for u in user_names(scenario)]
+        w = scenario.workload
+        async with trio.open_nursery() as nursery:
+            schedule_done = trio.Event()
+
+            async def player() -> None:
+                try:
+                    await play(net, schedule, faults, progress)
+                finally:
+                    schedule_done.set()
+
+            async def heal_then_quiet() -> None:
+                await schedule_done.wait()
+                progress(f"all faults healed; quiet for {scenario.quiet_s:g} s")
+                await trio.sleep(scenario.quiet_s)
+
+            nursery.start_soon(player)
+            stats = await run_workload(
+                specs, net.registry_address, rd / "history.jsonl", messages=w.messages, duration_s=w.duration_s,
+                rate=w.rate, namespaces=w.namespaces, seed=seed, body_bytes=w.body_bytes, drain_s=w.drain_s,
+                client_bugs=[b for b in inject_bugs if b in CLIENT_BUGS], before_drain=heal_then_quiet)
+        faults.close()
+        progress(f"workload: {stats.sent} sent, {stats.ok} ok, {stats.failed} failed, {stats.unknown} unknown, "
+                 f"{stats.received} received")
+        swarms = await live_swarms(net)
+        live = {n for n, rt in net.nodes.items() if rt.state == "running"}
+        verdict = run_checks(rd, checkers=scenario.checkers, swarms=swarms, live=live)
+    try:
+        from .report import write_report
+
+        write_report(rd)
+    except Exception as exc:  # a report is a view: its failure must not hide the verdict
+        progress(f"report failed: {type(exc).__name__}: {exc}")
+    return RunResult(rd, verdict, exit_code(verdict), summary(verdict))
+
+
+def read_bundle(run_dir: Path) -> tuple[Scenario, Schedule, dict[str, Any]]:
+    """The scenario, schedule and chaos settings a run directory was made from."""
+    run_dir = Path(run_dir)
+    chaos = json.loads((run_dir / "chaos.json").read_text(encoding="utf-8"))
+    scenario = load_scenario(run_dir / "scenario.toml")
+    schedule = Schedule.read(run_dir / "schedule.json")
+    return scenario, schedule, chaos
+
+
+async def replay(run_dir: Path, *, runs_dir: Path = Path("runs"), progress: Progress = print,
+                 schedule: Schedule | None = None) -> tuple[RunResult, dict[str, Any]]:
+    """Run the same schedule, topology, keys (same seed) and workload again; compare verdicts."""
+    scenario, sched, chaos = read_bundle(run_dir)
+    before = json.loads((Path(run_dir) / "verdict.json").read_text(encoding="utf-8"))
+    result = await run_chaos(scenario, seed=chaos["seed"], runs_dir=runs_dir,
+                             inject_bugs=tuple(chaos.get("inject_bugs") or ()), schedule=schedule or sched,
+                             progress=progress)
+    compare = {name: {"before": v.get("valid"), "after": result.verdict["checkers"].get(name, {}).get("valid")}
+               for name, v in before.get("checkers", {}).items()}
+    same = all(c["before"] == c["after"] for c in compare.values())
+    return result, {"same": same, "checkers": compare, "original": str(run_dir), "replay": str(result.run_dir)}
+
+
+def failing_checkers(verdict: dict[str, Any]) -> set[str]:
+    return {name for name, v in verdict.get("checkers", {}).items() if v.get("valid") is False}
+
+
+async def nightly(scenarios: list[Path], *, runs_dir: Path = Path("runs/nightly"), progress: Progress = print,
+                  prune: bool = True) -> list[dict[str, Any]]:
+    """Every scenario once with a fresh seed; failing bundles are kept whole, passing ones pruned."""
+    results = []
+    for path in scenarios:
+        scenario = load_scenario(path)
+        try:
+            r = await run_chaos(scenario, runs_dir=runs_dir, progress=progress)
+        except Exception as exc:
+            results.append({"scenario": scenario.name, "valid": "unknown", "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        entry = {"scenario": scenario.name, "seed": r.verdict.get("seed"), "valid": r.verdict.get("valid"),
+                 "run_dir": str(r.run_dir), "failing": sorted(failing_checkers(r.verdict))}
+        if r.exit_code == 0 and prune:
+            shutil.rmtree(r.run_dir / "nodes", ignore_errors=True)  # keep the record, drop the bulk
+            entry["pruned"] = True
+        results.append(entry)
+    return results

@@ -1,0 +1,32 @@
+"""Deliberately broken behaviours, off by default (``swarmnet up --inject-bug NAME``).
+
+Every checker must be able to fail; each bug here breaks one promise on
+purpose, and the tests show the right checker catching it.
+"""
+
+from __future__ import annotations
+
+# name -> (where it lives, what it breaks, the checker that must catch it)
+BUGS: dict[str, tuple[str, str, str]] = {
+    "client-id-in-layers": ("client", "the client writes its own Session ID into every onion layer",
+                            "unlinkability"),
+    "one-hop-path": ("client", "the client sends straight to the target node, without relays", "unlinkability"),
+    "skip-replication": ("node", "nodes never forward stores to swarm peers nor run anti-entropy", "replication"),
+    "ack-before-commit": ("node", "a store is acknowledged before it is committed or forwarded "
+                                  "(written ~3 s later; a kill -9 loses it)", "delivery"),
+    "wrong-inbox": ("node", "retrieve also returns another account's messages", "delivery"),
+}
+
+NODE_BUGS = frozenset(n for n, (where, _, _) in BUGS.items() if where == "node")
+CLIENT_BUGS = frozenset(n for n, (where, _, _) in BUGS.items() if where == "client")
+
+
+class UnknownBug(ValueError):
+    pass
+
+
+def check_bugs(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [n for n in names if n not in BUGS]
+    if unknown:
+        raise UnknownBug(f"unknown bug(s) {', '.join(unknown)}; known: {', '.join(BUGS)}")
+    return tuple(names)
