@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -27,6 +28,7 @@ STORE_CLOCK_WINDOW_MS = 10_000
 SIGNED_CLOCK_WINDOW_MS = 60_000
 MAX_HASHES_PER_REQUEST = 1000
 NAMESPACE_RANGE = range(-(2**15), 2**15)
+_HEX66 = re.compile(r"[0-9a-f]{66}")
 
 
 
@@ -198,14 +200,9 @@ def _bytes(args: Mapping[str, Any], key: str) -> bytes:
 
 def session_pubkey(args: Mapping[str, Any]) -> str:
     v = args.get("pubkey")
-    if not isinstance(v, str) or len(v) != 66:
+    if not isinstance(v, str) or not _HEX66.fullmatch(v.lower()):
         raise _bad("'pubkey' must be a 66-character hex account id")
-    v = v.lower()
-    try:
-        bytes.fromhex(v)
-    except ValueError:
-        raise _bad("'pubkey' must be hex") from None
-    return v
+    return v.lower()
 
 
 def namespace(args: Mapping[str, Any]) -> int:
@@ -296,7 +293,8 @@ def message_from_wire(item: Any) -> StoredMessage:
         pubkey, ns, h, data, ts, expiry = item
         pubkey = session_pubkey({"pubkey": pubkey})
         if not (isinstance(data, bytes) and len(data) <= MAX_DATA_BYTES and isinstance(ts, int)
-                and isinstance(expiry, int) and isinstance(ns, int) and ns in NAMESPACE_RANGE):
+                and isinstance(expiry, int) and isinstance(ns, int) and ns in NAMESPACE_RANGE
+                and ts >= 0 and expiry >= 1):
             raise ValueError
     except (TypeError, ValueError):
         raise _bad("malformed replicated message") from None
