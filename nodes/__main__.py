@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import trio
@@ -44,8 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     if config.parent_pid:
         die_with_parent()
     setup_logging(config.log, config.name)
+    profile = os.environ.get("SWARMNET_NODE_PROFILE")  # a directory: one cProfile dump per node
     try:
-        trio.run(amain, config)
+        if profile:
+            import cProfile
+
+            cProfile.runctx("trio.run(amain, config)", globals(), {"trio": trio, "amain": amain, "config": config},
+                            os.path.join(profile, f"{config.name}.prof"))
+        else:
+            trio.run(amain, config)
     except KeyboardInterrupt:
         pass
     return 0

@@ -9,6 +9,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Mapping
 
 from testnet import crypto
@@ -144,11 +145,11 @@ class SwarmView:
             nodes[rec.ed25519_public] = rec
         return cls(int(body["height"]), nodes, me)
 
-    @property
+    @cached_property
     def swarm_ids(self) -> list[int]:
         return sorted({n.swarm_id for n in self.nodes.values()})
 
-    @property
+    @cached_property
     def my_swarm(self) -> int | None:
         rec = self.nodes.get(self.me)
         return rec.swarm_id if rec else None
@@ -156,9 +157,13 @@ class SwarmView:
     def members(self, swarm_id: int | None) -> list[NodeRecord]:
         return sorted((n for n in self.nodes.values() if n.swarm_id == swarm_id), key=lambda n: n.ed25519_public)
 
+    @cached_property
+    def _peers(self) -> list[NodeRecord]:
+        return [n for n in self.members(self.my_swarm) if n.ed25519_public != self.me]
+
     def peers(self) -> list[NodeRecord]:
         """Members of my swarm other than me."""
-        return [n for n in self.members(self.my_swarm) if n.ed25519_public != self.me]
+        return list(self._peers)
 
     def swarm_of(self, pubkey: str) -> int | None:
         ids = self.swarm_ids

@@ -417,15 +417,15 @@ class Node:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._rehome, view)
                 if view.my_swarm is not None:
+                    ours = self.storage.digest(view.is_mine, self.clock.now_ms())  # once per round, for all peers
                     for peer in view.peers():
-                        nursery.start_soon(self._sync_with, view, peer.ed25519_public)
+                        nursery.start_soon(self._sync_with, view, peer.ed25519_public, ours)
             now = self.clock.now_ms()
             self.tombstones = {h: t for h, t in self.tombstones.items() if t > now}
 
-    async def _sync_with(self, view: SwarmView, peer: str) -> None:
+    async def _sync_with(self, view: SwarmView, peer: str, ours: dict[str, str]) -> None:
         now = self.clock.now_ms()
         timeout = self.config.replication_timeout_s * 2
-        ours = self.storage.digest(view.is_mine, now)
         try:
             resp = await self.pool.call(peer, "ae_digest", {"swarm_id": view.my_swarm, "digests": ours},
                                         timeout=timeout)
