@@ -1,0 +1,199 @@
+"""``swarmnet chaos run|replay|shrink|nightly``, ``swarmnet check`` and
+``swarmnet bugs``: the chaos front door.  Only this layer turns errors into
+messages and exit codes (0 valid, 1 invalid, 2 unknown, as Jepsen)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import trio
+
+from testnet import rundir
+from testnet.bugs import BUGS
+
+from .scenario import ScenarioError, library, load_scenario
+
+
+def _progress(quiet: bool):
+    start = time.monotonic()
+
+    def say(msg: str) -> None:
+        if not quiet:
+            click.echo(f"[{time.monotonic() - start:6.1f}s] {msg}", err=True)
+
+    return say
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    click.echo(f"swarmnet: {msg}", err=True)
+    sys.exit(code)
+
+
+@click.group()
+def chaos() -> None:
+    """Chaos runs: seeded fault schedules under a workload, checked from ground truth."""
+
+
+@chaos.command("run")
+@click.argument("scenario")
+@click.option("--seed", type=int, default=None, help="fault and workload seed (default: the scenario's, else random)")
+@click.option("--run-dir", type=click.Path(path_type=Path), default=None, help="where the bundle goes")
+@click.option("--inject-bug", "bugs", multiple=True, help="break the system on purpose (see `swarmnet bugs`)")
+@click.option("--json", "as_json", is_flag=True, help="print the verdict as JSON")
+@click.option("--quiet", is_flag=True, help="no progress lines")
+def run_cmd(scenario: str, seed: int | None, run_dir: Path | None, bugs: tuple[str, ...], as_json: bool,
+            quiet: bool) -> None:
+    """Run SCENARIO (a TOML file, or a name from the shipped library) once and check it."""
+    from .runner import run_chaos
+
+    try:
+        sc = load_scenario(scenario)
+        result = trio.run(lambda: run_chaos(sc, seed=seed, run_dir=run_dir, inject_bugs=bugs,
+                                            progress=_progress(quiet)))
+    except (ScenarioError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        click.echo(json.dumps(result.verdict))
+    else:
+        click.echo(result.summary)
+        click.echo(f"bundle: {result.run_dir}  (report: {result.run_dir / 'report.html'})")
+        if result.exit_code:
+            click.echo(f"reproduce: swarmnet chaos replay {result.run_dir}; "
+                       f"shrink: swarmnet chaos shrink {result.run_dir}")
+    sys.exit(result.exit_code)
+
+
+@chaos.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--quiet", is_flag=True)
+def replay(run_dir: Path, as_json: bool, quiet: bool) -> None:
+    """Run RUN_DIR's schedule, topology, keys and workload again and compare verdicts."""
+    from .runner import replay as do_replay
+
+    try:
+        result, compare = trio.run(lambda: do_replay(run_dir, progress=_progress(quiet)))
+    except (ScenarioError, OSError, ValueError, KeyError) as exc:
+        _fail(f"cannot replay {run_dir}: {exc}")
+        return
+    if as_json:
+        click.echo(json.dumps(compare))
+    else:
+        click.echo(result.summary)
+        for name, c in compare["checkers"].items():
+            click.echo(f"  {name:14} before {c['before']!s:7} after {c['after']!s:7}")
+        click.echo("same verdict" if compare["same"] else "verdict differs (timing is not deterministic)")
+        click.echo(f"replay bundle: {result.run_dir}")
+    sys.exit(result.exit_code)
+
+
+@chaos.command()
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--attempts", type=int, default=2, show_default=True, help="runs per candidate schedule")
+@click.option("--checker", default=None, help="the failing checker to keep failing (default: the first)")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--quiet", is_flag=True)
+def shrink(run_dir: Path, attempts: int, checker: str | None, as_json: bool, quiet: bool) -> None:
+    """Delta-debug RUN_DIR's fault list down to a minimal schedule that still fails."""
+    from .shrink import shrink_run
+
+    try:
+        out = trio.run(lambda: shrink_run(run_dir, attempts=attempts, checker=checker, progress=_progress(quiet)))
+    except (ScenarioError, OSError, ValueError, KeyError) as exc:
+        _fail(f"cannot shrink {run_dir}: {exc}")
+        return
+    if as_json:
+        click.echo(json.dumps(out))
+    else:
+        click.echo(f"{out['checker']} still fails with faults {out['minimal']} of {out['original']} "
+                   f"({out['candidates']} candidates tried)")
+        click.echo(f"minimal scenario: {out['scenario']}\naccount: {out['account']}")
+
+
+@chaos.command()
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs/nightly"), show_default=True)
+@click.option("--keep-passing", is_flag=True, help="do not prune passing bundles")
+@click.argument("scenarios", nargs=-1)
+def nightly(runs_dir: Path, keep_passing: bool, scenarios: tuple[str, ...]) -> None:
+    """Run the scenario library (or SCENARIOS) with fresh seeds; list failing bundles."""
+    from .runner import nightly as do_nightly
+
+    paths = [Path(s) if Path(s).exists() else Path(load_scenario(s).source) for s in scenarios] or library()
+    results = trio.run(lambda: do_nightly(paths, runs_dir=runs_dir, prune=not keep_passing,
+                                          progress=_progress(False)))
+    failing = [r for r in results if r.get("valid") is not True]
+    for r in results:
+        mark = "PASS" if r.get("valid") is True else "FAIL"
+        click.echo(f"{mark}  {r['scenario']:18} {r.get('run_dir', '')} {' '.join(r.get('failing', []))} "
+                   f"{r.get('error', '')}")
+    (runs_dir / "nightly.json").parent.mkdir(parents=True, exist_ok=True)
+    (runs_dir / "nightly.json").write_text(json.dumps(results, indent=2) + "\n")
+    click.echo(f"{len(failing)} failing bundle(s) of {len(results)}" + (":" if failing else ""))
+    for r in failing:
+        click.echo(f"  {r.get('run_dir', r['scenario'])}")
+    sys.exit(1 if failing else 0)
+
+
+def current_membership(run_dir: Path, run: dict[str, Any]) -> tuple[dict[str, int] | None, set[str] | None]:
+    """Swarms and live nodes from the running registry, or ``(None, None)`` if it is gone."""
+    from testnet.controller import gather_status
+    from testnet.rpc import RpcError, call_once
+
+    async def ask() -> tuple[dict[str, int], set[str]]:
+        reg = run["registry"]
+        resp = await call_once(reg["host"], reg["port"], "get_service_nodes", {}, timeout=3.0)
+        by_key = {n["ed25519_public"]: n["name"] for n in run["nodes"]}
+        swarms = {by_key[n["ed25519_public"]]: n["swarm_id"] for n in resp.body["nodes"]
+                  if n["ed25519_public"] in by_key}
+        status = await gather_status(run)
+        live = {n["name"] for n in status["nodes"] if n.get("state") == "alive"}
+        return swarms, live
+
+    try:
+        return trio.run(ask)
+    except (RpcError, OSError, KeyError, TypeError):
+        return None, None
+
+
+@click.command()
+@click.argument("run_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--checker", "checkers", multiple=True, type=click.Choice(["delivery", "replication", "unlinkability"]),
+              help="run only these checkers (default: all)")
+@click.option("--json", "as_json", is_flag=True, help="print the verdict JSON")
+def check(run_dir: Path | None, checkers: tuple[str, ...], as_json: bool) -> None:
+    """Judge a run from ground truth: delivery, replication, unlinkability. Exit 0 valid, 1 invalid, 2 unknown."""
+    from .checkers.verdict import exit_code, run_checks, summary
+
+    try:
+        path = rundir.resolve_run_dir(run_dir)
+        run = rundir.load_run(path)
+    except rundir.RunDirError as exc:
+        _fail(str(exc))
+        return
+    if not (path / "history.jsonl").exists():
+        _fail(f"{path} has no history.jsonl: run `swarmnet workload --run-dir {path}` first")
+    swarms, live = current_membership(path, run)
+    kwargs: dict[str, Any] = {"swarms": swarms, "live": live}
+    if checkers:
+        kwargs["checkers"] = checkers
+    verdict = run_checks(path, **kwargs)
+    click.echo(json.dumps(verdict) if as_json else summary(verdict))
+    sys.exit(exit_code(verdict))
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="names, where they live, what they break, who catches them")
+def bugs(as_json: bool) -> None:
+    """List the bugs `--inject-bug NAME` can switch on, one name per line."""
+    if as_json:
+        click.echo(json.dumps([{"name": n, "component": w, "breaks": d, "caught_by": c}
+                               for n, (w, d, c) in BUGS.items()]))
+        return
+    for name in BUGS:
+        click.echo(name)
