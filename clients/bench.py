@@ -1,0 +1,147 @@
+"""``swarmnet bench throughput``: onion-routed stores per second on a
+30-node network (min swarm 5), users on this machine; latency at half that
+load; CPU per message summed over every process; and, measured in the same
+run, the crypto floor a node pays per onion store (4 x25519 + 1 ed25519
+verify), so the CPU figure reads as a multiple of it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import trio
+from nacl import bindings as sodium
+
+from testnet import crypto
+
+from .client import Client, ClientError
+
+
+def crypto_floor_us(rounds: int = 2000) -> float:
+    """CPU µs for 4 × X25519 + 1 ed25519 verify, measured here and now."""
+    secret, public = sodium.crypto_box_keypair()
+    ident = crypto.Identity.from_seed(bytes(32))
+    msg = b"x" * 64
+    sig = ident.sign(msg)
+    t0 = time.process_time()
+    for _ in range(rounds):
+        for _ in range(4):
+            sodium.crypto_scalarmult(secret, public)
+        crypto.verify_request(ident.ed25519_public, msg, sig)
+    return (time.process_time() - t0) / rounds * 1e6
+
+
+def _cpu_s(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 2)
+
+
+async def bench_throughput(*, nodes: int = 30, min_swarm: int = 5, users: int = 16, seconds: float = 8.0,
+                           concurrency: int = 64, links: str = "direct", runs_dir: str = "runs/bench",
+                           progress: Any = None) -> dict[str, Any]:
+    from testnet.controller import Options, open_testnet
+
+    say = progress or (lambda m: None)
+    floor = crypto_floor_us()
+    opts = Options(nodes=nodes, users=users, min_swarm=min_swarm, links=links, check=False, runs_dir=Path(runs_dir))
+    async with open_testnet(opts, progress=say) as net:
+        names = [u.name for u in net.plan.users]
+        pids = [rt.child.pid for rt in net.nodes.values() if rt.child] + ([net.registry.pid] if net.registry else [])
+        if net.toxiproxy is not None:
+            pids.append(net.toxiproxy.pid)
+        rng = random.Random(7)
+        async with trio.open_nursery() as nursery:
+            clients = []
+            for u in names:
+                c = Client(net.user_identity(u), name=u, host=net.user_host(u), nursery=nursery,
+                           registry=net.registry_address, rng=random.Random(rng.random()))
+                c.directory.dial = dict(net.user_links(u))
+                await c.refresh_nodes()
+                clients.append(c)
+            recipients = [net.user_identity(u).session_id for u in names]
+            counts = {"ok": 0, "fail": 0}
+            lat: list[float] = []
+
+            async def send(k: int, n: int) -> None:
+                c = clients[k % len(clients)]
+                to = recipients[(k + n + 1) % len(recipients)]
+                data = crypto.seal_message(c.identity, to, b"bench %d %d" % (k, n))
+                t = trio.current_time()
+                try:
+                    await c.store(to, data, ttl_ms=3_600_000, now_ms=int(time.time() * 1000))
+                    counts["ok"] += 1
+                    lat.append(trio.current_time() - t)
+                except ClientError:
+                    counts["fail"] += 1
+
+            async def closed_loop(until: float) -> None:
+                async def worker(k: int) -> None:
+                    n = 0
+                    while trio.current_time() < until:
+                        n += 1
+                        await send(k, n)
+
+                async with trio.open_nursery() as n:
+                    for k in range(concurrency):
+                        n.start_soon(worker, k)
+
+            async def open_loop(rate: float, until: float) -> None:
+                async with trio.open_nursery() as n:
+                    k = 0
+                    while trio.current_time() < until:
+                        k += 1
+                        n.start_soon(send, k, k)
+                        await trio.sleep(rng.expovariate(rate))
+
+            await closed_loop(trio.current_time() + 1.5)  # warm-up: paths, connections
+            counts.update(ok=0, fail=0)
+            lat.clear()
+            me = psutil.Process()
+            cpu0, my0, t0 = _cpu_s(pids), sum(me.cpu_times()[:2]), time.monotonic()
+            say(f"full load: {concurrency} stores in flight for {seconds:g} s")
+            await closed_loop(trio.current_time() + seconds)
+            elapsed = time.monotonic() - t0
+            cpu1, my1 = _cpu_s(pids), sum(me.cpu_times()[:2])
+            full = {"stores_ok": counts["ok"], "stores_failed": counts["fail"],
+                    "stores_per_s": round(counts["ok"] / elapsed, 1),
+                    "latency_ms": {"p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99)}}
+            ok = max(counts["ok"], 1)
+            network_us = (cpu1 - cpu0) / ok * 1e6
+            client_us = (my1 - my0) / ok * 1e6
+            half_rate = max(full["stores_per_s"] / 2, 1.0)
+            counts.update(ok=0, fail=0)
+            lat.clear()
+            say(f"half load: {half_rate:.0f} stores/s for {seconds:g} s")
+            await open_loop(half_rate, trio.current_time() + seconds)
+            half = {"rate_per_s": round(half_rate, 1), "stores_ok": counts["ok"], "stores_failed": counts["fail"],
+                    "latency_ms": {"p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99)}}
+            for c in clients:
+                await c.aclose()
+            nursery.cancel_scope.cancel()
+    return {
+        "nodes": nodes, "min_swarm": min_swarm, "users": users, "links": links, "concurrency": concurrency,
+        "full_load": full, "half_load": half,
+        "cpu_us_per_store": {"network": round(network_us, 1), "clients": round(client_us, 1),
+                             "all_processes": round(network_us + client_us, 1)},
+        "crypto_floor_us": round(floor, 1),
+        "network_cpu_over_floor": round(network_us / floor, 2),
+        "targets": {"stores_per_s": ">= 1000", "cpu_over_floor": "<= 3", "half_load_p50_ms": "<= 5",
+                    "half_load_p99_ms": "<= 25"},
+    }
