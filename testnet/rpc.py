@@ -130,11 +130,20 @@ async def serve_connection(
     send_lock = trio.Lock()
     in_flight = trio.Semaphore(max_in_flight)
 
+    outbox: list[bytes] = []
+
     async def write(data: bytes) -> None:
+        # Whoever holds the lock sends everything queued so far: under load,
+        # many responses leave in one send(2).
+        outbox.append(data)
         async with send_lock:
+            if not outbox:
+                return
+            chunk = b"".join(outbox)
+            outbox.clear()
             if capture is not None:
-                capture.record(conn_id, "out", local, remote, data)
-            await stream.send_all(data)
+                capture.record(conn_id, "out", local, remote, chunk)
+            await stream.send_all(chunk)
 
     async def answer(req: Request) -> None:
         try:
@@ -261,6 +270,7 @@ class RpcConnection:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Slot] = {}
         self._send_lock = trio.Lock()
+        self._outbox: list[bytes] = []
         self._closed: RpcError | None = None
 
     @property
@@ -318,10 +328,14 @@ class RpcConnection:
         try:
             with trio.move_on_after(timeout) as scope:
                 try:
+                    self._outbox.append(data)
                     async with self._send_lock:
-                        if self._capture is not None:
-                            self._capture.record(self._conn_id, "out", self.local, self.remote, data)
-                        await self.stream.send_all(data)
+                        if self._outbox:  # else an earlier holder sent ours too
+                            chunk = b"".join(self._outbox)
+                            self._outbox.clear()
+                            if self._capture is not None:
+                                self._capture.record(self._conn_id, "out", self.local, self.remote, chunk)
+                            await self.stream.send_all(chunk)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     self._fail_all(ConnectionLost(f"connection to {self.name or self.remote} lost: {exc}"))
                 await slot.event.wait()
