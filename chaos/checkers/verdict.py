@@ -1,0 +1,187 @@
+"""Run the checkers over a run directory and combine their verdicts.
+
+``run_checks`` writes ``verdict.json`` (shape in CHECKERS.md) into the run
+directory; ``summary`` is its one-screen text view; ``exit_code`` is Jepsen's
+convention: 0 valid, 1 invalid, 2 unknown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .delivery import check_delivery
+from .replication import (ReplicationError, check_replication, current_swarms_from_registry, live_nodes,
+                          load_ground_truth)
+from .unlinkability import check_unlinkability
+
+__all__ = ["CheckError", "CHECKERS", "HISTORY_FILE", "VERDICT_FILE", "read_history", "combine", "run_checks",
+           "summary", "exit_code"]
+
+CHECKERS = ("delivery", "replication", "unlinkability")
+HISTORY_FILE = "history.jsonl"
+VERDICT_FILE = "verdict.json"
+
+
+class CheckError(Exception):
+    """The checks cannot run: unknown checker name, or no run in the directory."""
+
+
+def read_history(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every JSON-object line of a history file; torn or malformed lines are skipped; missing file: []."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def combine(verdicts: Mapping[str, Mapping[str, Any]]) -> bool | str:
+    """False if any checker is invalid, else "unknown" if any is unknown (or none ran), else True."""
+    values = [v.get("valid") for v in verdicts.values()]
+    if any(v is False for v in values):
+        return False
+    if not values or any(v is not True for v in values):
+        return "unknown"
+    return True
+
+
+def _swarms_from_run(truth: Any) -> dict[str, int | None]:
+    return {name: n.get("swarm_id") for name, n in truth.nodes.items()}
+
+
+def run_checks(run_dir: str | Path, *, checkers: Iterable[str] = CHECKERS, swarms: Mapping[str, int | None] | None = None,
+               live: Iterable[str] | None = None, now_ms: int | None = None,
+               history: Sequence[Mapping[str, Any]] | None = None, write: bool = True) -> dict[str, Any]:
+    """Run ``checkers`` on ``run_dir`` and write ``verdict.json`` there (unless ``write`` is False).
+
+    ``swarms`` (node name -> swarm id) and ``live`` (node names) describe the
+    network now; without them the registry is asked, and if it cannot be,
+    run.json's last recorded swarm ids and node states are used (the verdict
+    says which in ``replication.swarms_source``).  ``now_ms`` defaults to the
+    wall clock.  A checker that raises is recorded as unknown with its error.
+    """
+    run_dir = Path(run_dir)
+    names = list(dict.fromkeys(checkers))
+    unknown = [c for c in names if c not in CHECKERS]
+    if unknown:
+        raise CheckError(f"unknown checkers {unknown}; known: {list(CHECKERS)}")
+    if not (run_dir / "run.json").is_file():
+        raise CheckError(f"{run_dir} is not a run directory (no run.json)")
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    if history is None:
+        history = read_history(run_dir / HISTORY_FILE)
+    truth = load_ground_truth(run_dir)
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        try:
+            if name == "delivery":
+                results[name] = check_delivery(history, truth.users)
+            elif name == "replication":
+                source = "caller"
+                if swarms is None:
+                    try:
+                        swarms, source = current_swarms_from_registry(run_dir), "registry"
+                    except ReplicationError:
+                        swarms, source = _swarms_from_run(truth), "run.json"
+                live_set = set(live) if live is not None else live_nodes(truth, swarms.keys())
+                results[name] = check_replication(run_dir, history, now_ms=now_ms, swarms=swarms, live=live_set)
+                results[name]["swarms_source"] = source
+            else:
+                results[name] = check_unlinkability(run_dir, history)
+        except Exception as exc:  # a checker that cannot judge says so rather than sinking the others
+            results[name] = {"checker": name, "valid": "unknown", "error": f"{type(exc).__name__}: {exc}"[:500]}
+    verdict = {"valid": combine(results), "run_id": truth.run.get("run_id"), "checked_ms": now_ms,
+               "history_records": len(history), "checkers": results}
+    if write:
+        tmp = run_dir / f".{VERDICT_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(verdict, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, run_dir / VERDICT_FILE)
+    return verdict
+
+
+def exit_code(verdict: Mapping[str, Any]) -> int:
+    """Jepsen's exit code: 0 valid, 1 invalid, 2 unknown."""
+    valid = verdict.get("valid")
+    return 0 if valid is True else 1 if valid is False else 2
+
+
+def _word(valid: Any) -> str:
+    return "valid" if valid is True else "INVALID" if valid is False else "unknown"
+
+
+def _ids(items: Any, n: int = 5) -> str:
+    ids = [str(i.get("msg_id") or i.get("hash")) if isinstance(i, dict) else str(i) for i in items or ()]
+    return ", ".join(ids[:n]) + (" …" if len(ids) > n else "")
+
+
+def summary(verdict: Mapping[str, Any]) -> str:
+    """A readable one-screen view of a verdict (no message contents)."""
+    lines = [f"verdict: {_word(verdict.get('valid'))}" + (f"  (run {verdict['run_id']})" if verdict.get("run_id") else "")]
+    checkers = verdict.get("checkers") or {}
+    d = checkers.get("delivery")
+    if d:
+        c = d.get("counts", {})
+        lines.append(f"\ndelivery: {_word(d.get('valid'))}" + (f"  error: {d['error']}" if d.get("error") else ""))
+        if c:
+            lines.append(f"  sent {c.get('sent', 0)}, acknowledged {c.get('acknowledged', 0)}, "
+                         f"delivered {c.get('delivered', 0)}, recovered {c.get('recovered', 0)}, "
+                         f"unknown {c.get('unknown', 0)}, failed {c.get('failed', 0)}")
+            for k in ("lost", "duplicated", "corrupted", "wrong_sender", "misdelivered", "unexpected",
+                      "fail-but-delivered"):
+                if c.get(k):
+                    lines.append(f"  {k}: {c[k]}  [{_ids(d.get(k))}]")
+            lat = d.get("latency_ms") or {}
+            if lat.get("count"):
+                lines.append(f"  latency ms: p50 {lat['p50']}  p95 {lat['p95']}  p99 {lat['p99']}  max {lat['max']}")
+    r = checkers.get("replication")
+    if r:
+        c = r.get("counts", {})
+        lines.append(f"\nreplication: {_word(r.get('valid'))}" + (f"  error: {r['error']}" if r.get("error") else ""))
+        if c:
+            lines.append(f"  checked {c.get('checked', 0)} of {c.get('acknowledged', 0)} acknowledged "
+                         f"(expired {c.get('expired', 0)}, deleted {c.get('deleted', 0)}); swarms from "
+                         f"{r.get('swarms_source', 'caller')}")
+            lines.append(f"  missing on a live swarm member: {c.get('missing', 0)}"
+                         + (f"  [{_ids(r.get('missing'))}]" if c.get("missing") else ""))
+            lines.append(f"  stray outside the swarm: {c.get('stray', 0)} ({c.get('stray_after_grace', 0)} after grace)")
+            bad = {n: v for n, v in (r.get("per_node") or {}).items() if v.get("missing") or v.get("stray")}
+            if bad:
+                lines.append("  by node: " + ", ".join(f"{n} -{v['missing']}/+{v['stray']}" for n, v in sorted(bad.items())))
+            if r.get("unreadable_nodes"):
+                lines.append(f"  unreadable databases: {', '.join(sorted(r['unreadable_nodes']))}")
+    u = checkers.get("unlinkability")
+    if u:
+        c = u.get("counts", {})
+        lines.append(f"\nunlinkability: {_word(u.get('valid'))}" + (f"  error: {u['error']}" if u.get("error") else ""))
+        if c:
+            lines.append(f"  messages {c.get('messages', 0)}, traced to their target {c.get('traced', 0)}, "
+                         f"linked by one node {c.get('linked_by_single_node', 0)}")
+            for j in (u.get("linked") or [])[:5]:
+                lines.append(f"  {j['msg_id']}: linked by {', '.join(sorted(j['linked_by']))}")
+            hist = (u.get("collusion") or {}).get("min_size_histogram") or {}
+            if hist:
+                lines.append("  smallest colluding set (size: messages): "
+                             + ", ".join(f"{k}: {v}" for k, v in hist.items()))
+            seen = u.get("sender_id_seen_by") or []
+            if seen:
+                lines.append("  sender ids seen by: " + ", ".join(
+                    sorted({f"{s['node']}({s['user']}, {s['where']})" for s in seen})[:8]))
+            for f in u.get("findings") or []:
+                lines.append(f"  finding: {f}")
+            if u.get("nodes_missing_capture"):
+                names = sorted(u["nodes_missing_capture"])
+                lines.append(f"  nodes without a capture ({len(names)}): {', '.join(names[:10])}"
+                             + (" …" if len(names) > 10 else ""))
+    return "\n".join(lines)
