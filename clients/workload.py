@@ -181,11 +181,12 @@ async def run_workload(specs: Sequence[UserSpec], registry: tuple[str, int], his
                        messages: int | None = None, duration_s: float | None = None, rate: float = 20.0,
                        namespaces: Sequence[int] = (0,), seed: int = 0, body_bytes: int = 64,
                        ttl_ms: int = DEFAULT_TTL_MS, drain_s: float = 20.0, client_bugs: Iterable[str] = (),
-                       senders: Sequence[str] | None = None, on_progress: Any = None,
+                       senders: Sequence[str] | None = None, receivers: Sequence[str] | None = None,
+                       on_progress: Any = None,
                        before_drain: Any = None) -> WorkloadStats:
     """Drive ``specs`` users: ``messages`` sends (or for ``duration_s``) at ``rate``/s overall.
 
-    ``senders`` limits who sends (others only receive).  After the last send,
+    ``senders`` limits who sends, ``receivers`` who is sent to.  After the last send,
     users keep polling for up to ``drain_s`` until every acknowledged message
     has reached its recipient.  ``before_drain`` (an async callable) runs
     between the last send and the drain, users still polling: a chaos run
@@ -213,6 +214,7 @@ async def run_workload(specs: Sequence[UserSpec], registry: tuple[str, int], his
                 await client.refresh_nodes()
                 users[s.name] = ScriptedUser(s, client, history, names_by_id)
             sender_names = list(senders) if senders else list(users)
+            receiver_names = list(receivers) if receivers else list(users)
             stop_polling = trio.Event()
 
             async def poller(u: ScriptedUser) -> None:
@@ -231,7 +233,7 @@ async def run_workload(specs: Sequence[UserSpec], registry: tuple[str, int], his
                     deadline = started + duration_s if duration_s is not None else math.inf
                     while (messages is None or seq < messages) and trio.current_time() < deadline:
                         sender = users[rng.choice(sender_names)]
-                        recipient = users[rng.choice([n for n in users if n != sender.spec.name])]
+                        recipient = users[rng.choice([n for n in receiver_names if n != sender.spec.name])]
                         seq += 1
                         msg_id = f"{sender.spec.name}-{seq}"
                         ns = rng.choice(list(namespaces))

@@ -1,0 +1,596 @@
+"""``swarmnet``: the command line in front of the testnet.
+
+Only this module turns errors into messages and exit codes (honcho's single
+``CommandError``): library code raises its own typed errors, :func:`main`
+prints them and exits 1 (2 for usage errors).  Every command that prints
+data takes ``--json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from . import plan as P
+from . import rundir
+
+EXIT_ERROR = 1
+
+
+class CommandError(Exception):
+    """What a command reports to the user instead of a result; ``exit_code`` is the process status."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from .controller import ControllerError
+    from .crypto import CryptoError
+    from .links import LinkError
+    from .procs import ProcError
+    from .protocol import RequestError
+    from .rpc import RpcError
+
+    return (CommandError, ControllerError, CryptoError, LinkError, ProcError, RequestError, RpcError,
+            rundir.RunDirError, P.PlanError)
+
+
+def _run_dir_option(f: Any) -> Any:
+    return click.option("--run-dir", type=click.Path(path_type=Path), default=None,
+                        help="run directory (default: ./runs/latest)")(f)
+
+
+def _json_option(f: Any) -> Any:
+    return click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")(f)
+
+
+def _print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+def _trio_run(fn: Any, *args: Any) -> Any:
+    import trio
+
+    return trio.run(fn, *args)
+
+
+class LazyGroup(click.Group):
+    """Subcommands imported only when used: ``name -> "module:attribute"`` (a click command)."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            where = self.lazy[name]
+            module, _, attr = where.partition(":")
+            try:
+                command = getattr(importlib.import_module(module), attr, None)
+            except ModuleNotFoundError as exc:
+                if not module.startswith(exc.name or "\0"):
+                    raise  # the module is there but broken: say so, do not hide it
+                command = None
+            if command is None:
+                return click.Command(name, help=f"(not available yet: {where})", callback=lambda: _not_yet(where))
+            return command
+        return super().get_command(ctx, name)
+
+
+def _not_yet(where: str) -> None:
+    raise CommandError(f"this command is not installed yet (expected at {where})")
+
+
+# Commands that live with what they drive (users, chaos), imported on first use.
+COMMANDS = {
+    "send": "clients.cli:send",
+    "inbox": "clients.cli:inbox",
+    "workload": "clients.cli:workload",
+    "chaos": "chaos.cli:chaos",
+    "check": "chaos.cli:check",
+    "bugs": "chaos.cli:bugs",
+}
+
+
+@click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """swarmnet: a local testnet and chaos harness for a Session-style messaging network."""
+
+
+# --------------------------------------------------------------------------- up
+
+
+@cli.command()
+@click.option("--nodes", default=P.DEFAULT_NODES, show_default=True, help="number of service nodes")
+@click.option("--users", default=P.DEFAULT_USERS, show_default=True, help="number of scripted users")
+@click.option("--min-swarm", default=P.DEFAULT_MIN_SWARM, show_default=True, help="minimum swarm size")
+@_run_dir_option
+@click.option("--links", type=click.Choice(P.LINKS_MODES), default="toxiproxy", show_default=True,
+              help="toxiproxy: every link through a proxy (link faults possible); direct: no proxies")
+@click.option("--seed", type=int, default=None, help="run seed (keys and swarm assignment); random if omitted")
+@click.option("--detach", is_flag=True, help="return once the network is ready and leave it running")
+@click.option("--inject-bug", "inject_bugs", multiple=True, metavar="NAME",
+              help="switch on a deliberately broken node behaviour (repeatable)")
+@click.option("--ready-timeout", default=60.0, show_default=True, help="seconds to wait for the network")
+@click.option("--no-zygote", is_flag=True, help="start each node as a fresh interpreter (slower)")
+@_json_option
+def up(nodes: int, users: int, min_swarm: int, run_dir: Path | None, links: str, seed: int | None, detach: bool,
+       inject_bugs: tuple[str, ...], ready_timeout: float, no_zygote: bool, as_json: bool) -> None:
+    """Start a network, check it, and keep it up until Ctrl-C (or `swarmnet down`)."""
+    from .controller import Options
+
+    from .bugs import UnknownBug, check_bugs
+
+    try:
+        check_bugs(inject_bugs)
+    except UnknownBug as exc:
+        raise CommandError(str(exc)) from None
+    opts = Options(nodes=nodes, users=users, min_swarm=min_swarm, links=links, seed=seed, run_dir=run_dir,
+                   inject_bugs=inject_bugs, ready_timeout_s=ready_timeout, zygote=not no_zygote)
+    P.check_options(nodes=nodes, users=users, min_swarm=min_swarm, links=links)
+    if links == "toxiproxy":
+        from .links import find_toxiproxy
+
+        find_toxiproxy()
+    else:
+        click.echo("links: direct — Toxiproxy is not used, link faults are OFF (process faults only)", err=True)
+    if detach:
+        _up_detached(opts, as_json)
+    else:
+        _trio_run(_up_foreground, opts, as_json)
+
+
+def _progress(start: float, as_json: bool) -> Any:
+    def show(message: str) -> None:
+        if not as_json:
+            click.echo(f"[{time.monotonic() - start:6.2f} s] {message}", err=True)
+    return show
+
+
+def _summary(run: dict[str, Any], run_dir: Path, detached: bool) -> str:
+    tp = run.get("toxiproxy")
+    n = len(run["nodes"])
+    a, b = (run["nodes"][min(i, n - 1)]["name"] for i in (2, 4))
+    lines = [
+        f"swarmnet run {run['run_id']} is up: {n} nodes, {len(run['users'])} users, "
+        f"{len({x['swarm_id'] for x in run['nodes']})} swarms",
+        f"  run directory: {run_dir}",
+        f"  registry:      {run['registry']['host']}:{run['registry']['port']}",
+        f"  links:         " + (f"Toxiproxy at {tp['api']} ({len(run['links'])} proxies)" if tp
+                                else "direct — link faults are OFF"),
+        "",
+        "Try next (in another shell):",
+        "  swarmnet status                 every node: pid, swarm, height, messages",
+        *([f"  swarmnet send --from {run['users'][0]['name']} --to {run['users'][1]['name']} 'hi'"
+           f"   then: swarmnet inbox {run['users'][1]['name']}"] if len(run["users"]) > 1 else []),
+        f"  swarmnet logs {a} --follow      one node's log as it happens",
+        f"  swarmnet node kill {a}          then: swarmnet node restart {a}",
+        f"  swarmnet node pause {b}         then: swarmnet node resume {b}",
+        "  swarmnet node add               a new node joins (and `node remove NAME`)",
+        "  swarmnet down                   stop this run" + ("" if detached else " (or Ctrl-C here)"),
+    ]
+    return "\n".join(lines)
+
+
+async def _up_foreground(opts: Any, as_json: bool) -> None:
+    start = time.monotonic()
+
+    def ready(net: Any) -> None:
+        run = net.record()
+        if as_json:
+            _print_json({"event": "ready", "run_dir": str(net.run_dir), "run_id": run["run_id"],
+                         "ready_s": round(time.monotonic() - start, 3), "check": run["check"]})
+        else:
+            click.echo(_summary(run, net.run_dir, detached=False))
+
+    if await run_until_stopped(opts, progress=_progress(start, as_json), on_ready=ready):
+        click.echo("stopped: every process of the run is gone", err=True)
+    else:
+        raise CommandError("interrupted while starting; everything started was stopped", 130)
+
+
+def _up_detached(opts: Any, as_json: bool) -> None:
+    """Spawn a supervisor in its own session, relay its progress, return once it is ready."""
+    import selectors
+
+    run_id = rundir.new_run_id()
+    run_dir = rundir.create_run_dir(run_id, opts.run_dir, opts.runs_dir)
+    opts = dataclasses.replace(opts, run_id=run_id, run_dir=run_dir)
+    argv = [sys.executable, "-m", "testnet.cli", "supervise", json.dumps(opts.to_json())]
+    with open(run_dir / "controller.log", "ab") as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                start_new_session=True, cwd=os.getcwd())
+    assert proc.stdout is not None
+    start = time.monotonic()
+    show = _progress(start, as_json)
+    deadline = start + opts.ready_timeout_s + 60
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    buf = b""
+    try:
+        while time.monotonic() < deadline:
+            if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                continue
+            data = os.read(proc.stdout.fileno(), 65536)
+            if not data:
+                break
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue
+                if ev.get("event") == "progress":
+                    show(ev["message"])
+                elif ev.get("event") == "error":
+                    raise CommandError(f"the network did not come up:\n{ev['message']}")
+                elif ev.get("event") == "ready":
+                    if as_json:
+                        _print_json({**ev, "controller_pid": proc.pid,
+                                     "ready_s": round(time.monotonic() - start, 3)})
+                    else:
+                        click.echo(_summary(rundir.load_run(run_dir), run_dir, detached=True))
+                    return
+    except KeyboardInterrupt:
+        proc.terminate()  # the supervisor tears down what it started
+        proc.wait(timeout=30)
+        raise CommandError("interrupted: the network being started was stopped", 130) from None
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    from .procs import tail_lines
+
+    raise CommandError(f"the supervisor did not report ready (exit code {proc.poll()})\n"
+                       + tail_lines([run_dir / "controller.log"]))
+
+
+# --------------------------------------------------------------------------- status / down
+
+
+@cli.command()
+@_run_dir_option
+@_json_option
+def status(run_dir: Path | None, as_json: bool) -> None:
+    """Every node of a run: pid, address, swarm, height, messages, alive/paused/dead."""
+    path = rundir.resolve_run_dir(run_dir)
+    st = _trio_run(rundir.gather_status, rundir.load_run(path))
+    if as_json:
+        _print_json({**st, "run_dir": str(path)})
+        return
+    reg = st["registry"]
+    click.echo(f"run {st['run_id']} ({st['state']}, links {st['links_mode']})  {path}")
+    click.echo(f"controller pid {st['controller']['pid']} {st['controller']['process']};  registry "
+               f"{reg['address']} pid {reg['pid']} {reg['process']}, height {reg['height']}, nodes {reg['nodes']}")
+    click.echo(f"{'NODE':<6} {'PID':>7}  {'ADDRESS':<22} {'STATE':<8} {'PROCESS':<7} {'SWARM':<16} "
+               f"{'HEIGHT':>6} {'MSGS':>6}")
+    for r in st["nodes"]:
+        swarm = "-" if r["swarm_id"] is None else f"{r['swarm_id']:016x}"
+        click.echo(f"{r['name']:<6} {r['pid'] or '-':>7}  {r['address']:<22} {r['state'] or '-':<8} "
+                   f"{r['process']:<7} {swarm:<16} {_dash(r['height']):>6} {_dash(r['messages']):>6}")
+
+
+def _dash(v: Any) -> str:
+    return "-" if v is None else str(v)
+
+
+@cli.command()
+@_run_dir_option
+@_json_option
+def down(run_dir: Path | None, as_json: bool) -> None:
+    """Stop every process of a run, and only of that run."""
+    path = rundir.resolve_run_dir(run_dir)
+    result = _trio_run(_down, path)
+    if as_json:
+        _print_json(result)
+    else:
+        how = "its controller stopped it" if result["asked_controller"] else "signalled its recorded processes"
+        click.echo(f"run {result['run_id']} is down ({how}; {result['signalled']} processes signalled)")
+
+
+async def _down(path: Path) -> dict[str, Any]:
+    import trio
+
+    from .procs import proc_state, signal_recorded
+
+    run = rundir.load_run(path)
+    ctl = run.get("controller") or {}
+    asked = False
+    try:
+        await rundir.control_call(run, path, "down", timeout_s=5.0)
+        asked = True
+        with trio.move_on_after(15.0):
+            while proc_state(ctl["pid"], ctl.get("create_time")) != "dead":
+                await trio.sleep(0.05)
+    except rundir.ControlError:
+        pass
+    # Whatever the controller could not stop (or everything, if it is gone): only the pids
+    # recorded for this run, and only while psutil confirms each is still the same process.
+    run = rundir.load_run(path)
+    recs = [(pid, ct) for _, pid, ct in rundir.recorded_processes(run, controller=True)
+            if proc_state(pid, ct) != "dead"]
+    for pid, ct in recs:
+        signal_recorded(pid, ct, signal.SIGTERM)
+        signal_recorded(pid, ct, signal.SIGCONT)
+    with trio.move_on_after(1.0):
+        while any(proc_state(pid, ct) != "dead" for pid, ct in recs):
+            await trio.sleep(0.02)
+    for pid, ct in recs:
+        signal_recorded(pid, ct, signal.SIGKILL)
+    if run.get("state") not in ("stopped", "failed"):  # its controller is gone and cannot say so
+        run["state"] = "stopped"
+        rundir.write_json_atomic(path / rundir.RUN_JSON, run)
+    return {"run_id": run["run_id"], "asked_controller": asked, "signalled": len(recs)}
+
+
+# --------------------------------------------------------------------------- logs
+
+
+def _read_entries(name: str, path: Path, offset: int) -> tuple[list[tuple[int, str, str]], int]:
+    """New complete JSON lines of one log from byte ``offset``: ([(t, proc, line)], new offset)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    out = []
+    for raw in data[:end].splitlines():
+        line = raw.decode("utf-8", "replace")
+        try:
+            t = int(json.loads(line).get("t", 0))
+        except (ValueError, AttributeError, TypeError):
+            t = 0
+        out.append((t, name, line))
+    return out, offset + end
+
+
+def _format_entry(t: int, name: str, line: str) -> str:
+    try:
+        e = json.loads(line)
+    except ValueError:
+        return f"{'':12} {name:<8} {line}"
+    stamp = time.strftime("%H:%M:%S", time.localtime(t / 1000)) + f".{t % 1000:03d}"
+    extra = " ".join(f"{k}={v}" for k, v in e.items() if k not in ("t", "level", "proc", "event"))
+    return f"{stamp} {name:<8} {e.get('level', ''):<7} {e.get('event', '')} {extra}".rstrip()
+
+
+@cli.command()
+@click.argument("node", required=False)
+@click.option("--follow", "-f", is_flag=True, help="keep printing new lines until Ctrl-C")
+@_run_dir_option
+@_json_option
+def logs(node: str | None, follow: bool, run_dir: Path | None, as_json: bool) -> None:
+    """Merged, time-ordered node (and registry) logs of a run; NODE limits it to one."""
+    path = rundir.resolve_run_dir(run_dir)
+    run = rundir.load_run(path)
+    files = dict(rundir.iter_log_files(path, run))
+    if node is not None:
+        if node not in files:
+            raise CommandError(f"no log for {node!r} in run {run['run_id']} (have: {', '.join(files)})")
+        files = {node: files[node]}
+    offsets = {name: 0 for name in files}
+    show = (lambda e: click.echo(e[2])) if as_json else (lambda e: click.echo(_format_entry(*e)))
+    try:
+        while True:
+            batches = []
+            for name, p in files.items():
+                entries, offsets[name] = _read_entries(name, p, offsets[name])
+                batches.append(entries)
+            for entry in heapq.merge(*batches, key=lambda e: e[0]):
+                show(entry)
+            if not follow:
+                return
+            time.sleep(0.25)
+    except KeyboardInterrupt:
+        pass
+
+
+# --------------------------------------------------------------------------- id
+
+
+@cli.command("id")
+@click.option("--seed", "seed_hex", default=None, metavar="HEX", help="32-byte (or 16-byte) ed25519 seed as hex")
+@_json_option
+def id_(seed_hex: str | None, as_json: bool) -> None:
+    """Make a new identity, or show the one of a seed."""
+    from .crypto import Identity
+
+    if seed_hex is None:
+        ident, made = Identity.generate(), True
+    else:
+        try:
+            seed = bytes.fromhex(seed_hex)
+        except ValueError:
+            raise CommandError("--seed must be hex") from None
+        ident, made = Identity.from_seed(seed), False
+    out = {"session_id": ident.session_id, "ed25519_public": ident.ed25519_public.hex(),
+           "x25519_public": ident.x25519_public.hex()}
+    if made:
+        out["seed"] = ident.seed.hex()  # a new identity is useless without it; shown once, never logged
+    if as_json:
+        _print_json(out)
+    else:
+        for k, v in out.items():
+            click.echo(f"{k + (' (secret: keep it)' if k == 'seed' else ''):<28} {v}")
+
+
+# --------------------------------------------------------------------------- node
+
+
+@cli.command()
+@click.argument("action", type=click.Choice(["add", "remove", "kill", "pause", "resume", "restart"]))
+@click.argument("name", required=False)
+@_run_dir_option
+@_json_option
+def node(action: str, name: str | None, run_dir: Path | None, as_json: bool) -> None:
+    """Act on one node of a running network: add [NAME] | remove | kill | pause | resume | restart NAME.
+
+    kill = SIGKILL, pause = SIGSTOP, resume = SIGCONT; restart keeps the node's
+    key, database and ports; add makes a new key and links; remove deregisters
+    it (signed with its key) and stops it.
+    """
+    if action != "add" and not name:
+        raise CommandError(f"`swarmnet node {action}` needs a node name, e.g. n03")
+    path = rundir.resolve_run_dir(run_dir)
+    run = rundir.load_run(path)
+    result = _trio_run(lambda: rundir.control_call(run, path, "node", what=action, name=name, timeout_s=90.0))
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(f"{result['name']}: {action} done" + (f" (now {result['state']})" if "state" in result else ""))
+
+
+# --------------------------------------------------------------------------- bench
+
+
+# Benchmarks live with what they measure; each is a click command imported on
+# first use.  Add one by naming its "module:command" here.
+BENCHMARKS = {
+    "boot": "testnet.bench:boot_command",
+    "node": "nodes.bench:bench_command",
+    "throughput": "clients.bench:bench_command",
+}
+
+
+@cli.group(cls=LazyGroup, lazy=BENCHMARKS)
+def bench() -> None:
+    """Benchmarks (boot: network start-up time and memory)."""
+
+
+# --------------------------------------------------------------------------- keeping a network up
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    try:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+    except (BrokenPipeError, OSError):
+        pass
+
+
+async def run_until_stopped(options: Any, *, progress: Callable[[str], None] | None = None,
+                            on_ready: Callable[[Any], None] = lambda net: None) -> bool:
+    """Boot a network, call ``on_ready(net)``, keep it up until SIGINT/SIGTERM or a ``down``
+    request, then tear it all down.  ``False`` if a signal came before it was ready."""
+    import trio
+
+    from .controller import open_testnet
+
+    running: list[Any] = []
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            async def on_signal() -> None:
+                async for signum in signals:
+                    if progress:
+                        progress(f"{signal.Signals(signum).name}: stopping")
+                    if running:
+                        running[0].stop_requested.set()  # a clean stop, as `swarmnet down` asks
+                    else:
+                        nursery.cancel_scope.cancel()  # still booting: abandon the boot (it tears down)
+                    return
+
+            nursery.start_soon(on_signal)
+            async with open_testnet(options, progress=progress) as net:
+                running.append(net)
+                on_ready(net)
+                await net.stop_requested.wait()
+            nursery.cancel_scope.cancel()
+    return bool(running)
+
+
+async def supervise(options: Any) -> int:
+    """The detached controller of ``swarmnet up --detach`` (see :func:`run_until_stopped`).
+
+    Reports on stdout as JSON lines: ``progress``, then ``ready`` (with the run
+    directory) or ``error``; after ``ready`` stdout is closed.
+    """
+    from .controller import error_leaves
+
+    def ready(net: Any) -> None:
+        _emit({"event": "ready", "run_dir": str(net.run_dir), "run_id": net.plan.run_id, "check": net.check_result})
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)  # nobody reads any more: later writes must not fail
+        os.close(devnull)
+
+    try:
+        if not await run_until_stopped(options, progress=lambda m: _emit({"event": "progress", "message": m}),
+                                       on_ready=ready):
+            _emit({"event": "error", "message": "interrupted while starting"})
+            return 1
+    except Exception as exc:  # reported to the waiting CLI, which turns it into an exit code
+        _emit({"event": "error", "message": "\n".join(str(e) for e in error_leaves(exc))})
+        return 1
+    return 0
+
+
+@cli.command("supervise", hidden=True)
+@click.argument("options_json")
+def supervise_command(options_json: str) -> None:
+    """The detached controller of `up --detach` (progress, then ready or error, as JSON lines on stdout)."""
+    from .controller import Options
+
+    code = _trio_run(supervise, Options.from_json(json.loads(options_json)))
+    if code:
+        raise click.exceptions.Exit(code)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``swarmnet`` console command: runs the CLI; errors become a message and an exit code."""
+    from .controller import error_leaves
+
+    try:
+        rv = cli.main(args=argv, prog_name="swarmnet", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return EXIT_ERROR
+    except BaseException as exc:
+        leaves = error_leaves(exc)
+        known = _known_errors()
+        if all(isinstance(e, known) for e in leaves):
+            for e in leaves:
+                click.echo(f"swarmnet: error: {e}", err=True)
+            codes = [getattr(e, "exit_code", EXIT_ERROR) for e in leaves]
+            return max(codes)
+        if all(isinstance(e, (KeyboardInterrupt, trio_cancelled())) for e in leaves):
+            return 130
+        raise
+    return rv if isinstance(rv, int) else 0
+
+
+def trio_cancelled() -> type[BaseException]:
+    import trio
+
+    return trio.Cancelled
+
+
+if __name__ == "__main__":
+    sys.exit(main())

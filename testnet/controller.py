@@ -1,0 +1,593 @@
+"""The testnet controller: boots a planned network, keeps its record, acts on
+its nodes and tears it all down.
+
+``async with open_testnet(Options(nodes=6, min_swarm=3)) as net:`` yields a
+live :class:`Testnet` once every node answers ``info`` with a swarm and the
+registry's height.  Leaving the block stops every process of the run
+(SIGTERM, SIGKILL after a grace period).  Every controller serves a small
+control API on the run's own loopback address (``controller`` in
+``run.json``).  ``swarmnet up`` (and its detached supervisor, ``python -m
+testnet.cli supervise``) keeps one up until a signal or a ``down`` request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import trio
+
+from . import links as L
+from . import plan as P
+from . import procs, rundir
+from .crypto import Identity, open_message, retrieve_signature_message, seal_message
+from .protocol import RequestError, Status
+from .registry import deregister_args
+from .rpc import ConnectionPool, RpcError, call_once
+
+Progress = Callable[[str], None]
+CALL_TIMEOUT_S = 2.0
+
+
+class ControllerError(Exception):
+    """A request to the controller cannot be done (unknown node, wrong state, ...)."""
+
+
+def error_leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (possibly nested) exception groups, as trio nurseries raise them."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in error_leaves(sub)]
+    return [exc]
+
+
+@dataclass(frozen=True)
+class Options:
+    """What ``swarmnet up`` asks for; everything else is planned."""
+
+    nodes: int = P.DEFAULT_NODES
+    users: int = P.DEFAULT_USERS
+    min_swarm: int = P.DEFAULT_MIN_SWARM
+    links: str = "toxiproxy"
+    seed: int | None = None
+    run_dir: Path | None = None
+    runs_dir: Path = rundir.DEFAULT_RUNS_DIR
+    run_id: str | None = None
+    inject_bugs: tuple[str, ...] = ()
+    ready_timeout_s: float = 60.0
+    check: bool = True  # store one message and retrieve it once ready
+    zygote: bool = True  # fork nodes from a warm process (see procs.Zygote)
+    capture: bool = True  # nodes record their traffic for the unlinkability checker
+    toxiproxy_binary: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "run_dir": None if self.run_dir is None else str(self.run_dir),
+                "runs_dir": str(self.runs_dir), "inject_bugs": list(self.inject_bugs)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Options:
+        return cls(**{**d, "run_dir": None if d.get("run_dir") is None else Path(d["run_dir"]),
+                      "runs_dir": Path(d["runs_dir"]), "inject_bugs": tuple(d["inject_bugs"])})
+
+
+@dataclass
+class NodeRuntime:
+    """What the controller knows of one node beyond its plan."""
+
+    plan: P.NodePlan
+    state: str = "starting"
+    child: procs.Child | None = None
+    port: int = 0  # its main port, kept across restarts
+    ingress: dict[str, int] = field(default_factory=dict)  # user -> local port of the node
+    swarm_id: int | None = None
+    exit_code: int | None = None
+    links_stale: bool = False  # the dial table changed while it was paused: push it on resume
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.plan.host, self.port)
+
+
+class Testnet:
+    """A live network.  Made by :func:`open_testnet`; every method is safe to call from its trio run."""
+
+    def __init__(self, plan: P.NetworkPlan, nursery: trio.Nursery, *, progress: Progress | None = None,
+                 zygote: bool = True, toxiproxy_binary: Path | None = None) -> None:
+        self.plan = plan
+        self.run_dir = plan.run_dir
+        self._nursery = nursery
+        self._progress = progress or (lambda msg: None)
+        self.nodes: dict[str, NodeRuntime] = {n.name: NodeRuntime(n) for n in plan.nodes}
+        self.removed: list[dict[str, Any]] = []
+        self.registry: procs.Child | None = None
+        self.registry_address: tuple[str, int] = (plan.registry_host, 0)
+        self.toxiproxy: procs.Child | None = None
+        self.api: L.ToxiproxyApi | None = None
+        self.state = "starting"
+        self.started_ms = int(time.time() * 1000)
+        self.stop_requested = trio.Event()
+        self.check_result: dict[str, Any] | None = None
+        self._use_zygote = zygote
+        self.zygote: procs.Zygote | None = None
+        self._lock = trio.Lock()  # one node operation at a time
+        self.create_time = procs.process_create_time(os.getpid())
+        self.toxiproxy_binary = toxiproxy_binary
+        self._pool = ConnectionPool(nursery, self._resolve, connect_timeout=CALL_TIMEOUT_S)
+
+    # ------------------------------------------------------------------ lookups
+
+    def _resolve(self, name: Any) -> tuple[str, int, str | None]:
+        if name == "registry":
+            return (*self.registry_address, None)
+        return (*self.nodes[name].address, None)
+
+    def node(self, name: str) -> NodeRuntime:
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise ControllerError(f"no node {name!r} in this run (nodes: {', '.join(self.nodes)})") from None
+
+    def user_identity(self, name: str) -> Identity:
+        return self.plan.user(name).identity
+
+    def user_host(self, name: str) -> str:
+        """The user's own IP: bind it as the source address of its connections."""
+        return self.plan.user(name).host
+
+    def user_links(self, name: str) -> dict[str, tuple[str, int]]:
+        """Where user ``name`` dials each node (by ed25519 hex): its proxies, or the nodes themselves."""
+        table = {rt.plan.ed25519_public: rt.address for rt in self.nodes.values()}
+        table.update(self.plan.dial_table(name))
+        return table
+
+    def proxy_name(self, src: str, dst: str) -> str:
+        """The Toxiproxy proxy of the directed link ``src`` -> ``dst`` (for :mod:`testnet.links` faults)."""
+        return self.plan.link(src, dst).name
+
+    async def call(self, name: str, op: str, args: dict[str, Any] | None = None, *,
+                   timeout: float = CALL_TIMEOUT_S) -> Any:
+        """Call ``op`` on node ``name`` (or ``"registry"``) over the controller's own direct connection."""
+        resp = await self._pool.call(name, op, args or {}, timeout=timeout)
+        if resp.status != Status.OK:
+            raise RequestError(resp.status, f"{name} answered {op} with {resp.status}: {resp.body!r:.200}")
+        return resp.body
+
+    async def admin(self, name: str, op: str, **args: Any) -> Any:
+        """An admin op (``admin_clock``, ...) on node ``name``, with the run's admin token."""
+        return await self.call(name, op, {"token": self.plan.admin_token, **args})
+
+    # ------------------------------------------------------------------ the record
+
+    def record(self) -> dict[str, Any]:
+        """run.json as it stands (schema in RUNDIR.md)."""
+        return rundir.build_record(self)
+
+    def save(self) -> None:
+        rundir.write_json_atomic(self.run_dir / rundir.RUN_JSON, self.record())
+
+    def upstream(self, link: P.LinkPlan) -> tuple[str, int] | None:
+        """Where the proxy of ``link`` leads: the node, or its ingress listener for that user."""
+        dst = self.nodes.get(link.dst)
+        if dst is None or not dst.port:
+            return None
+        if link.from_user:
+            port = dst.ingress.get(link.src)
+            return (dst.plan.host, port) if port else None
+        return dst.address
+
+    # ------------------------------------------------------------------ boot
+
+    def _write_files(self) -> None:
+        rundir.write_secret(self.run_dir / rundir.ADMIN_TOKEN_FILE, self.plan.admin_token + "\n")
+        rundir.write_secret(self.run_dir / rundir.CONTROL_TOKEN_FILE, self.plan.control_token + "\n")
+        for u in self.plan.users:
+            rundir.write_secret(u.seed_file, u.seed.hex() + "\n")
+        for rt in self.nodes.values():
+            rundir.write_secret(rt.plan.seed_file, rt.plan.seed.hex() + "\n")
+        (self.run_dir / "registry").mkdir(exist_ok=True)
+
+    async def _boot(self, ready_timeout_s: float) -> None:
+        self._write_files()
+        self.save()
+        with trio.fail_after(ready_timeout_s + 30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._start_registry)
+                if self.plan.links_mode == "toxiproxy":
+                    nursery.start_soon(self._start_toxiproxy)
+                if self._use_zygote:
+                    nursery.start_soon(self._start_zygote)
+            self._progress(f"registry at {self.registry_address[0]}:{self.registry_address[1]}"
+                           + (f", Toxiproxy at {self.api.url}" if self.api else ", links direct (no link faults)"))
+            names = list(self.nodes)
+            await self._start_nodes(names, ready_timeout_s)
+            self._progress(f"{len(names)} nodes listening")
+            if self.api is not None:
+                await self._open_ingress(names)
+                await self._populate(self.plan.links)
+                self._progress(f"{len(self.plan.links)} proxies created")
+            self.save()
+            await self.wait_ready(ready_timeout_s)
+        self.state = "ready"
+        self.save()
+
+    async def _start_registry(self) -> None:
+        d = self.run_dir / "registry"
+        argv = procs.python_argv("testnet.registry", "--host", self.plan.registry_host, "--port", "0",
+                                 "--min-swarm", str(self.plan.min_swarm), "--seed", str(self.plan.seed),
+                                 "--state", str(d / "state.json"), "--log", str(d / "registry.log"),
+                                 "--parent-pid", str(os.getpid()))
+        child, rfd = procs.spawn("registry", argv, stderr=d / "stderr.log", logs=(d / "registry.log",))
+        self.registry = child
+        self._nursery.start_soon(child.watch)
+        ready = await procs.read_ready_line(child, rfd, 20.0)
+        self.registry_address = tuple(ready["addresses"][0])  # type: ignore[assignment]
+        await self.call("registry", "info", timeout=5.0)
+
+    async def _start_toxiproxy(self) -> None:
+        host, port = self.plan.toxiproxy  # type: ignore[misc]
+        child, api = L.spawn_toxiproxy(host, port, log=self.run_dir / "toxiproxy.log", seed=self.plan.seed,
+                                       binary=self.toxiproxy_binary)
+        self.toxiproxy, self.api = child, api
+        self._nursery.start_soon(child.watch)
+        await L.wait_toxiproxy(child, api)
+
+    async def _start_zygote(self) -> None:
+        self.zygote = procs.Zygote.launch("nodes.__main__:main", stderr=self.run_dir / "zygote.log",
+                                           preload=("nodes.server", "nodes.onion"))
+        await self.zygote.wait_ready(self._nursery)
+
+    async def _spawn_node(self, rt: NodeRuntime) -> tuple[procs.Child, int]:
+        n = rt.plan
+        cfg = P.node_config(self.plan, n, registry=self.registry_address, parent_pid=os.getpid(), port=rt.port)
+        n.dir.mkdir(parents=True, exist_ok=True)
+        rundir.write_secret(n.config_file, json.dumps(cfg, indent=1))
+        args = ["--config", str(n.config_file)]
+        if self.zygote is not None:
+            return await self.zygote.spawn(n.name, args, stderr=n.stderr, logs=(n.log,))
+        return procs.spawn(n.name, procs.python_argv("nodes", *args), stderr=n.stderr, logs=(n.log,))
+
+    async def _start_nodes(self, names: list[str], timeout_s: float) -> None:
+        """Spawn the nodes and read their readiness lines, all at once."""
+        async def start(rt: NodeRuntime) -> None:
+            rt.state, rt.exit_code = "starting", None
+            child, rfd = await self._spawn_node(rt)
+            rt.child = child
+            self._nursery.start_soon(self._watch_node, rt, child)
+            line = await procs.read_ready_line(child, rfd, timeout_s)
+            rt.port = int(line["addresses"][0][1])
+            rt.state = "running"
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(start, self.nodes[name])
+
+    async def _watch_node(self, rt: NodeRuntime, child: procs.Child) -> None:
+        await child.watch()
+        if rt.child is child:
+            rt.exit_code = child.returncode
+            if rt.state in ("starting", "running", "paused"):
+                rt.state = "exited"  # nobody asked it to stop
+            if self.state in ("ready", "starting"):
+                self.save()
+
+    async def _open_ingress(self, names: list[str]) -> None:
+        """A listener per user on each node of ``names`` (the upstream of that user's proxy), so the
+        node can tell users apart at the transport layer; same ports again after a restart."""
+        users = [u.name for u in self.plan.users]
+
+        async def ingress(rt: NodeRuntime) -> None:
+            want = [[rt.plan.host, rt.ingress.get(u, 0)] for u in users]
+            got = await self.admin(rt.plan.name, "admin_listen", addresses=want)
+            rt.ingress = {u: int(a[1]) for u, a in zip(users, got["addresses"])}
+
+        if users:
+            async with trio.open_nursery() as nursery:
+                for name in names:
+                    nursery.start_soon(ingress, self.nodes[name])
+
+    async def _populate(self, wanted: tuple[P.LinkPlan, ...] | list[P.LinkPlan]) -> None:
+        """Create the proxies of ``wanted`` links whose destination has run (has an upstream)."""
+        assert self.api is not None
+        items = [(link, self.upstream(link)) for link in wanted]
+        items = [(link, up) for link, up in items if up is not None]
+        L.check_bindable([link.listen for link, _ in items])
+        await self.api.populate([{"name": link.name, "listen": f"{link.listen[0]}:{link.listen[1]}",
+                                  "upstream": f"{up[0]}:{up[1]}"} for link, up in items])
+
+    async def wait_ready(self, timeout_s: float = 30.0, names: list[str] | None = None) -> None:
+        """Until every running node (or ``names``) answers ``info`` with a swarm and the registry's height.
+
+        Raises :class:`procs.NotReady` naming the first node that is not, with its log tail.
+        """
+        names = names or [n for n, rt in self.nodes.items() if rt.state == "running"]
+        why: dict[str, str] = {}
+        with trio.move_on_after(timeout_s):
+            while True:
+                for name in names:
+                    child = self.nodes[name].child
+                    if child is not None and not child.running:  # no point waiting for it
+                        raise child.failure("exited before the network was ready", procs.NotReady)
+                reg = await self.call("registry", "info")
+                infos: dict[str, Any] = {}
+
+                async def ask(name: str) -> None:
+                    try:
+                        infos[name] = await self.call(name, "info", timeout=1.0)
+                    except (RpcError, RequestError) as exc:
+                        why[name] = f"does not answer info ({exc})"
+
+                async with trio.open_nursery() as nursery:
+                    for name in names:
+                        nursery.start_soon(ask, name)
+                why = {k: v for k, v in why.items() if k not in infos}
+                for name, info in infos.items():
+                    rt = self.nodes[name]
+                    rt.swarm_id = info.get("swarm_id")
+                    if rt.swarm_id is None:
+                        why[name] = "has no swarm yet"
+                    elif info.get("height") != reg["height"]:
+                        why[name] = f"has seen registry height {info.get('height')}, registry is at {reg['height']}"
+                if not why and reg["nodes"] >= len(names):
+                    return
+                await trio.sleep(0.05)
+        name, reason = next(iter(why.items())) if why else ("registry", "has not seen every node register")
+        child = self.nodes[name].child if name in self.nodes else self.registry
+        tail = child.tail() if child else ""
+        raise procs.NotReady(name, f"not ready after {timeout_s:.3g} s: {reason}", None, tail)
+
+    # ------------------------------------------------------------------ checks
+
+    async def check_store_retrieve(self, timeout_s: float = 10.0) -> dict[str, Any]:
+        """Store one sealed message (first user to second) directly at a member of the recipient's
+        swarm, through the users' own links; retrieve it (signed) from another member and open it."""
+        users = list(self.plan.users[:2]) or [P.make_user(self.run_dir, self.plan.seed, self.plan.block, 99)]
+        sender, recipient = users[0], users[-1]
+        rid, text = recipient.identity, f"swarmnet check {self.plan.run_id}".encode()
+        any_node = next(n for n, rt in self.nodes.items() if rt.state == "running")
+        members = [self._node_by_key(m["ed25519_public"]) for m in
+                   (await self.call(any_node, "get_swarm", {"pubkey": rid.session_id}))["nodes"]]
+
+        async def user_call(user: P.UserPlan, node: NodeRuntime, op: str, args: dict[str, Any]) -> Any:
+            host, port = self.plan.dial_table(user.name).get(node.plan.ed25519_public, node.address)
+            resp = await call_once(host, port, op, args, timeout=CALL_TIMEOUT_S, local_host=user.host)
+            if not resp.ok:
+                raise ControllerError(f"check: {op} at {node.plan.name} answered {resp.status}: {resp.body!r:.200}")
+            return resp.body
+
+        stored = await user_call(sender, members[0], "store", {
+            "pubkey": rid.session_id, "namespace": 0, "data": seal_message(sender.identity, rid.session_id, text),
+            "ttl": 3_600_000, "timestamp": int(time.time() * 1000)})
+        with trio.move_on_after(timeout_s):
+            while True:
+                ts = int(time.time() * 1000)
+                got = await user_call(recipient, members[-1], "retrieve", {
+                    "pubkey": rid.session_id, "namespace": 0, "timestamp": ts, "pubkey_ed25519":
+                    rid.ed25519_public.hex(), "signature": rid.sign(retrieve_signature_message(0, ts))})
+                found = [m["data"] for m in got["messages"] if m["hash"] == stored["hash"]]
+                if found:
+                    if open_message(rid, found[0]) != (text, sender.identity.session_id):
+                        raise ControllerError("check: the retrieved message does not open to what was stored")
+                    self.check_result = {"hash": stored["hash"], "stored_at": members[0].plan.name,
+                                         "retrieved_from": members[-1].plan.name, "ok": True}
+                    self.save()
+                    return self.check_result
+                await trio.sleep(0.1)
+        raise ControllerError(f"check: message {stored['hash']} stored at {members[0].plan.name} was not "
+                              f"retrievable from {members[-1].plan.name} within {timeout_s:.3g} s")
+
+    def _node_by_key(self, ed_hex: str) -> NodeRuntime:
+        for rt in self.nodes.values():
+            if rt.plan.ed25519_public == ed_hex:
+                return rt
+        raise ControllerError(f"no node with key {ed_hex[:12]}…")
+
+    # ------------------------------------------------------------------ node operations
+
+    async def node_kill(self, name: str) -> None:
+        """SIGKILL the node, running or paused (it stays dead until :meth:`node_restart`)."""
+        async with self._lock:
+            rt = self._running(name, "paused")
+            rt.state = "killed"
+            rt.child.kill()
+            await rt.child.wait_exit(5.0)
+            self.save()
+
+    async def node_pause(self, name: str) -> None:
+        """SIGSTOP the node: its sockets stay open but nothing answers."""
+        async with self._lock:
+            rt = self._running(name)
+            rt.child.pause()
+            rt.state = "paused"
+            self.save()
+
+    async def node_resume(self, name: str) -> None:
+        """SIGCONT a paused node."""
+        async with self._lock:
+            rt = self.node(name)
+            if rt.state != "paused" or rt.child is None:
+                raise ControllerError(f"{name} is {rt.state}, not paused")
+            rt.child.resume()
+            rt.state = "running"
+            if rt.links_stale:
+                await self._push_links(only=name)
+            self.save()
+
+    async def node_restart(self, name: str, timeout_s: float = 30.0) -> None:
+        """Stop the node if it runs, then start it with the same key, database and ports."""
+        async with self._lock:
+            rt = self.node(name)
+            if rt.child is not None and rt.child.running:
+                rt.state = "stopped"
+                await procs.stop_children([rt.child])
+            await self._start_nodes([name], timeout_s)
+            if self.api is not None:
+                await self._open_ingress([name])  # the proxies' upstreams, at the same ports again
+            self.save()
+            await self.wait_ready(timeout_s, [name])
+            self.save()
+
+    async def node_add(self, name: str | None = None, timeout_s: float = 30.0) -> str:
+        """A new node (next free name unless given): new key, its links, everyone told. Returns its name."""
+        async with self._lock:
+            self.plan, node = P.with_node_added(self.plan, name)
+            rundir.write_secret(node.seed_file, node.seed.hex() + "\n")
+            self.nodes[node.name] = rt = NodeRuntime(node)
+            self.nodes = dict(sorted(self.nodes.items(), key=lambda kv: kv[1].plan.index))
+            await self._start_nodes([node.name], timeout_s)
+            if self.api is not None:
+                await self._open_ingress([node.name])
+                await self._populate([link for link in self.plan.links if node.name in (link.src, link.dst)])
+                await self._push_links(exclude=node.name)
+            self.save()
+            await self.wait_ready(timeout_s)
+            self.save()
+            self._progress(f"{node.name} added at {rt.address[0]}:{rt.address[1]}")
+            return node.name
+
+    async def node_remove(self, name: str) -> None:
+        """Deregister the node (signed with its own key), stop it and drop its links."""
+        async with self._lock:
+            rt = self.node(name)
+            identity = Identity.from_seed(bytes.fromhex(rundir.read_secret(rt.plan.seed_file)))
+            await self.call("registry", "deregister", deregister_args(identity, int(time.time() * 1000)))
+            if rt.child is not None:
+                if rt.state == "paused":
+                    rt.child.resume()
+                await procs.stop_children([rt.child])
+            await self._pool.drop(name)
+            gone = [link.name for link in self.plan.links if name in (link.src, link.dst)]
+            self.plan = P.with_node_removed(self.plan, name)
+            rec = next(n for n in self.record()["nodes"] if n["name"] == name)
+            self.removed.append({**rec, "state": "removed"})
+            del self.nodes[name]
+            if self.api is not None:
+                async with trio.open_nursery() as nursery:
+                    for proxy in gone:
+                        nursery.start_soon(self.api.delete_proxy, proxy)
+                await self._push_links()
+            self.save()
+
+    async def _push_links(self, exclude: str | None = None, only: str | None = None) -> None:
+        """Send running nodes their current dial table (admin_set_links); a paused node gets
+        it when resumed, a dead one from its config when restarted."""
+        async def push(rt: NodeRuntime) -> None:
+            table = {k: list(v) for k, v in self.plan.dial_table(rt.plan.name).items()}
+            await self.admin(rt.plan.name, "admin_set_links", links=table)
+            rt.links_stale = False
+
+        async with trio.open_nursery() as nursery:
+            for rt in self.nodes.values():
+                if rt.plan.name == exclude or only not in (None, rt.plan.name):
+                    continue
+                if rt.state == "running":
+                    nursery.start_soon(push, rt)
+                elif rt.state == "paused":
+                    rt.links_stale = True
+
+    def _running(self, name: str, *also: str) -> NodeRuntime:
+        rt = self.node(name)
+        if rt.state not in ("running", "starting", *also) or rt.child is None or not rt.child.running:
+            raise ControllerError(f"{name} is {rt.state}, not running")
+        return rt
+
+    async def control(self, action: str, args: dict[str, Any]) -> Any:
+        """One control API request (see :func:`rundir.serve_control`): ``ping``, ``status``, ``down``,
+        or ``node`` with ``what`` = add|remove|kill|pause|resume|restart and ``name``."""
+        if action == "ping":
+            return {"run_id": self.plan.run_id, "state": self.state}
+        if action == "status":
+            return await self.status()
+        if action == "down":
+            self.stop_requested.set()
+            return {}
+        if action == "node":
+            return await self.node_action(str(args.get("what")), args.get("name"))
+        raise ControllerError(f"unknown control action {action!r}")
+
+    async def node_action(self, action: str, name: str | None) -> Any:
+        """Dispatch ``add|remove|kill|pause|resume|restart`` (the CLI's ``node`` commands)."""
+        if action == "add":
+            return {"name": await self.node_add(name)}
+        if name is None:
+            raise ControllerError(f"node {action} needs a node name")
+        method = {"remove": self.node_remove, "kill": self.node_kill, "pause": self.node_pause,
+                  "resume": self.node_resume, "restart": self.node_restart}.get(action)
+        if method is None:
+            raise ControllerError(f"unknown node action {action!r}")
+        await method(name)
+        return {"name": name, "state": self.nodes[name].state if name in self.nodes else "removed"}
+
+    # ------------------------------------------------------------------ status and teardown
+
+    async def status(self) -> dict[str, Any]:
+        """Live status of every process of the run (see :func:`rundir.gather_status`)."""
+        return await rundir.gather_status(self.record())
+
+    def children(self) -> list[procs.Child]:
+        kids = [rt.child for rt in self.nodes.values() if rt.child is not None]
+        return kids + [c for c in (self.registry, self.toxiproxy) if c is not None]
+
+    async def teardown(self) -> float:
+        """Stop every process of the run; returns how long it took (s)."""
+        start = time.monotonic()
+        for rt in self.nodes.values():
+            if rt.state in ("starting", "running", "paused"):
+                rt.state = "stopped"
+        failed, self.state = self.state == "failed", "stopping"
+        await procs.stop_children(self.children())
+        if self.zygote is not None:
+            await self.zygote.stop()
+        self.state = "failed" if failed else "stopped"
+        elapsed = time.monotonic() - start
+        try:
+            self.save()
+        except OSError:
+            pass
+        return elapsed
+
+
+# ---------------------------------------------------------------------------- open_testnet
+
+
+@asynccontextmanager
+async def open_testnet(options: Options | None = None, *, progress: Progress | None = None,
+                       **kwargs: Any) -> AsyncIterator[Testnet]:
+    """Boot a network (``Options`` or its fields as keywords) and yield it once ready;
+    stop every process of it when the block ends, however it ends."""
+    opts = options or Options(**kwargs)
+    P.check_options(nodes=opts.nodes, users=opts.users, min_swarm=opts.min_swarm, links=opts.links)
+    run_id = opts.run_id or rundir.new_run_id()
+    seed = opts.seed if opts.seed is not None else secrets.randbits(63)
+    binary = L.find_toxiproxy(opts.toxiproxy_binary) if opts.links == "toxiproxy" else None  # fail early
+    run_dir = (Path(opts.run_dir).absolute() if opts.run_id and opts.run_dir
+               else rundir.create_run_dir(run_id, opts.run_dir, opts.runs_dir))
+    block, claim = rundir.claim_block(run_id)  # options are checked: planning cannot fail now
+    plan = P.plan_network(nodes=opts.nodes, users=opts.users, min_swarm=opts.min_swarm, seed=seed,
+                          links=opts.links, run_dir=run_dir, run_id=run_id, block=block, inject_bugs=opts.inject_bugs,
+                          capture=opts.capture)
+    (progress or (lambda m: None))(f"run {run_id} in {run_dir}")
+    async with trio.open_nursery() as nursery:
+        net = Testnet(plan, nursery, progress=progress, zygote=opts.zygote, toxiproxy_binary=binary)
+        nursery.start_soon(rundir.serve_control, claim, plan.control_token, net.control,
+                           (ControllerError, P.PlanError, procs.ProcError, L.LinkError, RpcError, RequestError))
+        try:
+            try:
+                await net._boot(opts.ready_timeout_s)
+                if opts.check:
+                    await net.check_store_retrieve()
+                    progress and progress("check passed: every node answers info, swarms formed, "
+                                          "one message stored and retrieved")
+            except BaseException:
+                net.state = "failed"
+                raise
+            yield net
+        finally:
+            with trio.CancelScope(shield=True):
+                await net.teardown()
+            nursery.cancel_scope.cancel()

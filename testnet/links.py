@@ -1,0 +1,258 @@
+"""Links through Toxiproxy: the server's lifecycle, the proxy table, and
+per-link fault primitives that always heal.
+
+We talk to Toxiproxy with toxiproxy-python's ``APIConsumer`` (its ``requests``
+plumbing and its typed errors), not with its ``Toxiproxy``/``Proxy`` objects,
+because those (a) keep the server address class-wide, (b) take no timeout,
+and (c) populate client-side with a full ``GET /proxies`` per proxy, which is
+quadratic at the 960 proxies of a 30-node network.  So: every call holds one
+process-wide lock while it points ``APIConsumer`` at its own server, passes
+an explicit timeout, and runs in a worker thread (the library blocks); bulk
+creation uses the server's own ``/populate``.
+
+Every fault is an async context manager whose exit heals, shielded from
+cancellation and bounded by a deadline (Jepsen: a nemesis always heals).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import socket
+import threading
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterable
+
+import requests
+import trio
+from toxiproxy import exceptions as tpx
+from toxiproxy.api import APIConsumer
+
+from .procs import Child, ChildFailed, spawn, stop_children
+
+Address = tuple[str, int]
+DEFAULT_TIMEOUT_S = 5.0
+POPULATE_BATCH = 1000  # proxies per /populate request
+HEAL_TIMEOUT_S = 5.0
+TOXIC_TYPES = ("latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data")
+PROJECT_BIN = Path(__file__).resolve().parent.parent / "bin" / "toxiproxy-server"
+
+_api_lock = threading.Lock()  # APIConsumer's server address is class-wide
+_toxic_ids = itertools.count(1)
+
+
+class LinkError(Exception):
+    """Toxiproxy refused or failed a request, or could not be reached."""
+
+
+class ToxiproxyMissing(LinkError):
+    """No Toxiproxy server binary on this machine."""
+
+
+def find_toxiproxy(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The Toxiproxy server binary: ``explicit``, ``$SWARMNET_TOXIPROXY``, ``bin/`` of the project, or PATH."""
+    candidates = [explicit, os.environ.get("SWARMNET_TOXIPROXY"), PROJECT_BIN,
+                  shutil.which("toxiproxy-server")]
+    for c in candidates:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return Path(c)
+    raise ToxiproxyMissing(
+        f"Toxiproxy server not found (looked in {PROJECT_BIN} and PATH). "
+        "Install it with `make toxiproxy` (needs Go), or run with `--links direct` "
+        "(no link faults, process faults only).")
+
+
+class ToxiproxyApi:
+    """One Toxiproxy server's HTTP API.  ``*_sync`` methods block: call them
+    from worker threads; the async methods do that for you, with a deadline."""
+
+    def __init__(self, host: str, port: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.host, self.port, self.timeout_s = host, port, timeout_s
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def call_sync(self, method: str, path: str, json: Any = None) -> Any:
+        kwargs: dict[str, Any] = {"timeout": self.timeout_s}
+        if json is not None:
+            kwargs["json"] = json
+        with _api_lock:
+            APIConsumer.host, APIConsumer.port = self.host, self.port
+            try:
+                resp = getattr(APIConsumer, method)(path, **kwargs)
+            except (tpx.ProxyExists, tpx.NotFound, tpx.InvalidToxic) as exc:
+                raise LinkError(f"toxiproxy {method.upper()} {path}: {type(exc).__name__}: "
+                                f"{_text(exc.args[0] if exc.args else '')}") from None
+            except requests.RequestException as exc:
+                raise LinkError(f"toxiproxy at {self.host}:{self.port} unreachable: {type(exc).__name__}") from None
+        if resp.status_code >= 400:
+            raise LinkError(f"toxiproxy {method.upper()} {path}: status {resp.status_code}: {_text(resp.content)}")
+        return resp.json() if resp.content else None
+
+    async def call(self, method: str, path: str, json: Any = None) -> Any:
+        with trio.fail_after(self.timeout_s + 1.0):
+            return await trio.to_thread.run_sync(self.call_sync, method, path, json, abandon_on_cancel=True)
+
+    async def version(self) -> str:
+        return (await self.call("get", "/version"))["version"]
+
+    async def proxies(self) -> dict[str, dict[str, Any]]:
+        return await self.call("get", "/proxies")
+
+    async def populate(self, proxies: list[dict[str, Any]]) -> None:
+        """Create (or update) many proxies, each ``{"name", "listen", "upstream"}``, in big batches."""
+        for i in range(0, len(proxies), POPULATE_BATCH):
+            await self.call("post", "/populate", proxies[i:i + POPULATE_BATCH])
+
+    async def delete_proxy(self, name: str) -> None:
+        await self.call("delete", f"/proxies/{name}")
+
+    async def set_enabled(self, proxy: str, enabled: bool) -> None:
+        await self.call("post", f"/proxies/{proxy}", {"enabled": enabled})
+
+    async def add_toxic(self, proxy: str, type: str, attributes: dict[str, Any], *, stream: str = "downstream",
+                        toxicity: float = 1.0, name: str | None = None) -> str:
+        """Add one toxic to ``proxy``; returns its name."""
+        if type not in TOXIC_TYPES:
+            raise LinkError(f"unknown toxic type {type!r}; known: {', '.join(TOXIC_TYPES)}")
+        name = name or f"{type}_{stream}_{next(_toxic_ids)}"
+        await self.call("post", f"/proxies/{proxy}/toxics",
+                        {"name": name, "type": type, "stream": stream, "toxicity": toxicity,
+                         "attributes": attributes})
+        return name
+
+    async def remove_toxic(self, proxy: str, name: str) -> None:
+        await self.call("delete", f"/proxies/{proxy}/toxics/{name}")
+
+    async def reset(self) -> None:
+        """Enable every proxy and remove every toxic."""
+        await self.call("post", "/reset")
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, bytes):
+        content = content.decode("utf-8", "replace")
+    return str(content).strip()[:300]
+
+
+# --------------------------------------------------------------------------- server lifecycle
+
+
+def check_bindable(addresses: Iterable[Address]) -> None:
+    """Raise :class:`LinkError` naming the first address we cannot bind (someone holds it)."""
+    for host, port in addresses:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+        except OSError as exc:
+            raise LinkError(f"cannot listen at {host}:{port}: {exc.strerror}") from None
+        finally:
+            s.close()
+
+
+def spawn_toxiproxy(host: str, port: int, *, log: Path, seed: int | None = None,
+                    binary: Path | None = None) -> tuple[Child, ToxiproxyApi]:
+    """Start a Toxiproxy server at ``host:port`` (then :func:`wait_toxiproxy`).
+
+    The caller owns the returned child: it must run ``child.watch()`` and stop it.
+    """
+    binary = binary or find_toxiproxy()
+    check_bindable([(host, port)])
+    argv = [str(binary), "-host", host, "-port", str(port)]
+    if seed is not None:
+        argv += ["-seed", str(seed % (1 << 63))]
+    # Toxiproxy announces nothing on stdout; its API answering is the readiness.
+    child, _ = spawn("toxiproxy", argv, stderr=log, env={**os.environ, "LOG_LEVEL": "info"}, ready_pipe=False)
+    child.ready = {"event": "listening", "addresses": [[host, port]], "pid": child.pid}
+    return child, ToxiproxyApi(host, port)
+
+
+@asynccontextmanager
+async def open_toxiproxy(host: str, port: int, *, log: Path, seed: int | None = None,
+                         timeout_s: float = 10.0) -> AsyncIterator[ToxiproxyApi]:
+    """A Toxiproxy server for the duration of the block, stopped (SIGTERM, then SIGKILL) on exit."""
+    child, api = spawn_toxiproxy(host, port, log=log, seed=seed)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(child.watch)
+            try:
+                await wait_toxiproxy(child, api, timeout_s)
+                yield api
+            finally:
+                with trio.CancelScope(shield=True):
+                    await stop_children([child])
+    finally:
+        child.kill()
+
+
+async def wait_toxiproxy(child: Child, api: ToxiproxyApi, timeout_s: float = 10.0) -> str:
+    """Poll the API until it answers (its version) or raise naming the failure."""
+    last: Exception | None = None
+    with trio.move_on_after(timeout_s):
+        while child.running:
+            try:
+                with trio.fail_after(1.0):
+                    return await api.version()
+            except (LinkError, trio.TooSlowError) as exc:
+                last = exc
+            await trio.sleep(0.02)
+    reason = "exited before its API answered" if not child.running else \
+        f"API did not answer within {timeout_s:.3g} s ({last})"
+    raise child.failure(reason, ChildFailed)
+
+
+# --------------------------------------------------------------------------- fault primitives
+
+
+async def _heal(action: Any, *args: Any) -> None:
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(HEAL_TIMEOUT_S):
+            try:
+                await action(*args)
+            except LinkError:
+                pass  # the proxy or toxic is already gone: nothing left to heal
+
+
+@asynccontextmanager
+async def toxic(api: ToxiproxyApi, proxy: str, type: str, attributes: dict[str, Any], *,
+                stream: str = "downstream", toxicity: float = 1.0) -> AsyncIterator[str]:
+    """One toxic on one proxy for the duration of the block; yields its name."""
+    name = await api.add_toxic(proxy, type, attributes, stream=stream, toxicity=toxicity)
+    try:
+        yield name
+    finally:
+        await _heal(api.remove_toxic, proxy, name)
+
+
+@asynccontextmanager
+async def latency(api: ToxiproxyApi, proxy: str, latency_ms: int, jitter_ms: int = 0,
+                  stream: str = "downstream") -> AsyncIterator[str]:
+    """Delay data on ``proxy`` by ``latency_ms`` (± ``jitter_ms``) in ``stream`` direction."""
+    async with toxic(api, proxy, "latency", {"latency": latency_ms, "jitter": jitter_ms}, stream=stream) as name:
+        yield name
+
+
+@asynccontextmanager
+async def links_down(api: ToxiproxyApi, proxies: Iterable[str]) -> AsyncIterator[list[str]]:
+    """Disable every proxy given (live connections close, new ones are refused); re-enable on exit."""
+    names = list(proxies)
+    done: list[str] = []
+    try:
+        for name in names:
+            await api.set_enabled(name, False)
+            done.append(name)
+        yield names
+    finally:
+        for name in done:
+            await _heal(api.set_enabled, name, True)
+
+
+@asynccontextmanager
+async def link_down(api: ToxiproxyApi, proxy: str) -> AsyncIterator[str]:
+    """One cut link (see :func:`links_down`)."""
+    async with links_down(api, [proxy]):
+        yield proxy

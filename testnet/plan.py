@@ -1,0 +1,322 @@
+"""The testnet planner: options in, frozen records out — no processes,
+sockets, clocks or randomness inside (after honcho's ``expand_processes``).
+
+A run owns one /21 of 127.0.0.0/8, ``127.a.b.0/21`` with ``b`` a multiple
+of 8, laid out so an address alone says what it is:
+
+=====================  ===============================================
+``127.a.b.1``          the controller's control API (its claim on the block)
+``127.a.b.2``          the registry
+``127.a.b.3``          the Toxiproxy API
+``127.a.(b+1).i``      node ``i`` (``n01`` is ``.1``)
+``127.a.(b+2).j``      user ``j`` (``alice`` is ``.1``)
+``127.a.(b+3).i:P+k``  proxy of the link node ``i`` -> node ``k``
+``127.a.(b+4).j:P+k``  proxy of the link user ``j`` -> node ``k``
+=====================  ===============================================
+
+(``P`` = :data:`PROXY_PORT_BASE`, below Linux's ephemeral port range.)
+Which block a run gets is derived from its run id (:func:`candidate_blocks`);
+the controller takes the first one it can bind.  Every key seed is derived
+from the run seed, so replaying a run reproduces its identities.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator, Literal
+
+from .crypto import Identity
+
+LinksMode = Literal["toxiproxy", "direct"]
+LINKS_MODES: tuple[str, ...] = ("toxiproxy", "direct")
+Address = tuple[str, int]
+Block = tuple[int, int]
+
+USER_NAMES = ("alice", "bob", "carol", "dave")
+MAX_NODES = 254  # one host octet each
+MAX_USERS = 254
+CONTROL_PORT = 29555  # fixed so that binding it is how a run claims its block
+TOXIPROXY_PORT = 8474  # Toxiproxy's own default, on the run's own address
+PROXY_PORT_BASE = 30000  # + destination node index; below the ephemeral range (32768-60999)
+DEFAULT_NODES = 30
+DEFAULT_USERS = 3
+DEFAULT_MIN_SWARM = 5
+
+
+class PlanError(ValueError):
+    """The options cannot make a network."""
+
+
+def node_name(index: int) -> str:
+    """``n01``, ``n02``, ... (index from 1)."""
+    return f"n{index:02d}"
+
+
+def node_index(name: str) -> int:
+    """Inverse of :func:`node_name`."""
+    if not (name.startswith("n") and name[1:].isdigit()):
+        raise PlanError(f"{name!r} is not a node name (n01, n02, ...)")
+    return int(name[1:])
+
+
+def user_name(index: int) -> str:
+    """``alice``, ``bob``, ``carol``, ``dave``, then ``user05``, ``user06``, ... (index from 1)."""
+    return USER_NAMES[index - 1] if index <= len(USER_NAMES) else f"user{index:02d}"
+
+
+def derive_seed(run_seed: int, kind: str, name: str) -> bytes:
+    """The 32-byte ed25519 seed of ``kind`` ("node"/"user") ``name`` in a run of seed ``run_seed``."""
+    key = hashlib.blake2b(str(run_seed).encode(), digest_size=32).digest()
+    return hashlib.blake2b(f"swarmnet/{kind}/{name}".encode(), key=key, digest_size=32).digest()
+
+
+def derive_token(run_seed: int, run_id: str, purpose: str) -> str:
+    """A 32-hex-character token for ``purpose`` (admin ops, the control API) in one run."""
+    return hashlib.blake2b(f"swarmnet/token/{purpose}/{run_id}/{run_seed}".encode(), digest_size=16).hexdigest()
+
+
+def candidate_blocks(run_id: str, count: int = 64) -> Iterator[Block]:
+    """The blocks ``(a, b)`` a run may take, in preference order; derived from ``run_id`` only.
+
+    ``a`` is 1..255 (127.0.x.x is left to everything else), ``b`` a multiple of 8.
+    """
+    for attempt in range(count):
+        h = int.from_bytes(hashlib.blake2b(f"{run_id}/{attempt}".encode(), digest_size=8).digest(), "big")
+        yield 1 + h % 255, 8 * ((h >> 16) % 32)
+
+
+def _ip(block: Block, offset: int, host: int) -> str:
+    a, b = block
+    return f"127.{a}.{b + offset}.{host}"
+
+
+@dataclass(frozen=True)
+class UserPlan:
+    """One scripted user: its key seed, its own IP and where its secret lives."""
+
+    name: str
+    index: int
+    seed: bytes = field(repr=False)
+    host: str
+    dir: Path
+    seed_file: Path
+
+    @cached_property
+    def identity(self) -> Identity:
+        return Identity.from_seed(self.seed)
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """One service node.  ``port`` 0 lets the node pick (and report) a free port."""
+
+    name: str
+    index: int
+    seed: bytes = field(repr=False)
+    host: str
+    port: int
+    dir: Path
+    db: Path
+    log: Path
+    stderr: Path
+    seed_file: Path
+    config_file: Path
+    capture: Path  # every byte the node reads and writes (for the unlinkability checker)
+
+    @cached_property
+    def identity(self) -> Identity:
+        return Identity.from_seed(self.seed)
+
+    @property
+    def ed25519_public(self) -> str:
+        return self.identity.ed25519_public.hex()
+
+    @property
+    def x25519_public(self) -> str:
+        return self.identity.x25519_public.hex()
+
+
+@dataclass(frozen=True)
+class LinkPlan:
+    """One directed link through Toxiproxy: ``src`` (node or user) -> node ``dst``.
+
+    The proxy listens at ``listen``; its upstream (``dst``'s main address, or
+    its ingress listener for ``src`` when ``src`` is a user) is known only once
+    ``dst`` runs.
+    """
+
+    name: str
+    src: str
+    dst: str
+    listen: Address
+    from_user: bool
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    run_id: str
+    seed: int
+    run_dir: Path
+    block: Block
+    links_mode: LinksMode
+    min_swarm: int
+    nodes: tuple[NodePlan, ...]
+    users: tuple[UserPlan, ...]
+    links: tuple[LinkPlan, ...]
+    inject_bugs: tuple[str, ...] = ()
+    capture: bool = True  # nodes record their traffic (capture.bin)
+
+    @property
+    def controller(self) -> Address:
+        return (_ip(self.block, 0, 1), CONTROL_PORT)
+
+    @property
+    def registry_host(self) -> str:
+        return _ip(self.block, 0, 2)
+
+    @property
+    def toxiproxy(self) -> Address | None:
+        return (_ip(self.block, 0, 3), TOXIPROXY_PORT) if self.links_mode == "toxiproxy" else None
+
+    @property
+    def admin_token(self) -> str:
+        return derive_token(self.seed, self.run_id, "admin")
+
+    @property
+    def control_token(self) -> str:
+        return derive_token(self.seed, self.run_id, "control")
+
+    def node(self, name: str) -> NodePlan:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise PlanError(f"no node named {name!r} in this run")
+
+    def user(self, name: str) -> UserPlan:
+        for u in self.users:
+            if u.name == name:
+                return u
+        raise PlanError(f"no user named {name!r} in this run")
+
+    def link(self, src: str, dst: str) -> LinkPlan:
+        for link in self.links:
+            if link.src == src and link.dst == dst:
+                return link
+        raise PlanError(f"no proxied link {src}->{dst} in this run")
+
+    def dial_table(self, src: str) -> dict[str, Address]:
+        """What ``src`` (node or user) dials to reach each node, by node ed25519 hex.
+
+        Empty in direct mode: everyone dials the addresses the registry publishes.
+        """
+        by_name = {n.name: n for n in self.nodes}
+        return {by_name[link.dst].ed25519_public: link.listen for link in self.links if link.src == src}
+
+
+def make_node(run_dir: Path, seed: int, block: Block, index: int) -> NodePlan:
+    name = node_name(index)
+    d = run_dir / "nodes" / name
+    return NodePlan(
+        name=name, index=index, seed=derive_seed(seed, "node", name), host=_ip(block, 1, index), port=0,
+        dir=d, db=d / "db.sqlite", log=d / "node.log", stderr=d / "stderr.log",
+        seed_file=d / "seed", config_file=d / "config.json", capture=d / "capture.bin",
+    )
+
+
+def make_user(run_dir: Path, seed: int, block: Block, index: int) -> UserPlan:
+    name = user_name(index)
+    d = run_dir / "users" / name
+    return UserPlan(name=name, index=index, seed=derive_seed(seed, "user", name), host=_ip(block, 2, index),
+                    dir=d, seed_file=d / "seed")
+
+
+def _links_between(block: Block, nodes: tuple[NodePlan, ...], users: tuple[UserPlan, ...],
+                   touching: NodePlan | None = None) -> tuple[LinkPlan, ...]:
+    """Every directed node->node and user->node link (only those touching ``touching`` when given)."""
+    out = []
+    for s in nodes:
+        for d in nodes:
+            if s is d or (touching is not None and touching not in (s, d)):
+                continue
+            out.append(LinkPlan(f"{s.name}->{d.name}", s.name, d.name,
+                                (_ip(block, 3, s.index), PROXY_PORT_BASE + d.index), False))
+    for u in users:
+        for d in nodes:
+            if touching is not None and d is not touching:
+                continue
+            out.append(LinkPlan(f"{u.name}->{d.name}", u.name, d.name,
+                                (_ip(block, 4, u.index), PROXY_PORT_BASE + d.index), True))
+    return tuple(out)
+
+
+def plan_network(*, nodes: int = DEFAULT_NODES, users: int = DEFAULT_USERS, min_swarm: int = DEFAULT_MIN_SWARM,
+                 seed: int, links: str = "toxiproxy", run_dir: Path, run_id: str, block: Block,
+                 inject_bugs: tuple[str, ...] | list[str] = (), capture: bool = True) -> NetworkPlan:
+    """The whole network for one run; raises :class:`PlanError` on options that cannot work."""
+    check_options(nodes=nodes, users=users, min_swarm=min_swarm, links=links)
+    a, b = block
+    if not (1 <= a <= 255 and 0 <= b <= 248 and b % 8 == 0):
+        raise PlanError(f"block {block} is not 127.a.b.0/21 with a in 1..255 and b a multiple of 8")
+    run_dir = Path(run_dir)
+    node_plans = tuple(make_node(run_dir, seed, block, i) for i in range(1, nodes + 1))
+    user_plans = tuple(make_user(run_dir, seed, block, j) for j in range(1, users + 1))
+    link_plans = _links_between(block, node_plans, user_plans) if links == "toxiproxy" else ()
+    return NetworkPlan(run_id=run_id, seed=seed, run_dir=run_dir, block=block, links_mode=links,  # type: ignore[arg-type]
+                       min_swarm=min_swarm, nodes=node_plans, users=user_plans, links=link_plans,
+                       inject_bugs=tuple(inject_bugs), capture=capture)
+
+
+def check_options(*, nodes: int, users: int, min_swarm: int, links: str) -> None:
+    """Raise :class:`PlanError` if no network can be planned from these options."""
+    if links not in LINKS_MODES:
+        raise PlanError(f"links mode must be one of {LINKS_MODES}, not {links!r}")
+    if not 1 <= nodes <= MAX_NODES:
+        raise PlanError(f"--nodes must be 1..{MAX_NODES}, not {nodes}")
+    if not 0 <= users <= MAX_USERS:
+        raise PlanError(f"--users must be 0..{MAX_USERS}, not {users}")
+    if min_swarm < 1:
+        raise PlanError(f"--min-swarm must be at least 1, not {min_swarm}")
+    if min_swarm > nodes:
+        raise PlanError(f"--min-swarm {min_swarm} is more than the {nodes} nodes: no swarm could form")
+
+
+def with_node_added(plan: NetworkPlan, name: str | None = None) -> tuple[NetworkPlan, NodePlan]:
+    """The plan grown by one node (the next free index unless ``name`` is given) and its links."""
+    taken = {n.index for n in plan.nodes}
+    index = node_index(name) if name else max(taken, default=0) + 1
+    if index in taken:
+        raise PlanError(f"node {node_name(index)} already exists")
+    if not 1 <= index <= MAX_NODES:
+        raise PlanError(f"node index must be 1..{MAX_NODES}, not {index}")
+    node = make_node(plan.run_dir, plan.seed, plan.block, index)
+    nodes = tuple(sorted(plan.nodes + (node,), key=lambda n: n.index))
+    new_links = _links_between(plan.block, nodes, plan.users, touching=node) if plan.links_mode == "toxiproxy" else ()
+    return replace(plan, nodes=nodes, links=plan.links + new_links), node
+
+
+def with_node_removed(plan: NetworkPlan, name: str) -> NetworkPlan:
+    """The plan without node ``name`` and the links that touch it."""
+    plan.node(name)
+    return replace(plan, nodes=tuple(n for n in plan.nodes if n.name != name),
+                   links=tuple(link for link in plan.links if name not in (link.src, link.dst)))
+
+
+def node_config(plan: NetworkPlan, node: NodePlan, *, registry: Address, parent_pid: int | None,
+                port: int | None = None) -> dict:
+    """The JSON configuration of ``python -m nodes`` for ``node`` (see the node contract)."""
+    return {
+        "name": node.name,
+        "seed_file": str(node.seed_file),
+        "listen": [[node.host, node.port if port is None else port]],
+        "db": str(node.db),
+        "log": str(node.log),
+        "capture": str(node.capture) if plan.capture else None,
+        "registry": [registry[0], registry[1]],
+        "links": {k: [h, p] for k, (h, p) in plan.dial_table(node.name).items()},
+        "admin_token": plan.admin_token,
+        "parent_pid": parent_pid,
+        "inject_bugs": list(plan.inject_bugs),
+    }

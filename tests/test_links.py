@@ -1,0 +1,135 @@
+"""Link faults through a real Toxiproxy server: one link slowed or cut, the
+others untouched, and every fault healed on exit."""
+
+from __future__ import annotations
+
+import functools
+import secrets
+import time
+
+import psutil
+import pytest
+import trio
+
+from testnet import links
+from testnet.links import LinkError, ToxiproxyApi, check_bindable, open_toxiproxy
+from testnet.plan import TOXIPROXY_PORT, candidate_blocks
+
+
+def _have_toxiproxy() -> bool:
+    try:
+        links.find_toxiproxy()
+    except links.ToxiproxyMissing:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _have_toxiproxy(), reason="Toxiproxy not installed (make toxiproxy)")
+
+
+def _free_block() -> tuple[int, int]:
+    for a, b in candidate_blocks(secrets.token_hex(4)):
+        try:
+            check_bindable([(f"127.{a}.{b}.3", TOXIPROXY_PORT), (f"127.{a}.{b}.10", 30001)])
+            return a, b
+        except LinkError:
+            continue
+    raise RuntimeError("no free loopback block")
+
+
+async def _echo_server(host: str, nursery: trio.Nursery) -> int:
+    async def echo(stream: trio.SocketStream) -> None:
+        try:
+            async for data in stream:
+                await stream.send_all(data)
+        except trio.BrokenResourceError:
+            pass
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, echo, 0, host=host))
+    return listeners[0].socket.getsockname()[1]
+
+
+async def _round_trip_ms(host: str, port: int) -> float:
+    """Connect, send one line, read it back: the elapsed wall time in ms."""
+    start = time.monotonic()
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream(host, port)
+        async with stream:
+            await stream.send_all(b"ping\n")
+            got = b""
+            while len(got) < 5:
+                data = await stream.receive_some(64)
+                if not data:
+                    raise ConnectionError("closed")
+                got += data
+    return (time.monotonic() - start) * 1000
+
+
+@pytest.fixture
+async def toxi(tmp_path):
+    a, b = _free_block()
+    async with trio.open_nursery() as nursery:
+        port1 = await _echo_server(f"127.{a}.{b}.21", nursery)
+        port2 = await _echo_server(f"127.{a}.{b}.22", nursery)
+        async with open_toxiproxy(f"127.{a}.{b}.3", TOXIPROXY_PORT, log=tmp_path / "toxiproxy.log") as api:
+            await api.populate([
+                {"name": "x->y", "listen": f"127.{a}.{b}.10:30001", "upstream": f"127.{a}.{b}.21:{port1}"},
+                {"name": "x->z", "listen": f"127.{a}.{b}.10:30002", "upstream": f"127.{a}.{b}.22:{port2}"},
+            ])
+            yield api, (f"127.{a}.{b}.10", 30001), (f"127.{a}.{b}.10", 30002)
+        nursery.cancel_scope.cancel()
+
+
+async def test_latency_delays_only_its_link_and_heals(toxi):
+    api, xy, xz = toxi
+    assert await _round_trip_ms(*xy) < 150
+    async with links.latency(api, "x->y", 400) as name:
+        assert name in {t["name"] for t in (await api.proxies())["x->y"]["toxics"]}
+        slow = await _round_trip_ms(*xy)
+        other = await _round_trip_ms(*xz)
+        assert slow >= 380, slow
+        assert other < 150, other
+    assert (await api.proxies())["x->y"]["toxics"] == []
+    assert await _round_trip_ms(*xy) < 150
+
+
+async def test_disabled_link_is_cut_then_restored(toxi):
+    api, xy, xz = toxi
+    async with links.link_down(api, "x->y"):
+        with pytest.raises(OSError):
+            await _round_trip_ms(*xy)
+        assert await _round_trip_ms(*xz) < 150
+    assert await _round_trip_ms(*xy) < 150
+
+
+async def test_fault_heals_even_when_the_block_fails(toxi):
+    api, xy, _ = toxi
+    with pytest.raises(RuntimeError):
+        async with links.links_down(api, ["x->y", "x->z"]):
+            raise RuntimeError("scenario failed mid-fault")
+    proxies = await api.proxies()
+    assert proxies["x->y"]["enabled"] and proxies["x->z"]["enabled"]
+    with pytest.raises(LinkError):
+        await api.add_toxic("x->y", "no-such-toxic", {})
+    with pytest.raises(LinkError, match="NotFound"):
+        await api.set_enabled("nope", False)
+
+
+async def test_server_stops_with_its_block(tmp_path):
+    a, b = _free_block()
+    async with open_toxiproxy(f"127.{a}.{b}.3", TOXIPROXY_PORT, log=tmp_path / "t.log") as api:
+        assert await api.version()
+        pids = [p.pid for p in psutil.Process().children() if p.name().startswith("toxiproxy")]
+        assert len(pids) == 1
+    assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == psutil.STATUS_ZOMBIE
+    check_bindable([(f"127.{a}.{b}.3", TOXIPROXY_PORT)])  # the port is free again
+    with pytest.raises(LinkError, match="unreachable"):
+        await ToxiproxyApi(f"127.{a}.{b}.3", TOXIPROXY_PORT, timeout_s=1).version()
+
+
+def test_missing_binary_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(links, "PROJECT_BIN", tmp_path / "nope")
+    monkeypatch.delenv("SWARMNET_TOXIPROXY", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(links.ToxiproxyMissing, match="make toxiproxy.*--links direct"):
+        links.find_toxiproxy()

@@ -1,0 +1,125 @@
+"""The planner, without processes: names, addresses, seeds, links, paths."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from testnet import plan as P
+from testnet.crypto import Identity
+
+
+def make(nodes=5, users=3, links="toxiproxy", seed=7, block=(12, 40), **kw):
+    return P.plan_network(nodes=nodes, users=users, min_swarm=kw.pop("min_swarm", 3), seed=seed, links=links,
+                          run_dir=Path("/r"), run_id="run-1", block=block, **kw)
+
+
+def test_names_and_order():
+    p = make(nodes=12, users=6)
+    assert [n.name for n in p.nodes] == [f"n{i:02d}" for i in range(1, 13)]
+    assert [u.name for u in p.users] == ["alice", "bob", "carol", "dave", "user05", "user06"]
+    assert P.node_index("n07") == 7 and P.node_name(123) == "n123"
+    with pytest.raises(P.PlanError):
+        P.node_index("alice")
+
+
+def test_every_host_is_distinct_loopback_inside_the_block():
+    p = make(nodes=40, users=10)
+    hosts = [n.host for n in p.nodes] + [u.host for u in p.users] + [p.controller[0], p.registry_host,
+                                                                     p.toxiproxy[0]]
+    assert len(set(hosts)) == len(hosts)
+    block = ipaddress.ip_network("127.12.40.0/21")
+    for h in hosts:
+        assert ipaddress.ip_address(h) in block
+    assert p.node("n03").host == "127.12.41.3" and p.user("bob").host == "127.12.42.2"
+
+
+def test_links_one_proxy_per_directed_link_with_unique_listen_addresses():
+    p = make(nodes=6, users=3)
+    node_links = [link for link in p.links if not link.from_user]
+    user_links = [link for link in p.links if link.from_user]
+    assert len(node_links) == 6 * 5 and len(user_links) == 3 * 6
+    assert len({link.listen for link in p.links}) == len(p.links)
+    assert len({link.name for link in p.links}) == len(p.links)
+    assert p.link("n03", "n05").name == "n03->n05" and p.link("alice", "n02").name == "alice->n02"
+    with pytest.raises(P.PlanError):
+        p.link("n03", "n03")
+    # What n03 dials for n05 is the n03->n05 proxy, keyed by n05's key.
+    assert p.dial_table("n03")[p.node("n05").ed25519_public] == p.link("n03", "n05").listen
+    assert p.node("n03").ed25519_public not in p.dial_table("n03")
+    assert len(p.dial_table("carol")) == 6
+
+
+def test_thirty_node_default_counts():
+    p = make(nodes=30, users=3, min_swarm=5)
+    assert sum(not link.from_user for link in p.links) == 870
+    assert sum(link.from_user for link in p.links) == 90
+
+
+def test_direct_mode_has_no_links_and_no_toxiproxy():
+    p = make(links="direct")
+    assert p.links == () and p.toxiproxy is None and p.dial_table("n01") == {}
+
+
+def test_seeds_are_deterministic_per_run_seed_and_distinct():
+    a, b, c = make(seed=1), make(seed=1), make(seed=2)
+    assert [n.seed for n in a.nodes] == [n.seed for n in b.nodes]
+    assert a.nodes[0].seed != c.nodes[0].seed
+    seeds = [n.seed for n in a.nodes] + [u.seed for u in a.users]
+    assert len(set(seeds)) == len(seeds) and all(len(s) == 32 for s in seeds)
+    assert a.user("alice").identity == Identity.from_seed(a.user("alice").seed)
+    assert a.nodes[0].seed.hex() not in repr(a.nodes[0]) and "seed=" not in repr(a.users[0])
+    assert a.admin_token == b.admin_token != c.admin_token
+
+
+def test_paths_live_under_the_run_dir():
+    n = make().node("n02")
+    assert n.dir == Path("/r/nodes/n02") and n.db.parent == n.dir and n.log.parent == n.dir
+    assert n.seed_file == Path("/r/nodes/n02/seed") and make().user("alice").seed_file == Path("/r/users/alice/seed")
+
+
+@pytest.mark.parametrize("kw", [dict(nodes=0), dict(users=-1), dict(min_swarm=9, nodes=5), dict(links="carrier-pigeon"),
+                                dict(block=(0, 8)), dict(block=(3, 12)), dict(nodes=300)])
+def test_bad_options_are_refused(kw):
+    with pytest.raises(P.PlanError):
+        make(**kw)
+
+
+def test_node_added_and_removed():
+    p = make(nodes=4, users=2)
+    p2, n5 = P.with_node_added(p)
+    assert n5.name == "n05" and [n.name for n in p2.nodes][-1] == "n05"
+    new = set(p2.links) - set(p.links)
+    assert len(new) == 2 * 4 + 2  # to and from each old node, and from each user
+    assert all("n05" in (link.src, link.dst) for link in new)
+    assert p2.dial_table("n01")[n5.ed25519_public] == p2.link("n01", "n05").listen
+    with pytest.raises(P.PlanError):
+        P.with_node_added(p2, "n05")
+    p3 = P.with_node_removed(p2, "n02")
+    assert "n02" not in {n.name for n in p3.nodes}
+    assert all("n02" not in (link.src, link.dst) for link in p3.links)
+    p4, n2 = P.with_node_added(p3, "n02")
+    assert n2.seed == p.node("n02").seed  # a name always means the same key in one run
+
+
+def test_node_config_follows_the_contract():
+    p = make(nodes=3)
+    n = p.node("n02")
+    cfg = P.node_config(p, n, registry=("127.12.40.2", 4444), parent_pid=99)
+    assert cfg["listen"] == [["127.12.41.2", 0]] and cfg["registry"] == ["127.12.40.2", 4444]
+    assert cfg["seed_file"] == "/r/nodes/n02/seed" and cfg["parent_pid"] == 99
+    assert cfg["links"][p.node("n03").ed25519_public] == list(p.link("n02", "n03").listen)
+    assert P.node_config(p, n, registry=("h", 1), parent_pid=None, port=5555)["listen"] == [["127.12.41.2", 5555]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(min_size=1, max_size=30))
+def test_candidate_blocks_are_valid_and_deterministic(run_id):
+    blocks = list(P.candidate_blocks(run_id, count=8))
+    assert blocks == list(P.candidate_blocks(run_id, count=8))
+    for a, b in blocks:
+        assert 1 <= a <= 255 and 0 <= b <= 248 and b % 8 == 0
+        ipaddress.ip_network(f"127.{a}.{b}.0/21")  # strict: raises if b is not /21-aligned
