@@ -145,3 +145,35 @@ async def bench_throughput(*, nodes: int = 30, min_swarm: int = 5, users: int = 
         "targets": {"stores_per_s": ">= 1000", "cpu_over_floor": "<= 3", "half_load_p50_ms": "<= 5",
                     "half_load_p99_ms": "<= 25"},
     }
+
+
+def _command():
+    import json as _json
+
+    import click
+
+    @click.command("throughput")
+    @click.option("--nodes", type=int, default=30, show_default=True)
+    @click.option("--users", type=int, default=16, show_default=True)
+    @click.option("--seconds", type=float, default=8.0, show_default=True)
+    @click.option("--concurrency", type=int, default=64, show_default=True)
+    @click.option("--links", type=click.Choice(["direct", "toxiproxy"]), default="direct", show_default=True)
+    @click.option("--json", "as_json", is_flag=True)
+    def bench_command(nodes: int, users: int, seconds: float, concurrency: int, links: str, as_json: bool) -> None:
+        """Onion-routed stores/s, latency at half load, CPU per store against the crypto floor."""
+        r = trio.run(lambda: bench_throughput(nodes=nodes, users=users, seconds=seconds, concurrency=concurrency,
+                                              links=links))
+        if as_json:
+            click.echo(_json.dumps(r))
+            return
+        f, h, c = r["full_load"], r["half_load"], r["cpu_us_per_store"]
+        click.echo(f"{f['stores_per_s']} onion stores/s on {nodes} nodes (target >= 1000)")
+        click.echo(f"half load {h['rate_per_s']}/s: p50 {h['latency_ms']['p50']} ms, p99 {h['latency_ms']['p99']} ms "
+                   f"(targets 5 / 25)")
+        click.echo(f"CPU per store: network {c['network']} µs, clients {c['clients']} µs; crypto floor "
+                   f"{r['crypto_floor_us']} µs -> network/floor {r['network_cpu_over_floor']} (target <= 3)")
+
+    return bench_command
+
+
+bench_command = _command()

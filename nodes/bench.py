@@ -131,3 +131,32 @@ async def outer_enter(nursery: trio.Nursery, cm: Any) -> Any:
     nursery.start_soon(hold)
     await entered.wait()
     return box[0]
+
+
+def _command():
+    import json as _json
+
+    import click
+
+    @click.command("node")
+    @click.option("--nodes", type=int, default=5, show_default=True, help="swarm size (one swarm)")
+    @click.option("--seconds", type=float, default=5.0, show_default=True)
+    @click.option("--concurrency", type=int, default=256, show_default=True, help="stores in flight")
+    @click.option("--json", "as_json", is_flag=True)
+    def bench_command(nodes: int, seconds: float, concurrency: int, as_json: bool) -> None:
+        """Direct (non-onion) replicated stores/s into one swarm, and CPU µs per store over all processes."""
+        r = trio.run(lambda: bench_node(nodes=nodes, seconds=seconds, concurrency=concurrency))
+        if as_json:
+            click.echo(_json.dumps(r))
+            return
+        click.echo(f"{r['stores_per_s']} replicated stores/s into a swarm of {r['swarm_sizes']} "
+                   f"({r['replicas_per_store']} copies each; target >= 2000)")
+        click.echo(f"network CPU {r['network_cpu_us_per_store']} µs/store (nodes + registry), "
+                   f"load generator {r['client_cpu_us_per_store']} µs/store")
+        click.echo(f"latency p50 {r['latency_ms']['p50']} ms, p99 {r['latency_ms']['p99']} ms at "
+                   f"{r['concurrency']} in flight; failures {r['failures'] or 'none'}")
+
+    return bench_command
+
+
+bench_command = _command()
