@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import trio
 
@@ -214,7 +214,8 @@ class Client:
         except (crypto.CryptoError, ValueError, KeyError, TypeError):
             raise PathError(Status.BAD_GATEWAY, "reply does not open") from None
 
-    async def request(self, session_id: str, op: str, args: Mapping[str, Any], *,
+    async def request(self, session_id: str, op: str,
+                      args: Mapping[str, Any] | Callable[[str], Mapping[str, Any]], *,
                       max_attempts: int = MAX_ATTEMPTS) -> RequestResult:
         """``op`` at a member of ``session_id``'s swarm, retrying on new paths and after 421.
 
@@ -230,13 +231,17 @@ class Client:
         for attempt in range(1, max_attempts + 1):
             members = [m for m in self.swarm_for(session_id) if m.ed25519_public not in self.dropped] \
                 or self.swarm_for(session_id)
-            target = self.rng.choice(members)
+            # Prefer members that have not failed lately (Session drops a node after 3 failures).
+            fresh = [m for m in members if not self.failures.get(m.ed25519_public)]
+            target = self.rng.choice(fresh or members)
             path = self.choose_path(target)
             try:
-                status, body = await self.onion_request(path, target, op, args)
+                status, body = await self.onion_request(
+                    path, target, op, args(target.ed25519_public) if callable(args) else args)
             except PathError as exc:
                 last_error = f"path error {exc.status}"
-                for hop in path:
+                # Any hop, or the target behind the last relay, may be the dead one.
+                for hop in [*path, target]:
                     self._fail(hop.ed25519_public)
                 if exc.status == Status.GATEWAY_TIMEOUT:
                     maybe_sent = True
@@ -277,10 +282,17 @@ class Client:
             raise ClientError(f"store refused: status {res.status}: {_reason(res.body)}")
         return res
 
-    async def retrieve(self, *, namespace: int = 0, last_hash: str | None = None, now_ms: int) -> RequestResult:
+    async def retrieve(self, *, namespace: int = 0, last_hash: str | None = None, now_ms: int,
+                       last_hash_for: Callable[[str], str | None] | None = None) -> RequestResult:
+        """Messages after a last hash; ``last_hash_for(target ed hex)`` picks it per node (storage
+        order is per node), else ``last_hash`` is sent to whichever member answers."""
         sig = crypto.sign_request(self.identity, crypto.retrieve_signature_message(namespace, now_ms))
-        args = {"pubkey": self.session_id, "namespace": namespace, "last_hash": last_hash or "",
-                "timestamp": now_ms, "pubkey_ed25519": self.identity.ed25519_public.hex(), "signature": sig}
+
+        def args(target: str) -> dict[str, Any]:
+            last = last_hash_for(target) if last_hash_for is not None else last_hash
+            return {"pubkey": self.session_id, "namespace": namespace, "last_hash": last or "",
+                    "timestamp": now_ms, "pubkey_ed25519": self.identity.ed25519_public.hex(), "signature": sig}
+
         res = await self.request(self.session_id, "retrieve", args)
         if res.status != Status.OK:
             raise ClientError(f"retrieve refused: status {res.status}: {_reason(res.body)}")

@@ -99,7 +99,11 @@ class ScriptedUser:
         self.client = client
         self.history = history
         self.names_by_id = names_by_id
-        self.last_hash: dict[int, str | None] = {}
+        # Storage order differs between swarm members (a node that caught up by
+        # anti-entropy holds old messages after new ones), so a last hash only
+        # means something to the node that gave it: keep one per (node,
+        # namespace), as Session clients do.
+        self.last_hash: dict[tuple[str, int], str] = {}
         self.seen: set[str] = set()
         self.received_ids: set[str] = set()
 
@@ -110,7 +114,8 @@ class ScriptedUser:
             more = True
             while more:
                 try:
-                    res = await self.client.retrieve(namespace=ns, last_hash=self.last_hash.get(ns), now_ms=wall_ms())
+                    res = await self.client.retrieve(namespace=ns, last_hash_for=lambda node: self.last_hash.get((node, ns)),
+                                                     now_ms=wall_ms())
                 except ClientError as exc:
                     self.history.write({"type": "fail", "op": "poll", "process": self.spec.name, "namespace": ns,
                                         "error": str(exc)[:200]})
@@ -118,7 +123,7 @@ class ScriptedUser:
                 msgs = res.body.get("messages") or []
                 more = bool(res.body.get("more")) and bool(msgs)
                 for m in msgs:
-                    self.last_hash[ns] = m["hash"]
+                    self.last_hash[(res.target, ns)] = m["hash"]
                     if m["hash"] in self.seen:
                         continue  # deduplicate by hash, as Session clients do
                     self.seen.add(m["hash"])
@@ -133,12 +138,20 @@ class ScriptedUser:
             plaintext, sender = crypto.open_message(self.spec.identity, m["data"])
             rec["sender"] = sender
             rec["body_digest"] = body_digest(plaintext)
+        except (crypto.CryptoError, ValueError, TypeError) as exc:
+            rec["error"] = type(exc).__name__
+            self.history.write(rec)
+            return
+        try:
             body = msgpack.unpackb(plaintext, raw=False)
             rec["msg_id"] = body.get("id") if isinstance(body, dict) else None
-            if rec["msg_id"]:
-                self.received_ids.add(rec["msg_id"])
-        except (crypto.CryptoError, ValueError, TypeError, msgpack.UnpackException) as exc:
-            rec["error"] = type(exc).__name__
+        except (ValueError, TypeError, msgpack.UnpackException):
+            pass
+        if rec["msg_id"]:
+            self.received_ids.add(rec["msg_id"])
+        else:
+            # Opened and signed for us, but not a workload message (e.g. `swarmnet send`).
+            rec["foreign"] = True
         self.history.write(rec)
 
 

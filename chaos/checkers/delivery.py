@@ -103,8 +103,14 @@ def check_delivery(history: Sequence[Mapping[str, Any]], users: Mapping[str, str
     misdelivered: list[dict[str, Any]] = []
     unexpected: list[dict[str, Any]] = []
     receives = 0
+    foreign = 0
     for r in history:
         if r.get("op") != "receive" or r.get("type", "ok") != "ok":
+            continue
+        if r.get("foreign"):
+            # Opened and signed for this user, but not sent by the workload
+            # (`swarmnet send`, the controller's readiness check): not ours to judge.
+            foreign += 1
             continue
         receives += 1
         who, h, mid = r.get("process"), r.get("hash"), r.get("msg_id")
@@ -157,7 +163,7 @@ def check_delivery(history: Sequence[Mapping[str, Any]], users: Mapping[str, str
     out["unexpected"] = unexpected
 
     counts = {k: len(v) for k, v in out.items()}
-    counts.update(sent=len(sends), acknowledged=sum(1 for s in sends.values() if s.done == "ok"), receives=receives)
+    counts.update(sent=len(sends), acknowledged=sum(1 for s in sends.values() if s.done == "ok"), receives=receives, foreign=foreign)
     failed = any(counts[k] for k in FAILURE_OUTCOMES)
     if failed:
         valid: bool | str = False

@@ -1,0 +1,92 @@
+"""Chaos on real networks: every nemesis starts and heals; a short chaos run
+with a real fault passes and writes its bundle; replay runs it again."""
+
+import json
+
+import pytest
+import trio
+
+from chaos.nemesis import inject
+from chaos.runner import replay, run_chaos
+from chaos.scenario import NEMESES, load_scenario, parse_scenario
+from chaos.schedule import Fault
+from testnet.controller import open_testnet
+from testnet.fixtures import requires_toxiproxy
+
+pytestmark = [pytest.mark.network, requires_toxiproxy]
+
+
+async def proxy_state(net):
+    proxies = await net.api.proxies()
+    toxics = sum(len(p.get("toxics") or []) for p in proxies.values())
+    disabled = sum(1 for p in proxies.values() if not p.get("enabled", True))
+    return toxics, disabled
+
+
+async def test_every_nemesis_starts_and_heals(tmp_path):
+    async with open_testnet(nodes=6, users=2, min_swarm=3, seed=4, check=False, run_dir=tmp_path / "run") as net:
+        targets = {
+            "isolate": {"node": "n02"}, "split-swarm": {"swarm-of-user": "alice", "pick": 1},
+            "halves": {"side_a": ["n01", "n02", "n03"], "side_b": ["n04", "n05", "n06"]},
+            "bridge": {"side_a": ["n01", "n02"], "side_b": ["n04", "n05"], "bridge": "n03"},
+            "one-way": {"side_a": ["n01", "n02", "n03"], "side_b": ["n04", "n05", "n06"]},
+            "kill": {"node": "n03"}, "pause": {"node": "n04"}, "join": {"new": 1}, "leave": {"node": "n05"},
+            "clock-skew": {"node": "n01"},
+        }
+        for i, kind in enumerate(NEMESES, start=1):
+            family, params = NEMESES[kind]
+            target = targets.get(kind, {"node-links": "n01"})
+            fault = Fault(i, 0, 0.1, kind, target, params)
+            before_nodes = set(net.nodes)
+            async with inject(net, fault) as desc:
+                if family in ("link", "partition"):
+                    toxics, disabled = await proxy_state(net)
+                    assert toxics + disabled > 0, kind
+                    assert desc["proxies"] > 0
+                elif kind == "kill":
+                    assert net.nodes["n03"].state == "killed"
+                elif kind == "pause":
+                    assert net.nodes["n04"].state == "paused"
+                elif kind == "join":
+                    assert len(net.nodes) == len(before_nodes) + 1
+                elif kind == "leave":
+                    assert "n05" not in net.nodes
+                elif kind == "clock-skew":
+                    assert (await net.call("n01", "info"))["clock_offset_ms"] == params["offset_ms"]
+            # Healed.
+            assert await proxy_state(net) == (0, 0), kind
+            assert all(rt.state == "running" for rt in net.nodes.values()), kind
+            if kind == "clock-skew":
+                assert (await net.call("n01", "info"))["clock_offset_ms"] == 0
+            if kind == "join":
+                assert set(net.nodes) == before_nodes
+        await net.wait_ready(20)
+
+
+SHORT = {
+    "name": "short",
+    "topology": {"nodes": 6, "min_swarm": 3, "users": 3},
+    "workload": {"rate": 10, "duration_s": 5, "drain_s": 10},
+    "faults": {"timeline": [{"at_s": 1, "duration_s": 2, "kind": "kill",
+                             "target": {"swarm-of-user": "alice", "count": 1}}]},
+    "check": {"quiet_s": 2},
+}
+
+
+async def test_short_chaos_run_with_a_kill_passes_and_replays(tmp_path):
+    src = tmp_path / "short.toml"
+    from chaos.schedule import to_toml
+    src.write_text(to_toml(SHORT))
+    scenario = load_scenario(src)
+    result = await run_chaos(scenario, seed=12, run_dir=tmp_path / "bundle", progress=lambda m: None)
+    assert result.exit_code == 0, result.summary
+    rd = result.run_dir
+    for f in ("run.json", "schedule.json", "history.jsonl", "faults.jsonl", "verdict.json", "report.html"):
+        assert (rd / f).exists(), f
+    phases = [json.loads(l)["phase"] for l in (rd / "faults.jsonl").read_text().splitlines()]
+    assert phases == ["start", "end"]
+    again, compare = await replay(rd, runs_dir=tmp_path / "replays", progress=lambda m: None)
+    assert json.loads((again.run_dir / "schedule.json").read_text()) == json.loads((rd / "schedule.json").read_text())
+    assert json.loads((again.run_dir / "run.json").read_text())["nodes"][0]["ed25519_public"] == \
+        json.loads((rd / "run.json").read_text())["nodes"][0]["ed25519_public"]
+    assert compare["checkers"]["delivery"]["after"] is True
