@@ -384,3 +384,22 @@ def test_run_checks_writes_verdict_and_exit_codes(tmp_path):
     assert v["valid"] is False and exit_code(v) == 1 and "lost: 1" in summary(v)
     v = run_checks(run, checkers=("unlinkability",), now_ms=NOW)  # no captures: cannot judge
     assert exit_code(v) == 2 and "unlinkability: unknown" in summary(v)
+
+
+def test_foreign_messages_are_not_judged_but_undecryptable_ones_are():
+    from chaos.checkers.delivery import check_delivery
+
+    users = {"alice": "05" + "aa" * 32, "bob": "05" + "bb" * 32}
+    base = [
+        {"t": 1, "type": "invoke", "op": "send", "process": "alice", "msg_id": "alice-1", "from": "alice",
+         "to": "bob", "body_digest": "d1", "hash": "h1"},
+        {"t": 2, "type": "ok", "op": "send", "process": "alice", "msg_id": "alice-1", "hash": "h1"},
+        {"t": 3, "type": "ok", "op": "receive", "process": "bob", "hash": "h1", "msg_id": "alice-1",
+         "sender": users["alice"], "body_digest": "d1", "error": None},
+    ]
+    foreign = {"t": 4, "type": "ok", "op": "receive", "process": "bob", "hash": "hx", "msg_id": None,
+               "sender": users["alice"], "body_digest": "zz", "error": None, "foreign": True}
+    v = check_delivery(base + [foreign], users)
+    assert v["valid"] is True and v["counts"]["foreign"] == 1
+    broken = dict(foreign, foreign=False, error="DecryptionError", sender=None)
+    assert check_delivery(base + [broken], users)["valid"] is False
