@@ -19,7 +19,7 @@ import trio
 from nodes.onion import decode_reply, encode_relay, encode_request
 from testnet import crypto
 from testnet.protocol import Status
-from testnet.rpc import ConnectionPool, RpcError, RpcTimeout, call_once
+from testnet.rpc import ConnectError, ConnectionPool, RpcError, RpcTimeout, call_once
 from testnet.swarm import swarm_for
 
 log = logging.getLogger("client")
@@ -254,6 +254,8 @@ class Client:
                 continue
             except RpcError as exc:
                 last_error = type(exc).__name__
+                if not isinstance(exc, ConnectError):
+                    maybe_sent = True  # lost after sending: it may have reached the target
                 self._fail(path[0].ed25519_public)
                 await self.pool.drop(path[0].ed25519_public)
                 continue

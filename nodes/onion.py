@@ -24,7 +24,7 @@ import msgpack
 from testnet import crypto
 from testnet.logs import event
 from testnet.protocol import Request, RequestError, Status
-from testnet.rpc import Peer, RpcError, RpcTimeout
+from testnet.rpc import ConnectError, Peer, RpcError, RpcTimeout
 
 log = logging.getLogger("node.onion")
 
@@ -101,9 +101,15 @@ def install_onion(node: Any) -> None:
                                             timeout=RELAY_TIMEOUT_S)
             except RpcTimeout:
                 raise RequestError(Status.GATEWAY_TIMEOUT, "next hop timed out") from None
-            except RpcError:
+            except ConnectError:
+                # Never reached the next hop: the request certainly went no further.
                 await node.pool.drop(nxt)
                 raise RequestError(Status.BAD_GATEWAY, "next hop unreachable") from None
+            except RpcError:
+                # Lost after sending: the request may have taken effect (found by the churn
+                # scenario: a 502 here made clients report a delivered store as failed).
+                await node.pool.drop(nxt)
+                raise RequestError(Status.GATEWAY_TIMEOUT, "connection to next hop lost") from None
             # Relays pass the reply back unchanged.
             return resp.status, resp.body
         op, args = what
