@@ -164,8 +164,9 @@ class Client:
     def choose_path(self, target: ServiceNode) -> list[ServiceNode]:
         """A guard + 2 random relays, all distinct and distinct from the target."""
         usable = [k for k in self._usable() if k != target.ed25519_public]
-        if len(self.dropped) > len(self.directory.nodes) // 2:
-            # Most of the network looked dead: forgive and start over.
+        if len(usable) < PATH_HOPS or len(self.dropped) > len(self.directory.nodes) // 2:
+            # Too much of the network looked dead to build a path: forgive and start over
+            # (found by the smoke run: on a small network a client stopped polling for good).
             self.dropped.clear()
             self.failures.clear()
             usable = [k for k in self._usable() if k != target.ed25519_public]

@@ -89,4 +89,4 @@ async def test_short_chaos_run_with_a_kill_passes_and_replays(tmp_path):
     assert json.loads((again.run_dir / "schedule.json").read_text()) == json.loads((rd / "schedule.json").read_text())
     assert json.loads((again.run_dir / "run.json").read_text())["nodes"][0]["ed25519_public"] == \
         json.loads((rd / "run.json").read_text())["nodes"][0]["ed25519_public"]
-    assert compare["checkers"]["delivery"]["after"] is True
+    assert compare["checkers"]["delivery"]["after"] is True, again.summary
