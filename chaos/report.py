@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from testnet.rundir import read_jsonl
+
 from .scenario import NEMESES
 
 REPORT_NAME = "report.html"
@@ -57,29 +59,6 @@ MAX_LISTED_MESSAGES = 200  # problem messages listed by id (the plot shows all o
 
 class ReportError(Exception):
     """The report could not be written; the message names the run dir or file."""
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every JSON-object line of ``path``; blank, torn, malformed or non-object lines are skipped.
-
-    A missing file reads as no records.  (``clients.workload.read_history`` is
-    not used: it pulls in trio and PyNaCl and keeps non-object lines.)
-    """
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    out = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -16,6 +16,7 @@ import psutil
 import trio
 from nacl import bindings as sodium
 
+from nodes.bench import cpu_seconds, percentile_ms
 from testnet import crypto
 
 from .client import Client, ClientError
@@ -33,24 +34,6 @@ def crypto_floor_us(rounds: int = 2000) -> float:
             sodium.crypto_scalarmult(secret, public)
         crypto.verify_request(ident.ed25519_public, msg, sig)
     return (time.process_time() - t0) / rounds * 1e6
-
-
-def _cpu_s(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 2)
 
 
 async def bench_throughput(*, nodes: int = 30, min_swarm: int = 5, users: int = 16, seconds: float = 8.0,
@@ -114,14 +97,14 @@ async def bench_throughput(*, nodes: int = 30, min_swarm: int = 5, users: int = 
             counts.update(ok=0, fail=0)
             lat.clear()
             me = psutil.Process()
-            cpu0, my0, t0 = _cpu_s(pids), sum(me.cpu_times()[:2]), time.monotonic()
+            cpu0, my0, t0 = cpu_seconds(pids), sum(me.cpu_times()[:2]), time.monotonic()
             say(f"full load: {concurrency} stores in flight for {seconds:g} s")
             await closed_loop(trio.current_time() + seconds)
             elapsed = time.monotonic() - t0
-            cpu1, my1 = _cpu_s(pids), sum(me.cpu_times()[:2])
+            cpu1, my1 = cpu_seconds(pids), sum(me.cpu_times()[:2])
             full = {"stores_ok": counts["ok"], "stores_failed": counts["fail"],
                     "stores_per_s": round(counts["ok"] / elapsed, 1),
-                    "latency_ms": {"p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99)}}
+                    "latency_ms": {"p50": percentile_ms(lat, 0.5), "p99": percentile_ms(lat, 0.99)}}
             ok = max(counts["ok"], 1)
             network_us = (cpu1 - cpu0) / ok * 1e6
             client_us = (my1 - my0) / ok * 1e6
@@ -131,7 +114,7 @@ async def bench_throughput(*, nodes: int = 30, min_swarm: int = 5, users: int = 
             say(f"half load: {half_rate:.0f} stores/s for {seconds:g} s")
             await open_loop(half_rate, trio.current_time() + seconds)
             half = {"rate_per_s": round(half_rate, 1), "stores_ok": counts["ok"], "stores_failed": counts["fail"],
-                    "latency_ms": {"p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99)}}
+                    "latency_ms": {"p50": percentile_ms(lat, 0.5), "p99": percentile_ms(lat, 0.99)}}
             for c in clients:
                 await c.aclose()
             nursery.cancel_scope.cancel()

@@ -22,6 +22,7 @@ import msgpack
 import trio
 
 from testnet import crypto
+from testnet.rundir import read_jsonl
 
 from .client import Client, ClientError, OutcomeUnknown
 
@@ -58,18 +59,7 @@ class HistoryWriter:
         self._f.close()
 
 
-def read_history(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every record of a history file; a torn last line (kill -9) is skipped."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
-
-
+read_history = read_jsonl  # a torn last line (kill -9) is skipped
 @dataclass
 class UserSpec:
     """One scripted user: identity, loopback host, and its dial table (ed hex -> address)."""

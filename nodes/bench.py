@@ -21,7 +21,8 @@ from testnet import crypto
 from testnet.rpc import open_rpc
 
 
-def _cpu_s(pids: list[int]) -> float:
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far (gone ones count 0)."""
     total = 0.0
     for pid in pids:
         try:
@@ -87,13 +88,13 @@ async def bench_node(*, nodes: int = 5, seconds: float = 5.0, concurrency: int =
             counts.update(ok=0, fail=0, replicas_ok=0)
             latencies.clear()
             me = psutil.Process()
-            cpu0, my0, t0 = _cpu_s(pids), sum(me.cpu_times()[:2]), time.monotonic()
+            cpu0, my0, t0 = cpu_seconds(pids), sum(me.cpu_times()[:2]), time.monotonic()
             stop_at[0] = trio.current_time() + seconds
             async with trio.open_nursery() as n:
                 for k in range(concurrency):
                     n.start_soon(worker, k)
             elapsed = time.monotonic() - t0
-            cpu1, my1 = _cpu_s(pids), sum(me.cpu_times()[:2])
+            cpu1, my1 = cpu_seconds(pids), sum(me.cpu_times()[:2])
             outer.cancel_scope.cancel()
     latencies.sort()
     ok = counts["ok"]
@@ -106,14 +107,16 @@ async def bench_node(*, nodes: int = 5, seconds: float = 5.0, concurrency: int =
         "replicas_per_store": round(counts["replicas_ok"] / ok, 2) if ok else 0,
         "network_cpu_us_per_store": round((cpu1 - cpu0) / ok * 1e6, 1) if ok else None,
         "client_cpu_us_per_store": round((my1 - my0) / ok * 1e6, 1) if ok else None,
-        "latency_ms": {"p50": _pct(latencies, 0.5), "p99": _pct(latencies, 0.99)},
+        "latency_ms": {"p50": percentile_ms(latencies, 0.5), "p99": percentile_ms(latencies, 0.99)},
         "target": ">= 2000 replicated stores/s on 2 cores",
     }
 
 
-def _pct(values: list[float], q: float) -> float | None:
+def percentile_ms(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile (nearest rank) of durations in seconds, in ms."""
     if not values:
         return None
+    values = sorted(values)
     return round(values[min(len(values) - 1, int(q * len(values)))] * 1000, 2)
 
 

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from testnet import crypto
 from testnet.bugs import NODE_BUGS, UnknownBug, check_bugs
 from testnet.protocol import RequestError, Status
+from testnet.registry import NodeRecord  # the registry's record, as nodes receive it
 from testnet.swarm import swarm_for
 
 from .storage import StoredMessage
@@ -113,19 +114,6 @@ class NodeConfig:
 
 
 # --------------------------------------------------------------------------- swarm view
-
-
-@dataclass(frozen=True, slots=True)
-class NodeRecord:
-    ed25519_public: str
-    x25519_public: str
-    host: str
-    port: int
-    swarm_id: int
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"ed25519_public": self.ed25519_public, "x25519_public": self.x25519_public,
-                "host": self.host, "port": self.port, "swarm_id": self.swarm_id}
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,26 @@ def write_json_atomic(path: Path, obj: Any, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
+def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
+    """Every JSON-object line of ``path`` (history, faults): blank, torn (a kill -9
+    mid-write), malformed or non-object lines are skipped; a missing file reads as []."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
 def load_run(run_dir: Path | str) -> dict[str, Any]:
     """The parsed ``run.json`` of ``run_dir``."""
     path = Path(run_dir) / RUN_JSON

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from testnet.rundir import read_jsonl
+
 from .delivery import check_delivery
 from .replication import (ReplicationError, check_replication, current_swarms_from_registry, live_nodes,
                           load_ground_truth)
@@ -30,23 +32,7 @@ class CheckError(Exception):
     """The checks cannot run: unknown checker name, or no run in the directory."""
 
 
-def read_history(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every JSON-object line of a history file; torn or malformed lines are skipped; missing file: []."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
-
-
+read_history = read_jsonl  # history records, as every tool reads them
 def combine(verdicts: Mapping[str, Mapping[str, Any]]) -> bool | str:
     """False if any checker is invalid, else "unknown" if any is unknown (or none ran), else True."""
     values = [v.get("valid") for v in verdicts.values()]
