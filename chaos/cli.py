@@ -119,20 +119,37 @@ def shrink(run_dir: Path, attempts: int, checker: str | None, as_json: bool, qui
 @chaos.command()
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs/nightly"), show_default=True)
 @click.option("--keep-passing", is_flag=True, help="do not prune passing bundles")
+@click.option("--seeds", type=click.IntRange(0, 100), default=1, show_default=True,
+              help="runs per scenario, each with its own seed (0: canaries only)")
+@click.option("--first-seed", type=int, default=None, help="use seeds N, N+1, ... instead of fresh random ones")
+@click.option("--canaries/--no-canaries", default=True, show_default=True,
+              help="also run each injected bug under its scenario; it must fail its checker")
 @click.argument("scenarios", nargs=-1)
-def nightly(runs_dir: Path, keep_passing: bool, scenarios: tuple[str, ...]) -> None:
-    """Run the scenario library (or SCENARIOS) with fresh seeds; list failing bundles."""
-    from .runner import nightly as do_nightly
+def nightly(runs_dir: Path, keep_passing: bool, seeds: int, first_seed: int | None, canaries: bool,
+            scenarios: tuple[str, ...]) -> None:
+    """Run the scenario library (or SCENARIOS) with fresh seeds, then the canaries; list failing bundles.
 
-    paths = [Path(s) if Path(s).exists() else Path(load_scenario(s).source) for s in scenarios] or library()
-    results = trio.run(lambda: do_nightly(paths, runs_dir=runs_dir, prune=not keep_passing,
-                                          progress=_progress(False)))
-    failing = [r for r in results if r.get("valid") is not True]
+    A canary is a run with one bug injected on purpose (`swarmnet bugs`): it
+    passes when the checker meant to catch that bug fails the run.
+    """
+    from .runner import CANARY_SCENARIOS, nightly as do_nightly
+
+    try:
+        paths = [Path(s) if Path(s).exists() else Path(load_scenario(s).source) for s in scenarios] or library()
+    except ScenarioError as exc:
+        _fail(str(exc))
+        return
+    bug_list = sorted(CANARY_SCENARIOS) if canaries else []
+    results = trio.run(lambda: do_nightly(paths, runs_dir=runs_dir, prune=not keep_passing, seeds=seeds,
+                                          first_seed=first_seed, canaries=bug_list, progress=_progress(False)))
+    failing = [r for r in results if not r.get("passed")]
     for r in results:
-        mark = "PASS" if r.get("valid") is True else "FAIL"
-        click.echo(f"{mark}  {r['scenario']:18} {r.get('run_dir', '')} {' '.join(r.get('failing', []))} "
-                   f"{r.get('error', '')}")
-    (runs_dir / "nightly.json").parent.mkdir(parents=True, exist_ok=True)
+        mark = "PASS" if r.get("passed") else "FAIL"
+        what = r["scenario"] + (f" +{r['inject_bug']}" if r.get("inject_bug") else "")
+        expect = f"(must fail {r['expect_failing']})" if r.get("inject_bug") else ""
+        click.echo(f"{mark}  {what:34} seed {r.get('seed')!s:11} failing: {','.join(r.get('failing', [])) or '-':28}"
+                   f" {expect} {r.get('error', '')}".rstrip())
+    runs_dir.mkdir(parents=True, exist_ok=True)
     (runs_dir / "nightly.json").write_text(json.dumps(results, indent=2) + "\n")
     click.echo(f"{len(failing)} failing bundle(s) of {len(results)}" + (":" if failing else ""))
     for r in failing:

@@ -191,21 +191,55 @@ def failing_checkers(verdict: dict[str, Any]) -> set[str]:
     return {name for name, v in verdict.get("checkers", {}).items() if v.get("valid") is False}
 
 
+# The nightly job's canaries: each injected bug, run under the scenario whose
+# faults let it show, must fail the checker named for it in testnet.bugs.  A
+# canary that passes means the harness has gone blind to that kind of bug.
+CANARY_SCENARIOS = {
+    "client-id-in-layers": "smoke",
+    "one-hop-path": "smoke",
+    "skip-replication": "smoke",
+    "ack-before-commit": "kill-restart",
+    "wrong-inbox": "smoke",
+}
+
+
+async def _nightly_entry(scenario: Scenario, *, seed: int | None, runs_dir: Path, progress: Progress, prune: bool,
+                         bug: str | None = None) -> dict[str, Any]:
+    from testnet.bugs import BUGS
+
+    entry: dict[str, Any] = {"scenario": scenario.name}
+    if bug is not None:
+        entry.update(inject_bug=bug, expect_failing=BUGS[bug][2])
+    try:
+        r = await run_chaos(scenario, seed=seed, runs_dir=runs_dir, progress=progress,
+                            inject_bugs=(bug,) if bug else ())
+    except Exception as exc:
+        entry.update(valid="unknown", passed=False, error=f"{type(exc).__name__}: {exc}")
+        return entry
+    failing = sorted(failing_checkers(r.verdict))
+    entry.update(seed=r.verdict.get("seed"), valid=r.verdict.get("valid"), run_dir=str(r.run_dir), failing=failing)
+    # A plain run passes when every checker holds; a canary passes when its checker caught the bug.
+    entry["passed"] = (entry["expect_failing"] in failing) if bug else (r.exit_code == 0)
+    if entry["passed"] and prune:
+        shutil.rmtree(r.run_dir / "nodes", ignore_errors=True)  # keep the record, drop the bulk
+        entry["pruned"] = True
+    return entry
+
+
 async def nightly(scenarios: list[Path], *, runs_dir: Path = Path("runs/nightly"), progress: Progress = print,
-                  prune: bool = True) -> list[dict[str, Any]]:
-    """Every scenario once with a fresh seed; failing bundles are kept whole, passing ones pruned."""
+                  prune: bool = True, seeds: int = 1, canaries: list[str] | None = None,
+                  first_seed: int | None = None) -> list[dict[str, Any]]:
+    """Every scenario ``seeds`` times with fresh seeds (or ``first_seed``, +1, ...), then each
+    canary bug once under its scenario.  Failing bundles are kept whole; passing ones pruned."""
     results = []
     for path in scenarios:
         scenario = load_scenario(path)
-        try:
-            r = await run_chaos(scenario, runs_dir=runs_dir, progress=progress)
-        except Exception as exc:
-            results.append({"scenario": scenario.name, "valid": "unknown", "error": f"{type(exc).__name__}: {exc}"})
-            continue
-        entry = {"scenario": scenario.name, "seed": r.verdict.get("seed"), "valid": r.verdict.get("valid"),
-                 "run_dir": str(r.run_dir), "failing": sorted(failing_checkers(r.verdict))}
-        if r.exit_code == 0 and prune:
-            shutil.rmtree(r.run_dir / "nodes", ignore_errors=True)  # keep the record, drop the bulk
-            entry["pruned"] = True
-        results.append(entry)
+        for i in range(seeds):
+            seed = None if first_seed is None else first_seed + i
+            results.append(await _nightly_entry(scenario, seed=seed, runs_dir=runs_dir, progress=progress,
+                                                prune=prune))
+    for bug in canaries or ():
+        scenario = load_scenario(CANARY_SCENARIOS[bug])
+        results.append(await _nightly_entry(scenario, seed=first_seed, runs_dir=runs_dir, progress=progress,
+                                            prune=prune, bug=bug))
     return results

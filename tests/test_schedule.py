@@ -103,3 +103,13 @@ def test_shrunk_schedule_is_a_runnable_scenario():
     again = parse_scenario(tomllib.loads(text))
     resched = expand(again, 9, NODES, USERS)
     assert [(f.kind, f.at_s, f.duration_s) for f in resched.faults] == [(f.kind, f.at_s, f.duration_s) for f in sched.faults]
+
+
+def test_every_injectable_bug_has_a_canary_scenario_that_runs_its_checker():
+    from chaos.runner import CANARY_SCENARIOS
+    from testnet.bugs import BUGS
+
+    assert set(CANARY_SCENARIOS) == set(BUGS)
+    for bug, name in CANARY_SCENARIOS.items():
+        scenario = load_scenario(name)
+        assert BUGS[bug][2] in scenario.checkers, (bug, name)
