@@ -87,7 +87,8 @@ def install_onion(node: Any) -> None:
         if not isinstance(eph, bytes) or not isinstance(data, bytes):
             raise RequestError(Status.BAD_REQUEST, "onion needs ephemeral_key and data (bytes)")
         try:
-            plaintext, key = crypto.open_layer_keyed(data, node.identity.x25519_secret, eph)
+            plaintext, key = crypto.open_layer_keyed(data, node.identity.x25519_secret, eph,
+                                                      node.identity.x25519_public)
             kind, what = parse_layer(plaintext)
         except (crypto.CryptoError, LayerError) as exc:
             raise RequestError(Status.BAD_REQUEST, f"bad onion layer: {type(exc).__name__}") from None

@@ -255,20 +255,27 @@ def _x25519(secret: bytes, public: bytes) -> bytes:
         raise BadKey("x25519 public key is a low-order point") from None
 
 
-def layer_key_client(eph_secret: bytes, node_pub: bytes) -> bytes:
+def layer_key_client(eph_secret: bytes, node_pub: bytes, eph_pub: bytes | None = None) -> bytes:
     """32-byte layer key on the client side:
-    blake2b-256(X25519(eph_secret, node_pub) ‖ eph_pub ‖ node_pub)."""
+    blake2b-256(X25519(eph_secret, node_pub) ‖ eph_pub ‖ node_pub).
+
+    Pass ``eph_pub`` when it is at hand: deriving it costs a second X25519."""
     eph_secret = _need_bytes(eph_secret, KEY_BYTES, "ephemeral x25519 secret")
     node_pub = _need_bytes(node_pub, KEY_BYTES, "node x25519 public key")
-    eph_pub = sodium.crypto_scalarmult_base(eph_secret)
+    if eph_pub is None:
+        eph_pub = sodium.crypto_scalarmult_base(eph_secret)
     return _blake2b_256(_x25519(eph_secret, node_pub) + eph_pub + node_pub)
 
 
-def layer_key_node(node_secret: bytes, eph_pub: bytes) -> bytes:
-    """32-byte layer key on the node side; equals :func:`layer_key_client`."""
+def layer_key_node(node_secret: bytes, eph_pub: bytes, node_pub: bytes | None = None) -> bytes:
+    """32-byte layer key on the node side; equals :func:`layer_key_client`.
+
+    Pass the node's own ``node_pub`` when it is at hand (a node always has
+    it): deriving it from the secret costs a second X25519 per layer."""
     node_secret = _need_bytes(node_secret, KEY_BYTES, "node x25519 secret")
     eph_pub = _need_bytes(eph_pub, KEY_BYTES, "ephemeral x25519 public key")
-    node_pub = sodium.crypto_scalarmult_base(node_secret)
+    if node_pub is None:
+        node_pub = sodium.crypto_scalarmult_base(node_secret)
     return _blake2b_256(_x25519(node_secret, eph_pub) + eph_pub + node_pub)
 
 
@@ -300,14 +307,15 @@ def seal_layer_keyed(plaintext: bytes, node_x25519_public: bytes) -> tuple[bytes
     to open the target's reply.
     """
     eph_pub, eph_secret = sodium.crypto_box_keypair()
-    key = layer_key_client(eph_secret, node_x25519_public)
+    key = layer_key_client(eph_secret, node_x25519_public, eph_pub)
     return eph_pub, encrypt_with_key(key, plaintext), key
 
 
-def open_layer_keyed(ciphertext: bytes, node_x25519_secret: bytes, ephemeral_public: bytes) -> tuple[bytes, bytes]:
+def open_layer_keyed(ciphertext: bytes, node_x25519_secret: bytes, ephemeral_public: bytes,
+                     node_x25519_public: bytes | None = None) -> tuple[bytes, bytes]:
     """Decrypt one onion layer at a node; returns (plaintext, key) so the
     target can encrypt its reply under the same key."""
-    key = layer_key_node(node_x25519_secret, ephemeral_public)
+    key = layer_key_node(node_x25519_secret, ephemeral_public, node_x25519_public)
     return decrypt_with_key(key, ciphertext), key
 
 

@@ -288,6 +288,9 @@ def test_layer_keys_agree_and_match_the_formula():
     shared = sodium.crypto_scalarmult(eph_sec, NODE.x25519_public)
     expected = hashlib.blake2b(shared + eph_pub + NODE.x25519_public, digest_size=32).digest()
     assert k_client == k_node == expected
+    # The shortcuts (public keys passed in, not derived) give the same keys.
+    assert crypto.layer_key_client(eph_sec, NODE.x25519_public, eph_pub) == expected
+    assert crypto.layer_key_node(NODE.x25519_secret, eph_pub, NODE.x25519_public) == expected
 
 
 def test_layer_round_trip_and_manual_decrypt():

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import msgpack
+from nacl import bindings as sodium
 
 from nodes.capture import read_capture
 from nodes.onion import LayerError, parse_layer
@@ -142,6 +143,7 @@ def observe_node(name: str, capture_path: Path, x25519_secret: bytes, users: Seq
                  user_hosts: Mapping[str, str], ingress_ports: Mapping[int, str]) -> tuple[list[Observation], Counter]:
     """Replay one node's capture with its own key: its observations and statistics (one pass)."""
     scanner = _IdScanner(users)
+    keys = (x25519_secret, sodium.crypto_scalarmult_base(x25519_secret))
     conns: dict[tuple, _Conn] = {}
     stats: Counter = Counter()
     observations: list[Observation] = []
@@ -171,7 +173,7 @@ def observe_node(name: str, capture_path: Path, x25519_secret: bytes, users: Seq
                 break
             msg = decode_body(body)
             if direction == "in" and isinstance(msg, Request) and msg.op == "onion":
-                obs = _observe(name, t, local, remote, msg.args, x25519_secret, scanner, user_hosts,
+                obs = _observe(name, t, local, remote, msg.args, keys, scanner, user_hosts,
                                ingress_ports, stats)
                 if obs is not None:
                     observations.append(obs)
@@ -184,7 +186,7 @@ def observe_node(name: str, capture_path: Path, x25519_secret: bytes, users: Seq
 
 
 def _observe(node: str, t: Any, local: tuple[str, int], remote: tuple[str, int], args: Mapping[str, Any],
-             secret: bytes, scanner: _IdScanner, user_hosts: Mapping[str, str], ingress_ports: Mapping[int, str],
+             keys: tuple[bytes, bytes], scanner: _IdScanner, user_hosts: Mapping[str, str], ingress_ports: Mapping[int, str],
              stats: Counter) -> Observation | None:
     eph, data = args.get("ephemeral_key"), args.get("data")
     stats["onion_requests"] += 1
@@ -196,7 +198,7 @@ def _observe(node: str, t: Any, local: tuple[str, int], remote: tuple[str, int],
     if client is not None:
         stats["from_users"] += 1
     try:
-        plaintext, _ = crypto.open_layer_keyed(data, secret, eph)
+        plaintext, _ = crypto.open_layer_keyed(data, keys[0], eph, keys[1])
         kind, what = parse_layer(plaintext)
         layer = msgpack.unpackb(plaintext, raw=False, strict_map_key=False)
     except (crypto.CryptoError, LayerError, ValueError, msgpack.UnpackException):
