@@ -52,6 +52,7 @@ class NodeConfig:
     clock_offset_ms: int = 0
     parent_pid: int | None = None
     anti_entropy_interval_s: float = 2.0
+    anti_entropy_settle_s: float = 5.0  # anti-entropy leaves messages younger than this to replication
     expiry_interval_s: float = 10.0
     registry_poll_s: float = 1.0
     replication_timeout_s: float = 2.0
@@ -84,6 +85,7 @@ class NodeConfig:
                 clock_offset_ms=int(raw.get("clock_offset_ms", 0)),
                 parent_pid=raw.get("parent_pid"),
                 anti_entropy_interval_s=float(raw.get("anti_entropy_interval_s", 2.0)),
+                anti_entropy_settle_s=float(raw.get("anti_entropy_settle_s", 5.0)),
                 expiry_interval_s=float(raw.get("expiry_interval_s", 10.0)),
                 registry_poll_s=float(raw.get("registry_poll_s", 1.0)),
                 replication_timeout_s=float(raw.get("replication_timeout_s", 2.0)),
@@ -189,6 +191,11 @@ def _bytes(args: Mapping[str, Any], key: str) -> bytes:
     if not isinstance(v, bytes):
         raise _bad(f"'{key}' must be bytes")
     return v
+
+
+def is_pubkey(value: Any) -> bool:
+    """Whether ``value`` is an account id as stored: 66 lowercase hex characters."""
+    return isinstance(value, str) and _HEX66.fullmatch(value) is not None
 
 
 def session_pubkey(args: Mapping[str, Any]) -> str:

@@ -25,11 +25,11 @@ from . import core
 from .capture import CaptureFile
 from .core import NodeConfig, SwarmView
 from .replication import GroupCommit, PeerSender
-from .storage import Storage, StoredMessage
+from .storage import Storage, StoredMessage, ae_bucket
 
 log = logging.getLogger("node")
 
-NODE_OPS = {"replicate", "replicate_delete", "replicate_expire", "ae_digest", "ae_fetch"}
+NODE_OPS = {"replicate", "replicate_delete", "replicate_expire", "ae_digest", "ae_hashes", "ae_fetch"}
 CLIENT_OPS = {"store", "retrieve", "delete", "expire", "get_swarm", "info", "onion"}
 ADMIN_OPS = {"admin_set_links", "admin_listen", "admin_clock", "admin_stop"}
 REGISTRY_KEY = "registry"
@@ -297,18 +297,29 @@ class Node:
         return {"updated": n}
 
     async def op_ae_digest(self, args: dict) -> dict:
-        """Anti-entropy, step 1: which pubkeys of that swarm differ, and our hashes for them."""
+        """Anti-entropy, step 1: the pubkeys of that swarm whose settled digests differ from
+        the caller's, each with our digest per settled bucket."""
+        if "skip-replication" in self.bugs:
+            return {"buckets": {}}
+        view = self._require_view()
+        swarm_id, before, theirs = args.get("swarm_id"), args.get("before"), args.get("digests")
+        if not isinstance(swarm_id, int) or not isinstance(before, int) or not isinstance(theirs, dict):
+            raise RequestError(Status.BAD_REQUEST, "'swarm_id', 'before' (a bucket) and 'digests' are required")
+        ours = self.storage.ae_digests(before, lambda pk: view.swarm_of(pk) == swarm_id)
+        differ = [pk for pk in set(ours) | set(theirs) if ours.get(pk) != theirs.get(pk)]
+        differ = [pk for pk in differ if isinstance(pk, str) and core.is_pubkey(pk)][:1000]
+        buckets = self.storage.ae_buckets(differ, before)
+        return {"buckets": {pk: [[b, d] for b, d in bs.items()] for pk, bs in buckets.items()}}
+
+    async def op_ae_hashes(self, args: dict) -> dict:
+        """Anti-entropy, step 2: our hashes in the buckets asked for, per pubkey."""
         if "skip-replication" in self.bugs:
             return {"hashes": {}}
-        view = self._require_view()
-        swarm_id, theirs = args.get("swarm_id"), args.get("digests")
-        if not isinstance(swarm_id, int) or not isinstance(theirs, dict):
-            raise RequestError(Status.BAD_REQUEST, "'swarm_id' and 'digests' are required")
-        now = self.clock.now_ms()
-        ours = self.storage.digest(lambda pk: view.swarm_of(pk) == swarm_id, now)
-        differ = [pk for pk in set(ours) | set(theirs) if ours.get(pk) != theirs.get(pk)]
-        differ = [pk for pk in differ if isinstance(pk, str) and len(pk) == 66][:1000]
-        return {"hashes": self.storage.hashes_for(differ, now) if differ else {}}
+        wanted = args.get("buckets")
+        if not isinstance(wanted, dict) or not all(
+                isinstance(pk, str) and core.is_pubkey(pk) and isinstance(bs, list) for pk, bs in wanted.items()):
+            raise RequestError(Status.BAD_REQUEST, "'buckets' must map pubkeys to lists of buckets")
+        return {"hashes": self.storage.ae_hashes(dict(list(wanted.items())[:1000]), self.clock.now_ms())}
 
     async def op_ae_fetch(self, args: dict) -> dict:
         hs = core.hashes(args)
@@ -417,24 +428,40 @@ class Node:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._rehome, view)
                 if view.my_swarm is not None:
-                    ours = self.storage.digest(view.is_mine, self.clock.now_ms())  # once per round, for all peers
+                    # Buckets before the horizon only: younger messages are still in flight.
+                    before = ae_bucket(self.clock.now_ms() - int(self.config.anti_entropy_settle_s * 1000))
+                    ours = self.storage.ae_digests(before, view.is_mine)  # once per round, for all peers
                     for peer in view.peers():
-                        nursery.start_soon(self._sync_with, view, peer.ed25519_public, ours)
+                        nursery.start_soon(self._sync_with, view, peer.ed25519_public, before, ours)
             now = self.clock.now_ms()
             self.tombstones = {h: t for h, t in self.tombstones.items() if t > now}
 
-    async def _sync_with(self, view: SwarmView, peer: str, ours: dict[str, str]) -> None:
-        now = self.clock.now_ms()
+    async def _sync_with(self, view: SwarmView, peer: str, before: int, ours: dict[str, str]) -> None:
+        """Compare settled digests with ``peer``, then bucket digests where they differ, then
+        hashes where buckets differ; fetch what we lack, push what it lacks, send deletes."""
         timeout = self.config.replication_timeout_s * 2
         try:
-            resp = await self.pool.call(peer, "ae_digest", {"swarm_id": view.my_swarm, "digests": ours},
-                                        timeout=timeout)
+            resp = await self.pool.call(peer, "ae_digest", {"swarm_id": view.my_swarm, "before": before,
+                                                            "digests": ours}, timeout=timeout)
             if not resp.ok:
                 return
-            theirs: dict[str, list[str]] = resp.body.get("hashes") or {}
-            if not theirs:
+            their_buckets = {pk: {b: d for b, d in pairs} for pk, pairs in (resp.body.get("buckets") or {}).items()
+                             if view.is_mine(pk)}
+            if not their_buckets:
                 return
-            mine = self.storage.hashes_for([pk for pk in theirs if view.is_mine(pk)], now)
+            my_buckets = self.storage.ae_buckets(list(their_buckets), before)
+            differ = {pk: sorted(b for b in set(mine) | set(their_buckets[pk])
+                                 if mine.get(b) != their_buckets[pk].get(b))
+                      for pk, mine in my_buckets.items()}
+            differ = {pk: bs for pk, bs in differ.items() if bs}
+            if not differ:
+                return
+            resp = await self.pool.call(peer, "ae_hashes", {"buckets": differ}, timeout=timeout)
+            if not resp.ok:
+                return
+            theirs: dict[str, list[str]] = {pk: hs for pk, hs in (resp.body.get("hashes") or {}).items()
+                                            if pk in differ}
+            mine = self.storage.ae_hashes({pk: differ[pk] for pk in theirs}, self.clock.now_ms())
             want, give, kill = [], [], []
             for pk, hs in theirs.items():
                 if not view.is_mine(pk):

@@ -17,9 +17,9 @@ import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import groupby
 
-__all__ = ["SCHEMA_VERSION", "StorageError", "StoredMessage", "StorageStatistics", "Storage", "digest_of"]
+__all__ = ["SCHEMA_VERSION", "AE_BUCKET_MS", "StorageError", "StoredMessage", "StorageStatistics", "Storage",
+           "DigestIndex", "ae_bucket"]
 
 SCHEMA_VERSION = 1
 # Bound variables per `IN (...)` query: SQLite allows 32766 since 3.32 but only
@@ -37,6 +37,9 @@ _SCHEMA = (
     "CREATE INDEX messages_expiry ON messages (expiry)",
 )
 _COLUMNS = "pubkey, namespace, hash, data, timestamp, expiry"  # StoredMessage's field order
+# Anti-entropy compares messages in buckets of this many ms of their (client-set,
+# hence replica-independent) timestamp.
+AE_BUCKET_MS = 5_000
 
 
 class StorageError(Exception):
@@ -65,12 +68,88 @@ class StorageStatistics:
     wal_bytes: int
 
 
-def digest_of(hashes: Iterable[str]) -> str:
-    """Hex blake2b-128 of a set of message hashes, whatever their order; as `Storage.digest`."""
-    h = hashlib.blake2b(digest_size=16)
-    for message_hash in sorted(set(hashes)):
-        h.update(message_hash.encode() + b"\n")  # base64 never holds a newline
-    return h.hexdigest()
+def ae_bucket(timestamp_ms: int) -> int:
+    """The anti-entropy bucket of a message with this timestamp."""
+    return timestamp_ms // AE_BUCKET_MS
+
+
+def _hash_value(message_hash: str) -> int:
+    return int.from_bytes(hashlib.blake2b(message_hash.encode(), digest_size=16).digest(), "big")
+
+
+def _digest_text(xor: int, count: int) -> str:
+    return f"{xor:032x}-{count}"
+
+
+class DigestIndex:
+    """Order-independent digests of a store's message hashes, per pubkey and
+    per timestamp bucket, kept current in O(1) per stored or removed message.
+
+    A digest is the XOR of blake2b-128 of each hash, plus the count: equal sets
+    give equal digests whatever the storage order, and a store, delete or
+    expiry changes only its own bucket.  Anti-entropy asks for the digest of
+    the settled buckets (those before a horizon) of every pubkey, then the
+    bucket digests of the pubkeys that differ, then the hashes of the buckets
+    that differ: a round costs O(pubkeys + differing buckets), not O(messages).
+    Expired messages count until ``delete_expired`` removes them.
+    """
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, dict[int, list[int]]] = {}  # pubkey -> bucket -> [xor, count]
+        self._totals: dict[str, list[int]] = {}  # pubkey -> [xor, count] over all its buckets
+        self._newest: dict[str, int] = {}  # pubkey -> its newest bucket ever seen (an upper bound)
+
+    def add(self, pubkey: str, message_hash: str, timestamp: int) -> None:
+        self._change(pubkey, _hash_value(message_hash), ae_bucket(timestamp), +1)
+
+    def remove(self, pubkey: str, message_hash: str, timestamp: int) -> None:
+        self._change(pubkey, _hash_value(message_hash), ae_bucket(timestamp), -1)
+
+    def _change(self, pubkey: str, value: int, bucket: int, step: int) -> None:
+        buckets = self._buckets.setdefault(pubkey, {})
+        cell = buckets.setdefault(bucket, [0, 0])
+        total = self._totals.setdefault(pubkey, [0, 0])
+        if bucket > self._newest.get(pubkey, bucket - 1):
+            self._newest[pubkey] = bucket
+        cell[0] ^= value
+        cell[1] += step
+        total[0] ^= value
+        total[1] += step
+        if cell[1] == 0:
+            del buckets[bucket]
+        if total[1] == 0:
+            del self._buckets[pubkey], self._totals[pubkey], self._newest[pubkey]
+
+    def settled(self, before_bucket: int, pubkey_filter: Callable[[str], bool] | None = None) -> dict[str, str]:
+        """Digest of every bucket before ``before_bucket``, per pubkey that the filter accepts and has some."""
+        out = {}
+        for pubkey, (xor, count) in self._totals.items():
+            if pubkey_filter is not None and not pubkey_filter(pubkey):
+                continue
+            for bucket, (bx, bc) in self._young(pubkey, before_bucket):
+                xor ^= bx
+                count -= bc
+            if count:
+                out[pubkey] = _digest_text(xor, count)
+        return out
+
+    def _young(self, pubkey: str, before_bucket: int) -> Iterator[tuple[int, list[int]]]:
+        buckets = self._buckets[pubkey]
+        span = self._newest[pubkey] - before_bucket + 1
+        if span <= 0:
+            return
+        if span <= 64:  # the usual case: look the few young buckets up rather than scan them all
+            for b in range(before_bucket, before_bucket + span):
+                cell = buckets.get(b)
+                if cell is not None:
+                    yield b, cell
+        else:
+            yield from ((b, c) for b, c in buckets.items() if b >= before_bucket)
+
+    def buckets(self, pubkeys: Iterable[str], before_bucket: int) -> dict[str, dict[int, str]]:
+        """Digest per settled bucket of each pubkey (an empty map for unknown ones)."""
+        return {pk: {b: _digest_text(x, c) for b, (x, c) in self._buckets.get(pk, {}).items() if b < before_bucket}
+                for pk in pubkeys}
 
 
 def _is_int(value: object) -> bool:
@@ -170,6 +249,10 @@ class Storage:
                 db.execute("PRAGMA synchronous=OFF")
             with self._transaction("open") as db:
                 self._migrate(db)
+            self.index = DigestIndex()
+            with self._guard("open") as db:
+                for pubkey, message_hash, timestamp in db.execute("SELECT pubkey, hash, timestamp FROM messages"):
+                    self.index.add(pubkey, message_hash, timestamp)
         except BaseException:
             self.close()
             raise
@@ -240,6 +323,9 @@ class Storage:
                 "ON CONFLICT (hash) DO UPDATE SET expiry = max(expiry, excluded.expiry)",
                 rows,
             )
+        for row, new in zip(rows, results):
+            if new:
+                self.index.add(row[0], row[2], row[4])
         return results
 
     def store(self, message: StoredMessage) -> bool:
@@ -248,32 +334,41 @@ class Storage:
 
     def delete(self, pubkey: str, hashes: Iterable[str]) -> list[str]:
         """Delete the pubkey's (only) messages with these hashes; those deleted, in the given order."""
-        sql = "DELETE FROM messages WHERE pubkey = ? AND hash IN ({}) RETURNING hash"
-        return self._by_owner("delete", sql, (_check_pubkey(pubkey),), hashes)
+        sql = "DELETE FROM messages WHERE pubkey = ? AND hash IN ({}) RETURNING hash, timestamp"
+        gone = self._by_owner("delete", sql, (_check_pubkey(pubkey),), hashes)
+        for message_hash, timestamp in gone.items():
+            self.index.remove(pubkey, message_hash, timestamp)
+        return list(gone)
 
     def expire(self, pubkey: str, hashes: Iterable[str], expiry_ms: int) -> list[str]:
         """Set the expiry (ms) of the pubkey's messages with these hashes; the hashes updated."""
         # Unlike a duplicate store this may shorten a life, as Session's signed expire may.
-        sql = "UPDATE messages SET expiry = ? WHERE pubkey = ? AND hash IN ({}) RETURNING hash"
+        sql = "UPDATE messages SET expiry = ? WHERE pubkey = ? AND hash IN ({}) RETURNING hash, timestamp"
         args = (_check_ms("expiry_ms", expiry_ms, minimum=1), _check_pubkey(pubkey))
-        return self._by_owner("expire", sql, args, hashes)
+        return list(self._by_owner("expire", sql, args, hashes))
 
-    def _by_owner(self, what: str, sql: str, args: tuple, hashes: Iterable[str]) -> list[str]:
+    def _by_owner(self, what: str, sql: str, args: tuple, hashes: Iterable[str]) -> dict[str, int]:
+        """Run ``sql`` (returning hash, timestamp) over the hashes: hash -> timestamp of those
+        it touched, in the given order."""
         wanted = _unique("hashes", hashes, _check_hash)
         if not wanted:
-            return []
-        done: set[str] = set()
+            return {}
+        done: dict[str, int] = {}
         with self._transaction(what) as db:
             for part, marks in _chunks(wanted):
-                done.update(h for (h,) in db.execute(sql.format(marks), (*args, *part)))
-        return [h for h in wanted if h in done]
+                done.update(db.execute(sql.format(marks), (*args, *part)))
+        return {h: done[h] for h in wanted if h in done}
 
     def delete_expired(self, now_ms: int) -> int:
         """Remove every message whose expiry is at or before now_ms; how many went."""
         # oxen-storage-server runs this every 10 s (Database::CLEANUP_PERIOD).
         now_ms = _check_ms("now_ms", now_ms)
         with self._transaction("delete_expired") as db:
-            return db.execute("DELETE FROM messages WHERE expiry <= ?", (now_ms,)).rowcount
+            gone = db.execute("DELETE FROM messages WHERE expiry <= ? RETURNING pubkey, hash, timestamp",
+                              (now_ms,)).fetchall()
+        for pubkey, message_hash, timestamp in gone:
+            self.index.remove(pubkey, message_hash, timestamp)
+        return len(gone)
 
     def retrieve(
         self, pubkey: str, namespace: int, last_hash: str | None, now_ms: int, limit: int = 256
@@ -334,37 +429,33 @@ class Storage:
         rows.sort(key=lambda r: r[0])
         return [StoredMessage(*r[1:]) for r in rows]
 
-    def hashes_for(self, pubkeys: Iterable[str], now_ms: int | None = None) -> dict[str, list[str]]:
-        """Sorted message hashes per asked pubkey (every one a key), all namespaces.
+    def ae_digests(self, before_bucket: int, pubkey_filter: Callable[[str], bool] | None = None) -> dict[str, str]:
+        """Anti-entropy, step 1: per pubkey (that the filter accepts), the digest of its
+        messages in buckets before ``before_bucket``. Equal sets give equal digests."""
+        return self.index.settled(before_bucket, pubkey_filter)
 
-        now_ms filters as in messages_for. Anti-entropy: where digests differ,
-        peers swap these lists and fetch what they lack with get_many.
+    def ae_buckets(self, pubkeys: Iterable[str], before_bucket: int) -> dict[str, dict[int, str]]:
+        """Anti-entropy, step 2: the digest of each settled bucket of these pubkeys."""
+        return self.index.buckets(_unique("pubkeys", pubkeys, _check_pubkey), before_bucket)
+
+    def ae_hashes(self, wanted: dict[str, Iterable[int]], now_ms: int | None = None) -> dict[str, list[str]]:
+        """Anti-entropy, step 3: the sorted hashes in these buckets, per pubkey (every one a key).
+
+        now_ms filters as in messages_for, so nobody fetches what has expired.
         """
-        wanted = _unique("pubkeys", pubkeys, _check_pubkey)
         expiry_sql, expiry_args = _expiry_filter(now_ms)
-        out: dict[str, list[str]] = {pubkey: [] for pubkey in wanted}
-        with self._guard("hashes_for") as db:
-            for part, marks in _chunks(wanted):
-                sql = f"SELECT pubkey, hash FROM messages WHERE pubkey IN ({marks}) {expiry_sql} ORDER BY hash"
-                for pubkey, message_hash in db.execute(sql, (*part, *expiry_args)):
-                    out[pubkey].append(message_hash)
+        sql = f"SELECT hash, timestamp FROM messages WHERE pubkey = ? AND timestamp >= ? AND timestamp < ? {expiry_sql}"
+        out: dict[str, list[str]] = {}
+        with self._guard("ae_hashes") as db:
+            for pubkey, buckets in wanted.items():
+                keep = {b for b in buckets if _is_int(b)}
+                found: list[str] = []
+                out[_check_pubkey(pubkey)] = found
+                if keep:
+                    lo, hi = min(keep) * AE_BUCKET_MS, (max(keep) + 1) * AE_BUCKET_MS
+                    found.extend(h for h, t in db.execute(sql, (pubkey, lo, hi, *expiry_args)) if ae_bucket(t) in keep)
+                    found.sort()
         return out
-
-    def digest(self, pubkey_filter: Callable[[str], bool] | None = None, now_ms: int | None = None) -> dict[str, str]:
-        """digest_of(its hashes) per pubkey holding messages that the filter accepts.
-
-        Equal message sets give equal digests. now_ms filters as in messages_for:
-        pass it, or nodes that cleaned up at different times disagree.
-        """
-        expiry_sql, expiry_args = _expiry_filter(now_ms)
-        with self._guard("digest") as db:
-            sql = f"SELECT pubkey, hash FROM messages WHERE 1 {expiry_sql} ORDER BY pubkey"
-            rows = db.execute(sql, expiry_args).fetchall()
-        return {
-            pubkey: digest_of(h for _, h in group)
-            for pubkey, group in groupby(rows, key=lambda row: row[0])
-            if pubkey_filter is None or pubkey_filter(pubkey)
-        }
 
     def count(self) -> int:
         """Number of stored messages, expired ones included until delete_expired."""

@@ -19,7 +19,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from nodes.storage import SCHEMA_VERSION, Storage, StorageError, StoredMessage, digest_of
+from nodes.storage import AE_BUCKET_MS, SCHEMA_VERSION, DigestIndex, Storage, StorageError, StoredMessage, ae_bucket
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = 1_700_000_000_000  # ms
@@ -160,35 +160,67 @@ def test_expire_sets_expiry_of_own_messages(storage: Storage) -> None:
     assert storage.get_many([a1.hash])[0].expiry == NOW + 999_999
 
 
-def test_digest_tracks_content_and_agrees_across_databases(tmp_path: Path) -> None:
+def test_digests_track_content_and_agree_across_databases(tmp_path: Path) -> None:
     one, two = Storage(tmp_path / "one.sqlite"), Storage(tmp_path / "two.sqlite")
+    old, new = NOW - 3 * AE_BUCKET_MS, NOW
+    horizon = ae_bucket(NOW)  # buckets before NOW's are settled
     try:
-        batch = [msg(n=i, namespace=i % 2) for i in range(6)] + [msg(BOB, 1, ttl=500)]
+        batch = [msg(n=i, namespace=i % 2, ts=old) for i in range(6)] + [msg(BOB, 1, ttl=500, ts=old)]
         one.store_many(batch)
         two.store_many(batch[::-1])  # other storage order, same set
-        d1 = one.digest(now_ms=NOW)
-        assert d1 == two.digest(now_ms=NOW)
-        assert set(d1) == {ALICE, BOB}
-        assert d1[ALICE] == digest_of(hashes(batch[:6]))
-        assert len(d1[ALICE]) == 32 and int(d1[ALICE], 16) >= 0
-        assert one.hashes_for([ALICE, BOB, "05" + "0" * 64], now_ms=NOW) == {
-            ALICE: sorted(hashes(batch[:6])),
-            BOB: [batch[6].hash],
-            "05" + "0" * 64: [],
-        }
-        one.store(msg(n=99))
-        d1_after = one.digest(now_ms=NOW)
-        assert d1_after[ALICE] != d1[ALICE] and d1_after[BOB] == d1[BOB]
-        two.store(msg(n=99))
-        assert two.digest(now_ms=NOW) == d1_after
-        # Expired messages drop out of the digest when now_ms is given.
-        assert BOB not in one.digest(now_ms=NOW + 500)
-        assert BOB in one.digest()
-        assert set(one.digest(lambda pubkey: pubkey == BOB, NOW)) == {BOB}
-        assert one.hashes_for([BOB], NOW + 500) == {BOB: []}
+        d1 = one.ae_digests(horizon)
+        assert d1 == two.ae_digests(horizon)
+        assert set(d1) == {ALICE, BOB} and d1[ALICE] != d1[BOB]
+        # Young messages (at or after the horizon) are left out: they may still be in flight.
+        one.store(msg(n=98, ts=new))
+        assert one.ae_digests(horizon) == d1
+        assert one.ae_digests(horizon + 1)[ALICE] != d1[ALICE]
+        # A settled message that one side lacks changes that pubkey's digest and that bucket's only.
+        one.store(msg(n=99, ts=old + 1))
+        one.store(msg(n=97, ts=old - AE_BUCKET_MS))
+        two.store(msg(n=97, ts=old - AE_BUCKET_MS))
+        d1_after = one.ae_digests(horizon)
+        assert d1_after[ALICE] != two.ae_digests(horizon)[ALICE] and d1_after[BOB] == d1[BOB]
+        b1, b2 = one.ae_buckets([ALICE], horizon)[ALICE], two.ae_buckets([ALICE], horizon)[ALICE]
+        assert set(b1) == set(b2) == {ae_bucket(old), ae_bucket(old) - 1}
+        assert [b for b in b1 if b1[b] != b2[b]] == [ae_bucket(old)]
+        assert one.ae_hashes({ALICE: [ae_bucket(old)], BOB: [], "05" + "0" * 64: [1]}, now_ms=NOW) == {
+            ALICE: sorted(hashes(batch[:6]) + [msg(n=99).hash]), BOB: [], "05" + "0" * 64: []}
+        two.store(msg(n=99, ts=old + 1))
+        assert two.ae_digests(horizon) == d1_after
+        assert set(one.ae_digests(horizon, lambda pubkey: pubkey == BOB)) == {BOB}
+        # Expired messages are not listed for fetching, and leave the digests once deleted.
+        assert one.ae_hashes({BOB: [ae_bucket(old)]}, now_ms=old + 500) == {BOB: []}
+        one.delete_expired(old + 500)
+        assert BOB not in one.ae_digests(horizon)
+        # A delete takes the message out; a reopened store rebuilds the same digests.
+        one.delete(ALICE, [msg(n=99).hash])
+        assert one.ae_digests(horizon)[ALICE] != d1_after[ALICE]
+        before_close = one.ae_digests(horizon + 1)
+        one.close()
+        one = Storage(tmp_path / "one.sqlite")
+        assert one.ae_digests(horizon + 1) == before_close
     finally:
         one.close()
         two.close()
+
+
+def test_digest_index_is_order_independent_and_counts():
+    a, b = DigestIndex(), DigestIndex()
+    items = [(ALICE, f"h{i}", NOW + i * 1000) for i in range(12)]
+    for it in items:
+        a.add(*it)
+    for it in reversed(items):
+        b.add(*it)
+    far = ae_bucket(NOW) + 100
+    assert a.settled(far) == b.settled(far) and a.buckets([ALICE], far) == b.buckets([ALICE], far)
+    b.remove(*items[3])
+    assert a.settled(far) != b.settled(far)
+    b.add(*items[3])
+    assert a.settled(far) == b.settled(far)
+    for it in items:
+        a.remove(*it)
+    assert a.settled(far) == {} and a.buckets([ALICE], far) == {ALICE: {}}
 
 
 def test_bulk_readers(storage: Storage) -> None:
@@ -293,7 +325,9 @@ def test_invalid_arguments(storage: Storage) -> None:
     with pytest.raises(StorageError):
         storage.delete_expired(-5)
     with pytest.raises(StorageError):
-        storage.digest(now_ms=-1)
+        storage.ae_hashes({ALICE: [1]}, now_ms=-1)
+    with pytest.raises(StorageError):
+        storage.ae_buckets(["bob"], 1)
 
 
 def test_batch_of_5000_in_one_store_many(storage: Storage) -> None:
@@ -384,7 +418,9 @@ class StorageMachine(RuleBasedStateMachine):
 
     @rule(batch=st.lists(STORE_SPECS, min_size=1, max_size=6))
     def store(self, batch: list[tuple[str, int, int, int]]) -> None:
-        messages = [msg(p, n, namespace=ns, ttl=ttl, ts=self.now) for p, ns, n, ttl in batch]
+        # Timestamps spread over several anti-entropy buckets; expiry stays relative to now.
+        messages = [replace(msg(p, n, namespace=ns, ts=self.now - (n % 4) * 3000), expiry=self.now + ttl)
+                    for p, ns, n, ttl in batch]
         expected = []
         for m in messages:
             expected.append(m.hash not in self.model)
@@ -445,8 +481,15 @@ class StorageMachine(RuleBasedStateMachine):
         assert self.storage.count() == len(self.model)
         live = {p: sorted(h for h, (_, m) in self.model.items() if m.pubkey == p and m.expiry > self.now)
                 for p in PUBKEYS}
-        assert self.storage.hashes_for(PUBKEYS, self.now) == live
-        assert self.storage.digest(now_ms=self.now) == {p: digest_of(hs) for p, hs in live.items() if hs}
+        # Anti-entropy digests, kept up to date change by change, equal digests built from scratch.
+        fresh = DigestIndex()
+        for _, m in self.model.values():
+            fresh.add(m.pubkey, m.hash, m.timestamp)
+        for before in (ae_bucket(self.now) - 2, ae_bucket(self.now), ae_bucket(self.now) + 1):
+            assert self.storage.ae_digests(before) == fresh.settled(before)
+            assert self.storage.ae_buckets(PUBKEYS, before) == fresh.buckets(PUBKEYS, before)
+        everything = {p: range(ae_bucket(self.now) - 4, ae_bucket(self.now) + 1) for p in PUBKEYS}
+        assert self.storage.ae_hashes(everything, self.now) == live
         for pubkey in PUBKEYS:
             for namespace in NAMESPACES:
                 expected = (self.live(pubkey, namespace), False)
