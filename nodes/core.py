@@ -52,7 +52,6 @@ class NodeConfig:
     clock_offset_ms: int = 0
     parent_pid: int | None = None
     anti_entropy_interval_s: float = 2.0
-    anti_entropy_settle_s: float = 5.0  # anti-entropy leaves messages younger than this to replication
     expiry_interval_s: float = 10.0
     registry_poll_s: float = 1.0
     replication_timeout_s: float = 2.0
@@ -85,7 +84,6 @@ class NodeConfig:
                 clock_offset_ms=int(raw.get("clock_offset_ms", 0)),
                 parent_pid=raw.get("parent_pid"),
                 anti_entropy_interval_s=float(raw.get("anti_entropy_interval_s", 2.0)),
-                anti_entropy_settle_s=float(raw.get("anti_entropy_settle_s", 5.0)),
                 expiry_interval_s=float(raw.get("expiry_interval_s", 10.0)),
                 registry_poll_s=float(raw.get("registry_poll_s", 1.0)),
                 replication_timeout_s=float(raw.get("replication_timeout_s", 2.0)),

@@ -25,7 +25,7 @@ from . import core
 from .capture import CaptureFile
 from .core import NodeConfig, SwarmView
 from .replication import GroupCommit, PeerSender
-from .storage import Storage, StoredMessage, ae_bucket
+from .storage import Storage, StoredMessage
 
 log = logging.getLogger("node")
 
@@ -297,18 +297,18 @@ class Node:
         return {"updated": n}
 
     async def op_ae_digest(self, args: dict) -> dict:
-        """Anti-entropy, step 1: the pubkeys of that swarm whose settled digests differ from
-        the caller's, each with our digest per settled bucket."""
+        """Anti-entropy, step 1: the pubkeys of that swarm whose digests differ from the
+        caller's, each with our digest per bucket."""
         if "skip-replication" in self.bugs:
             return {"buckets": {}}
         view = self._require_view()
-        swarm_id, before, theirs = args.get("swarm_id"), args.get("before"), args.get("digests")
-        if not isinstance(swarm_id, int) or not isinstance(before, int) or not isinstance(theirs, dict):
-            raise RequestError(Status.BAD_REQUEST, "'swarm_id', 'before' (a bucket) and 'digests' are required")
-        ours = self.storage.ae_digests(before, lambda pk: view.swarm_of(pk) == swarm_id)
+        swarm_id, theirs = args.get("swarm_id"), args.get("digests")
+        if not isinstance(swarm_id, int) or not isinstance(theirs, dict):
+            raise RequestError(Status.BAD_REQUEST, "'swarm_id' and 'digests' are required")
+        ours = self.storage.ae_digests(lambda pk: view.swarm_of(pk) == swarm_id)
         differ = [pk for pk in set(ours) | set(theirs) if ours.get(pk) != theirs.get(pk)]
         differ = [pk for pk in differ if isinstance(pk, str) and core.is_pubkey(pk)][:1000]
-        buckets = self.storage.ae_buckets(differ, before)
+        buckets = self.storage.ae_buckets(differ)
         return {"buckets": {pk: [[b, d] for b, d in bs.items()] for pk, bs in buckets.items()}}
 
     async def op_ae_hashes(self, args: dict) -> dict:
@@ -428,28 +428,26 @@ class Node:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._rehome, view)
                 if view.my_swarm is not None:
-                    # Buckets before the horizon only: younger messages are still in flight.
-                    before = ae_bucket(self.clock.now_ms() - int(self.config.anti_entropy_settle_s * 1000))
-                    ours = self.storage.ae_digests(before, view.is_mine)  # once per round, for all peers
+                    ours = self.storage.ae_digests(view.is_mine)  # once per round, for all peers
                     for peer in view.peers():
-                        nursery.start_soon(self._sync_with, view, peer.ed25519_public, before, ours)
+                        nursery.start_soon(self._sync_with, view, peer.ed25519_public, ours)
             now = self.clock.now_ms()
             self.tombstones = {h: t for h, t in self.tombstones.items() if t > now}
 
-    async def _sync_with(self, view: SwarmView, peer: str, before: int, ours: dict[str, str]) -> None:
-        """Compare settled digests with ``peer``, then bucket digests where they differ, then
+    async def _sync_with(self, view: SwarmView, peer: str, ours: dict[str, str]) -> None:
+        """Compare digests with ``peer``, then bucket digests where they differ, then
         hashes where buckets differ; fetch what we lack, push what it lacks, send deletes."""
         timeout = self.config.replication_timeout_s * 2
         try:
-            resp = await self.pool.call(peer, "ae_digest", {"swarm_id": view.my_swarm, "before": before,
-                                                            "digests": ours}, timeout=timeout)
+            resp = await self.pool.call(peer, "ae_digest", {"swarm_id": view.my_swarm, "digests": ours},
+                                        timeout=timeout)
             if not resp.ok:
                 return
             their_buckets = {pk: {b: d for b, d in pairs} for pk, pairs in (resp.body.get("buckets") or {}).items()
                              if view.is_mine(pk)}
             if not their_buckets:
                 return
-            my_buckets = self.storage.ae_buckets(list(their_buckets), before)
+            my_buckets = self.storage.ae_buckets(list(their_buckets))
             differ = {pk: sorted(b for b in set(mine) | set(their_buckets[pk])
                                  if mine.get(b) != their_buckets[pk].get(b))
                       for pk, mine in my_buckets.items()}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 __all__ = ["SCHEMA_VERSION", "AE_BUCKET_MS", "StorageError", "StoredMessage", "StorageStatistics", "Storage",
            "DigestIndex", "ae_bucket"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Bound variables per `IN (...)` query: SQLite allows 32766 since 3.32 but only
 # 999 before, and a few hundred already amortise the statement.
 _CHUNK = 500
@@ -35,7 +35,10 @@ _SCHEMA = (
     " expiry INTEGER NOT NULL, data BLOB NOT NULL)",
     "CREATE INDEX messages_owner ON messages (pubkey, namespace, id)",
     "CREATE INDEX messages_expiry ON messages (expiry)",
+    # Version 2: anti-entropy lists an account's hashes by timestamp bucket.
+    "CREATE INDEX messages_time ON messages (pubkey, timestamp)",
 )
+_MIGRATIONS = {1: _SCHEMA[-1:]}  # from version N to SCHEMA_VERSION
 _COLUMNS = "pubkey, namespace, hash, data, timestamp, expiry"  # StoredMessage's field order
 # Anti-entropy compares messages in buckets of this many ms of their (client-set,
 # hence replica-independent) timestamp.
@@ -86,18 +89,17 @@ class DigestIndex:
     per timestamp bucket, kept current in O(1) per stored or removed message.
 
     A digest is the XOR of blake2b-128 of each hash, plus the count: equal sets
-    give equal digests whatever the storage order, and a store, delete or
-    expiry changes only its own bucket.  Anti-entropy asks for the digest of
-    the settled buckets (those before a horizon) of every pubkey, then the
-    bucket digests of the pubkeys that differ, then the hashes of the buckets
-    that differ: a round costs O(pubkeys + differing buckets), not O(messages).
-    Expired messages count until ``delete_expired`` removes them.
+    give equal digests whatever the storage order, and a store or delete
+    changes only its own bucket and its pubkey's total.  Anti-entropy compares
+    the totals of every pubkey, then the buckets of the pubkeys that differ,
+    then the hashes of the buckets that differ: a round costs O(pubkeys +
+    their buckets + messages in differing buckets), not O(messages).  Expired
+    messages count until ``delete_expired`` removes them.
     """
 
     def __init__(self) -> None:
         self._buckets: dict[str, dict[int, list[int]]] = {}  # pubkey -> bucket -> [xor, count]
         self._totals: dict[str, list[int]] = {}  # pubkey -> [xor, count] over all its buckets
-        self._newest: dict[str, int] = {}  # pubkey -> its newest bucket ever seen (an upper bound)
 
     def add(self, pubkey: str, message_hash: str, timestamp: int) -> None:
         self._change(pubkey, _hash_value(message_hash), ae_bucket(timestamp), +1)
@@ -109,8 +111,6 @@ class DigestIndex:
         buckets = self._buckets.setdefault(pubkey, {})
         cell = buckets.setdefault(bucket, [0, 0])
         total = self._totals.setdefault(pubkey, [0, 0])
-        if bucket > self._newest.get(pubkey, bucket - 1):
-            self._newest[pubkey] = bucket
         cell[0] ^= value
         cell[1] += step
         total[0] ^= value
@@ -118,38 +118,16 @@ class DigestIndex:
         if cell[1] == 0:
             del buckets[bucket]
         if total[1] == 0:
-            del self._buckets[pubkey], self._totals[pubkey], self._newest[pubkey]
+            del self._buckets[pubkey], self._totals[pubkey]
 
-    def settled(self, before_bucket: int, pubkey_filter: Callable[[str], bool] | None = None) -> dict[str, str]:
-        """Digest of every bucket before ``before_bucket``, per pubkey that the filter accepts and has some."""
-        out = {}
-        for pubkey, (xor, count) in self._totals.items():
-            if pubkey_filter is not None and not pubkey_filter(pubkey):
-                continue
-            for bucket, (bx, bc) in self._young(pubkey, before_bucket):
-                xor ^= bx
-                count -= bc
-            if count:
-                out[pubkey] = _digest_text(xor, count)
-        return out
+    def totals(self, pubkey_filter: Callable[[str], bool] | None = None) -> dict[str, str]:
+        """One digest per pubkey that holds messages (and that the filter accepts)."""
+        return {pk: _digest_text(x, c) for pk, (x, c) in self._totals.items()
+                if pubkey_filter is None or pubkey_filter(pk)}
 
-    def _young(self, pubkey: str, before_bucket: int) -> Iterator[tuple[int, list[int]]]:
-        buckets = self._buckets[pubkey]
-        span = self._newest[pubkey] - before_bucket + 1
-        if span <= 0:
-            return
-        if span <= 64:  # the usual case: look the few young buckets up rather than scan them all
-            for b in range(before_bucket, before_bucket + span):
-                cell = buckets.get(b)
-                if cell is not None:
-                    yield b, cell
-        else:
-            yield from ((b, c) for b, c in buckets.items() if b >= before_bucket)
-
-    def buckets(self, pubkeys: Iterable[str], before_bucket: int) -> dict[str, dict[int, str]]:
-        """Digest per settled bucket of each pubkey (an empty map for unknown ones)."""
-        return {pk: {b: _digest_text(x, c) for b, (x, c) in self._buckets.get(pk, {}).items() if b < before_bucket}
-                for pk in pubkeys}
+    def buckets(self, pubkeys: Iterable[str]) -> dict[str, dict[int, str]]:
+        """Digest per bucket of each pubkey (an empty map for those without messages)."""
+        return {pk: {b: _digest_text(x, c) for b, (x, c) in self._buckets.get(pk, {}).items()} for pk in pubkeys}
 
 
 def _is_int(value: object) -> bool:
@@ -260,6 +238,11 @@ class Storage:
     def _migrate(self, db: sqlite3.Connection) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
+            return
+        if version in _MIGRATIONS:
+            for statement in _MIGRATIONS[version]:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             return
         if version != 0:
             raise StorageError(f"{self._path!r}: schema version {version}, this code knows {SCHEMA_VERSION}")
@@ -429,14 +412,14 @@ class Storage:
         rows.sort(key=lambda r: r[0])
         return [StoredMessage(*r[1:]) for r in rows]
 
-    def ae_digests(self, before_bucket: int, pubkey_filter: Callable[[str], bool] | None = None) -> dict[str, str]:
+    def ae_digests(self, pubkey_filter: Callable[[str], bool] | None = None) -> dict[str, str]:
         """Anti-entropy, step 1: per pubkey (that the filter accepts), the digest of its
-        messages in buckets before ``before_bucket``. Equal sets give equal digests."""
-        return self.index.settled(before_bucket, pubkey_filter)
+        messages. Equal sets give equal digests, whatever the storage order."""
+        return self.index.totals(pubkey_filter)
 
-    def ae_buckets(self, pubkeys: Iterable[str], before_bucket: int) -> dict[str, dict[int, str]]:
-        """Anti-entropy, step 2: the digest of each settled bucket of these pubkeys."""
-        return self.index.buckets(_unique("pubkeys", pubkeys, _check_pubkey), before_bucket)
+    def ae_buckets(self, pubkeys: Iterable[str]) -> dict[str, dict[int, str]]:
+        """Anti-entropy, step 2: the digest of each bucket of these pubkeys."""
+        return self.index.buckets(_unique("pubkeys", pubkeys, _check_pubkey))
 
     def ae_hashes(self, wanted: dict[str, Iterable[int]], now_ms: int | None = None) -> dict[str, list[str]]:
         """Anti-entropy, step 3: the sorted hashes in these buckets, per pubkey (every one a key).

@@ -162,44 +162,40 @@ def test_expire_sets_expiry_of_own_messages(storage: Storage) -> None:
 
 def test_digests_track_content_and_agree_across_databases(tmp_path: Path) -> None:
     one, two = Storage(tmp_path / "one.sqlite"), Storage(tmp_path / "two.sqlite")
-    old, new = NOW - 3 * AE_BUCKET_MS, NOW
-    horizon = ae_bucket(NOW)  # buckets before NOW's are settled
+    old = NOW - 3 * AE_BUCKET_MS
     try:
         batch = [msg(n=i, namespace=i % 2, ts=old) for i in range(6)] + [msg(BOB, 1, ttl=500, ts=old)]
         one.store_many(batch)
         two.store_many(batch[::-1])  # other storage order, same set
-        d1 = one.ae_digests(horizon)
-        assert d1 == two.ae_digests(horizon)
+        d1 = one.ae_digests()
+        assert d1 == two.ae_digests()
         assert set(d1) == {ALICE, BOB} and d1[ALICE] != d1[BOB]
-        # Young messages (at or after the horizon) are left out: they may still be in flight.
-        one.store(msg(n=98, ts=new))
-        assert one.ae_digests(horizon) == d1
-        assert one.ae_digests(horizon + 1)[ALICE] != d1[ALICE]
-        # A settled message that one side lacks changes that pubkey's digest and that bucket's only.
+        # A message one side lacks changes that pubkey's digest and that bucket's only.
         one.store(msg(n=99, ts=old + 1))
-        one.store(msg(n=97, ts=old - AE_BUCKET_MS))
-        two.store(msg(n=97, ts=old - AE_BUCKET_MS))
-        d1_after = one.ae_digests(horizon)
-        assert d1_after[ALICE] != two.ae_digests(horizon)[ALICE] and d1_after[BOB] == d1[BOB]
-        b1, b2 = one.ae_buckets([ALICE], horizon)[ALICE], two.ae_buckets([ALICE], horizon)[ALICE]
-        assert set(b1) == set(b2) == {ae_bucket(old), ae_bucket(old) - 1}
+        one.store(msg(n=97, ts=NOW))
+        two.store(msg(n=97, ts=NOW))
+        d1_after = one.ae_digests()
+        assert d1_after[ALICE] != two.ae_digests()[ALICE] and d1_after[BOB] == d1[BOB]
+        b1, b2 = one.ae_buckets([ALICE])[ALICE], two.ae_buckets([ALICE])[ALICE]
+        assert set(b1) == set(b2) == {ae_bucket(old), ae_bucket(NOW)}
         assert [b for b in b1 if b1[b] != b2[b]] == [ae_bucket(old)]
         assert one.ae_hashes({ALICE: [ae_bucket(old)], BOB: [], "05" + "0" * 64: [1]}, now_ms=NOW) == {
             ALICE: sorted(hashes(batch[:6]) + [msg(n=99).hash]), BOB: [], "05" + "0" * 64: []}
         two.store(msg(n=99, ts=old + 1))
-        assert two.ae_digests(horizon) == d1_after
-        assert set(one.ae_digests(horizon, lambda pubkey: pubkey == BOB)) == {BOB}
+        assert two.ae_digests() == d1_after
+        assert set(one.ae_digests(lambda pubkey: pubkey == BOB)) == {BOB}
         # Expired messages are not listed for fetching, and leave the digests once deleted.
         assert one.ae_hashes({BOB: [ae_bucket(old)]}, now_ms=old + 500) == {BOB: []}
+        assert one.ae_hashes({BOB: [ae_bucket(old)]}) == {BOB: [batch[6].hash]}
         one.delete_expired(old + 500)
-        assert BOB not in one.ae_digests(horizon)
+        assert BOB not in one.ae_digests()
         # A delete takes the message out; a reopened store rebuilds the same digests.
         one.delete(ALICE, [msg(n=99).hash])
-        assert one.ae_digests(horizon)[ALICE] != d1_after[ALICE]
-        before_close = one.ae_digests(horizon + 1)
+        assert one.ae_digests()[ALICE] != d1_after[ALICE]
+        before_close = one.ae_digests()
         one.close()
         one = Storage(tmp_path / "one.sqlite")
-        assert one.ae_digests(horizon + 1) == before_close
+        assert one.ae_digests() == before_close
     finally:
         one.close()
         two.close()
@@ -212,15 +208,17 @@ def test_digest_index_is_order_independent_and_counts():
         a.add(*it)
     for it in reversed(items):
         b.add(*it)
-    far = ae_bucket(NOW) + 100
-    assert a.settled(far) == b.settled(far) and a.buckets([ALICE], far) == b.buckets([ALICE], far)
+    assert a.totals() == b.totals() and a.buckets([ALICE]) == b.buckets([ALICE])
+    assert len(a.buckets([ALICE])[ALICE]) == len({ae_bucket(t) for _, _, t in items})
     b.remove(*items[3])
-    assert a.settled(far) != b.settled(far)
+    assert a.totals() != b.totals()
+    assert [k for k, v in a.buckets([ALICE])[ALICE].items() if b.buckets([ALICE])[ALICE].get(k) != v] == \
+        [ae_bucket(items[3][2])]
     b.add(*items[3])
-    assert a.settled(far) == b.settled(far)
+    assert a.totals() == b.totals()
     for it in items:
         a.remove(*it)
-    assert a.settled(far) == {} and a.buckets([ALICE], far) == {ALICE: {}}
+    assert a.totals() == {} and a.buckets([ALICE]) == {ALICE: {}}
 
 
 def test_bulk_readers(storage: Storage) -> None:
@@ -263,12 +261,37 @@ def test_schema_pragmas_and_reopen(tmp_path: Path) -> None:
         assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         indexed = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-        assert {"messages_owner", "messages_expiry"} <= indexed
+        assert {"messages_owner", "messages_expiry", "messages_time"} <= indexed
     finally:
         raw.close()
     again = Storage(path)
     assert again.messages_for() == [msg(n=1)]
     again.close()
+
+
+def test_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "v1.sqlite"
+    Storage(path).close()
+    raw = sqlite3.connect(path)
+    raw.execute("DROP INDEX messages_time")
+    raw.execute("INSERT INTO messages (hash, pubkey, namespace, timestamp, expiry, data) VALUES (?, ?, 0, ?, ?, ?)",
+                (msg(n=5).hash, ALICE, NOW, NOW + 60_000, msg(n=5).data))
+    raw.execute("PRAGMA user_version = 1")
+    raw.commit()
+    raw.close()
+    s = Storage(path)
+    try:
+        assert s.messages_for() == [msg(n=5)]
+        assert s.ae_hashes({ALICE: [ae_bucket(NOW)]}) == {ALICE: [msg(n=5).hash]}
+        assert ALICE in s.ae_digests()
+    finally:
+        s.close()
+    raw = sqlite3.connect(path)
+    try:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert "messages_time" in {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    finally:
+        raw.close()
 
 
 def test_refuses_foreign_or_future_databases(tmp_path: Path) -> None:
@@ -327,7 +350,7 @@ def test_invalid_arguments(storage: Storage) -> None:
     with pytest.raises(StorageError):
         storage.ae_hashes({ALICE: [1]}, now_ms=-1)
     with pytest.raises(StorageError):
-        storage.ae_buckets(["bob"], 1)
+        storage.ae_buckets(["bob"])
 
 
 def test_batch_of_5000_in_one_store_many(storage: Storage) -> None:
@@ -485,9 +508,8 @@ class StorageMachine(RuleBasedStateMachine):
         fresh = DigestIndex()
         for _, m in self.model.values():
             fresh.add(m.pubkey, m.hash, m.timestamp)
-        for before in (ae_bucket(self.now) - 2, ae_bucket(self.now), ae_bucket(self.now) + 1):
-            assert self.storage.ae_digests(before) == fresh.settled(before)
-            assert self.storage.ae_buckets(PUBKEYS, before) == fresh.buckets(PUBKEYS, before)
+        assert self.storage.ae_digests() == fresh.totals()
+        assert self.storage.ae_buckets(PUBKEYS) == fresh.buckets(PUBKEYS)
         everything = {p: range(ae_bucket(self.now) - 4, ae_bucket(self.now) + 1) for p in PUBKEYS}
         assert self.storage.ae_hashes(everything, self.now) == live
         for pubkey in PUBKEYS:
