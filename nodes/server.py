@@ -61,7 +61,6 @@ class Node:
         self.bugs = set(config.inject_bugs)
         self.rate = core.TokenBucket(config.rate_limit_burst, config.rate_limit_per_second)
         self.listening: list[tuple[str, int]] = []
-        self.tombstones: dict[str, int] = {}  # deleted hash -> its expiry (ms): never fetch it back
         self.onion_handler: Callable[[Request, Peer], Awaitable[tuple[int, Any]]] | None = None
         self._senders: dict[tuple[str, str], PeerSender] = {}
         self._ae_wake = trio.Event()
@@ -246,10 +245,9 @@ class Node:
         return {"deleted": deleted, "swarm": results}
 
     def _delete_local(self, pubkey: str, hs: list[str]) -> list[str]:
-        horizon = self.clock.now_ms() + core.MAX_TTL_MS
-        for h in hs:
-            self.tombstones[h] = horizon
-        return self.storage.delete(pubkey, hs)
+        # A deleted message must never come back from a peer's copy: remember the hash
+        # for as long as any copy could still be alive.
+        return self.storage.delete(pubkey, hs, tombstone_until=self.clock.now_ms() + core.MAX_TTL_MS)
 
     async def op_expire(self, args: dict) -> dict:
         pubkey, hs, expiry = core.validate_expire(args, self.clock.now_ms())
@@ -269,7 +267,7 @@ class Node:
         if not isinstance(items, list) or len(items) > 10 * 500:
             raise RequestError(Status.BAD_REQUEST, "'messages' must be a list")
         msgs = [core.message_from_wire(i) for i in items]
-        msgs = [m for m in msgs if m.hash not in self.tombstones]
+        msgs = [m for m in msgs if not self.storage.tombstoned(m.hash)]
         if msgs:
             new = await self.commit.commit(msgs)
             self.stats["replicated_in"] += sum(new)
@@ -431,8 +429,6 @@ class Node:
                     ours = self.storage.ae_digests(view.is_mine)  # once per round, for all peers
                     for peer in view.peers():
                         nursery.start_soon(self._sync_with, view, peer.ed25519_public, ours)
-            now = self.clock.now_ms()
-            self.tombstones = {h: t for h, t in self.tombstones.items() if t > now}
 
     async def _sync_with(self, view: SwarmView, peer: str, ours: dict[str, str]) -> None:
         """Compare digests with ``peer``, then bucket digests where they differ, then
@@ -466,8 +462,8 @@ class Node:
                     continue
                 have = set(mine.get(pk, ()))
                 there = set(hs)
-                want += [h for h in there - have if h not in self.tombstones]
-                kill += [(pk, [h for h in there if h in self.tombstones])]
+                want += [h for h in there - have if not self.storage.tombstoned(h)]
+                kill += [(pk, [h for h in there if self.storage.tombstoned(h)])]
                 give += sorted(have - there)
             if want:
                 for i in range(0, len(want), 500):

@@ -35,10 +35,13 @@ _SCHEMA = (
     " expiry INTEGER NOT NULL, data BLOB NOT NULL)",
     "CREATE INDEX messages_owner ON messages (pubkey, namespace, id)",
     "CREATE INDEX messages_expiry ON messages (expiry)",
-    # Version 2: anti-entropy lists an account's hashes by timestamp bucket.
+    # Version 2: anti-entropy lists an account's hashes by timestamp bucket, and
+    # deleted hashes are remembered (until they could no longer be alive
+    # anywhere) so that no peer's copy brings them back, across restarts too.
     "CREATE INDEX messages_time ON messages (pubkey, timestamp)",
+    "CREATE TABLE tombstones (hash TEXT PRIMARY KEY, until INTEGER NOT NULL)",
 )
-_MIGRATIONS = {1: _SCHEMA[-1:]}  # from version N to SCHEMA_VERSION
+_MIGRATIONS = {1: _SCHEMA[-2:]}  # from version N to SCHEMA_VERSION
 _COLUMNS = "pubkey, namespace, hash, data, timestamp, expiry"  # StoredMessage's field order
 # Anti-entropy compares messages in buckets of this many ms of their (client-set,
 # hence replica-independent) timestamp.
@@ -231,6 +234,7 @@ class Storage:
             with self._guard("open") as db:
                 for pubkey, message_hash, timestamp in db.execute("SELECT pubkey, hash, timestamp FROM messages"):
                     self.index.add(pubkey, message_hash, timestamp)
+                self._tombstones = {h for (h,) in db.execute("SELECT hash FROM tombstones")}
         except BaseException:
             self.close()
             raise
@@ -315,10 +319,16 @@ class Storage:
         """Store one message; True if it was new (see store_many)."""
         return self.store_many([message])[0]
 
-    def delete(self, pubkey: str, hashes: Iterable[str]) -> list[str]:
-        """Delete the pubkey's (only) messages with these hashes; those deleted, in the given order."""
+    def delete(self, pubkey: str, hashes: Iterable[str], *, tombstone_until: int | None = None) -> list[str]:
+        """Delete the pubkey's (only) messages with these hashes; those deleted, in the given order.
+
+        With ``tombstone_until`` (ms), every hash asked for — held here or not —
+        is also remembered as deleted until then, in the same transaction: see
+        :meth:`tombstoned`.
+        """
         sql = "DELETE FROM messages WHERE pubkey = ? AND hash IN ({}) RETURNING hash, timestamp"
-        gone = self._by_owner("delete", sql, (_check_pubkey(pubkey),), hashes)
+        tomb = None if tombstone_until is None else _check_ms("tombstone_until", tombstone_until)
+        gone = self._by_owner("delete", sql, (_check_pubkey(pubkey),), hashes, tombstone_until=tomb)
         for message_hash, timestamp in gone.items():
             self.index.remove(pubkey, message_hash, timestamp)
         return list(gone)
@@ -330,7 +340,8 @@ class Storage:
         args = (_check_ms("expiry_ms", expiry_ms, minimum=1), _check_pubkey(pubkey))
         return list(self._by_owner("expire", sql, args, hashes))
 
-    def _by_owner(self, what: str, sql: str, args: tuple, hashes: Iterable[str]) -> dict[str, int]:
+    def _by_owner(self, what: str, sql: str, args: tuple, hashes: Iterable[str], *,
+                  tombstone_until: int | None = None) -> dict[str, int]:
         """Run ``sql`` (returning hash, timestamp) over the hashes: hash -> timestamp of those
         it touched, in the given order."""
         wanted = _unique("hashes", hashes, _check_hash)
@@ -340,15 +351,29 @@ class Storage:
         with self._transaction(what) as db:
             for part, marks in _chunks(wanted):
                 done.update(db.execute(sql.format(marks), (*args, *part)))
+            if tombstone_until is not None:
+                db.executemany("INSERT INTO tombstones (hash, until) VALUES (?, ?) "
+                               "ON CONFLICT (hash) DO UPDATE SET until = max(until, excluded.until)",
+                               [(h, tombstone_until) for h in wanted])
+        if tombstone_until is not None:
+            self._tombstones.update(wanted)
         return {h: done[h] for h in wanted if h in done}
 
+    def tombstoned(self, message_hash: str) -> bool:
+        """Whether this hash was deleted (with a tombstone still in force): copies of it
+        from peers, by replication or anti-entropy, must not be stored again."""
+        return message_hash in self._tombstones
+
     def delete_expired(self, now_ms: int) -> int:
-        """Remove every message whose expiry is at or before now_ms; how many went."""
+        """Remove every message whose expiry is at or before now_ms (and every tombstone
+        that ran out); how many messages went."""
         # oxen-storage-server runs this every 10 s (Database::CLEANUP_PERIOD).
         now_ms = _check_ms("now_ms", now_ms)
         with self._transaction("delete_expired") as db:
             gone = db.execute("DELETE FROM messages WHERE expiry <= ? RETURNING pubkey, hash, timestamp",
                               (now_ms,)).fetchall()
+            buried = db.execute("DELETE FROM tombstones WHERE until <= ? RETURNING hash", (now_ms,)).fetchall()
+        self._tombstones.difference_update(h for (h,) in buried)
         for pubkey, message_hash, timestamp in gone:
             self.index.remove(pubkey, message_hash, timestamp)
         return len(gone)

@@ -269,11 +269,42 @@ def test_schema_pragmas_and_reopen(tmp_path: Path) -> None:
     again.close()
 
 
+def test_tombstones_outlive_the_message_and_a_restart_then_run_out(tmp_path: Path) -> None:
+    path = tmp_path / "node.sqlite"
+    s = Storage(path)
+    try:
+        s.store(msg(n=1))
+        # Every hash asked for is tombstoned, held here or not; a plain delete (rehoming) leaves none.
+        assert s.delete(ALICE, [msg(n=1).hash, "hnever-seen"], tombstone_until=NOW + 1000) == [msg(n=1).hash]
+        s.store(msg(n=2))
+        assert s.delete(ALICE, [msg(n=2).hash]) == [msg(n=2).hash]
+        assert s.tombstoned(msg(n=1).hash) and s.tombstoned("hnever-seen") and not s.tombstoned(msg(n=2).hash)
+        with pytest.raises(StorageError):
+            s.delete(ALICE, ["h"], tombstone_until=-1)
+    finally:
+        s.close()
+    s = Storage(path)
+    try:
+        assert s.tombstoned(msg(n=1).hash)  # a restarted node still refuses the deleted message
+        s.delete_expired(NOW + 999)
+        assert s.tombstoned(msg(n=1).hash)
+        s.delete_expired(NOW + 1000)
+        assert not s.tombstoned(msg(n=1).hash) and not s.tombstoned("hnever-seen")
+    finally:
+        s.close()
+    s = Storage(path)
+    try:
+        assert not s.tombstoned(msg(n=1).hash)
+    finally:
+        s.close()
+
+
 def test_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
     path = tmp_path / "v1.sqlite"
     Storage(path).close()
     raw = sqlite3.connect(path)
     raw.execute("DROP INDEX messages_time")
+    raw.execute("DROP TABLE tombstones")
     raw.execute("INSERT INTO messages (hash, pubkey, namespace, timestamp, expiry, data) VALUES (?, ?, 0, ?, ?, ?)",
                 (msg(n=5).hash, ALICE, NOW, NOW + 60_000, msg(n=5).data))
     raw.execute("PRAGMA user_version = 1")
@@ -284,6 +315,8 @@ def test_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
         assert s.messages_for() == [msg(n=5)]
         assert s.ae_hashes({ALICE: [ae_bucket(NOW)]}) == {ALICE: [msg(n=5).hash]}
         assert ALICE in s.ae_digests()
+        s.delete(ALICE, [msg(n=5).hash], tombstone_until=NOW)
+        assert s.tombstoned(msg(n=5).hash)
     finally:
         s.close()
     raw = sqlite3.connect(path)
