@@ -37,6 +37,7 @@ class RunResult:
     verdict: dict[str, Any]
     exit_code: int
     summary: str
+    seed: int | None = None
 
 
 def node_names(scenario: Scenario) -> list[str]:
@@ -161,7 +162,7 @@ async def run_chaos(scenario: Scenario, *, seed: int | None = None, run_dir: Pat
         write_report(rd)
     except Exception as exc:  # a report is a view: its failure must not hide the verdict
         progress(f"report failed: {type(exc).__name__}: {exc}")
-    return RunResult(rd, verdict, exit_code(verdict), summary(verdict))
+    return RunResult(rd, verdict, exit_code(verdict), summary(verdict), seed)
 
 
 def read_bundle(run_dir: Path) -> tuple[Scenario, Schedule, dict[str, Any]]:
@@ -217,7 +218,7 @@ async def _nightly_entry(scenario: Scenario, *, seed: int | None, runs_dir: Path
         entry.update(valid="unknown", passed=False, error=f"{type(exc).__name__}: {exc}")
         return entry
     failing = sorted(failing_checkers(r.verdict))
-    entry.update(seed=r.verdict.get("seed"), valid=r.verdict.get("valid"), run_dir=str(r.run_dir), failing=failing)
+    entry.update(seed=r.seed, valid=r.verdict.get("valid"), run_dir=str(r.run_dir), failing=failing)
     # A plain run passes when every checker holds; a canary passes when its checker caught the bug.
     entry["passed"] = (entry["expect_failing"] in failing) if bug else (r.exit_code == 0)
     if entry["passed"] and prune:
