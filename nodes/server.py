@@ -330,11 +330,15 @@ class Node:
         if not isinstance(links, dict):
             raise RequestError(Status.BAD_REQUEST, "'links' must be a map")
         try:
-            self.links = {str(k): (str(v[0]), int(v[1])) for k, v in links.items()}
+            new = {str(k): (str(v[0]), int(v[1])) for k, v in links.items()}
         except (TypeError, ValueError, IndexError):
             raise RequestError(Status.BAD_REQUEST, "'links' values must be [host, port]") from None
-        await self.pool.aclose()
-        return {"links": len(self.links)}
+        old, self.links = self.links, new
+        # Redial only the peers whose route changed; the registry's long poll stays up.
+        changed = [k for k in set(old) | set(new) if old.get(k) != new.get(k)]
+        for key in changed:
+            await self.pool.drop(key)
+        return {"links": len(self.links), "redialled": len(changed)}
 
     async def op_admin_listen(self, args: dict) -> dict:
         addrs = args.get("addresses")

@@ -97,6 +97,10 @@ async def test_node_kill_pause_restart_add_remove(testnet_factory):
         assert name == "n06" and (await net.call("registry", "info"))["nodes"] == 6
         proxies = await net.api.proxies()
         assert {"n06->n01", "n01->n06", "alice->n06"} <= set(proxies)
+        # A new dial table redials only the routes that changed: the registry's long poll stays up.
+        table = {k: list(v) for k, v in net.plan.dial_table("n04").items()}
+        assert (await net.admin("n04", "admin_set_links", links=table))["redialled"] == 0
+        assert "registry unreachable" not in net.nodes["n04"].plan.log.read_text()
 
         await net.node_remove("n01")
         assert (await net.call("registry", "info"))["nodes"] == 5

@@ -42,8 +42,10 @@ def status_of(fn, *args) -> int:
 
 
 def test_signed_messages_have_the_contract_layout():
-    assert register_message("ab", "cd", "127.0.0.1", 80, 5) == b"registerabcd127.0.0.1805"
-    assert deregister_message("ab", 5) == b"deregisterab5"
+    assert register_message("ab", "cd", "127.0.0.1", 80, 5) == b"register|ab|cd|127.0.0.1|80|5"
+    assert deregister_message("ab", 5) == b"deregister|ab|5"
+    # Fields cannot run into each other: another port and time never sign the same bytes.
+    assert register_message("ab", "cd", "127.0.0.1", 8055, 5) != register_message("ab", "cd", "127.0.0.1", 805, 55)
     args = register_args(IDS[0], "127.0.0.1", 80, NOW)
     assert args["ed25519_public"] == IDS[0].ed25519_public.hex()
     assert args["x25519_public"] == IDS[0].x25519_public.hex()
