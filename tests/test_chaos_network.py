@@ -90,3 +90,31 @@ async def test_short_chaos_run_with_a_kill_passes_and_replays(tmp_path):
     assert json.loads((again.run_dir / "run.json").read_text())["nodes"][0]["ed25519_public"] == \
         json.loads((rd / "run.json").read_text())["nodes"][0]["ed25519_public"]
     assert compare["checkers"]["delivery"]["after"] is True, again.summary
+
+
+TINY = {
+    "name": "tiny",
+    "topology": {"nodes": 5, "min_swarm": 3, "users": 2, "links": "direct"},
+    "workload": {"rate": 10, "duration_s": 2, "drain_s": 3},
+    "faults": {"timeline": [{"at_s": 0.3, "duration_s": 0.5, "kind": "pause", "target": {"node": "n01"}},
+                            {"at_s": 0.6, "duration_s": 0.5, "kind": "clock-skew", "target": {"node": "n02"}}]},
+    "check": {"quiet_s": 0.5, "checkers": ["replication"]},
+}
+
+
+async def test_shrink_drops_faults_the_failure_does_not_need(tmp_path):
+    # skip-replication fails the replication checker with or without faults: the minimal schedule is empty.
+    from chaos.schedule import to_toml
+    from chaos.shrink import shrink_run
+
+    src = tmp_path / "tiny.toml"
+    src.write_text(to_toml(TINY))
+    result = await run_chaos(load_scenario(src), seed=3, run_dir=tmp_path / "bundle", inject_bugs=("skip-replication",),
+                             progress=lambda m: None)
+    assert result.exit_code == 1, result.summary
+    out = await shrink_run(result.run_dir, attempts=1, progress=lambda m: None)
+    assert out["checker"] == "replication" and out["original"] == [1, 2] and out["minimal"] == []
+    minimal = load_scenario(out["scenario"])
+    assert minimal.topology.nodes == 5 and not minimal.timeline
+    account = (result.run_dir / "shrink" / "SHRINK.md").read_text()
+    assert "nothing: the bug shows without any fault" in account and "--inject-bug skip-replication" in account
