@@ -3,11 +3,19 @@
 load; CPU per message summed over every process; and, measured in the same
 run, the crypto floor a node pays per onion store (4 x25519 + 1 ed25519
 verify), so the CPU figure reads as a multiple of it.
+
+Also measured in the same run: the transport floor of this stack — CPU for
+one request/response round trip between two processes over loopback with
+``testnet.rpc`` and a handler that does nothing.  An onion store makes at
+least eight such round trips (four onion hops, four replications), so eight
+times it bounds what any Python node built on this transport can reach.
 """
 
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +44,54 @@ def crypto_floor_us(rounds: int = 2000) -> float:
     return (time.process_time() - t0) / rounds * 1e6
 
 
+_ECHO_SERVER = """
+import sys, trio
+from testnet.rpc import serve
+
+async def nothing(req, peer):
+    return 200, {}
+
+async def main():
+    async with trio.open_nursery() as n:
+        bound = await n.start(lambda task_status: serve(nothing, [("127.0.0.1", 0)], task_status=task_status))
+        print(bound[0][1], flush=True)
+
+trio.run(main)
+"""
+STORE_ROUND_TRIPS = 8  # 4 onion hops + 4 replications (batched under load, so fewer in truth)
+
+
+async def rpc_floor_us(concurrency: int, calls: int = 4000) -> float:
+    """CPU µs (both processes) per request/response round trip of ``testnet.rpc`` over loopback,
+    with ``concurrency`` calls in flight and a handler that does nothing."""
+    from testnet.rpc import open_rpc
+
+    server = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        with trio.fail_after(10):
+            line = await trio.to_thread.run_sync(server.stdout.readline)
+        port = int(line)
+        them, me = psutil.Process(server.pid), psutil.Process()
+        async with open_rpc("127.0.0.1", port) as rpc:
+            payload = {"data": b"x" * 600}  # about an onion layer
+
+            async def calls_of(n: int) -> None:
+                for _ in range(n):
+                    await rpc.call("nothing", payload, timeout=5)
+
+            await calls_of(200)  # warm-up
+            per = max(calls // concurrency, 1)
+            cpu0 = sum(them.cpu_times()[:2]) + sum(me.cpu_times()[:2])
+            async with trio.open_nursery() as nursery:
+                for _ in range(concurrency):
+                    nursery.start_soon(calls_of, per)
+            cpu1 = sum(them.cpu_times()[:2]) + sum(me.cpu_times()[:2])
+        return (cpu1 - cpu0) / (per * concurrency) * 1e6
+    finally:
+        server.kill()
+        server.wait()
+
+
 async def bench_throughput(*, nodes: int = 30, min_swarm: int = 5, users: int = 16, seconds: float = 8.0,
                            concurrency: int = 64, links: str = "direct", runs_dir: str = "runs/bench",
                            progress: Any = None) -> dict[str, Any]:
@@ -43,6 +99,8 @@ async def bench_throughput(*, nodes: int = 30, min_swarm: int = 5, users: int = 
 
     say = progress or (lambda m: None)
     floor = crypto_floor_us()
+    say("transport floor: rpc round trips between two processes")
+    rt1, rt64 = await rpc_floor_us(1, 2000), await rpc_floor_us(64)
     opts = Options(nodes=nodes, users=users, min_swarm=min_swarm, links=links, check=False, runs_dir=Path(runs_dir))
     async with open_testnet(opts, progress=say) as net:
         names = [u.name for u in net.plan.users]
@@ -125,6 +183,12 @@ async def bench_throughput(*, nodes: int = 30, min_swarm: int = 5, users: int = 
                              "all_processes": round(network_us + client_us, 1)},
         "crypto_floor_us": round(floor, 1),
         "network_cpu_over_floor": round(network_us / floor, 2),
+        "transport_floor": {
+            "rpc_round_trip_cpu_us": {"one_in_flight": round(rt1, 1), "64_in_flight": round(rt64, 1)},
+            "round_trips_per_store": STORE_ROUND_TRIPS,
+            # Stores/s if every core did nothing but these round trips at their cheapest.
+            "ceiling_stores_per_s": round((psutil.cpu_count() or 1) * 1e6 / (STORE_ROUND_TRIPS * rt64), 0),
+        },
         "targets": {"stores_per_s": ">= 1000", "cpu_over_floor": "<= 3", "half_load_p50_ms": "<= 5",
                     "half_load_p99_ms": "<= 25"},
     }
@@ -155,6 +219,11 @@ def _command():
                    f"(targets 5 / 25)")
         click.echo(f"CPU per store: network {c['network']} µs, clients {c['clients']} µs; crypto floor "
                    f"{r['crypto_floor_us']} µs -> network/floor {r['network_cpu_over_floor']} (target <= 3)")
+        t = r["transport_floor"]
+        click.echo(f"transport floor: {t['rpc_round_trip_cpu_us']['64_in_flight']} µs CPU per rpc round trip "
+                   f"({t['rpc_round_trip_cpu_us']['one_in_flight']} µs one at a time); "
+                   f"{t['round_trips_per_store']} per store -> at most {t['ceiling_stores_per_s']:.0f} stores/s "
+                   f"on {psutil.cpu_count()} cores from transport alone")
 
     return bench_command
 
