@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 from testnet import crypto
 from testnet.bugs import NODE_BUGS, UnknownBug, check_bugs
@@ -26,6 +26,14 @@ VERSION = "swarmnet-node/0.1"
 MAX_DATA_BYTES = 76_800
 MIN_TTL_MS = 10_000
 MAX_TTL_MS = 14 * 24 * 3600 * 1000
+# Frames are capped at 1 MiB (testnet.protocol).  Whatever a node packs into one
+# request or reply — replicated batches, anti-entropy fetches, retrieved
+# messages — stays within this many bytes of payload, leaving room for the
+# envelope and, for onion replies, the encryption around it.
+WIRE_BUDGET_BYTES = 512 * 1024
+BATCH_COUNT = 500  # and at most this many items
+
+T = TypeVar("T")
 STORE_CLOCK_WINDOW_MS = 10_000
 SIGNED_CLOCK_WINDOW_MS = 60_000
 MAX_HASHES_PER_REQUEST = 1000
@@ -279,6 +287,28 @@ def validate_expire(args: Mapping[str, Any], now_ms: int) -> tuple[str, list[str
         raise _bad("expiry is more than 14 days ahead")
     check_signed(args, pubkey, crypto.expire_signature_message(expiry, hs))
     return pubkey, hs, expiry
+
+
+def wire_bytes(m: StoredMessage) -> int:
+    """A generous estimate of a message's size on the wire: its data plus hash, pubkey and numbers."""
+    return len(m.data) + 200
+
+
+def batches(items: Iterable[T], size: Callable[[T], int], *, budget: int = WIRE_BUDGET_BYTES,
+            max_count: int = BATCH_COUNT) -> Iterator[list[T]]:
+    """Consecutive runs of ``items`` within ``budget`` bytes (by ``size``) and ``max_count``
+    items; an item too big for the budget travels alone."""
+    batch: list[T] = []
+    used = 0
+    for item in items:
+        n = size(item)
+        if batch and (used + n > budget or len(batch) >= max_count):
+            yield batch
+            batch, used = [], 0
+        batch.append(item)
+        used += n
+    if batch:
+        yield batch
 
 
 def message_to_wire(m: StoredMessage) -> list[Any]:

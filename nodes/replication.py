@@ -13,13 +13,14 @@ from typing import Any, Callable, Sequence
 
 import trio
 
+from testnet.protocol import ProtocolError
 from testnet.rpc import ConnectionPool, RpcError
 
+from .core import BATCH_COUNT, batches
 from .storage import Storage, StorageError, StoredMessage
 
 log = logging.getLogger("node.replication")
 
-MAX_BATCH = 500  # messages per replicate request
 MAX_BACKLOG = 20_000  # queued messages per peer before new ones fail at once
 
 
@@ -82,15 +83,21 @@ class GroupCommit:
 
 
 class PeerSender:
-    """Forwards messages to one swarm peer in batches, one request in flight."""
+    """Forwards messages to one swarm peer in batches, one request in flight.
+
+    A batch is whatever queued while the previous request was out, cut to the
+    wire budget (``size`` estimates an item's bytes): a slow or paused peer
+    must not make the next request too big to send.
+    """
 
     def __init__(self, peer: str, pool: ConnectionPool, op: str, timeout_s: float,
-                 encode: Callable[[Any], Any]) -> None:
+                 encode: Callable[[Any], Any], size: Callable[[Any], int]) -> None:
         self.peer = peer
         self.pool = pool
         self.op = op
         self.timeout_s = timeout_s
         self.encode = encode
+        self.size = size
         self._queue: list[tuple[Any, _Waiter]] = []
         self._wake = trio.Event()
         self.closed = False
@@ -118,7 +125,8 @@ class PeerSender:
             await self._wake.wait()
             self._wake = trio.Event()
             while self._queue and not self.closed:
-                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                batch = next(batches(self._queue, lambda entry: self.size(entry[0]), max_count=BATCH_COUNT))
+                self._queue = self._queue[len(batch):]
                 try:
                     resp = await self.pool.call(self.peer, self.op, {"messages": [self.encode(i) for i, _ in batch]},
                                                 timeout=self.timeout_s)
@@ -126,5 +134,8 @@ class PeerSender:
                 except RpcError as exc:
                     error = type(exc).__name__
                     await self.pool.drop(self.peer)
+                except ProtocolError as exc:  # a request we cannot frame: fail this batch, not the node
+                    log.error("replication batch not sent", extra={"fields": {"error": str(exc)[:200]}})
+                    error = type(exc).__name__
                 for _, w in batch:
                     w.set(error=error)

@@ -213,7 +213,8 @@ class Node:
     def _sender(self, peer: str, op: str, encode: Callable[[Any], Any]) -> PeerSender:
         s = self._senders.get((peer, op))
         if s is None or s.closed:
-            s = PeerSender(peer, self.pool, op, self.config.replication_timeout_s, encode)
+            size = core.wire_bytes if op == "replicate" else (lambda item: 100 + 60 * len(item[1]))
+            s = PeerSender(peer, self.pool, op, self.config.replication_timeout_s, encode, size)
             self._senders[(peer, op)] = s
             self._nursery.start_soon(s.run)
         return s
@@ -224,6 +225,9 @@ class Node:
         if not view.is_mine(pubkey):
             raise view.wrong_swarm(pubkey)
         msgs, more = self.storage.retrieve(pubkey, ns, last, self.clock.now_ms())
+        # As many as fit in one reply; the client asks again after the last hash it got.
+        fit = next(core.batches(msgs, core.wire_bytes, max_count=len(msgs) or 1), [])
+        msgs, more = fit, more or len(fit) < len(msgs)
         if "wrong-inbox" in self.bugs:
             # Deliberately broken: mix in a neighbour account's messages.
             for other in self.storage.pubkeys():
@@ -320,8 +324,10 @@ class Node:
         return {"hashes": self.storage.ae_hashes(dict(list(wanted.items())[:1000]), self.clock.now_ms())}
 
     async def op_ae_fetch(self, args: dict) -> dict:
-        hs = core.hashes(args)
-        return {"messages": [core.message_to_wire(m) for m in self.storage.get_many(hs)]}
+        """The messages with these hashes that we hold, as many as fit in one reply (in order)."""
+        msgs = self.storage.get_many(core.hashes(args))
+        fit = next(core.batches(msgs, core.wire_bytes, max_count=len(msgs) or 1), [])
+        return {"messages": [core.message_to_wire(m) for m in fit]}
 
     # ------------------------------------------------------------------ admin ops
 
@@ -469,19 +475,21 @@ class Node:
                 want += [h for h in there - have if not self.storage.tombstoned(h)]
                 kill += [(pk, [h for h in there if self.storage.tombstoned(h)])]
                 give += sorted(have - there)
-            if want:
-                for i in range(0, len(want), 500):
-                    got = await self.pool.call(peer, "ae_fetch", {"hashes": want[i:i + 500]}, timeout=timeout)
-                    if got.ok:
-                        msgs = [core.message_from_wire(m) for m in got.body.get("messages", [])]
-                        new = await self.commit.commit(msgs)
-                        self.stats["ae_fetched"] += sum(new)
-            if give:
-                for i in range(0, len(give), 500):
-                    msgs = self.storage.get_many(give[i:i + 500])
-                    await self.pool.call(peer, "replicate", {"messages": [core.message_to_wire(m) for m in msgs]},
+            while want:
+                # The peer answers with as many as fit in one reply; ask again for the rest.
+                got = await self.pool.call(peer, "ae_fetch", {"hashes": want[:core.BATCH_COUNT]}, timeout=timeout)
+                msgs = [core.message_from_wire(m) for m in got.body.get("messages", [])] if got.ok else []
+                if not msgs:
+                    break
+                new = await self.commit.commit(msgs)
+                self.stats["ae_fetched"] += sum(new)
+                received = {m.hash for m in msgs}
+                want = [h for h in want if h not in received]
+            for i in range(0, len(give), core.BATCH_COUNT):
+                for batch in core.batches(self.storage.get_many(give[i:i + core.BATCH_COUNT]), core.wire_bytes):
+                    await self.pool.call(peer, "replicate", {"messages": [core.message_to_wire(m) for m in batch]},
                                          timeout=timeout)
-                    self.stats["ae_pushed"] += len(msgs)
+                    self.stats["ae_pushed"] += len(batch)
             kill = [(pk, hs) for pk, hs in kill if hs]
             if kill:
                 await self.pool.call(peer, "replicate_delete", {"messages": [list(k) for k in kill]}, timeout=timeout)
@@ -508,10 +516,10 @@ class Node:
                 continue
             ok = True
             for member in members:
-                for i in range(0, len(msgs), 500):
+                for batch in core.batches(msgs, core.wire_bytes):
                     try:
                         resp = await self.pool.call(member.ed25519_public, "replicate",
-                                                    {"messages": [core.message_to_wire(m) for m in msgs[i:i + 500]]},
+                                                    {"messages": [core.message_to_wire(m) for m in batch]},
                                                     timeout=timeout)
                         ok = ok and resp.ok
                     except RpcError:

@@ -100,3 +100,13 @@ def test_config_errors_are_clear(tmp_path):
     with pytest.raises(core.ConfigError, match="unknown injected bugs"):
         core.NodeConfig.from_dict({"name": "n", "seed_file": "s", "listen": [["127.0.0.1", 0]], "db": "d",
                                    "registry": ["127.0.0.1", 1], "inject_bugs": ["nope"]})
+
+
+def test_batches_keep_to_the_wire_budget():
+    from nodes.core import batches
+
+    sizes = [100, 300, 50, 600, 1000, 10]
+    out = list(batches(sizes, lambda n: n, budget=500, max_count=3))
+    assert out == [[100, 300, 50], [600], [1000], [10]]  # too big alone still travels, alone
+    assert [len(b) for b in batches(range(7), lambda n: 1, budget=100, max_count=3)] == [3, 3, 1]
+    assert list(batches([], lambda n: n)) == []

@@ -132,3 +132,45 @@ async def test_replication_signatures_421_anti_entropy_split_and_deregistration(
         leaving = next(iter(sw))
         await net.node_remove(leaving)
         await wait_until(lambda: placement_ok(net, messages), 20, "placement after deregistration")
+
+
+async def test_big_messages_behind_a_paused_peer_stay_within_frames(tmp_path):
+    # Found by review: with a peer paused, replication queued up to 500 messages into one
+    # request; 20 kB messages made it 3 MB, over the 1 MiB frame limit, and the node crashed.
+    owner = crypto.Identity.from_seed(b"\x05" * 32)
+    async with open_testnet(nodes=5, users=0, min_swarm=5, links="direct", seed=3, check=False,
+                            run_dir=tmp_path / "run") as net:
+        await net.node_pause("n02")
+        statuses = []
+
+        async def one(i: int) -> None:
+            resp = await store(net, "n01", owner.session_id, bytes([i]) * 20_000)
+            statuses.append(resp.status)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(150):
+                nursery.start_soon(one, i)
+                await trio.sleep(0.005)
+        assert statuses == [200] * 150
+        await net.node_resume("n02")
+        stored = db_hashes(net, "n01")
+        assert len(stored) == 150
+
+        async def all_hold_them():
+            missing = {n: len(stored - db_hashes(net, n)) for n in net.nodes}
+            return True if not any(missing.values()) else missing
+        await wait_until(all_hold_them, 20, "every member holds all 150 (anti-entropy after the pause)")
+
+        # 3 MB of messages cannot come back in one reply: retrieve pages through them by last hash.
+        got, last = [], ""
+        for _ in range(20):
+            ts = now_ms()
+            body = (await net._pool.call("n03", "retrieve", {
+                "pubkey": owner.session_id, "namespace": 0, "last_hash": last, "timestamp": ts,
+                "pubkey_ed25519": owner.ed25519_public.hex(),
+                "signature": crypto.sign_request(owner, crypto.retrieve_signature_message(0, ts))}, timeout=5)).body
+            got += [m["hash"] for m in body["messages"]]
+            last = got[-1]
+            if not body["more"]:
+                break
+        assert len(got) == 150 and set(got) == stored
