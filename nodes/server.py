@@ -311,7 +311,9 @@ class Node:
         differ = [pk for pk in set(ours) | set(theirs) if ours.get(pk) != theirs.get(pk)]
         differ = [pk for pk in differ if isinstance(pk, str) and core.is_pubkey(pk)][:1000]
         buckets = self.storage.ae_buckets(differ)
-        return {"buckets": {pk: [[b, d] for b, d in bs.items()] for pk, bs in buckets.items()}}
+        # Pubkeys whose buckets fit in one reply; the rest still differ next round.
+        fit = next(core.batches(buckets.items(), lambda kv: 80 + 50 * len(kv[1]), max_count=len(buckets) or 1), [])
+        return {"buckets": {pk: [[b, d] for b, d in bs.items()] for pk, bs in fit}}
 
     async def op_ae_hashes(self, args: dict) -> dict:
         """Anti-entropy, step 2: our hashes in the buckets asked for, per pubkey."""
@@ -321,7 +323,10 @@ class Node:
         if not isinstance(wanted, dict) or not all(
                 isinstance(pk, str) and core.is_pubkey(pk) and isinstance(bs, list) for pk, bs in wanted.items()):
             raise RequestError(Status.BAD_REQUEST, "'buckets' must map pubkeys to lists of buckets")
-        return {"hashes": self.storage.ae_hashes(dict(list(wanted.items())[:1000]), self.clock.now_ms())}
+        hashes = self.storage.ae_hashes(dict(list(wanted.items())[:1000]), self.clock.now_ms())
+        # Pubkeys whose hashes fit in one reply; the initiator compares only those this round.
+        fit = next(core.batches(hashes.items(), lambda kv: 80 + 50 * len(kv[1]), max_count=len(hashes) or 1), [])
+        return {"hashes": dict(fit)}
 
     async def op_ae_fetch(self, args: dict) -> dict:
         """The messages with these hashes that we hold, as many as fit in one reply (in order)."""
