@@ -147,20 +147,17 @@ async def _heal_all(calls: list[tuple[Any, tuple]]) -> None:
                     nursery.start_soon(one)
 
 
-async def _bounded_all(fn: Any, argss: list[tuple], limit: int = 8) -> list[tuple]:
-    """Run fn(*args) for each, at most ``limit`` at once; the args that succeeded."""
-    done: list[tuple] = []
+async def _bounded_all(fn: Any, argss: list[tuple], limit: int = 8) -> None:
+    """Run fn(*args) for each, at most ``limit`` at once."""
     sem = trio.Semaphore(limit)
 
     async def one(args: tuple) -> None:
         async with sem:
             await fn(*args)
-            done.append(args)
 
     async with trio.open_nursery() as nursery:
         for args in argss:
             nursery.start_soon(one, args)
-    return done
 
 
 @asynccontextmanager
@@ -169,24 +166,34 @@ async def link_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any]]:
     if api is None:
         raise NemesisError("link faults need Toxiproxy links (this run uses --links direct)")
     proxies, desc = await resolve_links(net, fault)
-    applied: list[tuple] = []
-    heal: list[tuple[Any, tuple]] = []
+    # What was applied is recorded as it happens, so that a start that fails half-way
+    # (found by the mixed scenario: a node left while its links were being faulted)
+    # still heals every toxic and proxy it touched.
+    disabled: list[str] = []
+    toxics: list[tuple[str, str]] = []
     try:
         if fault.kind == "link-down" or fault.family == "partition":
             # A disabled proxy closes live connections and refuses new ones: a cut link.
-            applied = await _bounded_all(api.set_enabled, [(p, False) for p in proxies])
-            heal = [(api.set_enabled, (p, True)) for p, _ in applied]
-        else:
-            names: list[tuple[str, str]] = []
+            async def disable(p: str) -> None:
+                try:
+                    await api.set_enabled(p, False)
+                except L.ProxyGone:
+                    return  # the link went with its node: nothing left to cut
+                disabled.append(p)
 
+            await _bounded_all(disable, [(p,) for p in proxies])
+        else:
             async def add(p: str, typ: str, attrs: dict[str, Any], stream: str) -> None:
-                names.append((p, await api.add_toxic(p, typ, attrs, stream=stream)))
+                try:
+                    toxics.append((p, await api.add_toxic(p, typ, attrs, stream=stream)))
+                except L.ProxyGone:
+                    return
 
             await _bounded_all(add, [(p, typ, a, s) for p in proxies for typ, a, s in _toxics(fault.kind, fault.params)])
-            heal = [(api.remove_toxic, (p, n)) for p, n in names]
-        yield {**desc, "proxies": len(proxies)}
+        yield {**desc, "proxies": len(disabled) + len({p for p, _ in toxics})}
     finally:
-        await _heal_all(heal)
+        await _heal_all([(api.set_enabled, (p, True)) for p in disabled] +
+                        [(api.remove_toxic, (p, n)) for p, n in toxics])
 
 
 @asynccontextmanager

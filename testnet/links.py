@@ -47,6 +47,10 @@ class LinkError(Exception):
     """Toxiproxy refused or failed a request, or could not be reached."""
 
 
+class ProxyGone(LinkError):
+    """The proxy named does not exist (any more): its link went with its node."""
+
+
 class ToxiproxyMissing(LinkError):
     """No Toxiproxy server binary on this machine."""
 
@@ -83,11 +87,16 @@ class ToxiproxyApi:
             APIConsumer.host, APIConsumer.port = self.host, self.port
             try:
                 resp = getattr(APIConsumer, method)(path, **kwargs)
-            except (tpx.ProxyExists, tpx.NotFound, tpx.InvalidToxic) as exc:
+            except tpx.NotFound as exc:
+                raise ProxyGone(f"toxiproxy {method.upper()} {path}: not found: "
+                                f"{_text(exc.args[0] if exc.args else '')}") from None
+            except (tpx.ProxyExists, tpx.InvalidToxic) as exc:
                 raise LinkError(f"toxiproxy {method.upper()} {path}: {type(exc).__name__}: "
                                 f"{_text(exc.args[0] if exc.args else '')}") from None
             except requests.RequestException as exc:
                 raise LinkError(f"toxiproxy at {self.host}:{self.port} unreachable: {type(exc).__name__}") from None
+        if resp.status_code == 404:
+            raise ProxyGone(f"toxiproxy {method.upper()} {path}: not found: {_text(resp.content)}")
         if resp.status_code >= 400:
             raise LinkError(f"toxiproxy {method.upper()} {path}: status {resp.status_code}: {_text(resp.content)}")
         return resp.json() if resp.content else None

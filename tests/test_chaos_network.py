@@ -62,6 +62,16 @@ async def test_every_nemesis_starts_and_heals(tmp_path):
                 assert set(net.nodes) == before_nodes
         await net.wait_ready(20)
 
+        # A link that vanishes while its fault starts (its node left) is skipped, and
+        # everything the fault did apply is healed (found by the mixed scenario, seed 12).
+        await net.api.delete_proxy("n01->n02")
+        for i, kind in enumerate(("blackhole", "isolate"), start=100):
+            family, params = NEMESES[kind]
+            fault = Fault(i, 0, 0.1, kind, {"node-links": "n02"} if family == "link" else {"node": "n02"}, params)
+            async with inject(net, fault) as desc:
+                assert desc["proxies"] > 0 and sum(await proxy_state(net)) > 0
+            assert await proxy_state(net) == (0, 0), kind
+
 
 SHORT = {
     "name": "short",

@@ -111,7 +111,7 @@ async def test_fault_heals_even_when_the_block_fails(toxi):
     assert proxies["x->y"]["enabled"] and proxies["x->z"]["enabled"]
     with pytest.raises(LinkError):
         await api.add_toxic("x->y", "no-such-toxic", {})
-    with pytest.raises(LinkError, match="NotFound"):
+    with pytest.raises(links.ProxyGone, match="not found"):
         await api.set_enabled("nope", False)
 
 
