@@ -95,6 +95,8 @@ async def test_short_chaos_run_with_a_kill_passes_and_replays(tmp_path):
         assert (rd / f).exists(), f
     phases = [json.loads(l)["phase"] for l in (rd / "faults.jsonl").read_text().splitlines()]
     assert phases == ["start", "end"]
+    assert result.verdict["faults"] == {"started": 1, "healed": 1, "skipped": [], "errors": []}
+    assert "faults: 1 started, 1 healed" in result.summary
     again, compare = await replay(rd, runs_dir=tmp_path / "replays", progress=lambda m: None)
     assert json.loads((again.run_dir / "schedule.json").read_text()) == json.loads((rd / "schedule.json").read_text())
     assert json.loads((again.run_dir / "run.json").read_text())["nodes"][0]["ed25519_public"] == \

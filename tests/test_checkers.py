@@ -403,3 +403,18 @@ def test_foreign_messages_are_not_judged_but_undecryptable_ones_are():
     assert v["valid"] is True and v["counts"]["foreign"] == 1
     broken = dict(foreign, foreign=False, error="DecryptionError", sender=None)
     assert check_delivery(base + [broken], users)["valid"] is False
+
+
+def test_fault_record_and_summary_say_how_the_schedule_played(tmp_path):
+    from chaos.checkers.verdict import fault_record, summary
+
+    assert fault_record(tmp_path) is None
+    rows = [{"fault": 1, "kind": "kill", "phase": "start"}, {"fault": 1, "kind": "kill", "phase": "end"},
+            {"fault": 2, "kind": "blackhole", "phase": "error", "error": "ExceptionGroup: proxy gone"},
+            {"fault": 3, "kind": "leave", "phase": "skipped", "error": "no such node"}]
+    (tmp_path / "faults.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rec = fault_record(tmp_path)
+    assert rec["started"] == 1 and rec["healed"] == 1
+    assert [e["fault"] for e in rec["errors"]] == [2] and [e["fault"] for e in rec["skipped"]] == [3]
+    text = summary({"valid": True, "faults": rec, "checkers": {}})
+    assert "faults: 1 started, 1 healed; skipped 1 (3 leave: no such node); errors 1 (2 blackhole:" in text

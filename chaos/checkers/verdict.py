@@ -26,6 +26,7 @@ __all__ = ["CheckError", "CHECKERS", "HISTORY_FILE", "VERDICT_FILE", "read_histo
 CHECKERS = ("delivery", "replication", "unlinkability")
 HISTORY_FILE = "history.jsonl"
 VERDICT_FILE = "verdict.json"
+FAULTS_FILE = "faults.jsonl"
 
 
 class CheckError(Exception):
@@ -45,6 +46,26 @@ def combine(verdicts: Mapping[str, Mapping[str, Any]]) -> bool | str:
 
 def _swarms_from_run(truth: Any) -> dict[str, int | None]:
     return {name: n.get("swarm_id") for name, n in truth.nodes.items()}
+
+
+def fault_record(run_dir: Path) -> dict[str, Any] | None:
+    """How the schedule played, from faults.jsonl (None for runs without one): a verdict
+    is only as strong as the faults that really happened."""
+    path = run_dir / FAULTS_FILE
+    if not path.is_file():
+        return None
+    rows = read_jsonl(path)
+    out: dict[str, Any] = {"started": 0, "healed": 0, "skipped": [], "errors": []}
+    for r in rows:
+        phase = r.get("phase")
+        if phase == "start":
+            out["started"] += 1
+        elif phase == "end":
+            out["healed"] += 1
+        elif phase in ("skipped", "error"):
+            out["skipped" if phase == "skipped" else "errors"].append(
+                {"fault": r.get("fault"), "kind": r.get("kind"), "error": str(r.get("error", ""))[:200]})
+    return out
 
 
 def run_checks(run_dir: str | Path, *, checkers: Iterable[str] = CHECKERS, swarms: Mapping[str, int | None] | None = None,
@@ -90,6 +111,9 @@ def run_checks(run_dir: str | Path, *, checkers: Iterable[str] = CHECKERS, swarm
             results[name] = {"checker": name, "valid": "unknown", "error": f"{type(exc).__name__}: {exc}"[:500]}
     verdict = {"valid": combine(results), "run_id": truth.run.get("run_id"), "checked_ms": now_ms,
                "history_records": len(history), "checkers": results}
+    faults = fault_record(run_dir)
+    if faults is not None:
+        verdict["faults"] = faults
     if write:
         tmp = run_dir / f".{VERDICT_FILE}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(verdict, indent=2, default=str) + "\n", encoding="utf-8")
@@ -115,6 +139,14 @@ def _ids(items: Any, n: int = 5) -> str:
 def summary(verdict: Mapping[str, Any]) -> str:
     """A readable one-screen view of a verdict (no message contents)."""
     lines = [f"verdict: {_word(verdict.get('valid'))}" + (f"  (run {verdict['run_id']})" if verdict.get("run_id") else "")]
+    f = verdict.get("faults")
+    if f:
+        line = f"faults: {f['started']} started, {f['healed']} healed"
+        for key in ("skipped", "errors"):
+            if f.get(key):
+                line += f"; {key} {len(f[key])} (" + ", ".join(
+                    f"{e['fault']} {e['kind']}: {e['error'][:60]}" for e in f[key][:3]) + ")"
+        lines.append(line)
     checkers = verdict.get("checkers") or {}
     d = checkers.get("delivery")
     if d:
