@@ -159,7 +159,7 @@ def nightly(runs_dir: Path, keep_passing: bool, seeds: int, first_seed: int | No
 
 def current_membership(run_dir: Path, run: dict[str, Any]) -> tuple[dict[str, int] | None, set[str] | None]:
     """Swarms and live nodes from the running registry, or ``(None, None)`` if it is gone."""
-    from testnet.controller import gather_status
+    from testnet.rundir import gather_status
     from testnet.rpc import RpcError, call_once
 
     async def ask() -> tuple[dict[str, int], set[str]]:
@@ -196,7 +196,7 @@ def check(run_dir: Path | None, checkers: tuple[str, ...], as_json: bool) -> Non
     if not (path / "history.jsonl").exists():
         _fail(f"{path} has no history.jsonl: run `swarmnet workload --run-dir {path}` first")
     swarms, live = current_membership(path, run)
-    kwargs: dict[str, Any] = {"swarms": swarms, "live": live}
+    kwargs: dict[str, Any] = {"swarms": swarms, "live": live, "swarms_source": "registry"}
     if checkers:
         kwargs["checkers"] = checkers
     verdict = run_checks(path, **kwargs)

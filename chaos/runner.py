@@ -155,7 +155,7 @@ async def run_chaos(scenario: Scenario, *, seed: int | None = None, run_dir: Pat
                  f"{stats.received} received")
         swarms = await live_swarms(net)
         live = {n for n, rt in net.nodes.items() if rt.state == "running"}
-        verdict = run_checks(rd, checkers=scenario.checkers, swarms=swarms, live=live)
+        verdict = run_checks(rd, checkers=scenario.checkers, swarms=swarms, live=live, swarms_source="registry")
     try:
         from .report import write_report
 

@@ -1,5 +1,6 @@
 """`swarmnet send` then `swarmnet inbox` from other shells against a detached network;
-the plaintext reaches no node's database, log or capture."""
+the plaintext reaches no node's database, log or capture; `swarmnet workload` then
+`swarmnet check` judge the live network."""
 
 import subprocess
 import sys
@@ -34,6 +35,12 @@ def test_send_then_inbox_shows_text_and_sender(tmp_path):
         assert scan_for_plaintext(run, {"text": text.encode()}) == []
         bad = swarmnet("send", "--from", "mallory", "--to", "bob", "x", "--run-dir", str(run))
         assert bad.returncode != 0 and "no user 'mallory'" in bad.stderr
+        # A workload from another shell, then `swarmnet check` against the live network.
+        work = swarmnet("workload", "--messages", "20", "--rate", "40", "--run-dir", str(run))
+        assert work.returncode == 0, work.stderr
+        check = swarmnet("check", str(run))
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert "verdict: valid" in check.stdout and "swarms from registry" in check.stdout
     finally:
         down = swarmnet("down", "--run-dir", str(run))
         assert down.returncode == 0, down.stderr

@@ -70,7 +70,8 @@ def fault_record(run_dir: Path) -> dict[str, Any] | None:
 
 def run_checks(run_dir: str | Path, *, checkers: Iterable[str] = CHECKERS, swarms: Mapping[str, int | None] | None = None,
                live: Iterable[str] | None = None, now_ms: int | None = None,
-               history: Sequence[Mapping[str, Any]] | None = None, write: bool = True) -> dict[str, Any]:
+               history: Sequence[Mapping[str, Any]] | None = None, write: bool = True,
+               swarms_source: str = "caller") -> dict[str, Any]:
     """Run ``checkers`` on ``run_dir`` and write ``verdict.json`` there (unless ``write`` is False).
 
     ``swarms`` (node name -> swarm id) and ``live`` (node names) describe the
@@ -78,6 +79,7 @@ def run_checks(run_dir: str | Path, *, checkers: Iterable[str] = CHECKERS, swarm
     run.json's last recorded swarm ids and node states are used (the verdict
     says which in ``replication.swarms_source``).  ``now_ms`` defaults to the
     wall clock.  A checker that raises is recorded as unknown with its error.
+    ``swarms_source`` names where given ``swarms`` came from, for the verdict.
     """
     run_dir = Path(run_dir)
     names = list(dict.fromkeys(checkers))
@@ -96,7 +98,7 @@ def run_checks(run_dir: str | Path, *, checkers: Iterable[str] = CHECKERS, swarm
             if name == "delivery":
                 results[name] = check_delivery(history, truth.users)
             elif name == "replication":
-                source = "caller"
+                source = swarms_source
                 if swarms is None:
                     try:
                         swarms, source = current_swarms_from_registry(run_dir), "registry"
