@@ -137,15 +137,19 @@ def inbox(user: str, run_dir: str | None, namespace: int, as_json: bool) -> None
     names = {u["session_id"]: u["name"] for u in run.get("users", [])}
 
     async def go(client: Client) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        last = None
+        # Pages come from whichever swarm member each onion path ends at, and storage order
+        # differs between members: keep a last hash per member, and each message once.
+        out: dict[str, dict[str, Any]] = {}
+        last: dict[str, str] = {}
         while True:
-            res = await client.retrieve(namespace=namespace, last_hash=last, now_ms=int(time.time() * 1000))
+            res = await client.retrieve(namespace=namespace, now_ms=int(time.time() * 1000),
+                                        last_hash_for=last.get)
             msgs = res.body.get("messages") or []
-            out.extend(msgs)
+            for m in msgs:
+                out.setdefault(m["hash"], m)
             if not res.body.get("more") or not msgs:
-                return out
-            last = msgs[-1]["hash"]
+                return list(out.values())
+            last[res.target] = msgs[-1]["hash"]
 
     try:
         msgs = trio.run(_with_client, run, spec, go)
