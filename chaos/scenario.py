@@ -214,7 +214,8 @@ def load_scenario(path: str | Path) -> Scenario:
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ScenarioError(f"cannot read scenario {path}: {exc.strerror}") from None
+        known = ", ".join(q.stem for q in library())
+        raise ScenarioError(f"cannot read scenario {path}: {exc.strerror} (the library has: {known})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{p.name} is not valid TOML: {exc}") from None
     return parse_scenario(raw, name=p.stem, source=str(p))

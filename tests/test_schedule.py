@@ -113,3 +113,12 @@ def test_every_injectable_bug_has_a_canary_scenario_that_runs_its_checker():
     for bug, name in CANARY_SCENARIOS.items():
         scenario = load_scenario(name)
         assert BUGS[bug][2] in scenario.checkers, (bug, name)
+
+
+def test_unknown_scenario_name_lists_the_library(tmp_path):
+    with pytest.raises(ScenarioError, match="the library has: .*smoke"):
+        load_scenario("no-such-scenario")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[topology\n")
+    with pytest.raises(ScenarioError, match="not valid TOML"):
+        load_scenario(bad)
