@@ -124,9 +124,11 @@ def shrink(run_dir: Path, attempts: int, checker: str | None, as_json: bool, qui
 @click.option("--first-seed", type=int, default=None, help="use seeds N, N+1, ... instead of fresh random ones")
 @click.option("--canaries/--no-canaries", default=True, show_default=True,
               help="also run each injected bug under its scenario; it must fail its checker")
+@click.option("--replay-failures/--no-replay-failures", default=True, show_default=True,
+              help="replay each failing run once: reproducible, or did it need its timing?")
 @click.argument("scenarios", nargs=-1)
 def nightly(runs_dir: Path, keep_passing: bool, seeds: int, first_seed: int | None, canaries: bool,
-            scenarios: tuple[str, ...]) -> None:
+            replay_failures: bool, scenarios: tuple[str, ...]) -> None:
     """Run the scenario library (or SCENARIOS) with fresh seeds, then the canaries; list failing bundles.
 
     A canary is a run with one bug injected on purpose (`swarmnet bugs`): it
@@ -141,7 +143,8 @@ def nightly(runs_dir: Path, keep_passing: bool, seeds: int, first_seed: int | No
         return
     bug_list = sorted(CANARY_SCENARIOS) if canaries else []
     results = trio.run(lambda: do_nightly(paths, runs_dir=runs_dir, prune=not keep_passing, seeds=seeds,
-                                          first_seed=first_seed, canaries=bug_list, progress=_progress(False)))
+                                          first_seed=first_seed, canaries=bug_list, progress=_progress(False),
+                                          replay_failures=replay_failures))
     failing = [r for r in results if not r.get("passed")]
     for r in results:
         mark = "PASS" if r.get("passed") else "FAIL"
@@ -153,7 +156,11 @@ def nightly(runs_dir: Path, keep_passing: bool, seeds: int, first_seed: int | No
     (runs_dir / "nightly.json").write_text(json.dumps(results, indent=2) + "\n")
     click.echo(f"{len(failing)} failing bundle(s) of {len(results)}" + (":" if failing else ""))
     for r in failing:
-        click.echo(f"  {r.get('run_dir', r['scenario'])}")
+        rep = r.get("replay") or {}
+        again = ("" if not rep else f"  (replay: {rep['error']})" if "error" in rep else
+                 f"  (replay failed again: {','.join(rep['failing'])})" if rep["failing"] else
+                 "  (replay passed: the failure needed its timing)")
+        click.echo(f"  {r.get('run_dir', r['scenario'])}{again}")
     sys.exit(1 if failing else 0)
 
 

@@ -205,7 +205,7 @@ CANARY_SCENARIOS = {
 
 
 async def _nightly_entry(scenario: Scenario, *, seed: int | None, runs_dir: Path, progress: Progress, prune: bool,
-                         bug: str | None = None) -> dict[str, Any]:
+                         bug: str | None = None, replay_failures: bool = False) -> dict[str, Any]:
     from testnet.bugs import BUGS
 
     entry: dict[str, Any] = {"scenario": scenario.name}
@@ -224,21 +224,32 @@ async def _nightly_entry(scenario: Scenario, *, seed: int | None, runs_dir: Path
     if entry["passed"] and prune:
         shutil.rmtree(r.run_dir / "nodes", ignore_errors=True)  # keep the record, drop the bulk
         entry["pruned"] = True
+    if not entry["passed"] and replay_failures and bug is None:
+        # Once more with the same schedule, keys and workload: does it fail the same way?
+        progress(f"replaying the failing {scenario.name} run (seed {r.seed})")
+        try:
+            again, compare = await replay(r.run_dir, runs_dir=runs_dir / "replays", progress=progress)
+            entry["replay"] = {"run_dir": str(again.run_dir), "same_verdict": compare["same"],
+                               "failing": sorted(failing_checkers(again.verdict))}
+        except Exception as exc:
+            entry["replay"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     return entry
 
 
 async def nightly(scenarios: list[Path], *, runs_dir: Path = Path("runs/nightly"), progress: Progress = print,
                   prune: bool = True, seeds: int = 1, canaries: list[str] | None = None,
-                  first_seed: int | None = None) -> list[dict[str, Any]]:
+                  first_seed: int | None = None, replay_failures: bool = False) -> list[dict[str, Any]]:
     """Every scenario ``seeds`` times with fresh seeds (or ``first_seed``, +1, ...), then each
-    canary bug once under its scenario.  Failing bundles are kept whole; passing ones pruned."""
+    canary bug once under its scenario.  Failing bundles are kept whole; passing ones pruned.
+    With ``replay_failures`` each failing run is replayed once, to tell a reproducible
+    failure from one that needed its timing."""
     results = []
     for path in scenarios:
         scenario = load_scenario(path)
         for i in range(seeds):
             seed = None if first_seed is None else first_seed + i
             results.append(await _nightly_entry(scenario, seed=seed, runs_dir=runs_dir, progress=progress,
-                                                prune=prune))
+                                                prune=prune, replay_failures=replay_failures))
     for bug in canaries or ():
         scenario = load_scenario(CANARY_SCENARIOS[bug])
         results.append(await _nightly_entry(scenario, seed=first_seed, runs_dir=runs_dir, progress=progress,
