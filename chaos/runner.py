@@ -149,6 +149,7 @@ async def run_chaos(scenario: Scenario, *, seed: int | None = None, run_dir: Pat
             stats = await run_workload(
                 specs, net.registry_address, rd / "history.jsonl", messages=w.messages, duration_s=w.duration_s,
                 rate=w.rate, namespaces=w.namespaces, seed=seed, body_bytes=w.body_bytes, drain_s=w.drain_s,
+                delete_fraction=w.delete_fraction,
                 client_bugs=[b for b in inject_bugs if b in CLIENT_BUGS], before_drain=heal_then_quiet)
         faults.close()
         progress(f"workload: {stats.sent} sent, {stats.ok} ok, {stats.failed} failed, {stats.unknown} unknown, "
@@ -201,6 +202,7 @@ CANARY_SCENARIOS = {
     "skip-replication": "smoke",
     "ack-before-commit": "kill-restart",
     "wrong-inbox": "smoke",
+    "local-delete": "smoke",
 }
 
 

@@ -61,6 +61,7 @@ class WorkloadSpec:
     namespaces: tuple[int, ...] = (0,)
     body_bytes: int = 64
     drain_s: float = 20.0
+    delete_fraction: float = 0.0  # of received messages, deleted by their recipient
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,8 @@ def parse_scenario(raw: Mapping[str, Any], *, name: str = "scenario", source: st
         raise ScenarioError("topology.links must be 'toxiproxy' or 'direct'")
     topology = Topology(_num(t, "nodes", "topology", 8, 1, 200, int), _num(t, "min_swarm", "topology", 3, 1, 50, int),
                         _num(t, "users", "topology", 4, 2, 100, int), links)
-    w = _section(raw, "workload", {"rate", "duration_s", "messages", "namespaces", "body_bytes", "drain_s"})
+    w = _section(raw, "workload", {"rate", "duration_s", "messages", "namespaces", "body_bytes", "drain_s",
+                                   "delete_fraction"})
     messages = _num(w, "messages", "workload", None, 1, 10_000_000, int)
     duration = _num(w, "duration_s", "workload", None if messages else 15.0, 0.1, 86_400)
     namespaces = w.get("namespaces", [0])
@@ -157,7 +159,8 @@ def parse_scenario(raw: Mapping[str, Any], *, name: str = "scenario", source: st
         raise ScenarioError("workload.namespaces must be a non-empty list of integers")
     workload = WorkloadSpec(_num(w, "rate", "workload", 10.0, 0.01, 100_000), duration, messages, tuple(namespaces),
                             _num(w, "body_bytes", "workload", 64, 0, 60_000, int),
-                            _num(w, "drain_s", "workload", 20.0, 0, 3600))
+                            _num(w, "drain_s", "workload", 20.0, 0, 3600),
+                            _num(w, "delete_fraction", "workload", 0.0, 0, 1))
     f = _section(raw, "faults", {"timeline", "generator"})
     timeline = []
     for i, item in enumerate(f.get("timeline", [])):

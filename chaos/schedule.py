@@ -189,7 +189,7 @@ def schedule_as_scenario(scenario: Scenario, schedule: Schedule) -> dict[str, An
     t = scenario.topology
     w = scenario.workload
     workload: dict[str, Any] = {"rate": w.rate, "namespaces": list(w.namespaces), "body_bytes": w.body_bytes,
-                                "drain_s": w.drain_s}
+                                "drain_s": w.drain_s, "delete_fraction": w.delete_fraction}
     if w.messages is not None:
         workload["messages"] = w.messages
     else:

@@ -182,10 +182,12 @@ def inbox(user: str, run_dir: str | None, namespace: int, as_json: bool) -> None
 @click.option("--duration", type=float, default=None, help="or send for this many seconds")
 @click.option("--rate", type=float, default=10.0, show_default=True, help="sends per second, all users together")
 @click.option("--seed", type=int, default=None)
+@click.option("--delete-fraction", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="of received messages, deleted by their recipient")
 @click.option("--run-dir", default=None, help="run directory (default: runs/latest)")
 @click.option("--json", "as_json", is_flag=True)
 def workload(n_users: int | None, messages: int | None, duration: float | None, rate: float, seed: int | None,
-             run_dir: str | None, as_json: bool) -> None:
+             delete_fraction: float, run_dir: str | None, as_json: bool) -> None:
     """Scripted users send to random others through onion paths; the history goes to the run directory."""
     if messages is None and duration is None:
         messages = 100
@@ -200,7 +202,7 @@ def workload(n_users: int | None, messages: int | None, duration: float | None, 
         history.rename(path / f"history.{int(time.time())}.jsonl")
     stats = trio.run(lambda: run_workload(specs, (reg["host"], reg["port"]), history, messages=messages,
                                           duration_s=duration, rate=rate, seed=seed or random.randrange(1 << 30),
-                                          client_bugs=client_bugs(run)))
+                                          client_bugs=client_bugs(run), delete_fraction=delete_fraction))
     if as_json:
         click.echo(json.dumps({**stats.__dict__, "history": str(history)}))
     else:

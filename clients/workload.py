@@ -77,6 +77,7 @@ class WorkloadStats:
     failed: int = 0
     unknown: int = 0
     received: int = 0
+    delete_requests: int = 0
     undelivered_at_end: int = 0
     duration_s: float = 0.0
 
@@ -84,8 +85,12 @@ class WorkloadStats:
 class ScriptedUser:
     """A client plus inbox state: last hash per namespace, hashes seen."""
 
-    def __init__(self, spec: UserSpec, client: Client, history: HistoryWriter, names_by_id: dict[str, str]) -> None:
+    def __init__(self, spec: UserSpec, client: Client, history: HistoryWriter, names_by_id: dict[str, str],
+                 *, delete_fraction: float = 0.0, rng: random.Random | None = None) -> None:
         self.spec = spec
+        self.delete_fraction = delete_fraction
+        self.rng = rng or random.Random()
+        self.deletes = 0
         self.client = client
         self.history = history
         self.names_by_id = names_by_id
@@ -98,8 +103,10 @@ class ScriptedUser:
         self.received_ids: set[str] = set()
 
     async def poll(self, namespaces: Iterable[int]) -> int:
-        """Retrieve new messages in every namespace; records each first-seen hash."""
+        """Retrieve new messages in every namespace; records each first-seen hash; then deletes
+        ``delete_fraction`` of the new ones."""
         got = 0
+        fresh: list[str] = []
         for ns in namespaces:
             more = True
             while more:
@@ -118,8 +125,28 @@ class ScriptedUser:
                         continue  # deduplicate by hash, as Session clients do
                     self.seen.add(m["hash"])
                     got += 1
+                    fresh.append(m["hash"])
                     self._record_receive(m, ns)
+        doomed = [h for h in fresh if self.rng.random() < self.delete_fraction]
+        if doomed:
+            await self.delete(doomed)
         return got
+
+    async def delete(self, hashes: list[str]) -> None:
+        """Delete these (received) messages from the swarm; the outcome goes to the history."""
+        self.deletes += 1
+        base = {"op": "delete", "process": self.spec.name, "id": f"{self.spec.name}-del-{self.deletes}"}
+        self.history.write({**base, "type": "invoke", "hashes": hashes})
+        try:
+            res = await self.client.delete(hashes)
+        except OutcomeUnknown as exc:
+            self.history.write({**base, "type": "info", "error": str(exc)[:200]})
+            return
+        except ClientError as exc:
+            self.history.write({**base, "type": "fail", "error": str(exc)[:200]})
+            return
+        self.history.write({**base, "type": "ok", "deleted": len(res.body.get("deleted") or []),
+                            "target": res.target})
 
     def _record_receive(self, m: dict[str, Any], ns: int) -> None:
         rec: dict[str, Any] = {"type": "ok", "op": "receive", "process": self.spec.name, "hash": m["hash"],
@@ -184,6 +211,7 @@ async def run_workload(specs: Sequence[UserSpec], registry: tuple[str, int], his
                        messages: int | None = None, duration_s: float | None = None, rate: float = 20.0,
                        namespaces: Sequence[int] = (0,), seed: int = 0, body_bytes: int = 64,
                        ttl_ms: int = DEFAULT_TTL_MS, drain_s: float = 20.0, client_bugs: Iterable[str] = (),
+                       delete_fraction: float = 0.0,
                        senders: Sequence[str] | None = None, receivers: Sequence[str] | None = None,
                        on_progress: Any = None,
                        before_drain: Any = None) -> WorkloadStats:
@@ -191,7 +219,8 @@ async def run_workload(specs: Sequence[UserSpec], registry: tuple[str, int], his
 
     ``senders`` limits who sends, ``receivers`` who is sent to.  After the last send,
     users keep polling for up to ``drain_s`` until every acknowledged message
-    has reached its recipient.  ``before_drain`` (an async callable) runs
+    has reached its recipient.  Recipients delete ``delete_fraction`` of what they
+    receive (Session's delete, signed, through onion paths).  ``before_drain`` (an async callable) runs
     between the last send and the drain, users still polling: a chaos run
     heals its faults and waits its quiet period there.
     """
@@ -215,7 +244,8 @@ async def run_workload(specs: Sequence[UserSpec], registry: tuple[str, int], his
                                 bugs=client_bugs, rng=random.Random(rng.random()))
                 client.directory.dial = dict(s.dial)
                 await client.refresh_nodes()
-                users[s.name] = ScriptedUser(s, client, history, names_by_id)
+                users[s.name] = ScriptedUser(s, client, history, names_by_id, delete_fraction=delete_fraction,
+                                             rng=random.Random(f"{seed}-{s.name}-deletes"))
             sender_names = list(senders) if senders else list(users)
             receiver_names = list(receivers) if receivers else list(users)
             stop_polling = trio.Event()
@@ -264,6 +294,7 @@ async def run_workload(specs: Sequence[UserSpec], registry: tuple[str, int], his
             for u in users.values():
                 stats.received += await u.poll(namespaces)
             stats.undelivered_at_end = sum(1 for m, r in acked.items() if m not in users[r].received_ids)
+            stats.delete_requests = sum(u.deletes for u in users.values())
             for u in users.values():
                 await u.client.aclose()
             nursery.cancel_scope.cancel()

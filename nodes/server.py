@@ -243,6 +243,10 @@ class Node:
         view = self._require_view()
         if not view.is_mine(pubkey):
             raise view.wrong_swarm(pubkey)
+        if "local-delete" in self.bugs:
+            # Deliberately broken: delete here only, tell nobody, remember nothing.
+            deleted = self.storage.delete(pubkey, hs)
+            return {"deleted": deleted, "swarm": {self.ed_hex: {"status": Status.OK, "deleted": deleted}}}
         deleted = self._delete_local(pubkey, hs)
         results = {self.ed_hex: {"status": Status.OK, "deleted": deleted}}
         results.update(await self._fan_out("replicate_delete", (pubkey, hs), list, view))

@@ -15,6 +15,8 @@ BUGS: dict[str, tuple[str, str, str]] = {
     "ack-before-commit": ("node", "a store is acknowledged before it is committed or forwarded "
                                   "(written ~3 s later; a kill -9 loses it)", "delivery"),
     "wrong-inbox": ("node", "retrieve also returns another account's messages", "delivery"),
+    "local-delete": ("node", "a delete removes the message at the node asked only: it neither tells the swarm "
+                             "nor remembers the hash, so the other copies live on", "replication"),
 }
 
 NODE_BUGS = frozenset(n for n, (where, _, _) in BUGS.items() if where == "node")

@@ -219,6 +219,25 @@ def test_replication_deleted_and_expired_not_required(tmp_path):
     assert check_replication(run, hist, now_ms=NOW, swarms=SWARMS, live=set(SWARMS))["valid"] is False
 
 
+def test_replication_an_acknowledged_delete_must_stay_deleted(tmp_path):
+    members, _ = bob_swarm()
+    gone, hist = message(1)
+    kept, kept_hist = message(2)
+    run = fill(tmp_path, {n: [kept] + ([gone] if n == members[-1] else []) for n in members})
+    delete = [{"type": "invoke", "op": "delete", "process": "bob", "id": "bob-del-1", "hashes": [gone.hash]}]
+    ok = delete + [{"type": "ok", "op": "delete", "process": "bob", "id": "bob-del-1"}]
+    v = check_replication(run, hist + kept_hist + ok, now_ms=NOW, swarms=SWARMS, live=set(SWARMS))
+    assert v["valid"] is False and v["counts"]["resurrected"] == 1
+    assert v["resurrected"][0]["held_by"] == [members[-1]]
+    assert "deleted but still held: 1" in summary({"valid": False, "checkers": {"replication": v}})
+    # A dead holder is excused (it may still learn of the delete); an unknown-outcome delete proves nothing.
+    v = check_replication(run, hist + kept_hist + ok, now_ms=NOW, swarms=SWARMS, live=set(SWARMS) - {members[-1]})
+    assert v["counts"]["resurrected"] == 0
+    info = delete + [{"type": "info", "op": "delete", "process": "bob", "id": "bob-del-1"}]
+    v = check_replication(run, hist + kept_hist + info, now_ms=NOW, swarms=SWARMS, live=set(SWARMS))
+    assert v["valid"] is True and v["counts"]["deleted"] == 1 and v["counts"]["resurrected"] == 0
+
+
 # ---------------------------------------------------------------- unlinkability
 
 

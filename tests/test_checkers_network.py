@@ -33,9 +33,13 @@ async def workload_and_check(net, *, messages, rate, bugs=(), before_drain=None,
 async def test_honest_run_passes_all_three_checkers_and_leaks_nothing(tmp_path):
     async with open_testnet(nodes=20, users=4, min_swarm=5, links="direct", seed=21, check=False,
                             run_dir=tmp_path / "run") as net:
-        stats, verdict = await workload_and_check(net, messages=240, rate=80, receivers=["alice", "bob", "carol"])
+        stats, verdict = await workload_and_check(net, messages=240, rate=80, receivers=["alice", "bob", "carol"],
+                                                  delete_fraction=0.3)
         assert stats.ok >= 200, stats
         assert verdict["valid"] is True, {k: v.get("counts") or v for k, v in verdict["checkers"].items()}
+        # Recipients deleted about a third of what they got, and every acknowledged delete held.
+        replication = verdict["checkers"]["replication"]["counts"]
+        assert replication["deleted"] >= 40 and replication["resurrected"] == 0, replication
         assert verdict["checkers"]["delivery"]["counts"]["lost"] == 0
         assert verdict["checkers"]["unlinkability"]["counts"]["traced"] >= 200
         # dave only sends: his Session ID must appear in no node's data at all.
@@ -51,6 +55,7 @@ BUG_CASES = {
     "one-hop-path": "unlinkability",
     "client-id-in-layers": "unlinkability",
     "ack-before-commit": "delivery",
+    "local-delete": "replication",
 }
 
 
@@ -73,8 +78,9 @@ async def test_each_injected_bug_fails_the_right_checker(bug, tmp_path):
                 for name in list(net.nodes):
                     await net.node_restart(name)
             before_drain = kill_everything
+        deletes = 0.5 if bug == "local-delete" else 0.0  # its damage needs deletes to show
         stats, verdict = await workload_and_check(net, messages=30, rate=60, bugs=(bug,), before_drain=before_drain,
-                                                  drain_s=4.0)
+                                                  drain_s=4.0, delete_fraction=deletes)
         assert stats.ok > 0
         assert verdict["checkers"][checker]["valid"] is False, verdict["checkers"][checker]
         assert verdict["valid"] is False

@@ -156,10 +156,12 @@ def _acked_messages(history: Sequence[Mapping[str, Any]], users: Mapping[str, st
     return acked
 
 
-def _deleted_hashes(history: Sequence[Mapping[str, Any]]) -> set[str]:
-    """Hashes a delete may have removed: ok or info (outcome unknown) deletes, hashes from invoke or completion."""
+def _deleted_hashes(history: Sequence[Mapping[str, Any]]) -> tuple[set[str], set[str]]:
+    """Hashes a delete may have removed (ok or info deletes) and those it surely removed
+    (ok deletes); hashes from the invoke or the completion."""
     asked: dict[tuple[Any, Any], list[str]] = {}
-    out: set[str] = set()
+    maybe: set[str] = set()
+    surely: set[str] = set()
     for r in history:
         if r.get("op") != "delete":
             continue
@@ -168,8 +170,10 @@ def _deleted_hashes(history: Sequence[Mapping[str, Any]]) -> set[str]:
         if r.get("type") == "invoke":
             asked[key] = hs
         elif r.get("type") in ("ok", "info"):
-            out.update(hs or asked.get(key, []))
-    return out
+            maybe.update(hs or asked.get(key, []))
+            if r.get("type") == "ok":
+                surely.update(hs or asked.get(key, []))
+    return maybe, surely
 
 
 def check_replication(run_dir: str | Path, history: Sequence[Mapping[str, Any]], *, now_ms: int,
@@ -187,7 +191,7 @@ def check_replication(run_dir: str | Path, history: Sequence[Mapping[str, Any]],
     live = set(live)
     swarm_ids = sorted({s for s in swarms.values() if isinstance(s, int)})
     acked = _acked_messages(history, truth.users)
-    deleted = _deleted_hashes(history)
+    deleted, surely_deleted = _deleted_hashes(history)
 
     # Every node run.json names whose database we can read; unreadable ones are reported.
     held: dict[str, dict[str, tuple[str, int]]] = {}
@@ -199,9 +203,10 @@ def check_replication(run_dir: str | Path, history: Sequence[Mapping[str, Any]],
             unreadable[name] = str(exc)
 
     counts = {"acknowledged": len(acked), "checked": 0, "expired": 0, "deleted": 0, "no_recipient": 0,
-              "missing": 0, "stray": 0, "stray_after_grace": 0, "unjudged_missing": 0}
+              "missing": 0, "stray": 0, "stray_after_grace": 0, "unjudged_missing": 0, "resurrected": 0}
     missing_msgs: list[dict[str, Any]] = []
     stray_msgs: list[dict[str, Any]] = []
+    resurrected_msgs: list[dict[str, Any]] = []
     per_node = {name: {"missing": 0, "stray": 0, "held": len(held.get(name, {}))} for name in truth.nodes}
     seen: set[str] = set()
     for m in acked:
@@ -210,6 +215,11 @@ def check_replication(run_dir: str | Path, history: Sequence[Mapping[str, Any]],
         seen.add(m.hash)
         if m.hash in deleted:
             counts["deleted"] += 1
+            # An acknowledged delete is for good: no live node may hold the message again.
+            still_on = sorted(n for n, hs in held.items() if n in live and m.hash in hs)
+            if m.hash in surely_deleted and still_on:
+                counts["resurrected"] += 1
+                resurrected_msgs.append({"msg_id": m.msg_id, "hash": m.hash, "to": m.recipient, "held_by": still_on})
             continue
         start = m.invoke_t if m.invoke_t is not None else m.ack_t
         if start is not None and now_ms > start + m.ttl_ms - expiry_margin_ms:
@@ -248,7 +258,7 @@ def check_replication(run_dir: str | Path, history: Sequence[Mapping[str, Any]],
             counts["stray_after_grace"] += late
             stray_msgs.append({**record, "after_grace": late, "stray_on_live": stray_live})
 
-    if counts["missing"] or counts["stray_after_grace"]:
+    if counts["missing"] or counts["stray_after_grace"] or counts["resurrected"]:
         valid: bool | str = False
     elif counts["checked"] == 0 or counts["unjudged_missing"]:
         valid = "unknown"  # nothing to judge, or a required member's database could not be read
@@ -257,6 +267,7 @@ def check_replication(run_dir: str | Path, history: Sequence[Mapping[str, Any]],
     return {
         "checker": "replication", "valid": valid, "now_ms": now_ms, "grace_ms": grace_ms,
         "counts": counts, "missing": capped(missing_msgs), "stray": capped(stray_msgs),
+        "resurrected": capped(resurrected_msgs),
         "per_node": per_node, "unreadable_nodes": unreadable,
         "live": sorted(live), "swarms": {n: s for n, s in sorted(swarms.items())},
     }

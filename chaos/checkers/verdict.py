@@ -176,6 +176,8 @@ def summary(verdict: Mapping[str, Any]) -> str:
             lines.append(f"  missing on a live swarm member: {c.get('missing', 0)}"
                          + (f"  [{_ids(r.get('missing'))}]" if c.get("missing") else ""))
             lines.append(f"  stray outside the swarm: {c.get('stray', 0)} ({c.get('stray_after_grace', 0)} after grace)")
+            if c.get("resurrected"):
+                lines.append(f"  deleted but still held: {c['resurrected']}  [{_ids(r.get('resurrected'))}]")
             bad = {n: v for n, v in (r.get("per_node") or {}).items() if v.get("missing") or v.get("stray")}
             if bad:
                 lines.append("  by node: " + ", ".join(f"{n} -{v['missing']}/+{v['stray']}" for n, v in sorted(bad.items())))
