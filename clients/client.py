@@ -62,6 +62,16 @@ class RequestResult:
     path: list[str]
     target: str
     attempts: int
+    # An earlier attempt may have taken effect (it was lost after sending): a refusal
+    # now does not mean the operation did not happen.
+    maybe_done_before: bool = False
+
+    def refused(self, what: str) -> ClientError:
+        """The error for a non-200 answer: certain only if no earlier attempt may have worked."""
+        msg = f"{what} refused: status {self.status}: {_reason(self.body)}"
+        if self.maybe_done_before:
+            return OutcomeUnknown(msg + " (an earlier attempt may have taken effect)")
+        return ClientError(msg)
 
 
 @dataclass
@@ -272,7 +282,8 @@ class Client:
                 last_error = f"status {status}"
                 self._fail(target.ed25519_public)
                 continue
-            return RequestResult(status, body, [h.ed25519_public for h in path], target.ed25519_public, attempt)
+            return RequestResult(status, body, [h.ed25519_public for h in path], target.ed25519_public, attempt,
+                                 maybe_sent)
         if maybe_sent:
             raise OutcomeUnknown(f"{op}: outcome unknown after {max_attempts} attempts ({last_error})")
         raise ClientError(f"{op}: failed after {max_attempts} attempts ({last_error})")
@@ -282,7 +293,9 @@ class Client:
         args = {"pubkey": recipient, "namespace": namespace, "data": data, "ttl": ttl_ms, "timestamp": now_ms}
         res = await self.request(recipient, "store", args)
         if res.status != Status.OK:
-            raise ClientError(f"store refused: status {res.status}: {_reason(res.body)}")
+            # Found by the mixed scenario: a store lost after sending, retried on a node whose
+            # clock was skewed, came back 406 — yet the first attempt had stored it.
+            raise res.refused("store")
         return res
 
     async def retrieve(self, *, namespace: int = 0, last_hash: str | None = None, now_ms: int,
@@ -298,7 +311,7 @@ class Client:
 
         res = await self.request(self.session_id, "retrieve", args)
         if res.status != Status.OK:
-            raise ClientError(f"retrieve refused: status {res.status}: {_reason(res.body)}")
+            raise ClientError(f"retrieve refused: status {res.status}: {_reason(res.body)}")  # a read changes nothing
         return res
 
     async def delete(self, hashes: list[str]) -> RequestResult:
@@ -307,7 +320,7 @@ class Client:
                 "signature": sig}
         res = await self.request(self.session_id, "delete", args)
         if res.status != Status.OK:
-            raise ClientError(f"delete refused: status {res.status}: {_reason(res.body)}")
+            raise res.refused("delete")
         return res
 
     async def aclose(self) -> None:

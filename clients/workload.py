@@ -125,8 +125,8 @@ class ScriptedUser:
                         continue  # deduplicate by hash, as Session clients do
                     self.seen.add(m["hash"])
                     got += 1
-                    fresh.append(m["hash"])
-                    self._record_receive(m, ns)
+                    if self._record_receive(m, ns):
+                        fresh.append(m["hash"])  # only what opened as a workload message to us
         doomed = [h for h in fresh if self.rng.random() < self.delete_fraction]
         if doomed:
             await self.delete(doomed)
@@ -148,7 +148,8 @@ class ScriptedUser:
         self.history.write({**base, "type": "ok", "deleted": len(res.body.get("deleted") or []),
                             "target": res.target})
 
-    def _record_receive(self, m: dict[str, Any], ns: int) -> None:
+    def _record_receive(self, m: dict[str, Any], ns: int) -> bool:
+        """Record one received message; whether it opened as a workload message for this user."""
         rec: dict[str, Any] = {"type": "ok", "op": "receive", "process": self.spec.name, "hash": m["hash"],
                                "namespace": ns, "msg_id": None, "sender": None, "body_digest": None, "error": None}
         try:
@@ -158,7 +159,7 @@ class ScriptedUser:
         except (crypto.CryptoError, ValueError, TypeError) as exc:
             rec["error"] = type(exc).__name__
             self.history.write(rec)
-            return
+            return False
         try:
             body = msgpack.unpackb(plaintext, raw=False)
             rec["msg_id"] = body.get("id") if isinstance(body, dict) else None
@@ -170,6 +171,7 @@ class ScriptedUser:
             # Opened and signed for us, but not a workload message (e.g. `swarmnet send`).
             rec["foreign"] = True
         self.history.write(rec)
+        return bool(rec["msg_id"])
 
 
 def make_body(msg_id: str, sender: str, recipient: str, rng: random.Random, size: int) -> bytes:

@@ -233,6 +233,10 @@ def test_replication_an_acknowledged_delete_must_stay_deleted(tmp_path):
     # A dead holder is excused (it may still learn of the delete); an unknown-outcome delete proves nothing.
     v = check_replication(run, hist + kept_hist + ok, now_ms=NOW, swarms=SWARMS, live=set(SWARMS) - {members[-1]})
     assert v["counts"]["resurrected"] == 0
+    # Only the recipient's delete counts: alice (handed bob's message by a broken node) deletes nothing.
+    by_alice = [dict(r, process="alice") for r in ok]
+    v = check_replication(run, hist + kept_hist + by_alice, now_ms=NOW, swarms=SWARMS, live=set(SWARMS))
+    assert v["counts"]["deleted"] == 0 and v["counts"]["resurrected"] == 0
     info = delete + [{"type": "info", "op": "delete", "process": "bob", "id": "bob-del-1"}]
     v = check_replication(run, hist + kept_hist + info, now_ms=NOW, swarms=SWARMS, live=set(SWARMS))
     assert v["valid"] is True and v["counts"]["deleted"] == 1 and v["counts"]["resurrected"] == 0

@@ -156,9 +156,12 @@ def _acked_messages(history: Sequence[Mapping[str, Any]], users: Mapping[str, st
     return acked
 
 
-def _deleted_hashes(history: Sequence[Mapping[str, Any]]) -> tuple[set[str], set[str]]:
+def _deleted_hashes(history: Sequence[Mapping[str, Any]],
+                    recipient_of: Mapping[str, str | None]) -> tuple[set[str], set[str]]:
     """Hashes a delete may have removed (ok or info deletes) and those it surely removed
-    (ok deletes); hashes from the invoke or the completion."""
+    (ok deletes); hashes from the invoke or the completion.  Only the recipient can
+    delete a message: a delete by anyone else (a user handed another's message by a
+    broken node) removes nothing."""
     asked: dict[tuple[Any, Any], list[str]] = {}
     maybe: set[str] = set()
     surely: set[str] = set()
@@ -170,9 +173,10 @@ def _deleted_hashes(history: Sequence[Mapping[str, Any]]) -> tuple[set[str], set
         if r.get("type") == "invoke":
             asked[key] = hs
         elif r.get("type") in ("ok", "info"):
-            maybe.update(hs or asked.get(key, []))
+            own = [h for h in (hs or asked.get(key, [])) if recipient_of.get(h, r.get("process")) == r.get("process")]
+            maybe.update(own)
             if r.get("type") == "ok":
-                surely.update(hs or asked.get(key, []))
+                surely.update(own)
     return maybe, surely
 
 
@@ -191,7 +195,7 @@ def check_replication(run_dir: str | Path, history: Sequence[Mapping[str, Any]],
     live = set(live)
     swarm_ids = sorted({s for s in swarms.values() if isinstance(s, int)})
     acked = _acked_messages(history, truth.users)
-    deleted, surely_deleted = _deleted_hashes(history)
+    deleted, surely_deleted = _deleted_hashes(history, {m.hash: m.recipient for m in acked})
 
     # Every node run.json names whose database we can read; unreadable ones are reported.
     held: dict[str, dict[str, tuple[str, int]]] = {}
