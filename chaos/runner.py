@@ -25,8 +25,8 @@ from testnet import plan as P
 from testnet.bugs import CLIENT_BUGS, check_bugs
 
 from .nemesis import NemesisError, inject, live_swarms
-from .scenario import Scenario, load_scenario, parse_scenario
-from .schedule import Fault, Schedule, expand, to_toml
+from .scenario import Scenario, load_scenario
+from .schedule import Fault, Schedule, expand
 
 Progress = Callable[[str], None]
 

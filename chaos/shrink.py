@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
-from .schedule import Schedule, schedule_as_scenario, to_toml
+from .schedule import schedule_as_scenario, to_toml
 
 Test = Callable[[list[int]], Awaitable[bool]]
 

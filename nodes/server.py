@@ -7,7 +7,6 @@ Rules live in :mod:`nodes.core`; this module moves bytes and time.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import secrets
 import time
@@ -15,7 +14,6 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from testnet import crypto
 from testnet.logs import event, wall_ms
 from testnet.protocol import RequestError, Request, Status
 from testnet.registry import register_args

@@ -172,7 +172,7 @@ def _summary(run: dict[str, Any], run_dir: Path, detached: bool) -> str:
         f"{len({x['swarm_id'] for x in run['nodes']})} swarms",
         f"  run directory: {run_dir}",
         f"  registry:      {run['registry']['host']}:{run['registry']['port']}",
-        f"  links:         " + (f"Toxiproxy at {tp['api']} ({len(run['links'])} proxies)" if tp
+        "  links:         " + (f"Toxiproxy at {tp['api']} ({len(run['links'])} proxies)" if tp
                                 else "direct — link faults are OFF"),
         "",
         "Try next (in another shell):",

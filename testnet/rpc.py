@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Hashable, Protocol
@@ -22,7 +21,6 @@ from .protocol import (
     BadFrame,
     Connection,
     LocalProtocolError,
-    ProtocolError,
     RemoteProtocolError,
     Request,
     RequestError,

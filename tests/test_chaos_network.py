@@ -4,11 +4,10 @@ with a real fault passes and writes its bundle; replay runs it again."""
 import json
 
 import pytest
-import trio
 
 from chaos.nemesis import inject
 from chaos.runner import replay, run_chaos
-from chaos.scenario import NEMESES, load_scenario, parse_scenario
+from chaos.scenario import NEMESES, load_scenario
 from chaos.schedule import Fault
 from testnet.controller import open_testnet
 from testnet.fixtures import requires_toxiproxy

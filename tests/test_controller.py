@@ -14,9 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-import trio
 
-from testnet import plan as P
 from testnet.controller import Options, error_leaves, open_testnet
 from testnet.links import check_bindable
 from testnet.fixtures import assert_no_leaks, requires_toxiproxy
