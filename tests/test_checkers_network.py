@@ -84,3 +84,11 @@ async def test_each_injected_bug_fails_the_right_checker(bug, tmp_path):
         assert stats.ok > 0
         assert verdict["checkers"][checker]["valid"] is False, verdict["checkers"][checker]
         assert verdict["valid"] is False
+
+
+async def test_boot_check_passes_with_a_replication_bug_injected(tmp_path):
+    # The boot check reads back at the node it stored at when a node bug is on: the bug is the
+    # checkers' to catch (found when the skip-replication canary died in the boot check).
+    async with open_testnet(nodes=5, users=2, min_swarm=5, links="direct", seed=9, check=True,
+                            inject_bugs=("skip-replication",), run_dir=tmp_path / "run") as net:
+        assert net.check_result["ok"] and net.check_result["stored_at"] == net.check_result["retrieved_from"]
