@@ -13,8 +13,8 @@ times it bounds what any Python node built on this transport can reach.
 
 from __future__ import annotations
 
+import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,7 +45,7 @@ def crypto_floor_us(rounds: int = 2000) -> float:
 
 
 _ECHO_SERVER = """
-import sys, trio
+import json, os, trio
 from testnet.rpc import serve
 
 async def nothing(req, peer):
@@ -54,25 +54,25 @@ async def nothing(req, peer):
 async def main():
     async with trio.open_nursery() as n:
         bound = await n.start(lambda task_status: serve(nothing, [("127.0.0.1", 0)], task_status=task_status))
-        print(bound[0][1], flush=True)
+        print(json.dumps({"event": "listening", "addresses": bound, "pid": os.getpid()}), flush=True)
 
 trio.run(main)
 """
 STORE_ROUND_TRIPS = 8  # 4 onion hops + 4 replications (batched under load, so fewer in truth)
 
 
-async def rpc_floor_us(concurrency: int, calls: int = 4000) -> float:
+async def rpc_floor_us(concurrencies: tuple[int, ...], log_dir: Path, calls: int = 4000) -> dict[int, float]:
     """CPU µs (both processes) per request/response round trip of ``testnet.rpc`` over loopback,
-    with ``concurrency`` calls in flight and a handler that does nothing."""
+    for each number of calls in flight, against a handler that does nothing."""
+    from testnet import procs
     from testnet.rpc import open_rpc
 
-    server = subprocess.Popen([sys.executable, "-c", _ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+    child, rfd = procs.spawn("rpc-echo", [sys.executable, "-c", _ECHO_SERVER], stderr=log_dir / "rpc-echo.log")
     try:
-        with trio.fail_after(10):
-            line = await trio.to_thread.run_sync(server.stdout.readline)
-        port = int(line)
-        them, me = psutil.Process(server.pid), psutil.Process()
-        async with open_rpc("127.0.0.1", port) as rpc:
+        host, port = (await procs.read_ready_line(child, rfd, 10.0))["addresses"][0]
+        pids = [child.pid, os.getpid()]
+        out = {}
+        async with open_rpc(host, port) as rpc:
             payload = {"data": b"x" * 600}  # about an onion layer
 
             async def calls_of(n: int) -> None:
@@ -80,16 +80,16 @@ async def rpc_floor_us(concurrency: int, calls: int = 4000) -> float:
                     await rpc.call("nothing", payload, timeout=5)
 
             await calls_of(200)  # warm-up
-            per = max(calls // concurrency, 1)
-            cpu0 = sum(them.cpu_times()[:2]) + sum(me.cpu_times()[:2])
-            async with trio.open_nursery() as nursery:
-                for _ in range(concurrency):
-                    nursery.start_soon(calls_of, per)
-            cpu1 = sum(them.cpu_times()[:2]) + sum(me.cpu_times()[:2])
-        return (cpu1 - cpu0) / (per * concurrency) * 1e6
+            for concurrency in concurrencies:
+                per = max(calls // concurrency, 1)
+                cpu0 = cpu_seconds(pids)
+                async with trio.open_nursery() as nursery:
+                    for _ in range(concurrency):
+                        nursery.start_soon(calls_of, per)
+                out[concurrency] = (cpu_seconds(pids) - cpu0) / (per * concurrency) * 1e6
+        return out
     finally:
-        server.kill()
-        server.wait()
+        await procs.stop_children([child])
 
 
 async def bench_throughput(*, nodes: int = 30, min_swarm: int = 5, users: int = 16, seconds: float = 8.0,
@@ -100,7 +100,8 @@ async def bench_throughput(*, nodes: int = 30, min_swarm: int = 5, users: int = 
     say = progress or (lambda m: None)
     floor = crypto_floor_us()
     say("transport floor: rpc round trips between two processes")
-    rt1, rt64 = await rpc_floor_us(1, 2000), await rpc_floor_us(64)
+    rt = await rpc_floor_us((1, 64), Path(runs_dir))
+    rt1, rt64 = rt[1], rt[64]
     opts = Options(nodes=nodes, users=users, min_swarm=min_swarm, links=links, check=False, runs_dir=Path(runs_dir))
     async with open_testnet(opts, progress=say) as net:
         names = [u.name for u in net.plan.users]

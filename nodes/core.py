@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sized, TypeVar
 
 from testnet import crypto
 from testnet.bugs import NODE_BUGS, UnknownBug, check_bugs
@@ -309,6 +309,18 @@ def batches(items: Iterable[T], size: Callable[[T], int], *, budget: int = WIRE_
         used += n
     if batch:
         yield batch
+
+
+def fitting(items: Iterable[T], size: Callable[[T], int], *, budget: int = WIRE_BUDGET_BYTES,
+            max_count: int | None = None) -> list[T]:
+    """The leading items that fit in one batch (see :func:`batches`; no count limit by
+    default): what one reply or request carries, the rest waiting for the next."""
+    return next(batches(items, size, budget=budget, max_count=max_count or 1 << 62), [])
+
+
+def hash_list_bytes(entry: tuple[Any, Sized]) -> int:
+    """Wire estimate of a (pubkey, [hash or bucket, ...]) entry."""
+    return 80 + 50 * len(entry[1])
 
 
 def message_to_wire(m: StoredMessage) -> list[Any]:

@@ -16,7 +16,7 @@ import trio
 from testnet.protocol import ProtocolError
 from testnet.rpc import ConnectionPool, RpcError
 
-from .core import BATCH_COUNT, batches
+from .core import BATCH_COUNT, fitting
 from .storage import Storage, StorageError, StoredMessage
 
 log = logging.getLogger("node.replication")
@@ -125,7 +125,7 @@ class PeerSender:
             await self._wake.wait()
             self._wake = trio.Event()
             while self._queue and not self.closed:
-                batch = next(batches(self._queue, lambda entry: self.size(entry[0]), max_count=BATCH_COUNT))
+                batch = fitting(self._queue, lambda entry: self.size(entry[0]), max_count=BATCH_COUNT)
                 self._queue = self._queue[len(batch):]
                 try:
                     resp = await self.pool.call(self.peer, self.op, {"messages": [self.encode(i) for i, _ in batch]},

@@ -211,7 +211,7 @@ class Node:
     def _sender(self, peer: str, op: str, encode: Callable[[Any], Any]) -> PeerSender:
         s = self._senders.get((peer, op))
         if s is None or s.closed:
-            size = core.wire_bytes if op == "replicate" else (lambda item: 100 + 60 * len(item[1]))
+            size = core.wire_bytes if op == "replicate" else core.hash_list_bytes
             s = PeerSender(peer, self.pool, op, self.config.replication_timeout_s, encode, size)
             self._senders[(peer, op)] = s
             self._nursery.start_soon(s.run)
@@ -224,7 +224,7 @@ class Node:
             raise view.wrong_swarm(pubkey)
         msgs, more = self.storage.retrieve(pubkey, ns, last, self.clock.now_ms())
         # As many as fit in one reply; the client asks again after the last hash it got.
-        fit = next(core.batches(msgs, core.wire_bytes, max_count=len(msgs) or 1), [])
+        fit = core.fitting(msgs, core.wire_bytes)
         msgs, more = fit, more or len(fit) < len(msgs)
         if "wrong-inbox" in self.bugs:
             # Deliberately broken: mix in a neighbour account's messages.
@@ -314,7 +314,7 @@ class Node:
         differ = [pk for pk in differ if isinstance(pk, str) and core.is_pubkey(pk)][:1000]
         buckets = self.storage.ae_buckets(differ)
         # Pubkeys whose buckets fit in one reply; the rest still differ next round.
-        fit = next(core.batches(buckets.items(), lambda kv: 80 + 50 * len(kv[1]), max_count=len(buckets) or 1), [])
+        fit = core.fitting(buckets.items(), core.hash_list_bytes)
         return {"buckets": {pk: [[b, d] for b, d in bs.items()] for pk, bs in fit}}
 
     async def op_ae_hashes(self, args: dict) -> dict:
@@ -327,14 +327,13 @@ class Node:
             raise RequestError(Status.BAD_REQUEST, "'buckets' must map pubkeys to lists of buckets")
         hashes = self.storage.ae_hashes(dict(list(wanted.items())[:1000]), self.clock.now_ms())
         # Pubkeys whose hashes fit in one reply; the initiator compares only those this round.
-        fit = next(core.batches(hashes.items(), lambda kv: 80 + 50 * len(kv[1]), max_count=len(hashes) or 1), [])
+        fit = core.fitting(hashes.items(), core.hash_list_bytes)
         return {"hashes": dict(fit)}
 
     async def op_ae_fetch(self, args: dict) -> dict:
         """The messages with these hashes that we hold, as many as fit in one reply (in order)."""
         msgs = self.storage.get_many(core.hashes(args))
-        fit = next(core.batches(msgs, core.wire_bytes, max_count=len(msgs) or 1), [])
-        return {"messages": [core.message_to_wire(m) for m in fit]}
+        return {"messages": [core.message_to_wire(m) for m in core.fitting(msgs, core.wire_bytes)]}
 
     # ------------------------------------------------------------------ admin ops
 

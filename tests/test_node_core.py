@@ -110,3 +110,6 @@ def test_batches_keep_to_the_wire_budget():
     assert out == [[100, 300, 50], [600], [1000], [10]]  # too big alone still travels, alone
     assert [len(b) for b in batches(range(7), lambda n: 1, budget=100, max_count=3)] == [3, 3, 1]
     assert list(batches([], lambda n: n)) == []
+    from nodes.core import fitting
+    assert fitting(sizes, lambda n: n, budget=500) == [100, 300, 50]
+    assert fitting([900, 1], lambda n: n, budget=500) == [900] and fitting([], lambda n: n) == []
