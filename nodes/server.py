@@ -455,7 +455,7 @@ class Node:
                                         timeout=timeout)
             if not resp.ok:
                 return
-            their_buckets = {pk: {b: d for b, d in pairs} for pk, pairs in (resp.body.get("buckets") or {}).items()
+            their_buckets = {pk: dict(pairs) for pk, pairs in (resp.body.get("buckets") or {}).items()
                              if view.is_mine(pk)}
             if not their_buckets:
                 return
