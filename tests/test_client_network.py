@@ -23,21 +23,30 @@ async def test_a_refusal_after_a_lost_attempt_is_unknown_not_failed(tmp_path):
         alice = net.user_identity("alice")
         async with trio.open_nursery() as nursery:
             client = Client(alice, name="alice", host=net.user_host("alice"), nursery=nursery,
-                            registry=net.registry_address, timeout_s=1.0, rng=random.Random(1))
+                            registry=net.registry_address, timeout_s=3.0, rng=random.Random(1))
             client.directory.dial = dict(net.user_links("alice"))
             await client.refresh_nodes()
             # Every reply to alice is dropped: the first attempt stores the message, never hears back.
             toxics = [(l.name, await net.api.add_toxic(l.name, "timeout", {"timeout": 0}, stream="downstream"))
                       for l in net.plan.links if l.from_user]
 
-            async def heal_then_skew_every_clock() -> None:
-                await trio.sleep(0.5)
-                for proxy, toxic in toxics:
-                    await net.api.remove_toxic(proxy, toxic)
+            async def stored_somewhere() -> bool:
+                return any([(await net.call(name, "info"))["messages"] for name in net.nodes])
+
+            async def skew_every_clock_then_heal() -> None:
+                # Only once the first attempt has stored it (well before its 3 s timeout), and clocks
+                # first, links second: the retry, not the first attempt, must meet the skewed clocks
+                # (the first attempt is lost: its reply is dropped, and its connection ends when the
+                # toxic goes or times out).
+                with trio.fail_after(2.5):
+                    while not await stored_somewhere():
+                        await trio.sleep(0.05)
                 for name in net.nodes:
                     await net.admin(name, "admin_clock", offset_ms=60_000)
+                for proxy, toxic in toxics:
+                    await net.api.remove_toxic(proxy, toxic)
 
-            nursery.start_soon(heal_then_skew_every_clock)
+            nursery.start_soon(skew_every_clock_then_heal)
             data = crypto.seal_message(alice, alice.session_id, b"note to self")
             with pytest.raises(OutcomeUnknown, match="406"):
                 await client.store(alice.session_id, data, ttl_ms=3_600_000, now_ms=int(time.time() * 1000))
