@@ -289,6 +289,86 @@ def validate_expire(args: Mapping[str, Any], now_ms: int) -> tuple[str, list[str
     return pubkey, hs, expiry
 
 
+# --------------------------------------------------------------------------- node-op arguments
+# Node ops carry nested lists; each is checked whole here, at the edge, so no
+# handler meets a wrong type (a 400 naming the argument, never a 500).
+
+MAX_NODE_ITEMS = 10 * BATCH_COUNT  # entries in one node-op list
+
+
+def arg_list(args: Mapping[str, Any], key: str, max_len: int = MAX_NODE_ITEMS) -> list[Any]:
+    v = args.get(key)
+    if not isinstance(v, list) or len(v) > max_len:
+        raise _bad(f"'{key}' must be a list of at most {max_len} entries")
+    return v
+
+
+def arg_map(args: Mapping[str, Any], key: str, max_len: int = MAX_NODE_ITEMS) -> dict[Any, Any]:
+    v = args.get(key)
+    if not isinstance(v, dict) or len(v) > max_len:
+        raise _bad(f"'{key}' must be a map of at most {max_len} entries")
+    return v
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def replicated_messages(args: Mapping[str, Any]) -> list[StoredMessage]:
+    """``replicate {messages: [[pubkey, namespace, hash, data, timestamp, expiry], …]}``."""
+    return [message_from_wire(i) for i in arg_list(args, "messages")]
+
+
+def replicated_deletes(args: Mapping[str, Any]) -> list[tuple[str, list[str]]]:
+    """``replicate_delete {messages: [[pubkey, [hash, …]], …]}``."""
+    out = []
+    for item in arg_list(args, "messages"):
+        if not (isinstance(item, list) and len(item) == 2):
+            raise _bad("each replicated delete must be [pubkey, [hash, …]]")
+        out.append((session_pubkey({"pubkey": item[0]}), hashes({"hashes": item[1]})))
+    return out
+
+
+def replicated_expiries(args: Mapping[str, Any]) -> list[tuple[str, list[str], int]]:
+    """``replicate_expire {messages: [[pubkey, [hash, …], expiry], …]}``."""
+    out = []
+    for item in arg_list(args, "messages"):
+        if not (isinstance(item, list) and len(item) == 3 and _is_int(item[2]) and -2**63 <= item[2] < 2**63):
+            raise _bad("each replicated expiry must be [pubkey, [hash, …], expiry ms]")
+        out.append((session_pubkey({"pubkey": item[0]}), hashes({"hashes": item[1]}), item[2]))
+    return out
+
+
+def ae_digest_args(args: Mapping[str, Any]) -> tuple[int, dict[str, str]]:
+    """``ae_digest {swarm_id, digests: {pubkey: digest}}``."""
+    swarm_id = _int(args, "swarm_id")
+    digests = arg_map(args, "digests")
+    if not all(is_pubkey(pk) and isinstance(d, str) and len(d) <= 128 for pk, d in digests.items()):
+        raise _bad("'digests' must map account ids to digest strings")
+    return swarm_id, digests
+
+
+def ae_buckets_args(args: Mapping[str, Any]) -> dict[str, list[int]]:
+    """``ae_hashes {buckets: {pubkey: [bucket, …]}}``."""
+    wanted = arg_map(args, "buckets")
+    if not all(is_pubkey(pk) and isinstance(bs, list) and len(bs) <= MAX_NODE_ITEMS and all(
+            _is_int(b) and 0 <= b < 2**63 for b in bs) for pk, bs in wanted.items()):
+        raise _bad("'buckets' must map account ids to lists of bucket numbers")
+    return wanted
+
+
+def loopback_address(value: Any, what: str) -> tuple[str, int]:
+    """A ``[host, port]`` pair on 127.0.0.0/8 (admin ops never point a node elsewhere)."""
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str)
+            and _is_int(value[1]) and 0 <= value[1] <= 65535):
+        raise _bad(f"{what} must be [host, port] with port in 0..65535")
+    host = value[0]
+    parts = host.split(".")
+    if not (len(parts) == 4 and parts[0] == "127" and all(p.isdigit() and int(p) <= 255 for p in parts)):
+        raise _bad(f"{what}: host must be an address in 127.0.0.0/8")
+    return host, value[1]
+
+
 def wire_bytes(m: StoredMessage) -> int:
     """A generous estimate of a message's size on the wire: its data plus hash, pubkey and numbers."""
     return len(m.data) + 200

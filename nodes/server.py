@@ -14,12 +14,13 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
+from testnet import crypto
 from testnet.logs import event, wall_ms
 from testnet.protocol import RequestError, Request, Status
 from testnet.registry import register_args
 from testnet.rpc import ConnectionPool, Peer, RpcError, serve
 
-from . import core
+from . import auth, core
 from .capture import CaptureFile
 from .core import NodeConfig, SwarmView
 from .replication import GroupCommit, PeerSender
@@ -28,6 +29,7 @@ from .storage import Storage, StoredMessage
 log = logging.getLogger("node")
 
 NODE_OPS = {"replicate", "replicate_delete", "replicate_expire", "ae_digest", "ae_hashes", "ae_fetch"}
+HANDSHAKE_OPS = {"node_hello", "node_auth"}
 CLIENT_OPS = {"store", "retrieve", "delete", "expire", "get_swarm", "info", "onion"}
 ADMIN_OPS = {"admin_set_links", "admin_listen", "admin_clock", "admin_stop"}
 REGISTRY_KEY = "registry"
@@ -46,8 +48,10 @@ class Clock:
 
 
 class Node:
-    def __init__(self, config: NodeConfig, *, clock: Clock | None = None) -> None:
+    def __init__(self, config: NodeConfig, *, clock: Clock | None = None,
+                 randbytes: Callable[[int], bytes] = crypto.random_bytes) -> None:
         self.config = config
+        self.randbytes = randbytes  # handshake challenges
         self.identity = config.identity()
         self.ed_hex = self.identity.ed25519_public.hex()
         self.x_hex = self.identity.x25519_public.hex()
@@ -55,6 +59,7 @@ class Node:
         self.storage = Storage(config.db)
         self.capture = CaptureFile(config.capture) if config.capture else None
         self.view: SwarmView | None = None
+        self.entitled = auth.Entitlements()
         self.links: dict[str, tuple[str, int]] = dict(config.links)
         self.bugs = set(config.inject_bugs)
         self.rate = core.TokenBucket(config.rate_limit_burst, config.rate_limit_per_second)
@@ -91,7 +96,8 @@ class Node:
                 self._nursery = nursery
                 self._cancel = nursery.cancel_scope
                 self.pool = ConnectionPool(nursery, self._resolve, capture=self.capture,
-                                           connect_timeout=self.config.replication_timeout_s)
+                                           connect_timeout=self.config.replication_timeout_s,
+                                           on_connect=self._authenticate_to)
                 self.commit = GroupCommit(self.storage)
                 await nursery.start(self.commit.run)
                 self.listening = await nursery.start(
@@ -114,6 +120,11 @@ class Node:
         if self._cancel is not None:
             self._cancel.cancel()
 
+    async def _authenticate_to(self, key: Any, conn: Any, timeout: float) -> None:
+        """Every connection to another node starts with our handshake (nodes/auth.py)."""
+        if key != REGISTRY_KEY:
+            await auth.authenticate(conn, self.identity, str(key), timeout=timeout)
+
     async def _flush_capture_loop(self) -> None:
         while True:
             await trio.sleep(0.2)
@@ -123,12 +134,22 @@ class Node:
 
     async def handle(self, req: Request, peer: Peer) -> tuple[int, Any]:
         op = req.op
-        if op in CLIENT_OPS and op != "info":
+        if (op in CLIENT_OPS and op != "info") or op in HANDSHAKE_OPS:
             if not self.rate.allow((peer.remote[0], peer.local[1]), trio.current_time()):
                 raise RequestError(Status.RATE_LIMITED, "rate limited")
         if op == "onion" and self.onion_handler is not None:
             return await self.onion_handler(req, peer)
-        method = getattr(self, "op_" + op, None) if (op in CLIENT_OPS or op in NODE_OPS or op in ADMIN_OPS) else None
+        if op == "node_hello":
+            return Status.OK, auth.hello(peer.session, self.ed_hex, self.randbytes)
+        if op == "node_auth":
+            return Status.OK, {"node": auth.check_auth(peer.session, req.args, self.ed_hex,
+                                                       self.entitled.is_registered)}
+        if op in NODE_OPS:
+            # oxen-storage-server: node-to-node requests only from a node on the service-node list.
+            caller = None if "no-node-auth" in self.bugs else \
+                auth.authenticated_node(peer.session, self.entitled.is_registered)
+            return Status.OK, await getattr(self, "op_" + op)(req.args, caller)
+        method = getattr(self, "op_" + op, None) if (op in CLIENT_OPS or op in ADMIN_OPS) else None
         if method is None:
             raise RequestError(Status.NOT_FOUND, f"unknown op {op!r:.70}")
         if op in ADMIN_OPS:
@@ -267,84 +288,86 @@ class Node:
 
     # ------------------------------------------------------------------ node-to-node ops
 
-    async def op_replicate(self, args: dict) -> dict:
-        """Forwarded copies: stored, never forwarded again."""
-        items = args.get("messages")
-        if not isinstance(items, list) or len(items) > 10 * 500:
-            raise RequestError(Status.BAD_REQUEST, "'messages' must be a list")
-        msgs = [core.message_from_wire(i) for i in items]
+    # Each takes the authenticated caller's ed25519 hex (None only under the
+    # injected bug no-node-auth) and answers 403 for accounts of a swarm the
+    # caller is not, and was not recently, a member of.
+
+    def _require_accounts(self, caller: str | None, pubkeys: Any, *, rehoming: bool = False) -> None:
+        if caller is not None:
+            self.entitled.require_accounts(caller, pubkeys, rehoming=rehoming)
+
+    async def op_replicate(self, args: dict, caller: str | None) -> dict:
+        """Forwarded copies (from a member, or a recent member rehoming them): stored,
+        never forwarded again."""
+        msgs = core.replicated_messages(args)
+        self._require_accounts(caller, (m.pubkey for m in msgs), rehoming=True)
         msgs = [m for m in msgs if not self.storage.tombstoned(m.hash)]
         if msgs:
             new = await self.commit.commit(msgs)
             self.stats["replicated_in"] += sum(new)
         return {"stored": len(msgs)}
 
-    async def op_replicate_delete(self, args: dict) -> dict:
+    async def op_replicate_delete(self, args: dict, caller: str | None) -> dict:
+        items = core.replicated_deletes(args)
+        self._require_accounts(caller, (pk for pk, _ in items))
         done = []
-        for item in args.get("messages") or []:
-            try:
-                pubkey, hs = item
-                done.extend(self._delete_local(core.session_pubkey({"pubkey": pubkey}), core.hashes({"hashes": hs})))
-            except (TypeError, ValueError):
-                raise RequestError(Status.BAD_REQUEST, "malformed replicated delete") from None
+        for pubkey, hs in items:
+            done.extend(self._delete_local(pubkey, hs))
         return {"deleted": len(done)}
 
-    async def op_replicate_expire(self, args: dict) -> dict:
+    async def op_replicate_expire(self, args: dict, caller: str | None) -> dict:
+        items = core.replicated_expiries(args)
+        self._require_accounts(caller, (pk for pk, _, _ in items))
         n = 0
-        for item in args.get("messages") or []:
-            try:
-                pubkey, hs, expiry = item
-                n += len(self.storage.expire(core.session_pubkey({"pubkey": pubkey}), core.hashes({"hashes": hs}),
-                                             max(int(expiry), 1)))
-            except (TypeError, ValueError):
-                raise RequestError(Status.BAD_REQUEST, "malformed replicated expire") from None
+        for pubkey, hs, expiry in items:
+            n += len(self.storage.expire(pubkey, hs, max(expiry, 1)))
         return {"updated": n}
 
-    async def op_ae_digest(self, args: dict) -> dict:
+    async def op_ae_digest(self, args: dict, caller: str | None) -> dict:
         """Anti-entropy, step 1: the pubkeys of that swarm whose digests differ from the
         caller's, each with our digest per bucket."""
+        swarm_id, theirs = core.ae_digest_args(args)
+        if caller is not None:
+            self.entitled.require_swarm(caller, swarm_id)
         if "skip-replication" in self.bugs:
             return {"buckets": {}}
         view = self._require_view()
-        swarm_id, theirs = args.get("swarm_id"), args.get("digests")
-        if not isinstance(swarm_id, int) or not isinstance(theirs, dict):
-            raise RequestError(Status.BAD_REQUEST, "'swarm_id' and 'digests' are required")
         ours = self.storage.ae_digests(lambda pk: view.swarm_of(pk) == swarm_id)
-        differ = [pk for pk in set(ours) | set(theirs) if ours.get(pk) != theirs.get(pk)]
-        differ = [pk for pk in differ if isinstance(pk, str) and core.is_pubkey(pk)][:1000]
+        differ = [pk for pk in set(ours) | set(theirs) if ours.get(pk) != theirs.get(pk)][:1000]
+        if caller is not None:
+            differ = [pk for pk in differ if self.entitled.may_hold(caller, pk)]
         buckets = self.storage.ae_buckets(differ)
         # Pubkeys whose buckets fit in one reply; the rest still differ next round.
         fit = core.fitting(buckets.items(), core.hash_list_bytes)
         return {"buckets": {pk: [[b, d] for b, d in bs.items()] for pk, bs in fit}}
 
-    async def op_ae_hashes(self, args: dict) -> dict:
+    async def op_ae_hashes(self, args: dict, caller: str | None) -> dict:
         """Anti-entropy, step 2: our hashes in the buckets asked for, per pubkey."""
+        wanted = core.ae_buckets_args(args)
+        self._require_accounts(caller, wanted)
         if "skip-replication" in self.bugs:
             return {"hashes": {}}
-        wanted = args.get("buckets")
-        if not isinstance(wanted, dict) or not all(
-                isinstance(pk, str) and core.is_pubkey(pk) and isinstance(bs, list) for pk, bs in wanted.items()):
-            raise RequestError(Status.BAD_REQUEST, "'buckets' must map pubkeys to lists of buckets")
         hashes = self.storage.ae_hashes(dict(list(wanted.items())[:1000]), self.clock.now_ms())
         # Pubkeys whose hashes fit in one reply; the initiator compares only those this round.
         fit = core.fitting(hashes.items(), core.hash_list_bytes)
         return {"hashes": dict(fit)}
 
-    async def op_ae_fetch(self, args: dict) -> dict:
-        """The messages with these hashes that we hold, as many as fit in one reply (in order)."""
+    async def op_ae_fetch(self, args: dict, caller: str | None) -> dict:
+        """The messages with these hashes that we hold and the caller may hold too, as
+        many as fit in one reply (in order).  A hash names no account, so messages of
+        other swarms are left out rather than refused."""
         msgs = self.storage.get_many(core.hashes(args))
+        if caller is not None:
+            msgs = [m for m in msgs if self.entitled.may_hold(caller, m.pubkey)]
         return {"messages": [core.message_to_wire(m) for m in core.fitting(msgs, core.wire_bytes)]}
 
     # ------------------------------------------------------------------ admin ops
 
     async def op_admin_set_links(self, args: dict) -> dict:
-        links = args.get("links")
-        if not isinstance(links, dict):
-            raise RequestError(Status.BAD_REQUEST, "'links' must be a map")
-        try:
-            new = {str(k): (str(v[0]), int(v[1])) for k, v in links.items()}
-        except (TypeError, ValueError, IndexError):
-            raise RequestError(Status.BAD_REQUEST, "'links' values must be [host, port]") from None
+        links = core.arg_map(args, "links", 100_000)
+        if not all(isinstance(k, str) and len(k) <= 64 for k in links):
+            raise RequestError(Status.BAD_REQUEST, "'links' keys must be node keys (hex)")
+        new = {k: core.loopback_address(v, f"link {k[:16]}") for k, v in links.items()}
         old, self.links = self.links, new
         # Redial only the peers whose route changed; the registry's long poll stays up.
         changed = [k for k in set(old) | set(new) if old.get(k) != new.get(k)]
@@ -353,11 +376,7 @@ class Node:
         return {"links": len(self.links), "redialled": len(changed)}
 
     async def op_admin_listen(self, args: dict) -> dict:
-        addrs = args.get("addresses")
-        try:
-            addrs = [(str(h), int(p)) for h, p in addrs]
-        except (TypeError, ValueError):
-            raise RequestError(Status.BAD_REQUEST, "'addresses' must be a list of [host, port]") from None
+        addrs = [core.loopback_address(a, "each address") for a in core.arg_list(args, "addresses", 256)]
         try:
             bound = await self._nursery.start(
                 lambda task_status: serve(self.handle, addrs, capture=self.capture, task_status=task_status))
@@ -400,14 +419,16 @@ class Node:
                     await self._registry_call("register", register_args(self.identity, host, port, wall_ms()), 5.0)
                     registered = True
                     event(log, "registered", host=host, port=port)
+                # The first list comes with the registry's recent swarm history (auth.Entitlements).
                 body = await self._registry_call(
-                    "get_service_nodes", {"since_height": height, "wait_ms": 10_000}, 15.0)
+                    "get_service_nodes", {"since_height": height, "wait_ms": 10_000, "history": height < 0}, 15.0)
                 if body["height"] < height:
                     # The registry forgot us (restarted without its state): register again.
                     registered, height = False, -1
                     continue
                 if body.get("changed", True) and body["height"] != height:
                     view = SwarmView.from_registry(body, self.ed_hex)
+                    self.entitled.add_history(body.get("history"))
                     height = view.height
                     self._apply_view(view)
             except (RpcError, RequestError, KeyError, TypeError, ValueError) as exc:
@@ -418,6 +439,7 @@ class Node:
     def _apply_view(self, view: SwarmView) -> None:
         old = self.view
         self.view = view
+        self.entitled.update(view)
         old_peers = {p.ed25519_public for p in old.peers()} if old and old.my_swarm is not None else set()
         new_peers = {p.ed25519_public for p in view.peers()}
         for key, sender in list(self._senders.items()):

@@ -17,6 +17,9 @@ BUGS: dict[str, tuple[str, str, str]] = {
     "wrong-inbox": ("node", "retrieve also returns another account's messages", "delivery"),
     "local-delete": ("node", "a delete removes the message at the node asked only: it neither tells the swarm "
                              "nor remembers the hash, so the other copies live on", "replication"),
+    "no-node-auth": ("node", "nodes serve node-to-node ops (replicate*, ae_*) to any caller, authenticated or "
+                             "not, for any account: a stranger can list, read and delete anyone's messages",
+                     "delivery"),
 }
 
 NODE_BUGS = frozenset(n for n, (where, _, _) in BUGS.items() if where == "node")

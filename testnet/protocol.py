@@ -37,6 +37,7 @@ class Status(enum.IntEnum):
     OK = 200
     BAD_REQUEST = 400
     UNAUTHORIZED = 401
+    FORBIDDEN = 403
     NOT_FOUND = 404
     CLOCK_OUT_OF_RANGE = 406
     TOO_LARGE = 413

@@ -28,6 +28,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
@@ -50,6 +51,10 @@ log = logging.getLogger(__name__)
 
 TIMESTAMP_WINDOW_MS = 60_000  # a signed register/deregister is valid this long either side of our clock
 MAX_WAIT_MS = 30_000  # longest get_service_nodes long-poll
+# Past swarm assignments kept (in memory) for get_service_nodes {history: true}:
+# a node that joins late learns which swarms its peers were in before, so it can
+# tell a peer rehoming a swarm's messages from a stranger (nodes/auth.py).
+HISTORY_LENGTH = 16
 STATE_FORMAT = 1  # version of the --state JSON shape
 _KEY_HEX = re.compile(r"[0-9a-f]{64}")
 _SIGNATURE_BYTES = 64
@@ -190,7 +195,7 @@ def parse_poll_args(args: object) -> tuple[int | None, int]:
     """
     if not isinstance(args, Mapping):
         raise _bad("args must be a map")
-    extra = sorted(set(args) - {"since_height", "wait_ms"})
+    extra = sorted(set(args) - {"since_height", "wait_ms", "history"})
     if extra:
         raise _bad(f"unexpected argument(s): {', '.join(map(str, extra))}")
     since = args.get("since_height")
@@ -198,6 +203,8 @@ def parse_poll_args(args: object) -> tuple[int | None, int]:
     wait_ms = _int(args.get("wait_ms", 0), "wait_ms")
     if wait_ms < 0:
         raise _bad("wait_ms must not be negative")
+    if not isinstance(args.get("history", False), bool):
+        raise _bad("history must be a boolean")
     return since, min(wait_ms, MAX_WAIT_MS)
 
 
@@ -237,6 +244,17 @@ class RegistryState:
         self.seed = seed
         self.nodes: dict[str, NodeRecord] = dict(nodes or {})
         self.height = height
+        # (height, {ed25519 hex: swarm id}) of the assignments replaced most recently, oldest first.
+        self.history: deque[tuple[int, dict[str, int]]] = deque(maxlen=HISTORY_LENGTH)
+
+    def _assignment(self) -> dict[str, int]:
+        return {k: r.swarm_id for k, r in self.nodes.items()}
+
+    def _bump(self, before: dict[str, int]) -> None:
+        """One change made: height + 1, remembering the assignment it replaced if swarms changed."""
+        if before != self._assignment():
+            self.history.append((self.height, before))
+        self.height += 1
 
     # -- requests
 
@@ -265,12 +283,13 @@ class RegistryState:
         old = self.nodes.get(ed_hex)
         if old is not None and (old.host, old.port) == (host, port):
             return {"height": self.height, "swarm_id": old.swarm_id}
+        before = self._assignment()
         if old is not None:
             self.nodes[ed_hex] = replace(old, host=host, port=port)
             self._reassign()
         else:
             self._reassign(new=NodeRecord(ed_hex, x_hex, host, port, 0))
-        self.height += 1
+        self._bump(before)
         return {"height": self.height, "swarm_id": self.nodes[ed_hex].swarm_id}
 
     def deregister(self, args: object, now_ms: int) -> dict[str, Any]:
@@ -282,9 +301,10 @@ class RegistryState:
         _check_signature(ed_hex, deregister_message(ed_hex, ts), signature)
         if ed_hex not in self.nodes:
             raise RequestError(Status.NOT_FOUND, "no such service node")
+        before = self._assignment()
         del self.nodes[ed_hex]
         self._reassign()
-        self.height += 1
+        self._bump(before)
         return {"height": self.height}
 
     def snapshot(self) -> dict[str, Any]:
@@ -292,16 +312,21 @@ class RegistryState:
         return {"height": self.height, "changed": True,
                 "nodes": [self.nodes[k].to_wire() for k in sorted(self.nodes)]}
 
-    def service_nodes(self, since_height: int | None) -> dict[str, Any]:
+    def service_nodes(self, since_height: int | None, *, history: bool = False) -> dict[str, Any]:
         """Answer to get_service_nodes once any waiting is over.
 
         Unchanged ({"height", "changed": False, "nodes": []}) only when the
         caller already has this height; any other height, lower or higher
-        (a registry restarted without --state), gets the whole list.
+        (a registry restarted without --state), gets the whole list, and with
+        ``history`` also the assignments it replaced, newest first:
+        ``"history": [{"height", "swarms": {ed25519 hex: swarm_id}}]``.
         """
         if since_height is not None and since_height == self.height:
             return {"height": self.height, "changed": False, "nodes": []}
-        return self.snapshot()
+        body = self.snapshot()
+        if history:
+            body["history"] = [{"height": h, "swarms": dict(a)} for h, a in reversed(self.history)]
+        return body
 
     def info(self) -> dict[str, Any]:
         return {"role": "registry", "version": VERSION, "height": self.height,
@@ -314,10 +339,10 @@ class RegistryState:
     def reassign(self) -> bool:
         """Re-run the swarm assignment (after loading with another min_swarm or
         seed); bumps the height and returns True if any node moved."""
-        before = {k: r.swarm_id for k, r in self.nodes.items()}
+        before = self._assignment()
         self._reassign()
-        if before != {k: r.swarm_id for k, r in self.nodes.items()}:
-            self.height += 1
+        if before != self._assignment():
+            self._bump(before)
             return True
         return False
 
@@ -431,7 +456,7 @@ class _Server:
                 changed = self._changed
                 with trio.move_on_after(wait_ms / 1000):
                     await changed.wait()
-            return Status.OK, self.state.service_nodes(since)
+            return Status.OK, self.state.service_nodes(since, history=args.get("history") is True)
         if op == "info":
             return Status.OK, self.state.info()
         if op in ("register", "deregister"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Hashable, Protocol
 
 import trio
@@ -70,11 +70,16 @@ Address = tuple[str, int]
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """Who is on the other end of an accepted connection."""
+    """Who is on the other end of an accepted connection.
+
+    ``session`` is the handler's per-connection state (e.g. which service
+    node authenticated on it); it lives and dies with the connection.
+    """
 
     remote: Address
     local: Address
     conn_id: int
+    session: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 class CaptureSink(Protocol):
@@ -411,8 +416,10 @@ class ConnectionPool:
 
     ``resolve(key)`` gives the address to dial (and an optional local address
     to dial from); it is asked again after a connection breaks, so a peer's
-    address may change.  Readers run in ``nursery``, which the owner keeps
-    open for the pool's whole life.
+    address may change.  ``on_connect(key, conn, timeout)``, when given, runs
+    on every new connection before its first call (a handshake); if it raises,
+    the connection is closed and the call fails.  Readers run in ``nursery``,
+    which the owner keeps open for the pool's whole life.
     """
 
     def __init__(
@@ -423,9 +430,11 @@ class ConnectionPool:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         capture: CaptureSink | None = None,
+        on_connect: Callable[[Hashable, RpcConnection, float], Awaitable[None]] | None = None,
     ) -> None:
         self._nursery = nursery
         self._resolve = resolve
+        self._on_connect = on_connect
         self._connect_timeout = connect_timeout
         self._max_frame_size = max_frame_size
         self._capture = capture
@@ -447,6 +456,12 @@ class ConnectionPool:
             conn = RpcConnection(stream, max_frame_size=self._max_frame_size, capture=self._capture,
                                  name=str(key)[:16])
             await self._nursery.start(conn.run)
+            if self._on_connect is not None:
+                try:
+                    await self._on_connect(key, conn, ct)
+                except BaseException:
+                    await conn.aclose()
+                    raise
             self._conns[key] = conn
             return conn
 

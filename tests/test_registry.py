@@ -145,6 +145,25 @@ def test_service_nodes_answers_unchanged_only_at_the_current_height():
         assert body["changed"] is True and body["height"] == 1 and len(body["nodes"]) == 1
 
 
+def test_history_lists_the_assignments_replaced_newest_first_and_only_when_asked():
+    state = RegistryState(min_swarm=1)
+    for i in range(4):
+        reg(state, i)
+    before = state.snapshot()
+    assert "history" not in state.service_nodes(None)
+    history = state.service_nodes(-1, history=True)["history"]
+    heights = [h["height"] for h in history]
+    assert heights == sorted(heights, reverse=True) and heights[0] == state.height - 1
+    # Each entry is the whole assignment at its height: the newest one lacks the last node.
+    assert IDS[3].ed25519_public.hex() not in history[0]["swarms"]
+    assert set(history[0]["swarms"]) == {IDS[i].ed25519_public.hex() for i in range(3)}
+    # A change of address only (a restart) moves no node: nothing new to remember.
+    reg(state, 0, port=20001)
+    assert state.height == before["height"] + 1
+    assert [h["height"] for h in state.service_nodes(-1, history=True)["history"]] == heights
+    assert status_of(parse_poll_args, {"history": 1}) == Status.BAD_REQUEST
+
+
 def test_swarms_form_and_dissolve_with_min_swarm_3():
     state = RegistryState(min_swarm=3, seed=1)
     for i in range(12):
