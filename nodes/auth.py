@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from testnet import crypto
 from testnet.protocol import RequestError, Status
-from testnet.rpc import RpcConnection, RpcError
+from testnet.rpc import ConnectError, RpcConnection
 from testnet.swarm import swarm_for
 
 from .core import SwarmView
@@ -51,8 +51,9 @@ SESSION_NODE = "node"  # Peer.session key: the authenticated caller's ed25519 he
 SESSION_CHALLENGE = "challenge"
 
 
-class NodeAuthError(RpcError):
-    """The other end refused our handshake, or is not the node we dialled."""
+class NodeAuthError(ConnectError):
+    """The other end refused our handshake, or is not the node we dialled: no request
+    went through this connection (so, like a failed connect, a certain failure)."""
 
 
 def auth_message(caller_ed_hex: str, receiver_ed_hex: str, challenge: bytes) -> bytes:

@@ -95,6 +95,9 @@ async def bench_node(*, nodes: int = 5, seconds: float = 5.0, concurrency: int =
                     n.start_soon(worker, k)
             elapsed = time.monotonic() - t0
             cpu1, my1 = cpu_seconds(pids), sum(me.cpu_times()[:2])
+            handshakes = 0
+            for n in names:
+                handshakes += (await net.call(n, "info"))["stats"].get("node_auth_ok", 0)
             outer.cancel_scope.cancel()
     latencies.sort()
     ok = counts["ok"]
@@ -108,8 +111,46 @@ async def bench_node(*, nodes: int = 5, seconds: float = 5.0, concurrency: int =
         "network_cpu_us_per_store": round((cpu1 - cpu0) / ok * 1e6, 1) if ok else None,
         "client_cpu_us_per_store": round((my1 - my0) / ok * 1e6, 1) if ok else None,
         "latency_ms": {"p50": percentile_ms(latencies, 0.5), "p99": percentile_ms(latencies, 0.99)},
+        "node_auth": auth_cost(nodes, ids, handshakes, counts["replicas_ok"] / ok - 1 if ok else 0,
+                               (cpu1 - cpu0) / ok * 1e6 if ok else None),
         "target": ">= 2000 replicated stores/s on 2 cores",
     }
+
+
+def auth_cost(nodes: int, accounts: list[str], handshakes: int, copies_per_store: float,
+              network_us_per_store: float | None, rounds: int = 2000) -> dict[str, Any]:
+    """What node-to-node authentication costs, from its own code timed here on a view of
+    this size: one handshake per connection (``check_auth``: one ed25519 verification)
+    and one entitlement check per replicated copy (``require_accounts``).  Handshakes
+    are counted by the nodes themselves (``info`` stats); they happen when nodes first
+    dial each other, before the measured window."""
+    from nodes import auth
+    from nodes.core import SwarmView
+
+    ids = [crypto.Identity.from_seed(bytes([i + 1]) * 32) for i in range(nodes)]
+    eds = [i.ed25519_public.hex() for i in ids]
+    view = SwarmView.from_registry({"height": 1, "nodes": [
+        {"ed25519_public": e, "x25519_public": "00" * 32, "host": "127.0.0.1", "port": 1, "swarm_id": 0}
+        for e in eds]}, eds[0])
+    ent = auth.Entitlements()
+    ent.update(view)
+    t = time.process_time()
+    for k in range(rounds):
+        ent.require_accounts(eds[1], (accounts[k % len(accounts)],), rehoming=True)
+    check_us = (time.process_time() - t) / rounds * 1e6
+    sessions = []
+    for _ in range(rounds // 10):
+        session: dict[str, Any] = {}
+        challenge = auth.hello(session, eds[0], crypto.random_bytes)["challenge"]
+        sessions.append((session, auth.auth_args(ids[1], eds[0], challenge)))
+    t = time.process_time()
+    for session, args in sessions:
+        auth.check_auth(session, args, eds[0], ent.is_registered)
+    handshake_us = (time.process_time() - t) / len(sessions) * 1e6
+    per_store = copies_per_store * check_us
+    return {"handshakes": handshakes, "handshake_us": round(handshake_us, 1),
+            "entitlement_check_us": round(check_us, 2), "us_per_store": round(per_store, 2),
+            "share_of_network_cpu": round(per_store / network_us_per_store, 4) if network_us_per_store else None}
 
 
 def percentile_ms(values: list[float], q: float) -> float | None:
@@ -158,6 +199,11 @@ def _command():
                    f"load generator {r['client_cpu_us_per_store']} µs/store")
         click.echo(f"latency p50 {r['latency_ms']['p50']} ms, p99 {r['latency_ms']['p99']} ms at "
                    f"{r['concurrency']} in flight; failures {r['failures'] or 'none'}")
+        a = r["node_auth"]
+        share = f"{a['share_of_network_cpu'] * 100:.1f} %" if a["share_of_network_cpu"] is not None else "n/a"
+        click.echo(f"node auth: {a['us_per_store']} µs/store of entitlement checks ({a['entitlement_check_us']} µs "
+                   f"per replicated copy; {share} of network CPU); {a['handshakes']} handshakes in all, "
+                   f"{a['handshake_us']} µs each, once per node connection")
 
     return bench_command
 

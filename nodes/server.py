@@ -71,7 +71,9 @@ class Node:
         self._cancel: trio.CancelScope | None = None
         self.pool: ConnectionPool | None = None
         self.commit: GroupCommit | None = None
-        self.stats = {"stores": 0, "replicated_in": 0, "ae_fetched": 0, "ae_pushed": 0, "rehomed": 0}
+        self.stats = {"stores": 0, "replicated_in": 0, "ae_fetched": 0, "ae_pushed": 0, "rehomed": 0,
+                      "node_auth_ok": 0, "node_auth_refused": 0, "node_ops_refused_401": 0,
+                      "node_ops_refused_403": 0}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -142,13 +144,23 @@ class Node:
         if op == "node_hello":
             return Status.OK, auth.hello(peer.session, self.ed_hex, self.randbytes)
         if op == "node_auth":
-            return Status.OK, {"node": auth.check_auth(peer.session, req.args, self.ed_hex,
-                                                       self.entitled.is_registered)}
+            try:
+                caller = auth.check_auth(peer.session, req.args, self.ed_hex, self.entitled.is_registered)
+            except RequestError:
+                self.stats["node_auth_refused"] += 1
+                raise
+            self.stats["node_auth_ok"] += 1
+            return Status.OK, {"node": caller}
         if op in NODE_OPS:
             # oxen-storage-server: node-to-node requests only from a node on the service-node list.
-            caller = None if "no-node-auth" in self.bugs else \
-                auth.authenticated_node(peer.session, self.entitled.is_registered)
-            return Status.OK, await getattr(self, "op_" + op)(req.args, caller)
+            try:
+                caller = None if "no-node-auth" in self.bugs else \
+                    auth.authenticated_node(peer.session, self.entitled.is_registered)
+                return Status.OK, await getattr(self, "op_" + op)(req.args, caller)
+            except RequestError as exc:
+                if exc.status in (Status.UNAUTHORIZED, Status.FORBIDDEN):
+                    self.stats[f"node_ops_refused_{exc.status}"] += 1
+                raise
         method = getattr(self, "op_" + op, None) if (op in CLIENT_OPS or op in ADMIN_OPS) else None
         if method is None:
             raise RequestError(Status.NOT_FOUND, f"unknown op {op!r:.70}")
