@@ -192,6 +192,9 @@ class Testnet:
         for rt in self.nodes.values():
             rundir.write_secret(rt.plan.seed_file, rt.plan.seed.hex() + "\n")
         (self.run_dir / "registry").mkdir(exist_ok=True)
+        # The registry lets only these keys register (new nodes are staked as they are added).
+        rundir.write_secret(self.run_dir / "registry" / "stakes.json",
+                            json.dumps([rt.plan.ed25519_public for rt in self.nodes.values()]))
 
     async def _boot(self, ready_timeout_s: float) -> None:
         self._write_files()
@@ -222,6 +225,8 @@ class Testnet:
         argv = procs.python_argv("testnet.registry", "--host", self.plan.registry_host, "--port", "0",
                                  "--min-swarm", str(self.plan.min_swarm), "--seed", str(self.plan.seed),
                                  "--state", str(d / "state.json"), "--log", str(d / "registry.log"),
+                                 "--admin-token-file", str(self.run_dir / rundir.ADMIN_TOKEN_FILE),
+                                 "--stakes", str(d / "stakes.json"),
                                  "--parent-pid", str(os.getpid()))
         child, rfd = procs.spawn("registry", argv, stderr=d / "stderr.log", logs=(d / "registry.log",))
         self.registry = child
@@ -441,6 +446,8 @@ class Testnet:
         async with self._lock:
             self.plan, node = P.with_node_added(self.plan, name)
             rundir.write_secret(node.seed_file, node.seed.hex() + "\n")
+            await self.call("registry", "stake", {"token": self.plan.admin_token,
+                                                  "ed25519_public": node.ed25519_public})
             self.nodes[node.name] = rt = NodeRuntime(node)
             self.nodes = dict(sorted(self.nodes.items(), key=lambda kv: kv[1].plan.index))
             await self._start_nodes([node.name], timeout_s)

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import sys
 import tempfile
@@ -235,7 +236,8 @@ class RegistryState:
     """
 
     def __init__(self, *, min_swarm: int = DEFAULT_MIN_SWARM_SIZE, seed: int = 0,
-                 nodes: Mapping[str, NodeRecord] | None = None, height: int = 0) -> None:
+                 nodes: Mapping[str, NodeRecord] | None = None, height: int = 0,
+                 staked: set[str] | None = None) -> None:
         if isinstance(min_swarm, bool) or not isinstance(min_swarm, int) or min_swarm < 1:
             raise RegistryError(f"min_swarm must be an integer >= 1, got {min_swarm!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -244,6 +246,9 @@ class RegistryState:
         self.seed = seed
         self.nodes: dict[str, NodeRecord] = dict(nodes or {})
         self.height = height
+        # Keys allowed to register (Oxen: a stake on chain; here the controller stakes
+        # them with the admin token).  None: open registration, for standalone use.
+        self.staked = None if staked is None else set(staked)
         # (height, {ed25519 hex: swarm id}) of the assignments replaced most recently, oldest first.
         self.history: deque[tuple[int, dict[str, int]]] = deque(maxlen=HISTORY_LENGTH)
 
@@ -279,6 +284,8 @@ class RegistryState:
             raise _bad("x25519_public is not the x25519 form of ed25519_public")
         _check_timestamp(ts, now_ms)
         _check_signature(ed_hex, register_message(ed_hex, x_hex, host, port, ts), signature)
+        if self.staked is not None and ed_hex not in self.staked:
+            raise RequestError(Status.FORBIDDEN, "not a staked service node")
 
         old = self.nodes.get(ed_hex)
         if old is not None and (old.host, old.port) == (host, port):
@@ -306,6 +313,14 @@ class RegistryState:
         self._reassign()
         self._bump(before)
         return {"height": self.height}
+
+    def stake(self, args: object) -> dict[str, Any]:
+        """Allow a key to register (the admin token is the caller's to check)."""
+        args = _need_args(args, ("ed25519_public",))
+        ed_hex = _key_hex(args["ed25519_public"], "ed25519_public")
+        if self.staked is not None:
+            self.staked.add(ed_hex)
+        return {"staked": ed_hex}
 
     def snapshot(self) -> dict[str, Any]:
         """The whole list: {"height", "changed": True, "nodes": [...]} sorted by ed25519 key."""
@@ -363,7 +378,8 @@ class RegistryState:
 
     def to_json(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "height": self.height, "min_swarm": self.min_swarm,
-                "seed": self.seed, "nodes": [self.nodes[k].to_wire() for k in sorted(self.nodes)]}
+                "seed": self.seed, "nodes": [self.nodes[k].to_wire() for k in sorted(self.nodes)],
+                "staked": None if self.staked is None else sorted(self.staked)}
 
     @classmethod
     def from_json(cls, data: object, *, min_swarm: int | None = None, seed: int | None = None) -> RegistryState:
@@ -385,9 +401,11 @@ class RegistryState:
                                  _host(raw["host"]), _port(raw["port"]), swarm_id)
                 nodes[rec.ed25519_public] = rec
             stored_min, stored_seed = data["min_swarm"], data["seed"]
+            staked = data.get("staked")
             state = cls(min_swarm=stored_min if min_swarm is None else min_swarm,
                         seed=stored_seed if seed is None else seed,
-                        nodes=nodes, height=_int(data["height"], "height"))
+                        nodes=nodes, height=_int(data["height"], "height"),
+                        staked=None if staked is None else {_key_hex(k, "staked") for k in staked})
         except RequestError as exc:
             raise StateFileError(f"bad registry state: {exc}") from None
         except (KeyError, TypeError, ValueError, RegistryError) as exc:
@@ -442,9 +460,10 @@ def _now_ms() -> int:
 class _Server:
     """Requests to :class:`RegistryState`, plus waking long-polls and saving."""
 
-    def __init__(self, state: RegistryState, state_path: str | None) -> None:
+    def __init__(self, state: RegistryState, state_path: str | None, admin_token: str | None = None) -> None:
         self.state = state
         self.state_path = state_path
+        self.admin_token = admin_token
         self._changed = trio.Event()  # replaced on every change; long-polls wait on it
         self._save_lock = trio.Lock()
 
@@ -461,7 +480,15 @@ class _Server:
             return Status.OK, self.state.info()
         if op in ("register", "deregister"):
             return Status.OK, await self._change(op, args, peer)
-        raise RequestError(Status.NOT_FOUND, f"unknown op {op!r}")
+        if op == "stake":
+            token = args.get("token")
+            if not self.admin_token or not isinstance(token, str) or \
+                    not secrets.compare_digest(token.encode(), self.admin_token.encode()):
+                raise RequestError(Status.UNAUTHORIZED, "admin token required")
+            result = self.state.stake({k: v for k, v in args.items() if k != "token"})
+            await self._persist()
+            return Status.OK, result
+        raise RequestError(Status.NOT_FOUND, f"unknown op {op!r:.70}")
 
     async def _change(self, op: str, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         before = self.state.height
@@ -514,6 +541,8 @@ async def run_registry(
     min_swarm: int = DEFAULT_MIN_SWARM_SIZE,
     seed: int = 0,
     state_path: str | None = None,
+    admin_token: str | None = None,
+    stakes: list[str] | None = None,
     log_path: str | None = None,
     parent_pid: int | None = None,
     handle_signals: bool = False,
@@ -538,7 +567,9 @@ async def run_registry(
     try:
         state = (load_state(state_path, min_swarm=min_swarm, seed=seed) if state_path
                  else RegistryState(min_swarm=min_swarm, seed=seed))
-        server = _Server(state, state_path)
+        if stakes is not None:
+            state.staked = (state.staked or set()) | {_key_hex(k, "stake") for k in stakes}
+        server = _Server(state, state_path, admin_token)
         async with trio.open_nursery() as nursery:
             if handle_signals:
                 await nursery.start(_stop_on_signals, nursery.cancel_scope)
@@ -548,7 +579,8 @@ async def run_registry(
                 nursery.start_soon(_watch_parent, parent_pid, nursery.cancel_scope)
             bound = await nursery.start(serve, server.handle, [(host, port)])
             logs.event(log, "listening", addresses=bound, height=state.height, nodes=len(state.nodes),
-                       min_swarm=min_swarm, seed=seed, state=state_path)
+                       min_swarm=min_swarm, seed=seed, state=state_path,
+                       registration="open" if state.staked is None else f"{len(state.staked)} staked keys")
             if announce:
                 logs.announce_listening(bound)
             task_status.started(bound)
@@ -577,13 +609,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", help="JSON file that keeps the list across restarts")
     parser.add_argument("--log", help="JSON-lines log file")
     parser.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+    parser.add_argument("--admin-token-file", help="file holding the admin token that may 'stake' new keys")
+    parser.add_argument("--stakes", help="JSON list of ed25519 keys (hex) allowed to register; "
+                                         "without it (and a state that has stakes) registration is open")
     args = parser.parse_args(argv)
     if args.min_swarm < 1:
         parser.error("--min-swarm must be >= 1")
     try:
+        token = open(args.admin_token_file, encoding="ascii").read().strip() if args.admin_token_file else None
+        stakes = json.load(open(args.stakes, encoding="utf-8")) if args.stakes else None
+        if stakes is not None and not isinstance(stakes, list):
+            raise ValueError("--stakes must hold a JSON list of keys")
+    except (OSError, ValueError) as exc:
+        print(f"swarmnet registry: {exc}", file=sys.stderr)
+        return 2
+    try:
         trio.run(functools.partial(
             run_registry, args.host, args.port, min_swarm=args.min_swarm, seed=args.seed,
-            state_path=args.state, log_path=args.log, parent_pid=args.parent_pid,
+            state_path=args.state, admin_token=token, stakes=stakes, log_path=args.log, parent_pid=args.parent_pid,
             handle_signals=True, announce=True))
     except KeyboardInterrupt:  # a SIGINT before the signal receiver was in place
         pass

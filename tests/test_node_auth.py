@@ -200,6 +200,12 @@ async def test_strangers_and_other_swarms_cannot_list_read_or_delete_an_account(
         async with open_rpc(host, port, local_host="127.0.0.204") as rpc:
             assert (await handshake(rpc, member, t_ed, challenge=first.body["challenge"])).status == 401
 
+        # Nor can a stranger become a service node: the registry takes only staked keys.
+        from testnet.registry import register_args
+        resp = await net._pool.call("registry", "register",
+                                    register_args(NODE_A, "127.0.0.206", 4000, now_ms()), timeout=5)
+        assert resp.status == Status.FORBIDDEN, resp
+
         for m in members:
             assert set(stored) <= db_hashes(net, m), f"{m} lost bob's messages"
 

@@ -223,6 +223,32 @@ def test_state_file_round_trip(tmp_path):
 # --------------------------------------------------------------------------- in-process server
 
 
+async def test_only_staked_keys_register_and_only_the_admin_token_stakes(tmp_path):
+    state_path = str(tmp_path / "state.json")
+    async with trio.open_nursery() as nursery:
+        ((host, port),) = await nursery.start(lambda task_status: run_registry(
+            "127.0.0.1", 0, min_swarm=1, state_path=state_path, admin_token="t0ken",
+            stakes=[IDS[0].ed25519_public.hex()], task_status=task_status))
+        async with open_rpc(host, port) as rpc:
+            assert (await rpc.call("register", register_args(IDS[0], "127.30.0.1", 20000, _now()),
+                                   timeout=5)).status == Status.OK
+            # A valid signature by a key nobody staked: authenticated, not allowed.
+            stranger = register_args(IDS[1], "127.30.0.2", 20000, _now())
+            assert (await rpc.call("register", stranger, timeout=5)).status == Status.FORBIDDEN
+            key = {"ed25519_public": IDS[1].ed25519_public.hex()}
+            for token in (None, "wrong", 7):
+                args = key if token is None else key | {"token": token}
+                assert (await rpc.call("stake", args, timeout=5)).status == Status.UNAUTHORIZED
+            assert (await rpc.call("stake", key | {"token": "t0ken", "x": 1}, timeout=5)).status == 400
+            assert (await rpc.call_ok("stake", key | {"token": "t0ken"}, timeout=5)) == {"staked": key["ed25519_public"]}
+            stranger = register_args(IDS[1], "127.30.0.2", 20000, _now())
+            assert (await rpc.call_ok("register", stranger, timeout=5))["height"] == 2
+        nursery.cancel_scope.cancel()
+    # Stakes survive a restart with the state file.
+    assert set(load_state(state_path, min_swarm=1, seed=0).staked) == {IDS[0].ed25519_public.hex(),
+                                                                        IDS[1].ed25519_public.hex()}
+
+
 async def test_server_long_poll_wakes_on_change_and_times_out(tmp_path):
     state_path = str(tmp_path / "state.json")
     async with trio.open_nursery() as nursery:
