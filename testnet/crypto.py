@@ -16,6 +16,7 @@ import hashlib
 import base64
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import nacl.bindings as sodium
 import nacl.exceptions
@@ -74,6 +75,12 @@ class MalformedBlob(DecryptionError):
 def random_bytes(n: int) -> bytes:
     """Return n bytes from libsodium's CSPRNG."""
     return nacl.utils.random(n)
+
+
+# Every function here that needs fresh randomness (nonces, ephemeral keys, new
+# identities) takes ``randbytes``: libsodium's CSPRNG in real runs, a seeded
+# ``random.Random(...).randbytes`` in the simulation, so a seed replays exactly.
+RandBytes = Callable[[int], bytes]
 
 
 def _need_bytes(value: object, length: int, what: str) -> bytes:
@@ -142,9 +149,9 @@ class Identity:
         return cls(seed, *cls._derive(seed))
 
     @classmethod
-    def generate(cls) -> Identity:
+    def generate(cls, randbytes: RandBytes = random_bytes) -> Identity:
         """A fresh identity from a random 32-byte seed."""
-        return cls.from_seed(random_bytes(KEY_BYTES))
+        return cls.from_seed(randbytes(KEY_BYTES))
 
     def sign(self, msg: bytes) -> bytes:
         """Detached 64-byte ed25519 signature over msg."""
@@ -189,20 +196,39 @@ def _verify(ed25519_public: bytes, message: bytes, signature: bytes) -> None:
 
 # --- Session message encryption ---------------------------------------------
 
-def seal_message(sender: Identity, recipient_session_id: str, plaintext: bytes) -> bytes:
+def seal_message(sender: Identity, recipient_session_id: str, plaintext: bytes,
+                 randbytes: RandBytes | None = None) -> bytes:
     """Encrypt plaintext from sender to a Session id, as the Session protocol does.
 
     signature = sign(plaintext ‖ sender_ed_pub ‖ recipient_x_pub);
     blob = crypto_box_seal(plaintext ‖ sender_ed_pub ‖ signature, recipient_x_pub).
-    The blob is len(plaintext) + 32 + 64 + 48 bytes.
+    The blob is len(plaintext) + 32 + 64 + 48 bytes.  With ``randbytes`` the
+    sealed box's ephemeral key is drawn from it (see :func:`_box_seal_from`).
     """
     recipient_x = session_id_to_x25519(recipient_session_id)
     plaintext = bytes(plaintext)
     signature = sender.sign(plaintext + sender.ed25519_public + recipient_x)
+    inner = plaintext + sender.ed25519_public + signature
     try:
-        return sodium.crypto_box_seal(plaintext + sender.ed25519_public + signature, recipient_x)
+        if randbytes is None:
+            return sodium.crypto_box_seal(inner, recipient_x)
+        return _box_seal_from(randbytes, inner, recipient_x)
     except nacl.exceptions.CryptoError:
         raise BadKey("recipient x25519 key is not usable") from None
+
+
+def _box_seal_from(randbytes: RandBytes, message: bytes, recipient_x: bytes) -> bytes:
+    """``crypto_box_seal`` with its ephemeral key pair made from ``randbytes``.
+
+    libsodium draws that key itself, which a seeded run cannot replay; this is
+    its construction, from libsodium's own primitives:
+    ephemeral pair, nonce = blake2b-192(eph_pk ‖ recipient_pk),
+    eph_pk ‖ crypto_box(message, nonce, recipient_pk, eph_sk).
+    ``crypto_box_seal_open`` opens it (tested).
+    """
+    eph_pk, eph_sk = sodium.crypto_box_seed_keypair(randbytes(KEY_BYTES))
+    nonce = hashlib.blake2b(eph_pk + recipient_x, digest_size=sodium.crypto_box_NONCEBYTES).digest()
+    return eph_pk + sodium.crypto_box(message, nonce, recipient_x, eph_sk)
 
 
 def open_message(recipient: Identity, blob: bytes) -> tuple[bytes, str]:
@@ -279,10 +305,10 @@ def layer_key_node(node_secret: bytes, eph_pub: bytes, node_pub: bytes | None = 
     return _blake2b_256(_x25519(node_secret, eph_pub) + eph_pub + node_pub)
 
 
-def encrypt_with_key(key: bytes, plaintext: bytes) -> bytes:
+def encrypt_with_key(key: bytes, plaintext: bytes, randbytes: RandBytes = random_bytes) -> bytes:
     """XChaCha20-Poly1305 under a 32-byte key: 24-byte random nonce ‖ ciphertext ‖ 16-byte tag."""
     key = _need_bytes(key, KEY_BYTES, "layer key")
-    nonce = random_bytes(NONCE_BYTES)
+    nonce = randbytes(NONCE_BYTES)
     return nonce + sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(bytes(plaintext), None, nonce, key)
 
 
@@ -300,15 +326,16 @@ def decrypt_with_key(key: bytes, blob: bytes) -> bytes:
         raise DecryptionError("ciphertext does not authenticate under this key") from None
 
 
-def seal_layer_keyed(plaintext: bytes, node_x25519_public: bytes) -> tuple[bytes, bytes, bytes]:
+def seal_layer_keyed(plaintext: bytes, node_x25519_public: bytes,
+                     randbytes: RandBytes = random_bytes) -> tuple[bytes, bytes, bytes]:
     """Encrypt one onion layer to a node with a fresh ephemeral x25519 key.
 
     Returns (ephemeral_public, nonce ‖ ciphertext, key); the client keeps key
     to open the target's reply.
     """
-    eph_pub, eph_secret = sodium.crypto_box_keypair()
+    eph_pub, eph_secret = sodium.crypto_box_seed_keypair(randbytes(KEY_BYTES))
     key = layer_key_client(eph_secret, node_x25519_public, eph_pub)
-    return eph_pub, encrypt_with_key(key, plaintext), key
+    return eph_pub, encrypt_with_key(key, plaintext, randbytes), key
 
 
 def open_layer_keyed(ciphertext: bytes, node_x25519_secret: bytes, ephemeral_public: bytes,
@@ -319,9 +346,10 @@ def open_layer_keyed(ciphertext: bytes, node_x25519_secret: bytes, ephemeral_pub
     return decrypt_with_key(key, ciphertext), key
 
 
-def seal_layer(plaintext: bytes, node_x25519_public: bytes) -> tuple[bytes, bytes]:
+def seal_layer(plaintext: bytes, node_x25519_public: bytes,
+               randbytes: RandBytes = random_bytes) -> tuple[bytes, bytes]:
     """(ephemeral_public, nonce ‖ ciphertext) of one onion layer to a node."""
-    eph_pub, ciphertext, _ = seal_layer_keyed(plaintext, node_x25519_public)
+    eph_pub, ciphertext, _ = seal_layer_keyed(plaintext, node_x25519_public, randbytes)
     return eph_pub, ciphertext
 
 

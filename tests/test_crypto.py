@@ -422,3 +422,31 @@ def test_every_error_is_a_crypto_error_and_not_a_pynacl_one():
     with pytest.raises(CryptoError) as info:
         crypto.open_message(BOB, b"\0" * 300)
     assert not isinstance(info.value, nacl.exceptions.CryptoError)
+
+
+# --------------------------------------------------------------------------- seeded randomness (simulation)
+
+
+def test_seeded_randomness_replays_every_ciphertext_and_real_runs_stay_random():
+    import random
+
+    alice = Identity.from_seed(bytes([7]) * 32)
+    bob = Identity.from_seed(bytes([8]) * 32)
+
+    def all_outputs(seed):
+        rb = random.Random(seed).randbytes
+        return (crypto.seal_message(alice, bob.session_id, b"hello", rb),
+                crypto.seal_layer_keyed(b"layer", bob.x25519_public, rb),
+                crypto.encrypt_with_key(bytes(32), b"reply", rb),
+                Identity.generate(rb).ed25519_public)
+
+    assert all_outputs(1) == all_outputs(1)
+    assert all_outputs(1) != all_outputs(2)
+    # The seeded sealed box is libsodium's: crypto_box_seal_open (inside open_message) opens it.
+    sealed = all_outputs(3)[0]
+    assert crypto.open_message(bob, sealed) == (b"hello", alice.session_id)
+    eph, blob, key = all_outputs(3)[1]
+    assert crypto.open_layer_keyed(blob, bob.x25519_secret, eph) == (b"layer", key)
+    # Without a seeded source every call draws fresh randomness.
+    assert crypto.seal_message(alice, bob.session_id, b"hi") != crypto.seal_message(alice, bob.session_id, b"hi")
+    assert crypto.seal_layer(b"x", bob.x25519_public) != crypto.seal_layer(b"x", bob.x25519_public)
