@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Hashable, Protocol
 
 import trio
 
+from .net import TCP, Network
 from .protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     BadFrame,
@@ -210,6 +211,7 @@ async def serve(
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     capture: CaptureSink | None = None,
+    network: Network = TCP,
     task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on every (host, port) given (port 0 picks a free one) and serve forever.
@@ -220,7 +222,7 @@ async def serve(
     for host, port in listen:
         if not host.startswith("127."):
             raise ValueError(f"swarmnet servers listen on 127.0.0.0/8 only, not {host!r}")
-        listeners.extend(await trio.open_tcp_listeners(port, host=host, backlog=1024))
+        listeners.extend(await network.open_tcp_listeners(port, host=host, backlog=1024))
     bound = [_addr(l.socket.getsockname()) for l in listeners]
 
     async def one(stream: trio.SocketStream) -> None:
@@ -369,11 +371,12 @@ async def connect(
     *,
     local_host: str | None = None,
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    network: Network = TCP,
 ) -> trio.SocketStream:
     """A TCP stream to (host, port), from ``local_host`` when given, within ``timeout`` s."""
     try:
         with trio.fail_after(timeout):
-            return await trio.open_tcp_stream(host, port, local_address=local_host)
+            return await network.open_tcp_stream(host, port, local_address=local_host)
     except trio.TooSlowError:
         raise ConnectError(f"connect to {host}:{port} timed out after {timeout:.3g} s") from None
     except OSError as exc:
@@ -389,9 +392,10 @@ async def open_rpc(
     timeout: float = DEFAULT_CONNECT_TIMEOUT,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     capture: CaptureSink | None = None,
+    network: Network = TCP,
 ) -> AsyncIterator[RpcConnection]:
     """One connection whose reader lives for the ``async with`` block."""
-    stream = await connect(host, port, local_host=local_host, timeout=timeout)
+    stream = await connect(host, port, local_host=local_host, timeout=timeout, network=network)
     rpc = RpcConnection(stream, max_frame_size=max_frame_size, capture=capture, name=f"{host}:{port}")
     async with trio.open_nursery() as nursery:
         await nursery.start(rpc.run)
@@ -402,10 +406,10 @@ async def open_rpc(
 
 
 async def call_once(host: str, port: int, op: str, args: dict[str, Any], *, timeout: float,
-                    local_host: str | None = None) -> Response:
+                    local_host: str | None = None, network: Network = TCP) -> Response:
     """Connect, make one call, close: for tools, not for hot paths."""
     with trio.move_on_after(timeout) as scope:
-        async with open_rpc(host, port, local_host=local_host, timeout=timeout) as rpc:
+        async with open_rpc(host, port, local_host=local_host, timeout=timeout, network=network) as rpc:
             return await rpc.call(op, args, timeout=timeout)
     assert scope.cancelled_caught
     raise RpcTimeout(f"{op} to {host}:{port}: no response in {timeout:.3g} s")
@@ -431,10 +435,12 @@ class ConnectionPool:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         capture: CaptureSink | None = None,
         on_connect: Callable[[Hashable, RpcConnection, float], Awaitable[None]] | None = None,
+        network: Network = TCP,
     ) -> None:
         self._nursery = nursery
         self._resolve = resolve
         self._on_connect = on_connect
+        self._network = network
         self._connect_timeout = connect_timeout
         self._max_frame_size = max_frame_size
         self._capture = capture
@@ -452,7 +458,7 @@ class ConnectionPool:
                 return conn
             host, port, local_host = self._resolve(key)
             ct = self._connect_timeout if timeout is None else min(timeout, self._connect_timeout)
-            stream = await connect(host, port, local_host=local_host, timeout=ct)
+            stream = await connect(host, port, local_host=local_host, timeout=ct, network=self._network)
             conn = RpcConnection(stream, max_frame_size=self._max_frame_size, capture=self._capture,
                                  name=str(key)[:16])
             await self._nursery.start(conn.run)
