@@ -11,20 +11,22 @@ every ``flush_interval_s`` and at exit.
 from __future__ import annotations
 
 import time
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import msgpack
 
 
 class CaptureFile:
-    def __init__(self, path: str, *, buffer_bytes: int = 1 << 20) -> None:
+    def __init__(self, path: str, *, buffer_bytes: int = 1 << 20,
+                 now_ms: Callable[[], int] = lambda: int(time.time() * 1000)) -> None:
         self.path = path
+        self._now_ms = now_ms
         self._f: BinaryIO = open(path, "ab", buffering=buffer_bytes)
         self._packer = msgpack.Packer(use_bin_type=True)
 
     def record(self, conn_id: int, direction: str, local: tuple[str, int], remote: tuple[str, int],
                data: bytes) -> None:
-        self._f.write(self._packer.pack([int(time.time() * 1000), conn_id, direction,
+        self._f.write(self._packer.pack([self._now_ms(), conn_id, direction,
                                          list(local), list(remote), data]))
 
     def flush(self) -> None:

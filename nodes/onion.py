@@ -70,8 +70,9 @@ def encode_request(op: str, args: Mapping[str, Any], extra: Mapping[str, Any] | 
     return msgpack.packb(layer, use_bin_type=True)
 
 
-def encode_reply(key: bytes, status: int, body: Any) -> bytes:
-    return crypto.encrypt_with_key(key, msgpack.packb({"status": int(status), "body": body}, use_bin_type=True))
+def encode_reply(key: bytes, status: int, body: Any, randbytes: crypto.RandBytes = crypto.random_bytes) -> bytes:
+    return crypto.encrypt_with_key(key, msgpack.packb({"status": int(status), "body": body}, use_bin_type=True),
+                                   randbytes)
 
 
 def decode_reply(key: bytes, blob: bytes) -> tuple[int, Any]:
@@ -115,7 +116,8 @@ def install_onion(node: Any) -> None:
             return resp.status, resp.body
         op, args = what
         if op not in ONION_OPS:
-            return Status.OK, {"data": encode_reply(key, Status.NOT_FOUND, {"error": f"op {op!r:.40} not allowed"})}
+            return Status.OK, {"data": encode_reply(key, Status.NOT_FOUND, {"error": f"op {op!r:.40} not allowed"},
+                                                    node.randbytes)}
         try:
             body = await getattr(node, "op_" + op)(args)
             status = Status.OK
@@ -124,6 +126,6 @@ def install_onion(node: Any) -> None:
         except Exception:
             event(log, "onion request failed", logging.ERROR, op=op)
             status, body = Status.INTERNAL_ERROR, {"error": "internal error"}
-        return Status.OK, {"data": encode_reply(key, status, body)}
+        return Status.OK, {"data": encode_reply(key, status, body, node.randbytes)}
 
     node.onion_handler = handle_onion

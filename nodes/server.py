@@ -15,7 +15,8 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from testnet import crypto
-from testnet.logs import event, wall_ms
+from testnet.logs import event
+from testnet.net import TCP, Network
 from testnet.protocol import RequestError, Request, Status
 from testnet.registry import register_args
 from testnet.rpc import ConnectionPool, Peer, RpcError, serve
@@ -46,18 +47,28 @@ class Clock:
     def now_ms(self) -> int:
         return int(self._source() * 1000) + self.offset_ms
 
+    def wall_ms(self) -> int:
+        """The time without the injected offset (registration, capture records)."""
+        return int(self._source() * 1000)
+
 
 class Node:
+    """One service node.  Time, randomness and the network come from the objects
+    passed in: the real ones by default, virtual ones in the simulation."""
+
     def __init__(self, config: NodeConfig, *, clock: Clock | None = None,
-                 randbytes: Callable[[int], bytes] = crypto.random_bytes) -> None:
+                 randbytes: Callable[[int], bytes] = crypto.random_bytes,
+                 rng: random.Random | None = None, network: Network = TCP) -> None:
         self.config = config
-        self.randbytes = randbytes  # handshake challenges
+        self.randbytes = randbytes  # handshake challenges, onion reply nonces
+        self.rng = rng or random.Random()  # timer jitter
+        self.network = network
         self.identity = config.identity()
         self.ed_hex = self.identity.ed25519_public.hex()
         self.x_hex = self.identity.x25519_public.hex()
         self.clock = clock or Clock(config.clock_offset_ms)
         self.storage = Storage(config.db)
-        self.capture = CaptureFile(config.capture) if config.capture else None
+        self.capture = CaptureFile(config.capture, now_ms=self.clock.wall_ms) if config.capture else None
         self.view: SwarmView | None = None
         self.entitled = auth.Entitlements()
         self.links: dict[str, tuple[str, int]] = dict(config.links)
@@ -97,13 +108,14 @@ class Node:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._cancel = nursery.cancel_scope
-                self.pool = ConnectionPool(nursery, self._resolve, capture=self.capture,
+                self.pool = ConnectionPool(nursery, self._resolve, capture=self.capture, network=self.network,
                                            connect_timeout=self.config.replication_timeout_s,
                                            on_connect=self._authenticate_to)
                 self.commit = GroupCommit(self.storage)
                 await nursery.start(self.commit.run)
                 self.listening = await nursery.start(
                     lambda task_status: serve(self.handle, list(self.config.listen), capture=self.capture,
+                                              network=self.network,
                                               task_status=task_status))
                 event(log, "listening", node=self.config.name, addresses=self.listening,
                       ed25519=self.ed_hex[:16])
@@ -391,7 +403,8 @@ class Node:
         addrs = [core.loopback_address(a, "each address") for a in core.arg_list(args, "addresses", 256)]
         try:
             bound = await self._nursery.start(
-                lambda task_status: serve(self.handle, addrs, capture=self.capture, task_status=task_status))
+                lambda task_status: serve(self.handle, addrs, capture=self.capture, network=self.network,
+                                          task_status=task_status))
         except (OSError, ValueError) as exc:
             raise RequestError(Status.BAD_REQUEST, f"cannot listen: {exc}") from None
         self.listening.extend(bound)
@@ -428,7 +441,8 @@ class Node:
             try:
                 if not registered:
                     host, port = self.listening[0]
-                    await self._registry_call("register", register_args(self.identity, host, port, wall_ms()), 5.0)
+                    await self._registry_call("register", register_args(self.identity, host, port,
+                                                                        self.clock.wall_ms()), 5.0)
                     registered = True
                     event(log, "registered", host=host, port=port)
                 # The first list comes with the registry's recent swarm history (auth.Entitlements).
@@ -467,7 +481,7 @@ class Node:
 
     async def _anti_entropy_loop(self) -> None:
         while True:
-            with trio.move_on_after(self.config.anti_entropy_interval_s * random.uniform(0.75, 1.25)):
+            with trio.move_on_after(self.config.anti_entropy_interval_s * self.rng.uniform(0.75, 1.25)):
                 await self._ae_wake.wait()
             self._ae_wake = trio.Event()
             view = self.view

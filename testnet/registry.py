@@ -31,13 +31,14 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import trio
 
 from . import logs
 from .crypto import BadKey, BadSignature, Identity, ed25519_to_session_id, verify_request
 from .protocol import Request, RequestError, Status
+from .net import TCP, Network
 from .rpc import Peer, serve
 from .swarm import DEFAULT_MIN_SWARM_SIZE, RING, assign_swarms, swarms_of
 
@@ -460,8 +461,10 @@ def _now_ms() -> int:
 class _Server:
     """Requests to :class:`RegistryState`, plus waking long-polls and saving."""
 
-    def __init__(self, state: RegistryState, state_path: str | None, admin_token: str | None = None) -> None:
+    def __init__(self, state: RegistryState, state_path: str | None, admin_token: str | None = None,
+                 now_ms: Callable[[], int] = _now_ms) -> None:
         self.state = state
+        self.now_ms = now_ms
         self.state_path = state_path
         self.admin_token = admin_token
         self._changed = trio.Event()  # replaced on every change; long-polls wait on it
@@ -496,9 +499,9 @@ class _Server:
         key = str(args.get("ed25519_public", ""))[:16]
         try:
             if op == "register":
-                result = self.state.register(args, _now_ms())
+                result = self.state.register(args, self.now_ms())
             else:
-                result = self.state.deregister(args, _now_ms())
+                result = self.state.deregister(args, self.now_ms())
         except RequestError as exc:
             logs.event(log, f"{op} rejected", logging.WARNING, status=exc.status, reason=str(exc),
                        node=key, peer=peer.remote[0])
@@ -545,6 +548,8 @@ async def run_registry(
     stakes: list[str] | None = None,
     log_path: str | None = None,
     parent_pid: int | None = None,
+    network: Network = TCP,
+    now_ms: Callable[[], int] = _now_ms,
     handle_signals: bool = False,
     announce: bool = False,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
@@ -569,7 +574,7 @@ async def run_registry(
                  else RegistryState(min_swarm=min_swarm, seed=seed))
         if stakes is not None:
             state.staked = (state.staked or set()) | {_key_hex(k, "stake") for k in stakes}
-        server = _Server(state, state_path, admin_token)
+        server = _Server(state, state_path, admin_token, now_ms)
         async with trio.open_nursery() as nursery:
             if handle_signals:
                 await nursery.start(_stop_on_signals, nursery.cancel_scope)
@@ -577,7 +582,8 @@ async def run_registry(
                 if sys.platform.startswith("linux") and parent_pid == os.getppid():
                     logs.die_with_parent(signal.SIGTERM)
                 nursery.start_soon(_watch_parent, parent_pid, nursery.cancel_scope)
-            bound = await nursery.start(serve, server.handle, [(host, port)])
+            bound = await nursery.start(lambda task_status: serve(server.handle, [(host, port)], network=network,
+                                                                  task_status=task_status))
             logs.event(log, "listening", addresses=bound, height=state.height, nodes=len(state.nodes),
                        min_swarm=min_swarm, seed=seed, state=state_path,
                        registration="open" if state.staked is None else f"{len(state.staked)} staked keys")
