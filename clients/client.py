@@ -19,6 +19,7 @@ import trio
 from nodes.onion import decode_reply, encode_relay, encode_request
 from testnet import crypto
 from testnet.protocol import Status
+from testnet.net import TCP, Network
 from testnet.rpc import ConnectError, ConnectionPool, RpcError, RpcTimeout, call_once
 from testnet.swarm import swarm_for
 
@@ -97,18 +98,19 @@ class Directory:
 
 
 def build_onion(path: Sequence[ServiceNode], target: ServiceNode, op: str, args: Mapping[str, Any],
-                extra: Mapping[str, Any] | None = None) -> tuple[bytes, bytes, bytes]:
+                extra: Mapping[str, Any] | None = None,
+                randbytes: crypto.RandBytes = crypto.random_bytes) -> tuple[bytes, bytes, bytes]:
     """Layers for ``path`` then ``target``: (first hop's ephemeral key, its blob, the reply key).
 
     Each layer is sealed to one node's x25519 key with a fresh ephemeral key
     and names the next hop by its ed25519 key only.
     """
     eph, blob, reply_key = crypto.seal_layer_keyed(encode_request(op, args, extra),
-                                                   bytes.fromhex(target.x25519_public))
+                                                   bytes.fromhex(target.x25519_public), randbytes)
     nxt = target
     for hop in reversed(path):
         eph, blob = crypto.seal_layer(encode_relay(nxt.ed25519_public, eph, blob, extra),
-                                      bytes.fromhex(hop.x25519_public))
+                                      bytes.fromhex(hop.x25519_public), randbytes)
         nxt = hop
     return eph, blob, reply_key
 
@@ -119,20 +121,23 @@ class Client:
     def __init__(self, identity: crypto.Identity, *, name: str, host: str | None, nursery: trio.Nursery,
                  registry: tuple[str, int], directory: Directory | None = None,
                  bugs: Iterable[str] = (), rng: random.Random | None = None,
-                 timeout_s: float = REQUEST_TIMEOUT_S) -> None:
+                 timeout_s: float = REQUEST_TIMEOUT_S, randbytes: crypto.RandBytes = crypto.random_bytes,
+                 network: Network = TCP) -> None:
         self.identity = identity
         self.name = name
         self.host = host
         self.registry = registry
         self.directory = directory or Directory()
         self.bugs = set(bugs)
-        self.rng = rng or random.Random()
+        self.rng = rng or random.Random()  # paths, targets
+        self.randbytes = randbytes  # onion layers' ephemeral keys and nonces
+        self.network = network
         self.timeout_s = timeout_s
         self.guards: list[str] = []
         self.failures: dict[str, int] = {}
         self.dropped: set[str] = set()
         self.swarm_cache: dict[str, list[ServiceNode]] = {}
-        self.pool = ConnectionPool(nursery, self._resolve, connect_timeout=min(5.0, timeout_s))
+        self.pool = ConnectionPool(nursery, self._resolve, connect_timeout=min(5.0, timeout_s), network=network)
 
     @property
     def session_id(self) -> str:
@@ -146,7 +151,7 @@ class Client:
         """Fetch the node list from the registry."""
         try:
             resp = await call_once(self.registry[0], self.registry[1], "get_service_nodes", {},
-                                   timeout=self.timeout_s, local_host=self.host)
+                                   timeout=self.timeout_s, local_host=self.host, network=self.network)
         except RpcError as exc:
             raise ClientError(f"registry unreachable: {exc}") from None
         if not resp.ok:
@@ -214,7 +219,7 @@ class Client:
         """
         extra = {"client": self.session_id} if "client-id-in-layers" in self.bugs else None
         hops = [] if "one-hop-path" in self.bugs else list(path)
-        eph, blob, key = build_onion(hops, target, op, args, extra)
+        eph, blob, key = build_onion(hops, target, op, args, extra, self.randbytes)
         first = hops[0] if hops else target
         resp = await self.pool.call(first.ed25519_public, "onion", {"ephemeral_key": eph, "data": blob},
                                     timeout=self.timeout_s)

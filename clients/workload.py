@@ -16,12 +16,13 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import msgpack
 import trio
 
 from testnet import crypto
+from testnet.net import TCP, Network
 from testnet.rundir import read_jsonl
 
 from .client import Client, ClientError, OutcomeUnknown
@@ -44,13 +45,14 @@ def body_digest(plaintext: bytes) -> str:
 class HistoryWriter:
     """Appends history records as JSON lines, flushed per record (the harness may be killed)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], now_ms: Callable[[], int] = wall_ms) -> None:
+        self.now_ms = now_ms
         self.path = Path(path)
         self._f = open(self.path, "a", encoding="utf-8")
         self.records = 0
 
     def write(self, record: dict[str, Any]) -> None:
-        record.setdefault("t", wall_ms())
+        record.setdefault("t", self.now_ms())
         self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
         self._f.flush()
         self.records += 1
@@ -86,8 +88,9 @@ class ScriptedUser:
     """A client plus inbox state: last hash per namespace, hashes seen."""
 
     def __init__(self, spec: UserSpec, client: Client, history: HistoryWriter, names_by_id: dict[str, str],
-                 *, delete_fraction: float = 0.0, rng: random.Random | None = None) -> None:
+                 *, delete_fraction: float = 0.0, rng: random.Random | None = None, sim: bool = False) -> None:
         self.spec = spec
+        self.sim = sim  # seal messages with the client's seeded randomness
         self.delete_fraction = delete_fraction
         self.rng = rng or random.Random()
         self.deletes = 0
@@ -112,7 +115,7 @@ class ScriptedUser:
             while more:
                 try:
                     res = await self.client.retrieve(namespace=ns, last_hash_for=lambda node: self.last_hash.get((node, ns)),
-                                                     now_ms=wall_ms())
+                                                     now_ms=self.history.now_ms())
                 except ClientError as exc:
                     self.history.write({"type": "fail", "op": "poll", "process": self.spec.name, "namespace": ns,
                                         "error": str(exc)[:200]})
@@ -182,9 +185,10 @@ def make_body(msg_id: str, sender: str, recipient: str, rng: random.Random, size
 async def send_one(user: ScriptedUser, recipient: ScriptedUser, msg_id: str, *, namespace: int, rng: random.Random,
                    body_bytes: int, ttl_ms: int, stats: WorkloadStats, acked: dict[str, str]) -> None:
     plaintext = make_body(msg_id, user.spec.name, recipient.spec.name, rng, body_bytes)
-    blob = crypto.seal_message(user.spec.identity, recipient.spec.identity.session_id, plaintext)
+    blob = crypto.seal_message(user.spec.identity, recipient.spec.identity.session_id, plaintext,
+                               user.client.randbytes if user.sim else None)
     h = user.history
-    t0 = wall_ms()
+    t0 = h.now_ms()
     h.write({"type": "invoke", "op": "send", "process": user.spec.name, "msg_id": msg_id, "from": user.spec.name,
              "to": recipient.spec.name, "namespace": namespace, "ttl_ms": ttl_ms,
              "body_digest": body_digest(plaintext), "hash": crypto.message_hash(recipient.spec.identity.session_id,
@@ -193,19 +197,19 @@ async def send_one(user: ScriptedUser, recipient: ScriptedUser, msg_id: str, *, 
     base = {"op": "send", "process": user.spec.name, "msg_id": msg_id}
     try:
         res = await user.client.store(recipient.spec.identity.session_id, blob, namespace=namespace, ttl_ms=ttl_ms,
-                                      now_ms=wall_ms())
+                                      now_ms=h.now_ms())
     except OutcomeUnknown as exc:
         stats.unknown += 1
-        h.write({**base, "type": "info", "error": str(exc)[:200], "latency_ms": wall_ms() - t0})
+        h.write({**base, "type": "info", "error": str(exc)[:200], "latency_ms": h.now_ms() - t0})
         return
     except ClientError as exc:
         stats.failed += 1
-        h.write({**base, "type": "fail", "error": str(exc)[:200], "latency_ms": wall_ms() - t0})
+        h.write({**base, "type": "fail", "error": str(exc)[:200], "latency_ms": h.now_ms() - t0})
         return
     stats.ok += 1
     acked[msg_id] = recipient.spec.name
     h.write({**base, "type": "ok", "hash": res.body.get("hash"), "path": res.path, "target": res.target,
-             "attempts": res.attempts, "latency_ms": wall_ms() - t0,
+             "attempts": res.attempts, "latency_ms": h.now_ms() - t0,
              "swarm": {k[:16]: v.get("status") for k, v in (res.body.get("swarm") or {}).items()}})
 
 
@@ -216,7 +220,8 @@ async def run_workload(specs: Sequence[UserSpec], registry: tuple[str, int], his
                        delete_fraction: float = 0.0,
                        senders: Sequence[str] | None = None, receivers: Sequence[str] | None = None,
                        on_progress: Any = None,
-                       before_drain: Any = None) -> WorkloadStats:
+                       before_drain: Any = None, now_ms: Callable[[], int] = wall_ms, network: Network = TCP,
+                       entropy: Callable[[str], crypto.RandBytes] | None = None) -> WorkloadStats:
     """Drive ``specs`` users: ``messages`` sends (or for ``duration_s``) at ``rate``/s overall.
 
     ``senders`` limits who sends, ``receivers`` who is sent to.  After the last send,
@@ -225,6 +230,11 @@ async def run_workload(specs: Sequence[UserSpec], registry: tuple[str, int], his
     receive (Session's delete, signed, through onion paths).  ``before_drain`` (an async callable) runs
     between the last send and the drain, users still polling: a chaos run
     heals its faults and waits its quiet period there.
+
+    Time (``now_ms``), the network and, with ``entropy`` (user name ->
+    randbytes), every nonce and ephemeral key come from the caller: the
+    simulation passes virtual and seeded ones; real runs keep the wall clock,
+    TCP and libsodium's CSPRNG.
     """
     if len(specs) < 2:
         raise ValueError("a workload needs at least 2 users")
@@ -233,7 +243,7 @@ async def run_workload(specs: Sequence[UserSpec], registry: tuple[str, int], his
     if rate <= 0:
         raise ValueError("rate must be > 0 messages/s")
     rng = random.Random(seed)
-    history = HistoryWriter(history_path)
+    history = HistoryWriter(history_path, now_ms)
     stats = WorkloadStats()
     acked: dict[str, str] = {}
     names_by_id = {s.identity.session_id: s.name for s in specs}
@@ -243,11 +253,12 @@ async def run_workload(specs: Sequence[UserSpec], registry: tuple[str, int], his
             users = {}
             for s in specs:
                 client = Client(s.identity, name=s.name, host=s.host, nursery=nursery, registry=registry,
-                                bugs=client_bugs, rng=random.Random(rng.random()))
+                                bugs=client_bugs, rng=random.Random(rng.random()), network=network,
+                                **({"randbytes": entropy(s.name)} if entropy else {}))
                 client.directory.dial = dict(s.dial)
                 await client.refresh_nodes()
                 users[s.name] = ScriptedUser(s, client, history, names_by_id, delete_fraction=delete_fraction,
-                                             rng=random.Random(f"{seed}-{s.name}-deletes"))
+                                             rng=random.Random(f"{seed}-{s.name}-deletes"), sim=entropy is not None)
             sender_names = list(senders) if senders else list(users)
             receiver_names = list(receivers) if receivers else list(users)
             stop_polling = trio.Event()
