@@ -31,6 +31,7 @@ from .bugs import NODE_BUGS
 from .crypto import Identity, open_message, retrieve_signature_message, seal_message
 from .protocol import RequestError, Status
 from .registry import deregister_args
+from .net import TCP, Network
 from .rpc import ConnectionPool, RpcError, call_once
 
 Progress = Callable[[str], None]
@@ -99,8 +100,10 @@ class Testnet:
     """A live network.  Made by :func:`open_testnet`; every method is safe to call from its trio run."""
 
     def __init__(self, plan: P.NetworkPlan, nursery: trio.Nursery, *, progress: Progress | None = None,
-                 zygote: bool = True, toxiproxy_binary: Path | None = None) -> None:
+                 zygote: bool = True, toxiproxy_binary: Path | None = None, network: Network = TCP) -> None:
         self.plan = plan
+        self.network = network
+        self.randbytes: Any = None  # the check message's sealing randomness: libsodium's, unless simulated
         self.run_dir = plan.run_dir
         self._nursery = nursery
         self._progress = progress or (lambda msg: None)
@@ -119,7 +122,11 @@ class Testnet:
         self._lock = trio.Lock()  # one node operation at a time
         self.create_time = procs.process_create_time(os.getpid())
         self.toxiproxy_binary = toxiproxy_binary
-        self._pool = ConnectionPool(nursery, self._resolve, connect_timeout=CALL_TIMEOUT_S)
+        self._pool = ConnectionPool(nursery, self._resolve, connect_timeout=CALL_TIMEOUT_S, network=network)
+
+    def now_ms(self) -> int:
+        """The controller's clock (the simulation's is virtual)."""
+        return int(time.time() * 1000)
 
     # ------------------------------------------------------------------ lookups
 
@@ -302,9 +309,12 @@ class Testnet:
         assert self.api is not None
         items = [(link, self.upstream(link)) for link in wanted]
         items = [(link, up) for link, up in items if up is not None]
-        L.check_bindable([link.listen for link, _ in items])
+        self._check_bindable([link.listen for link, _ in items])
         await self.api.populate([{"name": link.name, "listen": f"{link.listen[0]}:{link.listen[1]}",
                                   "upstream": f"{up[0]}:{up[1]}"} for link, up in items])
+
+    def _check_bindable(self, addresses: list[tuple[str, int]]) -> None:
+        L.check_bindable(addresses)
 
     async def wait_ready(self, timeout_s: float = 30.0, names: list[str] | None = None) -> None:
         """Until every running node (or ``names``) answers ``info`` with a swarm and the registry's height.
@@ -361,7 +371,8 @@ class Testnet:
 
         async def user_call(user: P.UserPlan, node: NodeRuntime, op: str, args: dict[str, Any]) -> Any:
             host, port = self.plan.dial_table(user.name).get(node.plan.ed25519_public, node.address)
-            resp = await call_once(host, port, op, args, timeout=CALL_TIMEOUT_S, local_host=user.host)
+            resp = await call_once(host, port, op, args, timeout=CALL_TIMEOUT_S, local_host=user.host,
+                                   network=self.network)
             if not resp.ok:
                 raise ControllerError(f"check: {op} at {node.plan.name} answered {resp.status}: {resp.body!r:.200}")
             return resp.body
@@ -370,11 +381,11 @@ class Testnet:
         # replication, and catching that is the checkers' job, not the boot check's.
         source = members[0] if set(self.plan.inject_bugs) & NODE_BUGS else members[-1]
         stored = await user_call(sender, members[0], "store", {
-            "pubkey": rid.session_id, "namespace": 0, "data": seal_message(sender.identity, rid.session_id, text),
-            "ttl": 3_600_000, "timestamp": int(time.time() * 1000)})
+            "pubkey": rid.session_id, "namespace": 0, "data": seal_message(sender.identity, rid.session_id, text, self.randbytes),
+            "ttl": 3_600_000, "timestamp": self.now_ms()})
         with trio.move_on_after(timeout_s):
             while True:
-                ts = int(time.time() * 1000)
+                ts = self.now_ms()
                 got = await user_call(recipient, source, "retrieve", {
                     "pubkey": rid.session_id, "namespace": 0, "timestamp": ts, "pubkey_ed25519":
                     rid.ed25519_public.hex(), "signature": rid.sign(retrieve_signature_message(0, ts))})
@@ -466,7 +477,7 @@ class Testnet:
         async with self._lock:
             rt = self.node(name)
             identity = Identity.from_seed(bytes.fromhex(rundir.read_secret(rt.plan.seed_file)))
-            await self.call("registry", "deregister", deregister_args(identity, int(time.time() * 1000)))
+            await self.call("registry", "deregister", deregister_args(identity, self.now_ms()))
             if rt.child is not None:
                 if rt.state == "paused":
                     rt.child.resume()

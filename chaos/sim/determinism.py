@@ -1,0 +1,46 @@
+"""One trio run made exact: virtual time and a seeded scheduler.
+
+trio picks the order of each batch of runnable tasks with its module-level
+``random.Random`` (``trio._core._run._r``); with
+``_ALLOW_DETERMINISTIC_SCHEDULING`` set, each batch is first sorted by task
+creation order, then shuffled with that generator — what Hypothesis and
+pytest-trio rely on.  Seeding it, and running on ``MockClock`` with autojump
+(idle time costs nothing), makes a program's interleaving a function of the
+seed.  These are private names of trio: pyproject pins the versions this is
+tested with, and tests/test_sim.py checks the property this relies on
+(two runs of one seed give byte-identical histories, in separate processes
+with different hash seeds).
+
+Other orderings that could differ between runs, and what neutralises them:
+string hashing (set iteration) — the simulation re-executes with a fixed
+``PYTHONHASHSEED``; worker threads (they run in real time) — none are used
+inside a simulated run; wall-clock reads and OS randomness — every node,
+registry, client and controller call goes through the seams (clock, rng,
+randbytes, network) the simulation fills in.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Awaitable, Callable
+
+import trio
+import trio.testing
+from trio._core import _run as _trio_run
+
+HASH_SEED = "0"
+
+
+def run_exact(main: Callable[[], Awaitable[Any]], seed: int) -> Any:
+    """``trio.run(main)`` on virtual time with the scheduler seeded by ``seed``."""
+    _trio_run._ALLOW_DETERMINISTIC_SCHEDULING = True
+    _trio_run._r.seed(seed)
+    return trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def ensure_hash_seed() -> None:
+    """Re-execute this command with a fixed ``PYTHONHASHSEED`` unless it already has it."""
+    if os.environ.get("PYTHONHASHSEED") != HASH_SEED:
+        os.environ["PYTHONHASHSEED"] = HASH_SEED
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

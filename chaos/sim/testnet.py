@@ -1,0 +1,286 @@
+"""Simulated processes: the controller's :class:`testnet.controller.Testnet`
+with its children replaced by tasks in this one trio run.
+
+Only how a child is started and signalled changes; everything else — the
+plan, the run directory, the registry protocol, node operations, the record
+— is the controller's own code.  A node is the unchanged
+:class:`nodes.server.Node` given the world's clock, seeded randomness and the
+simulated network; a :class:`SimChild` stands for its process:
+
+* SIGKILL / SIGTERM cancel the node's tasks wherever they are; SQLite stays
+  real, so what was committed survives and what was not is lost;
+* SIGSTOP / SIGCONT pause and resume the node's host on the network (its
+  peers' bytes wait in the buffers; its own timers still fire, a difference
+  from a stopped process that this model accepts);
+* the registry runs in process on the same network; Toxiproxy is
+  :class:`chaos.sim.toxiproxy.SimToxiproxy`.
+
+Logs go to each process's usual file in the run directory, routed by a
+context variable that every task of a node inherits, with virtual times.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import random
+import signal
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import trio
+
+from nodes.core import NodeConfig
+from nodes.onion import install_onion
+from nodes.server import Clock, Node
+from testnet import plan as P
+from testnet import procs, rundir
+from testnet.controller import NodeRuntime, Options, Testnet
+from testnet.logs import JsonFormatter
+from testnet.registry import run_registry
+
+from .network import SimNetwork
+from .toxiproxy import SimToxiproxy
+
+# Virtual time starts here (2030-01-01T00:00:00Z) in every run, so a seed
+# gives the same timestamps: histories compare byte for byte.
+EPOCH_S = 1_893_456_000.0
+SIM_BLOCK = (250, 0)  # addresses exist only in the simulated network: one fixed block
+
+_current_proc: contextvars.ContextVar[str] = contextvars.ContextVar("swarmnet_sim_proc", default="sim")
+
+
+class SimWorld:
+    """Time, randomness and the network of one simulated run, all from ``seed``."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.net = SimNetwork()
+
+    def now_s(self) -> float:
+        return EPOCH_S + trio.current_time()
+
+    def now_ms(self) -> int:
+        return int(self.now_s() * 1000)
+
+    def rng(self, *names: object) -> random.Random:
+        """An independent stream per purpose (string seeds hash with SHA-512: stable across processes)."""
+        return random.Random("/".join([str(self.seed), *map(str, names)]))
+
+    def randbytes(self, *names: object) -> Any:
+        return self.rng("bytes", *names).randbytes
+
+
+class SimChild:
+    """A simulated process: the same surface as :class:`testnet.procs.Child`, no pid."""
+
+    pid = None
+    create_time = None
+
+    def __init__(self, name: str, net: SimNetwork, host: str, logs: tuple[Path | None, ...] = ()) -> None:
+        self.name = name
+        self.net = net
+        self.host = host
+        self.logs = logs
+        self.returncode: int | None = None
+        self.exited = trio.Event()
+        self.scope = trio.CancelScope()
+
+    @property
+    def running(self) -> bool:
+        return not self.exited.is_set()
+
+    def tail(self, n: int = 15) -> str:
+        return procs.tail_lines(self.logs, n)
+
+    def failure(self, reason: str, cls: type[procs.ChildFailed] = procs.ChildFailed) -> procs.ChildFailed:
+        return cls(self.name, reason, self.returncode, self.tail())
+
+    def send_signal(self, sig: int) -> bool:
+        if self.exited.is_set():
+            return False
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            if self.returncode is None:
+                self.returncode = -int(sig) if sig == signal.SIGKILL else 0
+            self.net.resume(self.host)
+            self.scope.cancel()
+        elif sig == signal.SIGSTOP:
+            self.net.pause(self.host)
+        elif sig == signal.SIGCONT:
+            self.net.resume(self.host)
+        return True
+
+    def kill(self) -> bool:
+        return self.send_signal(signal.SIGKILL)
+
+    def pause(self) -> bool:
+        return self.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> bool:
+        return self.send_signal(signal.SIGCONT)
+
+    def state(self) -> str:
+        if self.exited.is_set():
+            return "dead"
+        return "paused" if self.net.paused(self.host) else "alive"
+
+    async def watch(self) -> None:
+        await self.exited.wait()
+
+    def abandon_watch(self) -> None:
+        pass
+
+    async def wait_exit(self, timeout_s: float) -> bool:
+        with trio.move_on_after(timeout_s):
+            await self.exited.wait()
+        return self.exited.is_set()
+
+
+class SimTestnet(Testnet):
+    """A :class:`Testnet` whose registry, Toxiproxy and nodes run in this process."""
+
+    def __init__(self, plan: P.NetworkPlan, nursery: trio.Nursery, world: SimWorld, **kwargs: Any) -> None:
+        super().__init__(plan, nursery, zygote=False, network=world.net, **kwargs)
+        self.world = world
+        self.started_ms = world.now_ms()
+        self.randbytes = world.randbytes("controller")
+        self._lives: dict[str, int] = {}
+
+    def now_ms(self) -> int:
+        return self.world.now_ms()
+
+    def _check_bindable(self, addresses: list[tuple[str, int]]) -> None:
+        pass  # the simulated network's addresses are free by construction
+
+    async def _start_registry(self) -> None:
+        d = self.run_dir / "registry"
+        child = SimChild("registry", self.world.net, self.plan.registry_host, (d / "registry.log",))
+        stakes = [rt.plan.ed25519_public for rt in self.nodes.values()]
+
+        async def run(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+            _current_proc.set("registry")
+            try:
+                with child.scope:
+                    # No state file: a worker thread writing it would let virtual time run on.
+                    await run_registry(self.plan.registry_host, 0, min_swarm=self.plan.min_swarm, seed=self.plan.seed,
+                                       admin_token=self.plan.admin_token, stakes=stakes, network=self.world.net,
+                                       now_ms=self.world.now_ms, task_status=task_status)
+            finally:
+                child.exited.set()
+
+        self.registry = child  # type: ignore[assignment]
+        bound = await self._nursery.start(run)
+        self.registry_address = tuple(bound[0])  # type: ignore[assignment]
+
+    async def _start_toxiproxy(self) -> None:
+        self.api = SimToxiproxy(self.world.net, self._nursery, self.world.rng("toxiproxy"))  # type: ignore[assignment]
+
+    async def _start_nodes(self, names: list[str], timeout_s: float) -> None:
+        for name in names:  # in order: the same seed starts them the same way
+            await self._start_node(self.nodes[name])
+
+    async def _start_node(self, rt: NodeRuntime) -> None:
+        n = rt.plan
+        life = self._lives[n.name] = self._lives.get(n.name, 0) + 1
+        cfg = P.node_config(self.plan, n, registry=self.registry_address, parent_pid=None, port=rt.port)
+        n.dir.mkdir(parents=True, exist_ok=True)
+        rundir.write_secret(n.config_file, json.dumps(cfg, indent=1))
+        config = NodeConfig.from_dict({**cfg, "log": None})
+        node = Node(config, clock=Clock(config.clock_offset_ms, source=self.world.now_s),
+                    randbytes=self.world.randbytes(n.name, life), rng=self.world.rng(n.name, life),
+                    network=self.world.net)
+        install_onion(node)
+        child = SimChild(n.name, self.world.net, n.host, (n.log,))
+        rt.state, rt.exit_code, rt.child = "starting", None, child  # type: ignore[assignment]
+
+        async def run(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+            _current_proc.set(n.name)
+            try:
+                with child.scope:
+                    await node.run(task_status=task_status)
+                    child.returncode = 0  # stopped itself (admin_stop)
+            finally:
+                child.exited.set()
+
+        listening = await self._nursery.start(run)
+        self._nursery.start_soon(self._watch_node, rt, child)
+        rt.port = int(listening[0][1])
+        rt.state = "running"
+
+
+class _ProcLogs(logging.Handler):
+    """Each record to the log file of the simulated process that emitted it."""
+
+    def __init__(self, path_of: Any, now_s: Any) -> None:
+        super().__init__()
+        self._path_of = path_of
+        self._open: dict[str, Any] = {}
+        self._now_s = now_s
+
+    def emit(self, record: logging.LogRecord) -> None:
+        proc = _current_proc.get()
+        path = self._path_of(proc)
+        if path is None:
+            return
+        record.created = self._now_s()
+        f = self._open.get(proc)
+        if f is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = self._open[proc] = open(path, "a", encoding="utf-8")
+        f.write(JsonFormatter(proc).format(record) + "\n")
+
+    def close(self) -> None:
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
+        super().close()
+
+
+@asynccontextmanager
+async def open_sim_testnet(options: Options, world: SimWorld, *, progress: Any = None) -> AsyncIterator[SimTestnet]:
+    """:func:`testnet.controller.open_testnet` for the simulation: the same plan and run
+    directory; no address block to claim and no control API (nothing outside this
+    process can reach the simulated network)."""
+    run_id = options.run_id or f"sim-{world.seed}"
+    run_dir = (Path(options.run_dir).absolute() if options.run_dir
+               else rundir.create_run_dir(run_id, None, options.runs_dir))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan = P.plan_network(nodes=options.nodes, users=options.users, min_swarm=options.min_swarm, seed=world.seed,
+                          links=options.links, run_dir=run_dir, run_id=run_id, block=SIM_BLOCK,
+                          inject_bugs=options.inject_bugs, capture=options.capture)
+    nets: list[SimTestnet] = []
+
+    def path_of(proc: str) -> Path | None:
+        if proc == "registry":
+            return run_dir / "registry" / "registry.log"
+        rt = nets[0].nodes.get(proc) if nets else None
+        return rt.plan.log if rt is not None else None
+
+    handler = _ProcLogs(path_of, world.now_s)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        async with trio.open_nursery() as nursery:
+            net = SimTestnet(plan, nursery, world, progress=progress)
+            nets.append(net)
+            try:
+                try:
+                    await net._boot(options.ready_timeout_s)
+                    if options.check:
+                        await net.check_store_retrieve()
+                except BaseException:
+                    net.state = "failed"
+                    raise
+                yield net
+            finally:
+                with trio.CancelScope(shield=True):
+                    await net.teardown()
+                nursery.cancel_scope.cancel()
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()
