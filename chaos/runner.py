@@ -48,14 +48,19 @@ def user_names(scenario: Scenario) -> list[str]:
     return [P.user_name(i) for i in range(1, scenario.topology.users + 1)]
 
 
+def wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
 class FaultLog:
     """faults.jsonl: what actually happened, when."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, now_ms: Callable[[], int] = wall_ms) -> None:
         self._f = open(path, "a", encoding="utf-8")
+        self._now_ms = now_ms
 
     def write(self, fault: Fault, phase: str, **extra: Any) -> None:
-        rec = {"t": int(time.time() * 1000), "fault": fault.id, "kind": fault.kind, "phase": phase, **extra}
+        rec = {"t": self._now_ms(), "fault": fault.id, "kind": fault.kind, "phase": phase, **extra}
         self._f.write(json.dumps(rec, default=str) + "\n")
         self._f.flush()
 
@@ -103,11 +108,29 @@ def _scenario_text(scenario: Scenario) -> str:
     raise ValueError("scenario has no source file")
 
 
+class RealProcesses:
+    """Where a chaos run happens: real processes, sockets, Toxiproxy and the wall clock.
+    The simulation (chaos/sim/runner.py) passes its own, with the same four members."""
+
+    network = None  # the workload's default: TCP
+    entropy = None  # the workload's default: libsodium's CSPRNG
+
+    def open(self, opts: Any, progress: Progress) -> Any:
+        from testnet.controller import open_testnet
+
+        return open_testnet(opts, progress=progress)
+
+    def now_ms(self) -> int:
+        return wall_ms()
+
+
 async def run_chaos(scenario: Scenario, *, seed: int | None = None, run_dir: Path | None = None,
                     runs_dir: Path = Path("runs"), inject_bugs: tuple[str, ...] = (),
-                    schedule: Schedule | None = None, progress: Progress = print) -> RunResult:
-    """Run ``scenario`` once; returns the verdict (also in ``verdict.json``)."""
-    from testnet.controller import Options, open_testnet
+                    schedule: Schedule | None = None, progress: Progress = print,
+                    world: Any = None) -> RunResult:
+    """Run ``scenario`` once; returns the verdict (also in ``verdict.json``).
+    ``world`` is where it runs: real processes (default) or the simulation."""
+    from testnet.controller import Options
 
     from .checkers.verdict import exit_code, run_checks, summary
 
@@ -119,7 +142,8 @@ async def run_chaos(scenario: Scenario, *, seed: int | None = None, run_dir: Pat
                    run_dir=run_dir, runs_dir=runs_dir, inject_bugs=inject_bugs)
     progress(f"scenario {scenario.name}, seed {seed}: {len(schedule.faults)} faults, "
              f"{topo.nodes} nodes, {topo.users} users, links {topo.links}")
-    async with open_testnet(opts, progress=progress) as net:
+    world = world or RealProcesses()
+    async with world.open(opts, progress) as net:
         rd = Path(net.run_dir)
         schedule.write(rd / "schedule.json")
         try:
@@ -128,7 +152,7 @@ async def run_chaos(scenario: Scenario, *, seed: int | None = None, run_dir: Pat
             pass
         (rd / "chaos.json").write_text(json.dumps({"scenario": scenario.name, "seed": seed,
                                                    "inject_bugs": list(inject_bugs)}, indent=2) + "\n")
-        faults = FaultLog(rd / "faults.jsonl")
+        faults = FaultLog(rd / "faults.jsonl", world.now_ms)
         specs = [UserSpec(u, net.user_identity(u), net.user_host(u), net.user_links(u)) for u in user_names(scenario)]
         w = scenario.workload
         async with trio.open_nursery() as nursery:
@@ -150,13 +174,16 @@ async def run_chaos(scenario: Scenario, *, seed: int | None = None, run_dir: Pat
                 specs, net.registry_address, rd / "history.jsonl", messages=w.messages, duration_s=w.duration_s,
                 rate=w.rate, namespaces=w.namespaces, seed=seed, body_bytes=w.body_bytes, drain_s=w.drain_s,
                 delete_fraction=w.delete_fraction,
-                client_bugs=[b for b in inject_bugs if b in CLIENT_BUGS], before_drain=heal_then_quiet)
+                client_bugs=[b for b in inject_bugs if b in CLIENT_BUGS], before_drain=heal_then_quiet,
+                now_ms=world.now_ms, entropy=world.entropy,
+                **({"network": world.network} if world.network is not None else {}))
         faults.close()
         progress(f"workload: {stats.sent} sent, {stats.ok} ok, {stats.failed} failed, {stats.unknown} unknown, "
                  f"{stats.received} received")
         swarms = await live_swarms(net)
         live = {n for n, rt in net.nodes.items() if rt.state == "running"}
-        verdict = run_checks(rd, checkers=scenario.checkers, swarms=swarms, live=live, swarms_source="registry")
+        verdict = run_checks(rd, checkers=scenario.checkers, swarms=swarms, live=live, swarms_source="registry",
+                             now_ms=world.now_ms())
     try:
         from .report import write_report
 

@@ -1,0 +1,89 @@
+"""``swarmnet sim run``: a chaos scenario in the simulation, exactly.
+
+The run is :func:`chaos.runner.run_chaos` itself — same schedule expansion,
+nemeses, workload, checkers and report — given :class:`SimProcesses` as its
+world.  One seed fixes everything: keys, schedule, workload, every nonce,
+every jitter and the scheduler's choices.  The verdict records the SHA-256
+of ``history.jsonl`` and ``faults.jsonl`` and the virtual and wall time, so
+a replay can say "identical" or show the first difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from chaos.runner import RunResult, run_chaos
+from chaos.scenario import Scenario
+from chaos.schedule import Schedule
+
+from .determinism import run_exact
+from .testnet import SimWorld, open_sim_testnet
+
+EXACT_FILES = ("history.jsonl", "faults.jsonl")
+
+
+class SimProcesses:
+    """The simulation as a chaos run's world (see :class:`chaos.runner.RealProcesses`)."""
+
+    def __init__(self, world: SimWorld) -> None:
+        self.world = world
+        self.network = world.net
+
+    def open(self, opts: Any, progress: Callable[[str], None]) -> Any:
+        return open_sim_testnet(opts, self.world, progress=progress)
+
+    def now_ms(self) -> int:
+        return self.world.now_ms()
+
+    def entropy(self, user: str) -> Any:
+        return self.world.randbytes("user", user)
+
+
+def digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def run_sim(scenario: Scenario, seed: int, *, runs_dir: Path = Path("runs"), run_dir: Path | None = None,
+            inject_bugs: tuple[str, ...] = (), schedule: Schedule | None = None,
+            progress: Callable[[str], None] = print) -> RunResult:
+    """Run ``scenario`` in the simulation with ``seed`` (a fresh trio run: call it from sync code)."""
+    world = SimWorld(seed)
+    clock: dict[str, float] = {}
+
+    async def main() -> RunResult:
+        import trio
+
+        result = await run_chaos(scenario, seed=seed, run_dir=run_dir, runs_dir=runs_dir, inject_bugs=inject_bugs,
+                                 schedule=schedule, progress=progress, world=SimProcesses(world))
+        clock["virtual_s"] = trio.current_time()
+        return result
+
+    t0 = time.monotonic()
+    result = run_exact(main, seed)
+    wall = time.monotonic() - t0
+    sim = {"seed": seed, "virtual_s": round(clock["virtual_s"], 3), "wall_s": round(wall, 3),
+           "speedup": round(clock["virtual_s"] / wall, 1) if wall > 0 else None,
+           "sha256": {name: digest(result.run_dir / name) for name in EXACT_FILES}}
+    path = result.run_dir / "verdict.json"
+    verdict = json.loads(path.read_text(encoding="utf-8"))
+    verdict["sim"] = sim
+    path.write_text(json.dumps(verdict, indent=2) + "\n", encoding="utf-8")
+    result.verdict["sim"] = sim
+    return result
+
+
+def first_difference(a: Path, b: Path) -> dict[str, Any] | None:
+    """Where two runs' exact files first differ (``None`` when identical)."""
+    for name in EXACT_FILES:
+        la = (a / name).read_text(encoding="utf-8").splitlines() if (a / name).is_file() else []
+        lb = (b / name).read_text(encoding="utf-8").splitlines() if (b / name).is_file() else []
+        for i in range(max(len(la), len(lb))):
+            x = la[i] if i < len(la) else None
+            y = lb[i] if i < len(lb) else None
+            if x != y:
+                return {"file": name, "line": i + 1, "original": x, "replay": y}
+    return None
