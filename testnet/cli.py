@@ -105,6 +105,7 @@ COMMANDS = {
     "chaos": "chaos.cli:chaos",
     "check": "chaos.cli:check",
     "bugs": "chaos.cli:bugs",
+    "sim": "chaos.sim.cli:sim",
 }
 
 

@@ -381,7 +381,8 @@ class Testnet:
         # replication, and catching that is the checkers' job, not the boot check's.
         source = members[0] if set(self.plan.inject_bugs) & NODE_BUGS else members[-1]
         stored = await user_call(sender, members[0], "store", {
-            "pubkey": rid.session_id, "namespace": 0, "data": seal_message(sender.identity, rid.session_id, text, self.randbytes),
+            "pubkey": rid.session_id, "namespace": 0,
+            "data": seal_message(sender.identity, rid.session_id, text, self.randbytes),
             "ttl": 3_600_000, "timestamp": self.now_ms()})
         with trio.move_on_after(timeout_s):
             while True:

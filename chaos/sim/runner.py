@@ -47,11 +47,13 @@ def digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
-def run_sim(scenario: Scenario, seed: int, *, runs_dir: Path = Path("runs"), run_dir: Path | None = None,
-            inject_bugs: tuple[str, ...] = (), schedule: Schedule | None = None,
+def run_sim(scenario: Scenario, seed: int, *, variant: int = 0, runs_dir: Path = Path("runs"),
+            run_dir: Path | None = None, inject_bugs: tuple[str, ...] = (), schedule: Schedule | None = None,
             progress: Callable[[str], None] = print) -> RunResult:
-    """Run ``scenario`` in the simulation with ``seed`` (a fresh trio run: call it from sync code)."""
-    world = SimWorld(seed)
+    """Run ``scenario`` in the simulation with ``seed`` (and ``variant``, see
+    :class:`SimWorld`): a fresh trio run, so call it from sync code, once per process
+    when runs must compare (trio's scheduler state is per process)."""
+    world = SimWorld(seed, variant)
     clock: dict[str, float] = {}
 
     async def main() -> RunResult:
@@ -63,9 +65,9 @@ def run_sim(scenario: Scenario, seed: int, *, runs_dir: Path = Path("runs"), run
         return result
 
     t0 = time.monotonic()
-    result = run_exact(main, seed)
+    result = run_exact(main, world.scheduler_seed)
     wall = time.monotonic() - t0
-    sim = {"seed": seed, "virtual_s": round(clock["virtual_s"], 3), "wall_s": round(wall, 3),
+    sim = {"seed": seed, "variant": variant, "virtual_s": round(clock["virtual_s"], 3), "wall_s": round(wall, 3),
            "speedup": round(clock["virtual_s"] / wall, 1) if wall > 0 else None,
            "sha256": {name: digest(result.run_dir / name) for name in EXACT_FILES}}
     path = result.run_dir / "verdict.json"

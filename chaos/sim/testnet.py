@@ -22,6 +22,7 @@ context variable that every task of a node inherits, with virtual times.
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import json
 import logging
 import random
@@ -53,11 +54,22 @@ _current_proc: contextvars.ContextVar[str] = contextvars.ContextVar("swarmnet_si
 
 
 class SimWorld:
-    """Time, randomness and the network of one simulated run, all from ``seed``."""
+    """Time, randomness and the network of one simulated run.
 
-    def __init__(self, seed: int) -> None:
+    ``seed`` is the run's seed (keys, schedule and workload, as in a real run);
+    ``variant`` picks everything else — nonces, jitter, timer phases, the
+    scheduler's choices — so one real run's plan can be tried under many
+    interleavings (``swarmnet sim reproduce``).
+    """
+
+    def __init__(self, seed: int, variant: int = 0) -> None:
         self.seed = seed
+        self.variant = variant
         self.net = SimNetwork()
+
+    @property
+    def scheduler_seed(self) -> int:
+        return int.from_bytes(hashlib.sha256(f"{self.seed}/{self.variant}/scheduler".encode()).digest()[:8], "big")
 
     def now_s(self) -> float:
         return EPOCH_S + trio.current_time()
@@ -67,7 +79,7 @@ class SimWorld:
 
     def rng(self, *names: object) -> random.Random:
         """An independent stream per purpose (string seeds hash with SHA-512: stable across processes)."""
-        return random.Random("/".join([str(self.seed), *map(str, names)]))
+        return random.Random("/".join([str(self.seed), str(self.variant), *map(str, names)]))
 
     def randbytes(self, *names: object) -> Any:
         return self.rng("bytes", *names).randbytes
@@ -243,10 +255,11 @@ async def open_sim_testnet(options: Options, world: SimWorld, *, progress: Any =
     """:func:`testnet.controller.open_testnet` for the simulation: the same plan and run
     directory; no address block to claim and no control API (nothing outside this
     process can reach the simulated network)."""
-    run_id = options.run_id or f"sim-{world.seed}"
-    run_dir = (Path(options.run_dir).absolute() if options.run_dir
-               else rundir.create_run_dir(run_id, None, options.runs_dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # The plan's run id is part of what a run does (the boot check's text): the same for every
+    # run of a seed; the directory gets a fresh, time-stamped name.
+    run_id = options.run_id or f"sim-{world.seed}-{world.variant}"
+    run_dir = rundir.create_run_dir(f"{rundir.new_run_id()}-sim", Path(options.run_dir) if options.run_dir else None,
+                                    options.runs_dir)
     plan = P.plan_network(nodes=options.nodes, users=options.users, min_swarm=options.min_swarm, seed=world.seed,
                           links=options.links, run_dir=run_dir, run_id=run_id, block=SIM_BLOCK,
                           inject_bugs=options.inject_bugs, capture=options.capture)

@@ -1,0 +1,239 @@
+"""``swarmnet sim run|replay|explore|shrink|reproduce``: chaos scenarios in the
+deterministic simulation.  Exit codes as ``swarmnet chaos``: 0 valid, 1
+invalid (or, for replay, not identical), 2 unknown / bad input.
+
+Every simulated run happens in a process of its own (trio's scheduler state
+is per process): ``run`` and ``replay`` run in this one, ``explore``,
+``shrink`` and ``reproduce`` start one worker process per job
+(``python -m chaos.sim``) and read one JSON line per run from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from chaos.cli import _fail, _progress
+from chaos.scenario import ScenarioError, load_scenario
+from testnet.bugs import UnknownBug
+
+from .determinism import HASH_SEED, ensure_hash_seed
+
+
+def _seeds(text: str) -> list[int]:
+    """``A..B`` (inclusive) or ``A,B,C``."""
+    try:
+        if ".." in text:
+            a, b = text.split("..", 1)
+            return list(range(int(a), int(b) + 1))
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give A..B or A,B,C") from None
+
+
+@click.group()
+def sim() -> None:
+    """Chaos scenarios in one process on virtual time: exact replay from a seed, fast, large."""
+
+
+@sim.command("run")
+@click.argument("scenario")
+@click.option("--seed", type=int, default=None, help="run seed (keys, schedule, workload); default: the scenario's, else 1")
+@click.option("--variant", type=int, default=0, show_default=True, help="interleaving: nonces, jitter, scheduler")
+@click.option("--run-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--inject-bug", "bugs", multiple=True, help="break the system on purpose (see `swarmnet bugs`)")
+@click.option("--json", "as_json", is_flag=True, help="print the verdict as JSON")
+@click.option("--quiet", is_flag=True)
+def run_cmd(scenario: str, seed: int | None, variant: int, run_dir: Path | None, runs_dir: Path,
+            bugs: tuple[str, ...], as_json: bool, quiet: bool) -> None:
+    """Run SCENARIO (a TOML file or a library name) in the simulation."""
+    ensure_hash_seed()
+    from .runner import run_sim
+
+    try:
+        sc = load_scenario(scenario)
+        seed = seed if seed is not None else (sc.seed if sc.seed is not None else 1)
+        result = run_sim(sc, seed, variant=variant, run_dir=run_dir, runs_dir=runs_dir, inject_bugs=bugs,
+                         progress=_progress(quiet))
+    except (ScenarioError, UnknownBug, ValueError) as exc:
+        _fail(str(exc))
+        return
+    s = result.verdict["sim"]
+    if as_json:
+        click.echo(json.dumps(result.verdict, indent=2))
+    else:
+        click.echo(result.summary)
+        click.echo(f"sim: seed {s['seed']} variant {s['variant']}: {s['virtual_s']} s virtual in {s['wall_s']} s "
+                   f"wall ({s['speedup']}x); history {s['sha256']['history.jsonl'][:16]}, "
+                   f"faults {(s['sha256']['faults.jsonl'] or '-')[:16]}")
+        click.echo(f"bundle: {result.run_dir}")
+    sys.exit(result.exit_code)
+
+
+@sim.command("replay")
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--quiet", is_flag=True)
+def replay_cmd(run_dir: Path, quiet: bool) -> None:
+    """Run a simulated RUN_DIR again from its seed; say "identical" or show the first difference."""
+    ensure_hash_seed()
+    from chaos.runner import read_bundle
+
+    from .runner import first_difference, run_sim
+
+    try:
+        scenario, schedule, chaos = read_bundle(run_dir)
+        verdict = json.loads((run_dir / "verdict.json").read_text(encoding="utf-8"))
+        original = verdict["sim"]
+    except (OSError, KeyError, ValueError) as exc:
+        _fail(f"{run_dir} is not a simulated run's bundle: {exc}")
+        return
+    n = 1
+    while (run_dir / f"replay-{n}").exists():
+        n += 1
+    result = run_sim(scenario, chaos["seed"], variant=original.get("variant", 0), run_dir=run_dir / f"replay-{n}",
+                     inject_bugs=tuple(chaos.get("inject_bugs") or ()), schedule=schedule, progress=_progress(quiet))
+    diff = first_difference(run_dir, result.run_dir)
+    if diff is None:
+        click.echo(f"identical: history.jsonl and faults.jsonl of {result.run_dir} match the original byte for byte "
+                   f"({result.verdict['sim']['sha256']['history.jsonl'][:16]})")
+        sys.exit(0)
+    click.echo(f"DIFFERENT: {diff['file']} line {diff['line']}\n  original: {diff['original']}\n"
+               f"  replay:   {diff['replay']}")
+    sys.exit(1)
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _spawn_worker(jobs: list[dict[str, Any]]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONHASHSEED": HASH_SEED}
+    proc = subprocess.Popen([sys.executable, "-m", "chaos.sim", "worker"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(jobs))
+    proc.stdin.close()
+    return proc
+
+
+def run_jobs(jobs: list[dict[str, Any]], workers: int, on_result: Any = None,
+             stop_when: Any = None) -> list[dict[str, Any]]:
+    """Run simulated runs in ``workers`` processes (job i to worker i mod n); their results.
+    ``stop_when(result)`` true stops every worker (by pid) after that result."""
+    procs = [_spawn_worker(jobs[i::workers]) for i in range(min(workers, len(jobs)))]
+    results: list[dict[str, Any]] = []
+    try:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        for p in procs:
+            sel.register(p.stdout, selectors.EVENT_READ, p)
+        open_count = len(procs)
+        while open_count:
+            for key, _ in sel.select():
+                line = key.fileobj.readline()
+                if not line:
+                    sel.unregister(key.fileobj)
+                    open_count -= 1
+                    continue
+                r = json.loads(line)
+                results.append(r)
+                if on_result:
+                    on_result(r)
+                if stop_when is not None and stop_when(r):
+                    return results
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()  # our own child, by its pid
+            p.wait()
+
+
+@sim.command("explore")
+@click.argument("scenario")
+@click.option("--seeds", "seeds_text", required=True, help="A..B (inclusive) or A,B,C")
+@click.option("--jobs", type=int, default=os.cpu_count() or 1, show_default=True, help="worker processes")
+@click.option("--inject-bug", "bugs", multiple=True)
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs/explore"), show_default=True)
+@click.option("--keep-passing", is_flag=True, help="keep the bundles of passing runs (default: verdict only)")
+@click.option("--json", "as_json", is_flag=True)
+def explore_cmd(scenario: str, seeds_text: str, jobs: int, bugs: tuple[str, ...], runs_dir: Path,
+                keep_passing: bool, as_json: bool) -> None:
+    """Run SCENARIO in the simulation for many seeds; list the failing ones with their checker and bundle."""
+    try:
+        sc = load_scenario(scenario)
+    except ScenarioError as exc:
+        _fail(str(exc))
+        return
+    seeds = _seeds(seeds_text)
+    t0 = time.monotonic()
+    todo = [{"scenario": sc.source or scenario, "seed": s, "inject_bugs": list(bugs), "runs_dir": str(runs_dir),
+             "prune": not keep_passing} for s in seeds]
+
+    def show(r: dict[str, Any]) -> None:
+        if not as_json:
+            mark = "ok  " if r.get("valid") is True else "FAIL" if r.get("valid") is False else "??  "
+            click.echo(f"{mark} seed {r['seed']}: {', '.join(r.get('failing') or []) or r.get('error') or 'valid'}"
+                       f"  ({r.get('wall_s', '?')} s)", err=True)
+
+    results = run_jobs(todo, max(1, jobs), show)
+    wall = time.monotonic() - t0
+    failing = sorted((r for r in results if r.get("valid") is not True), key=lambda r: r["seed"])
+    summary = {"scenario": sc.name, "seeds": len(seeds), "ran": len(results), "failing": failing,
+               "wall_s": round(wall, 1), "seeds_per_hour": round(len(results) / wall * 3600) if wall else None}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(f"{sc.name}: {len(results)} seeds in {wall:.1f} s ({summary['seeds_per_hour']} per hour, "
+                   f"{jobs} jobs); {len(failing)} failing")
+        for r in failing:
+            click.echo(f"  seed {r['seed']}: {', '.join(r.get('failing') or []) or r.get('error')}  {r.get('run_dir')}")
+    sys.exit(1 if failing else 0)
+
+
+@sim.command("shrink")
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--checker", default=None, help="the checker that must keep failing (default: the first failing)")
+def shrink_cmd(run_dir: Path, checker: str | None) -> None:
+    """Minimise a failing simulated run's fault list; each candidate is judged by one exact run."""
+    from .explore import shrink_sim
+
+    try:
+        out = shrink_sim(run_dir, checker=checker, progress=_progress(False))
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    click.echo(f"{out['checker']}: {len(out['original'])} faults -> {len(out['minimal'])} "
+               f"({out['candidates']} exact runs); minimal scenario: {out['scenario']}")
+
+
+@sim.command("reproduce")
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--seeds", "variants", type=int, default=200, show_default=True, help="interleavings to try")
+@click.option("--jobs", type=int, default=os.cpu_count() or 1, show_default=True)
+def reproduce_cmd(run_dir: Path, variants: int, jobs: int) -> None:
+    """Run a real run's topology, schedule and workload in the simulation under many interleavings
+    until one fails the same checker; that one replays exactly from then on."""
+    from .explore import reproduce
+
+    try:
+        out = reproduce(run_dir, variants=variants, jobs=jobs, progress=_progress(False))
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    if out["found"] is None:
+        click.echo(f"not reproduced in {out['tried']} interleavings of seed {out['seed']} "
+                   f"(checker {out['checker']})")
+        sys.exit(1)
+    f = out["found"]
+    click.echo(f"reproduced: {out['checker']} fails with seed {out['seed']} variant {f['variant']} "
+               f"after {out['tried']} interleavings: {f['run_dir']}\n"
+               f"replay it: swarmnet sim replay {f['run_dir']}")
