@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -22,6 +21,7 @@ import msgpack
 import trio
 
 from testnet import crypto
+from testnet.clock import wall_ms
 from testnet.net import TCP, Network
 from testnet.rundir import read_jsonl
 
@@ -32,10 +32,6 @@ log = logging.getLogger("workload")
 POLL_INTERVAL_S = 0.5
 MAX_CONCURRENT_SENDS = 64
 DEFAULT_TTL_MS = 24 * 3600 * 1000
-
-
-def wall_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def body_digest(plaintext: bytes) -> str:

@@ -10,15 +10,16 @@ every ``flush_interval_s`` and at exit.
 
 from __future__ import annotations
 
-import time
 from typing import Any, BinaryIO, Callable, Iterator
 
 import msgpack
 
+from testnet.clock import wall_ms
+
 
 class CaptureFile:
     def __init__(self, path: str, *, buffer_bytes: int = 1 << 20,
-                 now_ms: Callable[[], int] = lambda: int(time.time() * 1000)) -> None:
+                 now_ms: Callable[[], int] = wall_ms) -> None:
         self.path = path
         self._now_ms = now_ms
         self._f: BinaryIO = open(path, "ab", buffering=buffer_bytes)

@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import random
 import secrets
-import time
 from typing import Any, Awaitable, Callable
 
 import trio
 
 from testnet import crypto
+from testnet.clock import wall_s
 from testnet.logs import event
 from testnet.net import TCP, Network
 from testnet.protocol import RequestError, Request, Status
@@ -40,7 +40,7 @@ WRITE_BEHIND_S = 3.0  # the ack-before-commit bug's delay
 class Clock:
     """The node's one source of time: the wall clock plus an injectable offset (ms)."""
 
-    def __init__(self, offset_ms: int = 0, source: Callable[[], float] = time.time) -> None:
+    def __init__(self, offset_ms: int = 0, source: Callable[[], float] = wall_s) -> None:
         self.offset_ms = offset_ms
         self._source = source
 

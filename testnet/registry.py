@@ -28,7 +28,6 @@ import secrets
 import signal
 import sys
 import tempfile
-import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Mapping
@@ -36,6 +35,7 @@ from typing import Any, Callable, Mapping
 import trio
 
 from . import logs
+from .clock import wall_ms
 from .crypto import BadKey, BadSignature, Identity, ed25519_to_session_id, verify_request
 from .protocol import Request, RequestError, Status
 from .net import TCP, Network
@@ -454,8 +454,7 @@ def _write_json_atomic(path: str, data: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- the trio edge
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+_now_ms = wall_ms  # real runs; the simulation passes virtual time
 
 
 class _Server:
