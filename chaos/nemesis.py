@@ -11,7 +11,10 @@ Families (see chaos.scenario.NEMESES):
   (isolate one node, split a swarm, random halves, a bridge, one-way);
 * process — kill -9 then restart, SIGSTOP then SIGCONT, join new nodes then
   remove them, deregister a node then add a fresh one in its place;
-* clock — the node's clock offset (admin_clock), reset to 0 at the end.
+* clock — the node's clock offset (admin_clock), reset to 0 at the end;
+* adversary — an attacker using the network (chaos/adversary.py): attack
+  loops that run while the fault is active and stop, their connections
+  closed, when it ends.
 """
 
 from __future__ import annotations
@@ -273,4 +276,8 @@ def inject(net: Any, fault: Fault) -> Any:
         return process_fault(net, fault)
     if family == "clock":
         return clock_fault(net, fault)
+    if family == "adversary":
+        from .adversary import adversary_fault  # imports this module
+
+        return adversary_fault(net, fault)
     raise NemesisError(f"no nemesis for {fault.kind}")

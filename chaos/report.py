@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from testnet.rundir import read_jsonl
 
+from .checkers.authority import ADVERSARY_FILE, summarize_attempts
 from .scenario import NEMESES
 
 REPORT_NAME = "report.html"
@@ -476,6 +477,39 @@ def _checker_summary(result: Any) -> tuple[str, str]:
     return _valid_text(result.get("valid"))[0], "; ".join(parts)
 
 
+def adversary_section(records: Sequence[Mapping[str, Any]], verdict: Mapping[str, Any] | None) -> str:
+    """The adversary's attempts and how the nodes answered them (adversary.jsonl), by attack and op;
+    empty when the run had no adversary."""
+    if not records:
+        return ""
+    s = summarize_attempts(records)
+    c, f = s["counts"], s["floods"]
+    rows = [(attack, op, e["attempts"], ", ".join(f"{k}: {v}" for k, v in sorted(e["statuses"].items())),
+             e["as_wanted"], e["accepted"], e["leaked"])
+            for attack, ops in s["attacks"].items() for op, e in ops.items()]
+    parts = ["<h2>Adversary</h2>\n",
+             f"<p>{_e(c['attempts'])} attempts: {_e(c['refused'])} refused, {_e(c['accepted'])} accepted that "
+             f"must be refused, {_e(c['leaked'])} that gave away what they must withhold, "
+             f"{_e(c['unanswered'])} unanswered; {_e(c['rehomed'])} let through by the rehoming rule.</p>\n",
+             _table(("attack", "op", "attempts", "answers (status: n)", "as expected", "accepted", "leaked"), rows)]
+    authority = _checkers(verdict).get("authority") or {}
+    planted = (authority.get("counts") or {}).get("planted")
+    if s["planted_hashes"]:
+        parts.append(f"<p>Messages it tried to plant: {len(s['planted_hashes'])}; held by a node afterwards: "
+                     f"{_e('not checked' if planted is None else planted)}.</p>\n")
+    if f["waves"]:
+        parts.append(f"<p>Connection floods: {_e(f['waves'])} waves, {_e(f['opened'])} of {_e(f['connections'])} "
+                     f"connections opened, {_e(f['closed_by_node'])} closed by the node; probes of the flooded node "
+                     f"failed {_e(f['probes_failed'])} of {_e(f['probes'])}.</p>\n")
+    if s["accepted"] or s["leaked"]:
+        bad = (s["accepted"] + s["leaked"])[:MAX_LISTED_MESSAGES]
+        parts.append(_table(("attack", "op", "variant", "node", "as", "victim", "status", "exposed", "effect"),
+                            [(r.get("attack"), r.get("op"), r.get("variant") or "", r.get("node"), r.get("as"),
+                              r.get("victim") or "", r.get("status"), r.get("exposed", ""), r.get("effect", ""))
+                             for r in bad]))
+    return "".join(parts)
+
+
 def _img(png: bytes, alt: str) -> str:
     return f'<p><img src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}" alt="{_e(alt)}"></p>\n'
 
@@ -551,7 +585,8 @@ def write_report(run_dir: Path) -> Path:
              "<h2>Faults</h2>\n",
              _table(("id", "kind", "start (s)", "end (s)", "status", "targets", "errors"),
                     [(s.fault, s.kind, _secs(s.start_ms, t0), _secs(s.end_ms, t0), s.status,
-                      _targets_summary(s.targets), "; ".join(s.errors)) for s in spans])]
+                      _targets_summary(s.targets), "; ".join(s.errors)) for s in spans]),
+             adversary_section(read_jsonl(run_dir / ADVERSARY_FILE), verdict)]
     rank = {BAD: 0, LOST: 1, UNKNOWN: 2, FAILED: 3}  # violations first, in case the list is cut
     problems = sorted(((mid, o) for mid, o in outcomes.items() if o in rank), key=lambda p: rank[p[1]])
     if problems:

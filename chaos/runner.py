@@ -80,7 +80,12 @@ async def play(net: Any, schedule: Schedule, log: FaultLog, progress: Progress) 
                 progress(f"fault {fault.id} {fault.kind} started: {_short(targets)}")
                 await trio.sleep(fault.duration_s)
             log.write(fault, "end", targets=targets)
-            progress(f"fault {fault.id} {fault.kind} healed")
+            if fault.family == "adversary":  # its summary is only known once it stopped
+                progress(f"fault {fault.id} {fault.kind} stopped: {targets.get('attempts', 0)} attempts, "
+                         f"{targets.get('refused', 0)} refused, {targets.get('accepted', 0)} accepted, "
+                         f"{targets.get('leaked', 0)} leaked; {targets.get('flood_waves', 0)} flood waves")
+            else:
+                progress(f"fault {fault.id} {fault.kind} healed")
         except (NemesisError, LookupError, ValueError) as exc:
             log.write(fault, "skipped", error=str(exc)[:300])
             progress(f"fault {fault.id} {fault.kind} skipped: {exc}")
@@ -230,6 +235,7 @@ CANARY_SCENARIOS = {
     "ack-before-commit": "kill-restart",
     "wrong-inbox": "smoke",
     "local-delete": "smoke",
+    "no-node-auth": "adversary",
 }
 
 

@@ -13,10 +13,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-CHECKERS = ("delivery", "replication", "unlinkability")
+CHECKERS = ("delivery", "replication", "unlinkability", "authority")
+
+# What the adversary nemesis (chaos/adversary.py) can do; a fault's ``attacks``
+# picks some.  stranger: node ops, handshakes and registry writes without
+# authority; signatures: client reads, deletes and expiries signed by the
+# wrong key or replayed; abuse: stores outside the rules; frames: oversized
+# and malformed frames; flood: idle and stalled connections; liar: a
+# registered node acting for a swarm it is not in.
+ADVERSARY_ATTACKS = ("stranger", "signatures", "abuse", "frames", "flood", "liar")
+ADVERSARY_DEFAULTS: dict[str, Any] = {
+    "attacks": list(ADVERSARY_ATTACKS),
+    "interval_s": 0.3,  # pause between rounds of each attack
+    "flood_connections": 200,  # per wave (one node at a time)
+    "flood_hold_s": 4.0,  # how long a wave holds its connections
+    "max_attempts": 20_000,  # recorded attempts per fault, at most
+}
 
 # kind -> (family, default params). Families: "link" (toxics on directed links),
-# "partition" (links cut), "process" (signals / registry), "clock".
+# "partition" (links cut), "process" (signals / registry), "clock", "adversary"
+# (an attacker using the network: chaos/adversary.py).
 NEMESES: dict[str, tuple[str, dict[str, Any]]] = {
     "latency": ("link", {"latency_ms": 50, "jitter_ms": 20}),
     "bandwidth": ("link", {"rate_kbps": 16}),
@@ -34,6 +50,7 @@ NEMESES: dict[str, tuple[str, dict[str, Any]]] = {
     "join": ("process", {}),
     "leave": ("process", {}),
     "clock-skew": ("clock", {"offset_ms": 30_000}),
+    "adversary": ("adversary", ADVERSARY_DEFAULTS),
 }
 
 # Target selectors a fault may name instead of concrete nodes, resolved when
@@ -134,6 +151,23 @@ def _target(raw: Any, where: str) -> dict[str, Any]:
     return dict(raw)
 
 
+def check_adversary_params(params: Mapping[str, Any], where: str = "adversary") -> dict[str, Any]:
+    """An adversary fault's params with defaults filled in; ScenarioError names a wrong key."""
+    unknown = set(params) - set(ADVERSARY_DEFAULTS)
+    if unknown:
+        raise ScenarioError(f"{where}.params: unknown key(s) {sorted(unknown)}; known: {sorted(ADVERSARY_DEFAULTS)}")
+    out = {**ADVERSARY_DEFAULTS, **params}
+    attacks = out["attacks"]
+    if not isinstance(attacks, list) or not attacks or not all(a in ADVERSARY_ATTACKS for a in attacks):
+        raise ScenarioError(f"{where}.params.attacks must be a non-empty list of {', '.join(ADVERSARY_ATTACKS)}")
+    out["attacks"] = list(dict.fromkeys(attacks))
+    _num(out, "interval_s", f"{where}.params", None, 0.01, 60)
+    _num(out, "flood_connections", f"{where}.params", None, 1, 2000, int)
+    _num(out, "flood_hold_s", f"{where}.params", None, 0.1, 600)
+    _num(out, "max_attempts", f"{where}.params", None, 1, 1_000_000, int)
+    return out
+
+
 def _kind(kind: Any, where: str) -> str:
     if kind not in NEMESES:
         raise ScenarioError(f"{where}.kind {kind!r} is not a nemesis; known: {', '.join(NEMESES)}")
@@ -148,7 +182,7 @@ def parse_scenario(raw: Mapping[str, Any], *, name: str = "scenario", source: st
     links = t.get("links", "toxiproxy")
     if links not in ("toxiproxy", "direct"):
         raise ScenarioError("topology.links must be 'toxiproxy' or 'direct'")
-    topology = Topology(_num(t, "nodes", "topology", 8, 1, 200, int), _num(t, "min_swarm", "topology", 3, 1, 50, int),
+    topology = Topology(_num(t, "nodes", "topology", 8, 1, 1016, int), _num(t, "min_swarm", "topology", 3, 1, 50, int),
                         _num(t, "users", "topology", 4, 2, 100, int), links)
     w = _section(raw, "workload", {"rate", "duration_s", "messages", "namespaces", "body_bytes", "drain_s",
                                    "delete_fraction"})
@@ -174,9 +208,12 @@ def parse_scenario(raw: Mapping[str, Any], *, name: str = "scenario", source: st
         params = item.get("params", {})
         if not isinstance(params, dict):
             raise ScenarioError(f"{where}.params must be a table")
+        params = {**NEMESES[kind][1], **params}
+        if NEMESES[kind][0] == "adversary":
+            params = check_adversary_params(params, where)
         timeline.append(FaultSpec(_num(item, "at_s", where, None, 0, 86_400) or 0.0,
                                   _num(item, "duration_s", where, 3.0, 0.01, 86_400), kind,
-                                  _target(item.get("target"), where), {**NEMESES[kind][1], **params}))
+                                  _target(item.get("target"), where), params))
     generator = None
     if "generator" in f:
         g = f["generator"]

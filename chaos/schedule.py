@@ -10,6 +10,7 @@ concrete nodes then go to ``faults.jsonl``).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
@@ -156,7 +157,7 @@ def _generated(scenario: Scenario, rng: random.Random, nodes: Sequence[str], use
             target = {"node-links": rng.choice(list(nodes))} if rng.random() < 0.5 else {"all-links": True}
         elif kind == "split-swarm":
             target = {"swarm-of-user": rng.choice(list(users))}
-        out.append(FaultSpec(round(t, 3), round(dur, 3), kind, target, dict(NEMESES[kind][1])))
+        out.append(FaultSpec(round(t, 3), round(dur, 3), kind, target, copy.deepcopy(NEMESES[kind][1])))
         t += rng.expovariate(1.0 / g.interval_s)
     return out
 

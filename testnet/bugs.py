@@ -19,7 +19,7 @@ BUGS: dict[str, tuple[str, str, str]] = {
                              "nor remembers the hash, so the other copies live on", "replication"),
     "no-node-auth": ("node", "nodes serve node-to-node ops (replicate*, ae_*) to any caller, authenticated or "
                              "not, for any account: a stranger can list, read and delete anyone's messages",
-                     "delivery"),
+                     "authority"),
 }
 
 NODE_BUGS = frozenset(n for n, (where, _, _) in BUGS.items() if where == "node")

@@ -30,7 +30,7 @@ async def test_every_nemesis_starts_and_heals(tmp_path):
             "bridge": {"side_a": ["n01", "n02"], "side_b": ["n04", "n05"], "bridge": "n03"},
             "one-way": {"side_a": ["n01", "n02", "n03"], "side_b": ["n04", "n05", "n06"]},
             "kill": {"node": "n03"}, "pause": {"node": "n04"}, "join": {"new": 1}, "leave": {"node": "n05"},
-            "clock-skew": {"node": "n01"},
+            "clock-skew": {"node": "n01"}, "adversary": {},
         }
         for i, kind in enumerate(NEMESES, start=1):
             family, params = NEMESES[kind]
@@ -59,6 +59,10 @@ async def test_every_nemesis_starts_and_heals(tmp_path):
                 assert (await net.call("n01", "info"))["clock_offset_ms"] == 0
             if kind == "join":
                 assert set(net.nodes) == before_nodes
+            if kind == "adversary":  # stopped: its summary is in what it yielded, its record in the run
+                records = [json.loads(line) for line in open(net.run_dir / "adversary.jsonl")]
+                assert desc["attempts"] == sum(r["op"] not in ("error", "skipped", "flood") for r in records)
+                assert desc["errors"] == 0, [r for r in records if r["op"] == "error"]
         await net.wait_ready(20)
 
         # A link that vanishes while its fault starts (its node left) is skipped, and

@@ -1,12 +1,16 @@
-"""The three checkers on real networks: an honest run passes all three; each
+"""The checkers on real networks: an honest run passes them all; each
 injected bug fails the checker that must catch it."""
+
+from contextlib import nullcontext
 
 import trio
 import pytest
 
 from chaos.checkers.unlinkability import scan_for_plaintext
 from chaos.checkers.verdict import run_checks
-from chaos.nemesis import live_swarms
+from chaos.nemesis import inject, live_swarms
+from chaos.scenario import NEMESES
+from chaos.schedule import Fault
 from clients.workload import UserSpec, read_history, run_workload
 from testnet.bugs import BUGS, CLIENT_BUGS
 from testnet.controller import open_testnet
@@ -19,11 +23,13 @@ def specs(net):
             for u in net.plan.users]
 
 
-async def workload_and_check(net, *, messages, rate, bugs=(), before_drain=None, drain_s=8.0, **kw):
+async def workload_and_check(net, *, messages, rate, bugs=(), before_drain=None, drain_s=8.0, during=None, **kw):
+    """The workload (with ``during``, an async context manager such as a nemesis, around it), then the checks."""
     history = net.run_dir / "history.jsonl"
-    stats = await run_workload(specs(net), net.registry_address, history, messages=messages, rate=rate, seed=3,
-                               client_bugs=[b for b in bugs if b in CLIENT_BUGS], before_drain=before_drain,
-                               drain_s=drain_s, **kw)
+    async with during or nullcontext():
+        stats = await run_workload(specs(net), net.registry_address, history, messages=messages, rate=rate, seed=3,
+                                   client_bugs=[b for b in bugs if b in CLIENT_BUGS], before_drain=before_drain,
+                                   drain_s=drain_s, **kw)
     swarms = await live_swarms(net)
     live = {n for n, rt in net.nodes.items() if rt.state == "running"}
     verdict = await trio.to_thread.run_sync(lambda: run_checks(net.run_dir, swarms=swarms, live=live))
@@ -56,6 +62,7 @@ BUG_CASES = {
     "client-id-in-layers": "unlinkability",
     "ack-before-commit": "delivery",
     "local-delete": "replication",
+    "no-node-auth": "authority",
 }
 
 
@@ -79,11 +86,17 @@ async def test_each_injected_bug_fails_the_right_checker(bug, tmp_path):
                     await net.node_restart(name)
             before_drain = kill_everything
         deletes = 0.5 if bug == "local-delete" else 0.0  # its damage needs deletes to show
+        # Without node auth, only someone using the node ops as a stranger shows the damage.
+        during = inject(net, Fault(1, 0, 60, "adversary", {}, {**NEMESES["adversary"][1], "attacks": ["stranger"],
+                                                                "interval_s": 0.1})) if bug == "no-node-auth" else None
         stats, verdict = await workload_and_check(net, messages=30, rate=60, bugs=(bug,), before_drain=before_drain,
-                                                  drain_s=4.0, delete_fraction=deletes)
+                                                  drain_s=4.0, delete_fraction=deletes, during=during)
         assert stats.ok > 0
         assert verdict["checkers"][checker]["valid"] is False, verdict["checkers"][checker]
         assert verdict["valid"] is False
+        if bug == "no-node-auth":
+            # The damage reaches users too: acknowledged messages deleted before they were read.
+            assert verdict["checkers"]["delivery"]["counts"]["lost"] > 0, verdict["checkers"]["delivery"]["counts"]
 
 
 async def test_boot_check_passes_with_a_replication_bug_injected(tmp_path):

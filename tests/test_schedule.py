@@ -2,7 +2,7 @@
 
 import pytest
 
-from chaos.scenario import NEMESES, ScenarioError, library, load_scenario, parse_scenario
+from chaos.scenario import ADVERSARY_ATTACKS, NEMESES, ScenarioError, library, load_scenario, parse_scenario
 from chaos.schedule import Schedule, expand, schedule_as_scenario, to_toml
 
 import tomllib
@@ -70,10 +70,34 @@ def test_generator_never_overlaps_process_faults_on_one_node():
     ({"faults": {"generator": {"nemeses": []}}}, "non-empty"),
     ({"check": {"checkers": ["vibes"]}}, "unknown"),
     ({"workload": {"rate": -1}}, "workload.rate"),
+    ({"faults": {"timeline": [{"kind": "adversary", "params": {"attacks": ["dragons"]}}]}}, "params.attacks"),
+    ({"faults": {"timeline": [{"kind": "adversary", "params": {"attacks": []}}]}}, "params.attacks"),
+    ({"faults": {"timeline": [{"kind": "adversary", "params": {"flood": 3}}]}}, "params: unknown"),
+    ({"faults": {"timeline": [{"kind": "adversary", "params": {"flood_connections": 0}}]}}, "flood_connections"),
 ])
 def test_bad_scenarios_name_the_key(bad, words):
     with pytest.raises(ScenarioError, match=words):
         parse_scenario(bad)
+
+
+def test_adversary_faults_expand_with_their_params_from_timelines_and_the_generator(tmp_path):
+    sc = parse_scenario({"faults": {
+        "timeline": [{"at_s": 1, "duration_s": 20, "kind": "adversary", "params": {"attacks": ["liar", "stranger"],
+                                                                                  "interval_s": 0.5}}],
+        "generator": {"nemeses": ["adversary", "kill"], "interval_s": 2, "count": 6}}})
+    sched = expand(sc, 4, NODES, USERS)
+    timeline = next(f for f in sched.faults if f.at_s == 1 and f.kind == "adversary")
+    assert timeline.family == "adversary" and timeline.target == {}
+    assert timeline.params == {**NEMESES["adversary"][1], "attacks": ["liar", "stranger"], "interval_s": 0.5}
+    generated = [f for f in sched.faults if f.kind == "adversary" and f is not timeline]
+    assert generated and all(f.params == NEMESES["adversary"][1] and f.target == {} for f in generated)
+    assert set(NEMESES["adversary"][1]["attacks"]) == set(ADVERSARY_ATTACKS)
+    generated[0].params["attacks"].append("mutated")  # a fault's params are its own
+    assert "mutated" not in NEMESES["adversary"][1]["attacks"]
+    sched.write(tmp_path / "schedule.json")
+    assert Schedule.read(tmp_path / "schedule.json") == sched
+    shrunk = parse_scenario(tomllib.loads(to_toml(schedule_as_scenario(sc, sched.subset([timeline.id])))))
+    assert shrunk.timeline[0].params["attacks"] == ["liar", "stranger"]
 
 
 def test_unknown_node_in_timeline_is_an_error():
@@ -86,7 +110,7 @@ def test_shipped_library_loads_and_expands():
     paths = library()
     names = {p.stem for p in paths}
     assert {"smoke", "kill-restart", "partition-swarm", "latency", "bandwidth", "churn", "clock-skew",
-            "mixed"} <= names
+            "mixed", "adversary"} <= names
     for p in paths:
         sc = load_scenario(p)
         nodes = [f"n{i:02d}" for i in range(1, sc.topology.nodes + 1)]

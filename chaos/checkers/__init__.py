@@ -3,10 +3,12 @@
 Verdict shapes: CHECKERS.md.
 """
 
+from .authority import check_authority
 from .delivery import check_delivery
 from .replication import check_replication, current_swarms_from_registry, load_ground_truth
 from .unlinkability import check_unlinkability, scan_for_plaintext
 from .verdict import exit_code, run_checks, summary
 
-__all__ = ["check_delivery", "check_replication", "check_unlinkability", "current_swarms_from_registry",
-           "exit_code", "load_ground_truth", "run_checks", "scan_for_plaintext", "summary"]
+__all__ = ["check_authority", "check_delivery", "check_replication", "check_unlinkability",
+           "current_swarms_from_registry", "exit_code", "load_ground_truth", "run_checks", "scan_for_plaintext",
+           "summary"]

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from testnet.rundir import read_jsonl
 
+from .authority import check_authority
 from .delivery import check_delivery
 from .replication import (ReplicationError, check_replication, current_swarms_from_registry, live_nodes,
                           load_ground_truth)
@@ -23,7 +24,7 @@ from .unlinkability import check_unlinkability
 __all__ = ["CheckError", "CHECKERS", "HISTORY_FILE", "VERDICT_FILE", "read_history", "combine", "run_checks",
            "summary", "exit_code"]
 
-CHECKERS = ("delivery", "replication", "unlinkability")
+CHECKERS = ("delivery", "replication", "unlinkability", "authority")
 HISTORY_FILE = "history.jsonl"
 VERDICT_FILE = "verdict.json"
 FAULTS_FILE = "faults.jsonl"
@@ -107,6 +108,8 @@ def run_checks(run_dir: str | Path, *, checkers: Iterable[str] = CHECKERS, swarm
                 live_set = set(live) if live is not None else live_nodes(truth, swarms.keys())
                 results[name] = check_replication(run_dir, history, now_ms=now_ms, swarms=swarms, live=live_set)
                 results[name]["swarms_source"] = source
+            elif name == "authority":
+                results[name] = check_authority(run_dir)
             else:
                 results[name] = check_unlinkability(run_dir, history)
         except Exception as exc:  # a checker that cannot judge says so rather than sinking the others
@@ -206,4 +209,42 @@ def summary(verdict: Mapping[str, Any]) -> str:
                 names = sorted(u["nodes_missing_capture"])
                 lines.append(f"  nodes without a capture ({len(names)}): {', '.join(names[:10])}"
                              + (" …" if len(names) > 10 else ""))
+    a = checkers.get("authority")
+    if a:
+        lines += authority_summary(a)
     return "\n".join(lines)
+
+
+def authority_summary(a: Mapping[str, Any]) -> list[str]:
+    """The authority checker's lines of :func:`summary`."""
+    lines = [f"\nauthority: {_word(a.get('valid'))}" + (f"  error: {a['error']}" if a.get("error") else "")]
+    if a.get("note"):
+        lines.append(f"  {a['note']}")
+    c = a.get("counts") or {}
+    if not c.get("attempts") and not (a.get("floods") or {}).get("waves"):
+        return lines
+    per_attack = ", ".join(f"{name} {sum(o['attempts'] for o in ops.values())}"
+                           for name, ops in (a.get("attacks") or {}).items())
+    lines.append(f"  adversary attempts {c.get('attempts', 0)} ({per_attack}): refused {c.get('refused', 0)}, "
+                 f"accepted {c.get('accepted', 0)}, unanswered {c.get('unanswered', 0)}; "
+                 f"status as the rule says {c.get('as_wanted', 0)} of {c.get('wanted', 0)}")
+    for key, what in (("accepted", "accepted though it must be refused"), ("leaked", "returned what it must withhold")):
+        for r in (a.get(key) or [])[:5]:
+            lines.append(f"  {what}: {r.get('attack')} {r.get('op')} ({r.get('variant') or r.get('as')}) "
+                         f"at {r.get('node')} for {r.get('victim')}: status {r.get('status')}"
+                         + (f", exposed {r['exposed']}" if r.get("exposed") else "")
+                         + (f", effect {r['effect']}" if r.get("effect") else ""))
+    if c.get("planted_tried"):
+        lines.append(f"  planted messages held by a node: {c.get('planted', 0)} of {c['planted_tried']} tried"
+                     + ("  [" + ", ".join(f"{p['hash'][:12]} on {','.join(p['held_by'][:3])}"
+                                          for p in (a.get("planted") or [])[:3]) + "]" if c.get("planted") else ""))
+    if c.get("rehomed"):
+        lines.append(f"  let through by the rehoming rule (not a violation): {c['rehomed']}")
+    f = a.get("floods") or {}
+    if f.get("waves"):
+        lines.append(f"  floods: {f['waves']} waves, {f.get('opened', 0)} of {f.get('connections', 0)} connections "
+                     f"opened, {f.get('closed_by_node', 0)} closed by the node; probes failed "
+                     f"{f.get('probes_failed', 0)} of {f.get('probes', 0)}")
+    if a.get("errors"):
+        lines.append(f"  adversary errors: {len(a['errors'])} ({a['errors'][0][:80]})")
+    return lines
