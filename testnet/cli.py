@@ -106,6 +106,7 @@ COMMANDS = {
     "check": "chaos.cli:check",
     "bugs": "chaos.cli:bugs",
     "sim": "chaos.sim.cli:sim",
+    "trace": "chaos.trace:trace",
 }
 
 
