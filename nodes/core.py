@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sized, TypeVar
 
 from testnet import crypto
 from testnet.bugs import NODE_BUGS, UnknownBug, check_bugs
+from testnet.limits import ConnectionLimits
 from testnet.protocol import RequestError, Status
 from testnet.registry import NodeRecord  # the registry's record, as nodes receive it
 from testnet.swarm import swarm_for
@@ -62,9 +63,11 @@ class NodeConfig:
     anti_entropy_interval_s: float = 2.0
     expiry_interval_s: float = 10.0
     registry_poll_s: float = 1.0
+    registry_settle_s: float = 0.1  # after a new list, before asking again: a burst of changes is one fetch
     replication_timeout_s: float = 2.0
     rate_limit_burst: int = 600
     rate_limit_per_second: float = 300.0
+    connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     inject_bugs: tuple[str, ...] = ()
 
     @classmethod
@@ -94,9 +97,11 @@ class NodeConfig:
                 anti_entropy_interval_s=float(raw.get("anti_entropy_interval_s", 2.0)),
                 expiry_interval_s=float(raw.get("expiry_interval_s", 10.0)),
                 registry_poll_s=float(raw.get("registry_poll_s", 1.0)),
+                registry_settle_s=float(raw.get("registry_settle_s", 0.1)),
                 replication_timeout_s=float(raw.get("replication_timeout_s", 2.0)),
                 rate_limit_burst=int(rate.get("burst", 600)),
                 rate_limit_per_second=float(rate.get("per_second", 300.0)),
+                connection_limits=ConnectionLimits(**(raw.get("connection_limits") or {})),
                 inject_bugs=bugs,
             )
         except ConfigError:

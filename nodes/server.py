@@ -6,6 +6,7 @@ Rules live in :mod:`nodes.core`; this module moves bytes and time.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import secrets
@@ -19,6 +20,7 @@ from testnet.logs import event
 from testnet.net import TCP, Network
 from testnet.protocol import RequestError, Request, Status
 from testnet.registry import register_args
+from testnet.limits import ConnectionGate
 from testnet.rpc import ConnectionPool, Peer, RpcError, serve
 
 from . import auth, core
@@ -74,6 +76,7 @@ class Node:
         self.links: dict[str, tuple[str, int]] = dict(config.links)
         self.bugs = set(config.inject_bugs)
         self.rate = core.TokenBucket(config.rate_limit_burst, config.rate_limit_per_second)
+        self.gate = ConnectionGate(config.connection_limits)  # shared by every listener of this node
         self.listening: list[tuple[str, int]] = []
         self.onion_handler: Callable[[Request, Peer], Awaitable[tuple[int, Any]]] | None = None
         self._senders: dict[tuple[str, str], PeerSender] = {}
@@ -115,7 +118,7 @@ class Node:
                 await nursery.start(self.commit.run)
                 self.listening = await nursery.start(
                     lambda task_status: serve(self.handle, list(self.config.listen), capture=self.capture,
-                                              network=self.network,
+                                              network=self.network, gate=self.gate,
                                               task_status=task_status))
                 event(log, "listening", node=self.config.name, addresses=self.listening,
                       ed25519=self.ed_hex[:16])
@@ -200,7 +203,7 @@ class Node:
             "swarm": [n.ed25519_public for n in view.members(view.my_swarm)] if view and view.my_swarm is not None else [],
             "clock_ms": self.clock.now_ms(), "clock_offset_ms": self.clock.offset_ms,
             "messages": self.storage.count(), "listening": [list(a) for a in self.listening],
-            "stats": dict(self.stats),
+            "stats": dict(self.stats), "connections": dataclasses.asdict(self.gate.statistics()),
         }
 
     async def op_get_swarm(self, args: dict) -> dict:
@@ -404,7 +407,7 @@ class Node:
         try:
             bound = await self._nursery.start(
                 lambda task_status: serve(self.handle, addrs, capture=self.capture, network=self.network,
-                                          task_status=task_status))
+                                          gate=self.gate, task_status=task_status))
         except (OSError, ValueError) as exc:
             raise RequestError(Status.BAD_REQUEST, f"cannot listen: {exc}") from None
         self.listening.extend(bound)
@@ -457,6 +460,9 @@ class Node:
                     self.entitled.add_history(body.get("history"))
                     height = view.height
                     self._apply_view(view)
+                    # Registrations come in bursts (a boot, churn): let the burst finish rather than
+                    # fetch the whole list once per change (N nodes x N changes x N records).
+                    await trio.sleep(self.config.registry_settle_s)
             except (RpcError, RequestError, KeyError, TypeError, ValueError) as exc:
                 event(log, "registry unreachable", logging.WARNING, error=type(exc).__name__)
                 await self.pool.drop(REGISTRY_KEY)

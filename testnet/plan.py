@@ -36,7 +36,9 @@ Address = tuple[str, int]
 Block = tuple[int, int]
 
 USER_NAMES = ("alice", "bob", "carol", "dave")
-MAX_NODES = 254  # one host octet each
+MAX_NODES = 254  # one host octet each: the proxies' listen addresses are per source node
+MAX_NODES_DIRECT = 4 * 254  # without proxies nodes also take /24s 5..7 of the block
+NODE_OFFSETS = (1, 5, 6, 7)  # the block's /24s that hold node addresses, 254 each
 MAX_USERS = 254
 CONTROL_PORT = 29555  # fixed so that binding it is how a run claims its block
 TOXIPROXY_PORT = 8474  # Toxiproxy's own default, on the run's own address
@@ -216,11 +218,16 @@ class NetworkPlan:
         return {by_name[link.dst].ed25519_public: link.listen for link in self.links if link.src == src}
 
 
+def node_host(block: Block, index: int) -> str:
+    """Node ``index``'s address: 127.a.(b+1).index for the first 254, then the next node /24."""
+    return _ip(block, NODE_OFFSETS[(index - 1) // 254], (index - 1) % 254 + 1)
+
+
 def make_node(run_dir: Path, seed: int, block: Block, index: int) -> NodePlan:
     name = node_name(index)
     d = run_dir / "nodes" / name
     return NodePlan(
-        name=name, index=index, seed=derive_seed(seed, "node", name), host=_ip(block, 1, index), port=0,
+        name=name, index=index, seed=derive_seed(seed, "node", name), host=node_host(block, index), port=0,
         dir=d, db=d / "db.sqlite", log=d / "node.log", stderr=d / "stderr.log",
         seed_file=d / "seed", config_file=d / "config.json", capture=d / "capture.bin",
     )
@@ -273,8 +280,9 @@ def check_options(*, nodes: int, users: int, min_swarm: int, links: str) -> None
     """Raise :class:`PlanError` if no network can be planned from these options."""
     if links not in LINKS_MODES:
         raise PlanError(f"links mode must be one of {LINKS_MODES}, not {links!r}")
-    if not 1 <= nodes <= MAX_NODES:
-        raise PlanError(f"--nodes must be 1..{MAX_NODES}, not {nodes}")
+    most = MAX_NODES if links == "toxiproxy" else MAX_NODES_DIRECT
+    if not 1 <= nodes <= most:
+        raise PlanError(f"--nodes must be 1..{most} with {links} links, not {nodes}")
     if not 0 <= users <= MAX_USERS:
         raise PlanError(f"--users must be 0..{MAX_USERS}, not {users}")
     if min_swarm < 1:
@@ -289,8 +297,9 @@ def with_node_added(plan: NetworkPlan, name: str | None = None) -> tuple[Network
     index = node_index(name) if name else max(taken, default=0) + 1
     if index in taken:
         raise PlanError(f"node {node_name(index)} already exists")
-    if not 1 <= index <= MAX_NODES:
-        raise PlanError(f"node index must be 1..{MAX_NODES}, not {index}")
+    most = MAX_NODES if plan.links_mode == "toxiproxy" else MAX_NODES_DIRECT
+    if not 1 <= index <= most:
+        raise PlanError(f"node index must be 1..{most}, not {index}")
     node = make_node(plan.run_dir, plan.seed, plan.block, index)
     nodes = tuple(sorted(plan.nodes + (node,), key=lambda n: n.index))
     new_links = _links_between(plan.block, nodes, plan.users, touching=node) if plan.links_mode == "toxiproxy" else ()

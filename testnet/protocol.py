@@ -221,6 +221,11 @@ class Connection:
         self._splitter = FrameSplitter(max_frame_size)
         self._broken: RemoteProtocolError | None = None
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet cut into frames: a frame under way when > 0."""
+        return self._splitter.buffered
+
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the peer; ``b""`` means the peer closed its side."""
         self._splitter.receive_data(data)

@@ -29,7 +29,7 @@ import signal
 import sys
 import tempfile
 from collections import deque
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 import trio
@@ -224,7 +224,8 @@ class NodeRecord:
     swarm_id: int
 
     def to_wire(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"ed25519_public": self.ed25519_public, "x25519_public": self.x25519_public, "host": self.host,
+                "port": self.port, "swarm_id": self.swarm_id}
 
 
 class RegistryState:
@@ -252,6 +253,7 @@ class RegistryState:
         self.staked = None if staked is None else set(staked)
         # (height, {ed25519 hex: swarm id}) of the assignments replaced most recently, oldest first.
         self.history: deque[tuple[int, dict[str, int]]] = deque(maxlen=HISTORY_LENGTH)
+        self._snapshot: dict[str, Any] | None = None
 
     def _assignment(self) -> dict[str, int]:
         return {k: r.swarm_id for k, r in self.nodes.items()}
@@ -324,9 +326,14 @@ class RegistryState:
         return {"staked": ed_hex}
 
     def snapshot(self) -> dict[str, Any]:
-        """The whole list: {"height", "changed": True, "nodes": [...]} sorted by ed25519 key."""
-        return {"height": self.height, "changed": True,
-                "nodes": [self.nodes[k].to_wire() for k in sorted(self.nodes)]}
+        """The whole list: {"height", "changed": True, "nodes": [...]} sorted by ed25519 key.
+
+        Built once per height and shared by every answer at that height (every
+        follower asks after each change): treat it as read-only."""
+        if self._snapshot is None or self._snapshot["height"] != self.height:
+            self._snapshot = {"height": self.height, "changed": True,
+                              "nodes": [self.nodes[k].to_wire() for k in sorted(self.nodes)]}
+        return self._snapshot
 
     def service_nodes(self, since_height: int | None, *, history: bool = False) -> dict[str, Any]:
         """Answer to get_service_nodes once any waiting is over.
@@ -341,7 +348,7 @@ class RegistryState:
             return {"height": self.height, "changed": False, "nodes": []}
         body = self.snapshot()
         if history:
-            body["history"] = [{"height": h, "swarms": dict(a)} for h, a in reversed(self.history)]
+            body = {**body, "history": [{"height": h, "swarms": dict(a)} for h, a in reversed(self.history)]}
         return body
 
     def info(self) -> dict[str, Any]:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Hashable, Protocol
 
 import trio
 
+from .limits import AUTHENTICATED_SESSION_KEY, ConnectionGate, ConnectionLimits
 from .net import TCP, Network
 from .protocol import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -108,6 +110,32 @@ def _stream_addresses(stream: trio.SocketStream) -> tuple[Address, Address]:
 
 # --------------------------------------------------------------------------- server
 
+REFUSAL_SEND_TIMEOUT_S = 1.0  # a refusal is one small frame into an empty send buffer
+
+
+def _gate_for(limits: ConnectionLimits | None, gate: ConnectionGate | None) -> ConnectionGate:
+    if gate is None:
+        return ConnectionGate(limits)
+    if limits is not None and limits != gate.limits:
+        raise ValueError("pass either limits or a gate made with them, not both")
+    return gate
+
+
+async def _refuse(stream: trio.SocketStream, reason: str, conn_id: int, local: Address, remote: Address,
+                  capture: CaptureSink | None) -> None:
+    # Answer without reading: a flood costs us one small write and a close.
+    data = error_frame(Status.RATE_LIMITED, reason)
+    try:
+        if capture is not None:
+            capture.record(conn_id, "out", local, remote, data)
+        with trio.move_on_after(REFUSAL_SEND_TIMEOUT_S):
+            await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(stream)
+
 
 async def serve_connection(
     stream: trio.SocketStream,
@@ -116,27 +144,61 @@ async def serve_connection(
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     capture: CaptureSink | None = None,
+    limits: ConnectionLimits | None = None,
+    gate: ConnectionGate | None = None,
 ) -> None:
     """Serve requests on one accepted connection until it closes.
 
     Requests run concurrently (answered in any order); once ``max_in_flight``
     are running we stop reading, which pushes back on the peer.  A handler
     error becomes a 500 for that request only.
+
+    ``gate`` (default: a fresh one with ``limits``, default
+    :class:`ConnectionLimits`) admits the connection or answers 429 and
+    closes it unread; the connection is closed when it idles, when a frame
+    takes too long to arrive, or when the peer stops taking our bytes.
     """
     conn_id = next(_conn_ids)
     try:
+        gate = _gate_for(limits, gate)
         local, remote = _stream_addresses(stream)
     except OSError:
         await stream.aclose()
         return
+    except ValueError:
+        await trio.aclose_forcefully(stream)
+        raise
+    admission, reason = gate.admit(remote[0])
+    if admission is None:
+        await _refuse(stream, reason, conn_id, local, remote, capture)
+        return
+    lim = gate.limits
     peer = Peer(remote, local, conn_id)
     conn = Connection(max_frame_size=max_frame_size)
     send_lock = trio.Lock()
     in_flight = trio.Semaphore(max_in_flight)
+    conn_scope = trio.CancelScope()  # everything of this connection: cancelled when we close it
+
+    # Strategy: one timer, the deadline of the scope around the reader's wait
+    # for bytes; it is recomputed before each wait and moved by the request
+    # that leaves the connection idle.  No task per timer.
+    running = 0  # requests in flight
+    idle_since = trio.current_time()  # last bytes received or last request finished
+    frame_deadline: float | None = None  # set while a partial frame is buffered
+    read_scope: trio.CancelScope | None = None  # set while the reader waits for bytes
+    closed_by: str | None = None
+
+    def read_deadline() -> float:
+        if frame_deadline is not None:
+            return frame_deadline
+        if running:
+            return math.inf  # a slow handler is not an idle peer
+        return idle_since + lim.idle_timeout_s
 
     outbox: list[bytes] = []
 
     async def write(data: bytes) -> None:
+        nonlocal closed_by
         # Whoever holds the lock sends everything queued so far: under load,
         # many responses leave in one send(2).
         outbox.append(data)
@@ -147,9 +209,16 @@ async def serve_connection(
             outbox.clear()
             if capture is not None:
                 capture.record(conn_id, "out", local, remote, chunk)
-            await stream.send_all(chunk)
+            with trio.move_on_after(lim.send_timeout_s) as send_scope:
+                await stream.send_all(chunk)
+            if send_scope.cancelled_caught:
+                # The peer stopped reading; a half-sent frame also leaves the
+                # stream unusable.  Close the whole connection.
+                closed_by = closed_by or "slow_send"
+                conn_scope.cancel()
 
     async def answer(req: Request) -> None:
+        nonlocal running, idle_since
         try:
             try:
                 status, body = await handler(req, peer)
@@ -158,6 +227,10 @@ async def serve_connection(
             except Exception:
                 log.exception("handler for %r failed", req.op)
                 status, body = Status.INTERNAL_ERROR, {"error": "internal error"}
+            if admission.counted and peer.session.get(AUTHENTICATED_SESSION_KEY):
+                # A service node: node links through Toxiproxy all come from
+                # 127.0.0.1 and must not share a cap with strangers.
+                gate.authenticated(admission)
             try:
                 data = conn.send(Response(req.id, status, body))
             except LocalProtocolError as exc:
@@ -167,39 +240,64 @@ async def serve_connection(
             pass
         finally:
             in_flight.release()
+            running -= 1
+            if not running:
+                idle_since = trio.current_time()
+                if read_scope is not None:
+                    read_scope.deadline = read_deadline()
 
     try:
-        async with trio.open_nursery() as nursery:
-            while True:
-                try:
-                    data = await stream.receive_some(RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    break
-                if capture is not None and data:
-                    capture.record(conn_id, "in", local, remote, data)
-                conn.receive_data(data)
-                try:
-                    while True:
-                        ev = conn.next_event()
-                        if ev is NEED_DATA or ev is EOF:
-                            break
-                        if isinstance(ev, Request):
-                            await in_flight.acquire()
-                            nursery.start_soon(answer, ev)
-                        elif isinstance(ev, BadFrame):
-                            await write(error_frame(ev.status, ev.reason, ev.id or 0))
-                        # A response on a server connection answers nothing: drop it.
-                except RemoteProtocolError as exc:
-                    # The stream cannot be resynchronised: say why, then close.
+        with conn_scope:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    with trio.CancelScope(deadline=read_deadline()) as read_scope:
+                        try:
+                            data = await stream.receive_some(RECEIVE_SIZE)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            data = None
+                    timed_out, read_scope = read_scope.cancelled_caught, None
+                    if timed_out:
+                        closed_by = "idle" if frame_deadline is None else "slow_frame"
+                        conn_scope.cancel()
+                        break
+                    if data is None:
+                        break
+                    if capture is not None and data:
+                        capture.record(conn_id, "in", local, remote, data)
+                    idle_since = trio.current_time()
+                    conn.receive_data(data)
+                    framed = False  # did this read complete a frame?
                     try:
-                        await write(error_frame(exc.status, str(exc)))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass
-                    break
-                if not data:
-                    break
-            # Let in-flight requests finish writing before we close.
+                        while True:
+                            ev = conn.next_event()
+                            if ev is NEED_DATA or ev is EOF:
+                                break
+                            framed = True
+                            if isinstance(ev, Request):
+                                await in_flight.acquire()
+                                running += 1
+                                nursery.start_soon(answer, ev)
+                            elif isinstance(ev, BadFrame):
+                                await write(error_frame(ev.status, ev.reason, ev.id or 0))
+                            # A response on a server connection answers nothing: drop it.
+                    except RemoteProtocolError as exc:
+                        # The stream cannot be resynchronised: say why, then close.
+                        try:
+                            await write(error_frame(exc.status, str(exc)))
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass
+                        break
+                    if not data:
+                        break
+                    if not conn.buffered:
+                        frame_deadline = None
+                    elif frame_deadline is None or framed:
+                        # A new frame is under way.  Started after any
+                        # back-pressure wait above: our pause is not its delay.
+                        frame_deadline = trio.current_time() + lim.frame_timeout_s
+                # Let in-flight requests finish writing before we close.
     finally:
+        gate.release(admission, closed_by)
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(stream)
 
@@ -212,12 +310,18 @@ async def serve(
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     capture: CaptureSink | None = None,
     network: Network = TCP,
+    limits: ConnectionLimits | None = None,
+    gate: ConnectionGate | None = None,
     task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on every (host, port) given (port 0 picks a free one) and serve forever.
 
-    Reports the bound addresses through ``task_status.started``.
+    Reports the bound addresses through ``task_status.started``.  Every
+    listener of this call shares ``gate`` (default: a fresh
+    ``ConnectionGate(limits)``); a process that calls ``serve`` more than
+    once passes the same gate to each call.
     """
+    gate = _gate_for(limits, gate)
     listeners: list[trio.SocketListener] = []
     for host, port in listen:
         if not host.startswith("127."):
@@ -227,7 +331,8 @@ async def serve(
 
     async def one(stream: trio.SocketStream) -> None:
         await serve_connection(
-            stream, handler, max_frame_size=max_frame_size, max_in_flight=max_in_flight, capture=capture
+            stream, handler, max_frame_size=max_frame_size, max_in_flight=max_in_flight, capture=capture,
+            gate=gate,
         )
 
     async with trio.open_nursery() as nursery:
@@ -340,7 +445,15 @@ class RpcConnection:
                             self._outbox.clear()
                             if self._capture is not None:
                                 self._capture.record(self._conn_id, "out", self.local, self.remote, chunk)
-                            await self.stream.send_all(chunk)
+                            try:
+                                await self.stream.send_all(chunk)
+                            except trio.Cancelled:
+                                # Cut off mid-write (our deadline): part of a frame may be on the wire
+                                # and the next request would be misread. This connection is done.
+                                self._fail_all(ConnectionLost(f"send to {self.name or self.remote} interrupted"))
+                                with trio.CancelScope(shield=True):
+                                    await trio.aclose_forcefully(self.stream)
+                                raise
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     self._fail_all(ConnectionLost(f"connection to {self.name or self.remote} lost: {exc}"))
                 await slot.event.wait()

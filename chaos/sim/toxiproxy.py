@@ -157,6 +157,7 @@ class SimProxy:
     async def _pump(self, conn: _Conn, stream: str, src: SimStream, dst: SimStream) -> None:
         """Read ``src`` and write ``dst`` through this direction's toxics; chunks keep their order."""
         send, receive = trio.open_memory_channel[tuple[float, bytes]](1 << 30)
+        queued = [0]  # chunks handed to the writer and not yet through
 
         async def reader() -> None:
             try:
@@ -164,47 +165,56 @@ class SimProxy:
                     data = await src.receive_some(RECEIVE_SIZE)
                     if not data:
                         break
+                    if not queued[0] and not self.chain(conn, stream):
+                        # No toxic and nothing ahead of this chunk: pass it on at once.
+                        await self._send(dst, [data], None, conn, stream)
+                        continue
+                    queued[0] += 1
                     send.send_nowait((trio.current_time(), data))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+            queued[0] += 1
             send.send_nowait((trio.current_time(), b""))
 
         async def writer() -> None:
             async for arrived, data in receive:
-                if not data:
-                    for t in self.chain(conn, stream):
-                        if t.type == "slow_close":
-                            await trio.sleep(int(t.attributes.get("delay", 0)) / 1000)
-                    conn.scope.cancel()  # either side closing ends the link, as in Toxiproxy
-                    return
-                pieces = [data]
-                for t in self.chain(conn, stream):
-                    a = t.attributes
-                    if t.type == "timeout":
-                        pieces = []  # dropped while the toxic is there
-                    elif t.type == "latency":
-                        jitter = int(a.get("jitter", 0))
-                        delay = int(a.get("latency", 0)) + (self.owner.rng.randint(-jitter, jitter) if jitter else 0)
-                        await trio.sleep_until(arrived + max(delay, 0) / 1000)
-                    elif t.type == "bandwidth":
-                        rate = max(int(a.get("rate", 0)), 1)  # KB/s
-                        await trio.sleep(sum(map(len, pieces)) / (rate * 1000))
-                    elif t.type == "slicer":
-                        pieces = self._slice(pieces, a)
-                    elif t.type == "limit_data":
-                        limit = int(a.get("bytes", 0))
-                        room = max(limit - conn.sent[stream], 0)
-                        joined = b"".join(pieces)
-                        if len(joined) >= room:
-                            pieces = [joined[:room]] if room else []
-                            await self._send(dst, pieces, None, conn, stream)
-                            conn.scope.cancel()
-                            return
-                await self._send(dst, pieces, self._slicer_delay(conn, stream), conn, stream)
+                await self._through(conn, stream, dst, arrived, data)
+                queued[0] -= 1
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader)
             nursery.start_soon(writer)
+
+    async def _through(self, conn: _Conn, stream: str, dst: SimStream, arrived: float, data: bytes) -> None:
+        """One chunk (``b""``: the end of the stream) through this direction's toxics."""
+        if not data:
+            for t in self.chain(conn, stream):
+                if t.type == "slow_close":
+                    await trio.sleep(int(t.attributes.get("delay", 0)) / 1000)
+            conn.scope.cancel()  # either side closing ends the link, as in Toxiproxy
+            return
+        pieces = [data]
+        for t in self.chain(conn, stream):
+            a = t.attributes
+            if t.type == "timeout":
+                pieces = []  # dropped while the toxic is there
+            elif t.type == "latency":
+                jitter = int(a.get("jitter", 0))
+                delay = int(a.get("latency", 0)) + (self.owner.rng.randint(-jitter, jitter) if jitter else 0)
+                await trio.sleep_until(arrived + max(delay, 0) / 1000)
+            elif t.type == "bandwidth":
+                rate = max(int(a.get("rate", 0)), 1)  # KB/s
+                await trio.sleep(sum(map(len, pieces)) / (rate * 1000))
+            elif t.type == "slicer":
+                pieces = self._slice(pieces, a)
+            elif t.type == "limit_data":
+                room = max(int(a.get("bytes", 0)) - conn.sent[stream], 0)
+                joined = b"".join(pieces)
+                if len(joined) >= room:
+                    await self._send(dst, [joined[:room]] if room else [], None, conn, stream)
+                    conn.scope.cancel()
+                    return
+        await self._send(dst, pieces, self._slicer_delay(conn, stream), conn, stream)
 
     def _slice(self, pieces: list[bytes], a: dict[str, Any]) -> list[bytes]:
         avg, var = max(int(a.get("average_size", 64)), 1), int(a.get("size_variation", 0))
