@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections import Counter
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -57,12 +56,13 @@ from nodes.storage import AE_BUCKET_MS
 from testnet import crypto
 from testnet.net import TCP
 from testnet.plan import derive_seed
-from testnet.protocol import EOF, HEADER, NEED_DATA, Connection, RemoteProtocolError, Response
+from testnet.protocol import Response
 from testnet.registry import deregister_args, deregister_message, register_args
 from testnet.rpc import ConnectionPool, RpcError, call_once, open_rpc
 
-from .adversary_model import (FOLLOW_UP, FRAMES, AttemptLog, HistoryTail, Knowledge, NetView, adversary_host,
-                              measure, planned_hosts, wall_ms)
+from .adversary_model import (FRAMES, AttemptLog, HistoryTail, Knowledge, NetView, adversary_host, measure,
+                              planned_hosts, wall_ms)
+from .adversary_raw import flood, send_frame
 from .checkers.authority import ADVERSARY_FILE
 from .nemesis import HEAL_TIMEOUT_S, NemesisError
 from .scenario import ScenarioError, check_adversary_params
@@ -439,34 +439,10 @@ class Adversary:
         nodes = sorted(view.nodes)
         target = nodes[(r // len(FRAMES)) % len(nodes)]
         host, port, _ = view.nodes[target]
-        resp, error, follow = None, None, None
-        with trio.move_on_after(3 * CALL_TIMEOUT_S) as scope:
-            try:
-                with trio.fail_after(CALL_TIMEOUT_S):
-                    stream = await self.network.open_tcp_stream(host, port, local_address=self.host["frames"])
-            except (OSError, trio.TooSlowError) as exc:
-                error = f"connect: {type(exc).__name__}"
-                stream = None
-            if stream is not None:
-                try:
-                    conn = Connection()
-                    await stream.send_all(data)
-                    if eof:
-                        await stream.send_eof()
-                    resp = await _read_response(stream, conn)
-                    if resp is not None and resp.status == 400 and not eof:
-                        await stream.send_all(FOLLOW_UP)
-                        follow = await _read_response(stream, conn)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    error = f"{type(exc).__name__}"
-                finally:
-                    await trio.aclose_forcefully(stream)
-        if scope.cancelled_caught:
-            error = "no answer in time"
-        extra = {"connection_goes_on": follow is not None and follow.status == 200} \
-            if resp is not None and resp.status == 400 and not eof else {}
-        self._record("frames", "frame", target, resp, error, expect="refuse", want=want, victim=None,
-                     variant=variant, **extra)
+        out = await send_frame(self.network, host, port, self.host["frames"], data, eof=eof, timeout_s=CALL_TIMEOUT_S)
+        self.log.write({"attack": "frames", "op": "frame", "variant": variant, "node": self.node_name(target),
+                        "as": "stranger", "victim": None, "expect": "refuse", "want": want, "exposed": 0, "effect": 0,
+                        **out})
 
     # ---------------------------------------------------------------- flood
 
@@ -480,62 +456,16 @@ class Adversary:
             await trio.sleep(1.0)
 
     async def _flood_wave(self, view: NetView, r: int) -> None:
-        """``flood_connections`` connections at one node (idle, stalled in a header, stalled in a
-        body), held ``flood_hold_s``; counts those the node closes; probes the node meanwhile."""
+        """One wave at one node, from several addresses or (every other wave) from one, so that
+        a per-address connection cap meets it."""
         target = sorted(view.nodes)[r % len(view.nodes)]
         host, port, _ = view.nodes[target]
-        n, hold = int(self.p["flood_connections"]), float(self.p["flood_hold_s"])
-        streams: list[trio.SocketStream] = []
-        tally: Counter = Counter()
-        probe: dict[str, Any] = {}
-        opening = trio.Semaphore(50)
-
-        async def one(i: int) -> None:
-            style = ("idle", "partial-header", "partial-body")[i % 3]
-            try:
-                async with opening:
-                    with trio.fail_after(CALL_TIMEOUT_S):
-                        s = await self.network.open_tcp_stream(
-                            host, port, local_address=self.flood_hosts[i % len(self.flood_hosts)])
-            except (OSError, trio.TooSlowError):
-                return
-            streams.append(s)
-            tally["opened"] += 1
-            try:
-                if style == "partial-header":
-                    await s.send_all(b"\x00\x00")
-                elif style == "partial-body":
-                    await s.send_all(HEADER.pack(64) + b"\x83\xa2id")
-                with trio.move_on_after(hold):
-                    while await s.receive_some(4096):
-                        pass
-                    tally["closed_by_node"] += 1  # end of stream: the node let go
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                tally["closed_by_node"] += 1
-
-        async def probe_node() -> None:
-            await trio.sleep(hold / 2)
-            t0 = trio.current_time()
-            try:
-                resp = await call_once(host, port, "info", {}, timeout=CALL_TIMEOUT_S, local_host=self.host["probe"],
-                                       network=self.network)
-                probe.update(probe_status=resp.status)
-            except RpcError as exc:
-                probe.update(probe_status=None, probe_error=type(exc).__name__)
-            probe["probe_ms"] = round((trio.current_time() - t0) * 1000, 1)
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(probe_node)
-                for i in range(n):
-                    nursery.start_soon(one, i)
-        finally:
-            with trio.CancelScope(shield=True):
-                for s in streams:
-                    await trio.aclose_forcefully(s)
+        sources = self.flood_hosts if r % 2 == 0 else self.flood_hosts[:1]
+        out = await flood(self.network, host, port, sources, self.host["probe"],
+                          connections=int(self.p["flood_connections"]), hold_s=float(self.p["flood_hold_s"]),
+                          timeout_s=CALL_TIMEOUT_S)
         self.log.write({"attack": "flood", "op": "flood", "node": self.node_name(target), "as": "stranger",
-                        "expect": "serve", "connections": n, "opened": tally["opened"],
-                        "closed_by_node": tally["closed_by_node"], "hold_s": hold, **probe})
+                        "expect": "serve", **out})
 
     # ---------------------------------------------------------------- liar
 
@@ -591,21 +521,6 @@ class Adversary:
             # When the rehoming rule may apply, either answer is the protocol's: no status is wanted.
             await self.attempt(key, op, {"messages": [msg]}, attack="liar", want=None if rehoming else 403,
                                victim="synthetic", expect="rehoming" if rehoming else "refuse", planted=[h])
-
-
-async def _read_response(stream: trio.SocketStream, conn: Connection) -> Response | None:
-    """The next response on a raw connection; None when it closes first (or breaks the framing)."""
-    while True:
-        try:
-            ev = conn.next_event()
-        except RemoteProtocolError:
-            return None
-        if isinstance(ev, Response):
-            return ev
-        if ev is EOF:
-            return None
-        if ev is NEED_DATA:
-            conn.receive_data(await stream.receive_some(65536))  # b"" is the end of the stream
 
 
 @asynccontextmanager

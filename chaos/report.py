@@ -499,7 +499,9 @@ def adversary_section(records: Sequence[Mapping[str, Any]], verdict: Mapping[str
                      f"{_e('not checked' if planted is None else planted)}.</p>\n")
     if f["waves"]:
         parts.append(f"<p>Connection floods: {_e(f['waves'])} waves, {_e(f['opened'])} of {_e(f['connections'])} "
-                     f"connections opened, {_e(f['closed_by_node'])} closed by the node; probes of the flooded node "
+                     f"connections opened, {_e(f['closed_by_node'])} closed by the node (answers: "
+                     f"{_e(', '.join(f'{k}: {v}' for k, v in sorted(f['statuses'].items())) or 'none')}); "
+                     f"probes of the flooded node "
                      f"failed {_e(f['probes_failed'])} of {_e(f['probes'])}.</p>\n")
     if s["accepted"] or s["leaked"]:
         bad = (s["accepted"] + s["leaked"])[:MAX_LISTED_MESSAGES]

@@ -108,7 +108,7 @@ REFUSED = [rec("stranger", "replicate_delete", 401, effect=0), rec("stranger", "
            rec("abuse", "store", 406, want=406, planted=["p-store"]),
            rec("frames", "frame", None, want=400, error="no answer in time"),
            {"attack": "flood", "op": "flood", "expect": "serve", "connections": 10, "opened": 10,
-            "closed_by_node": 4, "probe_status": 200},
+            "closed_by_node": 4, "statuses": {"429": 4}, "probe_status": 200},
            {"attack": "liar", "op": "skipped", "why": "one swarm only"}]
 
 
@@ -131,9 +131,9 @@ def test_authority_holds_when_everything_is_refused(tmp_path):
     assert v["attacks"]["stranger"]["replicate_delete"] == {"attempts": 1, "statuses": {"401": 1}, "as_wanted": 1,
                                                             "accepted": 0, "leaked": 0}
     assert v["floods"] == {"waves": 1, "connections": 10, "opened": 10, "closed_by_node": 4, "probes": 1,
-                           "probes_failed": 0}
+                           "probes_failed": 0, "statuses": {"429": 4}}
     text = summary({"valid": True, "checkers": {"authority": v}})
-    assert "authority: valid" in text and "accepted 0" in text and "4 closed by the node" in text
+    assert "authority: valid" in text and "accepted 0" in text and "4 closed by the node (answers 429: 4)" in text
     html = adversary_section(REFUSED, {"checkers": {"authority": v}})
     assert "<h2>Adversary</h2>" in html and "replicate_delete" in html and "401: 1" in html
 
@@ -206,3 +206,22 @@ async def test_an_honest_network_refuses_every_attack(tmp_path):
     assert c["as_wanted"] == c["wanted"] - c["unanswered"] and c["wanted"] >= 0.9 * c["attempts"], \
         json.dumps(a["attacks"])
     assert a["floods"]["waves"] >= 1 and a["floods"]["probes_failed"] == 0
+
+
+async def test_frames_and_a_flood_at_an_in_process_server(nursery):
+    from functools import partial
+
+    from chaos.adversary_raw import flood, send_frame
+    from testnet.net import TCP
+    from testnet.rpc import serve
+
+    async def handler(req, peer):
+        return 200, {"op": req.op}
+
+    [(host, port)] = await nursery.start(partial(serve, handler, [("127.0.0.1", 0)]))
+    for variant, data, eof, want in FRAMES:
+        out = await send_frame(TCP, host, port, "127.0.0.1", data, eof=eof, timeout_s=2.0)
+        assert out["status"] == want, (variant, out)
+        assert out.get("connection_goes_on", True), variant  # a bad body spoils only itself
+    out = await flood(TCP, host, port, ["127.0.0.1"], "127.0.0.1", connections=24, hold_s=0.6, timeout_s=2.0)
+    assert (out["opened"], out["connect_failed"], out["probe_status"]) == (24, 0, 200), out

@@ -72,6 +72,7 @@ def summarize_attempts(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     attacks: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
     floods = Counter({k: 0 for k in ("waves", "connections", "opened", "closed_by_node", "probes",
                                      "probes_failed")})
+    flood_statuses: Counter = Counter()
     accepted: list[dict[str, Any]] = []
     leaked: list[dict[str, Any]] = []
     rehomed: list[dict[str, Any]] = []
@@ -95,6 +96,8 @@ def summarize_attempts(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             if "probe_status" in r:
                 floods["probes"] += 1
                 floods["probes_failed"] += r.get("probe_status") != OK
+            if isinstance(r.get("statuses"), Mapping):
+                flood_statuses.update({str(k): _count(r["statuses"], k) for k in r["statuses"]})
             continue
         status = _status(r)
         entry = attacks[attack].setdefault(op, {"attempts": 0, "statuses": {}, "as_wanted": 0, "accepted": 0,
@@ -131,7 +134,7 @@ def summarize_attempts(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
                     planted.setdefault(h, {"hash": h, "attack": attack, "op": op, "victim": r.get("victim"),
                                            "status": status})
     return {"counts": dict(counts), "attacks": {a: dict(sorted(ops.items())) for a, ops in sorted(attacks.items())},
-            "floods": dict(floods), "accepted": accepted, "leaked": leaked, "rehomed": rehomed,
+            "floods": {**floods, "statuses": dict(flood_statuses)}, "accepted": accepted, "leaked": leaked, "rehomed": rehomed,
             "planted_hashes": planted, "errors": errors}
 
 

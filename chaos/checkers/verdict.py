@@ -243,8 +243,10 @@ def authority_summary(a: Mapping[str, Any]) -> list[str]:
     f = a.get("floods") or {}
     if f.get("waves"):
         lines.append(f"  floods: {f['waves']} waves, {f.get('opened', 0)} of {f.get('connections', 0)} connections "
-                     f"opened, {f.get('closed_by_node', 0)} closed by the node; probes failed "
-                     f"{f.get('probes_failed', 0)} of {f.get('probes', 0)}")
+                     f"opened, {f.get('closed_by_node', 0)} closed by the node"
+                     + (" (answers " + ", ".join(f"{k}: {v}" for k, v in sorted(f["statuses"].items())) + ")"
+                        if f.get("statuses") else "")
+                     + f"; probes failed {f.get('probes_failed', 0)} of {f.get('probes', 0)}")
     if a.get("errors"):
         lines.append(f"  adversary errors: {len(a['errors'])} ({a['errors'][0][:80]})")
     return lines
