@@ -9,7 +9,6 @@ No trio and no sockets here: ``chaos/adversary.py`` moves the bytes.
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
@@ -19,6 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 import msgpack
 
 from nodes.auth import Assignment
+from testnet.clock import wall_ms
 from testnet.protocol import HEADER
 from testnet.registry import HISTORY_LENGTH
 from testnet.swarm import swarm_for
@@ -52,10 +52,6 @@ def planned_hosts(plan: Any) -> set[str]:
     hosts.update(u.host for u in plan.users)
     hosts.update(link.listen[0] for link in plan.links)
     return hosts
-
-
-def wall_ms() -> int:
-    return int(time.time() * 1000)
 
 
 # --------------------------------------------------------------------------- what it knows (pure)
