@@ -82,6 +82,10 @@ FAKE_HASH = "A" * 43
 
 
 class Adversary:
+    """One adversary fault's attacker: its knowledge, its connections (a pool in the fault's
+    nursery) and its record.  :meth:`start` launches one loop per attack; :meth:`close`
+    (after the nursery is done) closes what is left and undoes a registration."""
+
     def __init__(self, net: Any, fault: Fault, params: Mapping[str, Any]) -> None:
         self.net = net
         self.fault = fault
@@ -243,6 +247,7 @@ class Adversary:
                 await fn(view, r)
                 r += 1
             await trio.sleep(self.p["interval_s"] * pace)
+        self.note("all", f"max_attempts ({self.p['max_attempts']}) reached: attacks stopped")
 
     async def close(self) -> None:
         if self.pool is not None:
@@ -454,6 +459,7 @@ class Adversary:
                 await self._flood_wave(view, r)
                 r += 1
             await trio.sleep(1.0)
+        self.note("all", f"max_attempts ({self.p['max_attempts']}) reached: attacks stopped")
 
     async def _flood_wave(self, view: NetView, r: int) -> None:
         """One wave at one node, from several addresses or (every other wave) from one, so that
