@@ -6,7 +6,7 @@ TOXIPROXY_VERSION := v2.12.0
 TOXIPROXY := bin/toxiproxy-server
 STAMP := $(VENV)/.installed
 
-.PHONY: all install toxiproxy testnet test bench bench-node bench-boot bench-throughput chaos clean
+.PHONY: all install toxiproxy testnet test bench bench-node bench-boot bench-throughput bench-sim chaos clean
 
 all: install toxiproxy
 
@@ -40,7 +40,7 @@ testnet: install toxiproxy
 test: install toxiproxy
 	$(PY) -m pytest -q
 
-bench: bench-node bench-boot bench-throughput
+bench: bench-node bench-boot bench-throughput bench-sim
 
 bench-node: install
 	$(VENV)/bin/swarmnet bench node
@@ -51,7 +51,11 @@ bench-boot: install toxiproxy
 bench-throughput: install toxiproxy
 	$(VENV)/bin/swarmnet bench throughput
 
+bench-sim: install
+	$(VENV)/bin/swarmnet bench sim
+
 chaos: install toxiproxy
+	$(VENV)/bin/swarmnet sim nightly
 	$(VENV)/bin/swarmnet chaos nightly
 
 clean:

@@ -56,6 +56,7 @@ class NodeConfig:
     log: str | None
     registry: tuple[str, int]
     capture: str | None = None
+    capture_buffer_bytes: int = 1 << 20  # fewer writes under load; the simulation of 1,000 nodes takes less
     links: Mapping[str, tuple[str, int]] = field(default_factory=dict)
     admin_token: str = ""
     clock_offset_ms: int = 0
@@ -90,6 +91,7 @@ class NodeConfig:
                 log=raw.get("log"),
                 registry=(str(raw["registry"][0]), int(raw["registry"][1])),
                 capture=raw.get("capture"),
+                capture_buffer_bytes=int(raw.get("capture_buffer_bytes", 1 << 20)),
                 links={str(k): (str(v[0]), int(v[1])) for k, v in (raw.get("links") or {}).items()},
                 admin_token=str(raw.get("admin_token", "")),
                 clock_offset_ms=int(raw.get("clock_offset_ms", 0)),

@@ -70,7 +70,8 @@ class Node:
         self.x_hex = self.identity.x25519_public.hex()
         self.clock = clock or Clock(config.clock_offset_ms)
         self.storage = Storage(config.db)
-        self.capture = CaptureFile(config.capture, now_ms=self.clock.wall_ms) if config.capture else None
+        self.capture = CaptureFile(config.capture, now_ms=self.clock.wall_ms,
+                                   buffer_bytes=config.capture_buffer_bytes) if config.capture else None
         self.view: SwarmView | None = None
         self.entitled = auth.Entitlements()
         self.links: dict[str, tuple[str, int]] = dict(config.links)

@@ -472,6 +472,7 @@ BENCHMARKS = {
     "boot": "testnet.bench:boot_command",
     "node": "nodes.bench:bench_command",
     "throughput": "clients.bench:bench_command",
+    "sim": "chaos.sim.bench:bench_command",
 }
 
 

@@ -5,6 +5,7 @@ run (used by ``swarmnet sim explore|shrink|reproduce``)."""
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import sys
 import time
@@ -33,7 +34,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         return out
     sim = result.verdict["sim"]
     out.update(valid=result.verdict.get("valid"), failing=sorted(failing_checkers(result.verdict)),
-               run_dir=str(result.run_dir), wall_s=sim["wall_s"], virtual_s=sim["virtual_s"], sha256=sim["sha256"])
+               run_dir=str(result.run_dir), wall_s=sim["wall_s"], virtual_s=sim["virtual_s"], sha256=sim["sha256"],
+               run=sim["run"], max_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     if job.get("prune") and out["valid"] is True:
         shutil.rmtree(result.run_dir / "nodes", ignore_errors=True)  # keep the record, drop the bulk
     return out

@@ -237,3 +237,42 @@ def reproduce_cmd(run_dir: Path, variants: int, jobs: int) -> None:
     click.echo(f"reproduced: {out['checker']} fails with seed {out['seed']} variant {f['variant']} "
                f"after {out['tried']} interleavings: {f['run_dir']}\n"
                f"replay it: swarmnet sim replay {f['run_dir']}")
+
+
+@sim.command("nightly")
+@click.option("--seeds", type=int, default=10, show_default=True, help="seeds per library scenario")
+@click.option("--first-seed", type=int, default=1, show_default=True)
+@click.option("--jobs", type=int, default=os.cpu_count() or 1, show_default=True)
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs/sim-nightly"), show_default=True)
+def nightly_cmd(seeds: int, first_seed: int, jobs: int, runs_dir: Path) -> None:
+    """The nightly sweep in simulation: every library scenario over SEEDS seeds, then every canary
+    (each injectable bug under its canary scenario must fail its checker here too)."""
+    from chaos.runner import CANARY_SCENARIOS
+    from chaos.scenario import library
+    from testnet.bugs import BUGS
+
+    t0 = time.monotonic()
+    sweep = [{"scenario": p.stem, "seed": s, "runs_dir": str(runs_dir), "prune": True, "key": p.stem}
+             for p in library() for s in range(first_seed, first_seed + seeds)]
+    canaries = [{"scenario": CANARY_SCENARIOS[b], "seed": first_seed, "inject_bugs": [b], "runs_dir": str(runs_dir),
+                 "key": f"canary:{b}"} for b in sorted(BUGS)]
+
+    def show(r: dict[str, Any]) -> None:
+        click.echo(f"{r['key']} seed {r['seed']}: {', '.join(r.get('failing') or []) or r.get('error') or 'valid'}",
+                   err=True)
+
+    results = run_jobs(sweep + canaries, max(1, jobs), show)
+    failing = sorted((r for r in results if not r["key"].startswith("canary:") and r.get("valid") is not True),
+                     key=lambda r: (r["key"], r["seed"]))
+    blind = sorted(r["key"][7:] for r in results if r["key"].startswith("canary:")
+                   and BUGS[r["key"][7:]][2] not in (r.get("failing") or []))
+    summary = {"seeds": seeds, "first_seed": first_seed, "runs": len(results), "failing": failing,
+               "canaries_blind": blind, "wall_s": round(time.monotonic() - t0, 1)}
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    (runs_dir / "nightly.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    click.echo(f"sim nightly: {len(sweep)} runs, {len(failing)} failing; {len(canaries)} canaries, "
+               f"{len(blind)} blind{': ' + ', '.join(blind) if blind else ''}; {summary['wall_s']} s")
+    for r in failing:
+        click.echo(f"  {r['key']} seed {r['seed']}: {', '.join(r.get('failing') or []) or r.get('error')}  "
+                   f"{r.get('run_dir')}")
+    sys.exit(1 if failing or blind else 0)

@@ -199,7 +199,8 @@ class SimTestnet(Testnet):
         cfg = P.node_config(self.plan, n, registry=self.registry_address, parent_pid=None, port=rt.port)
         n.dir.mkdir(parents=True, exist_ok=True)
         rundir.write_secret(n.config_file, json.dumps(cfg, indent=1))
-        config = NodeConfig.from_dict({**cfg, "log": None})
+        # Small capture buffers: a thousand nodes share this process's memory.
+        config = NodeConfig.from_dict({**cfg, "log": None, "capture_buffer_bytes": 64 * 1024})
         node = Node(config, clock=Clock(config.clock_offset_ms, source=self.world.now_s),
                     randbytes=self.world.randbytes(n.name, life), rng=self.world.rng(n.name, life),
                     network=self.world.net)
