@@ -16,7 +16,7 @@ import trio
 from testnet import rundir
 from testnet.bugs import BUGS
 
-from .scenario import ScenarioError, library, load_scenario
+from .scenario import CHECKERS, ScenarioError, library, load_scenario
 
 
 def _progress(quiet: bool):
@@ -187,7 +187,7 @@ def current_membership(run_dir: Path, run: dict[str, Any]) -> tuple[dict[str, in
 
 @click.command()
 @click.argument("run_dir", required=False, type=click.Path(path_type=Path))
-@click.option("--checker", "checkers", multiple=True, type=click.Choice(["delivery", "replication", "unlinkability"]),
+@click.option("--checker", "checkers", multiple=True, type=click.Choice(list(CHECKERS)),
               help="run only these checkers (default: all)")
 @click.option("--json", "as_json", is_flag=True, help="print the verdict JSON")
 def check(run_dir: Path | None, checkers: tuple[str, ...], as_json: bool) -> None:

@@ -12,11 +12,22 @@ tested with, and tests/test_sim.py checks the property this relies on
 with different hash seeds).
 
 Other orderings that could differ between runs, and what neutralises them:
-string hashing (set iteration) — the simulation re-executes with a fixed
-``PYTHONHASHSEED``; worker threads (they run in real time) — none are used
-inside a simulated run; wall-clock reads and OS randomness — every node,
-registry, client and controller call goes through the seams (clock, rng,
-randbytes, network) the simulation fills in.
+
+* deadline ties — trio breaks them by ``id()`` of the cancel scope (a
+  memory address), but every scope whose deadline has passed is cancelled in
+  the same pass, and cancelling only reschedules tasks: they land in one
+  batch, which is sorted by creation order before the seeded shuffle;
+* ``task._notify_queues`` (a set) — the same: notifying reschedules, the
+  batch sort fixes the order;
+* string hashing (set and dict iteration in node code) — simulated runs
+  execute with a fixed ``PYTHONHASHSEED`` (workers are started with it,
+  ``swarmnet sim run`` re-executes itself with it);
+* worker threads run in real time — none are used inside a simulated run
+  (the registry keeps no state file there; checkers run after the run);
+* wall-clock reads and OS randomness — every node, registry, client and
+  controller call goes through the seams (clock, rng, randbytes, network)
+  the simulation fills in; tests/test_sim.py fails if nodes/, clients/ or
+  the registry read them directly.
 """
 
 from __future__ import annotations
