@@ -212,7 +212,8 @@ def shrink_cmd(run_dir: Path, checker: str | None) -> None:
         _fail(str(exc))
         return
     click.echo(f"{out['checker']}: {len(out['original'])} faults -> {len(out['minimal'])} "
-               f"({out['candidates']} exact runs); minimal scenario: {out['scenario']}")
+               f"({out['candidates']} exact runs); minimal scenario: {out['scenario']}\n"
+               f"run it: {out['command']}")
 
 
 @sim.command("reproduce")

@@ -66,8 +66,10 @@ def shrink_sim(run_dir: Path, *, checker: str | None = None,
     (out / "shrink.json").write_text(json.dumps({"checker": checker, "original": ids, "minimal": minimal,
                                                  "variant": variant, "tried": tried}, indent=2) + "\n",
                                      encoding="utf-8")
+    command = (f"swarmnet sim run {out / 'minimal.toml'} --seed {chaos['seed']} --variant {variant}"
+               + "".join(f" --inject-bug {b}" for b in chaos.get("inject_bugs") or ()))
     return {"checker": checker, "original": ids, "minimal": minimal, "scenario": str(out / "minimal.toml"),
-            "candidates": len(tried)}
+            "candidates": len(tried), "command": command}
 
 
 def reproduce(run_dir: Path, *, variants: int = 200, jobs: int = 2, checker: str | None = None,
