@@ -10,8 +10,10 @@ unchanged.  A second, frame-level pass over the same capture adds:
   when the next hop answered and when this node answered (clear-text path
   errors included);
 * node-to-node copies: every ``replicate`` / ``ae_fetch`` / ``replicate_delete``
-  that named a message hash, sent or served, with its peer and status
-  (node-to-node ops travel in the clear between authenticated nodes);
+  that named a message hash, sent or served, with its peer, status and
+  whether the caller had proved a node key on that connection (node-to-node
+  ops travel in the clear; a caller that never did is a stranger, served
+  only under the injected bug no-node-auth);
 * a target's own reply, reopened with its layer key (the node derives it from
   its own x25519 secret): a store's status and per-member results, the hashes
   a retrieve returned, the hashes a delete removed;
@@ -78,6 +80,10 @@ class Copy:
     peer: str | None
     reply_t: int | None = None
     status: int | None = None
+    # For an op an incoming caller made (a copy or delete received, an ae_fetch served): whether it had
+    # proved a node key on this connection (node_auth answered 200); None for this node's own calls.
+    authenticated: bool | None = None
+    remote: str | None = None  # the other end's host, for a caller no name is known for
 
 
 @dataclass(slots=True)
@@ -126,7 +132,7 @@ class _Conn:
     splitters: dict[str, FrameSplitter] = field(default_factory=lambda: {
         "in": FrameSplitter(MAX_FRAME_BYTES), "out": FrameSplitter(MAX_FRAME_BYTES)})
     broken: set[str] = field(default_factory=set)
-    caller: str | None = None  # the node that proved its key on this (incoming) connection
+    caller: str | None = None  # the node that proved its key on this (incoming) connection: node_auth answered 200
     pending: dict[tuple[str, int], tuple[str, Any]] = field(default_factory=dict)  # (request dir, id) -> what
 
 
@@ -263,8 +269,9 @@ def _on_request(node: NodeKeys, out: Replayed, conn: _Conn, direction: str, t: i
                 peer_of_incoming: Callable[[tuple[str, int], tuple[str, int]], str | None]) -> None:
     args = msg.args
     if direction == "in" and msg.op == "node_auth" and isinstance(args.get("ed25519_public"), str):
+        # Only the node's 200 makes it the caller: a stranger may claim any key (a forged handshake).
         caller = opener.by_ed.get(args["ed25519_public"].lower())
-        conn.caller = caller.name if caller is not None else None
+        conn.pending[(direction, msg.id)] = ("auth", caller.name if caller is not None else None)
         return
     peer = peer_of_remote(remote) if direction == "out" else (conn.caller or peer_of_incoming(local, remote))
     if msg.op == "onion":
@@ -298,11 +305,14 @@ def _on_request(node: NodeKeys, out: Replayed, conn: _Conn, direction: str, t: i
         conn.pending[(direction, msg.id)] = ("direct", (call, opened))
     elif msg.op == "ae_fetch":
         # What is fetched shows in the reply: the messages the server had and let the caller hold.
-        conn.pending[(direction, msg.id)] = ("ae_fetch", peer)
+        conn.pending[(direction, msg.id)] = ("ae_fetch", (peer, None if direction == "out" else conn.caller is not None,
+                                                          None if direction == "out" else remote[0]))
     elif msg.op in COPY_OPS:
         hashes = _copy_hashes(msg.op, args)
         side = "sent" if direction == "out" else "received"
-        copies = [Copy(node.name, msg.op, side, t, peer) for _ in hashes]
+        auth = None if direction == "out" else conn.caller is not None
+        copies = [Copy(node.name, msg.op, side, t, peer, authenticated=auth,
+                       remote=None if direction == "out" else remote[0]) for _ in hashes]
         index = out.deletes if msg.op == "replicate_delete" else out.copies
         for h, c in zip(hashes, copies):
             index[h].append(c)
@@ -318,7 +328,10 @@ def _on_response(name: str, out: Replayed, conn: _Conn, direction: str, t: int, 
         return
     kind, item = what
     body = msg.body
-    if kind == "onion":
+    if kind == "auth":
+        if msg.status == 200:
+            conn.caller = item
+    elif kind == "onion":
         call, key, opened = item
         call.reply_t, call.status, call.error = t, msg.status, _reason(body)
         if opened is not None and key is not None and isinstance(body, dict) and isinstance(body.get("data"), bytes):
@@ -338,7 +351,8 @@ def _on_response(name: str, out: Replayed, conn: _Conn, direction: str, t: int, 
         side = "received" if direction == "in" else "sent"  # fetched by this node, or served to the caller
         for m in body.get("messages") or ():
             if isinstance(m, list) and len(m) > 2 and isinstance(m[2], str):
-                out.copies[m[2]].append(Copy(name, "ae_fetch", side, t, item, t, msg.status))
+                peer, auth, host = item
+                out.copies[m[2]].append(Copy(name, "ae_fetch", side, t, peer, t, msg.status, auth, host))
 
 
 def replay_captures(keys: Mapping[str, NodeKeys], users: Iterable[UserKeys], *, user_hosts: Mapping[str, str],

@@ -13,9 +13,10 @@ client was told; faults.jsonl says what was broken when.
     js = all_journeys(run)                   # every message the history sent
 
 Journey JSON (schema 1; times are int ms since the epoch, durations ms,
-nodes and users by name)::
+nodes and users by name; in a simulated run (``simulated``) the times are
+virtual, from 2030-01-01, and a kill loses no capture bytes)::
 
-    {"schema": 1, "run_id", "msg_id" | null, "hash", "from", "to", "namespace",
+    {"schema": 1, "run_id", "simulated": bool, "msg_id" | null, "hash", "from", "to", "namespace",
      "outcomes": ["delivered" | "lost" | "duplicated" | "corrupted" | "wrong_sender" | "recovered"
                   | "unknown" | "failed" | "fail-but-delivered" | "not in history"],
      "sent": {"invoke_t", "done": "ok"|"fail"|"info"|null, "done_t", "attempts", "latency_ms", "error",
@@ -25,16 +26,19 @@ nodes and users by name)::
                    "result", "in_history": bool, "direct": bool,
                    "hops": [{"node", "role": "guard"|"relay"|"target", "from", "next", "arrived_t",
                              "forwarded_t", "answer_t", "answer_status", "replied_t", "status", "error",
-                             "spent_ms", "own_ms", "seen": "capture" | "no capture"}]}],
+                             "spent_ms", "own_ms", "seen": "capture" | "no capture",
+                             "names": [user], "links": bool | null}]}],
      "commits": [{"node", "t", "acked_t", "status", "swarm": {node: status}, "error", "committed_by_t",
                   "source": "capture" | "history"}],
-     "copies": [{"node", "from", "via", "sent_t", "t", "status", "arrived": bool}],
+     "copies": [{"node", "from", "via", "sent_t", "t", "status", "arrived": bool, "authenticated": bool | null}],
      "storage": [{"node", "row": bool, "row_id", "expiry", "deleted_t", "member": bool, "live", "error"}],
-     "retrieves": [{"node", "user", "t", "replied_t", "path": [node], "first": bool}],
+     "retrieves": [{"node", "user", "t", "replied_t", "path": [node], "first": bool, "foreign": bool}],
      "missed_retrieves": {node: {"since_t", "count", "more": n}},
      "receives": [{"user", "t", "error"}],
-     "deletes": [{"id", "user", "t", "done", "done_t", "target", "removed": [{"node", "t", "via"}]}],
+     "deletes": [{"id", "user", "t", "done", "done_t", "target", "answer": {node: status} | null,
+                  "removed": [{"node", "t", "via", "by", "authenticated": bool | null, "status", "again"}]}],
      "faults": [{"fault", "kind", "family", "start_t", "end_t", "targets", "touches": [text]}],
+     "findings": [{"kind", "node", "t", "text"}],
      "trail": {"ends_at": node | user | null, "t", "why"},
      "unknowns": [text],
      "events": [{"t", "end_t"?, "track": node | user | "fault <id>", "kind", "text", "attempt"?}]}
@@ -50,7 +54,12 @@ nodes and users by name)::
   with that node's key).  ``status`` is the target's answer inside the
   encrypted reply (opened with its layer key), ``client_status`` what the
   guard answered the user, ``in_history`` marks the attempt the history's
-  ``ok`` names.
+  ``ok`` names (its 200 at the target the history names; the one on the
+  path the history names if several).  ``names``: the users the layer this
+  hop opened names (Session ID or key anywhere in it: a store's account is
+  its recipient; no layer should name the sender); ``links``: this hop alone
+  saw a sender end (the sender's address or ID) and a recipient end (the
+  recipient's ID or address), the unlinkability checker's rule.
 * ``commits``: each target's answer to a store, with its per-member results;
   ``committed_by_t`` bounds the commit (a node commits before it fans out);
   ``source: "history"`` when only the client's record shows the store.
@@ -58,10 +67,25 @@ nodes and users by name)::
   | "anti-entropy fetch" | "rehoming" | "replicate", inferred from who sent
   it and what that node did just before (a row never says how it came);
   ``arrived: false``: the sender's capture sent it, no receiver's shows it.
+* ``copies[].authenticated``: for a copy a node received (or an ae_fetch it
+  served), whether the caller had proved a node key on that connection;
+  ``from`` names a caller no node key names by its address (``adversary``
+  for the adversary nemesis' source, else ``stranger <host>``).
 * ``storage``: every node's database at the end; ``row: null`` = unreadable;
-  ``deleted_t`` = tombstone expiry - 14 days, on the node's own (possibly
-  skewed) clock.  ``missed_retrieves``: the recipient's retrieves at a node,
-  after the node had the message, that did not return it.
+  ``deleted_t`` = tombstone expiry - 14 days: the last delete that named it
+  there, on the node's own (possibly skewed) clock.  ``missed_retrieves``:
+  the recipient's retrieves at a node, after the node had the message and
+  before anything removed it there, that did not return it.
+* ``retrieves[].foreign``: the retrieve was signed by another user than the
+  recipient (its account's inbox), yet returned this message.
+* ``deletes``: the history's deletes naming it (or one with ``id`` null when
+  only the nodes show a removal); ``answer`` = the delete target's per-member
+  results; ``removed``: per node, the first step that removed it there
+  (``via`` "delete" | "replicate_delete" | "tombstone (node clock)"; ``by``
+  the user, node, or unauthenticated caller; ``again`` = later steps that
+  named it there).  A refused replicate_delete removes nothing and is left out.
+* ``findings``: steps where the run broke a rule of the protocol, each with
+  the node where it happened (see :func:`chaos.trail.findings`).
 * ``trail.ends_at``: the recipient (delivered), the node where the trail
   stops, the sender (no capture saw it), or null (held by several nodes, or
   deleted).
@@ -79,8 +103,9 @@ from chaos.checkers.delivery import FAILURE_OUTCOMES, check_delivery
 from testnet import crypto
 from testnet.swarm import SwarmError, swarm_for
 
+from .captures import Copy
 from .trace_run import Chain, FaultBand, Run, TraceError, find_message, load_faults, load_run
-from .trail import faults_touching, general_unknowns, trail
+from .trail import faults_touching, findings, general_unknowns, trail
 
 __all__ = ["SCHEMA", "TraceError", "Run", "FaultBand", "load_run", "load_faults", "find_message", "journey",
            "all_journeys", "timeline"]
@@ -113,7 +138,7 @@ def _attempt(run: Run, chain: Chain, n: int) -> dict[str, Any]:
                "answer_t": called.reply_t if called else None, "answer_status": called.status if called else None,
                "replied_t": served.reply_t if served else None, "status": served.status if served else None,
                "error": (served.error if served else None) or (called.error if called else None),
-               "seen": "capture"}
+               "seen": "capture", "names": sorted(o.ids), "links": None}
         hop["spent_ms"] = _ms(o.t, hop["replied_t"])
         inner = _ms(hop["forwarded_t"], hop["answer_t"])
         hop["own_ms"] = hop["spent_ms"] - inner if hop["spent_ms"] is not None and inner is not None else None
@@ -126,7 +151,7 @@ def _attempt(run: Run, chain: Chain, n: int) -> dict[str, Any]:
         hops.append({"node": name, "role": "target" if last else "relay", "from": hops[-1]["node"],
                      "arrived_t": None, "forwarded_t": None, "next": None, "answer_t": None, "answer_status": None,
                      "replied_t": None, "status": None, "error": None, "spent_ms": None, "own_ms": None,
-                     "seen": "no capture"})
+                     "seen": "no capture", "names": [], "links": None})
     first, last = hops[0], hops[-1]
     target = last["node"] if last["role"] == "target" else None
     status = opened.status if opened and chain.complete else None
@@ -187,15 +212,27 @@ def _copies(run: Run, h: str, commits: list[dict[str, Any]], members: set[str]) 
         if s is not None:
             used.add(id(s))
         pairs.append((s, r))
-    pairs += [(s, None) for s in sent if id(s) not in used and s.op != "ae_fetch"]
+    # An ae_fetch served is a copy only when no receiver recorded it because the caller was no node.
+    pairs += [(s, None) for s in sent if id(s) not in used and (s.op != "ae_fetch" or s.authenticated is False)]
     pairs.sort(key=lambda p: (p[0] or p[1]).t)
     out = []
     for s, r in pairs:
-        sender, receiver = (r.peer, r.node) if r is not None else (s.node, s.peer)
+        sender, receiver = (caller_name(r), r.node) if r is not None else (s.node, caller_name(s))
+        # Who made the call: the receiver of a copy pushed to it, the server of an ae_fetch it was asked for.
+        auth = (s.authenticated if s is not None else None) if (s or r).op == "ae_fetch" else \
+            (r.authenticated if r is not None else None)
         out.append({"node": receiver, "from": sender, "via": via((s or r).op, sender, receiver, (s or r).t),
                     "sent_t": s.t if s else None, "t": r.t if r else None,
-                    "status": (r or s).status, "arrived": r is not None})
+                    "status": (r or s).status, "arrived": r is not None, "authenticated": auth})
     return out
+
+
+def caller_name(c: Copy) -> str | None:
+    """The node (or adversary) a capture names for ``c``'s other end, else a caller that never proved a key
+    by its address."""
+    if c.peer is not None:
+        return c.peer
+    return f"stranger {c.remote}" if c.authenticated is False and c.remote else None
 
 
 def _filtered_history(run: Run, msg_id: str | None, h: str) -> list[dict[str, Any]]:
@@ -280,26 +317,32 @@ def _retrieves(run: Run, h: str, recipient: str | None) -> list[dict[str, Any]]:
     for c in sorted(run.returned.get(h, []), key=lambda c: c.hops[-1].t):
         tgt = c.hops[-1]
         served = run.replayed.served.get((tgt.node, tgt.received))
-        out.append({"node": tgt.node, "user": run.user_by_session.get(c.opened.account or ""), "t": tgt.t,
+        user = run.user_by_session.get(c.opened.account or "")
+        out.append({"node": tgt.node, "user": user, "t": tgt.t,
                     "replied_t": served.reply_t if served else None, "path": [o.node for o in c.hops[:-1]],
-                    "first": False})
+                    "first": False, "foreign": bool(recipient and user and user != recipient)})
     mine = [r for r in out if r["user"] == recipient]
     if mine:
         mine[0]["first"] = True
     return out
 
 
-def _missed(run: Run, h: str, recipient: str, commits: list[dict[str, Any]],
-            copies: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per node that had ``h``: the recipient's retrieves there afterwards that did not return it."""
+def _missed(run: Run, h: str, recipient: str, commits: list[dict[str, Any]], copies: list[dict[str, Any]],
+            deletes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per node that had ``h``: the recipient's retrieves there afterwards, before anything removed it
+    there, that did not return it."""
     since: dict[str, int] = {}
     for node, t in [(c["node"], c["t"]) for c in commits] + [(x["node"], x["t"]) for x in copies if x["arrived"]]:
         if t is not None:
             since[node] = min(since.get(node, t), t)
+    gone: dict[str, int] = {}
+    for x in (x for d in deletes[:1] for x in d["removed"] if x["t"] is not None):
+        gone[x["node"]] = min(gone.get(x["node"], x["t"]), x["t"])
     missed: dict[str, dict[str, Any]] = {}
     for c in run.retrieves_by_account.get(recipient, []):
         tgt = c.hops[-1]
-        if tgt.node in since and tgt.t >= since[tgt.node] and h not in (c.opened.body.get("hashes") or ()):
+        if tgt.node in since and since[tgt.node] <= tgt.t < gone.get(tgt.node, tgt.t + 1) and \
+                h not in (c.opened.body.get("hashes") or ()):
             m = missed.setdefault(tgt.node, {"since_t": since[tgt.node], "count": 0, "more": 0})
             m["count"] += 1
             m["more"] += bool(c.opened.body.get("more"))
@@ -319,9 +362,17 @@ def journey(run: Run, key: str) -> dict[str, Any]:
     unknowns: list[str] = []
 
     attempts = [_attempt(run, c, i + 1) for i, c in enumerate(chains)]
+    told = [a for a in attempts if sent and sent["done"] == "ok" and a["target"] == sent["target"]
+            and a["status"] == 200]
+    on_path = [a for a in told if sent["path"] and a["hops"][0]["node"] == sent["path"][0]]
+    if on_path or told:
+        (on_path or told)[-1]["in_history"] = True
     for a in attempts:
-        a["in_history"] = bool(sent and sent["path"] and a["hops"][0]["node"] == sent["path"][0]
-                               and a["target"] == sent["target"] and a["status"] == 200)
+        for hop in a["hops"]:
+            if hop["seen"] == "capture":
+                sender_end = hop["from"] == sender or sender in hop["names"]
+                recipient_end = recipient in hop["names"] or hop["from"] == recipient
+                hop["links"] = bool(sender and recipient and sender != recipient and sender_end and recipient_end)
         if a["client"] is None and not a["direct"]:
             unknowns.append(f"attempt {a['n']}: the hop before {a['hops'][0]['node']} is in no capture")
     if sent and isinstance(sent.get("attempts"), int) and sent["attempts"] > len(attempts) and \
@@ -348,17 +399,18 @@ def journey(run: Run, key: str) -> dict[str, Any]:
     retrieves = _retrieves(run, h, recipient)
     receives = [{"user": r.get("process"), "t": r.get("t"), "error": r.get("error")}
                 for r in records if r.get("op") == "receive"]
-    missed = _missed(run, h, recipient, ok_commits, copies) \
-        if recipient and not any(r["user"] == recipient for r in receives) else {}
     deletes = _deletes(run, h, storage)
+    missed = _missed(run, h, recipient, ok_commits, copies, deletes) \
+        if recipient and not any(r["user"] == recipient for r in receives) else {}
     faults = faults_touching(run, sent, attempts, copies, commits, storage, retrieves, deletes, recipient)
-    j = {"schema": SCHEMA, "run_id": run.run.get("run_id"), "msg_id": msg_id, "hash": h, "from": sender,
-         "to": recipient, "namespace": (invoke or {}).get("namespace"),
+    j = {"schema": SCHEMA, "run_id": run.run.get("run_id"), "simulated": run.simulated, "msg_id": msg_id,
+         "hash": h, "from": sender, "to": recipient, "namespace": (invoke or {}).get("namespace"),
          "outcomes": _outcomes(run, records, msg_id), "sent": sent,
          "swarm": {"id": swarm_id, "members": members, "source": run.swarms_source},
          "attempts": attempts, "commits": commits, "copies": copies, "storage": storage,
          "retrieves": retrieves, "missed_retrieves": missed, "receives": receives, "deletes": deletes,
          "faults": faults, "unknowns": unknowns}
+    j["findings"] = findings(run, j)
     j["trail"] = trail(run, j)
     general_unknowns(run, j)
     j["events"] = timeline(run, j)
@@ -372,26 +424,45 @@ def _deletes(run: Run, h: str, storage: list[dict[str, Any]]) -> list[dict[str, 
         d = out.get(r.get("id"))
         if r.get("type") == "invoke" and h in (r.get("hashes") or ()):
             d = out[r["id"]] = {"id": r["id"], "user": r.get("process"), "t": r.get("t"), "done": None,
-                                "done_t": None, "target": None, "removed": []}
+                                "done_t": None, "target": None, "answer": None, "removed": []}
         elif d is not None and r.get("type") in ("ok", "fail", "info"):
             d.update(done=r["type"], done_t=r.get("t"), target=run.name(r.get("target")))
-    removed = []
+    steps = []
     for c in run.by_hash.get(h, []):
         if c.opened and c.opened.op == "delete" and c.complete and h in (c.opened.body.get("deleted") or ()):
-            removed.append({"node": c.hops[-1].node, "t": c.hops[-1].t, "via": "delete"})
+            tgt = c.hops[-1]
+            answer = {run.name(k): v for k, v in (c.opened.body.get("swarm") or {}).items()}
+            steps.append({"node": tgt.node, "t": tgt.t, "via": "delete",
+                          "by": run.user_by_session.get(c.opened.account or ""), "authenticated": None,
+                          "status": c.opened.status, "again": 0, "answer": answer})
     for x in run.replayed.deletes.get(h, []):
-        if x.side == "received":
-            removed.append({"node": x.node, "t": x.t, "via": "replicate_delete"})
-    seen = {r["node"] for r in removed}
-    for s in storage:
-        if s["deleted_t"] and s["node"] not in seen:
-            removed.append({"node": s["node"], "t": s["deleted_t"], "via": "tombstone (node clock)"})
-    removed.sort(key=lambda r: r["t"] or 0)
-    if removed and not out:
-        out["?"] = {"id": None, "user": None, "t": removed[0]["t"], "done": None, "done_t": None, "target": None,
-                    "removed": []}
+        if x.side == "received" and x.status in (200, None):  # a refused one removed nothing
+            steps.append({"node": x.node, "t": x.t, "via": "replicate_delete", "by": caller_name(x),
+                          "authenticated": x.authenticated, "status": x.status, "again": 0})
+    steps.sort(key=lambda r: r["t"] or 0)
+    removed: dict[str, dict[str, Any]] = {}
+    for x in steps:  # the first step at each node removed it; later ones found it gone (or it had come back)
+        if x["node"] in removed:
+            removed[x["node"]]["again"] += 1
+        else:
+            removed[x["node"]] = x
+    for st in storage:
+        if st["deleted_t"] and st["node"] not in removed:
+            removed[st["node"]] = {"node": st["node"], "t": st["deleted_t"], "via": "tombstone (node clock)",
+                                   "by": None, "authenticated": None, "status": None, "again": 0}
+    gone = sorted(removed.values(), key=lambda r: r["t"] or 0)
     for d in out.values():
-        d["removed"] = removed
+        # The user's delete reached its target as an onion 'delete': its answer lists what each member did.
+        mine = next((x for x in gone if x["via"] == "delete" and x["by"] == d["user"]
+                     and (d["target"] is None or x["node"] == d["target"])), None)
+        d["answer"] = mine["answer"] if mine else None
+    if gone and not out:
+        out["?"] = {"id": None, "user": None, "t": gone[0]["t"], "done": None, "done_t": None, "target": None,
+                    "answer": None, "removed": []}
+    for x in gone:
+        x.pop("answer", None)
+    for d in out.values():
+        d["removed"] = gone
     return list(out.values())
 
 
@@ -407,6 +478,10 @@ def timeline(run: Run, j: Mapping[str, Any]) -> list[dict[str, Any]]:
             e["end_t"] = end_t
         ev.append(e)
 
+    for f in j["faults"]:  # first: at a tie, a fault's start comes before what it did
+        add(f["start_t"], f"fault {f['fault']}", "fault", FaultBand(f["fault"], f["kind"], f["family"], f["start_t"],
+                                                                    f["end_t"], f["targets"]).describe(),
+            f["end_t"] if f["end_t"] is not None else run.end_t)
     s = j["sent"]
     sender = j["from"]
     if s:
@@ -433,23 +508,27 @@ def timeline(run: Run, j: Mapping[str, Any]) -> list[dict[str, Any]]:
         add(c["t"], c["node"], "commit", f"store answered {c['status']}" + (f" [{sw}]" if sw else ""), c["acked_t"])
     for x in j["copies"]:
         if x["arrived"]:
-            add(x["t"], x["node"], "copy", f"copy from {x['from']} ({x['via']}): {x['status']}")
+            add(x["t"], x["node"], "copy", f"copy from {x['from']} ({x['via']}): {x['status']}"
+                + (" (caller never proved a node key)" if x["authenticated"] is False else ""))
         else:
-            add(x["sent_t"], x["from"], "copy", f"copy to {x['node']} ({x['via']}) sent, never arrived: {x['status']}")
+            add(x["sent_t"], x["from"], "copy", f"copy to {x['node']} ({x['via']}) "
+                + ("served, to a caller that never proved a node key" if x["authenticated"] is False
+                   else "sent, never arrived") + f": {x['status']}")
     for r in j["retrieves"]:
-        add(r["t"], r["node"], "retrieve", f"retrieve by {r['user']} returned it" + (" (first)" if r["first"] else ""),
-            r["replied_t"])
+        add(r["t"], r["node"], "retrieve", f"retrieve by {r['user']} returned it" + (" (first)" if r["first"] else "")
+            + (f" (not {j['to']}'s inbox)" if r["foreign"] else ""), r["replied_t"])
     for r in j["receives"]:
         add(r["t"], r["user"], "receive", "received" + (f" ({r['error']})" if r["error"] else ""))
     for d in j["deletes"]:
-        add(d["t"], d["user"], "delete", f"delete {d['id']}: {d['done']}", d["done_t"])
-        for x in d["removed"]:
-            add(x["t"], x["node"], "removed", f"removed ({x['via']})")
-    for f in j["faults"]:
-        add(f["start_t"], f"fault {f['fault']}", "fault", FaultBand(f["fault"], f["kind"], f["family"], f["start_t"],
-                                                                    f["end_t"], f["targets"]).describe(),
-            f["end_t"] if f["end_t"] is not None else run.end_t)
-    ev.sort(key=lambda e: (e["t"], e["track"]))
+        answer = " ".join(f"{n}:{st}" for n, st in sorted((d["answer"] or {}).items(), key=lambda kv: str(kv[0])))
+        add(d["t"], d["user"], "delete", f"delete {d['id']}" + (f" at {d['target']}" if d["target"] else "")
+            + f": {d['done']}" + (f" [{answer}]" if answer else ""), d["done_t"])
+    for x in (j["deletes"][0]["removed"] if j["deletes"] else ()):
+        who = f" from {x['by']}" if x["by"] and x["via"] == "replicate_delete" else ""
+        add(x["t"], x["node"], "removed", f"removed ({x['via']}{who})"
+            + (" (caller never proved a node key)" if x["authenticated"] is False else "")
+            + (f"; named again {x['again']} time(s)" if x["again"] else ""))
+    ev.sort(key=lambda e: e["t"])  # stable: steps of one millisecond (virtual time) stay in causal order
     return ev
 
 

@@ -73,7 +73,8 @@ def render_text(j: Mapping[str, Any]) -> str:
         elif s.get("error"):
             told += f": {s['error']}"
         lines.append(told)
-    lines += ["", f"timeline (times from {'the invoke' if s.get('invoke_t') else 'the first event'}, {_clock(t0)})"]
+    lines += ["", f"timeline (times from {'the invoke' if s.get('invoke_t') else 'the first event'}, {_clock(t0)}"
+              + (", virtual: a simulated run)" if j.get("simulated") else ")")]
     attempts = {a["n"]: a for a in j["attempts"]}
     for e in events:
         if e["kind"] == "hop":
@@ -106,6 +107,9 @@ def render_text(j: Mapping[str, Any]) -> str:
             lines.append(f"  fault {f['fault']} {band.describe()}  {_dt(f['start_t'], t0).strip()} .. {end}"
                          + ("" if f["touches"] else ": touched nothing on this message's trail"))
             lines += [f"      {t}" for t in f["touches"]]
+    if j["findings"]:
+        lines += ["", "findings (steps that broke a rule of the protocol):"]
+        lines += [f"  {_dt(f['t'], t0).strip():>9}  {f['kind']:<16} {f['text']}" for f in j["findings"]]
     tr = j["trail"]
     lines += ["", f"trail ends at {tr['ends_at'] or '?'}" + (f" ({_dt(tr['t'], t0).strip()})" if tr["t"] else "")
               + f": {tr['why']}"]

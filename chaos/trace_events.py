@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-__all__ = ["NODES_PID", "USERS_PID", "FAULTS_PID", "trace_events", "write_trace_events"]
+__all__ = ["NODES_PID", "USERS_PID", "FAULTS_PID", "trace_events", "write_trace_events", "problems"]
 
 NODES_PID, USERS_PID, FAULTS_PID = 1, 2, 3
 LANE_STRIDE = 1000  # tid = track index * LANE_STRIDE + lane
@@ -129,3 +129,62 @@ def write_trace_events(path: str | Path, doc: Mapping[str, Any]) -> int:
     text = json.dumps(doc, separators=(",", ":"))
     Path(path).write_text(text, encoding="utf-8")
     return len(text.encode())
+
+
+REQUIRED = {"X": {"name", "ph", "ts", "dur", "pid", "tid"}, "i": {"name", "ph", "ts", "pid", "tid", "s"},
+            "M": {"name", "ph", "pid", "tid", "args"}}
+
+
+def problems(doc: Any) -> list[str]:
+    """What is wrong with ``doc`` as a Trace Event Format JSON object, as far as the events this module writes
+    go (empty when it is fine): required fields per phase, int pids and tids, µs that are numbers, a name for
+    every process and thread used, and spans on one thread that nest or follow each other (the legacy
+    importer draws partly overlapping complete events on one row wrongly)."""
+    out: list[str] = []
+    if not isinstance(doc, dict) or not isinstance(doc.get("traceEvents"), list):
+        return ["not an object with a traceEvents list"]
+    if doc.get("displayTimeUnit") not in ("ms", "ns"):
+        out.append("displayTimeUnit must be ms or ns")
+    named_pids, named_tids, used = set(), set(), set()
+    spans: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    for i, e in enumerate(doc["traceEvents"]):
+        ph = e.get("ph") if isinstance(e, dict) else None
+        if ph not in REQUIRED:
+            out.append(f"event {i}: ph {ph!r} not one of X, i, M")
+            continue
+        missing = REQUIRED[ph] - set(e)
+        if missing:
+            out.append(f"event {i} ({ph}): missing {sorted(missing)}")
+            continue
+        if not all(isinstance(e[k], int) and not isinstance(e[k], bool) for k in ("pid", "tid")):
+            out.append(f"event {i}: pid/tid must be ints")
+        if ph == "M":
+            if e["name"] == "process_name":
+                named_pids.add(e["pid"])
+            elif e["name"] == "thread_name":
+                named_tids.add((e["pid"], e["tid"]))
+            if e["name"] in ("process_name", "thread_name") and not isinstance(e["args"].get("name"), str):
+                out.append(f"event {i}: {e['name']} without args.name")
+            continue
+        if not isinstance(e["ts"], (int, float)) or e["ts"] < 0:
+            out.append(f"event {i}: ts must be a non-negative number of µs")
+        if ph == "X":
+            if not isinstance(e["dur"], (int, float)) or e["dur"] < 0:
+                out.append(f"event {i}: dur must be a non-negative number of µs")
+            else:
+                spans.setdefault((e["pid"], e["tid"]), []).append((e["ts"], e["ts"] + e["dur"]))
+        if ph == "i" and e["s"] not in ("g", "p", "t"):
+            out.append(f"event {i}: instant scope {e['s']!r}")
+        used.add((e["pid"], e["tid"]))
+    for pid, tid in sorted(used, key=str):
+        if pid not in named_pids:
+            out.append(f"pid {pid} has no process_name")
+        if (pid, tid) not in named_tids:
+            out.append(f"pid {pid} tid {tid} has no thread_name")
+    for key, ss in spans.items():
+        ss.sort()
+        for (a0, a1), (b0, b1) in zip(ss, ss[1:]):
+            if b0 < a1 and b1 > a1:
+                out.append(f"{key}: spans {a0}-{a1} and {b0}-{b1} overlap without nesting")
+                break
+    return out

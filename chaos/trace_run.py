@@ -82,6 +82,8 @@ class FaultBand:
             what = " ".join(f"{s}->{d}" for s, d in t["links"])
         elif t.get("all_links"):
             what = "all links"
+        elif self.family == "adversary" and isinstance(t.get("attacks"), list):
+            what = f"{','.join(map(str, t['attacks']))}" + (f" from {t['source']}" if t.get("source") else "")
         else:
             what = ",".join(sorted(self._nodes())) or json.dumps(t)[:60]
         extra = f" {t['offset_ms']:+d} ms" if isinstance(t.get("offset_ms"), int) else ""
@@ -185,6 +187,7 @@ class Run:
     retrieves_by_account: dict[str, list[Chain]] = field(default_factory=lambda: defaultdict(list))
     end_t: int = 0
     index: HistoryIndex = field(default_factory=HistoryIndex)
+    simulated: bool = False  # chaos/sim: virtual ms (from 2030-01-01), simulated network and processes
 
     def name(self, ed_hex: str | None) -> str | None:
         if not isinstance(ed_hex, str):
@@ -254,6 +257,11 @@ def load_run(run_dir: str | Path) -> Run:
     user_hosts = {str(u["host"]): name for name, u in truth.user_entries.items() if u.get("host")}
     if (run.get("controller") or {}).get("host"):
         node_hosts[str(run["controller"]["host"])] = "controller"
+    faults = load_faults(run_dir / "faults.jsonl")
+    for band in faults:
+        # The adversary nemesis says where its connections come from (faults.jsonl targets.source).
+        if band.family == "adversary" and isinstance(band.targets.get("source"), str):
+            node_hosts.setdefault(band.targets["source"], "adversary")
     users = [UserKeys(n, sid, truth.user_entries[n].get("ed25519_public")) for n, sid in truth.users.items()]
     replayed = replay_captures(keys, users, user_hosts=user_hosts, ingress=truth.ingress,
                                peer_of_remote=lambda r: addr.get(r), hosts=node_hosts)
@@ -275,8 +283,11 @@ def load_run(run_dir: str | Path) -> Run:
                       if e.get("event") in LOG_EVENTS and isinstance(e.get("t"), int)]
 
     swarms, source, live = {}, "run.json", None
+    # A simulated run (chaos/sim) has virtual times and no processes: its verdict says so, and no pid is recorded.
+    simulated = (run.get("registry") or {}).get("pid", 0) is None and all(n.get("pid") is None for n in nodes.values())
     try:
         verdict = json.loads((run_dir / "verdict.json").read_text(encoding="utf-8"))
+        simulated = simulated or isinstance(verdict.get("sim"), dict)
         rep = verdict.get("checkers", {}).get("replication", {})
         if isinstance(rep.get("swarms"), dict) and rep["swarms"]:
             swarms, source = {k: v for k, v in rep["swarms"].items() if isinstance(v, int)}, "verdict"
@@ -289,8 +300,9 @@ def load_run(run_dir: str | Path) -> Run:
 
     history = read_jsonl(run_dir / "history.jsonl")
     r = Run(run_dir, run, nodes, dict(truth.users), by_ed, {sid: n for n, sid in truth.users.items()}, history,
-            load_faults(run_dir / "faults.jsonl"), logs, swarms, source, live, rows, tombs, db_errors, replayed)
+            faults, logs, swarms, source, live, rows, tombs, db_errors, replayed)
     r.index = HistoryIndex.of(history)
+    r.simulated = simulated
     _index_chains(r)
     ts = [x["t"] for x in history if isinstance(x.get("t"), int)] + [s[1] for s in replayed.span.values()]
     r.end_t = max(ts, default=0)

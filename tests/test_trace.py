@@ -20,65 +20,12 @@ from click.testing import CliRunner
 
 from chaos.journey import FaultBand, journey, load_faults, load_run
 from chaos.trace import render_text, run_trace_events, trace
-from chaos.trace_events import FAULTS_PID, NODES_PID, USERS_PID, trace_events
+from chaos.trace_events import FAULTS_PID, NODES_PID, USERS_PID, problems, trace_events
 from clients.workload import UserSpec, run_workload
 from testnet.controller import open_testnet
 
-# ---------------------------------------------------------------- a structural Trace Event Format check
-
-REQUIRED = {"X": {"name", "ph", "ts", "dur", "pid", "tid"}, "i": {"name", "ph", "ts", "pid", "tid", "s"},
-            "M": {"name", "ph", "pid", "tid", "args"}}
-
-
-def validate_trace_events(doc) -> list[str]:
-    """Problems with ``doc`` as a Trace Event Format JSON object (empty when it is fine)."""
-    problems = []
-    if not isinstance(doc, dict) or not isinstance(doc.get("traceEvents"), list):
-        return ["not an object with a traceEvents list"]
-    if doc.get("displayTimeUnit") not in ("ms", "ns"):
-        problems.append("displayTimeUnit must be ms or ns")
-    named_pids, named_tids, used = set(), set(), set()
-    spans: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    for i, e in enumerate(doc["traceEvents"]):
-        ph = e.get("ph")
-        if ph not in REQUIRED:
-            problems.append(f"event {i}: ph {ph!r} not one of X, i, M")
-            continue
-        missing = REQUIRED[ph] - set(e)
-        if missing:
-            problems.append(f"event {i} ({ph}): missing {sorted(missing)}")
-            continue
-        if not all(isinstance(e[k], int) and not isinstance(e[k], bool) for k in ("pid", "tid")):
-            problems.append(f"event {i}: pid/tid must be ints")
-        if ph == "M":
-            if e["name"] == "process_name":
-                named_pids.add(e["pid"])
-            elif e["name"] == "thread_name":
-                named_tids.add((e["pid"], e["tid"]))
-            if e["name"] in ("process_name", "thread_name") and not isinstance(e["args"].get("name"), str):
-                problems.append(f"event {i}: {e['name']} without args.name")
-            continue
-        if not isinstance(e["ts"], (int, float)) or e["ts"] < 0:
-            problems.append(f"event {i}: ts must be a non-negative number of µs")
-        if ph == "X":
-            if not isinstance(e["dur"], (int, float)) or e["dur"] < 0:
-                problems.append(f"event {i}: dur must be a non-negative number of µs")
-            spans.setdefault((e["pid"], e["tid"]), []).append((e["ts"], e["ts"] + e["dur"]))
-        if ph == "i" and e["s"] not in ("g", "p", "t"):
-            problems.append(f"event {i}: instant scope {e['s']!r}")
-        used.add((e["pid"], e["tid"]))
-    for pid, tid in sorted(used):
-        if pid not in named_pids:
-            problems.append(f"pid {pid} has no process_name")
-        if (pid, tid) not in named_tids:
-            problems.append(f"pid {pid} tid {tid} has no thread_name")
-    for key, ss in spans.items():
-        ss.sort()
-        for (a0, a1), (b0, b1) in zip(ss, ss[1:]):
-            if b0 < a1 and b1 > a1:
-                problems.append(f"{key}: spans {a0}-{a1} and {b0}-{b1} overlap without nesting")
-                break
-    return problems
+# The structural Trace Event Format check lives with the writer (chaos.trace_events.problems).
+validate_trace_events = problems
 
 
 # ---------------------------------------------------------------- one real run for the module
@@ -318,13 +265,21 @@ def test_the_wire_pass_names_copies_and_their_peers(tmp_path):
     ids = {n: crypto.Identity.from_seed(bytes([i]) * 32) for i, n in enumerate(["n01", "n02", "n03"], 1)}
     local, inbound, outbound = ["127.0.1.1", 4000], ["127.0.0.1", 51000], ["127.0.3.1", 30003]
     msg = ["05" + "ab" * 32, 0, "HASH1", b"data", 1, 2]
+    stranger = ["127.0.5.9", 52000]
     records = [
         [1000, 1, "in", local, inbound, encode_message(Request(1, "node_auth", {
             "ed25519_public": ids["n02"].ed25519_public.hex(), "signature": b"s" * 64}))],
+        [1000, 1, "out", local, inbound, encode_message(Response(1, 200, {"node": ids["n02"].ed25519_public.hex()}))],
         [1001, 1, "in", local, inbound, encode_message(Request(2, "replicate", {"messages": [msg]}))],
         [1003, 1, "out", local, inbound, encode_message(Response(2, 200, {"stored": 1}))],
         [1004, 2, "out", ["127.0.1.1", 40001], outbound, encode_message(Request(1, "replicate", {"messages": [msg]}))],
         [1009, 2, "in", ["127.0.1.1", 40001], outbound, encode_message(Response(1, 504, {"error": "timeout"}))],
+        # A stranger claims n03's key, is refused, and pushes a copy anyway: it is no node.
+        [1010, 3, "in", local, stranger, encode_message(Request(1, "node_auth", {
+            "ed25519_public": ids["n03"].ed25519_public.hex(), "signature": b"f" * 64}))],
+        [1010, 3, "out", local, stranger, encode_message(Response(1, 401, {"error": "bad signature"}))],
+        [1011, 3, "in", local, stranger, encode_message(Request(2, "replicate", {"messages": [msg]}))],
+        [1012, 3, "out", local, stranger, encode_message(Response(2, 200, {"stored": 1}))],
     ]
     capture = tmp_path / "capture.bin"
     capture.write_bytes(b"".join(msgpack.packb(r, use_bin_type=True) for r in records))
@@ -332,6 +287,13 @@ def test_the_wire_pass_names_copies_and_their_peers(tmp_path):
             for n, i in ids.items()}
     rp = replay_captures(keys, [], user_hosts={}, ingress={}, hosts={},
                          peer_of_remote=lambda r: {("127.0.3.1", 30003): "n03"}.get(r))
-    got = sorted((c.node, c.side, c.peer, c.t, c.reply_t, c.status) for c in rp.copies["HASH1"])
-    assert got == [("n01", "received", "n02", 1001, 1003, 200), ("n01", "sent", "n03", 1004, 1009, 504)]
-    assert rp.missing == {"n02": "no capture file", "n03": "no capture file"} and rp.span["n01"] == (1000, 1009)
+    got = [(c.node, c.side, c.peer, c.t, c.reply_t, c.status, c.authenticated, c.remote)
+           for c in sorted(rp.copies["HASH1"], key=lambda c: c.t)]
+    assert got == [("n01", "received", "n02", 1001, 1003, 200, True, "127.0.0.1"),
+                   ("n01", "sent", "n03", 1004, 1009, 504, None, None),
+                   ("n01", "received", None, 1011, 1012, 200, False, "127.0.5.9")]
+    from chaos.journey import caller_name
+
+    names = [caller_name(c) for c in sorted(rp.copies["HASH1"], key=lambda c: c.t)]
+    assert names == ["n02", "n03", "stranger 127.0.5.9"]
+    assert rp.missing == {"n02": "no capture file", "n03": "no capture file"} and rp.span["n01"] == (1000, 1012)
