@@ -160,12 +160,14 @@ def run_jobs(jobs: list[dict[str, Any]], workers: int, on_result: Any = None,
 @sim.command("explore")
 @click.argument("scenario")
 @click.option("--seeds", "seeds_text", required=True, help="A..B (inclusive) or A,B,C")
+@click.option("--variants", type=int, default=1, show_default=True,
+              help="interleavings per seed (variant 0..N-1: same plan, other nonces, jitter and scheduling)")
 @click.option("--jobs", type=int, default=os.cpu_count() or 1, show_default=True, help="worker processes")
 @click.option("--inject-bug", "bugs", multiple=True)
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs/explore"), show_default=True)
 @click.option("--keep-passing", is_flag=True, help="keep the bundles of passing runs (default: verdict only)")
 @click.option("--json", "as_json", is_flag=True)
-def explore_cmd(scenario: str, seeds_text: str, jobs: int, bugs: tuple[str, ...], runs_dir: Path,
+def explore_cmd(scenario: str, seeds_text: str, variants: int, jobs: int, bugs: tuple[str, ...], runs_dir: Path,
                 keep_passing: bool, as_json: bool) -> None:
     """Run SCENARIO in the simulation for many seeds; list the failing ones with their checker and bundle."""
     try:
@@ -175,27 +177,29 @@ def explore_cmd(scenario: str, seeds_text: str, jobs: int, bugs: tuple[str, ...]
         return
     seeds = _seeds(seeds_text)
     t0 = time.monotonic()
-    todo = [{"scenario": sc.source or scenario, "seed": s, "inject_bugs": list(bugs), "runs_dir": str(runs_dir),
-             "prune": not keep_passing} for s in seeds]
+    todo = [{"scenario": sc.source or scenario, "seed": s, "variant": v, "inject_bugs": list(bugs),
+             "runs_dir": str(runs_dir), "prune": not keep_passing} for s in seeds for v in range(max(1, variants))]
 
     def show(r: dict[str, Any]) -> None:
         if not as_json:
             mark = "ok  " if r.get("valid") is True else "FAIL" if r.get("valid") is False else "??  "
-            click.echo(f"{mark} seed {r['seed']}: {', '.join(r.get('failing') or []) or r.get('error') or 'valid'}"
-                       f"  ({r.get('wall_s', '?')} s)", err=True)
+            click.echo(f"{mark} seed {r['seed']} variant {r['variant']}: "
+                       f"{', '.join(r.get('failing') or []) or r.get('error') or 'valid'}  ({r.get('wall_s', '?')} s)",
+                       err=True)
 
     results = run_jobs(todo, max(1, jobs), show)
     wall = time.monotonic() - t0
-    failing = sorted((r for r in results if r.get("valid") is not True), key=lambda r: r["seed"])
-    summary = {"scenario": sc.name, "seeds": len(seeds), "ran": len(results), "failing": failing,
+    failing = sorted((r for r in results if r.get("valid") is not True), key=lambda r: (r["seed"], r["variant"]))
+    summary = {"scenario": sc.name, "seeds": len(seeds), "variants": variants, "ran": len(results), "failing": failing,
                "wall_s": round(wall, 1), "seeds_per_hour": round(len(results) / wall * 3600) if wall else None}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
-        click.echo(f"{sc.name}: {len(results)} seeds in {wall:.1f} s ({summary['seeds_per_hour']} per hour, "
+        click.echo(f"{sc.name}: {len(results)} runs in {wall:.1f} s ({summary['seeds_per_hour']} per hour, "
                    f"{jobs} jobs); {len(failing)} failing")
         for r in failing:
-            click.echo(f"  seed {r['seed']}: {', '.join(r.get('failing') or []) or r.get('error')}  {r.get('run_dir')}")
+            click.echo(f"  seed {r['seed']} variant {r['variant']}: "
+                       f"{', '.join(r.get('failing') or []) or r.get('error')}  {r.get('run_dir')}")
     sys.exit(1 if failing else 0)
 
 
