@@ -7,13 +7,17 @@ from the run directory alone (see :mod:`chaos.journey` for how, and for the
     swarmnet trace runs/<run-id> bob-3 --trace-events t.json     # open in ui.perfetto.dev
     swarmnet trace runs/<run-id> --all --trace-events run.json   # every message of the run
     swarmnet trace runs/<run-id> --all                      # one line per message: outcome, where its trail ends
+    swarmnet trace runs/<run-id> bob-3 --html bob-3.html    # one self-contained page: lanes, findings, the text
 
-Only this module prints; :func:`render_text` is a view of the journey data.
+Only this module prints; :func:`render_text` and :func:`render_html` are views of the journey data.
 """
 
 from __future__ import annotations
 
+import bisect
+import html
 import json
+import math
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +28,7 @@ import click
 from .journey import FaultBand, Run, TraceError, all_journeys, journey, load_run
 from .trace_events import trace_events, write_trace_events
 
-__all__ = ["render_text", "render_line", "trace", "run_trace_events"]
+__all__ = ["render_text", "render_line", "render_html", "trace", "run_trace_events"]
 
 
 def _dt(t: int | None, t0: int) -> str:
@@ -118,6 +122,74 @@ def render_text(j: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+KIND_COLOURS = {"send": "#4e79a7", "attempt": "#76b7b2", "hop": "#59a14f", "commit": "#edc948", "copy": "#b07aa1",
+                "retrieve": "#9c755f", "receive": "#4e79a7", "delete": "#e15759", "removed": "#e15759",
+                "fault": "#bab0ac"}
+
+
+def _axis(events: list[Mapping[str, Any]]) -> tuple[list[float], Any]:
+    """x (0..1) of each event, and of any time: each step gets its own slot, in timeline order (under virtual
+    time many steps share one millisecond), and a gap between steps is drawn by its logarithm, so that a hop
+    of 1 ms and a retrieve seconds later both show, in order, on one line (the ticks give the real times)."""
+    pos: list[float] = []
+    for i, e in enumerate(events):
+        gap = e["t"] - events[i - 1]["t"] if i else 0
+        pos.append(pos[-1] + 1 + 4 * math.log10(1 + gap) if i else 0.0)
+    span = max(pos[-1] if pos else 0, 1.0)
+
+    starts = [e["t"] for e in events]  # in time order (chaos.journey.timeline)
+
+    def at(t: int) -> float:  # the last step at or before t (a span covers the steps inside it)
+        return pos[max(bisect.bisect_right(starts, t) - 1, 0)] / span if pos else 0.0
+
+    return [p / span for p in pos], at
+
+
+def render_html(j: Mapping[str, Any]) -> str:
+    """The journey as one self-contained HTML page (no script, nothing fetched): a lane per user, node and
+    fault on a step axis (each step's text in its tooltip), the findings, and the text view."""
+    events = j["events"]
+    t0 = (j["sent"] or {}).get("invoke_t") or (events[0]["t"] if events else 0)
+    users = {j["from"], j["to"]} | {r["user"] for r in j["receives"]} | {r["user"] for r in j["retrieves"]}
+    order: dict[str, int] = {}
+    for e in sorted(events, key=lambda e: (0 if e["track"] in users else 2 if e["track"].startswith("fault ")
+                                           else 1, e["track"])):
+        order.setdefault(e["track"], len(order))
+    xs, at = _axis(events)
+    left, width, row = 150, 1000, 22
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 90}" height="{row * len(order) + 40}" '
+           f'font-family="monospace" font-size="12">']
+    for track, i in order.items():
+        y = 20 + i * row
+        out.append(f'<text x="4" y="{y + 15}">{html.escape(track)}</text>'
+                   f'<line x1="{left}" x2="{left + width}" y1="{y + row - 1}" y2="{y + row - 1}" stroke="#eee"/>')
+    last_tick = -1e9
+    for e, x in zip(events, xs):
+        if x * width - last_tick >= 80:
+            last_tick = x * width
+            out.append(f'<text x="{left + x * width:.1f}" y="12" fill="#888">{(e["t"] - t0) / 1000:+.3f}s</text>')
+    for e, x in zip(events, xs):
+        y = 20 + order[e["track"]] * row
+        a, b = left + x * width, left + at(e.get("end_t", e["t"])) * width
+        colour = KIND_COLOURS.get(e["kind"], "#333")
+        tip = html.escape(f"{(e['t'] - t0) / 1000:+.3f}s {e['track']}: {e['text']}")
+        if "end_t" in e and b > a:
+            out.append(f'<rect x="{a:.1f}" y="{y + 4}" width="{b - a:.1f}" height="{row - 8}" fill="{colour}" '
+                       f'opacity="0.7"><title>{tip}</title></rect>')
+        else:
+            out.append(f'<circle cx="{a:.1f}" cy="{y + row / 2}" r="5" fill="{colour}"><title>{tip}</title></circle>')
+    out.append("</svg>")
+    found = "".join(f"<li><b>{html.escape(f['kind'])}</b> at {html.escape(str(f['node']))}: "
+                    f"{html.escape(f['text'])}</li>" for f in j["findings"])
+    title = f"{j['msg_id'] or j['hash']}: {', '.join(j['outcomes'])}"
+    return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>" + html.escape(title) + "</title>"
+            "<style>body{font-family:sans-serif;margin:1em}pre{font-size:12px}.f{background:#fde;padding:.3em 1em}"
+            "</style></head><body><h2>" + html.escape(title) + "</h2>"
+            + (f'<div class="f">findings<ul>{found}</ul></div>' if found else "")
+            + "<p>lanes: one slot per step in timeline order, gaps drawn by their logarithm; hover a step for "
+              "its text</p>" + "".join(out) + "<pre>" + html.escape(render_text(j)) + "</pre></body></html>")
+
+
 def render_line(j: Mapping[str, Any]) -> str:
     """One line per message for ``--all``."""
     a = len(j["attempts"])
@@ -148,8 +220,12 @@ def run_trace_events(run: Run, journeys: list[dict[str, Any]]) -> dict[str, Any]
 @click.option("--all", "every", is_flag=True, help="every message of the run (one line each, or all of them as JSON / trace events)")
 @click.option("--json", "as_json", is_flag=True, help="print the journey (a list with --all) as JSON")
 @click.option("--trace-events", "trace_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="also write the journey(s) in the Trace Event Format (open in ui.perfetto.dev or chrome://tracing)")
-def trace(run_dir: Path, message: str | None, every: bool, as_json: bool, trace_file: Path | None) -> None:
+              help="also write the journey(s) in the Trace Event Format (open in ui.perfetto.dev, or in Chrome "
+                   "DevTools' Performance panel: it draws the spans, not the instants)")
+@click.option("--html", "html_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="also write the journey as one self-contained HTML page (one message only)")
+def trace(run_dir: Path, message: str | None, every: bool, as_json: bool, trace_file: Path | None,
+          html_file: Path | None) -> None:
     """A message's journey in RUN_DIR: attempts and hops (from each node's capture, opened with its own
     key), commit, copies, storage, retrieves, deletes, and the faults that touched it.
 
@@ -157,6 +233,8 @@ def trace(run_dir: Path, message: str | None, every: bool, as_json: bool, trace_
     """
     if every == (message is not None):
         raise click.UsageError("give a MESSAGE (msg_id or hash) or --all, not both")
+    if every and html_file is not None:
+        raise click.UsageError("--html is for one message")
     started = time.monotonic()
     try:
         run = load_run(run_dir)
@@ -167,6 +245,9 @@ def trace(run_dir: Path, message: str | None, every: bool, as_json: bool, trace_
         size = write_trace_events(trace_file, run_trace_events(run, journeys))
         click.echo(f"trace events: {trace_file} ({size:,} bytes, {len(journeys)} message(s), "
                    f"{time.monotonic() - started:.1f} s); open in https://ui.perfetto.dev", err=True)
+    if html_file is not None:
+        html_file.write_text(render_html(journeys[0]), encoding="utf-8")
+        click.echo(f"html: {html_file}", err=True)
     if as_json:
         click.echo(json.dumps(journeys if every else journeys[0], indent=1, default=str))
     elif every:

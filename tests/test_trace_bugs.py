@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from chaos.journey import all_journeys, journey, load_run
 from chaos.sim.cli import run_jobs
-from chaos.trace import render_text, run_trace_events, trace
+from chaos.trace import render_html, render_text, run_trace_events, trace
 from chaos.trace_events import problems
 
 QUIET = """
@@ -285,3 +285,33 @@ def test_a_simulated_run_traces_the_same_after_it_is_moved(run_dirs, tmp_path):
         shutil.move(moved, rd)
     assert after == before
     assert out.exit_code == 0 and "delete-alone" in out.output and "virtual" in out.output
+
+
+def test_the_html_view_is_one_offline_page_with_a_lane_per_track(run_dirs, tmp_path):
+    from html.parser import HTMLParser
+
+    verdict, run = _run(run_dirs, "local-delete")
+    mid = verdict["checkers"]["replication"]["resurrected"][0]["msg_id"]
+    page = tmp_path / "j.html"
+    out = CliRunner().invoke(trace, [str(run_dirs["local-delete"]), mid, "--html", str(page)])
+    assert out.exit_code == 0, out.output
+    text = page.read_text()
+    j = journey(run, mid)
+    assert text == render_html(j)
+
+    class Shapes(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.refs = [], []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            self.refs += [v for k, v in attrs if k in ("src", "href")]
+
+    shapes = Shapes()
+    shapes.feed(text)
+    assert "script" not in shapes.tags and shapes.refs == []  # nothing fetched, nothing run
+    steps = shapes.tags.count("rect") + shapes.tags.count("circle")
+    assert steps == len(j["events"]) and shapes.tags.count("svg") == 1
+    assert all(f">{track}</text>" in text for track in {e["track"] for e in j["events"]})
+    assert "delete-alone" in text and "resurrected" in text and "trail ends at" in text
