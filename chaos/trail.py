@@ -154,7 +154,10 @@ def findings(run: Run, j: Mapping[str, Any]) -> list[dict[str, Any]]:
             add("acked-alone", c["node"], c["acked_t"],
                 f"{c['node']} acknowledged the store with only its own result ({len(members)} members)")
     stored = [c for c in ok if c["source"] == "capture"]
-    if stored and len(members) > 1 and not j["copies"]:
+    # A target whose answer names its peers' failures (timeouts, refused links) explains why nothing left it.
+    explained = all(len(c["swarm"]) > 1 and all(st != 200 for m, st in c["swarm"].items() if m != c["node"])
+                    for c in stored)
+    if stored and len(members) > 1 and not j["copies"] and not explained:
         holders = {c["node"] for c in stored}
         lacking = [x["node"] for x in j["storage"] if x["member"] and x["row"] is False and not x["deleted_t"]
                    and x["node"] not in holders]

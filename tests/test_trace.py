@@ -297,3 +297,25 @@ def test_the_wire_pass_names_copies_and_their_peers(tmp_path):
     names = [caller_name(c) for c in sorted(rp.copies["HASH1"], key=lambda c: c.t)]
     assert names == ["n02", "n03", "stranger 127.0.5.9"]
     assert rp.missing == {"n02": "no capture file", "n03": "no capture file"} and rp.span["n01"] == (1000, 1012)
+
+
+def test_a_target_that_names_its_peers_failures_is_not_found_to_have_kept_its_copy():
+    from types import SimpleNamespace
+
+    from chaos.trail import findings
+
+    def j(answer):
+        return {"from": "alice", "to": "bob", "sent": None, "attempts": [], "copies": [], "retrieves": [],
+                "deletes": [], "swarm": {"members": ["n01", "n02", "n03"]},
+                "commits": [{"node": "n01", "t": 10, "acked_t": 12, "status": 200, "swarm": answer,
+                             "source": "capture"}],
+                "storage": [{"node": n, "row": n == "n01", "deleted_t": None, "member": True}
+                            for n in ("n01", "n02", "n03")]}
+
+    run = SimpleNamespace(users={"alice": "05..", "bob": "05.."})
+    # Links down: no byte left n01, and its answer says so: 502 for both peers.
+    assert findings(run, j({"n01": 200, "n02": 502, "n03": 502})) == []
+    alone = findings(run, j({"n01": 200}))
+    assert [(f["kind"], f["node"]) for f in alone] == [("no-copies", "n01"), ("acked-alone", "n01")]
+    claimed = findings(run, j({"n01": 200, "n02": 200, "n03": 502}))  # a 200 for a copy no capture shows
+    assert [f["kind"] for f in claimed] == ["no-copies"] and "n02 n03" in claimed[0]["text"]
