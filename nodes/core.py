@@ -5,6 +5,7 @@ seconds for the token bucket); nothing here touches a socket, trio or a clock.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from testnet.protocol import RequestError, Status
 from testnet.registry import NodeRecord  # the registry's record, as nodes receive it
 from testnet.swarm import swarm_for
 
-from .storage import StoredMessage
+from .storage import AE_BUCKET_MS, StoredMessage
 
 VERSION = "swarmnet-node/0.1"
 
@@ -39,6 +40,12 @@ STORE_CLOCK_WINDOW_MS = 10_000
 SIGNED_CLOCK_WINDOW_MS = 60_000
 MAX_HASHES_PER_REQUEST = 1000
 NAMESPACE_RANGE = range(-(2**15), 2**15)
+# SQLite stores signed 64-bit integers: a time beyond this is refused at the edge, never
+# handed to the database (where it raises OverflowError, not an SQLite error).
+MAX_TIME_MS = 2**63 - 1
+# The clock-skew fault moves a node's clock by seconds or minutes; a year keeps every
+# time it computes (now, now + 14 days for tombstones) positive and far inside int64.
+MAX_CLOCK_OFFSET_MS = 365 * 24 * 3600 * 1000
 _HEX66 = re.compile(r"[0-9a-f]{66}")
 
 
@@ -94,7 +101,7 @@ class NodeConfig:
                 capture_buffer_bytes=int(raw.get("capture_buffer_bytes", 1 << 20)),
                 links={str(k): (str(v[0]), int(v[1])) for k, v in (raw.get("links") or {}).items()},
                 admin_token=str(raw.get("admin_token", "")),
-                clock_offset_ms=int(raw.get("clock_offset_ms", 0)),
+                clock_offset_ms=clock_offset(int(raw.get("clock_offset_ms", 0)), ConfigError),
                 parent_pid=raw.get("parent_pid"),
                 anti_entropy_interval_s=float(raw.get("anti_entropy_interval_s", 2.0)),
                 expiry_interval_s=float(raw.get("expiry_interval_s", 10.0)),
@@ -199,6 +206,13 @@ def _int(args: Mapping[str, Any], key: str, default: int | None = None) -> int:
     return v
 
 
+def clock_offset(value: Any, error: Callable[[str], Exception] = _bad) -> int:
+    """An injected clock offset (ms): an integer of at most a year either way."""
+    if not _is_int(value) or abs(value) > MAX_CLOCK_OFFSET_MS:
+        raise error(f"'offset_ms' must be an integer within ±{MAX_CLOCK_OFFSET_MS} ms")
+    return value
+
+
 def _bytes(args: Mapping[str, Any], key: str) -> bytes:
     v = args.get(key)
     if not isinstance(v, bytes):
@@ -301,6 +315,7 @@ def validate_expire(args: Mapping[str, Any], now_ms: int) -> tuple[str, list[str
 # handler meets a wrong type (a 400 naming the argument, never a 500).
 
 MAX_NODE_ITEMS = 10 * BATCH_COUNT  # entries in one node-op list
+MAX_BUCKET = MAX_TIME_MS // AE_BUCKET_MS - 1  # the last bucket whose end time fits in int64
 
 
 def arg_list(args: Mapping[str, Any], key: str, max_len: int = MAX_NODE_ITEMS) -> list[Any]:
@@ -356,22 +371,26 @@ def ae_digest_args(args: Mapping[str, Any]) -> tuple[int, dict[str, str]]:
 
 
 def ae_buckets_args(args: Mapping[str, Any]) -> dict[str, list[int]]:
-    """``ae_hashes {buckets: {pubkey: [bucket, …]}}``."""
+    """``ae_hashes {buckets: {pubkey: [bucket, …]}}``; a bucket's times must fit in int64."""
     wanted = arg_map(args, "buckets")
     if not all(is_pubkey(pk) and isinstance(bs, list) and len(bs) <= MAX_NODE_ITEMS and all(
-            _is_int(b) and 0 <= b < 2**63 for b in bs) for pk, bs in wanted.items()):
+            _is_int(b) and 0 <= b <= MAX_BUCKET for b in bs) for pk, bs in wanted.items()):
         raise _bad("'buckets' must map account ids to lists of bucket numbers")
     return wanted
 
 
 def loopback_address(value: Any, what: str) -> tuple[str, int]:
-    """A ``[host, port]`` pair on 127.0.0.0/8 (admin ops never point a node elsewhere)."""
+    """A ``[host, port]`` pair on 127.0.0.0/8 (admin ops never point a node elsewhere); the
+    host an IPv4 literal in canonical form (no "127.1", no "127.0.0.01", no non-ASCII digits)."""
     if not (isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str)
             and _is_int(value[1]) and 0 <= value[1] <= 65535):
         raise _bad(f"{what} must be [host, port] with port in 0..65535")
     host = value[0]
-    parts = host.split(".")
-    if not (len(parts) == 4 and parts[0] == "127" and all(p.isdigit() and int(p) <= 255 for p in parts)):
+    try:
+        ip = ipaddress.IPv4Address(host) if host.isascii() else None
+    except ValueError:
+        ip = None
+    if ip is None or not ip.is_loopback or str(ip) != host:
         raise _bad(f"{what}: host must be an address in 127.0.0.0/8")
     return host, value[1]
 
@@ -415,16 +434,17 @@ def message_to_wire(m: StoredMessage) -> list[Any]:
 
 
 def message_from_wire(item: Any) -> StoredMessage:
-    """A replicated message; its hash must be the hash of its content."""
-    try:
-        pubkey, ns, h, data, ts, expiry = item
-        pubkey = session_pubkey({"pubkey": pubkey})
-        if not (isinstance(data, bytes) and len(data) <= MAX_DATA_BYTES and isinstance(ts, int)
-                and isinstance(expiry, int) and isinstance(ns, int) and ns in NAMESPACE_RANGE
-                and ts >= 0 and expiry >= 1):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise _bad("malformed replicated message") from None
+    """A replicated message ``[pubkey, namespace, hash, data, timestamp, expiry]``; its hash
+    must be the hash of its content, its times fit in int64."""
+    if not (isinstance(item, (list, tuple)) and len(item) == 6):
+        raise _bad("each replicated message must be [pubkey, namespace, hash, data, timestamp, expiry]")
+    pubkey, ns, h, data, ts, expiry = item
+    pubkey = pubkey.lower() if isinstance(pubkey, str) else pubkey
+    if not (is_pubkey(pubkey) and _is_int(ns) and ns in NAMESPACE_RANGE and isinstance(h, str)
+            and isinstance(data, bytes) and len(data) <= MAX_DATA_BYTES
+            and _is_int(ts) and 0 <= ts <= MAX_TIME_MS and _is_int(expiry) and 1 <= expiry <= MAX_TIME_MS):
+        raise _bad("malformed replicated message: [66-hex pubkey, int16 namespace, hash, data (bytes), "
+                   "timestamp ms, expiry ms] with times in int64")
     if crypto.message_hash(pubkey, ns, data) != h:
         raise _bad("replicated message hash does not match its content")
     return StoredMessage(pubkey, ns, h, data, ts, expiry)

@@ -69,10 +69,11 @@ class GroupCommit:
             flat = [m for msgs, _ in batch for m in msgs]
             try:
                 results = self.storage.store_many(flat)
-            except StorageError as exc:
-                log.error("group commit failed", extra={"fields": {"error": str(exc)}})
-                for _, w in batch:
-                    w.set(error=str(exc))
+            except StorageError:
+                # One writer's bad batch must not fail the others that shared its
+                # transaction: each commits alone, and only the culprit hears of it.
+                for msgs, w in batch:
+                    self._commit_alone(msgs, w)
                 continue
             self.commits += 1
             self.messages += len(flat)
@@ -80,6 +81,16 @@ class GroupCommit:
             for msgs, w in batch:
                 w.set(results[i:i + len(msgs)])
                 i += len(msgs)
+
+    def _commit_alone(self, messages: Sequence[StoredMessage], waiter: _Waiter) -> None:
+        try:
+            waiter.set(self.storage.store_many(messages))
+        except StorageError as exc:
+            log.error("group commit failed", extra={"fields": {"error": str(exc)}})
+            waiter.set(error=str(exc))
+            return
+        self.commits += 1
+        self.messages += len(messages)
 
 
 class PeerSender:

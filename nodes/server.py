@@ -27,7 +27,7 @@ from . import auth, core
 from .capture import CaptureFile
 from .core import NodeConfig, SwarmView
 from .replication import GroupCommit, PeerSender
-from .storage import Storage, StoredMessage
+from .storage import Storage, StorageError, StoredMessage
 
 log = logging.getLogger("node")
 
@@ -182,8 +182,9 @@ class Node:
             raise RequestError(Status.NOT_FOUND, f"unknown op {op!r:.70}")
         if op in ADMIN_OPS:
             token = req.args.get("token")
+            # compare_digest takes str only when ASCII: compare the UTF-8 bytes.
             if not self.config.admin_token or not isinstance(token, str) or \
-                    not secrets.compare_digest(token, self.config.admin_token):
+                    not secrets.compare_digest(token.encode(), self.config.admin_token.encode()):
                 raise RequestError(Status.UNAUTHORIZED, "admin token required")
         return Status.OK, await method(req.args)
 
@@ -227,7 +228,7 @@ class Node:
             return {"hash": msg.hash, "swarm": results}
         try:
             await self.commit.commit([msg])
-        except Exception as exc:  # StorageError: this node did not keep it
+        except StorageError as exc:  # this node did not keep it
             raise RequestError(Status.INTERNAL_ERROR, f"storage failed: {type(exc).__name__}") from None
         results[self.ed_hex] = {"status": Status.OK}
         if "skip-replication" not in self.bugs:
@@ -415,9 +416,7 @@ class Node:
         return {"addresses": [list(a) for a in bound]}
 
     async def op_admin_clock(self, args: dict) -> dict:
-        offset = args.get("offset_ms")
-        if not isinstance(offset, int) or isinstance(offset, bool):
-            raise RequestError(Status.BAD_REQUEST, "'offset_ms' must be an integer")
+        offset = core.clock_offset(args.get("offset_ms"))
         self.clock.offset_ms = offset
         event(log, "clock offset", offset_ms=offset)
         return {"offset_ms": offset}

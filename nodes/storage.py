@@ -149,9 +149,12 @@ def _check_namespace(namespace: object) -> int:
     return namespace
 
 
+_INT64_MAX = 2**63 - 1  # SQLite's INTEGER: a bigger Python int raises OverflowError, not an SQLite error
+
+
 def _check_ms(name: str, value: object, minimum: int = 0) -> int:
-    if not _is_int(value) or value < minimum:
-        raise StorageError(f"{name} must be an int of ms >= {minimum}, got {value!r:.80}")
+    if not _is_int(value) or not minimum <= value <= _INT64_MAX:
+        raise StorageError(f"{name} must be an int of ms in [{minimum}, 2**63), got {value!r:.80}")
     return value
 
 
@@ -456,7 +459,7 @@ class Storage:
         out: dict[str, list[str]] = {}
         with self._guard("ae_hashes") as db:
             for pubkey, buckets in wanted.items():
-                keep = {b for b in buckets if _is_int(b)}
+                keep = {b for b in buckets if _is_int(b) and 0 <= b < _INT64_MAX // AE_BUCKET_MS}
                 found: list[str] = []
                 out[_check_pubkey(pubkey)] = found
                 if keep:

@@ -106,6 +106,7 @@ COMMANDS = {
     "check": "chaos.cli:check",
     "bugs": "chaos.cli:bugs",
     "sim": "chaos.sim.cli:sim",
+    "fuzz": "chaos.fuzz_run:fuzz",
     "trace": "chaos.trace:trace",
 }
 

@@ -129,9 +129,10 @@ def _need_args(args: object, keys: tuple[str, ...]) -> Mapping[str, Any]:
     missing = [k for k in keys if k not in args]
     if missing:
         raise _bad(f"missing argument(s): {', '.join(missing)}")
-    extra = sorted(set(args) - set(keys))
+    # Keys may be str or bytes (msgpack): sort their text, never the mixed keys themselves.
+    extra = sorted(str(k) for k in set(args) - set(keys))
     if extra:
-        raise _bad(f"unexpected argument(s): {', '.join(map(str, extra))}")
+        raise _bad(f"unexpected argument(s): {', '.join(extra)}")
     return args
 
 
@@ -197,9 +198,9 @@ def parse_poll_args(args: object) -> tuple[int | None, int]:
     """
     if not isinstance(args, Mapping):
         raise _bad("args must be a map")
-    extra = sorted(set(args) - {"since_height", "wait_ms", "history"})
+    extra = sorted(str(k) for k in set(args) - {"since_height", "wait_ms", "history"})
     if extra:
-        raise _bad(f"unexpected argument(s): {', '.join(map(str, extra))}")
+        raise _bad(f"unexpected argument(s): {', '.join(extra)}")
     since = args.get("since_height")
     since = None if since is None else _int(since, "since_height")
     wait_ms = _int(args.get("wait_ms", 0), "wait_ms")
