@@ -116,7 +116,7 @@ def findings(run: Run, j: Mapping[str, Any]) -> list[dict[str, Any]]:
     copy ever left the node(s) that stored it), ``foreign-retrieve`` (another
     user's retrieve returned it), ``delete-alone`` (a delete's target removed
     it and told no other member), ``resurrected`` (rows after an ok delete),
-    ``stranger-delete`` / ``stranger-copy`` / ``leaked`` (a node op by a
+    ``stranger-delete`` / ``stranger-copy`` / ``stranger-fetch`` (a node op by a
     caller that never proved a node key removed, stored or fetched it).
     """
     out: list[dict[str, Any]] = []
@@ -205,8 +205,8 @@ def findings(run: Run, j: Mapping[str, Any]) -> list[dict[str, Any]]:
                 add("stranger-copy", x["node"], x["t"], f"{x['node']} took a copy from {x['from']} ({x['via']}), a "
                                                         f"caller that never proved a node key")
             else:
-                add("leaked", x["from"], x["sent_t"], f"{x['from']} handed it to {x['node']} ({x['via']}), a caller "
-                                                      f"that never proved a node key")
+                add("stranger-fetch", x["from"], x["sent_t"], f"{x['from']} handed it to {x['node']} ({x['via']}), "
+                                                               f"a caller that never proved a node key")
     out.sort(key=lambda f: f["t"] if f["t"] is not None else 0)
     return out
 
