@@ -166,10 +166,31 @@ def _progress(start: float, as_json: bool) -> Any:
     return show
 
 
+def _command_name() -> str:
+    """How to type this command in another shell: ``swarmnet`` if that is on PATH and is
+    this one, else its path (``make testnet`` runs ``.venv/bin/swarmnet``)."""
+    import shutil
+
+    me = Path(sys.argv[0]).resolve()
+    found = shutil.which("swarmnet")
+    if found and Path(found).resolve() == me:
+        return "swarmnet"
+    try:
+        return str(me.relative_to(Path.cwd()))
+    except ValueError:
+        return str(me)
+
+
+def _aligned(rows: list[tuple[str, str]]) -> list[str]:
+    width = max(len(c) for c, _ in rows) + 3
+    return [f"  {c:<{width}}{d}" for c, d in rows]
+
+
 def _summary(run: dict[str, Any], run_dir: Path, detached: bool) -> str:
     tp = run.get("toxiproxy")
     n = len(run["nodes"])
     a, b = (run["nodes"][min(i, n - 1)]["name"] for i in (2, 4))
+    cmd = _command_name()
     lines = [
         f"swarmnet run {run['run_id']} is up: {n} nodes, {len(run['users'])} users, "
         f"{len({x['swarm_id'] for x in run['nodes']})} swarms",
@@ -179,14 +200,15 @@ def _summary(run: dict[str, Any], run_dir: Path, detached: bool) -> str:
                                 else "direct — link faults are OFF"),
         "",
         "Try next (in another shell):",
-        "  swarmnet status                 every node: pid, swarm, height, messages",
-        *([f"  swarmnet send --from {run['users'][0]['name']} --to {run['users'][1]['name']} 'hi'"
-           f"   then: swarmnet inbox {run['users'][1]['name']}"] if len(run["users"]) > 1 else []),
-        f"  swarmnet logs {a} --follow      one node's log as it happens",
-        f"  swarmnet node kill {a}          then: swarmnet node restart {a}",
-        f"  swarmnet node pause {b}         then: swarmnet node resume {b}",
-        "  swarmnet node add               a new node joins (and `node remove NAME`)",
-        "  swarmnet down                   stop this run" + ("" if detached else " (or Ctrl-C here)"),
+        *_aligned(
+            [(f"{cmd} status", "every node: pid, swarm, height, messages")]
+            + ([(f"{cmd} send --from {run['users'][0]['name']} --to {run['users'][1]['name']} 'hi'",
+                 f"then: {cmd} inbox {run['users'][1]['name']}")] if len(run["users"]) > 1 else [])
+            + [(f"{cmd} logs {a} --follow", "one node's log as it happens"),
+               (f"{cmd} node kill {a}", f"then: {cmd} node restart {a}"),
+               (f"{cmd} node pause {b}", f"then: {cmd} node resume {b}"),
+               (f"{cmd} node add", "a new node joins (and `node remove NAME`)"),
+               (f"{cmd} down", "stop this run" + ("" if detached else " (or Ctrl-C here)"))]),
     ]
     return "\n".join(lines)
 
