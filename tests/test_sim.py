@@ -8,7 +8,6 @@ import json
 import textwrap
 from pathlib import Path
 
-import pytest
 
 from chaos.sim.cli import run_jobs
 from chaos.sim.runner import first_difference
