@@ -35,14 +35,14 @@ import msgpack
 import trio
 
 from nodes import auth
-from nodes.server import ADMIN_OPS, CLIENT_OPS, HANDSHAKE_OPS, NODE_OPS
 from testnet import crypto
 from testnet.clock import wall_ms
 from testnet.protocol import (DEFAULT_MAX_FRAME_SIZE, EOF, HEADER, NEED_DATA, Connection, RemoteProtocolError,
                               Response)
 
-from .fuzz import (REGISTRY_OPS, Draw, Frame, NodeInfo, RandomDraw, World, judge, make_frame,
-                   make_registry_frame)
+from .fuzz import KNOWN_OPS, Draw, Frame, NodeInfo, RandomDraw, World, judge
+from .fuzz_frames import make_frame, make_registry_frame
+from .fuzz_peer import start_fake_peers
 
 log = logging.getLogger("chaos.fuzz")
 
@@ -51,7 +51,6 @@ ANSWER_TIMEOUT_S = 40.0  # the registry may hold a long poll 30 s
 HEALTH_INTERVAL_S = 2.0
 HEALTH_TIMEOUT_S = 5.0
 MAX_RECORDED = 100  # failures kept with their frame (all are counted)
-KNOWN_OPS = frozenset(CLIENT_OPS | NODE_OPS | HANDSHAKE_OPS | ADMIN_OPS) | set(REGISTRY_OPS)
 LOG_ALARMS = re.compile(r'Traceback|internal error|"level": "(error|critical)"')
 
 
@@ -80,13 +79,14 @@ class Tally:
     failures: list[dict[str, Any]] = field(default_factory=list)
     health_ok: int = 0
     health_failed: int = 0
+    peer_replies: Counter = field(default_factory=Counter)  # what fake peers answered victims, per op
 
     def merge(self, other: Tally) -> None:
         """Add another tally's counts (and recorded failures) to this one."""
         for name in ("sent", "answered", "unanswered", "lost", "dropped", "unmatched", "oversize", "health_ok",
                      "health_failed", "failure_count"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        for name in ("statuses", "ops", "op_status", "kind_status", "inner_status"):
+        for name in ("statuses", "ops", "op_status", "kind_status", "inner_status", "peer_replies"):
             getattr(self, name).update(getattr(other, name))
         self.failures.extend(other.failures[:MAX_RECORDED - len(self.failures)])
 
@@ -112,7 +112,8 @@ class Tally:
                 "kind_status": dict(sorted(self.kind_status.items())),
                 "onion_inner_status": dict(sorted(self.inner_status.items())),
                 "failure_count": self.failure_count, "failures": self.failures,
-                "health": {"ok": self.health_ok, "failed": self.health_failed}}
+                "health": {"ok": self.health_ok, "failed": self.health_failed},
+                "fake_peer_replies": dict(sorted(self.peer_replies.items()))}
 
 
 # --------------------------------------------------------------------------- one connection
@@ -448,6 +449,8 @@ class FuzzReport:
             f"{sum(v for k, v in t.inner_status.items() if k.endswith(' 500'))}); unanswered {t.unanswered}; "
             f"lost {t.lost}; dropped connections {t.dropped}; unmatched responses {t.unmatched}",
             f"  health: info answered {t.health_ok}, failed {t.health_failed}; node exits: {self.exits or 0}",
+            "  fake peers answered victims: " + (", ".join(f"{k} {v}" for k, v in sorted(t.peer_replies.items()))
+                                                 or "none"),
             "  integrity_check: " + ", ".join(f"{k} {v}" for k, v in sorted(self.integrity.items())),
             f"  log alarms: {len(self.log_hits)}; findings: {t.failure_count}",
             "  per op: " + ", ".join(f"{k} {v}" for k, v in t.ops.most_common() if v >= t.sent // 200),
@@ -496,7 +499,7 @@ def exited_nodes(net: Any) -> list[str]:
 
 
 async def fuzz_network(net: Any, frames: int, seed: int, *, window: int = 8, anon_per_node: int = 2,
-                       progress: Callable[[str], None] = lambda m: None) -> FuzzReport:
+                       fake_peers: bool = True, progress: Callable[[str], None] = lambda m: None) -> FuzzReport:
     """Send ``frames`` frames into the running network ``net``, then check it."""
     world = await world_of(net, seed)
     tally = Tally()
@@ -508,6 +511,8 @@ async def fuzz_network(net: Any, frames: int, seed: int, *, window: int = 8, ano
                                        registry=net.registry_address)
         kinds = Counter(c.kind for c in conns)
         progress(f"{len(conns)} connections {dict(kinds)}; {frames} frames, {window} in flight on each")
+        fakes = await start_fake_peers(net, world, nursery, tally.peer_replies, sources, seed) if fake_peers else []
+        progress(f"fake peers: {', '.join(fakes) or 'none'}")
         done = trio.Event()
         nursery.start_soon(watch_health, world, tally, sources, done)
         budget = Budget(frames)
@@ -531,6 +536,7 @@ async def fuzz_network(net: Any, frames: int, seed: int, *, window: int = 8, ano
         done.set()
         for conn in conns:
             await conn.aclose()
+        nursery.cancel_scope.cancel()  # fake peers and their routes
     await restore(net, tally)
     exits = exited_nodes(net)
     integrity = {name: integrity_check(rt.plan.db) for name, rt in sorted(net.nodes.items())}

@@ -379,6 +379,51 @@ def ae_buckets_args(args: Mapping[str, Any]) -> dict[str, list[int]]:
     return wanted
 
 
+# A peer's answers during anti-entropy are input too: a registered node that answers
+# garbage must cost one round with it, never a TypeError in the node's own loop.
+
+
+def _bad_reply(op: str, what: str) -> RequestError:
+    return RequestError(Status.BAD_GATEWAY, f"peer's {op} answer: {what}")
+
+
+def ae_digest_reply(body: Any) -> dict[str, dict[int, str]]:
+    """A peer's ``ae_digest`` answer ``{"buckets": {pubkey: [[bucket, digest], …]}}`` as
+    pubkey -> bucket -> digest (502 when malformed)."""
+    buckets = body.get("buckets") if isinstance(body, dict) else None
+    if not isinstance(buckets, dict):
+        raise _bad_reply("ae_digest", "'buckets' must be a map")
+    out = {}
+    for pk, pairs in buckets.items():
+        if not (is_pubkey(pk) and isinstance(pairs, list) and all(
+                isinstance(p, list) and len(p) == 2 and _is_int(p[0]) and 0 <= p[0] <= MAX_BUCKET
+                and isinstance(p[1], str) for p in pairs)):
+            raise _bad_reply("ae_digest", "'buckets' must map account ids to [[bucket, digest], …]")
+        out[pk] = dict(pairs)
+    return out
+
+
+def ae_hashes_reply(body: Any) -> dict[str, list[str]]:
+    """A peer's ``ae_hashes`` answer ``{"hashes": {pubkey: [hash, …]}}`` (502 when malformed)."""
+    found = body.get("hashes") if isinstance(body, dict) else None
+    if not (isinstance(found, dict) and all(
+            is_pubkey(pk) and isinstance(hs, list) and all(isinstance(h, str) and 0 < len(h) <= 64 for h in hs)
+            for pk, hs in found.items())):
+        raise _bad_reply("ae_hashes", "'hashes' must map account ids to lists of hashes")
+    return found
+
+
+def ae_fetch_reply(body: Any) -> list[StoredMessage]:
+    """A peer's ``ae_fetch`` answer ``{"messages": [...]}``, each message checked as a replicated one."""
+    msgs = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(msgs, list):
+        raise _bad_reply("ae_fetch", "'messages' must be a list")
+    try:
+        return [message_from_wire(m) for m in msgs]
+    except RequestError as exc:
+        raise _bad_reply("ae_fetch", str(exc)) from None
+
+
 def loopback_address(value: Any, what: str) -> tuple[str, int]:
     """A ``[host, port]`` pair on 127.0.0.0/8 (admin ops never point a node elsewhere); the
     host an IPv4 literal in canonical form (no "127.1", no "127.0.0.01", no non-ASCII digits)."""

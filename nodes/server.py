@@ -463,7 +463,7 @@ class Node:
                     # Registrations come in bursts (a boot, churn): let the burst finish rather than
                     # fetch the whole list once per change (N nodes x N changes x N records).
                     await trio.sleep(self.config.registry_settle_s)
-            except (RpcError, RequestError, KeyError, TypeError, ValueError) as exc:
+            except (RpcError, RequestError, KeyError, TypeError, ValueError, AttributeError) as exc:
                 event(log, "registry unreachable", logging.WARNING, error=type(exc).__name__)
                 await self.pool.drop(REGISTRY_KEY)
                 await trio.sleep(self.config.registry_poll_s)
@@ -509,8 +509,7 @@ class Node:
                                         timeout=timeout)
             if not resp.ok:
                 return
-            their_buckets = {pk: dict(pairs) for pk, pairs in (resp.body.get("buckets") or {}).items()
-                             if view.is_mine(pk)}
+            their_buckets = {pk: bs for pk, bs in core.ae_digest_reply(resp.body).items() if view.is_mine(pk)}
             if not their_buckets:
                 return
             my_buckets = self.storage.ae_buckets(list(their_buckets))
@@ -523,8 +522,7 @@ class Node:
             resp = await self.pool.call(peer, "ae_hashes", {"buckets": differ}, timeout=timeout)
             if not resp.ok:
                 return
-            theirs: dict[str, list[str]] = {pk: hs for pk, hs in (resp.body.get("hashes") or {}).items()
-                                            if pk in differ}
+            theirs = {pk: hs for pk, hs in core.ae_hashes_reply(resp.body).items() if pk in differ}
             mine = self.storage.ae_hashes({pk: differ[pk] for pk in theirs}, self.clock.now_ms())
             want, give, kill = [], [], []
             for pk, hs in theirs.items():
@@ -537,8 +535,12 @@ class Node:
                 give += sorted(have - there)
             while want:
                 # The peer answers with as many as fit in one reply; ask again for the rest.
+                asked = set(want[:core.BATCH_COUNT])
                 got = await self.pool.call(peer, "ae_fetch", {"hashes": want[:core.BATCH_COUNT]}, timeout=timeout)
-                msgs = [core.message_from_wire(m) for m in got.body.get("messages", [])] if got.ok else []
+                # Only what we asked for, of our accounts: anything else would be taken unchecked
+                # (and a peer answering with other messages would keep this loop going forever).
+                msgs = [m for m in core.ae_fetch_reply(got.body) if m.hash in asked and view.is_mine(m.pubkey)] \
+                    if got.ok else []
                 if not msgs:
                     break
                 new = await self.commit.commit(msgs)

@@ -1,7 +1,7 @@
 """Every handler validates every argument: the fuzzer's generator and judge as plain
 calls, the validators it made us add, its detector shown failing on purpose against an
-in-process server, then a Hypothesis property over a real network (chaos/fuzz.py,
-chaos/fuzz_run.py)."""
+in-process server, then a Hypothesis property over a real network, with a fake peer
+answering garbage to one node per swarm (chaos/fuzz*.py)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from chaos import fuzz
-from chaos.fuzz import Draw, Frame, NodeInfo, RandomDraw, World, judge, make_frame, make_registry_frame
+from chaos.fuzz import Draw, Frame, NodeInfo, RandomDraw, World, judge
+from chaos.fuzz_frames import PeerScript, make_frame, make_registry_frame
+from chaos.fuzz_peer import start_fake_peers
 from chaos.fuzz_run import (MAX_BODY, Budget, FuzzConn, Fuzzer, Tally, exited_nodes, integrity_check, keep_alive,
-                            open_connections, pump, scan_logs, send_all, source_hosts, world_of)
+                            open_connections, pump, restore, scan_logs, send_all, source_hosts, world_of)
 from nodes import core
 from nodes.onion import encode_reply
 from nodes.replication import GroupCommit
@@ -133,6 +135,47 @@ async def test_one_writers_bad_batch_fails_only_that_writer():
         nursery.cancel_scope.cancel()
     assert outcome == {"good": [True], "bad": "failed"}
     assert store.count() == 1
+
+
+def test_a_peers_malformed_anti_entropy_answers_are_502s_never_exceptions():
+    """Anti-entropy read a peer's answers with .get() and dict(): a float body killed the node."""
+    acc = ACCOUNTS[0].session_id
+    assert core.ae_digest_reply({"buckets": {acc: [[5, "d"], [6, "e"]]}}) == {acc: {5: "d", 6: "e"}}
+    assert core.ae_hashes_reply({"hashes": {acc: ["h1", "h2"]}}) == {acc: ["h1", "h2"]}
+    msg = [acc, 0, crypto.message_hash(acc, 0, b"x"), b"x", NOW, NOW + 1]
+    assert [m.hash for m in core.ae_fetch_reply({"messages": [msg]})] == [msg[2]]
+    for body in (1.5, [], None, {}, {"buckets": []}, {"buckets": {acc: [[5]]}}, {"buckets": {acc: [[2**63, "d"]]}},
+                 {"buckets": {acc: [["5", "d"]]}}, {"buckets": {"zz": []}}, {"buckets": {acc: [[[1], "d"]]}}):
+        assert status_of(core.ae_digest_reply, body) == Status.BAD_GATEWAY, body
+    for body in ("x", {"hashes": []}, {"hashes": {acc: "h"}}, {"hashes": {acc: [1]}}, {"hashes": {"zz": []}}):
+        assert status_of(core.ae_hashes_reply, body) == Status.BAD_GATEWAY, body
+    for body in (None, {"messages": None}, {"messages": [msg[:5]]}, {"messages": [msg[:4] + [2**63, 2**64 - 1]]}):
+        assert status_of(core.ae_fetch_reply, body) == Status.BAD_GATEWAY, body
+
+
+def test_a_fake_peer_passes_the_handshake_and_answers_each_step():
+    world = toy_world()
+    script = PeerScript(RandomDraw(3), world, world.nodes[0], world.nodes[2])
+    steps = Counter()
+    for i in range(400):
+        op = ("node_hello", "node_auth", "ae_digest", "ae_hashes", "ae_fetch", "replicate", "onion")[i % 7]
+        args = {"buckets": {a.session_id: [1] for a in ACCOUNTS[:3]}} if op == "ae_hashes" else \
+            {"hashes": list(script.offered)[:3]} if op == "ae_fetch" else {}
+        status, body = script.reply(op, args, NOW)
+        msgpack.packb(body, use_bin_type=True)  # an answer the server can send
+        if op == "node_hello" and isinstance(body, dict) and len(body.get("challenge", b"")) == 32:
+            assert body["ed25519_public"] == world.nodes[2].ed25519_public
+            steps["hello"] += 1
+        if op == "onion":
+            assert status == 400  # relayed back to the fuzzer as it is: must not look like the victim's 500
+        try:
+            steps[op] += bool({"ae_digest": core.ae_digest_reply, "ae_hashes": core.ae_hashes_reply,
+                               "ae_fetch": core.ae_fetch_reply}.get(op, lambda b: None)(body))
+        except RequestError:
+            steps["refused"] += 1
+    # Mostly right, so that a round goes on to the next step; sometimes wrong at each.
+    assert steps["hello"] > 30 and steps["ae_digest"] > 20 and steps["ae_hashes"] > 20 and steps["ae_fetch"] > 10, steps
+    assert steps["refused"] > 10
 
 
 # --------------------------------------------------------------------------- the generator and the judge
@@ -279,6 +322,9 @@ async def test_no_frame_gets_a_500_a_hang_up_or_kills_a_node(tmp_path):
             conns = await open_connections(world, nursery, links, source_hosts(net.plan.block),
                                            anon_per_node=1, registry=net.registry_address)
             nursery.start_soon(keep_alive, conns)
+            # Meanwhile, in each swarm, one node does anti-entropy with a fake peer answering garbage.
+            assert len(await start_fake_peers(net, world, nursery, links.peer_replies,
+                                              source_hosts(net.plan.block, first=240), seed=1)) == 2
             assert Counter(c.kind for c in conns) == {"anon": 6, "member": 6, "stranger": 6, "registry": 1}
             started = time.monotonic()
 
@@ -304,7 +350,7 @@ async def test_no_frame_gets_a_500_a_hang_up_or_kills_a_node(tmp_path):
                 assert links.failure_count == 0, links.failures
 
             await trio.to_thread.run_sync(batch)
-            print(f"{tally.sent} frames in {time.monotonic() - started:.1f} s")
+            print(f"{tally.sent} frames in {time.monotonic() - started:.1f} s; fake peers: {links.peer_replies}")
             for conn in conns:
                 await conn.aclose()
             nursery.cancel_scope.cancel()
@@ -317,6 +363,9 @@ async def test_no_frame_gets_a_500_a_hang_up_or_kills_a_node(tmp_path):
             assert tally.op_status[key] > 0, key
         assert tally.kind_status["stranger 403"] > 0 and tally.kind_status["anon 401"] > 0
         assert sum(tally.inner_status.values()) > 0
+        assert links.peer_replies["ae_digest"] > 0
+        await restore(net, links)
+        assert links.failure_count == 0, links.failures
         assert exited_nodes(net) == []
         assert {name: integrity_check(rt.plan.db) for name, rt in net.nodes.items()} == \
             {name: "ok" for name in net.nodes}
