@@ -48,6 +48,9 @@ NEAR_MISS_OPS = ("Store", "store ", " info", "op_store", "admin_stop2", "_fan_ou
                  "info\x00", "replicate_all", "ONION", "node_hello2", "get_service_nodes", "stake", "x" * 64)
 ONION_OPS = ("store", "retrieve", "delete", "expire", "get_swarm", "info")
 TOO_BIG_DATA = bytes(MAX_DATA_BYTES + 1)  # contents do not matter, only the size
+# Nesting a frame may carry inside its args and still pack and unpack (msgpack-python's
+# packer stops near 1,020 levels; the envelope and a few levels of args sit above this).
+MAX_NESTING = 990
 REGISTRY_OPS = ("info", "get_service_nodes", "register", "deregister", "stake")
 KNOWN_OPS = frozenset(CLIENT_OPS | NODE_OPS | HANDSHAKE_OPS | ADMIN_OPS) | set(REGISTRY_OPS)
 
@@ -168,7 +171,11 @@ class Frame:
     pubkey: str | None = None  # the account a successful store stores for
 
     def describe(self, limit: int = 400) -> str:
-        text = f"{self.kind}->{self.target} {self.op} {self.args!r}"
+        try:
+            args = repr(self.args)
+        except RecursionError:
+            args = "<args nested too deep for repr>"
+        text = f"{self.kind}->{self.target} {self.op} {args}"
         return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -201,8 +208,20 @@ def any_bytes(draw: Draw) -> bytes:
     return draw.binary(draw.choice((0, 1, 16, 24, 31, 32, 33, 40, 64, draw.integer(0, 200))))
 
 
+def deep_value(draw: Draw) -> Any:
+    """Lists or maps nested hundreds deep: msgpack decodes them (its limit is about 1,000
+    levels), and ``repr`` of one a thousand deep raises RecursionError."""
+    value: Any = draw.choice((None, 0, "x", b""))
+    as_map = draw.chance(50)
+    for _ in range(draw.choice((200, 900, MAX_NESTING))):
+        value = {"k": value} if as_map else [value]
+    return value
+
+
 def any_value(draw: Draw, depth: int = 0) -> Any:
     """An arbitrary msgpack value the protocol can carry (map keys are str or bytes)."""
+    if depth == 0 and draw.chance(1):
+        return deep_value(draw)
     kinds = 8 if depth < 3 else 6
     kind = draw.integer(0, kinds - 1)
     if kind == 0:
@@ -239,7 +258,7 @@ def maybe(draw: Draw, good: Any, *bad: Any) -> Any:
         return good
     if r < 92 and bad:
         return draw.choice(bad)
-    return any_value(draw)
+    return deep_value(draw) if draw.chance(10) else any_value(draw)
 
 
 def big_len(draw: Draw, limit: int) -> int:

@@ -49,7 +49,7 @@ class Ctx:
     def pubkey_key(self, acc: Account) -> str | bytes:
         """An account id as a map key (map keys are str or bytes on the wire)."""
         pk = self.pubkey(acc)
-        return pk if isinstance(pk, (str, bytes)) else str(pk)
+        return pk if isinstance(pk, (str, bytes)) else type(pk).__name__  # never str(): it may be nested deep
 
     def known_hash(self, acc: Account, fallback: str) -> str:
         """One of the account's stored hashes, when there are any.  The choices made never

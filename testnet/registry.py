@@ -503,7 +503,10 @@ class _Server:
     async def _change(self, op: str, args: dict[str, Any], peer: Peer) -> dict[str, Any]:
         before = self.state.height
         swarms_before = {k: r.swarm_id for k, r in self.state.nodes.items()}
-        key = str(args.get("ed25519_public", ""))[:16]
+        # Only a str names a node in the log: str() of anything else may be huge or nested a
+        # thousand deep (RecursionError).
+        key = args.get("ed25519_public")
+        key = key[:16] if isinstance(key, str) else type(key).__name__
         try:
             if op == "register":
                 result = self.state.register(args, self.now_ms())

@@ -30,8 +30,9 @@ from nodes.storage import Storage, StorageError, StoredMessage
 from testnet import crypto
 from testnet.fixtures import running_testnet
 from testnet.protocol import RequestError, Status
-from testnet.registry import RegistryState, parse_poll_args
-from testnet.rpc import serve
+from testnet.protocol import Request
+from testnet.registry import RegistryState, _Server, parse_poll_args
+from testnet.rpc import Peer, serve
 
 NOW = 1_700_000_000_000
 EXAMPLES = 300  # about 10 frames each: a few thousand frames, ~15 s on a shared 2-core machine
@@ -100,6 +101,21 @@ def test_registry_names_stray_keys_of_both_types_without_sorting_them_together()
     assert status_of(state.register, {"x": 1, b"y": 2}, NOW) == Status.BAD_REQUEST
     assert status_of(state.stake, {"ed25519_public": "a" * 64, b"k": 1}) == Status.BAD_REQUEST
     assert status_of(parse_poll_args, {"since_height": 1, b"k": 1, "z": 2}) == Status.BAD_REQUEST
+
+
+async def test_the_registry_never_stringifies_a_nested_argument():
+    # str() of a list nested 990 deep (msgpack decodes it) raises RecursionError: the log
+    # line of register/deregister made that a 500.
+    deep = None
+    for _ in range(fuzz.MAX_NESTING):
+        deep = [deep]
+    msgpack.unpackb(msgpack.packb({"id": 1, "op": "register", "args": {"ed25519_public": deep}}))  # a valid frame
+    server = _Server(RegistryState(), None)
+    peer = Peer(("127.0.0.1", 1), ("127.0.0.1", 2), 1)
+    for op in ("register", "deregister"):
+        with pytest.raises(RequestError) as info:
+            await server.handle(Request(1, op, {"ed25519_public": deep}), peer)
+        assert info.value.status == Status.BAD_REQUEST
 
 
 def test_storage_refuses_times_beyond_int64_as_its_own_error():
