@@ -2,9 +2,10 @@
 
 A view of the run's data, never a source of it (Jepsen-style): latency over
 time with fault bands, throughput over time, and a per-node state timeline,
-plus tables of the verdict, the faults and the run facts.  Every input is
-optional and read defensively, so a half-finished run (harness killed, no
-verdict yet) still gets a report.  Plots are PNGs embedded as base64 data
+plus tables of the verdict, the faults and the run facts, and every message a
+checker flagged with its journey inline (:mod:`chaos.report_flagged`).  Every
+input is optional and read defensively, so a half-finished run (harness
+killed, no verdict yet) still gets a report.  Plots are PNGs embedded as base64 data
 URIs; all text is escaped; the history carries no plaintext, nor does the
 report.  matplotlib is imported inside the plot functions: importing this
 module stays cheap for the CLI.
@@ -516,6 +517,18 @@ def _img(png: bytes, alt: str) -> str:
     return f'<p><img src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}" alt="{_e(alt)}"></p>\n'
 
 
+def _flagged(run_dir: Path, verdict: Mapping[str, Any] | None, history: Sequence[Mapping[str, Any]],
+             lost_ids: Sequence[str]) -> str:
+    """The "Flagged messages" section (chaos.report_flagged), or why it is missing: a view never breaks the report."""
+    try:
+        from .report_flagged import CSS, flagged_section
+
+        return f"<style>{CSS}</style>\n" + flagged_section(run_dir, verdict, history, lost_ids)
+    except Exception as exc:
+        return (f'<h2 id="flagged">Flagged messages</h2>\n<p>could not be built: {_e(type(exc).__name__)}: '
+                f'{_e(exc)}</p>\n')
+
+
 def write_report(run_dir: Path) -> Path:
     """Write ``report.html`` into ``run_dir`` from whatever of history.jsonl, faults.jsonl,
     verdict.json, run.json and schedule.json it holds; returns the report's path."""
@@ -579,6 +592,8 @@ def write_report(run_dir: Path) -> Path:
              "<h2>Verdict</h2>\n",
              _table(("checker", "valid", "counts"),
                     [(name, *_checker_summary(res)) for name, res in _checkers(verdict).items()]),
+             '<p><a href="#flagged">Flagged messages</a>: each message a checker failed, with its journey.</p>\n'
+             if verdict and verdict.get("valid") is False else "",
              "<h3>Delivery outcome per message sent</h3>\n",
              _table(("outcome", "messages"), [(o, list(outcomes.values()).count(o)) for o in OUTCOMES]),
              "<h2>Latency and faults</h2>\n", _img(*pngs[0]),
@@ -600,6 +615,7 @@ def write_report(run_dir: Path) -> Path:
                              for mid, o in problems[:MAX_LISTED_MESSAGES]]))
         if len(problems) > MAX_LISTED_MESSAGES:
             parts.append(f'<p class="note">first {MAX_LISTED_MESSAGES} listed.</p>\n')
+    parts.append(_flagged(run_dir, verdict, history, [m for m, o in outcomes.items() if o == LOST]))
     parts += [f'<p class="note">{_e(n)}</p>\n' for n in notes]
     parts.append("</body></html>\n")
 

@@ -9,7 +9,8 @@ from the run directory alone (see :mod:`chaos.journey` for how, and for the
     swarmnet trace runs/<run-id> --all                      # one line per message: outcome, where its trail ends
     swarmnet trace runs/<run-id> bob-3 --html bob-3.html    # one self-contained page: lanes, findings, the text
 
-Only this module prints; :func:`render_text` and :func:`render_html` are views of the journey data.
+Only this module prints; :func:`render_text` and :func:`render_html` (its body, :func:`render_html_body`,
+is also the run report's inline journey) are views of the journey data.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import click
 from .journey import FaultBand, Run, TraceError, all_journeys, journey, load_run
 from .trace_events import trace_events, write_trace_events
 
-__all__ = ["render_text", "render_line", "render_html", "trace", "run_trace_events"]
+__all__ = ["render_text", "render_line", "render_html", "render_html_body", "render_lanes", "JOURNEY_CSS",
+           "trace", "run_trace_events"]
 
 
 def _dt(t: int | None, t0: int) -> str:
@@ -145,9 +147,12 @@ def _axis(events: list[Mapping[str, Any]]) -> tuple[list[float], Any]:
     return [p / span for p in pos], at
 
 
-def render_html(j: Mapping[str, Any]) -> str:
-    """The journey as one self-contained HTML page (no script, nothing fetched): a lane per user, node and
-    fault on a step axis (each step's text in its tooltip), the findings, and the text view."""
+JOURNEY_CSS = "pre{font-size:12px}.f{background:#fde;padding:.3em 1em}"  # what render_html_body's classes need
+
+
+def render_lanes(j: Mapping[str, Any]) -> str:
+    """The journey's lanes as one inline SVG (no script): a lane per user, node and fault on a step axis,
+    each step's text in its tooltip."""
     events = j["events"]
     t0 = (j["sent"] or {}).get("invoke_t") or (events[0]["t"] if events else 0)
     users = {j["from"], j["to"]} | {r["user"] for r in j["receives"]} | {r["user"] for r in j["retrieves"]}
@@ -179,15 +184,26 @@ def render_html(j: Mapping[str, Any]) -> str:
         else:
             out.append(f'<circle cx="{a:.1f}" cy="{y + row / 2}" r="5" fill="{colour}"><title>{tip}</title></circle>')
     out.append("</svg>")
+    return "".join(out)
+
+
+def render_html_body(j: Mapping[str, Any]) -> str:
+    """The journey as an HTML fragment (styled by ``JOURNEY_CSS``): the findings, the lanes, the text view.
+    The body of :func:`render_html`'s page, and what the run report shows inline per flagged message."""
     found = "".join(f"<li><b>{html.escape(f['kind'])}</b> at {html.escape(str(f['node']))}: "
                     f"{html.escape(f['text'])}</li>" for f in j["findings"])
+    return ((f'<div class="f">findings<ul>{found}</ul></div>' if found else "")
+            + "<p>lanes: one slot per step in timeline order, gaps drawn by their logarithm; hover a step for "
+              "its text</p>" + render_lanes(j) + "<pre>" + html.escape(render_text(j)) + "</pre>")
+
+
+def render_html(j: Mapping[str, Any]) -> str:
+    """The journey as one self-contained HTML page (no script, nothing fetched): a lane per user, node and
+    fault on a step axis (each step's text in its tooltip), the findings, and the text view."""
     title = f"{j['msg_id'] or j['hash']}: {', '.join(j['outcomes'])}"
     return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>" + html.escape(title) + "</title>"
-            "<style>body{font-family:sans-serif;margin:1em}pre{font-size:12px}.f{background:#fde;padding:.3em 1em}"
-            "</style></head><body><h2>" + html.escape(title) + "</h2>"
-            + (f'<div class="f">findings<ul>{found}</ul></div>' if found else "")
-            + "<p>lanes: one slot per step in timeline order, gaps drawn by their logarithm; hover a step for "
-              "its text</p>" + "".join(out) + "<pre>" + html.escape(render_text(j)) + "</pre></body></html>")
+            "<style>body{font-family:sans-serif;margin:1em}" + JOURNEY_CSS + "</style></head><body><h2>"
+            + html.escape(title) + "</h2>" + render_html_body(j) + "</body></html>")
 
 
 def render_line(j: Mapping[str, Any]) -> str:

@@ -201,3 +201,149 @@ def test_importing_the_module_does_not_load_matplotlib() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------- flagged messages, from simulated runs
+
+DETAILS = re.compile(r"<details><summary>(.*?)</summary>", re.S)
+
+
+@pytest.fixture(scope="module")
+def sim_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """A failing smoke run (replication skipped: lost and missing messages) and a valid one, ~3 s each."""
+    from chaos.sim.cli import run_jobs
+
+    runs_dir = tmp_path_factory.mktemp("sim")
+    jobs = [{"scenario": "smoke", "seed": 1, "inject_bugs": ["skip-replication"], "runs_dir": str(runs_dir / "bug")},
+            {"scenario": "smoke", "seed": 1, "inject_bugs": [], "runs_dir": str(runs_dir / "ok")}]
+    results = run_jobs(jobs, 2)
+    by = {("failing" if r["failing"] else "valid"): r for r in results}
+    assert set(by) == {"failing", "valid"}, results
+    return by
+
+
+def _verdict(run_dir: str) -> dict:
+    return json.loads((Path(run_dir) / "verdict.json").read_text())
+
+
+def test_flagged_section_shows_each_flagged_message_with_its_journey(sim_runs: dict) -> None:
+    run_dir = sim_runs["failing"]["run_dir"]
+    text = (Path(run_dir) / "report.html").read_text(encoding="utf-8")
+    checkers = _verdict(run_dir)["checkers"]
+    lost = checkers["delivery"]["lost"]
+    missing = [m["msg_id"] for m in checkers["replication"]["missing"]]
+    flagged = list(dict.fromkeys(lost + missing))
+    assert lost and len(flagged) > 50  # enough to cut the journeys at 50
+    section = text[text.index('<h2 id="flagged">'):]
+    assert f"Flagged messages ({len(flagged)})" in section
+    summaries = DETAILS.findall(section)
+    assert len(summaries) == 50
+    # delivery's failures first, each with every checker that flagged it, its findings and where its trail ends
+    for mid, summary in zip(lost, summaries):
+        assert f"<code>{mid}</code>" in summary and "delivery: lost; replication: missing" in summary
+        assert "findings: acked-alone, no-copies" in summary and "trail ends at n" in summary
+    first = section[:section.index("</details>")]
+    assert "<svg" in first and "<pre>" in first and "<b>acked-alone</b>" in first
+    assert f"message {lost[0]}  hash " in first and "storage at the end" in first and "trail ends at" in first
+    assert "faults active during the journey" in first and "kill n04" in first
+    # the rest by id, each with the command that shows it
+    rest = section[section.rindex("</details>"):]
+    for mid in flagged[50:]:
+        assert f"<code>swarmnet trace {run_dir} {mid}</code>" in rest
+    assert "<script" not in text and "http://" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+def test_valid_run_says_no_message_was_flagged(sim_runs: dict) -> None:
+    text = (Path(sim_runs["valid"]["run_dir"]) / "report.html").read_text(encoding="utf-8")
+    assert "Flagged messages (0)" in text and "No message was flagged by any checker." in text
+    assert "<details>" not in text
+
+
+def test_run_loaded_once_and_a_journey_that_breaks_says_why(sim_runs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    import chaos.journey
+    from chaos.report_flagged import trace_keys
+
+    run_dir = Path(sim_runs["failing"]["run_dir"])
+    lost = _verdict(str(run_dir))["checkers"]["delivery"]["lost"]
+    loads: list[Path] = []
+    real_load, real_journey = chaos.journey.load_run, chaos.journey.journey
+
+    def load_run(path: Path) -> object:
+        loads.append(path)
+        return real_load(path)
+
+    def journey(run: object, key: str) -> dict:
+        if key == lost[0]:
+            raise RuntimeError("<boom>")
+        return real_journey(run, key)
+
+    monkeypatch.setattr(chaos.journey, "load_run", load_run)
+    monkeypatch.setattr(chaos.journey, "journey", journey)
+    out = list(trace_keys(run_dir, lost + ["no-such-message"]))
+    assert len(loads) == 1
+    assert out[0] == {"key": lost[0], "error": "RuntimeError: <boom>"}
+    assert out[1]["key"] == lost[1] and out[1]["journey"]["msg_id"] == lost[1]
+    assert out[-1]["key"] == "no-such-message" and out[-1]["error"].startswith("TraceError: no message")
+    assert list(trace_keys(run_dir / "nothing-here", lost))[0]["error"].startswith(
+        "the run directory could not be read for tracing: TraceError")
+
+
+def test_a_tracer_past_its_time_leaves_every_message_listed_by_id(sim_runs: dict) -> None:
+    from chaos.report_flagged import flagged_section
+
+    run_dir = Path(sim_runs["failing"]["run_dir"])
+    verdict = _verdict(str(run_dir))
+    lost = verdict["checkers"]["delivery"]["lost"]
+    history = read_jsonl(run_dir / "history.jsonl")
+    section = flagged_section(run_dir, verdict, history, timeout_s=0.05)
+    assert "<details>" not in section and "tracing took over 0.05 s" in section
+    assert f"<td>{lost[0]}</td><td>delivery: lost; replication: missing</td>" in section
+    assert f"<code>swarmnet trace {run_dir} {lost[0]}</code>" in section
+    # with time enough: the first N with journeys, in the order of the list
+    section = flagged_section(run_dir, verdict, history, max_journeys=3)
+    flagged = list(dict.fromkeys(lost + [m["msg_id"] for m in verdict["checkers"]["replication"]["missing"]]))
+    assert [s.split("</code>")[0] for s in DETAILS.findall(section)] == [f"<code>{m}" for m in flagged[:3]]
+
+
+def test_flagged_section_survives_a_run_dir_it_cannot_trace(full_report: str, tmp_path: Path) -> None:
+    # the synthetic run above: a verdict with lost messages, but no keys, captures or databases
+    section = full_report[full_report.index('<h2 id="flagged">'):]
+    assert f"Flagged messages ({len(LOST_IDS)})" in section
+    for mid, summary in zip(LOST_IDS, DETAILS.findall(section)):
+        assert f"<code>{mid}</code>" in summary and "delivery: lost" in summary and "no journey" in summary
+    assert section.count("the journey could not be built: TraceError: no message") == len(LOST_IDS)
+    # no run.json: nothing to trace by; every message listed by id, and the rest of the report is whole
+    _jsonl(tmp_path / "history.jsonl", _history())
+    (tmp_path / "verdict.json").write_text(json.dumps(VERDICT))
+    text = write_report(tmp_path).read_text(encoding="utf-8")
+    section = text[text.index('<h2 id="flagged">'):]
+    assert len(_images(text)) == 3 and "could not be read for tracing" in section and "<details>" not in section
+    for mid in LOST_IDS:
+        assert f"<td>{mid}</td><td>delivery: lost</td>" in section
+
+
+def test_flagged_messages_groups_every_checker_failure_per_message() -> None:
+    from chaos.report_flagged import flagged_messages
+
+    history = [{"op": "send", "type": "invoke", "msg_id": "a-1", "hash": "H1"},
+               {"op": "send", "type": "invoke", "msg_id": "a-2", "hash": "H2"}]
+    verdict = {"checkers": {
+        "delivery": {"counts": {"lost": 1, "misdelivered": 3}, "lost": ["a-1"],
+                     "misdelivered": [{"msg_id": None, "hash": "H2", "process": "eve", "to": None,
+                                       "reason": "does not open"}],
+                     "unexpected": [{"msg_id": "zz-9", "hash": "HZ", "process": "bob"}]},
+        "replication": {"counts": {"missing": 1, "stray": 2, "stray_after_grace": 0},
+                        "missing": [{"msg_id": "a-1", "hash": "H1", "members": ["n1", "n2"], "missing_on": ["n2"]}],
+                        "stray": [{"msg_id": "a-2", "hash": "H2", "after_grace": False, "stray_on_live": ["n3"]}]},
+        "unlinkability": {"linked": [{"msg_id": "a-2", "hash": "H2", "linked_by": {"n4": {}}}]},
+        "authority": {"valid": "unknown", "error": "KeyError: 'x'"}}}
+    f = flagged_messages(verdict, history, lost_ids=["a-1", "a-3"])
+    by = {m.key: [(x.checker, x.outcome) for x in m.flags] for m in f.messages}
+    assert by == {"a-1": [("delivery", "lost"), ("replication", "missing")],
+                  "a-3": [("delivery", "lost")],  # past the list's cap, known from the history
+                  "a-2": [("delivery", "misdelivered"), ("unlinkability", "linked")],  # found by its hash
+                  "HZ": [("delivery", "unexpected")]}  # never sent: traced by its hash
+    assert [m.key for m in f.messages] == ["a-1", "a-2", "HZ", "a-3"]
+    assert f.unlisted == ["delivery misdelivered: 2 more than verdict.json lists"]
+    assert f.unjudged == ["authority: KeyError: 'x'"]
+    assert flagged_messages(None, history).messages == []
