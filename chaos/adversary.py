@@ -53,12 +53,12 @@ import trio
 
 from nodes.auth import auth_args, auth_message, authenticate
 from nodes.storage import AE_BUCKET_MS
-from testnet import crypto
-from testnet.net import TCP
+from testnet.base import crypto
+from testnet.base.net import TCP
 from testnet.plan import derive_seed
-from testnet.protocol import Response
+from testnet.base.protocol import Response
 from testnet.registry import deregister_args, deregister_message, register_args
-from testnet.rpc import ConnectionPool, RpcError, call_once, open_rpc
+from testnet.base.rpc import ConnectionPool, RpcError, call_once, open_rpc
 
 from .adversary_model import (FRAMES, AttemptLog, HistoryTail, Knowledge, NetView, adversary_host, measure,
                               planned_hosts, wall_ms)

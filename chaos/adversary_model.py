@@ -18,10 +18,10 @@ from typing import Any, Callable, Iterable, Mapping
 import msgpack
 
 from nodes.auth import Assignment
-from testnet.clock import wall_ms
-from testnet.protocol import HEADER
+from testnet.base.clock import wall_ms
+from testnet.base.protocol import HEADER
 from testnet.registry import HISTORY_LENGTH
-from testnet.swarm import swarm_for
+from testnet.base.swarm import swarm_for
 
 __all__ = ["ADDRESS_BASE", "adversary_host", "planned_hosts", "wall_ms", "Knowledge", "HistoryTail", "NetView",
            "measure", "FRAMES", "FOLLOW_UP", "AttemptLog"]
@@ -204,7 +204,7 @@ FRAMES: tuple[tuple[str, bytes, bool, int | None], ...] = (
     ("op-too-long", _frame({"id": 7, "op": "x" * 65, "args": {}}), False, 400),
     ("args-not-a-map", _frame({"id": 7, "op": "info", "args": [1]}), False, 400),
     ("ext-type", _ext_frame(), False, 400),
-    # testnet/rpc.py answers 400 ("stream ended inside a frame"), then closes.
+    # testnet/base/rpc.py answers 400 ("stream ended inside a frame"), then closes.
     ("truncated", HEADER.pack(100) + b"\x83\xa2id\x07", True, 400),
 )
 FOLLOW_UP = _frame({"id": 99, "op": "info", "args": {}})  # does the connection go on after a bad frame?

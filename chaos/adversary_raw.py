@@ -13,8 +13,8 @@ from typing import Any, Sequence
 import msgpack
 import trio
 
-from testnet.protocol import EOF, HEADER, NEED_DATA, Connection, RemoteProtocolError, Response
-from testnet.rpc import RpcError, call_once
+from testnet.base.protocol import EOF, HEADER, NEED_DATA, Connection, RemoteProtocolError, Response
+from testnet.base.rpc import RpcError, call_once
 
 from .adversary_model import FOLLOW_UP
 

@@ -40,9 +40,9 @@ from nacl import bindings as sodium
 
 from chaos.checkers.unlinkability import Observation, UserKeys, observe_node
 from nodes.capture import read_capture
-from nodes.onion import LayerError, decode_reply, parse_layer
-from testnet import crypto
-from testnet.protocol import FrameSplitter, RemoteProtocolError, Request, Response, decode_body
+from testnet.base.onion import LayerError, decode_reply, parse_layer
+from testnet.base import crypto
+from testnet.base.protocol import FrameSplitter, RemoteProtocolError, Request, Response, decode_body
 
 __all__ = ["blob_digest", "Call", "Copy", "Opened", "Replayed", "NodeKeys", "replay_captures"]
 

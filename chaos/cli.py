@@ -14,7 +14,7 @@ import click
 import trio
 
 from testnet import rundir
-from testnet.bugs import BUGS
+from testnet.base.bugs import BUGS
 
 from .scenario import CHECKERS, ScenarioError, library, load_scenario
 
@@ -167,7 +167,7 @@ def nightly(runs_dir: Path, keep_passing: bool, seeds: int, first_seed: int | No
 def current_membership(run_dir: Path, run: dict[str, Any]) -> tuple[dict[str, int] | None, set[str] | None]:
     """Swarms and live nodes from the running registry, or ``(None, None)`` if it is gone."""
     from testnet.rundir import gather_status
-    from testnet.rpc import RpcError, call_once
+    from testnet.base.rpc import RpcError, call_once
 
     async def ask() -> tuple[dict[str, int], set[str]]:
         reg = run["registry"]

@@ -25,11 +25,11 @@ from typing import Any, Mapping, Sequence, TypeVar
 import msgpack
 
 from nodes.core import MAX_DATA_BYTES
-from nodes.onion import decode_reply
+from testnet.base.onion import decode_reply
 from nodes.server import ADMIN_OPS, CLIENT_OPS, HANDSHAKE_OPS, NODE_OPS
-from testnet import crypto
-from testnet.protocol import Status
-from testnet.swarm import swarm_for
+from testnet.base import crypto
+from testnet.base.protocol import Status
+from testnet.base.swarm import swarm_for
 
 T = TypeVar("T")
 

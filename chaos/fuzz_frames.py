@@ -13,11 +13,11 @@ import msgpack
 
 from nodes.auth import auth_message
 from nodes.core import MAX_HASHES_PER_REQUEST, MAX_NODE_ITEMS, MAX_TTL_MS, MIN_TTL_MS
-from nodes.onion import encode_relay, encode_request
+from testnet.base.onion import encode_relay, encode_request
 from nodes.server import ADMIN_OPS, CLIENT_OPS, HANDSHAKE_OPS, NODE_OPS
 from nodes.storage import ae_bucket
-from testnet import crypto
-from testnet.protocol import Status
+from testnet.base import crypto
+from testnet.base.protocol import Status
 from testnet.registry import deregister_message, register_message
 
 from .fuzz import (INT64_MAX, INT64_MIN, LISTED_STATUSES, ONION_OPS, REGISTRY_OPS, TOO_BIG_DATA, UINT64_MAX, Account,

@@ -18,9 +18,9 @@ from typing import Any, Callable, Iterator
 
 import trio
 
-from testnet.clock import wall_ms
-from testnet.protocol import RequestError
-from testnet.rpc import RpcError, serve
+from testnet.base.clock import wall_ms
+from testnet.base.protocol import RequestError
+from testnet.base.rpc import RpcError, serve
 
 from .fuzz import KNOWN_OPS, RandomDraw, World
 from .fuzz_frames import PeerScript

@@ -35,9 +35,9 @@ import msgpack
 import trio
 
 from nodes import auth
-from testnet import crypto
-from testnet.clock import wall_ms
-from testnet.protocol import (DEFAULT_MAX_FRAME_SIZE, EOF, HEADER, NEED_DATA, Connection, RemoteProtocolError,
+from testnet.base import crypto
+from testnet.base.clock import wall_ms
+from testnet.base.protocol import (DEFAULT_MAX_FRAME_SIZE, EOF, HEADER, NEED_DATA, Connection, RemoteProtocolError,
                               Response)
 
 from .fuzz import KNOWN_OPS, Draw, Frame, NodeInfo, RandomDraw, World, judge
@@ -480,8 +480,8 @@ async def world_of(net: Any, seed: int, accounts: int = 24) -> World:
 async def restore(net: Any, tally: Tally) -> None:
     """Undo what admin ops with the right token may have changed (dial tables, clocks); then
     every node must answer ``info`` with its clock back."""
-    from testnet.protocol import RequestError
-    from testnet.rpc import RpcError
+    from testnet.base.protocol import RequestError
+    from testnet.base.rpc import RpcError
 
     for name in sorted(net.nodes):
         try:

@@ -100,8 +100,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from chaos.checkers.delivery import FAILURE_OUTCOMES, check_delivery
-from testnet import crypto
-from testnet.swarm import SwarmError, swarm_for
+from testnet.base import crypto
+from testnet.base.swarm import SwarmError, swarm_for
 
 from .captures import Copy
 from .trace_run import Chain, FaultBand, Run, TraceError, find_message, load_faults, load_run

@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator, Iterable
 import trio
 
 from testnet import links as L
-from testnet.swarm import swarm_for
+from testnet.base.swarm import swarm_for
 
 from .schedule import Fault
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from testnet.rundir import read_jsonl
+from testnet.base.jsonl import read_jsonl
 
 from .checkers.authority import ADVERSARY_FILE, summarize_attempts
 from .scenario import NEMESES

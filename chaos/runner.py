@@ -22,7 +22,7 @@ import trio
 
 from clients.workload import UserSpec, run_workload
 from testnet import plan as P
-from testnet.bugs import CLIENT_BUGS, check_bugs
+from testnet.base.bugs import CLIENT_BUGS, check_bugs
 
 from .nemesis import NemesisError, inject, live_swarms
 from .scenario import Scenario, load_scenario
@@ -226,7 +226,7 @@ def failing_checkers(verdict: dict[str, Any]) -> set[str]:
 
 
 # The nightly job's canaries: each injected bug, run under the scenario whose
-# faults let it show, must fail the checker named for it in testnet.bugs.  A
+# faults let it show, must fail the checker named for it in testnet.base.bugs.  A
 # canary that passes means the harness has gone blind to that kind of bug.
 CANARY_SCENARIOS = {
     "client-id-in-layers": "smoke",
@@ -241,7 +241,7 @@ CANARY_SCENARIOS = {
 
 async def _nightly_entry(scenario: Scenario, *, seed: int | None, runs_dir: Path, progress: Progress, prune: bool,
                          bug: str | None = None, replay_failures: bool = False) -> dict[str, Any]:
-    from testnet.bugs import BUGS
+    from testnet.base.bugs import BUGS
 
     entry: dict[str, Any] = {"scenario": scenario.name}
     if bug is not None:

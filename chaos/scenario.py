@@ -25,7 +25,7 @@ ADVERSARY_ATTACKS = ("stranger", "signatures", "abuse", "frames", "flood", "liar
 ADVERSARY_DEFAULTS: dict[str, Any] = {
     "attacks": list(ADVERSARY_ATTACKS),
     "interval_s": 0.3,  # pause between rounds of each attack
-    "flood_connections": 300,  # per wave, at one node (past testnet/rpc.py's 256 per address)
+    "flood_connections": 300,  # per wave, at one node (past testnet/base/rpc.py's 256 per address)
     "flood_hold_s": 4.0,  # how long a wave holds its connections
     "max_attempts": 20_000,  # recorded attempts per fault, at most
 }

@@ -18,8 +18,8 @@ from urllib.parse import quote
 
 from chaos.checkers.replication import load_ground_truth
 from chaos.checkers.unlinkability import Observation, UserKeys
-from testnet import crypto
-from testnet.rundir import read_jsonl
+from testnet.base import crypto
+from testnet.base.jsonl import read_jsonl
 
 from .captures import NodeKeys, Opened, Replayed, replay_captures
 

@@ -6,7 +6,7 @@ verify), so the CPU figure reads as a multiple of it.
 
 Also measured in the same run: the transport floor of this stack — CPU for
 one request/response round trip between two processes over loopback with
-``testnet.rpc`` and a handler that does nothing.  An onion store makes at
+``testnet.base.rpc`` and a handler that does nothing.  An onion store makes at
 least eight such round trips (four onion hops, four replications), so eight
 times it bounds what any Python node built on this transport can reach.
 """
@@ -25,7 +25,7 @@ import trio
 from nacl import bindings as sodium
 
 from nodes.bench import cpu_seconds, percentile_ms
-from testnet import crypto
+from testnet.base import crypto
 
 from .client import Client, ClientError
 
@@ -46,7 +46,7 @@ def crypto_floor_us(rounds: int = 2000) -> float:
 
 _ECHO_SERVER = """
 import json, os, trio
-from testnet.rpc import serve
+from testnet.base.rpc import serve
 
 async def nothing(req, peer):
     return 200, {}
@@ -62,10 +62,10 @@ STORE_ROUND_TRIPS = 8  # 4 onion hops + 4 replications (batched under load, so f
 
 
 async def rpc_floor_us(concurrencies: tuple[int, ...], log_dir: Path, calls: int = 4000) -> dict[int, float]:
-    """CPU µs (both processes) per request/response round trip of ``testnet.rpc`` over loopback,
+    """CPU µs (both processes) per request/response round trip of ``testnet.base.rpc`` over loopback,
     for each number of calls in flight, against a handler that does nothing."""
     from testnet import procs
-    from testnet.rpc import open_rpc
+    from testnet.base.rpc import open_rpc
 
     child, rfd = procs.spawn("rpc-echo", [sys.executable, "-c", _ECHO_SERVER], stderr=log_dir / "rpc-echo.log")
     try:

@@ -18,8 +18,9 @@ import click
 import msgpack
 import trio
 
-from testnet import crypto, rundir
-from testnet.bugs import CLIENT_BUGS
+from testnet import rundir
+from testnet.base import crypto
+from testnet.base.bugs import CLIENT_BUGS
 
 from .client import Client, ClientError
 from .workload import UserSpec, run_workload

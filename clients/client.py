@@ -16,12 +16,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import trio
 
-from nodes.onion import decode_reply, encode_relay, encode_request
-from testnet import crypto
-from testnet.protocol import Status
-from testnet.net import TCP, Network
-from testnet.rpc import ConnectError, ConnectionPool, RpcError, RpcTimeout, call_once
-from testnet.swarm import swarm_for
+from testnet.base.onion import decode_reply, encode_relay, encode_request
+from testnet.base import crypto
+from testnet.base.protocol import Status
+from testnet.base.net import TCP, Network
+from testnet.base.rpc import ConnectError, ConnectionPool, RpcError, RpcTimeout, call_once
+from testnet.base.swarm import swarm_for
 
 log = logging.getLogger("client")
 

@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterable, Sequence
 import msgpack
 import trio
 
-from testnet import crypto
-from testnet.clock import wall_ms
-from testnet.net import TCP, Network
-from testnet.rundir import read_jsonl
+from testnet.base import crypto
+from testnet.base.clock import wall_ms
+from testnet.base.net import TCP, Network
+from testnet.base.jsonl import read_jsonl
 
 from .client import Client, ClientError, OutcomeUnknown
 

@@ -9,7 +9,7 @@ import sys
 
 import trio
 
-from testnet.logs import announce_listening, die_with_parent, exit_on_signals, setup_logging, watch_parent
+from testnet.base.logs import announce_listening, die_with_parent, exit_on_signals, setup_logging, watch_parent
 
 from .core import ConfigError, NodeConfig
 

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable, Iterable, Mapping
 
-from testnet import crypto
-from testnet.protocol import RequestError, Status
-from testnet.rpc import ConnectError, RpcConnection
-from testnet.swarm import swarm_for
+from testnet.base import crypto
+from testnet.base.protocol import RequestError, Status
+from testnet.base.rpc import ConnectError, RpcConnection
+from testnet.base.swarm import swarm_for
 
 from .core import SwarmView
 

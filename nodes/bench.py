@@ -17,8 +17,8 @@ from typing import Any
 import psutil
 import trio
 
-from testnet import crypto
-from testnet.rpc import open_rpc
+from testnet.base import crypto
+from testnet.base.rpc import open_rpc
 
 
 def cpu_seconds(pids: list[int]) -> float:

@@ -14,7 +14,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 import msgpack
 
-from testnet.clock import wall_ms
+from testnet.base.clock import wall_ms
 
 
 class CaptureFile:

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sized, TypeVar
 
-from testnet import crypto
-from testnet.bugs import NODE_BUGS, UnknownBug, check_bugs
-from testnet.limits import ConnectionLimits
-from testnet.protocol import RequestError, Status
-from testnet.registry import NodeRecord  # the registry's record, as nodes receive it
-from testnet.swarm import swarm_for
+from testnet.base import crypto
+from testnet.base.bugs import NODE_BUGS, UnknownBug, check_bugs
+from testnet.base.limits import ConnectionLimits
+from testnet.base.protocol import RequestError, Status
+from testnet.base.records import NodeRecord  # the registry's record, as nodes receive it
+from testnet.base.swarm import swarm_for
 
 from .storage import AE_BUCKET_MS, StoredMessage
 
@@ -28,7 +28,7 @@ VERSION = "swarmnet-node/0.1"
 MAX_DATA_BYTES = 76_800
 MIN_TTL_MS = 10_000
 MAX_TTL_MS = 14 * 24 * 3600 * 1000
-# Frames are capped at 1 MiB (testnet.protocol).  Whatever a node packs into one
+# Frames are capped at 1 MiB (testnet.base.protocol).  Whatever a node packs into one
 # request or reply — replicated batches, anti-entropy fetches, retrieved
 # messages — stays within this many bytes of payload, leaving room for the
 # envelope and, for onion replies, the encryption around it.

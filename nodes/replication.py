@@ -13,8 +13,8 @@ from typing import Any, Callable, Sequence
 
 import trio
 
-from testnet.protocol import ProtocolError
-from testnet.rpc import ConnectionPool, RpcError
+from testnet.base.protocol import ProtocolError
+from testnet.base.rpc import ConnectionPool, RpcError
 
 from .core import BATCH_COUNT, fitting
 from .storage import Storage, StorageError, StoredMessage

@@ -14,14 +14,14 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from testnet import crypto
-from testnet.clock import wall_s
-from testnet.logs import event
-from testnet.net import TCP, Network
-from testnet.protocol import RequestError, Request, Status
-from testnet.registry import register_args
-from testnet.limits import ConnectionGate
-from testnet.rpc import ConnectionPool, Peer, RpcError, serve
+from testnet.base import crypto
+from testnet.base.clock import wall_s
+from testnet.base.logs import event
+from testnet.base.net import TCP, Network
+from testnet.base.protocol import RequestError, Request, Status
+from testnet.base.records import register_args
+from testnet.base.limits import ConnectionGate
+from testnet.base.rpc import ConnectionPool, Peer, RpcError, serve
 
 from . import auth, core
 from .capture import CaptureFile

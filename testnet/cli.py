@@ -38,11 +38,11 @@ class CommandError(Exception):
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from .controller import ControllerError
-    from .crypto import CryptoError
+    from .base.crypto import CryptoError
     from .links import LinkError
     from .procs import ProcError
-    from .protocol import RequestError
-    from .rpc import RpcError
+    from .base.protocol import RequestError
+    from .base.rpc import RpcError
 
     return (CommandError, ControllerError, CryptoError, LinkError, ProcError, RequestError, RpcError,
             rundir.RunDirError, P.PlanError)
@@ -138,7 +138,7 @@ def up(nodes: int, users: int, min_swarm: int, run_dir: Path | None, links: str,
     """Start a network, check it, and keep it up until Ctrl-C (or `swarmnet down`)."""
     from .controller import Options
 
-    from .bugs import UnknownBug, check_bugs
+    from .base.bugs import UnknownBug, check_bugs
 
     try:
         check_bugs(inject_bugs)
@@ -439,7 +439,7 @@ def logs(node: str | None, follow: bool, run_dir: Path | None, as_json: bool) ->
 @_json_option
 def id_(seed_hex: str | None, as_json: bool) -> None:
     """Make a new identity, or show the one of a seed."""
-    from .crypto import Identity
+    from .base.crypto import Identity
 
     if seed_hex is None:
         ident, made = Identity.generate(), True

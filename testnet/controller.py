@@ -27,12 +27,12 @@ import trio
 from . import links as L
 from . import plan as P
 from . import procs, rundir
-from .bugs import NODE_BUGS
-from .crypto import Identity, open_message, retrieve_signature_message, seal_message
-from .protocol import RequestError, Status
+from .base.bugs import NODE_BUGS
+from .base.crypto import Identity, open_message, retrieve_signature_message, seal_message
+from .base.protocol import RequestError, Status
 from .registry import deregister_args
-from .net import TCP, Network
-from .rpc import ConnectionPool, RpcError, call_once
+from .base.net import TCP, Network
+from .base.rpc import ConnectionPool, RpcError, call_once
 
 Progress = Callable[[str], None]
 CALL_TIMEOUT_S = 2.0

@@ -28,7 +28,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Iterator, Literal
 
-from .crypto import Identity
+from .base.crypto import Identity
 
 LinksMode = Literal["toxiproxy", "direct"]
 LINKS_MODES: tuple[str, ...] = ("toxiproxy", "direct")

@@ -3,13 +3,13 @@
 It holds the one authoritative list of service nodes (keys, address, swarm)
 and a height that goes up by one on every change.  Nodes join with a signed
 ``register`` and leave with a signed ``deregister``; after each change the
-registry re-runs :func:`testnet.swarm.assign_swarms`, as oxen-core recomputes
+registry re-runs :func:`testnet.base.swarm.assign_swarms`, as oxen-core recomputes
 swarms on every block that changes the service-node list.  Everyone else
 follows the list with the ``get_service_nodes`` long-poll.
 
 :class:`RegistryState` is the whole rule book, without I/O: time comes in as
 ms, requests as argument maps, answers go out as maps or
-:class:`~testnet.protocol.RequestError`.  :func:`run_registry` is the trio
+:class:`~testnet.base.protocol.RequestError`.  :func:`run_registry` is the trio
 edge and ``python -m testnet.registry`` the process (see contracts: readiness
 line on stdout, JSON-line logs in ``--log``, SIGTERM or the parent's death
 means a clean exit with code 0).
@@ -29,18 +29,20 @@ import signal
 import sys
 import tempfile
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable, Mapping
 
 import trio
 
-from . import logs
-from .clock import wall_ms
-from .crypto import BadKey, BadSignature, Identity, ed25519_to_session_id, verify_request
-from .protocol import Request, RequestError, Status
-from .net import TCP, Network
-from .rpc import Peer, serve
-from .swarm import DEFAULT_MIN_SWARM_SIZE, RING, assign_swarms, swarms_of
+from .base import logs
+from .base.clock import wall_ms
+from .base.crypto import BadKey, BadSignature, ed25519_to_session_id, verify_request
+from .base.records import (NodeRecord, deregister_args, deregister_message, register_args,
+                           register_message)
+from .base.protocol import Request, RequestError, Status
+from .base.net import TCP, Network
+from .base.rpc import Peer, serve
+from .base.swarm import DEFAULT_MIN_SWARM_SIZE, RING, assign_swarms, swarms_of
 
 __all__ = [
     "RegistryError", "StateFileError", "NodeRecord", "RegistryState",
@@ -80,40 +82,6 @@ class RegistryError(Exception):
 
 class StateFileError(RegistryError):
     """The --state file cannot be read or does not have the expected shape."""
-
-
-# --------------------------------------------------------------------------- signing (clients)
-
-
-def register_message(ed_hex: str, x_hex: str, host: str, port: int, timestamp: int) -> bytes:
-    """What a node signs to register: the fields joined by "|" after b"register".
-
-    The separator keeps the fields apart: without it, port 8055 at time 5 and
-    port 805 at time 55 would sign the same bytes.
-    """
-    return "|".join(["register", ed_hex, x_hex, host, str(port), str(timestamp)]).encode()
-
-
-def deregister_message(ed_hex: str, timestamp: int) -> bytes:
-    """What a node signs to deregister: b"deregister|" + ed_hex + "|" + str(timestamp)."""
-    return "|".join(["deregister", ed_hex, str(timestamp)]).encode()
-
-
-def register_args(identity: Identity, host: str, port: int, now_ms: int) -> dict[str, Any]:
-    """Signed arguments of a ``register`` request for ``identity`` at (host, port), timestamp ``now_ms``."""
-    ed_hex, x_hex = identity.ed25519_public.hex(), identity.x25519_public.hex()
-    return {
-        "ed25519_public": ed_hex, "x25519_public": x_hex, "host": host, "port": port,
-        "timestamp": now_ms,
-        "signature": identity.sign(register_message(ed_hex, x_hex, host, port, now_ms)),
-    }
-
-
-def deregister_args(identity: Identity, now_ms: int) -> dict[str, Any]:
-    """Signed arguments of a ``deregister`` request for ``identity``, timestamp ``now_ms``."""
-    ed_hex = identity.ed25519_public.hex()
-    return {"ed25519_public": ed_hex, "timestamp": now_ms,
-            "signature": identity.sign(deregister_message(ed_hex, now_ms))}
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -212,21 +180,6 @@ def parse_poll_args(args: object) -> tuple[int | None, int]:
 
 
 # --------------------------------------------------------------------------- the pure state
-
-
-@dataclass(frozen=True, slots=True)
-class NodeRecord:
-    """One registered service node; keys are lowercase hex, ``swarm_id`` in [0, 2**64)."""
-
-    ed25519_public: str
-    x25519_public: str
-    host: str
-    port: int
-    swarm_id: int
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"ed25519_public": self.ed25519_public, "x25519_public": self.x25519_public, "host": self.host,
-                "port": self.port, "swarm_id": self.swarm_id}
 
 
 class RegistryState:

@@ -121,26 +121,6 @@ def write_json_atomic(path: Path, obj: Any, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
-def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
-    """Every JSON-object line of ``path`` (history, faults): blank, torn (a kill -9
-    mid-write), malformed or non-object lines are skipped; a missing file reads as []."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return []
-    out = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
-
-
 def load_run(run_dir: Path | str) -> dict[str, Any]:
     """The parsed ``run.json`` of ``run_dir``."""
     path = Path(run_dir) / RUN_JSON
@@ -269,7 +249,7 @@ async def gather_status(run: dict[str, Any], timeout_s: float = 1.0) -> dict[str
     import trio
 
     from .procs import proc_state
-    from .rpc import RpcError, call_once
+    from .base.rpc import RpcError, call_once
 
     rows: dict[str, dict[str, Any]] = {}
 
@@ -312,8 +292,8 @@ async def serve_control(sock: socket.socket, token: str,
 
     import trio
 
-    from .protocol import RequestError, Status
-    from .rpc import serve_connection
+    from .base.protocol import RequestError, Status
+    from .base.rpc import serve_connection
 
     async def handler(req: Any, peer: Any) -> tuple[int, Any]:
         if req.op != "control":
@@ -333,7 +313,7 @@ async def control_call(run: dict[str, Any], run_dir: Path, action: str, timeout_
                        **args: Any) -> Any:
     """Ask the run's controller to do ``action`` (``ping``, ``status``, ``down``, ``node``)."""
     from .procs import proc_state
-    from .rpc import RpcError, call_once
+    from .base.rpc import RpcError, call_once
 
     ctl = run.get("controller") or {}
     if not ctl.get("pid") or proc_state(ctl["pid"], ctl.get("create_time")) == "dead":

@@ -12,7 +12,7 @@ from chaos.checkers.authority import ADVERSARY_FILE, check_authority, summarize_
 from chaos.checkers.verdict import summary
 from chaos.report import adversary_section
 from nodes.auth import Assignment
-from testnet.protocol import BadFrame, Connection, RemoteProtocolError
+from testnet.base.protocol import BadFrame, Connection, RemoteProtocolError
 
 ALICE = "05" + "11" * 32
 BOB = "05" + "22" * 32
@@ -212,8 +212,8 @@ async def test_frames_and_a_flood_at_an_in_process_server(nursery):
     from functools import partial
 
     from chaos.adversary_raw import flood, send_frame
-    from testnet.net import TCP
-    from testnet.rpc import serve
+    from testnet.base.net import TCP
+    from testnet.base.rpc import serve
 
     async def handler(req, peer):
         return 200, {"op": req.op}

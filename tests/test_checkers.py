@@ -15,11 +15,11 @@ from chaos.checkers.unlinkability import check_unlinkability, scan_for_plaintext
 from chaos.checkers.verdict import exit_code, run_checks, summary
 from clients.client import ServiceNode, build_onion
 from nodes.capture import CaptureFile
-from nodes.onion import encode_reply, parse_layer
+from testnet.base.onion import encode_reply, parse_layer
 from nodes.storage import Storage, StoredMessage
-from testnet import crypto
-from testnet.protocol import Connection, Request, Response
-from testnet.swarm import swarm_for
+from testnet.base import crypto
+from testnet.base.protocol import Connection, Request, Response
+from testnet.base.swarm import swarm_for
 
 SID = {"alice": "05" + "a1" * 32, "bob": "05" + "b2" * 32, "carol": "05" + "c3" * 32}
 

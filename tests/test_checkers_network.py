@@ -12,7 +12,7 @@ from chaos.nemesis import inject, live_swarms
 from chaos.scenario import NEMESES
 from chaos.schedule import Fault
 from clients.workload import UserSpec, read_history, run_workload
-from testnet.bugs import BUGS, CLIENT_BUGS
+from testnet.base.bugs import BUGS, CLIENT_BUGS
 from testnet.controller import open_testnet
 
 pytestmark = pytest.mark.network

@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from clients.client import Client, OutcomeUnknown
-from testnet import crypto
+from testnet.base import crypto
 from testnet.controller import open_testnet
 from testnet.fixtures import requires_toxiproxy
 

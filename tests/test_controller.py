@@ -19,7 +19,7 @@ from testnet.controller import Options, error_leaves, open_testnet
 from testnet.links import check_bindable
 from testnet.fixtures import assert_no_leaks, requires_toxiproxy
 from testnet.procs import NotReady, proc_state
-from testnet.rpc import RpcError
+from testnet.base.rpc import RpcError
 from testnet.rundir import load_run, recorded_processes
 
 pytestmark = pytest.mark.network

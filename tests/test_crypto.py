@@ -1,4 +1,4 @@
-"""Tests for testnet.crypto: vectors, round trips, tampering, Session interop."""
+"""Tests for testnet.base.crypto: vectors, round trips, tampering, Session interop."""
 
 import base64
 import hashlib
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from testnet import crypto
-from testnet.crypto import (
+from testnet.base import crypto
+from testnet.base.crypto import (
     BadKey, BadSessionId, BadSignature, CryptoError, DecryptionError, Identity,
     KeyMismatch, MalformedBlob,
 )

@@ -23,16 +23,16 @@ from chaos.fuzz_peer import start_fake_peers
 from chaos.fuzz_run import (MAX_BODY, Budget, FuzzConn, Fuzzer, Tally, exited_nodes, integrity_check, keep_alive,
                             open_connections, pump, restore, scan_logs, send_all, source_hosts, world_of)
 from nodes import core
-from nodes.onion import encode_reply
+from testnet.base.onion import encode_reply
 from nodes.replication import GroupCommit
 from nodes.server import ADMIN_OPS, CLIENT_OPS, HANDSHAKE_OPS, NODE_OPS
 from nodes.storage import Storage, StorageError, StoredMessage
-from testnet import crypto
+from testnet.base import crypto
 from testnet.fixtures import running_testnet
-from testnet.protocol import RequestError, Status
-from testnet.protocol import Request
+from testnet.base.protocol import RequestError, Status
+from testnet.base.protocol import Request
 from testnet.registry import RegistryState, _Server, parse_poll_args
-from testnet.rpc import Peer, serve
+from testnet.base.rpc import Peer, serve
 
 NOW = 1_700_000_000_000
 EXAMPLES = 300  # about 10 frames each: a few thousand frames, ~15 s on a shared 2-core machine

@@ -11,10 +11,10 @@ import trio
 
 from nodes import auth
 from nodes.core import SwarmView
-from testnet import crypto
-from testnet.protocol import RequestError, Status
-from testnet.rpc import open_rpc
-from testnet.swarm import swarm_for
+from testnet.base import crypto
+from testnet.base.protocol import RequestError, Status
+from testnet.base.rpc import open_rpc
+from testnet.base.swarm import swarm_for
 
 NODE_A = crypto.Identity.from_seed(bytes([1]) * 32)
 NODE_B = crypto.Identity.from_seed(bytes([2]) * 32)
@@ -201,7 +201,7 @@ async def test_strangers_and_other_swarms_cannot_list_read_or_delete_an_account(
             assert (await handshake(rpc, member, t_ed, challenge=first.body["challenge"])).status == 401
 
         # Nor can a stranger become a service node: the registry takes only staked keys.
-        from testnet.registry import register_args
+        from testnet.base.records import register_args
         resp = await net._pool.call("registry", "register",
                                     register_args(NODE_A, "127.0.0.206", 4000, now_ms()), timeout=5)
         assert resp.status == Status.FORBIDDEN, resp

@@ -4,9 +4,9 @@ import pytest
 
 from nodes import core
 from nodes.core import NodeRecord, SwarmView, TokenBucket
-from nodes.onion import LayerError, decode_reply, encode_relay, encode_reply, encode_request, parse_layer
-from testnet import crypto
-from testnet.protocol import RequestError, Status
+from testnet.base.onion import LayerError, decode_reply, encode_relay, encode_reply, encode_request, parse_layer
+from testnet.base import crypto
+from testnet.base.protocol import RequestError, Status
 
 ALICE = crypto.Identity.from_seed(bytes(range(32)))
 NOW = 1_700_000_000_000

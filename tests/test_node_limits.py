@@ -10,9 +10,9 @@ import msgpack
 import pytest
 import trio
 
-from testnet.protocol import HEADER, Status
-from testnet.rpc import open_rpc
-from testnet.swarm import swarm_for
+from testnet.base.protocol import HEADER, Status
+from testnet.base.rpc import open_rpc
+from testnet.base.swarm import swarm_for
 
 pytestmark = pytest.mark.network
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from testnet import crypto
+from testnet.base import crypto
 from testnet.controller import open_testnet
-from testnet.swarm import swarm_for
+from testnet.base.swarm import swarm_for
 
 pytestmark = pytest.mark.network
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from testnet import plan as P
-from testnet.crypto import Identity
+from testnet.base.crypto import Identity
 
 
 def make(nodes=5, users=3, links="toxiproxy", seed=7, block=(12, 40), **kw):

@@ -4,7 +4,7 @@ import msgpack
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from testnet.protocol import (
+from testnet.base.protocol import (
     EOF, HEADER, NEED_DATA, BadFrame, Connection, LocalProtocolError, ProtocolError,
     RemoteProtocolError, Request, Response, Status, encode_frame,
 )

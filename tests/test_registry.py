@@ -15,13 +15,13 @@ import pytest
 import trio
 from hypothesis import given, settings, strategies as st
 
-from testnet.crypto import Identity
-from testnet.protocol import RequestError, Status
+from testnet.base.crypto import Identity
+from testnet.base.protocol import RequestError, Status
 from testnet.registry import (
     MAX_WAIT_MS, RegistryState, StateFileError, deregister_args, deregister_message, load_state,
     parse_poll_args, register_args, register_message, run_registry, save_state,
 )
-from testnet.rpc import call_once, open_rpc
+from testnet.base.rpc import call_once, open_rpc
 
 NOW = 1_700_000_000_000  # ms
 IDS = [Identity.from_seed(bytes([i + 1]) * 32) for i in range(16)]

@@ -3,8 +3,8 @@
 import trio
 import pytest
 
-from testnet.protocol import HEADER, Connection, RequestError, Response, Status
-from testnet.rpc import (
+from testnet.base.protocol import HEADER, Connection, RequestError, Response, Status
+from testnet.base.rpc import (
     ConnectError, ConnectionPool, RpcTimeout, StatusError, connect, open_rpc, serve,
 )
 
@@ -89,7 +89,7 @@ async def test_garbage_and_oversized_frames_get_error_frames_and_others_unaffect
             # A malformed body: answered with 400, connection goes on.
             bad = await connect(host, port)
             await bad.send_all(HEADER.pack(3) + b"\xc1\xc1\xc1")
-            await bad.send_all(Connection().send(__import__("testnet.protocol").protocol.Request(5, "echo", {})))
+            await bad.send_all(Connection().send(__import__("testnet.base.protocol").base.protocol.Request(5, "echo", {})))
             conn = Connection()
             events = []
             with trio.fail_after(5):

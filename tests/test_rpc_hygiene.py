@@ -7,8 +7,8 @@ from functools import partial
 import pytest
 import trio
 
-from testnet.protocol import HEADER, Connection, Request, RequestError, Response, Status
-from testnet.rpc import ConnectionGate, ConnectionLimits, connect, open_rpc, serve
+from testnet.base.protocol import HEADER, Connection, Request, RequestError, Response, Status
+from testnet.base.rpc import ConnectionGate, ConnectionLimits, connect, open_rpc, serve
 
 TOO_MANY_FROM_SOURCE = "too many connections from this address"
 

@@ -108,7 +108,7 @@ def test_an_injected_bug_fails_its_checker_in_simulation(tmp_path):
 
 # --------------------------------------------------------------------------- seams
 
-# Reading these directly is what the seams are for (testnet.clock, testnet.net,
+# Reading these directly is what the seams are for (testnet.base.clock, testnet.base.net,
 # crypto's randbytes); benchmarks and the person-facing commands are edges.
 FORBIDDEN_CALLS = {
     ("time", "time"), ("time", "monotonic"), ("time", "perf_counter"), ("time", "time_ns"),

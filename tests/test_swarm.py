@@ -1,4 +1,4 @@
-"""Tests for testnet.swarm: account -> swarm, node -> swarm assignment, diffs."""
+"""Tests for testnet.base.swarm: account -> swarm, node -> swarm assignment, diffs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from testnet.swarm import (
+from testnet.base.swarm import (
     RING, NodeMove, SwarmChange, SwarmError, assign_swarms, diff_assignments,
     ideal_swarm_size, new_swarm_id, swarm_for, swarm_for_space, swarm_space, swarms_of,
 )

@@ -259,8 +259,8 @@ def test_the_wire_pass_names_copies_and_their_peers(tmp_path):
     import msgpack
 
     from chaos.captures import NodeKeys, replay_captures
-    from testnet import crypto
-    from testnet.protocol import Request, Response, encode_message
+    from testnet.base import crypto
+    from testnet.base.protocol import Request, Response, encode_message
 
     ids = {n: crypto.Identity.from_seed(bytes([i]) * 32) for i, n in enumerate(["n01", "n02", "n03"], 1)}
     local, inbound, outbound = ["127.0.1.1", 4000], ["127.0.0.1", 51000], ["127.0.3.1", 30003]

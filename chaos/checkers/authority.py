@@ -32,7 +32,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from testnet.rundir import read_jsonl
+from testnet.base.jsonl import read_jsonl
 
 from .delivery import capped
 from .replication import ReplicationError, load_ground_truth, read_node_hashes

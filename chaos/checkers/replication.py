@@ -5,7 +5,7 @@ swarm, and by no node outside that swarm.
 It reads each node's SQLite file directly, read-only, and the history; the
 current swarms and the live nodes are passed in by the caller (the CLI asks
 the registry: :func:`current_swarms_from_registry`).  Swarm of an account:
-``testnet.swarm.swarm_for`` (oxen-storage-server: nearest swarm id on the
+``testnet.base.swarm.swarm_for`` (oxen-storage-server: nearest swarm id on the
 ring, a tie goes left).
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import quote
 
-from testnet.swarm import SwarmError, swarm_for
+from testnet.base.swarm import SwarmError, swarm_for
 
 from .delivery import capped
 
@@ -88,7 +88,7 @@ def current_swarms_from_registry(run_dir: str | Path, *, timeout_s: float = REGI
     """
     import trio  # the only I/O of this module; kept out of the pure checker
 
-    from testnet.rpc import RpcError, call_once
+    from testnet.base.rpc import RpcError, call_once
 
     truth = load_ground_truth(run_dir)
     reg = truth.run.get("registry") or {}

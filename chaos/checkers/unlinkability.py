@@ -32,9 +32,9 @@ import msgpack
 from nacl import bindings as sodium
 
 from nodes.capture import read_capture
-from nodes.onion import LayerError, parse_layer
-from testnet import crypto
-from testnet.protocol import FrameSplitter, RemoteProtocolError, Request, Response, decode_body
+from testnet.base.onion import LayerError, parse_layer
+from testnet.base import crypto
+from testnet.base.protocol import FrameSplitter, RemoteProtocolError, Request, Response, decode_body
 
 from .delivery import capped
 from .replication import GroundTruth, load_ground_truth

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from testnet.rundir import read_jsonl
+from testnet.base.jsonl import read_jsonl
 
 from .authority import check_authority
 from .delivery import check_delivery

@@ -22,7 +22,7 @@ import click
 
 from chaos.cli import _fail, _progress
 from chaos.scenario import ScenarioError, load_scenario
-from testnet.bugs import UnknownBug
+from testnet.base.bugs import UnknownBug
 
 from .determinism import HASH_SEED, ensure_hash_seed
 
@@ -254,7 +254,7 @@ def nightly_cmd(seeds: int, first_seed: int, jobs: int, runs_dir: Path) -> None:
     (each injectable bug under its canary scenario must fail its checker here too)."""
     from chaos.runner import CANARY_SCENARIOS
     from chaos.scenario import library
-    from testnet.bugs import BUGS
+    from testnet.base.bugs import BUGS
 
     t0 = time.monotonic()
     sweep = [{"scenario": p.stem, "seed": s, "runs_dir": str(runs_dir), "prune": True, "key": p.stem}

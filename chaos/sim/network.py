@@ -1,6 +1,6 @@
 """An in-memory loopback network on trio's clock, for the deterministic simulation.
 
-:class:`SimNetwork` offers what :mod:`testnet.rpc` asks of a network —
+:class:`SimNetwork` offers what :mod:`testnet.base.rpc` asks of a network —
 ``open_tcp_listeners(port, host=)`` and ``open_tcp_stream(host, port,
 local_address=)`` — and hands out :class:`SimStream` objects that behave like
 TCP streams: bytes arrive in order, a close is seen as end of stream after
@@ -30,7 +30,7 @@ FIRST_PORT = 20_000
 
 
 class _SimSocket:
-    """What :mod:`testnet.rpc` reads of a socket: its two addresses."""
+    """What :mod:`testnet.base.rpc` reads of a socket: its two addresses."""
 
     __slots__ = ("_local", "_remote")
 

@@ -39,7 +39,7 @@ from nodes.server import Clock, Node
 from testnet import plan as P
 from testnet import procs, rundir
 from testnet.controller import NodeRuntime, Options, Testnet
-from testnet.logs import JsonFormatter
+from testnet.base.logs import JsonFormatter
 from testnet.registry import run_registry
 
 from .network import SimNetwork

@@ -2,7 +2,7 @@
 connections and a pool of them.
 
 Only bytes and time move here; framing and validation live in
-:mod:`testnet.protocol`.  Every wait has a deadline and every task belongs to
+:mod:`testnet.base.protocol`.  Every wait has a deadline and every task belongs to
 a nursery the caller owns.
 """
 

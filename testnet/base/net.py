@@ -1,7 +1,7 @@
 """The network seam: how swarmnet code opens connections and listeners.
 
 Nodes, the registry, clients and the controller never call trio's socket
-functions directly; :mod:`testnet.rpc` asks a :class:`Network` passed in.
+functions directly; :mod:`testnet.base.rpc` asks a :class:`Network` passed in.
 Real runs use :data:`TCP` (loopback sockets); the simulation passes its
 in-memory network (``chaos/sim/network.py``), which hands out streams that
 behave like TCP and listeners that ``trio.serve_listeners`` can serve.
