@@ -495,6 +495,21 @@ def message_from_wire(item: Any) -> StoredMessage:
     return StoredMessage(pubkey, ns, h, data, ts, expiry)
 
 
+# A replica's expiry was set by a store (timestamp within 10 s of that node's
+# clock, TTL <= 14 days) or an expire (<= 14 days from that node's clock); the
+# slack covers the replicating node's clock being off from ours (the chaos
+# library skews clocks by seconds).  Found by the adversary scenario: without
+# a bound, replicate planted messages that outlived every TTL rule.
+REPLICA_EXPIRY_SLACK_MS = 24 * 3600 * 1000
+
+
+def check_replicated_expiries(msgs: Iterable[StoredMessage], now_ms: int) -> None:
+    """400 unless every replicated message expires within 14 days (+ slack) of ``now_ms``."""
+    for m in msgs:
+        if m.expiry > now_ms + MAX_TTL_MS + REPLICA_EXPIRY_SLACK_MS:
+            raise _bad("replicated message expiry is more than 14 days ahead")
+
+
 # --------------------------------------------------------------------------- rate limit
 
 

@@ -329,6 +329,7 @@ class Node:
         """Forwarded copies (from a member, or a recent member rehoming them): stored,
         never forwarded again."""
         msgs = core.replicated_messages(args)
+        core.check_replicated_expiries(msgs, self.clock.now_ms())
         self._require_accounts(caller, (m.pubkey for m in msgs), rehoming=True)
         msgs = [m for m in msgs if not self.storage.tombstoned(m.hash)]
         if msgs:
