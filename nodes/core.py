@@ -164,8 +164,16 @@ class SwarmView:
         rec = self.nodes.get(self.me)
         return rec.swarm_id if rec else None
 
+    @cached_property
+    def _by_swarm(self) -> dict[int, list[NodeRecord]]:
+        # Grouped once per view: members() is asked on every info, 421 and rehoming round.
+        out: dict[int, list[NodeRecord]] = {}
+        for n in sorted(self.nodes.values(), key=lambda n: n.ed25519_public):
+            out.setdefault(n.swarm_id, []).append(n)
+        return out
+
     def members(self, swarm_id: int | None) -> list[NodeRecord]:
-        return sorted((n for n in self.nodes.values() if n.swarm_id == swarm_id), key=lambda n: n.ed25519_public)
+        return list(self._by_swarm.get(swarm_id, ())) if swarm_id is not None else []
 
     @cached_property
     def _peers(self) -> list[NodeRecord]:
