@@ -47,17 +47,17 @@ class _SimSocket:
 class _Pipe:
     """One direction of a connection: a byte buffer, end of stream, or broken."""
 
-    __slots__ = ("buf", "eof", "broken", "wake")
+    __slots__ = ("buf", "eof", "broken", "lot")
 
     def __init__(self) -> None:
         self.buf = bytearray()
         self.eof = False
         self.broken = False
-        self.wake = trio.Event()
+        self.lot = trio.lowlevel.ParkingLot()  # the reader waiting for bytes
 
     def notify(self) -> None:
-        self.wake.set()
-        self.wake = trio.Event()
+        if self.lot:
+            self.lot.unpark_all()
 
 
 class SimStream(trio.abc.HalfCloseableStream):
@@ -77,9 +77,10 @@ class SimStream(trio.abc.HalfCloseableStream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
-        await self._net.wait_running(self.host)
-        if self._closed:
-            raise trio.ClosedResourceError("stream closed")
+        if self._net._paused:
+            await self._net.wait_running(self.host)
+            if self._closed:
+                raise trio.ClosedResourceError("stream closed")
         if self._out.broken or self._out.eof:
             raise trio.BrokenResourceError("connection reset by peer")
         await trio.lowlevel.checkpoint()
@@ -99,7 +100,8 @@ class SimStream(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
-        await self._net.wait_running(self.host)
+        if self._net._paused:
+            await self._net.wait_running(self.host)
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("stream closed")
@@ -114,8 +116,9 @@ class SimStream(trio.abc.HalfCloseableStream):
             if self._in.eof:
                 await trio.lowlevel.checkpoint()
                 return b""
-            await self._in.wake.wait()
-            await self._net.wait_running(self.host)
+            await self._in.lot.park()
+            if self._net._paused:
+                await self._net.wait_running(self.host)
 
     def reset(self) -> None:
         """Break the connection both ways now (a TCP reset): buffered data is lost."""

@@ -185,7 +185,11 @@ async def serve_connection(
     running = 0  # requests in flight
     idle_since = trio.current_time()  # last bytes received or last request finished
     frame_deadline: float | None = None  # set while a partial frame is buffered
-    read_scope: trio.CancelScope | None = None  # set while the reader waits for bytes
+    # One scope for the whole read loop (not one per read: that was a measurable share
+    # of a node's CPU); its deadline is the read deadline while the reader waits for
+    # bytes, and infinite while it works on what arrived.
+    read_scope = trio.CancelScope()
+    reading = False
     closed_by: str | None = None
 
     def read_deadline() -> float:
@@ -243,58 +247,61 @@ async def serve_connection(
             running -= 1
             if not running:
                 idle_since = trio.current_time()
-                if read_scope is not None:
+                if reading:
                     read_scope.deadline = read_deadline()
 
     try:
         with conn_scope:
             async with trio.open_nursery() as nursery:
-                while True:
-                    with trio.CancelScope(deadline=read_deadline()) as read_scope:
+                with read_scope:
+                    while True:
+                        reading = True
+                        read_scope.deadline = read_deadline()
                         try:
                             data = await stream.receive_some(RECEIVE_SIZE)
                         except (trio.BrokenResourceError, trio.ClosedResourceError):
                             data = None
-                    timed_out, read_scope = read_scope.cancelled_caught, None
-                    if timed_out:
-                        closed_by = "idle" if frame_deadline is None else "slow_frame"
-                        conn_scope.cancel()
-                        break
-                    if data is None:
-                        break
-                    if capture is not None and data:
-                        capture.record(conn_id, "in", local, remote, data)
-                    idle_since = trio.current_time()
-                    conn.receive_data(data)
-                    framed = False  # did this read complete a frame?
-                    try:
-                        while True:
-                            ev = conn.next_event()
-                            if ev is NEED_DATA or ev is EOF:
-                                break
-                            framed = True
-                            if isinstance(ev, Request):
-                                await in_flight.acquire()
-                                running += 1
-                                nursery.start_soon(answer, ev)
-                            elif isinstance(ev, BadFrame):
-                                await write(error_frame(ev.status, ev.reason, ev.id or 0))
-                            # A response on a server connection answers nothing: drop it.
-                    except RemoteProtocolError as exc:
-                        # The stream cannot be resynchronised: say why, then close.
+                        finally:
+                            reading = False
+                            read_scope.deadline = math.inf
+                        if data is None:
+                            break
+                        if capture is not None and data:
+                            capture.record(conn_id, "in", local, remote, data)
+                        idle_since = trio.current_time()
+                        conn.receive_data(data)
+                        framed = False  # did this read complete a frame?
                         try:
-                            await write(error_frame(exc.status, str(exc)))
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            pass
-                        break
-                    if not data:
-                        break
-                    if not conn.buffered:
-                        frame_deadline = None
-                    elif frame_deadline is None or framed:
-                        # A new frame is under way.  Started after any
-                        # back-pressure wait above: our pause is not its delay.
-                        frame_deadline = trio.current_time() + lim.frame_timeout_s
+                            while True:
+                                ev = conn.next_event()
+                                if ev is NEED_DATA or ev is EOF:
+                                    break
+                                framed = True
+                                if isinstance(ev, Request):
+                                    await in_flight.acquire()
+                                    running += 1
+                                    nursery.start_soon(answer, ev)
+                                elif isinstance(ev, BadFrame):
+                                    await write(error_frame(ev.status, ev.reason, ev.id or 0))
+                                # A response on a server connection answers nothing: drop it.
+                        except RemoteProtocolError as exc:
+                            # The stream cannot be resynchronised: say why, then close.
+                            try:
+                                await write(error_frame(exc.status, str(exc)))
+                            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                                pass
+                            break
+                        if not data:
+                            break
+                        if not conn.buffered:
+                            frame_deadline = None
+                        elif frame_deadline is None or framed:
+                            # A new frame is under way.  Started after any
+                            # back-pressure wait above: our pause is not its delay.
+                            frame_deadline = trio.current_time() + lim.frame_timeout_s
+                if read_scope.cancelled_caught:
+                    closed_by = "idle" if frame_deadline is None else "slow_frame"
+                    conn_scope.cancel()
                 # Let in-flight requests finish writing before we close.
     finally:
         gate.release(admission, closed_by)
