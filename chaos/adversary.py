@@ -75,7 +75,9 @@ HOSTS_FLOOD = (8, 9, 10, 11)  # a flood spreads over these (a per-address cap me
 CALL_TIMEOUT_S = 2.0
 REFRESH_S = 3.0  # how often the registry is asked again
 LISTING_WINDOW_MS = 60_000  # buckets asked for: the last minute's
-JUNK_EXPIRY_MS = 30 * 24 * 3600 * 1000  # past the 14-day TTL limit
+# A plausible life (a day): a planted copy must be stopped by authority, not by the
+# expiry bound replicate now applies (which stops a 30-day plant whoever sends it).
+JUNK_EXPIRY_MS = 24 * 3600 * 1000
 FAKE_HASH = "A" * 43
 
 # --------------------------------------------------------------------------- the attacker
