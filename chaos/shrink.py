@@ -57,6 +57,20 @@ async def ddmin(items: list[int], fails: Test) -> list[int]:
     return current
 
 
+def checker_to_keep(verdict: dict[str, Any], checker: str | None, run_dir: Path) -> str:
+    """The failing checker a shrink (or a reproduction) must keep failing: ``checker``
+    if the run failed it, else the run's first failing one; ValueError if none."""
+    from .runner import failing_checkers
+
+    failing = failing_checkers(verdict)
+    if not failing:
+        raise ValueError(f"{run_dir} did not fail any checker: nothing to do")
+    checker = checker or sorted(failing)[0]
+    if checker not in failing:
+        raise ValueError(f"{run_dir} did not fail the {checker} checker (it failed {', '.join(sorted(failing))})")
+    return checker
+
+
 async def shrink_run(run_dir: Path, *, attempts: int = 2, checker: str | None = None,
                      progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Find a minimal sub-schedule of ``run_dir``'s that still fails ``checker``.
@@ -68,12 +82,7 @@ async def shrink_run(run_dir: Path, *, attempts: int = 2, checker: str | None = 
     run_dir = Path(run_dir)
     scenario, schedule, chaos = read_bundle(run_dir)
     verdict = json.loads((run_dir / "verdict.json").read_text(encoding="utf-8"))
-    failing = failing_checkers(verdict)
-    if not failing:
-        raise ValueError(f"{run_dir} did not fail any checker: nothing to shrink")
-    checker = checker or sorted(failing)[0]
-    if checker not in failing:
-        raise ValueError(f"{run_dir} did not fail the {checker} checker (it failed {', '.join(sorted(failing))})")
+    checker = checker_to_keep(verdict, checker, run_dir)
     out = run_dir / "shrink"
     out.mkdir(exist_ok=True)
     log = ShrinkLog()

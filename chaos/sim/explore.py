@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 import trio
 
-from chaos.runner import failing_checkers, read_bundle
+from chaos.runner import read_bundle
 from chaos.schedule import schedule_as_scenario, to_toml
-from chaos.shrink import ddmin
+from chaos.shrink import checker_to_keep, ddmin
 
 from .cli import run_jobs
 
@@ -29,21 +29,11 @@ def _bundle(run_dir: Path) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
     return scenario, schedule, chaos, verdict
 
 
-def _checker(verdict: dict[str, Any], checker: str | None, run_dir: Path) -> str:
-    failing = failing_checkers(verdict)
-    if not failing:
-        raise ValueError(f"{run_dir} did not fail any checker: nothing to do")
-    checker = checker or sorted(failing)[0]
-    if checker not in failing:
-        raise ValueError(f"{run_dir} did not fail the {checker} checker (it failed {', '.join(sorted(failing))})")
-    return checker
-
-
 def shrink_sim(run_dir: Path, *, checker: str | None = None,
                progress: Callable[[str], None] = print) -> dict[str, Any]:
     run_dir = Path(run_dir)
     scenario, schedule, chaos, verdict = _bundle(run_dir)
-    checker = _checker(verdict, checker, run_dir)
+    checker = checker_to_keep(verdict, checker, run_dir)
     variant = (verdict.get("sim") or {}).get("variant", 0)
     out = run_dir / "shrink"
     out.mkdir(exist_ok=True)
@@ -76,7 +66,7 @@ def reproduce(run_dir: Path, *, variants: int = 200, jobs: int = 2, checker: str
               progress: Callable[[str], None] = print) -> dict[str, Any]:
     run_dir = Path(run_dir)
     scenario, schedule, chaos, verdict = _bundle(run_dir)
-    checker = _checker(verdict, checker, run_dir)
+    checker = checker_to_keep(verdict, checker, run_dir)
     out = run_dir / "reproduce"
     todo = [{"scenario": str(run_dir / "scenario.toml"), "seed": chaos["seed"], "variant": v,
              "inject_bugs": list(chaos.get("inject_bugs") or ()), "schedule": str(run_dir / "schedule.json"),
