@@ -330,6 +330,13 @@ class Testnet:
                     if child is not None and not child.running:  # no point waiting for it
                         raise child.failure("exited before the network was ready", procs.NotReady)
                 reg = await self.call("registry", "info")
+                if reg["nodes"] < len(names):
+                    # Not every node has registered yet: asking each one now only adds load
+                    # (a 1,000-node simulation spent its boot here).
+                    why = {"registry": f"{reg['nodes']} of {len(names)} nodes registered"}
+                    await trio.sleep(0.05)
+                    continue
+                why = {}
                 infos: dict[str, Any] = {}
 
                 async def ask(name: str) -> None:
@@ -352,6 +359,17 @@ class Testnet:
                 if not why and reg["nodes"] >= len(names):
                     return
                 await trio.sleep(0.05)
+        if "registry" in why:
+            # Stuck at registration: name a node that has no swarm, with its own log tail.
+            with trio.move_on_after(2.0):
+                for n in names:
+                    try:
+                        if (await self.call(n, "info", timeout=0.5)).get("swarm_id") is None:
+                            why = {n: f"has no swarm yet ({why['registry']})"}
+                            break
+                    except (RpcError, RequestError) as exc:
+                        why = {n: f"does not answer info ({exc})"}
+                        break
         name, reason = next(iter(why.items())) if why else ("registry", "has not seen every node register")
         child = self.nodes[name].child if name in self.nodes else self.registry
         tail = child.tail() if child else ""
