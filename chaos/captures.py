@@ -39,14 +39,13 @@ import msgpack
 from nacl import bindings as sodium
 
 from chaos.checkers.unlinkability import Observation, UserKeys, observe_node
-from nodes.capture import read_capture
+from nodes.capture import capture_messages
 from testnet.base.onion import LayerError, decode_reply, parse_layer
 from testnet.base import crypto
-from testnet.base.protocol import FrameSplitter, RemoteProtocolError, Request, Response, decode_body
+from testnet.base.protocol import Request, Response
 
 __all__ = ["blob_digest", "Call", "Copy", "Opened", "Replayed", "NodeKeys", "replay_captures"]
 
-MAX_FRAME_BYTES = 64 << 20  # as the checker: never stop on a large but legal frame
 COPY_OPS = ("replicate", "ae_fetch", "replicate_delete")
 FINAL_OPS = ("store", "retrieve", "delete", "expire")
 MAX_LAYERS = 8
@@ -129,9 +128,8 @@ class Replayed:
 
 @dataclass
 class _Conn:
-    splitters: dict[str, FrameSplitter] = field(default_factory=lambda: {
-        "in": FrameSplitter(MAX_FRAME_BYTES), "out": FrameSplitter(MAX_FRAME_BYTES)})
-    broken: set[str] = field(default_factory=set)
+    """What the pass keeps per connection."""
+
     caller: str | None = None  # the node that proved its key on this (incoming) connection: node_auth answered 200
     pending: dict[tuple[str, int], tuple[str, Any]] = field(default_factory=dict)  # (request dir, id) -> what
 
@@ -229,36 +227,17 @@ def _wire_pass(node: NodeKeys, out: Replayed, reopen: set[bytes], opener: _Opene
     """One frame-level pass over ``node``'s capture (see the module docstring)."""
     conns: dict[tuple, _Conn] = {}
     first = last = None
-    for record in read_capture(str(node.capture)):
-        try:
-            t, cid, direction, local, remote, data = record
-            t = int(t)
-            local, remote = (str(local[0]), int(local[1])), (str(remote[0]), int(remote[1]))
-        except (TypeError, ValueError, IndexError):
-            continue
-        if direction not in ("in", "out") or not isinstance(data, bytes) or not data:
+    for t, key, direction, local, remote, msg in capture_messages(str(node.capture)):
+        if not isinstance(t, int) or isinstance(t, bool):
             continue
         first = t if first is None else first
         last = t
-        conn = conns.setdefault((cid, local, remote), _Conn())
-        if direction in conn.broken:
-            continue
-        splitter = conn.splitters[direction]
-        splitter.receive_data(data)
-        while True:
-            try:
-                body = splitter.next_body()
-            except RemoteProtocolError:
-                conn.broken.add(direction)
-                break
-            if not isinstance(body, bytes):
-                break
-            msg = decode_body(body)
-            if isinstance(msg, Request):
-                _on_request(node, out, conn, direction, t, local, remote, msg, reopen, opener, peer_of_remote,
-                            peer_of_incoming)
-            elif isinstance(msg, Response):
-                _on_response(node.name, out, conn, direction, t, msg)
+        conn = conns.setdefault(key, _Conn())
+        if isinstance(msg, Request):
+            _on_request(node, out, conn, direction, t, local, remote, msg, reopen, opener, peer_of_remote,
+                        peer_of_incoming)
+        elif isinstance(msg, Response):
+            _on_response(node.name, out, conn, direction, t, msg)
     if first is not None:
         out.span[node.name] = (first, last)
 

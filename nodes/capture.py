@@ -10,11 +10,15 @@ every ``flush_interval_s`` and at exit.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, BinaryIO, Callable, Iterator
 
 import msgpack
 
 from testnet.base.clock import wall_ms
+from testnet.base.protocol import FrameSplitter, RemoteProtocolError, decode_body
+
+Address = tuple[str, int]
 
 
 class CaptureFile:
@@ -48,3 +52,48 @@ def read_capture(path: str) -> Iterator[list[Any]]:
             yield from unpacker
         except (ValueError, msgpack.UnpackException):
             return
+
+
+CAPTURE_MAX_FRAME_BYTES = 64 << 20  # readers never stop on a large but legal frame
+
+
+def capture_messages(path: str, *, stats: Counter | None = None,
+                     max_frame_size: int = CAPTURE_MAX_FRAME_BYTES) -> Iterator[tuple[Any, tuple, str, Address,
+                                                                                       Address, Any]]:
+    """Every framed message of a capture file, in order, as
+    ``(t_ms, conn, direction, local, remote, message)``: ``conn`` keys the connection
+    (ids restart with the process, so the addresses are part of it) and ``message`` is
+    what :func:`testnet.base.protocol.decode_body` makes of the frame.  A record that
+    does not parse is skipped (``stats["bad_records"]``); a direction whose framing
+    breaks is read no further (``stats["broken_streams"]``)."""
+    splitters: dict[tuple, FrameSplitter] = {}
+    broken: set[tuple] = set()
+    for record in read_capture(path):
+        try:
+            t, cid, direction, local, remote, data = record
+            local, remote = (str(local[0]), int(local[1])), (str(remote[0]), int(remote[1]))
+        except (TypeError, ValueError, IndexError):
+            if stats is not None:
+                stats["bad_records"] += 1
+            continue
+        if direction not in ("in", "out") or not isinstance(data, bytes) or not data:
+            continue
+        conn = (cid, local, remote)
+        stream = (conn, direction)
+        if stream in broken:
+            continue
+        splitter = splitters.get(stream)
+        if splitter is None:
+            splitter = splitters[stream] = FrameSplitter(max_frame_size)
+        splitter.receive_data(data)
+        while True:
+            try:
+                body = splitter.next_body()
+            except RemoteProtocolError:
+                broken.add(stream)
+                if stats is not None:
+                    stats["broken_streams"] += 1
+                break
+            if not isinstance(body, bytes):
+                break
+            yield t, conn, direction, local, remote, decode_body(body)

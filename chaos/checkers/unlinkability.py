@@ -24,17 +24,17 @@ import hashlib
 import mmap
 import re
 from collections import Counter, defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import msgpack
 from nacl import bindings as sodium
 
-from nodes.capture import read_capture
+from nodes.capture import capture_messages
 from testnet.base.onion import LayerError, parse_layer
 from testnet.base import crypto
-from testnet.base.protocol import FrameSplitter, RemoteProtocolError, Request, Response, decode_body
+from testnet.base.protocol import Request, Response
 
 from .delivery import capped
 from .replication import GroundTruth, load_ground_truth
@@ -42,7 +42,6 @@ from .replication import GroundTruth, load_ground_truth
 __all__ = ["UnlinkabilityError", "Observation", "UserKeys", "observe_node", "check_unlinkability",
            "scan_for_plaintext"]
 
-MAX_FRAME_BYTES = 64 << 20  # the checker reads what nodes accepted; never stop on a large but legal frame
 _HEX_RUN = re.compile(r"[0-9a-f]{64,}")
 _MAX_COUNT = 10_000  # occurrences counted per needle and file
 
@@ -131,57 +130,25 @@ class Observation:
     reply: bytes | None = None  # blake2b-128 of the reply data it returned
 
 
-@dataclass
-class _Conn:
-    splitters: dict[str, FrameSplitter] = field(default_factory=lambda: {
-        "in": FrameSplitter(MAX_FRAME_BYTES), "out": FrameSplitter(MAX_FRAME_BYTES)})
-    broken: set[str] = field(default_factory=set)
-    pending: dict[int, Observation] = field(default_factory=dict)
-
-
 def observe_node(name: str, capture_path: Path, x25519_secret: bytes, users: Sequence[UserKeys], *,
                  user_hosts: Mapping[str, str], ingress_ports: Mapping[int, str]) -> tuple[list[Observation], Counter]:
     """Replay one node's capture with its own key: its observations and statistics (one pass)."""
     scanner = _IdScanner(users)
     keys = (x25519_secret, sodium.crypto_scalarmult_base(x25519_secret))
-    conns: dict[tuple, _Conn] = {}
+    conns: dict[tuple, dict[int, Observation]] = {}  # connection -> its onion requests awaiting a reply
     stats: Counter = Counter()
     observations: list[Observation] = []
-    for record in read_capture(str(capture_path)):
-        try:
-            t, cid, direction, local, remote, data = record
-            local, remote = (str(local[0]), int(local[1])), (str(remote[0]), int(remote[1]))
-        except (TypeError, ValueError, IndexError):
-            stats["bad_records"] += 1
-            continue
-        if direction not in ("in", "out") or not isinstance(data, bytes) or not data:
-            continue
-        # conn ids restart with the process: the addresses keep restarted connections apart.
-        conn = conns.setdefault((cid, local, remote), _Conn())
-        if direction in conn.broken:
-            continue
-        splitter = conn.splitters[direction]
-        splitter.receive_data(data)
-        while True:
-            try:
-                body = splitter.next_body()
-            except RemoteProtocolError:
-                conn.broken.add(direction)
-                stats["broken_streams"] += 1
-                break
-            if not isinstance(body, bytes):
-                break
-            msg = decode_body(body)
-            if direction == "in" and isinstance(msg, Request) and msg.op == "onion":
-                obs = _observe(name, t, local, remote, msg.args, keys, scanner, user_hosts,
-                               ingress_ports, stats)
-                if obs is not None:
-                    observations.append(obs)
-                    conn.pending[msg.id] = obs
-            elif direction == "out" and isinstance(msg, Response):
-                obs = conn.pending.pop(msg.id, None)
-                if obs is not None and isinstance(msg.body, dict) and isinstance(msg.body.get("data"), bytes):
-                    obs.reply = _digest(msg.body["data"])
+    for t, conn, direction, local, remote, msg in capture_messages(str(capture_path), stats=stats):
+        pending = conns.setdefault(conn, {})
+        if direction == "in" and isinstance(msg, Request) and msg.op == "onion":
+            obs = _observe(name, t, local, remote, msg.args, keys, scanner, user_hosts, ingress_ports, stats)
+            if obs is not None:
+                observations.append(obs)
+                pending[msg.id] = obs
+        elif direction == "out" and isinstance(msg, Response):
+            obs = pending.pop(msg.id, None)
+            if obs is not None and isinstance(msg.body, dict) and isinstance(msg.body.get("data"), bytes):
+                obs.reply = _digest(msg.body["data"])
     return observations, stats
 
 
