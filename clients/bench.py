@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -94,14 +96,25 @@ async def rpc_floor_us(concurrencies: tuple[int, ...], log_dir: Path, calls: int
 
 async def bench_throughput(*, nodes: int = 30, min_swarm: int = 5, users: int = 16, seconds: float = 8.0,
                            concurrency: int = 64, links: str = "direct", runs_dir: str = "runs/bench",
-                           progress: Any = None) -> dict[str, Any]:
+                           profile: Path | None = None, progress: Any = None) -> dict[str, Any]:
+    from testnet.base import meter
     from testnet.controller import Options, open_testnet
+
+    from .bench_ledger import Window, client_counts
 
     say = progress or (lambda m: None)
     floor = crypto_floor_us()
     say("transport floor: rpc round trips between two processes")
     rt = await rpc_floor_us((1, 64), Path(runs_dir))
     rt1, rt64 = rt[1], rt[64]
+    keep_profile = profile is not None
+    if profile is None:
+        Path(runs_dir).mkdir(parents=True, exist_ok=True)
+        profile = Path(tempfile.mkdtemp(prefix="profile-", dir=runs_dir))
+    profile.mkdir(parents=True, exist_ok=True)
+    # Each node arms its CPU sampler (started and stopped by the window's signals).
+    os.environ["SWARMNET_NODE_PROFILE"] = str(profile.resolve())
+    meter.install()
     opts = Options(nodes=nodes, users=users, min_swarm=min_swarm, links=links, check=False, runs_dir=Path(runs_dir))
     async with open_testnet(opts, progress=say) as net:
         names = [u.name for u in net.plan.users]
@@ -156,11 +169,17 @@ async def bench_throughput(*, nodes: int = 30, min_swarm: int = 5, users: int = 
             counts.update(ok=0, fail=0)
             lat.clear()
             me = psutil.Process()
+            window = Window(net, profile)
+            await window.open()
+            counts0 = meter.snapshot()
             cpu0, my0, t0 = cpu_seconds(pids), sum(me.cpu_times()[:2]), time.monotonic()
             say(f"full load: {concurrency} stores in flight for {seconds:g} s")
             await closed_loop(trio.current_time() + seconds)
             elapsed = time.monotonic() - t0
             cpu1, my1 = cpu_seconds(pids), sum(me.cpu_times()[:2])
+            counts1 = meter.snapshot()
+            await window.close()
+            breakdown = window.per_store(counts["ok"], {"cpu_s": my1 - my0, **client_counts(counts0, counts1)})
             full = {"stores_ok": counts["ok"], "stores_failed": counts["fail"],
                     "stores_per_s": round(counts["ok"] / elapsed, 1),
                     "latency_ms": {"p50": percentile_ms(lat, 0.5), "p99": percentile_ms(lat, 0.99)}}
@@ -177,11 +196,15 @@ async def bench_throughput(*, nodes: int = 30, min_swarm: int = 5, users: int = 
             for c in clients:
                 await c.aclose()
             nursery.cancel_scope.cancel()
+    if not keep_profile:
+        shutil.rmtree(profile, ignore_errors=True)
     return {
         "nodes": nodes, "min_swarm": min_swarm, "users": users, "links": links, "concurrency": concurrency,
         "full_load": full, "half_load": half,
         "cpu_us_per_store": {"network": round(network_us, 1), "clients": round(client_us, 1),
                              "all_processes": round(network_us + client_us, 1)},
+        "breakdown": breakdown,
+        "profile_dir": str(profile) if keep_profile else None,
         "crypto_floor_us": round(floor, 1),
         "network_cpu_over_floor": round(network_us / floor, 2),
         "transport_floor": {
@@ -200,17 +223,23 @@ def _command():
 
     import click
 
+    from .bench_ledger import format_breakdown
+
     @click.command("throughput")
     @click.option("--nodes", type=int, default=30, show_default=True)
     @click.option("--users", type=int, default=16, show_default=True)
     @click.option("--seconds", type=float, default=8.0, show_default=True)
     @click.option("--concurrency", type=int, default=64, show_default=True)
     @click.option("--links", type=click.Choice(["direct", "toxiproxy"]), default="direct", show_default=True)
+    @click.option("--profile", type=click.Path(file_okay=False, path_type=Path), default=None,
+                  help="write a CPU profile of every node and of the clients over the full-load window here "
+                       "(collapsed stacks, one file per process)")
     @click.option("--json", "as_json", is_flag=True)
-    def bench_command(nodes: int, users: int, seconds: float, concurrency: int, links: str, as_json: bool) -> None:
+    def bench_command(nodes: int, users: int, seconds: float, concurrency: int, links: str, profile: Path | None,
+                      as_json: bool) -> None:
         """Onion-routed stores/s, latency at half load, CPU per store against the crypto floor."""
         r = trio.run(lambda: bench_throughput(nodes=nodes, users=users, seconds=seconds, concurrency=concurrency,
-                                              links=links))
+                                              links=links, profile=profile))
         if as_json:
             click.echo(_json.dumps(r))
             return
@@ -220,6 +249,8 @@ def _command():
                    f"(targets 5 / 25)")
         click.echo(f"CPU per store: network {c['network']} µs, clients {c['clients']} µs; crypto floor "
                    f"{r['crypto_floor_us']} µs -> network/floor {r['network_cpu_over_floor']} (target <= 3)")
+        for line in format_breakdown(r["breakdown"]):
+            click.echo(line)
         t = r["transport_floor"]
         click.echo(f"transport floor: {t['rpc_round_trip_cpu_us']['64_in_flight']} µs CPU per rpc round trip "
                    f"({t['rpc_round_trip_cpu_us']['one_in_flight']} µs one at a time); "

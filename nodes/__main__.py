@@ -45,15 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     if config.parent_pid:
         die_with_parent()
     setup_logging(config.log, config.name)
-    profile = os.environ.get("SWARMNET_NODE_PROFILE")  # a directory: one cProfile dump per node
-    try:
-        if profile:
-            import cProfile
+    # A directory: SIGUSR1 starts a CPU profile of this node, SIGUSR2 writes it there
+    # (testnet.base.cpuprofile; `swarmnet bench throughput --profile DIR` drives it).
+    profile = os.environ.get("SWARMNET_NODE_PROFILE")
+    if profile:
+        from testnet.base import meter
+        from testnet.base.cpuprofile import arm_on_signals
 
-            cProfile.runctx("trio.run(amain, config)", globals(), {"trio": trio, "amain": amain, "config": config},
-                            os.path.join(profile, f"{config.name}.prof"))
-        else:
-            trio.run(amain, config)
+        arm_on_signals(os.path.join(profile, f"{config.name}.collapsed"), tag=meter.ROLE.get)
+    try:
+        trio.run(amain, config)
     except KeyboardInterrupt:
         pass
     return 0

@@ -16,6 +16,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 import msgpack
 
 from testnet.base.clock import wall_ms
+from testnet.base.meter import COUNTS
 from testnet.base.protocol import FrameSplitter, RemoteProtocolError, decode_body
 
 Address = tuple[str, int]
@@ -31,8 +32,8 @@ class CaptureFile:
 
     def record(self, conn_id: int, direction: str, local: tuple[str, int], remote: tuple[str, int],
                data: bytes) -> None:
-        self._f.write(self._packer.pack([self._now_ms(), conn_id, direction,
-                                         list(local), list(remote), data]))
+        COUNTS["capture_bytes"] += self._f.write(self._packer.pack([self._now_ms(), conn_id, direction,
+                                                                   list(local), list(remote), data]))
 
     def flush(self) -> None:
         self._f.flush()

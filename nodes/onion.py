@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from testnet.base import crypto
+from testnet.base import crypto, meter
+from testnet.base.limits import AUTHENTICATED_SESSION_KEY
 from testnet.base.protocol import Request, RequestError, Status
 from testnet.base.onion import LayerError, encode_reply, parse_layer
 from testnet.base.rpc import ConnectError, Peer, RpcError, RpcTimeout
@@ -44,6 +45,8 @@ def install_onion(node: Any) -> None:
         except (crypto.CryptoError, LayerError) as exc:
             raise RequestError(Status.BAD_REQUEST, f"bad onion layer: {type(exc).__name__}") from None
         if kind == "relay":
+            # The first hop is a client's guard; a relay is called by another node.
+            meter.ROLE.set("relay" if peer.session.get(AUTHENTICATED_SESSION_KEY) else "guard")
             nxt, next_eph, next_data = what
             view = node.view
             if view is None or nxt not in view.nodes:
@@ -65,6 +68,7 @@ def install_onion(node: Any) -> None:
             # Relays pass the reply back unchanged.
             return resp.status, resp.body
         op, args = what
+        meter.ROLE.set("target")
         if op not in ONION_OPS:
             return Status.OK, {"data": encode_reply(key, Status.NOT_FOUND, {"error": f"op {op!r:.40} not allowed"},
                                                     node.randbytes)}

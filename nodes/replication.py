@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import trio
 
+from testnet.base import meter
 from testnet.base.protocol import ProtocolError
 from testnet.base.rpc import ConnectionPool, RpcError
 
@@ -59,6 +60,7 @@ class GroupCommit:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        meter.ROLE.set("storage")
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
@@ -132,6 +134,7 @@ class PeerSender:
         self._wake.set()
 
     async def run(self) -> None:
+        meter.ROLE.set("replication-out")
         while not self.closed:
             await self._wake.wait()
             self._wake = trio.Event()

@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from testnet.base import crypto
+from testnet.base import crypto, meter
 from testnet.base.clock import wall_s
 from testnet.base.logs import event
 from testnet.base.net import TCP, Network
@@ -35,6 +35,13 @@ NODE_OPS = {"replicate", "replicate_delete", "replicate_expire", "ae_digest", "a
 HANDSHAKE_OPS = {"node_hello", "node_auth"}
 CLIENT_OPS = {"store", "retrieve", "delete", "expire", "get_swarm", "info", "onion"}
 ADMIN_OPS = {"admin_set_links", "admin_listen", "admin_clock", "admin_stop"}
+# The CPU role (testnet.base.meter.ROLE) of each op's handler; onion requests are
+# "onion-open" until their layer is open, then guard, relay or target (nodes.onion).
+_ROLES = {"onion": "onion-open", "replicate": "replica", "replicate_delete": "replica", "replicate_expire": "replica",
+          "ae_digest": "anti-entropy", "ae_hashes": "anti-entropy", "ae_fetch": "anti-entropy",
+          "node_hello": "handshake", "node_auth": "handshake",
+          **{op: "direct-client-op" for op in ("store", "retrieve", "delete", "expire", "get_swarm", "info")},
+          **{op: "admin" for op in ADMIN_OPS}}
 REGISTRY_KEY = "registry"
 WRITE_BEHIND_S = 3.0  # the ack-before-commit bug's delay
 
@@ -108,6 +115,7 @@ class Node:
         return rec.host, rec.port, self.host
 
     async def run(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED) -> None:
+        meter.install()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -144,6 +152,7 @@ class Node:
             await auth.authenticate(conn, self.identity, str(key), timeout=timeout)
 
     async def _flush_capture_loop(self) -> None:
+        meter.ROLE.set("capture-flush")
         while True:
             await trio.sleep(0.2)
             self.capture.flush()
@@ -152,6 +161,8 @@ class Node:
 
     async def handle(self, req: Request, peer: Peer) -> tuple[int, Any]:
         op = req.op
+        # What this request's CPU serves (the onion handler refines it: guard, relay, target).
+        meter.ROLE.set(_ROLES.get(op, "other"))
         if (op in CLIENT_OPS and op != "info") or op in HANDSHAKE_OPS:
             if not self.rate.allow((peer.remote[0], peer.local[1]), trio.current_time()):
                 raise RequestError(Status.RATE_LIMITED, "rate limited")
@@ -206,6 +217,7 @@ class Node:
             "clock_ms": self.clock.now_ms(), "clock_offset_ms": self.clock.offset_ms,
             "messages": self.storage.count(), "listening": [list(a) for a in self.listening],
             "stats": dict(self.stats), "connections": dataclasses.asdict(self.gate.statistics()),
+            "process_meter": meter.snapshot(),
         }
 
     async def op_get_swarm(self, args: dict) -> dict:
@@ -439,6 +451,7 @@ class Node:
         return resp.body
 
     async def _follow_registry(self) -> None:
+        meter.ROLE.set("registry-follow")
         registered = False
         height = -1
         while True:
@@ -487,6 +500,7 @@ class Node:
     # ------------------------------------------------------------------ anti-entropy
 
     async def _anti_entropy_loop(self) -> None:
+        meter.ROLE.set("anti-entropy")
         while True:
             with trio.move_on_after(self.config.anti_entropy_interval_s * self.rng.uniform(0.75, 1.25)):
                 await self._ae_wake.wait()
@@ -597,6 +611,7 @@ class Node:
                 event(log, "rehomed", swarm_id=target, messages=len(msgs))
 
     async def _expiry_loop(self) -> None:
+        meter.ROLE.set("expiry")
         while True:
             await trio.sleep(self.config.expiry_interval_s)
             removed = self.storage.delete_expired(self.clock.now_ms())

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from testnet.base.meter import COUNTS
+
 __all__ = ["SCHEMA_VERSION", "AE_BUCKET_MS", "StorageError", "StoredMessage", "StorageStatistics", "Storage",
            "DigestIndex", "ae_bucket"]
 
@@ -276,6 +278,7 @@ class Storage:
             # IMMEDIATE takes the write lock first, so what we read inside
             # (which hashes exist) cannot change before we write.
             db.execute("BEGIN IMMEDIATE")
+            COUNTS["sqlite_transactions"] += 1
             try:
                 yield db
                 db.execute("COMMIT")

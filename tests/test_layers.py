@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PURE = {"protocol", "crypto", "swarm", "records", "clock", "jsonl", "bugs", "limits"}
+PURE = {"protocol", "crypto", "swarm", "records", "clock", "jsonl", "bugs", "limits", "cpuprofile"}
 EDGES = {"bench.py", "cli.py", "__main__.py"}  # benchmarks and commands start whole networks
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import trio
 
+from .meter import COUNTS
+
 
 class JsonFormatter(logging.Formatter):
     def __init__(self, proc: str) -> None:
@@ -26,6 +28,7 @@ class JsonFormatter(logging.Formatter):
         self.proc = proc
 
     def format(self, record: logging.LogRecord) -> str:
+        COUNTS["log_lines"] += 1
         entry: dict[str, Any] = {
             "t": int(record.created * 1000),
             "level": record.levelname.lower(),

@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Hashable, Protocol
 
 import trio
 
+from .meter import COUNTS, ROLE
 from .limits import AUTHENTICATED_SESSION_KEY, ConnectionGate, ConnectionLimits
 from .net import TCP, Network
 from .protocol import (
@@ -159,6 +160,7 @@ async def serve_connection(
     takes too long to arrive, or when the peer stops taking our bytes.
     """
     conn_id = next(_conn_ids)
+    ROLE.set("transport")  # reading and framing; each request's handler names its own role
     try:
         gate = _gate_for(limits, gate)
         local, remote = _stream_addresses(stream)
@@ -213,6 +215,7 @@ async def serve_connection(
             outbox.clear()
             if capture is not None:
                 capture.record(conn_id, "out", local, remote, chunk)
+            COUNTS["send_calls"] += 1
             with trio.move_on_after(lim.send_timeout_s) as send_scope:
                 await stream.send_all(chunk)
             if send_scope.cancelled_caught:
@@ -239,6 +242,7 @@ async def serve_connection(
                 data = conn.send(Response(req.id, status, body))
             except LocalProtocolError as exc:
                 data = conn.send(Response(req.id, exc.status, {"error": str(exc)}))
+            COUNTS["frames_out"] += 1
             await write(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
@@ -257,6 +261,7 @@ async def serve_connection(
                     while True:
                         reading = True
                         read_scope.deadline = read_deadline()
+                        COUNTS["recv_calls"] += 1
                         try:
                             data = await stream.receive_some(RECEIVE_SIZE)
                         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -277,6 +282,7 @@ async def serve_connection(
                                 if ev is NEED_DATA or ev is EOF:
                                     break
                                 framed = True
+                                COUNTS["frames_in"] += 1
                                 if isinstance(ev, Request):
                                     await in_flight.acquire()
                                     running += 1
@@ -406,9 +412,11 @@ class RpcConnection:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Read responses until the connection closes; then fail whatever is pending."""
         task_status.started()
+        ROLE.set("transport")
         error: RpcError = ConnectionLost(f"connection to {self.name or self.remote} closed")
         try:
             while True:
+                COUNTS["recv_calls"] += 1
                 data = await self.stream.receive_some(RECEIVE_SIZE)
                 if self._capture is not None and data:
                     self._capture.record(self._conn_id, "in", self.local, self.remote, data)
@@ -417,6 +425,7 @@ class RpcConnection:
                     ev = self._conn.next_event()
                     if ev is NEED_DATA or ev is EOF:
                         break
+                    COUNTS["frames_in"] += 1
                     if isinstance(ev, Response):
                         slot = self._pending.pop(ev.id, None)
                         if slot is not None:
@@ -441,6 +450,7 @@ class RpcConnection:
         msg_id = next(self._ids)
         slot = _Slot()
         data = self._conn.send(Request(msg_id, op, args))
+        COUNTS["frames_out"] += 1
         self._pending[msg_id] = slot
         try:
             with trio.move_on_after(timeout) as scope:
@@ -452,6 +462,7 @@ class RpcConnection:
                             self._outbox.clear()
                             if self._capture is not None:
                                 self._capture.record(self._conn_id, "out", self.local, self.remote, chunk)
+                            COUNTS["send_calls"] += 1
                             try:
                                 await self.stream.send_all(chunk)
                             except trio.Cancelled:
