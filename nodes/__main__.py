@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         from testnet.base import meter
         from testnet.base.cpuprofile import arm_on_signals
 
-        arm_on_signals(os.path.join(profile, f"{config.name}.collapsed"), tag=meter.ROLE.get)
+        arm_on_signals(os.path.join(profile, f"{config.name}.collapsed"), tag=meter.ROLE.get,
+                       on_start=meter.install, on_stop=meter.uninstall)
     try:
         trio.run(amain, config)
     except KeyboardInterrupt:

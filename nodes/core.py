@@ -138,6 +138,9 @@ class NodeConfig:
 # --------------------------------------------------------------------------- swarm view
 
 
+SWARM_OF_CACHE = 65_536  # accounts whose swarm a view remembers
+
+
 @dataclass(frozen=True)
 class SwarmView:
     """The registry's node list as one node sees it at one height."""
@@ -183,9 +186,24 @@ class SwarmView:
         """Members of my swarm other than me."""
         return list(self._peers)
 
+    @cached_property
+    def _swarm_of(self) -> dict[str, int]:
+        return {}
+
     def swarm_of(self, pubkey: str) -> int | None:
-        ids = self.swarm_ids
-        return swarm_for(pubkey, ids) if ids else None
+        # Asked for every message a node stores, replicates or is sent (several times each);
+        # remembered per view, at most SWARM_OF_CACHE accounts.
+        cache = self._swarm_of
+        sid = cache.get(pubkey)
+        if sid is None:
+            ids = self.swarm_ids
+            if not ids:
+                return None
+            sid = swarm_for(pubkey, ids)
+            if len(cache) >= SWARM_OF_CACHE:
+                cache.clear()
+            cache[pubkey] = sid
+        return sid
 
     def is_mine(self, pubkey: str) -> bool:
         mine = self.my_swarm

@@ -115,7 +115,6 @@ class Node:
         return rec.host, rec.port, self.host
 
     async def run(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED) -> None:
-        meter.install()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery

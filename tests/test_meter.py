@@ -70,7 +70,7 @@ async def test_counts_frames_socket_calls_tasks_and_the_role_of_each_request():
         meter.ROLE.set("echo")
         return 200, req.args
 
-    meter.install()
+    meter.install()  # loop wake-ups and tasks are counted only while installed
     async with trio.open_nursery() as nursery:
         (addr,) = await nursery.start(lambda task_status: serve(handler, [("127.0.0.1", 0)],
                                                                 task_status=task_status))
@@ -81,6 +81,7 @@ async def test_counts_frames_socket_calls_tasks_and_the_role_of_each_request():
                 assert (await rpc.call("echo", {"x": i}, timeout=5)).body == {"x": i}
             after = meter.snapshot()
         nursery.cancel_scope.cancel()
+    meter.uninstall()
     d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     # Both ends are in this process: each call is one request and one response, each
     # written once and read once.
@@ -89,3 +90,24 @@ async def test_counts_frames_socket_calls_tasks_and_the_role_of_each_request():
     assert d["tasks_started"] >= 3  # one handler task per request
     assert d["loop_wakeups"] >= 6
     assert roles == ["transport"] * 4
+
+
+def test_capture_records_are_the_msgpack_arrays_the_readers_expect(tmp_path):
+    import msgpack
+
+    from nodes.capture import CaptureFile, read_capture
+
+    ticks = iter(range(1_900_000_000_000, 1_900_000_000_010))
+    cap = CaptureFile(str(tmp_path / "c.bin"), now_ms=lambda: next(ticks))
+    records = [(7, "in", ("127.0.0.1", 5000), ("127.0.0.2", 40000), b"x" * 300),
+               (7, "out", ("127.0.0.1", 5000), ("127.0.0.2", 40000), b""),
+               (7, "in", ("127.0.0.1", 5000), ("127.0.0.2", 40000), b"y" * 70000),
+               (2**40, "out", ("127.1.2.3", 1), ("127.3.2.1", 65535), b"z")]
+    for r in records:
+        cap.record(*r)
+    cap.close()
+    raw = (tmp_path / "c.bin").read_bytes()
+    expect = b"".join(msgpack.packb([t, c, d, list(l), list(rm), data], use_bin_type=True)
+                      for t, (c, d, l, rm, data) in zip(range(1_900_000_000_000, 2_000_000_000_000), records))
+    assert raw == expect
+    assert [r[5] for r in read_capture(str(tmp_path / "c.bin"))] == [r[4] for r in records]

@@ -83,22 +83,28 @@ class CpuSampler:
 
 
 def arm_on_signals(path: str | os.PathLike[str], interval_s: float = DEFAULT_INTERVAL_S,
-                   tag: Callable[[], str] | None = None) -> CpuSampler:
+                   tag: Callable[[], str] | None = None, on_start: Callable[[], None] | None = None,
+                   on_stop: Callable[[], None] | None = None) -> CpuSampler:
     """A sampler another process drives by pid: ``SIGUSR1`` starts it afresh, ``SIGUSR2`` stops it
-    and writes ``path`` (so a benchmark profiles exactly its measured window).  Call from the main
-    thread before the event loop starts."""
+    and writes ``path`` (so a benchmark profiles exactly its measured window).  ``on_start`` and
+    ``on_stop`` run in the signal handler too (e.g. to switch other accounting on and off).
+    Call from the main thread before the event loop starts."""
     sampler = CpuSampler(interval_s, tag)
 
-    def on_start(signum: int, frame: FrameType | None) -> None:
+    def started(signum: int, frame: FrameType | None) -> None:
+        if on_start is not None:
+            on_start()
         sampler.counts.clear()
         sampler.start()
 
-    def on_stop(signum: int, frame: FrameType | None) -> None:
+    def stopped(signum: int, frame: FrameType | None) -> None:
         sampler.stop()
+        if on_stop is not None:
+            on_stop()
         sampler.write(path)
 
-    signal.signal(signal.SIGUSR1, on_start)
-    signal.signal(signal.SIGUSR2, on_stop)
+    signal.signal(signal.SIGUSR1, started)
+    signal.signal(signal.SIGUSR2, stopped)
     return sampler
 
 

@@ -11,8 +11,10 @@ logging increment as they work (a few tens of ns each):
 * ``tasks_started`` — trio tasks spawned;
 * ``sqlite_transactions``, ``log_lines``, ``capture_bytes``.
 
-The last two of the first list come from :class:`LoopMeter`, a trio
-instrument the process installs once (:func:`install`).
+``loop_wakeups`` and ``tasks_started`` come from :class:`LoopMeter`, a trio
+instrument, counted only while it is installed (:func:`install` …
+:func:`uninstall`): trio's instrument calls cost a few per cent of a busy
+node's CPU, so nodes install it only for a benchmark's measured window.
 
 ``ROLE`` names what the running task is doing for the network (``guard``,
 ``relay``, ``target``, ``replica``, …); handlers set it, tasks inherit it from
@@ -40,15 +42,19 @@ class LoopMeter(trio.abc.Instrument):
         COUNTS["tasks_started"] += 1
 
 
-_installed: set[int] = set()
+_METER = LoopMeter()
 
 
 def install() -> None:
-    """Count loop wake-ups and task spawns of the running trio loop (once per loop)."""
-    token = id(trio.lowlevel.current_root_task())
-    if token not in _installed:
-        _installed.add(token)
-        trio.lowlevel.add_instrument(LoopMeter())
+    """Count loop wake-ups and task spawns of the running trio loop (idempotent)."""
+    trio.lowlevel.add_instrument(_METER)
+
+
+def uninstall() -> None:
+    try:
+        trio.lowlevel.remove_instrument(_METER)
+    except KeyError:
+        pass
 
 
 def snapshot() -> dict[str, int]:
