@@ -63,6 +63,7 @@ async def _node_meters(net: Any) -> dict[str, int]:
         except RpcError:
             continue
         out.update(info.get("process_meter", {}))
+        out.update({f"stats.{k}": v for k, v in info.get("stats", {}).items() if isinstance(v, int)})
     return dict(out)
 
 
@@ -130,6 +131,8 @@ class Window:
             cpu_us["toxiproxy"] = d["toxiproxy"].get("cpu_s", 0.0) / n * 1e6
         network_us = sum(cpu_us.values())
         counts = {k: (self.meters1.get(k, 0) - self.meters0.get(k, 0)) / n for k in COUNTED}
+        for k in ("replicated_in", "ae_fetched", "ae_pushed"):
+            counts[k] = (self.meters1.get("stats." + k, 0) - self.meters0.get("stats." + k, 0)) / n
         for k in ("read_syscalls", "write_syscalls", "voluntary_switches", "involuntary_switches"):
             counts[k] = (d["nodes"].get(k, 0) + d["registry"].get(k, 0)) / n
         return {
@@ -162,6 +165,8 @@ def format_breakdown(b: dict[str, Any]) -> list[str]:
                  f"{c['tasks_started']:.1f}")
     lines.append(f"  SQLite transactions {c['sqlite_transactions']:.2f} · log lines {c['log_lines']:.2f} · "
                  f"capture bytes {c['capture_bytes']:.0f}")
+    lines.append(f"  copies stored by replication {c['replicated_in']:.2f}, by anti-entropy fetch "
+                 f"{c['ae_fetched']:.2f} and push {c['ae_pushed']:.2f}")
     cl = b["client"]
     lines.append(f"clients: {cl.get('cpu_s', 0):.0f} µs CPU, frames in/out {cl.get('frames_in', 0):.1f}/"
                  f"{cl.get('frames_out', 0):.1f}, loop wake-ups {cl.get('loop_wakeups', 0):.1f}, tasks "
