@@ -13,14 +13,16 @@ times it bounds what any Python node built on this transport can reach.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
-import tempfile
 import sys
+import tempfile
 import time
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import psutil
 import trio
@@ -86,41 +88,77 @@ trio.run(main)
 STORE_ROUND_TRIPS = 8  # 4 onion hops + 4 replications (batched under load, so fewer in truth)
 
 
-async def rpc_floor_us(concurrencies: tuple[int, ...], log_dir: Path, calls: int = 4000) -> dict[int, float]:
-    """CPU µs (both processes) per request/response round trip of ``testnet.base.rpc`` over loopback,
-    for each number of calls in flight, against a handler that does nothing."""
+@asynccontextmanager
+async def echo_server(log_dir: Path) -> AsyncIterator[tuple[Any, tuple[str, int]]]:
+    """An rpc server process whose one op does nothing: (its child, its address)."""
     from testnet import procs
-    from testnet.base.rpc import open_rpc
 
+    log_dir.mkdir(parents=True, exist_ok=True)
     child, rfd = procs.spawn("rpc-echo", [sys.executable, "-c", _ECHO_SERVER], stderr=log_dir / "rpc-echo.log")
     try:
         host, port = (await procs.read_ready_line(child, rfd, 10.0))["addresses"][0]
-        pids = [child.pid, os.getpid()]
-        out = {}
-        async with open_rpc(host, port) as rpc:
-            payload = {"data": b"x" * 600}  # about an onion layer
-
-            async def calls_of(n: int) -> None:
-                for _ in range(n):
-                    await rpc.call("nothing", payload, timeout=5)
-
-            await calls_of(200)  # warm-up
-            for concurrency in concurrencies:
-                per = max(calls // concurrency, 1)
-                cpu0 = cpu_seconds(pids)
-                async with trio.open_nursery() as nursery:
-                    for _ in range(concurrency):
-                        nursery.start_soon(calls_of, per)
-                out[concurrency] = (cpu_seconds(pids) - cpu0) / (per * concurrency) * 1e6
-        return out
+        yield child, (host, port)
     finally:
         await procs.stop_children([child])
 
 
-async def bench_throughput(*, nodes: int = 30, min_swarm: int = 5, users: int = 16, seconds: float = 8.0,
-                           concurrency: int = 64, links: str = "direct", runs_dir: str = "runs/bench",
-                           profile: Path | None = None, accounting_s: float = 5.0,
-                           progress: Any = None) -> dict[str, Any]:
+async def rpc_floor_us(concurrencies: tuple[int, ...], echo: tuple[Any, tuple[str, int]],
+                       calls: int = 4000) -> dict[int, float]:
+    """CPU µs (both processes) per request/response round trip of ``testnet.base.rpc`` over loopback,
+    for each number of calls in flight, against a handler that does nothing."""
+    from testnet.base.rpc import open_rpc
+
+    child, (host, port) = echo
+    pids = [child.pid, os.getpid()]
+    out = {}
+    async with open_rpc(host, port) as rpc:
+        payload = {"data": b"x" * 600}  # about an onion layer
+
+        async def calls_of(n: int) -> None:
+            for _ in range(n):
+                await rpc.call("nothing", payload, timeout=5)
+
+        await calls_of(200)  # warm-up
+        for concurrency in concurrencies:
+            per = max(calls // concurrency, 1)
+            cpu0 = cpu_seconds(pids)
+            async with trio.open_nursery() as nursery:
+                for _ in range(concurrency):
+                    nursery.start_soon(calls_of, per)
+            out[concurrency] = (cpu_seconds(pids) - cpu0) / (per * concurrency) * 1e6
+    return out
+
+
+async def run_probe(echo: tuple[Any, tuple[str, int]], seconds: float, work_dir: Path) -> dict[str, Any]:
+    """One run of :mod:`clients.bench_probe` (its own process) against the echo server; adds the
+    server's CPU per round trip, measured over the run."""
+    child, (host, port) = echo
+    d = Path(tempfile.mkdtemp(prefix="probe-", dir=work_dir))
+    try:
+        cpu0 = cpu_seconds([child.pid])
+        with trio.fail_after(seconds + 30):
+            done = await trio.run_process(
+                [sys.executable, "-m", "clients.bench_probe", "--echo", f"{host}:{port}", "--seconds", str(seconds),
+                 "--dir", str(d)], capture_stdout=True, capture_stderr=True)
+        server_s = cpu_seconds([child.pid]) - cpu0
+        r = json.loads(done.stdout.decode().strip().splitlines()[-1])
+        r["rpc_server_us"] = round(server_s / max(r["rounds"] + 1, 1) * 1e6, 1)
+        r["rpc_round_trip_us"] = round(r["rpc_client_us"] + r["rpc_server_us"], 1)
+        return r
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+async def bench_throughput(**kw: Any) -> dict[str, Any]:
+    """Stores/s at full load, latency at half load, CPU per store and where it goes (see module doc)."""
+    async with AsyncExitStack() as stack:
+        return await _bench_throughput(stack, **kw)
+
+
+async def _bench_throughput(stack: AsyncExitStack, *, nodes: int = 30, min_swarm: int = 5, users: int = 16,
+                            seconds: float = 8.0, concurrency: int = 64, links: str = "direct",
+                            runs_dir: str = "runs/bench", profile: Path | None = None, accounting_s: float = 5.0,
+                            progress: Any = None) -> dict[str, Any]:
     from testnet.base import meter
     from testnet.controller import Options, open_testnet
 
@@ -130,8 +168,11 @@ async def bench_throughput(*, nodes: int = 30, min_swarm: int = 5, users: int = 
     floor = crypto_floor_us()
     say("floors: SQLite, rpc round trips between two processes")
     sqlite_us = sqlite_floor_us(Path(runs_dir))
-    rt = await rpc_floor_us((1, 64), Path(runs_dir))
+    echo = await stack.enter_async_context(echo_server(Path(runs_dir)))
+    rt = await rpc_floor_us((1, 64), echo)
     rt1, rt64 = rt[1], rt[64]
+    say("probe: unit operations paced like a node's, on a quiet machine")
+    probe_alone = await run_probe(echo, accounting_s, Path(runs_dir))
     keep_profile = profile is not None
     if profile is None:
         Path(runs_dir).mkdir(parents=True, exist_ok=True)
@@ -211,8 +252,15 @@ async def bench_throughput(*, nodes: int = 30, min_swarm: int = 5, users: int = 
             window = Window(net, profile)
             await window.open()
             counts0, my0 = meter.snapshot(), sum(me.cpu_times()[:2])
-            say(f"breakdown: the same load for {accounting_s:g} s, accounting on")
-            await closed_loop(trio.current_time() + accounting_s)
+            say(f"breakdown: the same load for {accounting_s:g} s, accounting on, the probe beside it")
+            probe_amid: dict[str, Any] = {}
+
+            async def probe_beside() -> None:
+                probe_amid.update(await run_probe(echo, accounting_s, Path(runs_dir)))
+
+            async with trio.open_nursery() as beside:
+                beside.start_soon(probe_beside)
+                await closed_loop(trio.current_time() + accounting_s)
             counts1, my1 = meter.snapshot(), sum(me.cpu_times()[:2])
             await window.close()
             breakdown = window.per_store(counts["ok"], {"cpu_s": my1 - my0, **client_counts(counts0, counts1)})
@@ -240,6 +288,11 @@ async def bench_throughput(*, nodes: int = 30, min_swarm: int = 5, users: int = 
         "sqlite_transaction_us": round(sqlite_us, 1),
         "network_cpu_over_floor": round(network_us / floor, 2),
         "floors_per_store": _floors(floor, sqlite_us, rt1, breakdown),
+        "probe": {"alone": probe_alone, "amid_network": probe_amid},
+        "probe_floors_per_store": {"alone": _floors(probe_alone["crypto_us"], probe_alone["sqlite_us"],
+                                                    probe_alone["rpc_round_trip_us"], breakdown),
+                                   "amid_network": _floors(probe_amid["crypto_us"], probe_amid["sqlite_us"],
+                                                           probe_amid["rpc_round_trip_us"], breakdown)},
         "transport_floor": {
             "rpc_round_trip_cpu_us": {"one_in_flight": round(rt1, 1), "64_in_flight": round(rt64, 1)},
             "round_trips_per_store": STORE_ROUND_TRIPS,
@@ -308,6 +361,16 @@ def _command():
                    f"({t['rpc_round_trip_cpu_us']['64_in_flight']} µs with 64 in flight on one connection)")
         click.echo(f"sum of floors {fl['sum_us']:.0f} µs per store = {fl['sum_us'] / max(c['network'], 1) * 100:.0f} % "
                    f"of the network's CPU")
+        pa, pn = r["probe"]["alone"], r["probe"]["amid_network"]
+        fa, fn = r["probe_floors_per_store"]["alone"], r["probe_floors_per_store"]["amid_network"]
+        click.echo("the same unit operations paced like a node's (a sleep before each), alone -> amid the loaded "
+                   "network:")
+        click.echo(f"  SQLite transaction {pa['sqlite_us']} -> {pn['sqlite_us']} µs · crypto of a store "
+                   f"{pa['crypto_us']} -> {pn['crypto_us']} µs · rpc round trip {pa['rpc_round_trip_us']} -> "
+                   f"{pn['rpc_round_trip_us']} µs")
+        click.echo(f"  floors per store at those costs: {fa['sum_us']:.0f} µs alone, {fn['sum_us']:.0f} µs amid the "
+                   f"network = {fn['sum_us'] / max(b['network_cpu_us'], 1) * 100:.0f} % of the "
+                   f"{b['network_cpu_us']:.0f} µs measured beside it")
 
     return bench_command
 
