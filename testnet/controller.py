@@ -474,6 +474,9 @@ class Testnet:
     async def node_add(self, name: str | None = None, timeout_s: float = 30.0) -> str:
         """A new node (next free name unless given): new key, its links, everyone told. Returns its name."""
         async with self._lock:
+            if self.plan.links_mode == "toxiproxy":
+                L.check_proxy_capacity(len(self.plan.nodes) + 1, len(self.plan.users),
+                                       procs.raise_open_files_limit()[0])
             self.plan, node = P.with_node_added(self.plan, name)
             rundir.write_secret(node.seed_file, node.seed.hex() + "\n")
             await self.call("registry", "stake", {"token": self.plan.admin_token,
@@ -606,6 +609,9 @@ async def open_testnet(options: Options | None = None, *, progress: Progress | N
     run_id = opts.run_id or rundir.new_run_id()
     seed = opts.seed if opts.seed is not None else secrets.randbits(63)
     binary = L.find_toxiproxy(opts.toxiproxy_binary) if opts.links == "toxiproxy" else None  # fail early
+    open_files, _ = procs.raise_open_files_limit()  # every process we start inherits it
+    if opts.links == "toxiproxy":
+        L.check_proxy_capacity(opts.nodes, opts.users, open_files)
     run_dir = (Path(opts.run_dir).absolute() if opts.run_id and opts.run_dir
                else rundir.create_run_dir(run_id, opts.run_dir, opts.runs_dir))
     block, claim = rundir.claim_block(run_id)  # options are checked: planning cannot fail now

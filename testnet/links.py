@@ -55,6 +55,30 @@ class ToxiproxyMissing(LinkError):
     """No Toxiproxy server binary on this machine."""
 
 
+PROXY_FD_RESERVE = 1024  # descriptors Toxiproxy needs beyond its listeners: proxied connections, its API
+
+
+def proxies_needed(nodes: int, users: int) -> int:
+    """Proxies of a run with these many nodes and users: one per directed node link and per user->node link."""
+    return nodes * (nodes - 1) + users * nodes
+
+
+def check_proxy_capacity(nodes: int, users: int, open_files: int) -> None:
+    """Raise :class:`LinkError` (before anything starts) when one Toxiproxy process could not
+    hold a listening socket for every proxy of the plan within ``open_files`` descriptors."""
+    needed = proxies_needed(nodes, users) + PROXY_FD_RESERVE
+    if needed <= open_files:
+        return
+    most = max(n for n in range(1, nodes + 1) if proxies_needed(n, users) + PROXY_FD_RESERVE <= open_files) \
+        if proxies_needed(1, users) + PROXY_FD_RESERVE <= open_files else 0
+    raise LinkError(
+        f"Toxiproxy links for {nodes} nodes and {users} users are {proxies_needed(nodes, users):,} proxies, each "
+        f"a listening socket of the one Toxiproxy process, plus {PROXY_FD_RESERVE:,} descriptors for its "
+        f"connections: {needed:,} open files, but a process here may hold {open_files:,} (ulimit -n; the hard "
+        f"limit is the most it can be raised to). Use at most {most} nodes with Toxiproxy links, --links direct "
+        f"(no link faults; up to 1,016 nodes), or raise the hard limit.")
+
+
 def find_toxiproxy(explicit: str | os.PathLike[str] | None = None) -> Path:
     """The Toxiproxy server binary: ``explicit``, ``$SWARMNET_TOXIPROXY``, ``bin/`` of the project, or PATH."""
     candidates = [explicit, os.environ.get("SWARMNET_TOXIPROXY"), PROJECT_BIN,

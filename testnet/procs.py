@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -275,6 +276,22 @@ async def stop_children(children: Iterable[Child], grace_s: float = DEFAULT_GRAC
     for c in stubborn:
         if c.running:  # not even SIGKILL (a process stuck in the kernel): let its owner's nursery close
             c.abandon_watch()
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's soft limit on open files to its hard limit — every process it
+    starts inherits it (nodes, the registry, Toxiproxy) — and return (soft, hard) after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard or hard == resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass  # e.g. an infinite hard limit the kernel caps (nr_open): keep the soft one
+    return soft, hard
 
 
 # --------------------------------------------------------------------------- recorded pids

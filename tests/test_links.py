@@ -133,3 +133,33 @@ def test_missing_binary_says_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(links.ToxiproxyMissing, match="make toxiproxy.*--links direct"):
         links.find_toxiproxy()
+
+
+def test_a_plan_whose_proxies_cannot_fit_is_refused_before_anything_starts_and_says_why():
+    from testnet.links import LinkError, check_proxy_capacity, proxies_needed
+
+    assert proxies_needed(200, 3) == 200 * 199 + 600
+    check_proxy_capacity(100, 3, 20_000)  # 10,200 proxies: fits
+    with pytest.raises(LinkError) as exc:
+        check_proxy_capacity(200, 3, 20_000)
+    msg = str(exc.value)
+    assert "40,400 proxies" in msg and "20,000" in msg and "--links direct" in msg
+    assert "at most 136 nodes" in msg  # 136*135 + 3*136 + 1,024 <= 20,000 < 137*136 + 3*137 + 1,024
+    with pytest.raises(LinkError, match="at most 0 nodes"):
+        check_proxy_capacity(5, 3, 500)
+
+
+def test_processes_we_start_inherit_the_hard_limit_on_open_files():
+    import resource
+    import subprocess
+    import sys
+
+    from testnet.procs import raise_open_files_limit
+
+    soft, hard = raise_open_files_limit()
+    assert (soft, hard) == resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY:
+        assert soft == hard
+    child = subprocess.run([sys.executable, "-c", "import resource; print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])"],
+                           capture_output=True, text=True, timeout=30)
+    assert int(child.stdout) == soft
