@@ -13,6 +13,8 @@ from testnet.base.logs import announce_listening, die_with_parent, exit_on_signa
 
 from .core import ConfigError, NodeConfig
 
+PARENT_POLL_S = 2.0
+
 
 async def amain(config: NodeConfig) -> None:
     from .onion import install_onion
@@ -22,7 +24,9 @@ async def amain(config: NodeConfig) -> None:
     install_onion(node)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(exit_on_signals, nursery.cancel_scope)
-        nursery.start_soon(watch_parent, config.parent_pid, nursery.cancel_scope)
+        # The parent-death signal (die_with_parent) stops us at once; this is the fallback,
+        # slow so that an idle node wakes rarely.
+        nursery.start_soon(watch_parent, config.parent_pid, nursery.cancel_scope, PARENT_POLL_S)
 
         async def run_then_exit(task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
             # node.run returns only when the node stops itself (admin_stop).

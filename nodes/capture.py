@@ -5,7 +5,8 @@ logic.  The unlinkability checker replays it with only this node's keys.
 File format: a stream of msgpack arrays
 ``[t_ms, conn_id, direction, [local_host, local_port], [remote_host, remote_port], data]``
 with ``direction`` ``"in"`` or ``"out"``.  Records are buffered and flushed
-every ``flush_interval_s`` and at exit.
+by the owner (a node: 0.2 s after the first record since the last flush) and
+at exit.
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ Address = tuple[str, int]
 
 class CaptureFile:
     def __init__(self, path: str, *, buffer_bytes: int = 1 << 20,
-                 now_ms: Callable[[], int] = wall_ms) -> None:
+                 now_ms: Callable[[], int] = wall_ms, on_dirty: Callable[[], None] | None = None) -> None:
+        """``on_dirty`` is called when a record follows a flush (so an owner can flush
+        soon after, and sleep while nothing is written)."""
         self.path = path
         self._now_ms = now_ms
+        self._on_dirty = on_dirty
+        self.dirty = False
         self._f: BinaryIO = open(path, "ab", buffering=buffer_bytes)
         self._packer = msgpack.Packer(use_bin_type=True)
         # The packed middle of a record (conn_id, direction, local, remote) per connection and
@@ -35,6 +40,10 @@ class CaptureFile:
 
     def record(self, conn_id: int, direction: str, local: tuple[str, int], remote: tuple[str, int],
                data: bytes) -> None:
+        if not self.dirty:
+            self.dirty = True
+            if self._on_dirty is not None:
+                self._on_dirty()
         pack = self._packer.pack
         middle = self._middles.get((conn_id, direction))
         if middle is None:
@@ -46,6 +55,7 @@ class CaptureFile:
         COUNTS["capture_bytes"] += self._f.write(b"\x96" + pack(self._now_ms()) + middle + pack(data))
 
     def flush(self) -> None:
+        self.dirty = False
         self._f.flush()
 
     def close(self) -> None:

@@ -35,6 +35,7 @@ NODE_OPS = {"replicate", "replicate_delete", "replicate_expire", "ae_digest", "a
 HANDSHAKE_OPS = {"node_hello", "node_auth"}
 CLIENT_OPS = {"store", "retrieve", "delete", "expire", "get_swarm", "info", "onion"}
 ADMIN_OPS = {"admin_set_links", "admin_listen", "admin_clock", "admin_stop"}
+CAPTURE_FLUSH_S = 0.2  # what a killed node's capture may lose
 # The CPU role (testnet.base.meter.ROLE) of each op's handler; onion requests are
 # "onion-open" until their layer is open, then guard, relay or target (nodes.onion).
 _ROLES = {"onion": "onion-open", "replicate": "replica", "replicate_delete": "replica", "replicate_expire": "replica",
@@ -77,8 +78,10 @@ class Node:
         self.x_hex = self.identity.x25519_public.hex()
         self.clock = clock or Clock(config.clock_offset_ms)
         self.storage = Storage(config.db)
+        self._capture_wake = trio.Event()
         self.capture = CaptureFile(config.capture, now_ms=self.clock.wall_ms,
-                                   buffer_bytes=config.capture_buffer_bytes) if config.capture else None
+                                   buffer_bytes=config.capture_buffer_bytes,
+                                   on_dirty=lambda: self._capture_wake.set()) if config.capture else None
         self.view: SwarmView | None = None
         self.entitled = auth.Entitlements()
         self.links: dict[str, tuple[str, int]] = dict(config.links)
@@ -89,6 +92,11 @@ class Node:
         self.onion_handler: Callable[[Request, Peer], Awaitable[tuple[int, Any]]] | None = None
         self._senders: dict[tuple[str, str], PeerSender] = {}
         self._ae_wake = trio.Event()
+        # Anti-entropy skips what cannot have changed: a peer whose digests equalled ours at
+        # this (storage version, view height), and rehoming already done at it.  A peer whose
+        # own messages changed since runs its round with us (the exchange is symmetric).
+        self._ae_matched: dict[str, tuple[int, int]] = {}
+        self._rehomed_at: tuple[int, int] | None = None
         self._nursery: trio.Nursery | None = None
         self._cancel: trio.CancelScope | None = None
         self.pool: ConnectionPool | None = None
@@ -151,9 +159,15 @@ class Node:
             await auth.authenticate(conn, self.identity, str(key), timeout=timeout)
 
     async def _flush_capture_loop(self) -> None:
+        """Flush 0.2 s after the first record since the last flush; sleep while none comes
+        (an idle node does not wake for its capture)."""
         meter.ROLE.set("capture-flush")
+        assert self.capture is not None
         while True:
-            await trio.sleep(0.2)
+            if not self.capture.dirty:
+                self._capture_wake = trio.Event()
+                await self._capture_wake.wait()
+            await trio.sleep(CAPTURE_FLUSH_S)
             self.capture.flush()
 
     # ------------------------------------------------------------------ dispatch
@@ -507,14 +521,18 @@ class Node:
             view = self.view
             if view is None or "skip-replication" in self.bugs:
                 continue
+            state = (self.storage.index.version, view.height)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._rehome, view)
+                if state != self._rehomed_at:
+                    nursery.start_soon(self._rehome, view, state)
                 if view.my_swarm is not None:
-                    ours = self.storage.ae_digests(view.is_mine)  # once per round, for all peers
-                    for peer in view.peers():
-                        nursery.start_soon(self._sync_with, view, peer.ed25519_public, ours)
+                    peers = [p.ed25519_public for p in view.peers() if self._ae_matched.get(p.ed25519_public) != state]
+                    if peers:
+                        ours = self.storage.ae_digests(view.is_mine)  # once per round, for all peers
+                        for peer in peers:
+                            nursery.start_soon(self._sync_with, view, peer, ours, state)
 
-    async def _sync_with(self, view: SwarmView, peer: str, ours: dict[str, str]) -> None:
+    async def _sync_with(self, view: SwarmView, peer: str, ours: dict[str, str], state: tuple[int, int]) -> None:
         """Compare digests with ``peer``, then bucket digests where they differ, then
         hashes where buckets differ; fetch what we lack, push what it lacks, send deletes."""
         timeout = self.config.replication_timeout_s * 2
@@ -525,6 +543,7 @@ class Node:
                 return
             their_buckets = {pk: bs for pk, bs in core.ae_digest_reply(resp.body).items() if view.is_mine(pk)}
             if not their_buckets:
+                self._ae_matched[peer] = state  # equal: nothing to do until either side changes
                 return
             my_buckets = self.storage.ae_buckets(list(their_buckets))
             differ = {pk: sorted(b for b in set(mine) | set(their_buckets[pk])
@@ -573,11 +592,13 @@ class Node:
             event(log, "anti-entropy failed", logging.DEBUG, peer=peer[:16], error=type(exc).__name__)
             await self.pool.drop(peer)
 
-    async def _rehome(self, view: SwarmView) -> None:
-        """Push messages that belong to another swarm to all its members, then drop them here."""
+    async def _rehome(self, view: SwarmView, state: tuple[int, int]) -> None:
+        """Push messages that belong to another swarm to all its members, then drop them here.
+        Once none is left astray at ``state``, the next rounds skip this until it changes."""
         now = self.clock.now_ms()
         stray = [pk for pk in self.storage.pubkeys() if not view.is_mine(pk)]
         if not stray:
+            self._rehomed_at = state
             return
         by_swarm: dict[int, list[str]] = {}
         for pk in stray:

@@ -105,6 +105,7 @@ class DigestIndex:
     def __init__(self) -> None:
         self._buckets: dict[str, dict[int, list[int]]] = {}  # pubkey -> bucket -> [xor, count]
         self._totals: dict[str, list[int]] = {}  # pubkey -> [xor, count] over all its buckets
+        self.version = 0  # how many changes so far: equal versions, equal digests
 
     def add(self, pubkey: str, message_hash: str, timestamp: int) -> None:
         self._change(pubkey, _hash_value(message_hash), ae_bucket(timestamp), +1)
@@ -113,6 +114,7 @@ class DigestIndex:
         self._change(pubkey, _hash_value(message_hash), ae_bucket(timestamp), -1)
 
     def _change(self, pubkey: str, value: int, bucket: int, step: int) -> None:
+        self.version += 1
         buckets = self._buckets.setdefault(pubkey, {})
         cell = buckets.setdefault(bucket, [0, 0])
         total = self._totals.setdefault(pubkey, [0, 0])
