@@ -185,8 +185,7 @@ async def _bench_throughput(stack: AsyncExitStack, *, nodes: int = 30, min_swarm
     async with open_testnet(opts, progress=say) as net:
         names = [u.name for u in net.plan.users]
         pids = [rt.child.pid for rt in net.nodes.values() if rt.child] + ([net.registry.pid] if net.registry else [])
-        if net.toxiproxy is not None:
-            pids.append(net.toxiproxy.pid)
+        pids += [c.pid for c in net.toxiproxies]
         rng = random.Random(7)
         async with trio.open_nursery() as nursery:
             clients = []

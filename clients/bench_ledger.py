@@ -93,7 +93,7 @@ class Window:
         self.node_names = [n for n, rt in net.nodes.items() if rt.child is not None]
         self.node_pids = [net.nodes[n].child.pid for n in self.node_names]
         self.registry_pids = [net.registry.pid] if net.registry else []
-        self.toxiproxy_pids = [net.toxiproxy.pid] if net.toxiproxy else []
+        self.toxiproxy_pids = [c.pid for c in net.toxiproxies]
 
     def _signal_nodes(self, sig: int) -> None:
         for n in self.node_names:

@@ -64,7 +64,7 @@ async def boot_once(n: int, *, links: str, zygote: bool, base: Path) -> dict[str
         ready = time.monotonic() - start
         rec = net.record()
         node_pids = [x["pid"] for x in rec["nodes"]]
-        others = [c.pid for c in (net.registry, net.toxiproxy) if c is not None]
+        others = [c.pid for c in (net.registry, *net.toxiproxies) if c is not None]
         if rec.get("zygote"):
             others.append(rec["zygote"]["pid"])
         await trio.sleep(1.0)  # let start-up garbage settle before reading memory

@@ -196,8 +196,9 @@ def _summary(run: dict[str, Any], run_dir: Path, detached: bool) -> str:
         f"{len({x['swarm_id'] for x in run['nodes']})} swarms",
         f"  run directory: {run_dir}",
         f"  registry:      {run['registry']['host']}:{run['registry']['port']}",
-        "  links:         " + (f"Toxiproxy at {tp['api']} ({len(run['links'])} proxies)" if tp
-                                else "direct — link faults are OFF"),
+        "  links:         " + (f"Toxiproxy at {tp['api']} ({len(run['links'])} proxies"
+                                + (f" on {len(tp['servers'])} servers" if len(tp.get("servers") or ()) > 1 else "")
+                                + ")" if tp else "direct — link faults are OFF"),
         "",
         "Try next (in another shell):",
         *_aligned(

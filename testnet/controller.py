@@ -67,6 +67,7 @@ class Options:
     zygote: bool = True  # fork nodes from a warm process (see procs.Zygote)
     capture: bool = True  # nodes record their traffic for the unlinkability checker
     toxiproxy_binary: str | None = None
+    toxiproxy_servers: int | None = None  # None: as many as the open-files limit needs (links.servers_needed)
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "run_dir": None if self.run_dir is None else str(self.run_dir),
@@ -111,8 +112,8 @@ class Testnet:
         self.removed: list[dict[str, Any]] = []
         self.registry: procs.Child | None = None
         self.registry_address: tuple[str, int] = (plan.registry_host, 0)
-        self.toxiproxy: procs.Child | None = None
-        self.api: L.ToxiproxyApi | None = None
+        self.toxiproxies: list[procs.Child] = []  # the servers sharing the proxies (plan.toxiproxy_apis)
+        self.api: L.ToxiproxyServers | None = None
         self.state = "starting"
         self.started_ms = int(time.time() * 1000)
         self.stop_requested = trio.Event()
@@ -243,12 +244,18 @@ class Testnet:
         await self.call("registry", "info", timeout=5.0)
 
     async def _start_toxiproxy(self) -> None:
-        host, port = self.plan.toxiproxy  # type: ignore[misc]
-        child, api = L.spawn_toxiproxy(host, port, log=self.run_dir / "toxiproxy.log", seed=self.plan.seed,
-                                       binary=self.toxiproxy_binary)
-        self.toxiproxy, self.api = child, api
-        self._nursery.start_soon(child.watch)
-        await L.wait_toxiproxy(child, api)
+        apis = []
+        for i, (host, port) in enumerate(self.plan.toxiproxy_apis):
+            log = self.run_dir / ("toxiproxy.log" if i == 0 else f"toxiproxy-{i}.log")
+            child, api = L.spawn_toxiproxy(host, port, log=log, seed=self.plan.seed + i,
+                                           binary=self.toxiproxy_binary)
+            self.toxiproxies.append(child)
+            apis.append(api)
+            self._nursery.start_soon(child.watch)
+        self.api = L.ToxiproxyServers(apis, self.plan.server_of)
+        async with trio.open_nursery() as nursery:
+            for child, api in zip(self.toxiproxies, apis):
+                nursery.start_soon(L.wait_toxiproxy, child, api)
 
     async def _start_zygote(self) -> None:
         self.zygote = procs.Zygote.launch("nodes.__main__:main", stderr=self.run_dir / "zygote.log",
@@ -474,9 +481,6 @@ class Testnet:
     async def node_add(self, name: str | None = None, timeout_s: float = 30.0) -> str:
         """A new node (next free name unless given): new key, its links, everyone told. Returns its name."""
         async with self._lock:
-            if self.plan.links_mode == "toxiproxy":
-                L.check_proxy_capacity(len(self.plan.nodes) + 1, len(self.plan.users),
-                                       procs.raise_open_files_limit()[0])
             self.plan, node = P.with_node_added(self.plan, name)
             rundir.write_secret(node.seed_file, node.seed.hex() + "\n")
             await self.call("registry", "stake", {"token": self.plan.admin_token,
@@ -575,7 +579,7 @@ class Testnet:
 
     def children(self) -> list[procs.Child]:
         kids = [rt.child for rt in self.nodes.values() if rt.child is not None]
-        return kids + [c for c in (self.registry, self.toxiproxy) if c is not None]
+        return kids + [c for c in (self.registry, *self.toxiproxies) if c is not None]
 
     async def teardown(self) -> float:
         """Stop every process of the run; returns how long it took (s)."""
@@ -610,14 +614,13 @@ async def open_testnet(options: Options | None = None, *, progress: Progress | N
     seed = opts.seed if opts.seed is not None else secrets.randbits(63)
     binary = L.find_toxiproxy(opts.toxiproxy_binary) if opts.links == "toxiproxy" else None  # fail early
     open_files, _ = procs.raise_open_files_limit()  # every process we start inherits it
-    if opts.links == "toxiproxy":
-        L.check_proxy_capacity(opts.nodes, opts.users, open_files)
     run_dir = (Path(opts.run_dir).absolute() if opts.run_id and opts.run_dir
                else rundir.create_run_dir(run_id, opts.run_dir, opts.runs_dir))
     block, claim = rundir.claim_block(run_id)  # options are checked: planning cannot fail now
     plan = P.plan_network(nodes=opts.nodes, users=opts.users, min_swarm=opts.min_swarm, seed=seed,
                           links=opts.links, run_dir=run_dir, run_id=run_id, block=block, inject_bugs=opts.inject_bugs,
-                          capture=opts.capture)
+                          capture=opts.capture,
+                          toxiproxy_servers=opts.toxiproxy_servers or L.servers_needed(opts.nodes, opts.users, open_files))
     (progress or (lambda m: None))(f"run {run_id} in {run_dir}")
     async with trio.open_nursery() as nursery:
         net = Testnet(plan, nursery, progress=progress, zygote=opts.zygote, toxiproxy_binary=binary)

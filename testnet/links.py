@@ -35,6 +35,7 @@ from .procs import Child, ChildFailed, spawn, stop_children
 Address = tuple[str, int]
 DEFAULT_TIMEOUT_S = 5.0
 POPULATE_BATCH = 1000  # proxies per /populate request
+POPULATE_TIMEOUT_S = 30.0  # for one batch: a loaded server creates a thousand listeners in about a second
 HEAL_TIMEOUT_S = 5.0
 TOXIC_TYPES = ("latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data")
 PROJECT_BIN = Path(__file__).resolve().parent.parent / "bin" / "toxiproxy-server"
@@ -55,7 +56,7 @@ class ToxiproxyMissing(LinkError):
     """No Toxiproxy server binary on this machine."""
 
 
-PROXY_FD_RESERVE = 1024  # descriptors Toxiproxy needs beyond its listeners: proxied connections, its API
+PROXY_FD_RESERVE = 1024  # descriptors a Toxiproxy server needs beyond its listeners: its API, logs
 
 
 def proxies_needed(nodes: int, users: int) -> int:
@@ -63,20 +64,12 @@ def proxies_needed(nodes: int, users: int) -> int:
     return nodes * (nodes - 1) + users * nodes
 
 
-def check_proxy_capacity(nodes: int, users: int, open_files: int) -> None:
-    """Raise :class:`LinkError` (before anything starts) when one Toxiproxy process could not
-    hold a listening socket for every proxy of the plan within ``open_files`` descriptors."""
-    needed = proxies_needed(nodes, users) + PROXY_FD_RESERVE
-    if needed <= open_files:
-        return
-    most = max(n for n in range(1, nodes + 1) if proxies_needed(n, users) + PROXY_FD_RESERVE <= open_files) \
-        if proxies_needed(1, users) + PROXY_FD_RESERVE <= open_files else 0
-    raise LinkError(
-        f"Toxiproxy links for {nodes} nodes and {users} users are {proxies_needed(nodes, users):,} proxies, each "
-        f"a listening socket of the one Toxiproxy process, plus {PROXY_FD_RESERVE:,} descriptors for its "
-        f"connections: {needed:,} open files, but a process here may hold {open_files:,} (ulimit -n; the hard "
-        f"limit is the most it can be raised to). Use at most {most} nodes with Toxiproxy links, --links direct "
-        f"(no link faults; up to 1,016 nodes), or raise the hard limit.")
+def servers_needed(nodes: int, users: int, open_files: int) -> int:
+    """Toxiproxy servers to share a run's proxies among: each may give at most half of the
+    descriptors it may hold (``open_files``, after a reserve) to listening sockets, the other
+    half to the connections it proxies (two descriptors each)."""
+    per_server = max((open_files - PROXY_FD_RESERVE) // 2, 1)
+    return max(1, -(-proxies_needed(nodes, users) // per_server))
 
 
 def find_toxiproxy(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -98,6 +91,7 @@ class ToxiproxyApi:
 
     def __init__(self, host: str, port: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.host, self.port, self.timeout_s = host, port, timeout_s
+        self.populate_timeout_s = max(timeout_s, POPULATE_TIMEOUT_S)  # a batch is a thousand listeners
 
     @property
     def url(self) -> str:
@@ -135,10 +129,22 @@ class ToxiproxyApi:
     async def proxies(self) -> dict[str, dict[str, Any]]:
         return await self.call("get", "/proxies")
 
+    def _populate_sync(self, batch: list[dict[str, Any]]) -> None:
+        # Straight through requests, not APIConsumer: its server address is class-wide, so its
+        # calls take turns, and a large network's servers must create their proxies at once.
+        try:
+            resp = requests.post(f"{self.url}/populate", json=batch, timeout=self.populate_timeout_s)
+        except requests.RequestException as exc:
+            raise LinkError(f"toxiproxy at {self.host}:{self.port} unreachable: {type(exc).__name__}") from None
+        if resp.status_code >= 400:
+            raise LinkError(f"toxiproxy POST /populate: status {resp.status_code}: {_text(resp.content)}")
+
     async def populate(self, proxies: list[dict[str, Any]]) -> None:
         """Create (or update) many proxies, each ``{"name", "listen", "upstream"}``, in big batches."""
         for i in range(0, len(proxies), POPULATE_BATCH):
-            await self.call("post", "/populate", proxies[i:i + POPULATE_BATCH])
+            with trio.fail_after(self.populate_timeout_s + 1.0):
+                await trio.to_thread.run_sync(self._populate_sync, proxies[i:i + POPULATE_BATCH],
+                                              abandon_on_cancel=True)
 
     async def delete_proxy(self, name: str) -> None:
         await self.call("delete", f"/proxies/{name}")
@@ -163,6 +169,59 @@ class ToxiproxyApi:
     async def reset(self) -> None:
         """Enable every proxy and remove every toxic."""
         await self.call("post", "/reset")
+
+
+class ToxiproxyServers:
+    """Several Toxiproxy servers seen as one: each proxy lives on the server ``server_of(name)``
+    says, and every call about a proxy goes there (the same methods as :class:`ToxiproxyApi`,
+    so fault code never knows how the proxies are shared out)."""
+
+    def __init__(self, apis: list[ToxiproxyApi], server_of: Any) -> None:
+        self.apis = apis
+        self._server_of = server_of
+
+    def api_for(self, proxy: str) -> ToxiproxyApi:
+        return self.apis[self._server_of(proxy)]
+
+    @property
+    def url(self) -> str:
+        first = self.apis[0].url
+        return first if len(self.apis) == 1 else f"{first} (+{len(self.apis) - 1} more servers)"
+
+    async def version(self) -> str:
+        return await self.apis[0].version()
+
+    async def proxies(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for api in self.apis:
+            out.update(await api.proxies())
+        return out
+
+    async def populate(self, proxies: list[dict[str, Any]]) -> None:
+        by_server: dict[int, list[dict[str, Any]]] = {}
+        for p in proxies:
+            by_server.setdefault(self._server_of(p["name"]), []).append(p)
+        async with trio.open_nursery() as nursery:
+            for i, items in by_server.items():
+                nursery.start_soon(self.apis[i].populate, items)
+
+    async def delete_proxy(self, name: str) -> None:
+        await self.api_for(name).delete_proxy(name)
+
+    async def set_enabled(self, proxy: str, enabled: bool) -> None:
+        await self.api_for(proxy).set_enabled(proxy, enabled)
+
+    async def add_toxic(self, proxy: str, type: str, attributes: dict[str, Any], *, stream: str = "downstream",
+                        toxicity: float = 1.0, name: str | None = None) -> str:
+        return await self.api_for(proxy).add_toxic(proxy, type, attributes, stream=stream, toxicity=toxicity,
+                                                   name=name)
+
+    async def remove_toxic(self, proxy: str, name: str) -> None:
+        await self.api_for(proxy).remove_toxic(proxy, name)
+
+    async def reset(self) -> None:
+        for api in self.apis:
+            await api.reset()
 
 
 def _text(content: Any) -> str:

@@ -7,14 +7,21 @@ of 8, laid out so an address alone says what it is:
 =====================  ===============================================
 ``127.a.b.1``          the controller's control API (its claim on the block)
 ``127.a.b.2``          the registry
-``127.a.b.3``          the Toxiproxy API
-``127.a.(b+1).i``      node ``i`` (``n01`` is ``.1``)
+``127.a.b.3:T+s``      the API of Toxiproxy server ``s`` (one or more)
+``127.a.(b+1).i``      node ``i`` (``n01`` is ``.1``); nodes 255-508 in
+                       ``127.a.(b+5)``, 509-1,016 (direct links only) in
+                       ``127.a.(b+6)`` and ``127.a.(b+7)``
 ``127.a.(b+2).j``      user ``j`` (``alice`` is ``.1``)
-``127.a.(b+3).i:P+k``  proxy of the link node ``i`` -> node ``k``
+``127.a.(b+3).i:P+k``  proxy of the link node ``i`` -> node ``k``; for
+                       nodes 255-508, ``127.a.(b+6)``
 ``127.a.(b+4).j:P+k``  proxy of the link user ``j`` -> node ``k``
 =====================  ===============================================
 
-(``P`` = :data:`PROXY_PORT_BASE`, below Linux's ephemeral port range.)
+(``T`` = :data:`TOXIPROXY_PORT`; ``P`` = :data:`PROXY_PORT_BASE`, below
+Linux's ephemeral port range.)  A large network's proxies are shared out
+among several Toxiproxy servers by source (:meth:`NetworkPlan.server_of`),
+so no process holds more listening sockets than its descriptor limit allows;
+the link table stays one table.
 Which block a run gets is derived from its run id (:func:`candidate_blocks`);
 the controller takes the first one it can bind.  Every key seed is derived
 from the run seed, so replaying a run reproduces its identities.
@@ -36,9 +43,10 @@ Address = tuple[str, int]
 Block = tuple[int, int]
 
 USER_NAMES = ("alice", "bob", "carol", "dave")
-MAX_NODES = 254  # one host octet each: the proxies' listen addresses are per source node
-MAX_NODES_DIRECT = 4 * 254  # without proxies nodes also take /24s 5..7 of the block
+MAX_NODES = 2 * 254  # with proxies: nodes in /24s 1 and 5, their proxies' listen addresses in 3 and 6
+MAX_NODES_DIRECT = 4 * 254  # without proxies nodes also take /24s 6 and 7 of the block
 NODE_OFFSETS = (1, 5, 6, 7)  # the block's /24s that hold node addresses, 254 each
+PROXY_SOURCE_OFFSETS = (3, 6)  # the /24s that hold the listen addresses of node i's outgoing proxies
 MAX_USERS = 254
 CONTROL_PORT = 29555  # fixed so that binding it is how a run claims its block
 TOXIPROXY_PORT = 8474  # Toxiproxy's own default, on the run's own address
@@ -170,6 +178,7 @@ class NetworkPlan:
     links: tuple[LinkPlan, ...]
     inject_bugs: tuple[str, ...] = ()
     capture: bool = True  # nodes record their traffic (capture.bin)
+    toxiproxy_servers: int = 1  # the proxies are shared out among these many servers
 
     @property
     def controller(self) -> Address:
@@ -181,7 +190,22 @@ class NetworkPlan:
 
     @property
     def toxiproxy(self) -> Address | None:
-        return (_ip(self.block, 0, 3), TOXIPROXY_PORT) if self.links_mode == "toxiproxy" else None
+        """The API of the first (often only) Toxiproxy server."""
+        return self.toxiproxy_apis[0] if self.links_mode == "toxiproxy" else None
+
+    @property
+    def toxiproxy_apis(self) -> list[Address]:
+        """Every Toxiproxy server's API, by server number."""
+        if self.links_mode != "toxiproxy":
+            return []
+        return [(_ip(self.block, 0, 3), TOXIPROXY_PORT + s) for s in range(self.toxiproxy_servers)]
+
+    def server_of(self, link_name: str) -> int:
+        """Which Toxiproxy server holds the proxy of ``link_name`` (``src->dst``): by its source, so
+        a node's outgoing proxies live together and every server gets a like share."""
+        src = link_name.split("->", 1)[0]
+        index = node_index(src) if src[:1] == "n" and src[1:].isdigit() else self.user(src).index + 127
+        return (index - 1) % self.toxiproxy_servers
 
     @property
     def admin_token(self) -> str:
@@ -223,6 +247,11 @@ def node_host(block: Block, index: int) -> str:
     return _ip(block, NODE_OFFSETS[(index - 1) // 254], (index - 1) % 254 + 1)
 
 
+def proxy_source_host(block: Block, index: int) -> str:
+    """The listen address of node ``index``'s outgoing proxies (one port per destination)."""
+    return _ip(block, PROXY_SOURCE_OFFSETS[(index - 1) // 254], (index - 1) % 254 + 1)
+
+
 def make_node(run_dir: Path, seed: int, block: Block, index: int) -> NodePlan:
     name = node_name(index)
     d = run_dir / "nodes" / name
@@ -249,7 +278,7 @@ def _links_between(block: Block, nodes: tuple[NodePlan, ...], users: tuple[UserP
             if s is d or (touching is not None and touching not in (s, d)):
                 continue
             out.append(LinkPlan(f"{s.name}->{d.name}", s.name, d.name,
-                                (_ip(block, 3, s.index), PROXY_PORT_BASE + d.index), False))
+                                (proxy_source_host(block, s.index), PROXY_PORT_BASE + d.index), False))
     for u in users:
         for d in nodes:
             if touching is not None and d is not touching:
@@ -261,7 +290,8 @@ def _links_between(block: Block, nodes: tuple[NodePlan, ...], users: tuple[UserP
 
 def plan_network(*, nodes: int = DEFAULT_NODES, users: int = DEFAULT_USERS, min_swarm: int = DEFAULT_MIN_SWARM,
                  seed: int, links: str = "toxiproxy", run_dir: Path, run_id: str, block: Block,
-                 inject_bugs: tuple[str, ...] | list[str] = (), capture: bool = True) -> NetworkPlan:
+                 inject_bugs: tuple[str, ...] | list[str] = (), capture: bool = True,
+                 toxiproxy_servers: int = 1) -> NetworkPlan:
     """The whole network for one run; raises :class:`PlanError` on options that cannot work."""
     check_options(nodes=nodes, users=users, min_swarm=min_swarm, links=links)
     a, b = block
@@ -273,7 +303,8 @@ def plan_network(*, nodes: int = DEFAULT_NODES, users: int = DEFAULT_USERS, min_
     link_plans = _links_between(block, node_plans, user_plans) if links == "toxiproxy" else ()
     return NetworkPlan(run_id=run_id, seed=seed, run_dir=run_dir, block=block, links_mode=links,  # type: ignore[arg-type]
                        min_swarm=min_swarm, nodes=node_plans, users=user_plans, links=link_plans,
-                       inject_bugs=tuple(inject_bugs), capture=capture)
+                       inject_bugs=tuple(inject_bugs), capture=capture,
+                       toxiproxy_servers=toxiproxy_servers if links == "toxiproxy" else 1)
 
 
 def check_options(*, nodes: int, users: int, min_swarm: int, links: str) -> None:

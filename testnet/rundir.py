@@ -167,8 +167,14 @@ def build_record(net: Any) -> dict[str, Any]:
         "zygote": proc(net.zygote.child) if net.zygote else None,
         "registry": {"host": reg[0], "port": reg[1], **proc(net.registry), "log": "registry/registry.log",
                      "state_file": "registry/state.json"},
-        "toxiproxy": None if tp is None else {"api": f"http://{tp[0]}:{tp[1]}", "host": tp[0], "port": tp[1],
-                                              **proc(net.toxiproxy), "log": "toxiproxy.log"},
+        # The first server at the top level (as with one server); all of them under "servers".
+        "toxiproxy": None if tp is None else {
+            "api": f"http://{tp[0]}:{tp[1]}", "host": tp[0], "port": tp[1],
+            **proc(net.toxiproxies[0] if net.toxiproxies else None), "log": "toxiproxy.log",
+            "servers": [{"api": f"http://{h}:{p}", "host": h, "port": p,
+                         **proc(net.toxiproxies[i] if i < len(net.toxiproxies) else None),
+                         "log": "toxiproxy.log" if i == 0 else f"toxiproxy-{i}.log"}
+                        for i, (h, p) in enumerate(plan.toxiproxy_apis)]},
         "nodes": nodes,
         "removed_nodes": net.removed,
         "users": [{"name": u.name, "session_id": u.identity.session_id, "ed25519_public":
@@ -220,7 +226,9 @@ def ingress_user_by_port(run: dict[str, Any], node: str) -> dict[int, str]:
 
 def recorded_processes(run: dict[str, Any], *, controller: bool = False) -> list[tuple[str, int, float | None]]:
     """(name, pid, create_time) of every process a run record names (its controller too, if asked)."""
-    recs = [(key, run.get(key)) for key in ("registry", "toxiproxy", "zygote")]
+    recs = [(key, run.get(key)) for key in ("registry", "zygote")]
+    tp = run.get("toxiproxy") or {}
+    recs += [(f"toxiproxy-{i}" if i else "toxiproxy", s) for i, s in enumerate(tp.get("servers") or [tp])]
     recs += [(n["name"], n) for n in run["nodes"] + run.get("removed_nodes", [])]
     if controller:
         recs.append(("controller", run.get("controller")))

@@ -19,7 +19,7 @@ from testnet.controller import Options, error_leaves, open_testnet
 from testnet.links import check_bindable
 from testnet.fixtures import assert_no_leaks, requires_toxiproxy
 from testnet.procs import NotReady, proc_state
-from testnet.base.rpc import RpcError
+from testnet.base.rpc import RpcError, call_once
 from testnet.rundir import load_run, recorded_processes
 
 pytestmark = pytest.mark.network
@@ -211,3 +211,30 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path):
     ident = json.loads(swarmnet(tmp_path, "id", "--seed", "0123456789abcdef0123456789abcdef", "--json").stdout)
     assert ident["session_id"] == "05d2ad010eeb72d72e561d9de7bd7b6989af77dcabffa03a5111a6c859ae5c3a72"
     assert "seed" not in ident
+
+
+@requires_toxiproxy
+async def test_proxies_shared_out_among_toxiproxy_servers_work_as_one_link_table(testnet_factory):
+    from testnet import links as L
+
+    async with testnet_factory(nodes=4, users=1, min_swarm=2, links="toxiproxy", toxiproxy_servers=3) as net:
+        run = load_run(net.run_dir)
+        servers = run["toxiproxy"]["servers"]
+        assert len(servers) == 3 and len({(s["host"], s["port"]) for s in servers}) == 3
+        # Each server holds exactly the proxies the plan gives it; together, the whole link table.
+        held = {}
+        for i, api in enumerate(net.api.apis):
+            for name in await api.proxies():
+                assert net.plan.server_of(name) == i
+                held[name] = i
+        assert set(held) == {link["name"] for link in run["links"]} and len(set(held.values())) == 3
+        pids = [pid for _, pid, _ in recorded_processes(run)]
+        assert len(pids) == 4 + 1 + 3 + 1  # nodes, registry, servers, zygote
+        # A fault on a link of a server other than the first cuts that link only, and heals.
+        link = next(l for l in net.plan.links if net.plan.server_of(l.name) == 2 and not l.from_user)
+        host, port = link.listen
+        async with L.link_down(net.api, link.name):
+            with pytest.raises(RpcError):
+                await call_once(host, port, "info", {}, timeout=1.0)
+        assert (await call_once(host, port, "info", {}, timeout=5.0)).status == 200
+    assert all(not psutil.pid_exists(pid) or proc_state(pid) == "dead" for pid in pids)

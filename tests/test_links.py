@@ -135,18 +135,17 @@ def test_missing_binary_says_how_to_get_it(monkeypatch, tmp_path):
         links.find_toxiproxy()
 
 
-def test_a_plan_whose_proxies_cannot_fit_is_refused_before_anything_starts_and_says_why():
-    from testnet.links import LinkError, check_proxy_capacity, proxies_needed
+def test_a_large_plan_gets_enough_toxiproxy_servers_for_the_descriptors_each_may_hold():
+    from testnet.links import PROXY_FD_RESERVE, proxies_needed, servers_needed
 
     assert proxies_needed(200, 3) == 200 * 199 + 600
-    check_proxy_capacity(100, 3, 20_000)  # 10,200 proxies: fits
-    with pytest.raises(LinkError) as exc:
-        check_proxy_capacity(200, 3, 20_000)
-    msg = str(exc.value)
-    assert "40,400 proxies" in msg and "20,000" in msg and "--links direct" in msg
-    assert "at most 136 nodes" in msg  # 136*135 + 3*136 + 1,024 <= 20,000 < 137*136 + 3*137 + 1,024
-    with pytest.raises(LinkError, match="at most 0 nodes"):
-        check_proxy_capacity(5, 3, 500)
+    assert servers_needed(30, 3, 20_000) == 1
+    assert servers_needed(100, 3, 20_000) == 2  # 10,200 listeners: more than half of 20,000 - reserve
+    for nodes in (100, 200, 300, 508):
+        k = servers_needed(nodes, 3, 20_000)
+        # Each server's share of listeners leaves half of what it may hold for connections.
+        assert proxies_needed(nodes, 3) / k <= (20_000 - PROXY_FD_RESERVE) / 2
+        assert k == 1 or proxies_needed(nodes, 3) / (k - 1) > (20_000 - PROXY_FD_RESERVE) / 2
 
 
 def test_processes_we_start_inherit_the_hard_limit_on_open_files():

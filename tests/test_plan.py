@@ -82,7 +82,7 @@ def test_paths_live_under_the_run_dir():
 
 
 @pytest.mark.parametrize("kw", [dict(nodes=0), dict(users=-1), dict(min_swarm=9, nodes=5), dict(links="carrier-pigeon"),
-                                dict(block=(0, 8)), dict(block=(3, 12)), dict(nodes=300)])
+                                dict(block=(0, 8)), dict(block=(3, 12)), dict(nodes=509)])
 def test_bad_options_are_refused(kw):
     with pytest.raises(P.PlanError):
         make(**kw)
@@ -123,3 +123,28 @@ def test_candidate_blocks_are_valid_and_deterministic(run_id):
     for a, b in blocks:
         assert 1 <= a <= 255 and 0 <= b <= 248 and b % 8 == 0
         ipaddress.ip_network(f"127.{a}.{b}.0/21")  # strict: raises if b is not /21-aligned
+
+
+def test_past_254_nodes_every_node_and_every_proxy_source_has_an_address_of_its_own():
+    p = make(nodes=508, users=3)
+    hosts = [n.host for n in p.nodes]
+    assert len(set(hosts)) == 508 and hosts[253].endswith(".254") and hosts[254] != hosts[0]
+    sources = {link.src: link.listen[0] for link in p.links}
+    listens = [link.listen for link in p.links]
+    assert len(set(listens)) == len(listens)  # no two proxies on one address and port
+    # A node's proxies share one address, the users' theirs; none is a node's or user's address.
+    assert len(set(sources.values())) == 508 + 3
+    assert not set(sources.values()) & (set(hosts) | {u.host for u in p.users})
+    assert all(30000 < link.listen[1] < 32768 for link in p.links)  # below the ephemeral ports
+
+
+def test_proxies_are_shared_out_among_servers_by_source():
+    p = make(nodes=40, users=3, toxiproxy_servers=4)
+    apis = p.toxiproxy_apis
+    assert len(apis) == 4 and len(set(apis)) == 4 and p.toxiproxy == apis[0]
+    by_server = [0] * 4
+    for link in p.links:
+        by_server[p.server_of(link.name)] += 1
+        assert p.server_of(link.name) == p.server_of(f"{link.src}->n01")  # a source's proxies stay together
+    assert min(by_server) >= 0.8 * max(by_server)
+    assert make(nodes=5, links="direct", toxiproxy_servers=4).toxiproxy_apis == []
