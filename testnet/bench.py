@@ -12,6 +12,13 @@ Figures, all measured in one run (nothing here is asserted by a test):
   reaped (target <= 1 s);
 * ``pss_mb`` — the summed proportional set size of the node processes (and,
   apart, of the registry, Toxiproxy and zygote) at N and at a second size.
+
+The scale section (``--scale N``) boots one large network and measures what
+issue "500 real nodes" asks of it: ready = swarms formed and one onion
+message stored by one user and read back by another (target <= 30 s at 500
+nodes with Toxiproxy links); PSS of every process of the run (target <= 6
+GiB); the CPU of the whole idle network over 10 s (target <= 25 % of one
+core); teardown (target <= 3 s) and that no process is left.
 """
 
 from __future__ import annotations
@@ -75,18 +82,95 @@ async def boot_once(n: int, *, links: str, zygote: bool, base: Path) -> dict[str
             "pss_nodes_mb": pss_nodes, "pss_per_node_mb": round(pss_nodes / n, 2), "pss_other_mb": pss_other}
 
 
-async def bench_boot(n: int = 50, big: int = 100, *, links: str = "toxiproxy", zygote: bool = True) -> dict[str, Any]:
+async def _one_onion_message(net: Any) -> float:
+    """Store one message from the first user to the second through an onion path and read it back;
+    seconds it took."""
+    import random
+
+    from clients.client import Client
+    from testnet.base import crypto
+
+    t0 = time.monotonic()
+    a, b = (u.name for u in net.plan.users[:2])
+    async with trio.open_nursery() as nursery:
+        clients = []
+        for name in (a, b):
+            c = Client(net.user_identity(name), name=name, host=net.user_host(name), nursery=nursery,
+                       registry=net.registry_address, rng=random.Random(name))
+            c.directory.dial = dict(net.user_links(name))
+            await c.refresh_nodes()
+            clients.append(c)
+        sender, reader = clients
+        text = b"swarmnet scale check"
+        with trio.fail_after(30):
+            await sender.store(reader.session_id, crypto.seal_message(sender.identity, reader.session_id, text),
+                               now_ms=int(time.time() * 1000))
+            while True:
+                got = await reader.retrieve(now_ms=int(time.time() * 1000))
+                msgs = (got.body or {}).get("messages") or []
+                if any(crypto.open_message(reader.identity, m["data"])[0] == text for m in msgs):
+                    break
+                await trio.sleep(0.2)
+        for c in clients:
+            await c.aclose()
+        nursery.cancel_scope.cancel()
+    return time.monotonic() - t0
+
+
+async def scale_once(n: int, *, links: str, base: Path, idle_s: float = 10.0) -> dict[str, Any]:
+    """Boot ``n`` nodes with ``links``, then the figures of the scale section (see module doc)."""
+    from .procs import proc_state
+
+    opts = Options(nodes=n, users=3, min_swarm=5, links=links, run_dir=base / f"scale-{n}", check=False,
+                   ready_timeout_s=max(120.0, n * 0.5))
+    start = time.monotonic()
+    async with open_testnet(opts) as net:
+        swarms_s = time.monotonic() - start
+        onion_s = await _one_onion_message(net)
+        ready = time.monotonic() - start
+        pids = [c.pid for c in net.children()] + ([net.zygote.child.pid] if net.zygote else [])
+        await trio.sleep(3.0)  # boot's anti-entropy and garbage settle
+        pss = pss_mb(pids)
+        cpu0, t0 = _cpu(pids), time.monotonic()
+        await trio.sleep(idle_s)
+        idle = (_cpu(pids) - cpu0) / (time.monotonic() - t0)
+        servers = len(net.toxiproxies)
+        proxies = len(net.plan.links)
+        stop = time.monotonic()
+    teardown = time.monotonic() - stop
+    left = [pid for pid in pids if psutil.pid_exists(pid) and proc_state(pid) != "dead"]
+    return {"nodes": n, "links": links, "toxiproxy_servers": servers, "proxies": proxies,
+            "swarms_formed_s": round(swarms_s, 1), "onion_message_s": round(onion_s, 2), "ready_s": round(ready, 1),
+            "pss_all_mib": pss, "idle_cpu_share_of_one_core": round(idle, 3), "teardown_s": round(teardown, 2),
+            "processes_left": len(left)}
+
+
+def _cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+async def bench_boot(n: int = 50, big: int = 100, *, links: str = "toxiproxy", zygote: bool = True,
+                     scale: int = 0) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="swarmnet-bench-"))
     try:
         baseline = await trio.to_thread.run_sync(baseline_s, n)
         first = await boot_once(n, links=links, zygote=zygote, base=base)
         second = await boot_once(big, links=links, zygote=zygote, base=base) if big else None
+        scaled = await scale_once(scale, links=links, base=base) if scale else None
     finally:
         import shutil
 
         shutil.rmtree(base, ignore_errors=True)
     return {"links": links, "zygote": zygote, "baseline_s": round(baseline, 3),
-            "ratio": round(first["ready_s"] / baseline, 3), "runs": [r for r in (first, second) if r]}
+            "ratio": round(first["ready_s"] / baseline, 3), "runs": [r for r in (first, second) if r],
+            "scale": scaled}
 
 
 @click.command("boot")
@@ -94,10 +178,12 @@ async def bench_boot(n: int = 50, big: int = 100, *, links: str = "toxiproxy", z
 @click.option("--big", default=100, show_default=True, help="second size, for memory (0 to skip)")
 @click.option("--links", type=click.Choice(["toxiproxy", "direct"]), default="toxiproxy", show_default=True)
 @click.option("--no-zygote", is_flag=True, help="start nodes as fresh interpreters")
+@click.option("--scale", default=300, show_default=True,
+              help="the scale section's network size (0 to skip; the target is 500 with Toxiproxy links)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
-def boot_command(nodes: int, big: int, links: str, no_zygote: bool, as_json: bool) -> None:
-    """Time to a ready network vs. cold interpreters, teardown time, and PSS memory."""
-    result = trio.run(lambda: bench_boot(nodes, big, links=links, zygote=not no_zygote))
+def boot_command(nodes: int, big: int, links: str, no_zygote: bool, scale: int, as_json: bool) -> None:
+    """Time to a ready network vs. cold interpreters, teardown time, PSS memory; one large network."""
+    result = trio.run(lambda: bench_boot(nodes, big, links=links, zygote=not no_zygote, scale=scale))
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -110,3 +196,13 @@ def boot_command(nodes: int, big: int, links: str, no_zygote: bool, as_json: boo
         click.echo(f"  {r['nodes']:>3} nodes: teardown {r['teardown_s']:.2f} s (target <= 1), PSS nodes "
                    f"{r['pss_nodes_mb']:.0f} MiB ({r['pss_per_node_mb']:.1f}/node), registry+toxiproxy+zygote "
                    f"{r['pss_other_mb']:.0f} MiB")
+    sc = result.get("scale")
+    if sc:
+        click.echo(f"  scale: {sc['nodes']} nodes, {sc['links']} links"
+                   + (f" ({sc['proxies']:,} proxies on {sc['toxiproxy_servers']} Toxiproxy servers)"
+                      if sc["toxiproxy_servers"] else ""))
+        click.echo(f"    ready {sc['ready_s']} s: swarms formed at {sc['swarms_formed_s']} s, one onion message stored "
+                   f"and read back in {sc['onion_message_s']} s (target <= 30 s at 500 nodes, Toxiproxy links)")
+        click.echo(f"    PSS of every process {sc['pss_all_mib'] / 1024:.2f} GiB (target <= 6) · idle network "
+                   f"{sc['idle_cpu_share_of_one_core'] * 100:.1f} % of one core (target <= 25) · teardown "
+                   f"{sc['teardown_s']} s (target <= 3), {sc['processes_left']} processes left")
