@@ -227,6 +227,7 @@ class RegistryState:
         self._log_from = height
         self._touched: set[str] = set()
         self._deltas: dict[int, dict[str, Any]] = {}  # since_height -> answer, at the current height
+        self.answers = {"whole": 0, "delta": 0, "unchanged": 0}  # get_service_nodes answers given, by kind
 
     def _assignment(self) -> dict[str, int]:
         return {k: r.swarm_id for k, r in self.nodes.items()}
@@ -353,11 +354,14 @@ class RegistryState:
         """
         same_run = epoch is None or epoch == self.epoch
         if since_height is not None and since_height == self.height and same_run:
+            self.answers["unchanged"] += 1
             return {"height": self.height, "changed": False, "epoch": self.epoch, "nodes": []}
         if epoch == self.epoch and since_height is not None and not history:
             body = self.delta(since_height)
             if body is not None:
+                self.answers["delta"] += 1
                 return body
+        self.answers["whole"] += 1
         body = self.snapshot()
         if history:
             if self._history_body is None or self._history_body[0] != self.height:
@@ -382,7 +386,8 @@ class RegistryState:
 
     def info(self) -> dict[str, Any]:
         return {"role": "registry", "version": VERSION, "height": self.height,
-                "nodes": len(self.nodes), "swarms": len(self.swarms()), "min_swarm": self.min_swarm}
+                "nodes": len(self.nodes), "swarms": len(self.swarms()), "min_swarm": self.min_swarm,
+                "answers": dict(self.answers)}
 
     def swarms(self) -> dict[int, list[str]]:
         """Swarm id -> sorted member ed25519 keys."""

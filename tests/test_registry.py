@@ -70,7 +70,8 @@ def test_register_reregister_and_deregister():
     assert status_of(state.deregister, deregister_args(IDS[0], NOW), NOW) == Status.NOT_FOUND
     assert state.height == 4
     assert state.info() | {"version": None} == {
-        "role": "registry", "version": None, "height": 4, "nodes": 1, "swarms": 1, "min_swarm": 3}
+        "role": "registry", "version": None, "height": 4, "nodes": 1, "swarms": 1, "min_swarm": 3,
+        "answers": {"whole": 0, "delta": 0, "unchanged": 0}}
 
 
 def test_bad_signatures_are_401_and_change_nothing():
