@@ -139,8 +139,12 @@ class NetView:
         past = []
         for a in body.get("history") or ():
             try:  # nodes without a swarm yet are left out (the assignment still counts)
-                past.append(Assignment(int(a["height"]), {str(k): int(v) for k, v in a["swarms"].items()
-                                                          if v is not None}))
+                if "differ" in a:  # the differences from this list (PROTOCOL.md)
+                    then: dict[Any, Any] = {k: s for k, (_, _, s) in nodes.items()}
+                    then.update(a["differ"])
+                else:
+                    then = a["swarms"]
+                past.append(Assignment(int(a["height"]), {str(k): int(v) for k, v in then.items() if v is not None}))
             except (KeyError, TypeError, ValueError, AttributeError):
                 continue
         return cls(nodes, tuple(past))

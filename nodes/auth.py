@@ -31,6 +31,8 @@ Everything here but :func:`authenticate` is pure: no sockets, clock or trio.
 
 from __future__ import annotations
 
+import sys
+import weakref
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable, Iterable, Mapping
@@ -121,6 +123,26 @@ class Assignment:
         return sid is not None and swarm_for(pubkey, self.swarm_ids) == sid
 
 
+# Assignments are immutable, and the nodes of one process (the simulation runs a
+# thousand) remember the same ones: each node keeps up to RECENT_ASSIGNMENTS of
+# them, so per-node copies would cost nodes x 32 x nodes entries.  Equal
+# assignments at one height are kept once, for as long as any node remembers them.
+_shared_assignments: weakref.WeakValueDictionary[tuple[int, int], Assignment] = weakref.WeakValueDictionary()
+
+
+def shared_assignment(height: int, swarms: Mapping[str, int]) -> Assignment:
+    """An :class:`Assignment` equal to ``Assignment(height, swarms)``: the one already
+    held in this process when there is one (``swarms`` must not change afterwards)."""
+    key = (height, len(swarms))
+    known = _shared_assignments.get(key)
+    if known is not None and known.swarms == swarms:
+        return known
+    a = Assignment(height, swarms)
+    if known is None:
+        _shared_assignments[key] = a
+    return a
+
+
 class Entitlements:
     """Which accounts and swarms a node may act for: those of its swarm in the
     current view, and for pushes also those of a recent past one (a node
@@ -137,14 +159,27 @@ class Entitlements:
         old = self.current
         self.current = view
         if old is not None:
-            self._remember(Assignment(old.height, {k: r.swarm_id for k, r in old.nodes.items()}))
+            self._remember(shared_assignment(old.height, {k: r.swarm_id for k, r in old.nodes.items()}))
 
     def add_history(self, history: Any) -> None:
-        """The registry's past assignments (``[{"height", "swarms"}]``); malformed entries are ignored."""
+        """The registry's past assignments, from the list it came with (the current view):
+        ``[{"height", "differ": {ed25519 hex: swarm id, or None when not on the list then}}]``
+        (or a whole ``"swarms"`` map).  Malformed entries are ignored."""
         for entry in history if isinstance(history, list) else ():
             try:
-                swarms = {str(k): int(v) for k, v in entry["swarms"].items()}
-                self._remember(Assignment(int(entry["height"]), swarms))
+                height = int(entry["height"])
+                if "differ" in entry:
+                    if self.current is None:
+                        continue
+                    swarms = {k: r.swarm_id for k, r in self.current.nodes.items()}
+                    for k, v in entry["differ"].items():
+                        if v is None:
+                            swarms.pop(str(k), None)
+                        else:
+                            swarms[sys.intern(str(k))] = int(v)
+                else:
+                    swarms = {sys.intern(str(k)): int(v) for k, v in entry["swarms"].items()}
+                self._remember(shared_assignment(height, swarms))
             except (KeyError, TypeError, ValueError, AttributeError):
                 continue
 

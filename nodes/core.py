@@ -9,6 +9,7 @@ import ipaddress
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sized, TypeVar
@@ -141,6 +142,13 @@ class NodeConfig:
 SWARM_OF_CACHE = 65_536  # accounts whose swarm a view remembers
 
 
+def _record(n: Mapping[str, Any]) -> NodeRecord:
+    # Interned: a node keeps these keys in its view, its senders and its entitlements,
+    # and the nodes of one process (the simulation) share them.
+    return NodeRecord(sys.intern(str(n["ed25519_public"])), sys.intern(str(n["x25519_public"])),
+                      sys.intern(str(n["host"])), int(n["port"]), int(n["swarm_id"]))
+
+
 @dataclass(frozen=True)
 class SwarmView:
     """The registry's node list as one node sees it at one height."""
@@ -153,10 +161,23 @@ class SwarmView:
     def from_registry(cls, body: Mapping[str, Any], me: str) -> SwarmView:
         nodes = {}
         for n in body["nodes"]:
-            rec = NodeRecord(str(n["ed25519_public"]), str(n["x25519_public"]), str(n["host"]),
-                             int(n["port"]), int(n["swarm_id"]))
+            rec = _record(n)
             nodes[rec.ed25519_public] = rec
         return cls(int(body["height"]), nodes, me)
+
+    def apply_delta(self, body: Mapping[str, Any]) -> SwarmView:
+        """The list after a registry delta from this view's height ({"since_height",
+        "nodes": [records added or changed], "removed": [ed25519 hex]}); ValueError
+        when the delta does not start at this view's height."""
+        if int(body["since_height"]) != self.height:
+            raise ValueError(f"delta from height {body['since_height']} applied to a view at {self.height}")
+        nodes = dict(self.nodes)
+        for key in body["removed"]:
+            nodes.pop(str(key), None)
+        for n in body["nodes"]:
+            rec = _record(n)
+            nodes[rec.ed25519_public] = rec
+        return SwarmView(int(body["height"]), nodes, self.me)
 
     @cached_property
     def swarm_ids(self) -> list[int]:

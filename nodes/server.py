@@ -466,7 +466,7 @@ class Node:
     async def _follow_registry(self) -> None:
         meter.ROLE.set("registry-follow")
         registered = False
-        height = -1
+        height, epoch = -1, None  # the registry list we hold: its height and the registry run it came from
         while True:
             try:
                 if not registered:
@@ -475,23 +475,31 @@ class Node:
                                                                         self.clock.wall_ms()), 5.0)
                     registered = True
                     event(log, "registered", host=host, port=port)
-                # The first list comes with the registry's recent swarm history (auth.Entitlements).
-                body = await self._registry_call(
-                    "get_service_nodes", {"since_height": height, "wait_ms": 10_000, "history": height < 0}, 15.0)
+                # The first list comes with the registry's recent swarm history (auth.Entitlements);
+                # later ones, naming the registry run we hold a list from, only with what changed.
+                args: dict[str, Any] = {"since_height": height, "wait_ms": 10_000, "history": height < 0}
+                if epoch is not None:
+                    args["epoch"] = epoch
+                body = await self._registry_call("get_service_nodes", args, 15.0)
                 if body["height"] < height:
                     # The registry forgot us (restarted without its state): register again.
-                    registered, height = False, -1
+                    registered, height, epoch = False, -1, None
                     continue
-                if body.get("changed", True) and body["height"] != height:
-                    view = SwarmView.from_registry(body, self.ed_hex)
-                    self.entitled.add_history(body.get("history"))
-                    height = view.height
+                if body.get("changed", True) and (body["height"] != height or body.get("epoch") != epoch):
+                    if "since_height" in body:
+                        view = self.view.apply_delta(body)  # ValueError unless it starts at our list
+                    else:
+                        view = SwarmView.from_registry(body, self.ed_hex)
+                    height, epoch = view.height, body.get("epoch")
                     self._apply_view(view)
+                    self.entitled.add_history(body.get("history"))  # differences from this view
                     # Registrations come in bursts (a boot, churn): let the burst finish rather than
-                    # fetch the whole list once per change (N nodes x N changes x N records).
+                    # fetch once per change.
                     await trio.sleep(self.config.registry_settle_s)
             except (RpcError, RequestError, KeyError, TypeError, ValueError, AttributeError) as exc:
                 event(log, "registry unreachable", logging.WARNING, error=type(exc).__name__)
+                height, epoch = (-1, None) if isinstance(exc, (KeyError, TypeError, ValueError, AttributeError)) \
+                    else (height, epoch)
                 await self.pool.drop(REGISTRY_KEY)
                 await trio.sleep(self.config.registry_poll_s)
 

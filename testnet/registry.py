@@ -59,6 +59,13 @@ MAX_WAIT_MS = 30_000  # longest get_service_nodes long-poll
 # a node that joins late learns which swarms its peers were in before, so it can
 # tell a peer rehoming a swarm's messages from a stranger (nodes/auth.py).
 HISTORY_LENGTH = 16
+# Each history entry names only the nodes whose swarm then differs from the list it comes
+# with; entries stop (oldest dropped first) before they hold more than this many names in
+# all, so the answer stays far below the frame limit (~80 bytes a name).
+HISTORY_MAX_NAMES = 6_000
+# Heights whose changed keys are kept (in memory) to answer get_service_nodes {epoch}
+# with only what changed since the caller's height (a delta) instead of the whole list.
+CHANGE_LOG_LENGTH = 4096
 STATE_FORMAT = 1  # version of the --state JSON shape
 _KEY_HEX = re.compile(r"[0-9a-f]{64}")
 _SIGNATURE_BYTES = 64
@@ -166,7 +173,7 @@ def parse_poll_args(args: object) -> tuple[int | None, int]:
     """
     if not isinstance(args, Mapping):
         raise _bad("args must be a map")
-    extra = sorted(str(k) for k in set(args) - {"since_height", "wait_ms", "history"})
+    extra = sorted(str(k) for k in set(args) - {"since_height", "wait_ms", "history", "epoch"})
     if extra:
         raise _bad(f"unexpected argument(s): {', '.join(extra)}")
     since = args.get("since_height")
@@ -176,6 +183,8 @@ def parse_poll_args(args: object) -> tuple[int | None, int]:
         raise _bad("wait_ms must not be negative")
     if not isinstance(args.get("history", False), bool):
         raise _bad("history must be a boolean")
+    if args.get("epoch") is not None:
+        _int(args["epoch"], "epoch")
     return since, min(wait_ms, MAX_WAIT_MS)
 
 
@@ -193,7 +202,7 @@ class RegistryState:
 
     def __init__(self, *, min_swarm: int = DEFAULT_MIN_SWARM_SIZE, seed: int = 0,
                  nodes: Mapping[str, NodeRecord] | None = None, height: int = 0,
-                 staked: set[str] | None = None) -> None:
+                 staked: set[str] | None = None, epoch: int = 0) -> None:
         if isinstance(min_swarm, bool) or not isinstance(min_swarm, int) or min_swarm < 1:
             raise RegistryError(f"min_swarm must be an integer >= 1, got {min_swarm!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -208,15 +217,31 @@ class RegistryState:
         # (height, {ed25519 hex: swarm id}) of the assignments replaced most recently, oldest first.
         self.history: deque[tuple[int, dict[str, int]]] = deque(maxlen=HISTORY_LENGTH)
         self._snapshot: dict[str, Any] | None = None
+        self._history_body: tuple[int, list[dict[str, Any]]] | None = None
+        # This run of the registry: a list (and a height) from another run — a restart —
+        # never gets a delta.  The server sets it from its clock at start.
+        self.epoch = epoch
+        # (height, keys whose record was added, changed or removed on the way to it), oldest
+        # first, and the height from which that log is complete.
+        self._changes: deque[tuple[int, frozenset[str]]] = deque(maxlen=CHANGE_LOG_LENGTH)
+        self._log_from = height
+        self._touched: set[str] = set()
+        self._deltas: dict[int, dict[str, Any]] = {}  # since_height -> answer, at the current height
+        self.answers = {"whole": 0, "delta": 0, "unchanged": 0}  # get_service_nodes answers given, by kind
 
     def _assignment(self) -> dict[str, int]:
         return {k: r.swarm_id for k, r in self.nodes.items()}
 
     def _bump(self, before: dict[str, int]) -> None:
-        """One change made: height + 1, remembering the assignment it replaced if swarms changed."""
+        """One change made: height + 1, remembering the assignment it replaced if swarms
+        changed, and which records changed (for deltas)."""
         if before != self._assignment():
             self.history.append((self.height, before))
         self.height += 1
+        if len(self._changes) == self._changes.maxlen:
+            self._log_from = self._changes[0][0]  # the oldest change falls out of the log
+        self._changes.append((self.height, frozenset(self._touched)))
+        self._touched.clear()
 
     # -- requests
 
@@ -250,6 +275,7 @@ class RegistryState:
         before = self._assignment()
         if old is not None:
             self.nodes[ed_hex] = replace(old, host=host, port=port)
+            self._touched.add(ed_hex)
             self._reassign()
         else:
             self._reassign(new=NodeRecord(ed_hex, x_hex, host, port, 0))
@@ -267,6 +293,7 @@ class RegistryState:
             raise RequestError(Status.NOT_FOUND, "no such service node")
         before = self._assignment()
         del self.nodes[ed_hex]
+        self._touched.add(ed_hex)
         self._reassign()
         self._bump(before)
         return {"height": self.height}
@@ -280,34 +307,87 @@ class RegistryState:
         return {"staked": ed_hex}
 
     def snapshot(self) -> dict[str, Any]:
-        """The whole list: {"height", "changed": True, "nodes": [...]} sorted by ed25519 key.
+        """The whole list: {"height", "changed": True, "epoch", "nodes": [...]} sorted by ed25519 key.
 
         Built once per height and shared by every answer at that height (every
         follower asks after each change): treat it as read-only."""
         if self._snapshot is None or self._snapshot["height"] != self.height:
-            self._snapshot = {"height": self.height, "changed": True,
+            self._snapshot = {"height": self.height, "changed": True, "epoch": self.epoch,
                               "nodes": [self.nodes[k].to_wire() for k in sorted(self.nodes)]}
         return self._snapshot
 
-    def service_nodes(self, since_height: int | None, *, history: bool = False) -> dict[str, Any]:
+    def delta(self, since_height: int) -> dict[str, Any] | None:
+        """What changed after ``since_height``: {"height", "changed": True, "epoch",
+        "since_height", "nodes": [records added or changed], "removed": [ed25519 hex]},
+        or None when the change log does not reach back that far or the delta would
+        not be smaller than the whole list.  Shared by every answer at this height."""
+        if not self._log_from <= since_height < self.height:
+            return None
+        if self._deltas and next(iter(self._deltas.values()))["height"] != self.height:
+            self._deltas.clear()
+        body = self._deltas.get(since_height)
+        if body is None:
+            keys: set[str] = set()
+            for height, changed in reversed(self._changes):
+                if height <= since_height:
+                    break
+                keys |= changed
+            if 2 * len(keys) >= max(len(self.nodes), 1):
+                return None
+            body = {"height": self.height, "changed": True, "epoch": self.epoch, "since_height": since_height,
+                    "nodes": [self.nodes[k].to_wire() for k in sorted(keys) if k in self.nodes],
+                    "removed": sorted(k for k in keys if k not in self.nodes)}
+            self._deltas[since_height] = body
+        return body
+
+    def service_nodes(self, since_height: int | None, *, history: bool = False,
+                      epoch: int | None = None) -> dict[str, Any]:
         """Answer to get_service_nodes once any waiting is over.
 
-        Unchanged ({"height", "changed": False, "nodes": []}) only when the
-        caller already has this height; any other height, lower or higher
+        Unchanged ({"height", "changed": False, "epoch", "nodes": []}) only when the
+        caller already has this height (of this run of the registry, when it names
+        the ``epoch`` it had it from).  A caller naming this run's epoch gets a
+        :meth:`delta` when there is one.  Anything else, any height lower or higher
         (a registry restarted without --state), gets the whole list, and with
-        ``history`` also the assignments it replaced, newest first:
-        ``"history": [{"height", "swarms": {ed25519 hex: swarm_id}}]``.
+        ``history`` also the assignments it replaced, newest first, each as its
+        differences from this list (see :meth:`_history_differences`).
         """
-        if since_height is not None and since_height == self.height:
-            return {"height": self.height, "changed": False, "nodes": []}
+        same_run = epoch is None or epoch == self.epoch
+        if since_height is not None and since_height == self.height and same_run:
+            self.answers["unchanged"] += 1
+            return {"height": self.height, "changed": False, "epoch": self.epoch, "nodes": []}
+        if epoch == self.epoch and since_height is not None and not history:
+            body = self.delta(since_height)
+            if body is not None:
+                self.answers["delta"] += 1
+                return body
+        self.answers["whole"] += 1
         body = self.snapshot()
         if history:
-            body = {**body, "history": [{"height": h, "swarms": dict(a)} for h, a in reversed(self.history)]}
+            if self._history_body is None or self._history_body[0] != self.height:
+                self._history_body = (self.height, self._history_differences())
+            body = {**body, "history": self._history_body[1]}
         return body
+
+    def _history_differences(self) -> list[dict[str, Any]]:
+        """The history, newest first, each assignment as its differences from the current one:
+        ``{"height", "differ": {ed25519 hex: swarm_id then, or None when not on the list then}}``."""
+        now = self._assignment()
+        out: list[dict[str, Any]] = []
+        budget = HISTORY_MAX_NAMES
+        for height, then in reversed(self.history):
+            differ: dict[str, int | None] = dict(then.items() - now.items())
+            differ.update(dict.fromkeys(now.keys() - then.keys()))
+            if len(differ) > budget:
+                break
+            budget -= len(differ)
+            out.append({"height": height, "differ": {k: differ[k] for k in sorted(differ)}})
+        return out
 
     def info(self) -> dict[str, Any]:
         return {"role": "registry", "version": VERSION, "height": self.height,
-                "nodes": len(self.nodes), "swarms": len(self.swarms()), "min_swarm": self.min_swarm}
+                "nodes": len(self.nodes), "swarms": len(self.swarms()), "min_swarm": self.min_swarm,
+                "answers": dict(self.answers)}
 
     def swarms(self) -> dict[int, list[str]]:
         """Swarm id -> sorted member ed25519 keys."""
@@ -332,9 +412,11 @@ class RegistryState:
         assigned = assign_swarms(current, min_swarm_size=self.min_swarm, seed=self.seed)
         if new is not None:
             self.nodes[new.ed25519_public] = new
+            self._touched.add(new.ed25519_public)
         for key, swarm_id in assigned.items():
             if self.nodes[key].swarm_id != swarm_id:
                 self.nodes[key] = replace(self.nodes[key], swarm_id=swarm_id)
+                self._touched.add(key)
 
     # -- persistence shape
 
@@ -434,11 +516,12 @@ class _Server:
         op, args = req.op, req.args
         if op == "get_service_nodes":
             since, wait_ms = parse_poll_args(args)
-            if since is not None and since == self.state.height and wait_ms > 0:
+            epoch = args.get("epoch")
+            if since is not None and since == self.state.height and wait_ms > 0 and epoch in (None, self.state.epoch):
                 changed = self._changed
                 with trio.move_on_after(wait_ms / 1000):
                     await changed.wait()
-            return Status.OK, self.state.service_nodes(since, history=args.get("history") is True)
+            return Status.OK, self.state.service_nodes(since, history=args.get("history") is True, epoch=epoch)
         if op == "info":
             return Status.OK, self.state.info()
         if op in ("register", "deregister"):
@@ -537,6 +620,7 @@ async def run_registry(
                  else RegistryState(min_swarm=min_swarm, seed=seed))
         if stakes is not None:
             state.staked = (state.staked or set()) | {_key_hex(k, "stake") for k in stakes}
+        state.epoch = now_ms()  # this run: followers' deltas never span a restart
         server = _Server(state, state_path, admin_token, now_ms)
         async with trio.open_nursery() as nursery:
             if handle_signals:

@@ -91,8 +91,12 @@ async def test_node_kill_pause_restart_add_remove(testnet_factory):
         await net.node_resume("n03")
         assert (await net.call("n03", "info"))["name"] == "n03"
 
+        answers = (await net.call("registry", "info"))["answers"]
         name = await net.node_add()
-        assert name == "n06" and (await net.call("registry", "info"))["nodes"] == 6
+        info = await net.call("registry", "info")
+        assert name == "n06" and info["nodes"] == 6
+        # The nodes already following the list heard of the new one by a delta, not the whole list.
+        assert info["answers"]["delta"] >= answers["delta"] + 5
         proxies = await net.api.proxies()
         assert {"n06->n01", "n01->n06", "alice->n06"} <= set(proxies)
         # A new dial table redials only the routes that changed: the registry's long poll stays up.

@@ -106,6 +106,18 @@ def test_entitlement_current_swarm_past_swarm_and_registry_history():
     assert not fresh.may_hold(A, ALICE, rehoming=True)
     fresh.add_history([{"height": 1, "swarms": {A: alice_swarm, B: other}}, {"bad": "entry"}, 7])
     assert fresh.may_hold(A, ALICE, rehoming=True)
+    # The registry sends each past assignment as its differences from the list it comes with.
+    told = auth.Entitlements()
+    C = "cc" * 32
+    told.update(view(13, {A: other, B: alice_swarm, C: other}))
+    told.add_history([{"height": 12, "differ": {C: None}}, {"height": 11, "differ": {A: alice_swarm, C: None}}])
+    assert told.may_hold(A, ALICE, rehoming=True) and not told.may_hold(C, ALICE, rehoming=True)
+    assert not told.may_hold(A, ALICE)
+    # Equal assignments are kept once in a process, however many nodes remember them.
+    again = auth.Entitlements()
+    again.update(view(13, {A: other, B: alice_swarm, C: other}))
+    again.add_history([{"height": 11, "differ": {A: alice_swarm, C: None}}])
+    assert again._past[11] is told._past[11]
     # History is bounded: old assignments are forgotten.
     small = auth.Entitlements(max_past=2)
     small.update(view(1, {A: alice_swarm, B: other}))

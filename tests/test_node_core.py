@@ -75,6 +75,22 @@ def test_swarm_view_and_421():
     assert {n["ed25519_public"] for n in err.body["nodes"]} == {n.ed25519_public for n in nodes if n.swarm_id == target}
 
 
+def test_swarm_view_follows_a_registry_delta_from_its_own_height_only():
+    wire = [NodeRecord(f"{i:064x}", f"{i:064x}", "127.0.0.1", 1000 + i, 0 if i < 3 else 2**63).to_wire()
+            for i in range(6)]
+    view = SwarmView.from_registry({"height": 7, "nodes": wire}, wire[0]["ed25519_public"])
+    moved = dict(wire[3], swarm_id=0)
+    new = dict(wire[0], ed25519_public=f"{9:064x}", port=2000)
+    after = view.apply_delta({"height": 9, "since_height": 7, "nodes": [moved, new],
+                              "removed": [wire[1]["ed25519_public"], f"{8:064x}"]})
+    whole = SwarmView.from_registry({"height": 9, "nodes": [w for w in wire if w is not wire[1] and w is not wire[3]]
+                                     + [moved, new]}, view.me)
+    assert after == whole and after.height == 9 and len(after.peers()) == 3
+    assert len(view.nodes) == 6 and view.height == 7  # the old view is left as it was
+    with pytest.raises(ValueError):
+        after.apply_delta({"height": 10, "since_height": 8, "nodes": [], "removed": []})
+
+
 def test_token_bucket():
     bucket = TokenBucket(burst=3, per_second=1.0)
     assert [bucket.allow("a", 0.0) for _ in range(4)] == [True, True, True, False]

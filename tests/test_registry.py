@@ -70,7 +70,8 @@ def test_register_reregister_and_deregister():
     assert status_of(state.deregister, deregister_args(IDS[0], NOW), NOW) == Status.NOT_FOUND
     assert state.height == 4
     assert state.info() | {"version": None} == {
-        "role": "registry", "version": None, "height": 4, "nodes": 1, "swarms": 1, "min_swarm": 3}
+        "role": "registry", "version": None, "height": 4, "nodes": 1, "swarms": 1, "min_swarm": 3,
+        "answers": {"whole": 0, "delta": 0, "unchanged": 0}}
 
 
 def test_bad_signatures_are_401_and_change_nothing():
@@ -139,7 +140,7 @@ def test_malformed_deregister_and_poll_args_are_400():
 def test_service_nodes_answers_unchanged_only_at_the_current_height():
     state = RegistryState()
     reg(state, 0)
-    assert state.service_nodes(1) == {"height": 1, "changed": False, "nodes": []}
+    assert state.service_nodes(1) == {"height": 1, "changed": False, "epoch": 0, "nodes": []}
     for since in (None, -1, 0, 7):  # 7: a follower of a registry restarted without state
         body = state.service_nodes(since)
         assert body["changed"] is True and body["height"] == 1 and len(body["nodes"]) == 1
@@ -154,14 +155,105 @@ def test_history_lists_the_assignments_replaced_newest_first_and_only_when_asked
     history = state.service_nodes(-1, history=True)["history"]
     heights = [h["height"] for h in history]
     assert heights == sorted(heights, reverse=True) and heights[0] == state.height - 1
-    # Each entry is the whole assignment at its height: the newest one lacks the last node.
-    assert IDS[3].ed25519_public.hex() not in history[0]["swarms"]
-    assert set(history[0]["swarms"]) == {IDS[i].ed25519_public.hex() for i in range(3)}
+    # Each entry is the assignment at its height, as its differences from the list it came with:
+    # the newest one lacks the last node (None), and names no node whose swarm did not change.
+    assert history[0]["differ"] == {IDS[3].ed25519_public.hex(): None}
+    now = {n["ed25519_public"]: n["swarm_id"] for n in state.snapshot()["nodes"]}
+    for entry, (height, then) in zip(history, reversed(state.history)):
+        rebuilt = {k: v for k, v in {**now, **entry["differ"]}.items() if v is not None}
+        assert entry["height"] == height and rebuilt == then
     # A change of address only (a restart) moves no node: nothing new to remember.
     reg(state, 0, port=20001)
     assert state.height == before["height"] + 1
     assert [h["height"] for h in state.service_nodes(-1, history=True)["history"]] == heights
     assert status_of(parse_poll_args, {"history": 1}) == Status.BAD_REQUEST
+
+
+def test_history_stops_before_it_names_too_many_nodes(monkeypatch):
+    import testnet.registry as R
+
+    state = RegistryState(min_swarm=1)
+    for i in range(8):
+        reg(state, i)
+    full = state.service_nodes(-1, history=True)["history"]
+    names = [len(e["differ"]) for e in full]  # newest first: 1, 2, 3, ...
+    monkeypatch.setattr(R, "HISTORY_MAX_NAMES", names[0] + names[1])
+    state.register(register_args(IDS[9], "127.30.0.10", 20000, NOW), NOW)
+    state.deregister(deregister_args(IDS[9], NOW), NOW)  # a new height: the history is made again
+    cut = state.service_nodes(-1, history=True)["history"]
+    assert 0 < sum(len(e["differ"]) for e in cut) <= names[0] + names[1] and len(cut) < len(full)
+    assert [e["height"] for e in cut] == [e["height"] for e in state.service_nodes(-1, history=True)["history"]]
+
+
+def apply(nodes: dict[str, dict], body: dict) -> dict[str, dict]:
+    """A follower's list after an answer: unchanged, the whole list, or a delta applied to ``nodes``."""
+    if not body["changed"]:
+        return nodes
+    if "since_height" not in body:
+        return {n["ed25519_public"]: n for n in body["nodes"]}
+    out = {k: v for k, v in nodes.items() if k not in body["removed"]}
+    out.update({n["ed25519_public"]: n for n in body["nodes"]})
+    return out
+
+
+def test_a_follower_naming_this_run_gets_only_what_changed_since_its_height():
+    state = RegistryState(min_swarm=2, epoch=5)
+    for i in range(12):
+        reg(state, i)
+    h, held = state.height, apply({}, state.service_nodes(None))
+    reg(state, 12)
+    reg(state, 3, port=20001)  # a restart: new address, same swarm
+    state.deregister(deregister_args(IDS[5], NOW), NOW)
+    body = state.service_nodes(h, epoch=5)
+    assert body["since_height"] == h and body["height"] == h + 3 and body["epoch"] == 5
+    assert body["removed"] == [IDS[5].ed25519_public.hex()]
+    changed = {n["ed25519_public"] for n in body["nodes"]}
+    assert {IDS[12].ed25519_public.hex(), IDS[3].ed25519_public.hex()} <= changed and len(changed) < 12
+    assert apply(held, body) == apply({}, state.snapshot())
+    assert state.service_nodes(h, epoch=5) is body  # one answer per height, shared
+    # No epoch (an old follower), another run's epoch (a restarted registry) or asking
+    # for history: the whole list.  At the current height of another run: not "unchanged".
+    for args in ({}, {"epoch": 4}, {"epoch": 5, "history": True}):
+        assert "since_height" not in state.service_nodes(h, **args)
+    assert state.service_nodes(state.height, epoch=4)["changed"] is True
+    assert state.service_nodes(state.height, epoch=5)["changed"] is False
+    assert status_of(parse_poll_args, {"epoch": "5"}) == Status.BAD_REQUEST
+
+
+def test_a_delta_falls_back_to_the_whole_list_when_the_log_ends_or_it_is_not_smaller():
+    import testnet.registry as R
+
+    state = RegistryState(min_swarm=2, epoch=1, height=40)
+    assert state.delta(39) is None  # before this run's log began
+    for i in range(6):
+        reg(state, i)
+    assert state.delta(40) is None  # every node changed: the list is smaller
+    reg(state, 6)
+    assert state.delta(46) is not None and state.delta(47) is None  # 47: the current height
+    small = R.RegistryState(min_swarm=2, epoch=1)
+    small._changes = type(small._changes)(maxlen=2)  # a short log: what falls out is gone
+    for i in range(10):
+        reg(small, i)
+    assert small.delta(7) is None and small.delta(8) is not None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 9), st.integers(1, 3)), min_size=1, max_size=30),
+       st.data())
+def test_applying_a_delta_to_any_height_gives_the_current_list(ops, data):
+    state = RegistryState(min_swarm=2, epoch=3)
+    lists = {0: {}}
+    for join, i, port in ops:
+        try:
+            if join:
+                reg(state, i, port=port)
+            else:
+                state.deregister(deregister_args(IDS[i], NOW), NOW)
+        except RequestError:
+            pass
+        lists[state.height] = apply({}, state.snapshot())
+    since = data.draw(st.sampled_from(sorted(lists)))
+    assert apply(lists[since], state.service_nodes(since, epoch=3)) == lists[state.height]
 
 
 def test_swarms_form_and_dissolve_with_min_swarm_3():
@@ -256,7 +348,8 @@ async def test_server_long_poll_wakes_on_change_and_times_out(tmp_path):
             "127.0.0.1", 0, min_swarm=3, state_path=state_path, task_status=task_status))
         async with open_rpc(host, port) as rpc:
             first = await rpc.call_ok("get_service_nodes", {}, timeout=5)
-            assert first == {"height": 0, "changed": True, "nodes": []}
+            epoch = first.pop("epoch")
+            assert first == {"height": 0, "changed": True, "nodes": []} and isinstance(epoch, int)
 
             async def join_later():
                 await trio.sleep(0.1)
@@ -273,7 +366,11 @@ async def test_server_long_poll_wakes_on_change_and_times_out(tmp_path):
             started = trio.current_time()
             body = await rpc.call_ok("get_service_nodes", {"since_height": 1, "wait_ms": 200}, timeout=5)
             assert trio.current_time() - started >= 0.19
-            assert body == {"height": 1, "changed": False, "nodes": []}
+            assert body == {"height": 1, "changed": False, "epoch": epoch, "nodes": []}
+            # A follower of another run of the registry at the same height gets the whole list at once.
+            body = await rpc.call_ok("get_service_nodes", {"since_height": 1, "wait_ms": 5000, "epoch": epoch - 1},
+                                     timeout=2)
+            assert body["changed"] is True and len(body["nodes"]) == 1
 
             assert (await rpc.call("nope", {}, timeout=5)).status == Status.NOT_FOUND
             bad = register_args(IDS[1], "127.30.0.2", 20000, _now()) | {"port": 20001}
