@@ -135,3 +135,18 @@ async def test_pool_reuses_one_connection_and_redials_after_loss():
 async def test_servers_refuse_non_loopback_addresses():
     with pytest.raises(ValueError):
         await serve(handler, [("0.0.0.0", 0)])
+
+
+async def test_pool_replaces_a_connection_idle_long_enough_for_the_server_to_be_closing_it():
+    async with trio.open_nursery() as nursery:
+        host, port = await start(nursery)
+        pool = ConnectionPool(nursery, lambda key: (host, port, None), idle_s=0.3)
+        first = await pool.get("k")
+        assert (await pool.call("k", "echo", {"n": 1}, timeout=5)).status == 200
+        assert await pool.get("k") is first  # just used: kept
+        await trio.sleep(0.4)
+        second = await pool.get("k")
+        assert second is not first and first.closed and not second.closed
+        assert (await pool.call("k", "echo", {"n": 2}, timeout=5)).body["args"] == {"n": 2}
+        await pool.aclose()
+        nursery.cancel_scope.cancel()

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 RECEIVE_SIZE = 65536
 DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds
 DEFAULT_MAX_IN_FLIGHT = 256  # requests per connection before we stop reading
+POOL_IDLE_S = 30.0  # a pooled connection idle this long is replaced (servers close theirs at 60 s)
 
 
 class RpcError(Exception):
@@ -484,6 +485,7 @@ class RpcConnection:
         except OSError:
             self.local, self.remote = ("?", 0), ("?", 0)
         self._ids = itertools.count(1)
+        self.last_active = trio.current_time()  # a call started or a response arrived
         self._wire = _Wire(stream)
         self._pending: dict[int, _Slot] = {}
         self._send_lock = trio.Lock()
@@ -521,6 +523,7 @@ class RpcConnection:
                         break
                     COUNTS["frames_in"] += 1
                     if isinstance(ev, Response):
+                        self.last_active = trio.current_time()
                         slot = self._pending.pop(ev.id, None)
                         if slot is not None:
                             slot.response = ev
@@ -543,6 +546,7 @@ class RpcConnection:
             raise self._closed
         msg_id = next(self._ids)
         slot = _Slot()
+        self.last_active = trio.current_time()
         data = self._conn.send(Request(msg_id, op, args))
         COUNTS["frames_out"] += 1
         self._pending[msg_id] = slot
@@ -654,7 +658,10 @@ class ConnectionPool:
 
     ``resolve(key)`` gives the address to dial (and an optional local address
     to dial from); it is asked again after a connection breaks, so a peer's
-    address may change.  ``on_connect(key, conn, timeout)``, when given, runs
+    address may change.  A connection idle for ``idle_s`` is not reused but
+    replaced: servers close idle connections (60 s by default,
+    :class:`~testnet.base.limits.ConnectionLimits`), and a request sent as
+    the server closes would be lost with the connection.  ``on_connect(key, conn, timeout)``, when given, runs
     on every new connection before its first call (a handshake); if it raises,
     the connection is closed and the call fails.  Readers run in ``nursery``,
     which the owner keeps open for the pool's whole life.
@@ -670,8 +677,10 @@ class ConnectionPool:
         capture: CaptureSink | None = None,
         on_connect: Callable[[Hashable, RpcConnection, float], Awaitable[None]] | None = None,
         network: Network = TCP,
+        idle_s: float = POOL_IDLE_S,
     ) -> None:
         self._nursery = nursery
+        self._idle_s = idle_s
         self._resolve = resolve
         self._on_connect = on_connect
         self._network = network
@@ -681,15 +690,21 @@ class ConnectionPool:
         self._conns: dict[Hashable, RpcConnection] = {}
         self._locks: dict[Hashable, trio.Lock] = {}
 
+    def _usable(self, conn: RpcConnection | None) -> bool:
+        return conn is not None and not conn.closed and (
+            conn._pending or trio.current_time() - conn.last_active < self._idle_s)
+
     async def get(self, key: Hashable, *, timeout: float | None = None) -> RpcConnection:
         conn = self._conns.get(key)
-        if conn is not None and not conn.closed:
-            return conn
+        if self._usable(conn):
+            return conn  # type: ignore[return-value]
         lock = self._locks.setdefault(key, trio.Lock())
         async with lock:
             conn = self._conns.get(key)
+            if self._usable(conn):
+                return conn  # type: ignore[return-value]
             if conn is not None and not conn.closed:
-                return conn
+                await conn.aclose()  # idle too long: the server may be closing it right now
             host, port, local_host = self._resolve(key)
             ct = self._connect_timeout if timeout is None else min(timeout, self._connect_timeout)
             stream = await connect(host, port, local_host=local_host, timeout=ct, network=self._network)
