@@ -138,8 +138,10 @@ def _toxics(kind: str, p: dict[str, Any]) -> list[tuple[str, dict[str, Any], str
 
 
 async def _heal_all(calls: list[tuple[Any, tuple]]) -> None:
+    # The deadline grows with the calls: a partition of a large network heals thousands of
+    # proxies, and a heal cut short would leave links cut for the rest of the run.
     with trio.CancelScope(shield=True):
-        with trio.move_on_after(HEAL_TIMEOUT_S):
+        with trio.move_on_after(HEAL_TIMEOUT_S + HEAL_S_PER_CALL * len(calls)):
             async with trio.open_nursery() as nursery:
                 for fn, args in calls:
                     async def one(fn=fn, args=args) -> None:
@@ -148,6 +150,10 @@ async def _heal_all(calls: list[tuple[Any, tuple]]) -> None:
                         except (L.LinkError, NemesisError):
                             pass
                     nursery.start_soon(one)
+
+
+HEAL_S_PER_CALL = 0.01  # Toxiproxy answers a call in a few ms; calls run 40 at a time (trio's threads)
+LINK_CALLS_AT_ONCE = 32  # Toxiproxy API calls in flight for one fault (a large partition is thousands)
 
 
 async def _bounded_all(fn: Any, argss: list[tuple], limit: int = 8) -> None:
@@ -184,7 +190,7 @@ async def link_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any]]:
                     return  # the link went with its node: nothing left to cut
                 disabled.append(p)
 
-            await _bounded_all(disable, [(p,) for p in proxies])
+            await _bounded_all(disable, [(p,) for p in proxies], LINK_CALLS_AT_ONCE)
         else:
             async def add(p: str, typ: str, attrs: dict[str, Any], stream: str) -> None:
                 try:
@@ -192,7 +198,8 @@ async def link_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any]]:
                 except L.ProxyGone:
                     return
 
-            await _bounded_all(add, [(p, typ, a, s) for p in proxies for typ, a, s in _toxics(fault.kind, fault.params)])
+            await _bounded_all(add, [(p, typ, a, s) for p in proxies for typ, a, s in _toxics(fault.kind, fault.params)],
+                               LINK_CALLS_AT_ONCE)
         yield {**desc, "proxies": len(disabled) + len({p for p, _ in toxics})}
     finally:
         await _heal_all([(api.set_enabled, (p, True)) for p in disabled] +

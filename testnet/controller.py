@@ -340,7 +340,13 @@ class Testnet:
                     child = self.nodes[name].child
                     if child is not None and not child.running:  # no point waiting for it
                         raise child.failure("exited before the network was ready", procs.NotReady)
-                reg = await self.call("registry", "info")
+                try:
+                    reg = await self.call("registry", "info")
+                except (RpcError, RequestError) as exc:
+                    # A registry busy with a large network's boot may answer late: ask again.
+                    why = {"registry": f"does not answer info ({exc})"}
+                    await trio.sleep(0.2)
+                    continue
                 if reg["nodes"] < len(names):
                     # Not every node has registered yet: asking each one now only adds load.
                     why = {"registry": f"{reg['nodes']} of {len(names)} nodes registered"}

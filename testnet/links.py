@@ -1,14 +1,15 @@
 """Links through Toxiproxy: the server's lifecycle, the proxy table, and
 per-link fault primitives that always heal.
 
-We talk to Toxiproxy with toxiproxy-python's ``APIConsumer`` (its ``requests``
-plumbing and its typed errors), not with its ``Toxiproxy``/``Proxy`` objects,
-because those (a) keep the server address class-wide, (b) take no timeout,
-and (c) populate client-side with a full ``GET /proxies`` per proxy, which is
-quadratic at the 960 proxies of a 30-node network.  So: every call holds one
-process-wide lock while it points ``APIConsumer`` at its own server, passes
-an explicit timeout, and runs in a worker thread (the library blocks); bulk
-creation uses the server's own ``/populate``.
+We talk to Toxiproxy's HTTP API with ``requests`` directly (one session per
+server and worker thread, an explicit timeout on every call, each call in a
+worker thread), not through toxiproxy-python: its ``Toxiproxy``/``Proxy``
+objects take no timeout and populate client-side with a full ``GET
+/proxies`` per proxy (quadratic at the 960 proxies of a 30-node network), and
+its ``APIConsumer`` keeps the server address class-wide, so calls to several
+servers — a large network's — could only take turns (a one-way partition of a
+300-node network, 22,500 proxies, took over 100 s that way).  Bulk creation
+uses the server's own ``/populate``.
 
 Every fault is an async context manager whose exit heals, shielded from
 cancellation and bounded by a deadline (Jepsen: a nemesis always heals).
@@ -27,8 +28,6 @@ from typing import Any, AsyncIterator, Iterable
 
 import requests
 import trio
-from toxiproxy import exceptions as tpx
-from toxiproxy.api import APIConsumer
 
 from .procs import Child, ChildFailed, spawn, stop_children
 
@@ -40,7 +39,17 @@ HEAL_TIMEOUT_S = 5.0
 TOXIC_TYPES = ("latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data")
 PROJECT_BIN = Path(__file__).resolve().parent.parent / "bin" / "toxiproxy-server"
 
-_api_lock = threading.Lock()  # APIConsumer's server address is class-wide
+_sessions = threading.local()  # per worker thread: server url -> requests.Session (kept-alive connections)
+
+
+def _session(url: str) -> requests.Session:
+    by_url = getattr(_sessions, "by_url", None)
+    if by_url is None:
+        by_url = _sessions.by_url = {}
+    session = by_url.get(url)
+    if session is None:
+        session = by_url[url] = requests.Session()
+    return session
 _toxic_ids = itertools.count(1)
 
 
@@ -98,21 +107,10 @@ class ToxiproxyApi:
         return f"http://{self.host}:{self.port}"
 
     def call_sync(self, method: str, path: str, json: Any = None) -> Any:
-        kwargs: dict[str, Any] = {"timeout": self.timeout_s}
-        if json is not None:
-            kwargs["json"] = json
-        with _api_lock:
-            APIConsumer.host, APIConsumer.port = self.host, self.port
-            try:
-                resp = getattr(APIConsumer, method)(path, **kwargs)
-            except tpx.NotFound as exc:
-                raise ProxyGone(f"toxiproxy {method.upper()} {path}: not found: "
-                                f"{_text(exc.args[0] if exc.args else '')}") from None
-            except (tpx.ProxyExists, tpx.InvalidToxic) as exc:
-                raise LinkError(f"toxiproxy {method.upper()} {path}: {type(exc).__name__}: "
-                                f"{_text(exc.args[0] if exc.args else '')}") from None
-            except requests.RequestException as exc:
-                raise LinkError(f"toxiproxy at {self.host}:{self.port} unreachable: {type(exc).__name__}") from None
+        try:
+            resp = _session(self.url).request(method.upper(), self.url + path, json=json, timeout=self.timeout_s)
+        except requests.RequestException as exc:
+            raise LinkError(f"toxiproxy at {self.host}:{self.port} unreachable: {type(exc).__name__}") from None
         if resp.status_code == 404:
             raise ProxyGone(f"toxiproxy {method.upper()} {path}: not found: {_text(resp.content)}")
         if resp.status_code >= 400:
@@ -130,10 +128,8 @@ class ToxiproxyApi:
         return await self.call("get", "/proxies")
 
     def _populate_sync(self, batch: list[dict[str, Any]]) -> None:
-        # Straight through requests, not APIConsumer: its server address is class-wide, so its
-        # calls take turns, and a large network's servers must create their proxies at once.
         try:
-            resp = requests.post(f"{self.url}/populate", json=batch, timeout=self.populate_timeout_s)
+            resp = _session(self.url).post(f"{self.url}/populate", json=batch, timeout=self.populate_timeout_s)
         except requests.RequestException as exc:
             raise LinkError(f"toxiproxy at {self.host}:{self.port} unreachable: {type(exc).__name__}") from None
         if resp.status_code >= 400:
