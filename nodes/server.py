@@ -525,6 +525,10 @@ class Node:
         while True:
             with trio.move_on_after(self.config.anti_entropy_interval_s * self.rng.uniform(0.75, 1.25)):
                 await self._ae_wake.wait()
+            if self._ae_wake.is_set():
+                # A new view: our new peers follow the same registry and may not list us yet
+                # (they would refuse our handshake); give them the time they take to catch up.
+                await trio.sleep(2 * self.config.registry_settle_s)
             self._ae_wake = trio.Event()
             view = self.view
             if view is None or "skip-replication" in self.bugs:

@@ -185,6 +185,26 @@ def test_history_stops_before_it_names_too_many_nodes(monkeypatch):
     assert [e["height"] for e in cut] == [e["height"] for e in state.service_nodes(-1, history=True)["history"]]
 
 
+def test_a_first_list_with_history_fits_in_a_frame_at_1000_nodes():
+    """Whole past assignments of 1,000 nodes, 16 times, were 1.2 MB: over the 1 MiB frame
+    limit, every late joiner's first get_service_nodes was refused (413), forever."""
+    import random
+
+    from testnet.base.protocol import Response, encode_message
+    from testnet.base.records import NodeRecord
+
+    rng = random.Random(3)
+    nodes = {k: NodeRecord(k, k, "127.30.0.1", 20000, rng.getrandbits(64))
+             for k in (rng.randbytes(32).hex() for _ in range(1000))}
+    state = RegistryState(nodes=nodes, height=100)
+    for h in range(84, 100):  # every node in another swarm at every past height: the worst case
+        state.history.append((h, {k: rng.getrandbits(64) for k in nodes}))
+    body = state.service_nodes(-1, history=True)
+    assert len(body["nodes"]) == 1000 and body["history"]
+    encode_message(Response(1, Status.OK, body))  # raises when over the frame limit
+    assert sum(len(e["differ"]) for e in body["history"]) <= 6_000
+
+
 def apply(nodes: dict[str, dict], body: dict) -> dict[str, dict]:
     """A follower's list after an answer: unchanged, the whole list, or a delta applied to ``nodes``."""
     if not body["changed"]:
