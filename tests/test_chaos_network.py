@@ -110,7 +110,7 @@ async def test_short_chaos_run_with_a_kill_passes_and_replays(tmp_path):
 TINY = {
     "name": "tiny",
     "topology": {"nodes": 5, "min_swarm": 3, "users": 2, "links": "direct"},
-    "workload": {"rate": 10, "duration_s": 2, "drain_s": 3},
+    "workload": {"rate": 10, "duration_s": 2, "drain_s": 1},
     "faults": {"timeline": [{"at_s": 0.3, "duration_s": 0.5, "kind": "pause", "target": {"node": "n01"}},
                             {"at_s": 0.6, "duration_s": 0.5, "kind": "clock-skew", "target": {"node": "n02"}}]},
     "check": {"quiet_s": 0.5, "checkers": ["replication"]},
