@@ -121,6 +121,8 @@ async def _one_onion_message(net: Any) -> float:
 
 async def scale_once(n: int, *, links: str, base: Path, idle_s: float = 10.0) -> dict[str, Any]:
     """Boot ``n`` nodes with ``links``, then the figures of the scale section (see module doc)."""
+    from nodes.bench import cpu_seconds
+
     from .procs import proc_state
 
     opts = Options(nodes=n, users=3, min_swarm=5, links=links, run_dir=base / f"scale-{n}", check=False,
@@ -135,9 +137,9 @@ async def scale_once(n: int, *, links: str, base: Path, idle_s: float = 10.0) ->
         # settle: at 300 nodes the network used 40 % of a core 3 s after the message, 24 % after 20 s.
         await trio.sleep(SCALE_SETTLE_S)
         pss = pss_mb(pids)
-        cpu0, t0 = _cpu(pids), time.monotonic()
+        cpu0, t0 = cpu_seconds(pids), time.monotonic()
         await trio.sleep(idle_s)
-        idle = (_cpu(pids) - cpu0) / (time.monotonic() - t0)
+        idle = (cpu_seconds(pids) - cpu0) / (time.monotonic() - t0)
         servers = len(net.toxiproxies)
         proxies = len(net.plan.links)
         stop = time.monotonic()
@@ -147,17 +149,6 @@ async def scale_once(n: int, *, links: str, base: Path, idle_s: float = 10.0) ->
             "swarms_formed_s": round(swarms_s, 1), "onion_message_s": round(onion_s, 2), "ready_s": round(ready, 1),
             "pss_all_mib": pss, "idle_cpu_share_of_one_core": round(idle, 3), "teardown_s": round(teardown, 2),
             "processes_left": len(left)}
-
-
-def _cpu(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
 
 
 async def bench_boot(n: int = 50, big: int = 100, *, links: str = "toxiproxy", zygote: bool = True,
