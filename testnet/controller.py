@@ -629,13 +629,16 @@ async def open_testnet(options: Options | None = None, *, progress: Progress | N
     seed = opts.seed if opts.seed is not None else secrets.randbits(63)
     binary = L.find_toxiproxy(opts.toxiproxy_binary) if opts.links == "toxiproxy" else None  # fail early
     open_files, _ = procs.raise_open_files_limit()  # every process we start inherits it
+    servers = 1
+    if opts.links == "toxiproxy":  # fail early, before anything is made
+        servers = opts.toxiproxy_servers or L.servers_needed(opts.nodes, opts.users, open_files)
     run_dir = (Path(opts.run_dir).absolute() if opts.run_id and opts.run_dir
                else rundir.create_run_dir(run_id, opts.run_dir, opts.runs_dir))
     block, claim = rundir.claim_block(run_id)  # options are checked: planning cannot fail now
     plan = P.plan_network(nodes=opts.nodes, users=opts.users, min_swarm=opts.min_swarm, seed=seed,
                           links=opts.links, run_dir=run_dir, run_id=run_id, block=block, inject_bugs=opts.inject_bugs,
                           capture=opts.capture,
-                          toxiproxy_servers=opts.toxiproxy_servers or L.servers_needed(opts.nodes, opts.users, open_files))
+                          toxiproxy_servers=servers)
     (progress or (lambda m: None))(f"run {run_id} in {run_dir}")
     async with trio.open_nursery() as nursery:
         net = Testnet(plan, nursery, progress=progress, zygote=opts.zygote, toxiproxy_binary=binary)

@@ -73,12 +73,24 @@ def proxies_needed(nodes: int, users: int) -> int:
     return nodes * (nodes - 1) + users * nodes
 
 
+MAX_SERVERS = 64  # Toxiproxy processes one run may start
+
+
 def servers_needed(nodes: int, users: int, open_files: int) -> int:
     """Toxiproxy servers to share a run's proxies among: each may give at most half of the
     descriptors it may hold (``open_files``, after a reserve) to listening sockets, the other
-    half to the connections it proxies (two descriptors each)."""
-    per_server = max((open_files - PROXY_FD_RESERVE) // 2, 1)
-    return max(1, -(-proxies_needed(nodes, users) // per_server))
+    half to the connections it proxies (two descriptors each).  Raises :class:`LinkError`,
+    saying why, when that would take more than :data:`MAX_SERVERS`."""
+    per_server = (open_files - PROXY_FD_RESERVE) // 2
+    proxies = proxies_needed(nodes, users)
+    needed = -(-proxies // per_server) if per_server > 0 else MAX_SERVERS + 1
+    if needed > MAX_SERVERS:
+        raise LinkError(
+            f"Toxiproxy links for {nodes} nodes and {users} users are {proxies:,} proxies, each a listening "
+            f"socket; a process here may hold {open_files:,} open files (ulimit -n; raised to the hard limit), so "
+            f"they would need more than {MAX_SERVERS} Toxiproxy servers. Use fewer nodes, --links direct (no link "
+            f"faults), or raise the hard limit on open files.")
+    return max(1, needed)
 
 
 def find_toxiproxy(explicit: str | os.PathLike[str] | None = None) -> Path:

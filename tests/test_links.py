@@ -136,7 +136,7 @@ def test_missing_binary_says_how_to_get_it(monkeypatch, tmp_path):
 
 
 def test_a_large_plan_gets_enough_toxiproxy_servers_for_the_descriptors_each_may_hold():
-    from testnet.links import PROXY_FD_RESERVE, proxies_needed, servers_needed
+    from testnet.links import PROXY_FD_RESERVE, LinkError, proxies_needed, servers_needed
 
     assert proxies_needed(200, 3) == 200 * 199 + 600
     assert servers_needed(30, 3, 20_000) == 1
@@ -146,6 +146,11 @@ def test_a_large_plan_gets_enough_toxiproxy_servers_for_the_descriptors_each_may
         # Each server's share of listeners leaves half of what it may hold for connections.
         assert proxies_needed(nodes, 3) / k <= (20_000 - PROXY_FD_RESERVE) / 2
         assert k == 1 or proxies_needed(nodes, 3) / (k - 1) > (20_000 - PROXY_FD_RESERVE) / 2
+    # A limit too low for any sensible number of servers is refused, saying why.
+    with pytest.raises(LinkError, match=r"40,400 proxies.*1,500 open files.*more than 64 Toxiproxy servers"):
+        servers_needed(200, 3, 1_500)
+    with pytest.raises(LinkError):
+        servers_needed(5, 3, 1_000)  # not even the reserve
 
 
 def test_processes_we_start_inherit_the_hard_limit_on_open_files():
