@@ -387,11 +387,18 @@ def plot_throughput(history: Sequence[Mapping[str, Any]], spans: Sequence[FaultS
     return _png(fig)
 
 
+NODE_ROWS_ALL = 40  # above this many nodes the state chart shows only those with a state to show
+
+
 def plot_nodes(timeline: Mapping[str, Sequence[tuple[str, float, float]]], t0: float, run_end: float) -> bytes:
     """PNG: one row per node, a bar per interval the node was killed, paused, skewed, partitioned, left."""
     from matplotlib.patches import Patch
 
     names = list(timeline)
+    hidden = 0
+    if len(names) > NODE_ROWS_ALL:  # a large network: only the nodes something happened to
+        shown = [n for n in names if timeline[n]]
+        hidden, names = len(names) - len(shown), shown
     fig = _figure(11, max(2.0, 0.32 * len(names) + 1.2))
     ax = fig.add_subplot()
     used: set[str] = set()
@@ -409,7 +416,7 @@ def plot_nodes(timeline: Mapping[str, Sequence[tuple[str, float, float]]], t0: f
     if not names:
         ax.text(0.5, 0.5, "no nodes known", transform=ax.transAxes, ha="center", color="gray")
     ax.set_xlabel("time since first history record (s)")
-    ax.set_title("Node state over time")
+    ax.set_title("Node state over time" + (f" ({hidden} nodes without a fault not shown)" if hidden else ""))
     ax.grid(True, axis="x", alpha=0.3)
     _legend(ax, [Patch(color=_STATE_COLOUR.get(s, "tab:gray"), label=s) for s in sorted(used)])
     return _png(fig)

@@ -350,3 +350,21 @@ def test_flagged_messages_groups_every_checker_failure_per_message() -> None:
     assert f.unlisted == ["delivery misdelivered: 2 more than verdict.json lists"]
     assert f.unjudged == ["authority: KeyError: 'x'"]
     assert flagged_messages(None, history).messages == []
+
+
+def test_node_state_chart_of_a_large_network_shows_the_nodes_something_happened_to():
+    import struct
+
+    from chaos.report import plot_nodes
+
+    def height(png: bytes) -> int:
+        return struct.unpack(">II", png[16:24])[1]  # IHDR: width, height
+
+    t0 = 1_000_000
+    small = {f"n{i:02d}": [] for i in range(1, 11)}
+    small["n03"] = [("killed", t0 + 1000, t0 + 3000)]
+    large = {f"n{i:03d}": [] for i in range(1, 301)}
+    for n in ("n007", "n150", "n299"):
+        large[n] = [("partitioned", t0 + 2000, t0 + 5000)]
+    # 300 rows would be ~100 inches tall; three rows are shown, smaller than ten.
+    assert height(plot_nodes(large, t0, t0 + 10_000)) < height(plot_nodes(small, t0, t0 + 10_000))
