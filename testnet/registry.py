@@ -22,6 +22,7 @@ import functools
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -500,8 +501,19 @@ def _write_json_atomic(path: str, data: dict[str, Any]) -> None:
 _now_ms = wall_ms  # real runs; the simulation passes virtual time
 
 
+PUBLISH_EVERY_S = 0.25  # long-polls are woken at most this often: a boot of N nodes is N changes
+
+
 class _Server:
-    """Requests to :class:`RegistryState`, plus waking long-polls and saving."""
+    """Requests to :class:`RegistryState`, plus waking long-polls and saving.
+
+    Both are coalesced, because a network's boot (or churn) is a burst of
+    changes: a save writes the newest state, so saves queued behind one that
+    already wrote a change return at once; and long-polls are woken at once
+    after a quiet spell, then at most every :data:`PUBLISH_EVERY_S` (a 500-node
+    boot woke 500 long-polls 500 times, and its registry, one process among
+    hundreds, answered registrations a minute late).
+    """
 
     def __init__(self, state: RegistryState, state_path: str | None, admin_token: str | None = None,
                  now_ms: Callable[[], int] = _now_ms) -> None:
@@ -509,8 +521,13 @@ class _Server:
         self.now_ms = now_ms
         self.state_path = state_path
         self.admin_token = admin_token
-        self._changed = trio.Event()  # replaced on every change; long-polls wait on it
+        self.nursery: trio.Nursery | None = None  # for a deferred wake; without one, every change wakes
+        self._changed = trio.Event()  # replaced on every wake; long-polls wait on it
+        self._published_at = -math.inf
+        self._publish_pending = False
         self._save_lock = trio.Lock()
+        self._changes = 0  # mutations so far
+        self._saved = 0  # mutations the state file holds
 
     async def handle(self, req: Request, peer: Peer) -> tuple[int, Any]:
         op, args = req.op, req.args
@@ -561,16 +578,41 @@ class _Server:
             try:
                 await self._persist()
             finally:  # followers hear of the change even if saving it failed
-                self._changed.set()
-                self._changed = trio.Event()
+                self._publish()
         return result
 
+    def _publish(self) -> None:
+        """Wake the long-polls now, or once PUBLISH_EVERY_S has passed since the last wake."""
+        now = trio.current_time()
+        if self._publish_pending:
+            return
+        if self.nursery is None or now - self._published_at >= PUBLISH_EVERY_S:
+            self._wake(now)
+        else:
+            self._publish_pending = True
+            self.nursery.start_soon(self._publish_later, self._published_at + PUBLISH_EVERY_S)
+
+    async def _publish_later(self, at: float) -> None:
+        await trio.sleep_until(at)
+        self._publish_pending = False
+        self._wake(trio.current_time())
+
+    def _wake(self, now: float) -> None:
+        self._published_at = now
+        self._changed.set()
+        self._changed = trio.Event()
+
     async def _persist(self) -> None:
+        self._changes += 1
         if self.state_path is None:
             return
+        mine = self._changes
         async with self._save_lock:  # FIFO: a later save never lands before an earlier one
-            data = self.state.to_json()  # taken under the lock: the newest state, as plain data
+            if self._saved >= mine:
+                return  # a save since our change wrote it (each save writes the newest state)
+            data, upto = self.state.to_json(), self._changes  # under the lock: the newest state
             await trio.to_thread.run_sync(_write_json_atomic, self.state_path, data)
+            self._saved = upto
 
 
 async def _stop_on_signals(cancel_scope: trio.CancelScope, *,
@@ -623,6 +665,7 @@ async def run_registry(
         state.epoch = now_ms()  # this run: followers' deltas never span a restart
         server = _Server(state, state_path, admin_token, now_ms)
         async with trio.open_nursery() as nursery:
+            server.nursery = nursery
             if handle_signals:
                 await nursery.start(_stop_on_signals, nursery.cancel_scope)
             if parent_pid:

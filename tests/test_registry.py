@@ -411,6 +411,44 @@ def _now() -> int:
     return int(time.time() * 1000)
 
 
+async def test_a_burst_of_registrations_wakes_long_polls_a_few_times_and_is_saved_whole(tmp_path):
+    from testnet.registry import PUBLISH_EVERY_S, load_state
+
+    state_path = str(tmp_path / "state.json")
+    async with trio.open_nursery() as nursery:
+        ((host, port),) = await nursery.start(lambda task_status: run_registry(
+            "127.0.0.1", 0, min_swarm=3, state_path=state_path, task_status=task_status))
+        async with open_rpc(host, port) as rpc:
+            await trio.sleep(PUBLISH_EVERY_S)  # quiet: the first change wakes at once
+            wakes: list[tuple[float, int]] = []
+
+            async def follow() -> None:
+                height = 0
+                while height < len(IDS):
+                    body = await rpc.call_ok("get_service_nodes", {"since_height": height, "wait_ms": 5000},
+                                             timeout=8)
+                    height = body["height"]
+                    wakes.append((trio.current_time(), height))
+
+            async def register(i: int) -> None:
+                await rpc.call_ok("register", register_args(IDS[i], f"127.30.0.{i + 1}", 20000, _now()), timeout=5)
+
+            nursery.start_soon(follow)
+            await trio.sleep(0.05)
+            started = trio.current_time()
+            await register(0)
+            async with trio.open_nursery() as burst:  # the rest at once, as at a boot
+                for i in range(1, len(IDS)):
+                    burst.start_soon(register, i)
+            with trio.fail_after(5):
+                while not wakes or wakes[-1][1] < len(IDS):
+                    await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    assert wakes[0][0] - started < PUBLISH_EVERY_S  # after a quiet spell: at once
+    assert len(wakes) <= 4 < len(IDS)  # a burst: a few wakes, not one per change
+    assert len(load_state(state_path, min_swarm=3, seed=0).nodes) == len(IDS)  # the newest state was saved
+
+
 # --------------------------------------------------------------------------- a real process
 
 
