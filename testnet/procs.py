@@ -339,6 +339,8 @@ def python_argv(module: str, *args: str) -> list[str]:
 
 # --------------------------------------------------------------------------- zygote
 
+ZYGOTE_FORK_S = 0.1  # deadline allowance per spawn request queued ahead of ours (a fork takes ~5-30 ms)
+
 
 PR_SET_NAME = 15
 
@@ -428,6 +430,9 @@ class Zygote:
         stderr.parent.mkdir(parents=True, exist_ok=True)
         rfd, wfd = os.pipe()
         req = next(self._ids)
+        # The zygote forks one request at a time: ours waits behind those sent before it
+        # (a 500-node boot sends 500 at once, and the 231st timed out at a flat 10 s).
+        timeout_s += ZYGOTE_FORK_S * len(self._waiting)
         done = self._waiting[req] = trio.Event()
         try:
             async with self._lock:
