@@ -36,6 +36,7 @@ from .base.rpc import ConnectionPool, RpcError, call_once
 
 Progress = Callable[[str], None]
 CALL_TIMEOUT_S = 2.0
+BOOT_CALL_TIMEOUT_S = 30.0  # for the calls a boot makes to every node at once
 
 
 class ControllerError(Exception):
@@ -167,9 +168,9 @@ class Testnet:
             raise RequestError(resp.status, f"{name} answered {op} with {resp.status}: {resp.body!r:.200}")
         return resp.body
 
-    async def admin(self, name: str, op: str, **args: Any) -> Any:
+    async def admin(self, name: str, op: str, *, timeout: float = CALL_TIMEOUT_S, **args: Any) -> Any:
         """An admin op (``admin_clock``, ...) on node ``name``, with the run's admin token."""
-        return await self.call(name, op, {"token": self.plan.admin_token, **args})
+        return await self.call(name, op, {"token": self.plan.admin_token, **args}, timeout=timeout)
 
     # ------------------------------------------------------------------ the record
 
@@ -303,7 +304,9 @@ class Testnet:
 
         async def ingress(rt: NodeRuntime) -> None:
             want = [[rt.plan.host, rt.ingress.get(u, 0)] for u in users]
-            got = await self.admin(rt.plan.name, "admin_listen", addresses=want)
+            # At boot every node is asked at once: a large network on two cores answers slowly
+            # (500 nodes: connecting alone took the whole 2 s of a call).
+            got = await self.admin(rt.plan.name, "admin_listen", addresses=want, timeout=BOOT_CALL_TIMEOUT_S)
             rt.ingress = {u: int(a[1]) for u, a in zip(users, got["addresses"])}
 
         if users:
