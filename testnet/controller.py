@@ -13,6 +13,7 @@ testnet.cli supervise``) keeps one up until a signal or a ``down`` request.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import secrets
@@ -606,7 +607,11 @@ class Testnet:
             if rt.state in ("starting", "running", "paused"):
                 rt.state = "stopped"
         failed, self.state = self.state == "failed", "stopping"
-        await procs.stop_children(self.children())
+        async with trio.open_nursery() as nursery:
+            # Toxiproxy keeps nothing: killed at once. Asked to stop, a server closes its proxies
+            # one by one (3.2 s for 9,000 each at 300 nodes, longer than the nodes take).
+            nursery.start_soon(functools.partial(procs.stop_children, self.toxiproxies, grace_s=0.0))
+            nursery.start_soon(procs.stop_children, [c for c in self.children() if c not in self.toxiproxies])
         if self.zygote is not None:
             await self.zygote.stop()
         self.state = "failed" if failed else "stopped"
