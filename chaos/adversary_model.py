@@ -19,6 +19,7 @@ import msgpack
 
 from nodes.auth import Assignment
 from testnet.base.clock import wall_ms
+from testnet.base.jsonl import parse_lines
 from testnet.base.protocol import HEADER
 from testnet.registry import HISTORY_LENGTH
 from testnet.base.swarm import swarm_for
@@ -114,15 +115,7 @@ class HistoryTail:
         self.offset += len(data)
         lines = (self.partial + data).split(b"\n")
         self.partial = lines.pop()
-        out = []
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-        return out
+        return parse_lines(lines)
 
 
 @dataclass(frozen=True)

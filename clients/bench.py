@@ -26,41 +26,34 @@ from typing import Any, AsyncIterator
 
 import psutil
 import trio
-from nacl import bindings as sodium
 
 from nodes.bench import cpu_seconds, percentile_ms
 from testnet.base import crypto
 
+from .bench_probe import StoreCrypto, one_message
 from .client import Client, ClientError
 
 
 def crypto_floor_us(rounds: int = 2000) -> float:
     """CPU µs for 4 × X25519 + 1 ed25519 verify, measured here and now."""
-    secret, public = sodium.crypto_box_keypair()
-    ident = crypto.Identity.from_seed(bytes(32))
-    msg = b"x" * 64
-    sig = ident.sign(msg)
+    unit = StoreCrypto()
     t0 = time.process_time()
     for _ in range(rounds):
-        for _ in range(4):
-            sodium.crypto_scalarmult(secret, public)
-        crypto.verify_request(ident.ed25519_public, msg, sig)
+        unit.run()
     return (time.process_time() - t0) / rounds * 1e6
 
 
 def sqlite_floor_us(tmp: Path, rounds: int = 1000) -> float:
     """CPU µs for storing one message in its own transaction (what a node does per copy when
     writes do not coincide), on a fresh database in this process."""
-    from nodes.storage import Storage, StoredMessage
+    from nodes.storage import Storage
 
     tmp.mkdir(parents=True, exist_ok=True)
     d = Path(tempfile.mkdtemp(prefix="sqlite-floor-", dir=tmp))
     rng = random.Random(11)
     try:
         db = Storage(str(d / "db.sqlite"))
-        msgs = [StoredMessage(pubkey="05" + rng.randbytes(32).hex(), namespace=0, hash=rng.randbytes(32).hex(),
-                              data=rng.randbytes(400), timestamp=1_900_000_000_000 + i,
-                              expiry=1_900_000_000_000 + i + 14 * 86_400_000) for i in range(rounds)]
+        msgs = [one_message(rng, i) for i in range(rounds)]
         t0 = time.process_time()
         for m in msgs:
             db.store_many([m])

@@ -118,9 +118,10 @@ class ToxiproxyApi:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def call_sync(self, method: str, path: str, json: Any = None) -> Any:
+    def call_sync(self, method: str, path: str, json: Any = None, timeout_s: float | None = None) -> Any:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         try:
-            resp = _session(self.url).request(method.upper(), self.url + path, json=json, timeout=self.timeout_s)
+            resp = _session(self.url).request(method.upper(), self.url + path, json=json, timeout=timeout_s)
         except requests.RequestException as exc:
             raise LinkError(f"toxiproxy at {self.host}:{self.port} unreachable: {type(exc).__name__}") from None
         if resp.status_code == 404:
@@ -129,9 +130,10 @@ class ToxiproxyApi:
             raise LinkError(f"toxiproxy {method.upper()} {path}: status {resp.status_code}: {_text(resp.content)}")
         return resp.json() if resp.content else None
 
-    async def call(self, method: str, path: str, json: Any = None) -> Any:
-        with trio.fail_after(self.timeout_s + 1.0):
-            return await trio.to_thread.run_sync(self.call_sync, method, path, json, abandon_on_cancel=True)
+    async def call(self, method: str, path: str, json: Any = None, timeout_s: float | None = None) -> Any:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        with trio.fail_after(timeout_s + 1.0):
+            return await trio.to_thread.run_sync(self.call_sync, method, path, json, timeout_s, abandon_on_cancel=True)
 
     async def version(self) -> str:
         return (await self.call("get", "/version"))["version"]
@@ -139,20 +141,10 @@ class ToxiproxyApi:
     async def proxies(self) -> dict[str, dict[str, Any]]:
         return await self.call("get", "/proxies")
 
-    def _populate_sync(self, batch: list[dict[str, Any]]) -> None:
-        try:
-            resp = _session(self.url).post(f"{self.url}/populate", json=batch, timeout=self.populate_timeout_s)
-        except requests.RequestException as exc:
-            raise LinkError(f"toxiproxy at {self.host}:{self.port} unreachable: {type(exc).__name__}") from None
-        if resp.status_code >= 400:
-            raise LinkError(f"toxiproxy POST /populate: status {resp.status_code}: {_text(resp.content)}")
-
     async def populate(self, proxies: list[dict[str, Any]]) -> None:
         """Create (or update) many proxies, each ``{"name", "listen", "upstream"}``, in big batches."""
         for i in range(0, len(proxies), POPULATE_BATCH):
-            with trio.fail_after(self.populate_timeout_s + 1.0):
-                await trio.to_thread.run_sync(self._populate_sync, proxies[i:i + POPULATE_BATCH],
-                                              abandon_on_cancel=True)
+            await self.call("post", "/populate", proxies[i:i + POPULATE_BATCH], timeout_s=self.populate_timeout_s)
 
     async def delete_proxy(self, name: str) -> None:
         await self.call("delete", f"/proxies/{name}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 
 def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
@@ -14,8 +14,13 @@ def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except OSError:
         return []
+    return parse_lines(text.splitlines())
+
+
+def parse_lines(lines: Iterable[str | bytes]) -> list[dict[str, Any]]:
+    """The JSON objects among ``lines``; blank, malformed and non-object lines are skipped."""
     out = []
-    for line in text.splitlines():
+    for line in lines:
         if not line.strip():
             continue
         try:

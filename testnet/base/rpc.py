@@ -496,6 +496,11 @@ class RpcConnection:
     def closed(self) -> bool:
         return self._closed is not None
 
+    @property
+    def busy(self) -> bool:
+        """A call is waiting for its response."""
+        return bool(self._pending)
+
     def _fail_all(self, error: RpcError) -> None:
         if self._closed is None:
             self._closed = error
@@ -692,7 +697,7 @@ class ConnectionPool:
 
     def _usable(self, conn: RpcConnection | None) -> bool:
         return conn is not None and not conn.closed and (
-            conn._pending or trio.current_time() - conn.last_active < self._idle_s)
+            conn.busy or trio.current_time() - conn.last_active < self._idle_s)
 
     async def get(self, key: Hashable, *, timeout: float | None = None) -> RpcConnection:
         conn = self._conns.get(key)
