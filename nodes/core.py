@@ -66,6 +66,7 @@ class NodeConfig:
     capture: str | None = None
     capture_buffer_bytes: int = 1 << 20  # fewer writes under load; the simulation of 1,000 nodes takes less
     links: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+    link_opener: tuple[str, int] | None = None  # ask there for a link's proxy before its first dial
     admin_token: str = ""
     clock_offset_ms: int = 0
     parent_pid: int | None = None
@@ -101,6 +102,8 @@ class NodeConfig:
                 capture=raw.get("capture"),
                 capture_buffer_bytes=int(raw.get("capture_buffer_bytes", 1 << 20)),
                 links={str(k): (str(v[0]), int(v[1])) for k, v in (raw.get("links") or {}).items()},
+                link_opener=(str(raw["link_opener"][0]), int(raw["link_opener"][1]))
+                if raw.get("link_opener") else None,
                 admin_token=str(raw.get("admin_token", "")),
                 clock_offset_ms=clock_offset(int(raw.get("clock_offset_ms", 0)), ConfigError),
                 parent_pid=raw.get("parent_pid"),

@@ -21,7 +21,7 @@ from testnet.base.net import TCP, Network
 from testnet.base.protocol import RequestError, Request, Status
 from testnet.base.records import register_args
 from testnet.base.limits import ConnectionGate
-from testnet.base.rpc import ConnectionPool, Peer, RpcError, serve
+from testnet.base.rpc import ConnectionPool, Peer, RpcError, call_once, serve
 
 from . import auth, core
 from .capture import CaptureFile
@@ -85,6 +85,7 @@ class Node:
         self.view: SwarmView | None = None
         self.entitled = auth.Entitlements()
         self.links: dict[str, tuple[str, int]] = dict(config.links)
+        self._links_open: set[str] = set()  # links whose proxy the link opener has said exists
         self.bugs = set(config.inject_bugs)
         self.rate = core.TokenBucket(config.rate_limit_burst, config.rate_limit_per_second)
         self.gate = ConnectionGate(config.connection_limits)  # shared by every listener of this node
@@ -129,7 +130,8 @@ class Node:
                 self._cancel = nursery.cancel_scope
                 self.pool = ConnectionPool(nursery, self._resolve, capture=self.capture, network=self.network,
                                            connect_timeout=self.config.replication_timeout_s,
-                                           on_connect=self._authenticate_to)
+                                           on_connect=self._authenticate_to,
+                                           before_dial=self._open_link if self.config.link_opener else None)
                 self.commit = GroupCommit(self.storage)
                 await nursery.start(self.commit.run)
                 self.listening = await nursery.start(
@@ -152,6 +154,21 @@ class Node:
     def stop(self) -> None:
         if self._cancel is not None:
             self._cancel.cancel()
+
+    async def _open_link(self, key: Any, timeout: float) -> None:
+        """Before the first dial of a link through the testnet's proxies, ask the testnet's
+        controller (``link_opener``) to make its proxy; signed with our key.  Once it said so
+        the proxy stays while the link does: a refused dial after that is a cut link."""
+        if key not in self.links or key in self._links_open:
+            return
+        host, port = self.config.link_opener  # type: ignore[misc]
+        args = {"src": self.ed_hex, "dst": key,
+                "signature": self.identity.sign(crypto.link_open_message(self.ed_hex, key))}
+        resp = await call_once(host, port, "open_link", args, timeout=timeout, local_host=self.host,
+                               network=self.network)
+        if not resp.ok:
+            raise RpcError(f"no link to {str(key)[:12]}: {resp.body.get('error') if isinstance(resp.body, dict) else resp.body}")
+        self._links_open.add(key)
 
     async def _authenticate_to(self, key: Any, conn: Any, timeout: float) -> None:
         """Every connection to another node starts with our handshake (nodes/auth.py)."""
@@ -427,6 +444,7 @@ class Node:
         # Redial only the peers whose route changed; the registry's long poll stays up.
         changed = [k for k in set(old) | set(new) if old.get(k) != new.get(k)]
         for key in changed:
+            self._links_open.discard(key)
             await self.pool.drop(key)
         return {"links": len(self.links), "redialled": len(changed)}
 

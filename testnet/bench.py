@@ -142,10 +142,11 @@ async def scale_once(n: int, *, links: str, base: Path, idle_s: float = 10.0) ->
         idle = (cpu_seconds(pids) - cpu0) / (time.monotonic() - t0)
         servers = len(net.toxiproxies)
         proxies = len(net.plan.links)
+        made = len(net.api.made) if net.api is not None else 0
         stop = time.monotonic()
     teardown = time.monotonic() - stop
     left = [pid for pid in pids if psutil.pid_exists(pid) and proc_state(pid) != "dead"]
-    return {"nodes": n, "links": links, "toxiproxy_servers": servers, "proxies": proxies,
+    return {"nodes": n, "links": links, "toxiproxy_servers": servers, "proxies": proxies, "proxies_made": made,
             "swarms_formed_s": round(swarms_s, 1), "onion_message_s": round(onion_s, 2), "ready_s": round(ready, 1),
             "pss_all_mib": pss, "idle_cpu_share_of_one_core": round(idle, 3), "teardown_s": round(teardown, 2),
             "processes_left": len(left)}
@@ -194,7 +195,8 @@ def boot_command(nodes: int, big: int, links: str, no_zygote: bool, scale: int, 
     sc = result.get("scale")
     if sc:
         click.echo(f"  scale: {sc['nodes']} nodes, {sc['links']} links"
-                   + (f" ({sc['proxies']:,} proxies on {sc['toxiproxy_servers']} Toxiproxy servers)"
+                   + (f" ({sc['proxies']:,} links on {sc['toxiproxy_servers']} Toxiproxy servers; "
+                      f"{sc['proxies_made']:,} proxies made by the end, each on first use)"
                       if sc["toxiproxy_servers"] else ""))
         click.echo(f"    ready {sc['ready_s']} s: swarms formed at {sc['swarms_formed_s']} s, one onion message stored "
                    f"and read back in {sc['onion_message_s']} s (target <= 30 s at 500 nodes, Toxiproxy links)")

@@ -29,7 +29,8 @@ from . import links as L
 from . import plan as P
 from . import procs, rundir
 from .base.bugs import NODE_BUGS
-from .base.crypto import Identity, open_message, retrieve_signature_message, seal_message
+from .base.crypto import (BadSignature, Identity, link_open_message, open_message, retrieve_signature_message,
+                          seal_message, verify_request)
 from .base.protocol import RequestError, Status
 from .registry import deregister_args
 from .base.net import TCP, Network
@@ -37,6 +38,7 @@ from .base.rpc import ConnectionPool, RpcError, call_once
 
 Progress = Callable[[str], None]
 CALL_TIMEOUT_S = 2.0
+OPEN_LINK_TIMEOUT_S = 10.0  # a node waits this long for its link's proxy (a boot asks for thousands at once)
 BOOT_CALL_TIMEOUT_S = 30.0  # for the calls a boot makes to every node at once
 
 
@@ -70,6 +72,7 @@ class Options:
     capture: bool = True  # nodes record their traffic for the unlinkability checker
     toxiproxy_binary: str | None = None
     toxiproxy_servers: int | None = None  # None: as many as the open-files limit needs (links.servers_needed)
+    proxies_on_use: bool = True  # a node link's proxy is made when first dialled (False: all at boot)
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "run_dir": None if self.run_dir is None else str(self.run_dir),
@@ -103,7 +106,8 @@ class Testnet:
     """A live network.  Made by :func:`open_testnet`; every method is safe to call from its trio run."""
 
     def __init__(self, plan: P.NetworkPlan, nursery: trio.Nursery, *, progress: Progress | None = None,
-                 zygote: bool = True, toxiproxy_binary: Path | None = None, network: Network = TCP) -> None:
+                 zygote: bool = True, toxiproxy_binary: Path | None = None, network: Network = TCP,
+                 proxies_on_use: bool = True) -> None:
         self.plan = plan
         self.network = network
         self.randbytes: Any = None  # the check message's sealing randomness: libsodium's, unless simulated
@@ -115,7 +119,11 @@ class Testnet:
         self.registry: procs.Child | None = None
         self.registry_address: tuple[str, int] = (plan.registry_host, 0)
         self.toxiproxies: list[procs.Child] = []  # the servers sharing the proxies (plan.toxiproxy_apis)
-        self.api: L.ToxiproxyServers | None = None
+        self.api: L.ProxyTable | None = None
+        # Node links' proxies made when a node first dials them (see links.ProxyTable); users'
+        # links, few, are made at boot.
+        self.proxies_on_use = proxies_on_use and plan.links_mode == "toxiproxy"
+        self._by_key: dict[str, NodeRuntime] = {rt.plan.ed25519_public: rt for rt in self.nodes.values()}
         self.state = "starting"
         self.started_ms = int(time.time() * 1000)
         self.stop_requested = trio.Event()
@@ -160,6 +168,44 @@ class Testnet:
     def proxy_name(self, src: str, dst: str) -> str:
         """The Toxiproxy proxy of the directed link ``src`` -> ``dst`` (for :mod:`testnet.links` faults)."""
         return self.plan.link(src, dst).name
+
+    def proxy_spec(self, name: str) -> dict[str, str]:
+        """Link ``name``'s proxy as Toxiproxy takes it (see :class:`links.ProxyTable`)."""
+        link = self.plan.link_named(name)
+        if link is None:
+            raise L.ProxyGone(f"no link {name} in this run")
+        up = self.upstream(link)
+        if up is None:
+            raise L.LinkError(f"link {name}: {link.dst} has not listened yet")
+        return {"name": name, "listen": f"{link.listen[0]}:{link.listen[1]}", "upstream": f"{up[0]}:{up[1]}"}
+
+    async def open_link(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A node asks for the proxy of its link to another before dialling it the first time
+        (``open_link {src, dst, signature}``: both nodes' ed25519 keys, hex, signed by ``src``)."""
+        src_key, dst_key, sig = args.get("src"), args.get("dst"), args.get("signature")
+        if not (isinstance(src_key, str) and isinstance(dst_key, str) and isinstance(sig, bytes)):
+            raise RequestError(Status.BAD_REQUEST, "open_link needs 'src' and 'dst' (hex keys) and 'signature' (bytes)")
+        src = self._by_key.get(src_key)
+        if src is None:
+            raise RequestError(Status.FORBIDDEN, "open_link: 'src' is not a node of this run")
+        try:
+            verify_request(bytes.fromhex(src_key), link_open_message(src_key, dst_key), sig)
+        except BadSignature as exc:
+            raise RequestError(Status.UNAUTHORIZED, f"open_link: {exc}") from None
+        dst = self._by_key.get(dst_key)
+        if dst is None:
+            raise RequestError(Status.NOT_FOUND, "open_link: 'dst' is not a node of this run")
+        if self.api is None or self.state not in ("starting", "ready"):
+            raise RequestError(Status.NOT_READY, f"open_link: no proxies to make (the run is {self.state})")
+        name = self.plan.link(src.plan.name, dst.plan.name).name
+        try:
+            with trio.fail_after(OPEN_LINK_TIMEOUT_S):
+                await self.api.open(name)
+        except L.LinkError as exc:
+            raise RequestError(Status.NOT_READY, f"open_link {name}: {exc}") from None
+        except trio.TooSlowError:
+            raise RequestError(Status.GATEWAY_TIMEOUT, f"open_link {name}: not made in {OPEN_LINK_TIMEOUT_S:g} s") from None
+        return {"link": name}
 
     async def call(self, name: str, op: str, args: dict[str, Any] | None = None, *,
                    timeout: float = CALL_TIMEOUT_S) -> Any:
@@ -223,8 +269,11 @@ class Testnet:
             self._progress(f"{len(names)} nodes listening")
             if self.api is not None:
                 await self._open_ingress(names)
-                await self._populate(self.plan.links)
-                self._progress(f"{len(self.plan.links)} proxies created")
+                made = self._boot_links()
+                await self._populate(made)
+                self._progress(f"{len(made)} proxies created" + (
+                    f"; node links' proxies are made when first used (of {len(self.plan.links):,})"
+                    if self.proxies_on_use else ""))
             self.save()
             await self.wait_ready(ready_timeout_s)
         self.state = "ready"
@@ -245,6 +294,13 @@ class Testnet:
         self.registry_address = tuple(ready["addresses"][0])  # type: ignore[assignment]
         await self.call("registry", "info", timeout=5.0)
 
+    def _boot_links(self, touching: str | None = None) -> list[P.LinkPlan]:
+        """The links whose proxies are made at once (of those touching node ``touching``, if given):
+        all of them, or only the users' when node links are made on first use."""
+        return [link for link in self.plan.links
+                if (touching is None or touching in (link.src, link.dst))
+                and (link.from_user or not self.proxies_on_use)]
+
     async def _start_toxiproxy(self) -> None:
         apis = []
         for i, (host, port) in enumerate(self.plan.toxiproxy_apis):
@@ -254,7 +310,7 @@ class Testnet:
             self.toxiproxies.append(child)
             apis.append(api)
             self._nursery.start_soon(child.watch)
-        self.api = L.ToxiproxyServers(apis, self.plan.server_of)
+        self.api = L.ProxyTable(L.ToxiproxyServers(apis, self.plan.server_of), self.proxy_spec, self._nursery)
         async with trio.open_nursery() as nursery:
             for child, api in zip(self.toxiproxies, apis):
                 nursery.start_soon(L.wait_toxiproxy, child, api)
@@ -266,7 +322,8 @@ class Testnet:
 
     async def _spawn_node(self, rt: NodeRuntime) -> tuple[procs.Child, int]:
         n = rt.plan
-        cfg = P.node_config(self.plan, n, registry=self.registry_address, parent_pid=os.getpid(), port=rt.port)
+        cfg = P.node_config(self.plan, n, registry=self.registry_address, parent_pid=os.getpid(), port=rt.port,
+                            link_opener=self.plan.controller if self.proxies_on_use else None)
         n.dir.mkdir(parents=True, exist_ok=True)
         rundir.write_secret(n.config_file, json.dumps(cfg, indent=1))
         args = ["--config", str(n.config_file)]
@@ -505,11 +562,12 @@ class Testnet:
             await self.call("registry", "stake", {"token": self.plan.admin_token,
                                                   "ed25519_public": node.ed25519_public})
             self.nodes[node.name] = rt = NodeRuntime(node)
+            self._by_key[node.ed25519_public] = rt
             self.nodes = dict(sorted(self.nodes.items(), key=lambda kv: kv[1].plan.index))
             await self._start_nodes([node.name], timeout_s)
             if self.api is not None:
                 await self._open_ingress([node.name])
-                await self._populate([link for link in self.plan.links if node.name in (link.src, link.dst)])
+                await self._populate(self._boot_links(touching=node.name))
                 await self._push_links(exclude=node.name)
             self.save()
             await self.wait_ready(timeout_s)
@@ -533,6 +591,7 @@ class Testnet:
             rec = next(n for n in self.record()["nodes"] if n["name"] == name)
             self.removed.append({**rec, "state": "removed"})
             del self.nodes[name]
+            self._by_key.pop(rt.plan.ed25519_public, None)
             if self.api is not None:
                 async with trio.open_nursery() as nursery:
                     for proxy in gone:
@@ -649,9 +708,12 @@ async def open_testnet(options: Options | None = None, *, progress: Progress | N
                           toxiproxy_servers=servers)
     (progress or (lambda m: None))(f"run {run_id} in {run_dir}")
     async with trio.open_nursery() as nursery:
-        net = Testnet(plan, nursery, progress=progress, zygote=opts.zygote, toxiproxy_binary=binary)
-        nursery.start_soon(rundir.serve_control, claim, plan.control_token, net.control,
-                           (ControllerError, P.PlanError, procs.ProcError, L.LinkError, RpcError, RequestError))
+        net = Testnet(plan, nursery, progress=progress, zygote=opts.zygote, toxiproxy_binary=binary,
+                      proxies_on_use=opts.proxies_on_use)
+        nursery.start_soon(functools.partial(
+            rundir.serve_control, claim, plan.control_token, net.control,
+            (ControllerError, P.PlanError, procs.ProcError, L.LinkError, RpcError, RequestError),
+            open_link=net.open_link if net.proxies_on_use else None))
         try:
             try:
                 await net._boot(opts.ready_timeout_s)

@@ -22,9 +22,10 @@ import os
 import shutil
 import socket
 import threading
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import requests
 import trio
@@ -180,6 +181,9 @@ class ToxiproxyServers:
         self.apis = apis
         self._server_of = server_of
 
+    def server_of(self, proxy: str) -> int:
+        return self._server_of(proxy)
+
     def api_for(self, proxy: str) -> ToxiproxyApi:
         return self.apis[self._server_of(proxy)]
 
@@ -222,6 +226,257 @@ class ToxiproxyServers:
     async def reset(self) -> None:
         for api in self.apis:
             await api.reset()
+
+
+@dataclass
+class _Wanted:
+    """What the faults say a proxy should be: enabled or not, and its toxics (name -> request body)."""
+
+    enabled: bool = True
+    toxics: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class _Opening:
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: LinkError | None = None
+
+
+class ProxyTable:
+    """Every planned link's proxy, made when the link is first used (or by :meth:`populate`).
+
+    A network of N nodes has N(N-1) directed links, and a proxy costs its Toxiproxy server a
+    listening socket and ~15 KiB; a run uses few of them (swarm peers, onion hops).  A node asks
+    for its link's proxy (:meth:`open`) before dialling it the first time.  Faults name any
+    planned link, made or not: for a link not made yet what they ask (disabled, toxics) is
+    recorded and applied when its proxy is made, before :meth:`open` returns, so no byte ever
+    crosses a link in a state the faults did not ask for.  The same methods as
+    :class:`ToxiproxyServers`, so fault code never knows which proxies exist yet.
+
+    ``spec(name)`` gives a link's proxy as Toxiproxy takes it (``name``, ``listen``,
+    ``upstream``); it raises :class:`ProxyGone` for a name the plan does not have and
+    :class:`LinkError` when the link cannot be made yet (its destination never ran).
+    Proxies asked for at about the same time are made in one ``/populate`` per server.
+    """
+
+    def __init__(self, servers: ToxiproxyServers, spec: Callable[[str], dict[str, str]],
+                 nursery: trio.Nursery) -> None:
+        self.servers = servers
+        self.apis = servers.apis
+        self._spec = spec
+        self._nursery = nursery
+        self.made: set[str] = set()
+        self._wanted: dict[str, _Wanted] = {}  # only links a fault touches
+        self._locks: dict[str, trio.Lock] = {}
+        self._opening: dict[str, _Opening] = {}
+        self._queues: dict[int, list[str]] = {}  # server -> names waiting to be made
+
+    @property
+    def url(self) -> str:
+        return self.servers.url
+
+    def api_for(self, proxy: str) -> ToxiproxyApi:
+        return self.servers.api_for(proxy)
+
+    async def version(self) -> str:
+        return await self.servers.version()
+
+    async def proxies(self) -> dict[str, dict[str, Any]]:
+        """The proxies made so far, as Toxiproxy reports them."""
+        return await self.servers.proxies()
+
+    @asynccontextmanager
+    async def _locked(self, name: str) -> AsyncIterator[None]:
+        """Link ``name`` to ourselves: its proxy made, or a fault recorded and applied, at a time."""
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = trio.Lock()
+        await lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+            if not lock.locked():  # nobody else waits for it (release hands it to a waiter)
+                self._locks.pop(name, None)
+
+    # ---------------------------------------------------------------- making proxies
+
+    async def open(self, name: str) -> None:
+        """Make the proxy of link ``name`` unless it exists; raises :class:`LinkError` if it cannot be made."""
+        if name in self.made:
+            return
+        opening = self._opening.get(name)
+        if opening is None:
+            self._spec(name)  # refuse at once what can never be made
+            opening = self._opening[name] = _Opening()
+            server = self.servers.server_of(name)
+            queue = self._queues.get(server)
+            if queue is None:
+                self._queues[server] = [name]
+                self._nursery.start_soon(self._make_queued, server)
+            else:
+                queue.append(name)
+        await opening.done.wait()
+        if opening.error is not None:
+            raise opening.error
+
+    async def _make_queued(self, server: int) -> None:
+        """Make the proxies queued for ``server``, a batch at a time, until none are left."""
+        try:
+            await trio.sleep(0)  # let the others asking now join this batch
+            while self._queues.get(server):
+                batch = self._queues[server][:POPULATE_BATCH]
+                del self._queues[server][:len(batch)]
+                errors = await self._make(server, batch)
+                for name in batch:
+                    opening = self._opening.pop(name)
+                    opening.error = errors.get(name)
+                    opening.done.set()
+        finally:
+            self._queues.pop(server, None)
+
+    async def populate(self, proxies: list[dict[str, Any]]) -> None:
+        """Make these links' proxies now (``{"name", ...}`` each; ``listen`` and ``upstream`` come
+        from the plan); raises the first :class:`LinkError` met."""
+        by_server: dict[int, list[str]] = {}
+        for p in proxies:
+            by_server.setdefault(self.servers.server_of(p["name"]), []).append(p["name"])
+        errors: dict[str, LinkError] = {}
+
+        async def make(server: int, names: list[str]) -> None:
+            for i in range(0, len(names), POPULATE_BATCH):
+                errors.update(await self._make(server, names[i:i + POPULATE_BATCH]))
+
+        async with trio.open_nursery() as nursery:
+            for server, names in by_server.items():
+                nursery.start_soon(make, server, names)
+        if errors:
+            raise next(iter(errors.values()))
+
+    async def _make(self, server: int, names: list[str]) -> dict[str, LinkError]:
+        """Make ``names`` (all on ``server``) as the faults want them; returns the failures by name."""
+        errors: dict[str, LinkError] = {}
+        async with AsyncExitStack() as held:
+            for name in names:  # fresh links: only a fault being recorded can hold one, briefly
+                await held.enter_async_context(self._locked(name))
+            items = []
+            for name in names:
+                if name in self.made:
+                    continue
+                try:
+                    spec = self._spec(name)
+                except LinkError as exc:
+                    errors[name] = exc
+                    continue
+                want = self._wanted.get(name)
+                items.append({**spec, "enabled": want.enabled if want else True})
+            api = self.apis[server]
+            try:
+                await api.populate(items)
+                made = [item["name"] for item in items]
+            except (LinkError, trio.TooSlowError) as exc:
+                made = []
+                if len(items) == 1:
+                    errors[items[0]["name"]] = _as_link_error(exc)
+                else:  # one bad proxy fails its whole batch: make them one by one
+                    for item in items:
+                        try:
+                            await api.populate([item])
+                            made.append(item["name"])
+                        except (LinkError, trio.TooSlowError) as one:
+                            errors[item["name"]] = _as_link_error(one)
+            for name in made:
+                want = self._wanted.get(name)
+                try:
+                    for body in (want.toxics.values() if want else ()):
+                        await api.call("post", f"/proxies/{name}/toxics", body)
+                except (LinkError, trio.TooSlowError) as exc:
+                    errors[name] = _as_link_error(exc)
+                    await _heal(api.delete_proxy, name)  # never leave it up without its faults
+                    continue
+                self.made.add(name)
+        return errors
+
+    # ---------------------------------------------------------------- faults
+
+    async def set_enabled(self, proxy: str, enabled: bool) -> None:
+        self._spec_known(proxy)
+        async with self._locked(proxy):
+            if proxy in self.made:
+                await self._made_call(proxy, self.api_for(proxy).set_enabled, proxy, enabled)
+            self._wanted.setdefault(proxy, _Wanted()).enabled = enabled
+            self._forget_default(proxy)
+
+    async def add_toxic(self, proxy: str, type: str, attributes: dict[str, Any], *, stream: str = "downstream",
+                        toxicity: float = 1.0, name: str | None = None) -> str:
+        if type not in TOXIC_TYPES:
+            raise LinkError(f"unknown toxic type {type!r}; known: {', '.join(TOXIC_TYPES)}")
+        self._spec_known(proxy)
+        name = name or f"{type}_{stream}_{next(_toxic_ids)}"
+        async with self._locked(proxy):
+            if proxy in self.made:
+                await self._made_call(proxy, self.api_for(proxy).add_toxic, proxy, type, attributes,
+                                      stream=stream, toxicity=toxicity, name=name)
+            self._wanted.setdefault(proxy, _Wanted()).toxics[name] = {
+                "name": name, "type": type, "stream": stream, "toxicity": toxicity, "attributes": attributes}
+        return name
+
+    async def remove_toxic(self, proxy: str, name: str) -> None:
+        async with self._locked(proxy):
+            want = self._wanted.get(proxy)
+            if want is not None:
+                want.toxics.pop(name, None)
+                self._forget_default(proxy)
+            if proxy in self.made:
+                await self._made_call(proxy, self.api_for(proxy).remove_toxic, proxy, name)
+
+    async def delete_proxy(self, name: str) -> None:
+        """Forget link ``name``: its proxy if made, what the faults asked of it."""
+        async with self._locked(name):
+            self._wanted.pop(name, None)
+            if name in self.made:
+                self.made.discard(name)
+                await self.api_for(name).delete_proxy(name)
+
+    async def reset(self) -> None:
+        """Every link enabled and without toxics, made or not."""
+        self._wanted.clear()
+        await self.servers.reset()
+
+    def wanted(self, proxy: str) -> dict[str, Any] | None:
+        """What the faults ask of link ``proxy`` now (``None``: nothing, it is a plain link)."""
+        want = self._wanted.get(proxy)
+        return None if want is None else {"enabled": want.enabled, "toxics": sorted(want.toxics)}
+
+    def faulted(self) -> dict[str, dict[str, Any]]:
+        """Every link a fault holds now, made or not, with what it asks (see :meth:`wanted`)."""
+        return {name: self.wanted(name) for name in self._wanted}  # type: ignore[misc]
+
+    def _spec_known(self, proxy: str) -> None:
+        try:
+            self._spec(proxy)
+        except ProxyGone:
+            raise
+        except LinkError:
+            pass  # planned, not makeable yet: the fault is recorded for when it is
+
+    def _forget_default(self, proxy: str) -> None:
+        want = self._wanted.get(proxy)
+        if want is not None and want.enabled and not want.toxics:
+            del self._wanted[proxy]
+
+    async def _made_call(self, proxy: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            await fn(*args, **kwargs)
+        except ProxyGone:
+            self.made.discard(proxy)  # gone behind our back (its server restarted): made again on use
+            raise
+
+
+def _as_link_error(exc: BaseException) -> LinkError:
+    return exc if isinstance(exc, LinkError) else LinkError(f"toxiproxy did not answer in time ({exc!r})")
 
 
 def _text(content: Any) -> str:

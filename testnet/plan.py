@@ -216,10 +216,10 @@ class NetworkPlan:
         return derive_token(self.seed, self.run_id, "control")
 
     def node(self, name: str) -> NodePlan:
-        for n in self.nodes:
-            if n.name == name:
-                return n
-        raise PlanError(f"no node named {name!r} in this run")
+        found = self._nodes_by_name.get(name)
+        if found is None:
+            raise PlanError(f"no node named {name!r} in this run")
+        return found
 
     def user(self, name: str) -> UserPlan:
         for u in self.users:
@@ -227,19 +227,42 @@ class NetworkPlan:
                 return u
         raise PlanError(f"no user named {name!r} in this run")
 
-    def link(self, src: str, dst: str) -> LinkPlan:
+    @cached_property
+    def _links_by_name(self) -> dict[str, LinkPlan]:
+        return {link.name: link for link in self.links}
+
+    @cached_property
+    def _links_by_src(self) -> dict[str, list[LinkPlan]]:
+        out: dict[str, list[LinkPlan]] = {}
         for link in self.links:
-            if link.src == src and link.dst == dst:
-                return link
-        raise PlanError(f"no proxied link {src}->{dst} in this run")
+            out.setdefault(link.src, []).append(link)
+        return out
+
+    @cached_property
+    def _nodes_by_name(self) -> dict[str, NodePlan]:
+        return {n.name: n for n in self.nodes}
+
+    def link(self, src: str, dst: str) -> LinkPlan:
+        found = self._links_by_name.get(f"{src}->{dst}")
+        if found is None:
+            raise PlanError(f"no proxied link {src}->{dst} in this run")
+        return found
+
+    def link_named(self, name: str) -> LinkPlan | None:
+        """The link whose proxy is called ``name`` (``src->dst``), if the plan has it."""
+        return self._links_by_name.get(name)
+
+    def links_from(self, src: str) -> list[LinkPlan]:
+        """The links leaving ``src`` (node or user)."""
+        return self._links_by_src.get(src, [])
 
     def dial_table(self, src: str) -> dict[str, Address]:
         """What ``src`` (node or user) dials to reach each node, by node ed25519 hex.
 
         Empty in direct mode: everyone dials the addresses the registry publishes.
         """
-        by_name = {n.name: n for n in self.nodes}
-        return {by_name[link.dst].ed25519_public: link.listen for link in self.links if link.src == src}
+        by_name = self._nodes_by_name
+        return {by_name[link.dst].ed25519_public: link.listen for link in self.links_from(src)}
 
 
 def node_host(block: Block, index: int) -> str:
@@ -345,8 +368,12 @@ def with_node_removed(plan: NetworkPlan, name: str) -> NetworkPlan:
 
 
 def node_config(plan: NetworkPlan, node: NodePlan, *, registry: Address, parent_pid: int | None,
-                port: int | None = None) -> dict:
-    """The JSON configuration of ``python -m nodes`` for ``node`` (see the node contract)."""
+                port: int | None = None, link_opener: Address | None = None) -> dict:
+    """The JSON configuration of ``python -m nodes`` for ``node`` (see the node contract).
+
+    ``link_opener``: where the node asks for the proxy of one of its links before its first
+    dial (the controller makes proxies on first use); ``None`` when they all exist already.
+    """
     return {
         "name": node.name,
         "seed_file": str(node.seed_file),
@@ -356,6 +383,7 @@ def node_config(plan: NetworkPlan, node: NodePlan, *, registry: Address, parent_
         "capture": str(node.capture) if plan.capture else None,
         "registry": [registry[0], registry[1]],
         "links": {k: [h, p] for k, (h, p) in plan.dial_table(node.name).items()},
+        "link_opener": list(link_opener) if link_opener else None,
         "admin_token": plan.admin_token,
         "parent_pid": parent_pid,
         "inject_bugs": list(plan.inject_bugs),

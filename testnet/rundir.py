@@ -73,7 +73,7 @@ def claim_block(run_id: str) -> tuple[tuple[int, int], socket.socket]:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             s.bind((f"127.{a}.{b}.1", CONTROL_PORT))
-            s.listen(64)
+            s.listen(socket.SOMAXCONN)  # every node of a large network may ask for links at once
             return (a, b), s
         except OSError:
             s.close()
@@ -293,9 +293,12 @@ async def gather_status(run: dict[str, Any], timeout_s: float = 1.0) -> dict[str
 
 async def serve_control(sock: socket.socket, token: str,
                         handle: Callable[[str, dict[str, Any]], Awaitable[Any]],
-                        refusals: tuple[type[BaseException], ...] = ()) -> None:
+                        refusals: tuple[type[BaseException], ...] = (), *,
+                        open_link: Callable[[dict[str, Any]], Awaitable[Any]] | None = None) -> None:
     """Serve a run's control API on the claimed socket: ``control {token, action, ...}`` ->
-    ``handle(action, args)``; errors of the ``refusals`` types answer 400 with their message."""
+    ``handle(action, args)``; errors of the ``refusals`` types answer 400 with their message.
+    ``open_link {src, dst, signature}`` -> ``open_link(args)``, which checks the node's signature
+    itself (nodes hold no control token)."""
     import secrets as _secrets
 
     import trio
@@ -304,6 +307,13 @@ async def serve_control(sock: socket.socket, token: str,
     from .base.rpc import serve_connection
 
     async def handler(req: Any, peer: Any) -> tuple[int, Any]:
+        if req.op == "open_link" and open_link is not None:
+            try:
+                return Status.OK, await open_link(req.args)
+            except RequestError:
+                raise
+            except refusals as exc:
+                raise RequestError(Status.BAD_REQUEST, str(exc)) from None
         if req.op != "control":
             raise RequestError(Status.NOT_FOUND, f"unknown op {req.op!r}")
         if not _secrets.compare_digest(str(req.args.get("token", "")), token):

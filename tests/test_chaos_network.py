@@ -16,10 +16,13 @@ pytestmark = [pytest.mark.network, requires_toxiproxy]
 
 
 async def proxy_state(net):
-    proxies = await net.api.proxies()
-    toxics = sum(len(p.get("toxics") or []) for p in proxies.values())
-    disabled = sum(1 for p in proxies.values() if not p.get("enabled", True))
-    return toxics, disabled
+    """(toxics, disabled links) the faults hold now, whether the links' proxies are made yet
+    or not; the proxies made are checked to be exactly as the faults want them."""
+    faulted = net.api.faulted()
+    for name, proxy in (await net.api.proxies()).items():
+        want = faulted.get(name) or {"enabled": True, "toxics": []}
+        assert (proxy["enabled"], sorted(t["name"] for t in proxy["toxics"])) == (want["enabled"], want["toxics"])
+    return sum(len(f["toxics"]) for f in faulted.values()), sum(not f["enabled"] for f in faulted.values())
 
 
 async def test_every_nemesis_starts_and_heals(tmp_path):

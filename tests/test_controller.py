@@ -19,6 +19,7 @@ from testnet.controller import Options, error_leaves, open_testnet
 from testnet.links import check_bindable
 from testnet.fixtures import assert_no_leaks, requires_toxiproxy
 from testnet.procs import NotReady, proc_state
+from testnet.base.crypto import Identity, link_open_message
 from testnet.base.rpc import RpcError, call_once
 from testnet.rundir import load_run, recorded_processes
 
@@ -54,21 +55,50 @@ async def test_boot_record_secrets_and_clean_teardown(testnet_factory):
         assert (net.run_dir / "admin_token").read_text().strip() not in (net.run_dir / "run.json").read_text()
         assert [u["name"] for u in run["users"]] == ["alice", "bob"]
         assert len({n["host"] for n in run["nodes"]} | {u["host"] for u in run["users"]}) == 7
-        # One proxy per directed link, each leading to the node (or its ingress for that user).
+        # One proxy per directed link, each leading to the node (or its ingress for that user);
+        # users' proxies made at boot, nodes' when first dialled.
         assert len(run["links"]) == 5 * 4 + 2 * 5
         by_name = {n["name"]: n for n in run["nodes"]}
         for link in run["links"]:
             dst = by_name[link["dst"]]
             want = run["ingress"][dst["name"]][link["src"]] if link["src"] in ("alice", "bob") else dst["port"]
             assert link["upstream"] == [dst["host"], want]
-        proxies = await net.api.proxies()
-        assert set(proxies) == {link["name"] for link in run["links"]}
+        proxies = set(await net.api.proxies())
+        users_links = {link["name"] for link in run["links"] if link["src"] in ("alice", "bob")}
+        assert users_links <= proxies <= {link["name"] for link in run["links"]}
+        # The boot check's message went from one swarm member to the others: through node links
+        # whose proxies the nodes asked for.
+        assert proxies - users_links
+        await _open_link_checks_the_asking_node(net)
         pids = [pid for _, pid, _ in recorded_processes(run)]
         assert all(proc_state(pid) == "alive" for pid in pids) and len(pids) == 5 + 3
     run = load_run(net.run_dir)
     assert run["state"] == "stopped"
     assert all(not psutil.pid_exists(pid) or proc_state(pid) == "dead" for pid in pids)
     check_bindable(run_addresses(run))  # raises if any is still held
+
+
+async def _open_link_checks_the_asking_node(net) -> None:
+    """open_link makes a proxy only for a node of the run, signing for its own link."""
+    n1, n2, alice = net.plan.node("n01"), net.plan.node("n02"), net.plan.user("alice")
+
+    async def ask(src: str, dst: str, signer) -> tuple[int, object]:
+        sig = signer.sign(link_open_message(src, dst))
+        resp = await call_once(*net.plan.controller, "open_link", {"src": src, "dst": dst, "signature": sig},
+                               timeout=5.0)
+        return resp.status, resp.body
+
+    assert await ask(n1.ed25519_public, n2.ed25519_public, n1.identity) == (200, {"link": "n01->n02"})
+    assert "n01->n02" in await net.api.proxies()
+    status, body = await ask(n1.ed25519_public, n2.ed25519_public, n2.identity)  # n02 signing for n01
+    assert status == 401 and "signature" in body["error"]
+    alice_key = alice.identity.ed25519_public.hex()  # a user is no node
+    assert (await ask(alice_key, n2.ed25519_public, alice.identity))[0] == 403
+    stranger = Identity.from_seed(bytes(32))
+    assert (await ask(stranger.ed25519_public.hex(), n2.ed25519_public, stranger))[0] == 403
+    assert (await ask(n1.ed25519_public, stranger.ed25519_public.hex(), n1.identity))[0] == 404
+    resp = await call_once(*net.plan.controller, "open_link", {"src": n1.ed25519_public}, timeout=5.0)
+    assert resp.status == 400
 
 
 @requires_toxiproxy
@@ -97,8 +127,8 @@ async def test_node_kill_pause_restart_add_remove(testnet_factory):
         assert name == "n06" and info["nodes"] == 6
         # The nodes already following the list heard of the new one by a delta, not the whole list.
         assert info["answers"]["delta"] >= answers["delta"] + 5
-        proxies = await net.api.proxies()
-        assert {"n06->n01", "n01->n06", "alice->n06"} <= set(proxies)
+        assert "alice->n06" in await net.api.proxies()  # users' links at once, nodes' on first use
+        assert net.plan.link("n06", "n01") and net.plan.link("n01", "n06")
         # A new dial table redials only the routes that changed: the registry's long poll stays up.
         table = {k: list(v) for k, v in net.plan.dial_table("n04").items()}
         assert (await net.admin("n04", "admin_set_links", links=table))["redialled"] == 0
@@ -226,6 +256,7 @@ async def test_proxies_shared_out_among_toxiproxy_servers_work_as_one_link_table
         servers = run["toxiproxy"]["servers"]
         assert len(servers) == 3 and len({(s["host"], s["port"]) for s in servers}) == 3
         # Each server holds exactly the proxies the plan gives it; together, the whole link table.
+        await net.api.populate([{"name": link["name"]} for link in run["links"]])  # every node link made now
         held = {}
         for i, api in enumerate(net.api.apis):
             for name in await api.proxies():

@@ -115,6 +115,89 @@ async def test_fault_heals_even_when_the_block_fails(toxi):
         await api.set_enabled("nope", False)
 
 
+@pytest.fixture
+async def table(tmp_path):
+    """A ProxyTable over one real Toxiproxy server: links ``x->y0`` .. ``x->y19`` to one echo
+    server, ``x->late`` whose destination has not listened yet; nothing made."""
+    a, b = _free_block()
+    async with trio.open_nursery() as nursery:
+        port = await _echo_server(f"127.{a}.{b}.21", nursery)
+        async with open_toxiproxy(f"127.{a}.{b}.3", TOXIPROXY_PORT, log=tmp_path / "toxiproxy.log") as api:
+            def spec(name: str) -> dict[str, str]:
+                if name == "x->late":
+                    raise LinkError("late has not listened yet")
+                if not (name.startswith("x->y") and 0 <= int(name[4:]) < 20):
+                    raise links.ProxyGone(f"no link {name}")
+                return {"name": name, "listen": f"127.{a}.{b}.10:{30001 + int(name[4:])}",
+                        "upstream": f"127.{a}.{b}.21:{port}"}
+
+            table = links.ProxyTable(links.ToxiproxyServers([api], lambda name: 0), spec, nursery)
+            yield table, api, (lambda i: (f"127.{a}.{b}.10", 30001 + i))
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_link_is_made_on_first_use_and_only_once(table):
+    t, api, addr = table
+    assert await api.proxies() == {}
+    with pytest.raises(OSError):
+        await _round_trip_ms(*addr(0))  # no proxy, nothing listens
+    populates = 0
+    real_populate = api.populate
+
+    async def counting(items):
+        nonlocal populates
+        populates += 1
+        await real_populate(items)
+
+    api.populate = counting
+    async with trio.open_nursery() as nursery:  # asked for at about the same time: one request
+        for i in range(20):
+            nursery.start_soon(t.open, f"x->y{i}")
+    assert populates == 1 and len(await api.proxies()) == 20 and len(t.made) == 20
+    await t.open("x->y0")
+    assert populates == 1
+    assert await _round_trip_ms(*addr(0)) < 150
+    with pytest.raises(links.ProxyGone):
+        await t.open("x->nowhere")
+    with pytest.raises(LinkError, match="not listened yet"):
+        await t.open("x->late")
+
+
+async def test_faults_on_a_link_not_made_yet_hold_from_its_first_byte(table):
+    t, api, addr = table
+    await t.set_enabled("x->y1", False)
+    toxic = await t.add_toxic("x->y2", "latency", {"latency": 400, "jitter": 0})
+    await t.set_enabled("x->late", False)  # planned, not makeable yet: recorded all the same
+    assert await api.proxies() == {} and t.wanted("x->y1") == {"enabled": False, "toxics": []}
+    with pytest.raises(links.ProxyGone):
+        await t.set_enabled("x->nowhere", False)
+    await t.open("x->y1")
+    await t.open("x->y2")
+    proxies = await api.proxies()
+    assert not proxies["x->y1"]["enabled"] and [x["name"] for x in proxies["x->y2"]["toxics"]] == [toxic]
+    with pytest.raises(OSError):
+        await _round_trip_ms(*addr(1))  # made cut: refused like any cut link
+    assert await _round_trip_ms(*addr(2)) >= 380
+    # Healing a made link reaches Toxiproxy; the record goes with the fault.
+    await t.set_enabled("x->y1", True)
+    await t.remove_toxic("x->y2", toxic)
+    assert await _round_trip_ms(*addr(1)) < 150 and await _round_trip_ms(*addr(2)) < 150
+    assert t.wanted("x->y1") is None and t.wanted("x->y2") is None
+    # Healed before it was ever made: made plain.
+    await t.set_enabled("x->y3", False)
+    await t.set_enabled("x->y3", True)
+    await t.open("x->y3")
+    assert (await api.proxies())["x->y3"]["enabled"] and t.wanted("x->y3") is None
+    # The nemesis' own context managers work on the table as on a server.
+    async with links.link_down(t, "x->y4"):
+        await t.open("x->y4")
+        with pytest.raises(OSError):
+            await _round_trip_ms(*addr(4))
+    assert await _round_trip_ms(*addr(4)) < 150
+    await t.delete_proxy("x->y4")
+    assert "x->y4" not in await api.proxies() and "x->y4" not in t.made
+
+
 async def test_server_stops_with_its_block(tmp_path):
     a, b = _free_block()
     async with open_toxiproxy(f"127.{a}.{b}.3", TOXIPROXY_PORT, log=tmp_path / "t.log") as api:

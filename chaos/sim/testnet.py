@@ -154,7 +154,9 @@ class SimTestnet(Testnet):
     """A :class:`Testnet` whose registry, Toxiproxy and nodes run in this process."""
 
     def __init__(self, plan: P.NetworkPlan, nursery: trio.Nursery, world: SimWorld, **kwargs: Any) -> None:
-        super().__init__(plan, nursery, zygote=False, network=world.net, **kwargs)
+        # Every proxy made at boot: the simulated ones cost little, and no node asks a
+        # controller for its links (the simulation serves no control API).
+        super().__init__(plan, nursery, zygote=False, network=world.net, proxies_on_use=False, **kwargs)
         self.world = world
         self.started_ms = world.now_ms()
         self.randbytes = world.randbytes("controller")

@@ -388,6 +388,13 @@ def expire_signature_message(expiry_ms: int, hashes: list[str]) -> bytes:
     return b"expire" + _int_text(expiry_ms, "expiry_ms") + _hashes_text(hashes)
 
 
+def link_open_message(src_ed25519_hex: str, dst_ed25519_hex: str) -> bytes:
+    """b"open_link" ‖ the dialling node's ed25519 key ‖ b"->" ‖ the dialled node's, as hex: what a
+    node signs to ask its testnet's controller for the proxy of one of its links (no timestamp:
+    asking twice is harmless, and a node under a clock fault must still reach its peers)."""
+    return b"open_link" + src_ed25519_hex.encode() + b"->" + dst_ed25519_hex.encode()
+
+
 def sign_request(identity: Identity, message: bytes) -> bytes:
     """64-byte ed25519 signature of a request message by the account."""
     return identity.sign(message)

@@ -668,8 +668,10 @@ class ConnectionPool:
     :class:`~testnet.base.limits.ConnectionLimits`), and a request sent as
     the server closes would be lost with the connection.  ``on_connect(key, conn, timeout)``, when given, runs
     on every new connection before its first call (a handshake); if it raises,
-    the connection is closed and the call fails.  Readers run in ``nursery``,
-    which the owner keeps open for the pool's whole life.
+    the connection is closed and the call fails.  ``before_dial(key, timeout)``, when given,
+    runs before each dial (a testnet node asks for its link's proxy there); if it raises, the
+    call fails without dialling.  Readers run in ``nursery``, which the owner keeps open for
+    the pool's whole life.
     """
 
     def __init__(
@@ -681,9 +683,11 @@ class ConnectionPool:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         capture: CaptureSink | None = None,
         on_connect: Callable[[Hashable, RpcConnection, float], Awaitable[None]] | None = None,
+        before_dial: Callable[[Hashable, float], Awaitable[None]] | None = None,
         network: Network = TCP,
         idle_s: float = POOL_IDLE_S,
     ) -> None:
+        self._before_dial = before_dial
         self._nursery = nursery
         self._idle_s = idle_s
         self._resolve = resolve
@@ -710,8 +714,12 @@ class ConnectionPool:
                 return conn  # type: ignore[return-value]
             if conn is not None and not conn.closed:
                 await conn.aclose()  # idle too long: the server may be closing it right now
-            host, port, local_host = self._resolve(key)
             ct = self._connect_timeout if timeout is None else min(timeout, self._connect_timeout)
+            if self._before_dial is not None:
+                start = trio.current_time()
+                await self._before_dial(key, ct)
+                ct = max(ct - (trio.current_time() - start), 0.001)
+            host, port, local_host = self._resolve(key)
             stream = await connect(host, port, local_host=local_host, timeout=ct, network=self._network)
             conn = RpcConnection(stream, max_frame_size=self._max_frame_size, capture=self._capture,
                                  name=str(key)[:16])
