@@ -56,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         from testnet.base import meter
         from testnet.base.cpuprofile import arm_on_signals
 
-        arm_on_signals(os.path.join(profile, f"{config.name}.collapsed"), tag=meter.ROLE.get,
-                       on_start=meter.install, on_stop=meter.uninstall)
+        sampler = arm_on_signals(os.path.join(profile, f"{config.name}.collapsed"), tag=meter.ROLE.get,
+                                 on_start=meter.install, on_stop=meter.uninstall)
+        if os.environ.get("SWARMNET_NODE_PROFILE_FROM_START"):
+            sampler.start()  # a boot's profile: from here until SIGUSR2 (the counters stay off)
     try:
         trio.run(amain, config)
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ from testnet.base.net import TCP, Network
 from testnet.base.protocol import RequestError, Request, Status
 from testnet.base.records import register_args
 from testnet.base.limits import ConnectionGate
-from testnet.base.rpc import ConnectionPool, Peer, RpcError, call_once, serve
+from testnet.base.rpc import ConnectionPool, Peer, RpcError, serve
 
 from . import auth, core
 from .capture import CaptureFile
@@ -86,6 +86,7 @@ class Node:
         self.entitled = auth.Entitlements()
         self.links: dict[str, tuple[str, int]] = dict(config.links)
         self._links_open: set[str] = set()  # links whose proxy the link opener has said exists
+        self._opener: ConnectionPool | None = None  # to the link opener (config.link_opener)
         self.bugs = set(config.inject_bugs)
         self.rate = core.TokenBucket(config.rate_limit_burst, config.rate_limit_per_second)
         self.gate = ConnectionGate(config.connection_limits)  # shared by every listener of this node
@@ -131,7 +132,11 @@ class Node:
                 self.pool = ConnectionPool(nursery, self._resolve, capture=self.capture, network=self.network,
                                            connect_timeout=self.config.replication_timeout_s,
                                            on_connect=self._authenticate_to,
-                                           before_dial=self._open_link if self.config.link_opener else None)
+                                           on_refused=self._open_link if self.config.link_opener else None)
+                if self.config.link_opener:  # testnet plumbing: not captured, not the modelled network
+                    opener = (*self.config.link_opener, self.host)
+                    self._opener = ConnectionPool(nursery, lambda key: opener, network=self.network,
+                                                  connect_timeout=self.config.replication_timeout_s)
                 self.commit = GroupCommit(self.storage)
                 await nursery.start(self.commit.run)
                 self.listening = await nursery.start(
@@ -155,20 +160,20 @@ class Node:
         if self._cancel is not None:
             self._cancel.cancel()
 
-    async def _open_link(self, key: Any, timeout: float) -> None:
-        """Before the first dial of a link through the testnet's proxies, ask the testnet's
-        controller (``link_opener``) to make its proxy; signed with our key.  Once it said so
-        the proxy stays while the link does: a refused dial after that is a cut link."""
-        if key not in self.links or key in self._links_open:
-            return
-        host, port = self.config.link_opener  # type: ignore[misc]
+    async def _open_link(self, key: Any, timeout: float) -> bool:
+        """A dial through one of the testnet's links was refused: its proxy may not be made
+        yet (they are made on first use).  Ask the testnet's controller (``link_opener``) to
+        make it, signed with our key, and dial again.  Once it said so the proxy stays while
+        the link does: a refused dial after that is a cut link, and we do not ask again."""
+        if key not in self.links or key in self._links_open or self._opener is None:
+            return False
         args = {"src": self.ed_hex, "dst": key,
                 "signature": self.identity.sign(crypto.link_open_message(self.ed_hex, key))}
-        resp = await call_once(host, port, "open_link", args, timeout=timeout, local_host=self.host,
-                               network=self.network)
+        resp = await self._opener.call("controller", "open_link", args, timeout=timeout)
         if not resp.ok:
             raise RpcError(f"no link to {str(key)[:12]}: {resp.body.get('error') if isinstance(resp.body, dict) else resp.body}")
         self._links_open.add(key)
+        return True
 
     async def _authenticate_to(self, key: Any, conn: Any, timeout: float) -> None:
         """Every connection to another node starts with our handshake (nodes/auth.py)."""

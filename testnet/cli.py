@@ -364,7 +364,8 @@ async def _down(path: Path) -> dict[str, Any]:
         signal_recorded(pid, ct, signal.SIGKILL)
     if run.get("state") not in ("stopped", "failed"):  # its controller is gone and cannot say so
         run["state"] = "stopped"
-        rundir.write_json_atomic(path / rundir.RUN_JSON, run)
+        rundir.write_json_atomic(path / rundir.RUN_JSON,
+                                 {k: v for k, v in run.items() if k != "links" or not run.get("links_file")})
     return {"run_id": run["run_id"], "asked_controller": asked, "signalled": len(recs)}
 
 

@@ -96,6 +96,7 @@ class NodeRuntime:
     swarm_id: int | None = None
     exit_code: int | None = None
     links_stale: bool = False  # the dial table changed while it was paused: push it on resume
+    ingress_open: bool = False  # this process of the node listens at its ingress ports
 
     @property
     def address(self) -> tuple[str, int]:
@@ -124,6 +125,7 @@ class Testnet:
         # links, few, are made at boot.
         self.proxies_on_use = proxies_on_use and plan.links_mode == "toxiproxy"
         self._by_key: dict[str, NodeRuntime] = {rt.plan.ed25519_public: rt for rt in self.nodes.values()}
+        self._links_saved: Any = None  # what links.json was last written for (see save)
         self.state = "starting"
         self.started_ms = int(time.time() * 1000)
         self.stop_requested = trio.Event()
@@ -226,6 +228,13 @@ class Testnet:
         return rundir.build_record(self)
 
     def save(self) -> None:
+        """Write run.json, and links.json first if the link table changed since it was written
+        (a 500-node network has 251,000 links: run.json alone is rewritten on every node event)."""
+        if self.plan.links and all(rt.port for rt in self.nodes.values()):  # else upstreams are unknown
+            key = (id(self.plan.links), tuple((rt.port, tuple(rt.ingress.items())) for rt in self.nodes.values()))
+            if key != self._links_saved:
+                rundir.write_links(self.run_dir / rundir.LINKS_JSON, rundir.build_links(self))
+                self._links_saved = key
         rundir.write_json_atomic(self.run_dir / rundir.RUN_JSON, self.record())
 
     def upstream(self, link: P.LinkPlan) -> tuple[str, int] | None:
@@ -275,9 +284,37 @@ class Testnet:
                     f"; node links' proxies are made when first used (of {len(self.plan.links):,})"
                     if self.proxies_on_use else ""))
             self.save()
-            await self.wait_ready(ready_timeout_s)
+            async with trio.open_nursery() as nursery:
+                if self.proxies_on_use:
+                    nursery.start_soon(self._make_swarm_links, ready_timeout_s)
+                await self.wait_ready(ready_timeout_s)
         self.state = "ready"
         self.save()
+
+    async def _make_swarm_links(self, timeout_s: float) -> None:
+        """Make the proxies between the members of each swarm as soon as the registry publishes
+        its first list (its genesis): every member starts anti-entropy with every other at once,
+        and one /populate per server beats thousands of open_link calls.  Other links are made
+        on first use, as before."""
+        try:
+            body = await self.call("registry", "get_service_nodes", {"since_height": -1, "wait_ms": 30_000},
+                                   timeout=min(timeout_s, 35.0))
+        except (RpcError, RequestError):
+            return  # the nodes ask for their links themselves
+        swarms: dict[Any, list[str]] = {}
+        for rec in body.get("nodes") or ():
+            rt = self._by_key.get(rec.get("ed25519_public"))
+            if rt is not None and rec.get("swarm_id") is not None:
+                swarms.setdefault(rec["swarm_id"], []).append(rt.plan.name)
+        wanted = [{"name": self.plan.link(a, b).name} for members in swarms.values()
+                  for a in members for b in members if a != b]
+        try:
+            assert self.api is not None
+            await self.api.populate(wanted)
+        except L.LinkError as exc:
+            self._progress(f"not every swarm link made at once ({exc}); the nodes ask for the rest")
+            return
+        self._progress(f"{len(wanted):,} proxies made between swarm members")
 
     async def _start_registry(self) -> None:
         d = self.run_dir / "registry"
@@ -285,7 +322,7 @@ class Testnet:
                                  "--min-swarm", str(self.plan.min_swarm), "--seed", str(self.plan.seed),
                                  "--state", str(d / "state.json"), "--log", str(d / "registry.log"),
                                  "--admin-token-file", str(self.run_dir / rundir.ADMIN_TOKEN_FILE),
-                                 "--stakes", str(d / "stakes.json"),
+                                 "--stakes", str(d / "stakes.json"), "--genesis",
                                  "--parent-pid", str(os.getpid()))
         child, rfd = procs.spawn("registry", argv, stderr=d / "stderr.log", logs=(d / "registry.log",))
         self.registry = child
@@ -340,7 +377,9 @@ class Testnet:
             self._nursery.start_soon(self._watch_node, rt, child)
             line = await procs.read_ready_line(child, rfd, timeout_s)
             rt.port = int(line["addresses"][0][1])
-            rt.state = "running"
+            rt.state, rt.ingress_open = "running", False
+            if self.plan.links_mode == "toxiproxy":
+                await self._open_ingress([rt.plan.name])  # each node as it comes up, not all after
 
         async with trio.open_nursery() as nursery:
             for name in names:
@@ -366,11 +405,13 @@ class Testnet:
             # (500 nodes: connecting alone took the whole 2 s of a call).
             got = await self.admin(rt.plan.name, "admin_listen", addresses=want, timeout=BOOT_CALL_TIMEOUT_S)
             rt.ingress = {u: int(a[1]) for u, a in zip(users, got["addresses"])}
+            rt.ingress_open = True
 
         if users:
             async with trio.open_nursery() as nursery:
                 for name in names:
-                    nursery.start_soon(ingress, self.nodes[name])
+                    if not self.nodes[name].ingress_open:
+                        nursery.start_soon(ingress, self.nodes[name])
 
     async def _populate(self, wanted: tuple[P.LinkPlan, ...] | list[P.LinkPlan]) -> None:
         """Create the proxies of ``wanted`` links whose destination has run (has an upstream)."""

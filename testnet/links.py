@@ -35,6 +35,7 @@ from .procs import Child, ChildFailed, spawn, stop_children
 Address = tuple[str, int]
 DEFAULT_TIMEOUT_S = 5.0
 POPULATE_BATCH = 1000  # proxies per /populate request
+OPEN_BATCH_S = 0.01  # proxies asked for within this long of the first are made in one request
 POPULATE_TIMEOUT_S = 30.0  # for one batch: a loaded server creates a thousand listeners in about a second
 HEAL_TIMEOUT_S = 5.0
 TOXIC_TYPES = ("latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data")
@@ -248,8 +249,8 @@ class ProxyTable:
     """Every planned link's proxy, made when the link is first used (or by :meth:`populate`).
 
     A network of N nodes has N(N-1) directed links, and a proxy costs its Toxiproxy server a
-    listening socket and ~15 KiB; a run uses few of them (swarm peers, onion hops).  A node asks
-    for its link's proxy (:meth:`open`) before dialling it the first time.  Faults name any
+    listening socket and ~15 KiB; a run uses few of them (swarm peers, onion hops).  A node whose
+    first dial of a link is refused asks for its proxy (:meth:`open`, through the controller).  Faults name any
     planned link, made or not: for a link not made yet what they ask (disabled, toxics) is
     recorded and applied when its proxy is made, before :meth:`open` returns, so no byte ever
     crosses a link in a state the faults did not ask for.  The same methods as
@@ -325,7 +326,7 @@ class ProxyTable:
     async def _make_queued(self, server: int) -> None:
         """Make the proxies queued for ``server``, a batch at a time, until none are left."""
         try:
-            await trio.sleep(0)  # let the others asking now join this batch
+            await trio.sleep(OPEN_BATCH_S)  # let the others asking now join this batch
             while self._queues.get(server):
                 batch = self._queues[server][:POPULATE_BATCH]
                 del self._queues[server][:len(batch)]
@@ -359,7 +360,9 @@ class ProxyTable:
         """Make ``names`` (all on ``server``) as the faults want them; returns the failures by name."""
         errors: dict[str, LinkError] = {}
         async with AsyncExitStack() as held:
-            for name in names:  # fresh links: only a fault being recorded can hold one, briefly
+            # In one order for everyone: two batches sharing links (a bulk populate and the links
+            # nodes ask for meanwhile) would otherwise each hold what the other waits for.
+            for name in sorted(names):  # fresh links: a fault being recorded holds one briefly
                 await held.enter_async_context(self._locked(name))
             items = []
             for name in names:

@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable, Iterator
 
 SCHEMA_VERSION = 1
 RUN_JSON = "run.json"
+LINKS_JSON = "links.json"  # the link table, apart: rewritten only when links change (N² of them)
 DEFAULT_RUNS_DIR = Path("runs")
 LATEST = "latest"
 CONTROL_TOKEN_FILE = "control_token"
@@ -133,7 +134,40 @@ def load_run(run_dir: Path | str) -> dict[str, Any]:
         raise RunDirError(f"cannot read {path}: {exc}") from None
     if not isinstance(run, dict) or "run_id" not in run:
         raise RunDirError(f"{path} is not a swarmnet run record")
+    if "links" not in run:
+        run["links"] = read_links(run_dir, run)
     return run
+
+
+def read_links(run_dir: Path | str, run: dict[str, Any]) -> list[dict[str, Any]]:
+    """The link table a run record names (``links_file``; [] when it names none)."""
+    name = run.get("links_file")
+    if not name:
+        return []
+    path = Path(run_dir) / name
+    try:
+        with open(path, encoding="utf-8") as f:
+            links = json.load(f)
+    except FileNotFoundError:
+        return []  # the run has not made its links yet
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunDirError(f"cannot read {path}: {exc}") from None
+    if not isinstance(links, list):
+        raise RunDirError(f"{path} is not a link table")
+    return links
+
+
+_LINK_ENCODER = json.JSONEncoder(separators=(", ", ": "))  # one for all links: json.dumps makes one per call
+
+
+def write_links(path: Path, links: list[dict[str, Any]]) -> None:
+    """The link table as JSON, one link a line (readable, and quick to write at 250,000 links)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("[\n" + ",\n".join(map(_LINK_ENCODER.encode, links)) + "\n]\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- the record
@@ -153,11 +187,6 @@ def build_record(net: Any) -> dict[str, Any]:
         "db": rel(n.db), "log": rel(n.log), "stderr": rel(n.stderr), "seed_file": rel(n.seed_file),
         "config": rel(n.config_file), "capture": rel(n.capture) if plan.capture else None,
     } for rt in net.nodes.values() for n in [rt.plan]]
-    links = []
-    for link in plan.links:
-        up = net.upstream(link)
-        links.append({"name": link.name, "src": link.src, "dst": link.dst, "listen": list(link.listen),
-                      "upstream": list(up) if up else None})
     ctl, tp, reg = plan.controller, plan.toxiproxy, net.registry_address
     return {
         "schema": SCHEMA_VERSION, "run_id": plan.run_id, "seed": plan.seed, "state": net.state,
@@ -180,11 +209,22 @@ def build_record(net: Any) -> dict[str, Any]:
         "users": [{"name": u.name, "session_id": u.identity.session_id, "ed25519_public":
                    u.identity.ed25519_public.hex(), "host": u.host, "seed_file": rel(u.seed_file)}
                   for u in plan.users],
-        "links": links,
+        "links_file": LINKS_JSON if plan.links else None,
         "ingress": {name: dict(rt.ingress) for name, rt in net.nodes.items() if rt.ingress},
         "secrets": {"admin_token": ADMIN_TOKEN_FILE, "control_token": CONTROL_TOKEN_FILE},
         "check": net.check_result,
     }
+
+
+def build_links(net: Any) -> list[dict[str, Any]]:
+    """``links.json`` of a live :class:`testnet.controller.Testnet`: every planned link, its
+    proxy's listen address and upstream (``null`` until its destination has listened)."""
+    out = []
+    for link in net.plan.links:
+        up = net.upstream(link)
+        out.append({"name": link.name, "src": link.src, "dst": link.dst, "listen": list(link.listen),
+                    "upstream": list(up) if up else None})
+    return out
 
 
 # --------------------------------------------------------------------------- readers for tools

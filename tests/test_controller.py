@@ -58,6 +58,9 @@ async def test_boot_record_secrets_and_clean_teardown(testnet_factory):
         # One proxy per directed link, each leading to the node (or its ingress for that user);
         # users' proxies made at boot, nodes' when first dialled.
         assert len(run["links"]) == 5 * 4 + 2 * 5
+        # The link table lives apart (links.json), read back into the record by load_run.
+        raw = json.loads((net.run_dir / "run.json").read_text())
+        assert "links" not in raw and raw["links_file"] == "links.json"
         by_name = {n["name"]: n for n in run["nodes"]}
         for link in run["links"]:
             dst = by_name[link["dst"]]
@@ -128,6 +131,7 @@ async def test_node_kill_pause_restart_add_remove(testnet_factory):
         # The nodes already following the list heard of the new one by a delta, not the whole list.
         assert info["answers"]["delta"] >= answers["delta"] + 5
         assert "alice->n06" in await net.api.proxies()  # users' links at once, nodes' on first use
+        assert {"n06->n01", "n01->n06", "alice->n06"} <= {link["name"] for link in load_run(net.run_dir)["links"]}
         assert net.plan.link("n06", "n01") and net.plan.link("n01", "n06")
         # A new dial table redials only the routes that changed: the registry's long poll stays up.
         table = {k: list(v) for k, v in net.plan.dial_table("n04").items()}

@@ -250,3 +250,16 @@ def test_processes_we_start_inherit_the_hard_limit_on_open_files():
     child = subprocess.run([sys.executable, "-c", "import resource; print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])"],
                            capture_output=True, text=True, timeout=30)
     assert int(child.stdout) == soft
+
+
+async def test_batches_sharing_links_do_not_wait_for_each_other_forever(table):
+    """A bulk populate and links asked for meanwhile, in another order, all get made."""
+    t, api, addr = table
+    names = [f"x->y{i}" for i in range(20)]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(t.populate, [{"name": n} for n in names])
+            for n in reversed(names):
+                nursery.start_soon(t.open, n)
+            nursery.start_soon(t.populate, [{"name": n} for n in reversed(names)])
+    assert set(await api.proxies()) == set(names) == t.made

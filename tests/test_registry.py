@@ -452,6 +452,45 @@ async def test_a_burst_of_registrations_wakes_long_polls_a_few_times_and_is_save
 # --------------------------------------------------------------------------- a real process
 
 
+@pytest.mark.parametrize("registering", [3, 2])
+async def test_genesis_publishes_the_list_once_every_staked_node_registered_or_registrations_stall(
+        monkeypatch, registering):
+    import testnet.registry as R
+
+    monkeypatch.setattr(R, "GENESIS_STALL_S", 0.6)
+    async with trio.open_nursery() as nursery:
+        ((host, port),) = await nursery.start(lambda task_status: run_registry(
+            "127.0.0.1", 0, min_swarm=1, genesis=True, task_status=task_status,
+            stakes=[IDS[i].ed25519_public.hex() for i in range(3)]))
+        async with open_rpc(host, port) as rpc:
+            # Nothing published before genesis: a short poll answers "unchanged" at the asker's height.
+            assert (await rpc.call_ok("get_service_nodes", {"since_height": -1, "wait_ms": 100},
+                                      timeout=5))["changed"] is False
+            got: list[tuple[float, dict]] = []
+
+            async def follow():
+                body = await rpc.call_ok("get_service_nodes", {"since_height": -1, "wait_ms": 10_000}, timeout=15)
+                got.append((trio.current_time(), body))
+
+            nursery.start_soon(follow)
+            for i in range(registering):
+                await trio.sleep(0.05)
+                await rpc.call_ok("register", register_args(IDS[i], f"127.30.0.{i + 1}", 20000, _now()), timeout=5)
+            last = trio.current_time()
+            info = await rpc.call_ok("info", {}, timeout=5)
+            assert info["height"] == registering  # assigned one by one all the same
+            with trio.fail_after(5):
+                while not got:
+                    await trio.sleep(0.01)
+            at, body = got[0]
+            assert body["changed"] and len(body["nodes"]) == registering and body["height"] == registering
+            if registering == 3:
+                assert at - last < 0.3  # at once, with the last staked node
+            else:
+                assert at - last >= 0.5  # the stall ended it: one staked node never came
+        nursery.cancel_scope.cancel()
+
+
 async def test_registry_process_announces_answers_and_stops_on_sigterm(tmp_path):
     log_path = tmp_path / "registry.log"
     proc = subprocess.Popen(

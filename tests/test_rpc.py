@@ -150,3 +150,29 @@ async def test_pool_replaces_a_connection_idle_long_enough_for_the_server_to_be_
         assert (await pool.call("k", "echo", {"n": 2}, timeout=5)).body["args"] == {"n": 2}
         await pool.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_pool_asks_on_a_refused_dial_whether_to_dial_again():
+    async with trio.open_nursery() as nursery:
+        probe = trio.socket.socket()
+        await probe.bind(("127.0.0.1", 0))
+        free_port = probe.getsockname()[1]
+        probe.close()  # nothing listens there now: a dial is refused
+        asked = []
+
+        async def make_it_listen(key, timeout):
+            asked.append(key)
+            if key == "lazy":
+                await nursery.start(lambda task_status: serve(handler, [("127.0.0.1", free_port)],
+                                                              task_status=task_status))
+                return True
+            return False
+
+        pool = ConnectionPool(nursery, lambda key: ("127.0.0.1", free_port, None), on_refused=make_it_listen)
+        with pytest.raises(ConnectError) as refused:
+            await pool.call("other", "echo", {}, timeout=5)
+        assert refused.value.refused and asked == ["other"]
+        assert (await pool.call("lazy", "echo", {}, timeout=5)).ok  # made to listen, dialled again
+        assert (await pool.call("lazy", "echo", {}, timeout=5)).ok and asked == ["other", "lazy"]
+        await pool.aclose()
+        nursery.cancel_scope.cancel()

@@ -50,7 +50,11 @@ class RpcError(Exception):
 
 
 class ConnectError(RpcError):
-    """The peer could not be reached."""
+    """The peer could not be reached (``refused``: nothing listens at its address)."""
+
+    def __init__(self, message: str, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class ConnectionLost(RpcError):
@@ -623,7 +627,17 @@ async def connect(
     except trio.TooSlowError:
         raise ConnectError(f"connect to {host}:{port} timed out after {timeout:.3g} s") from None
     except OSError as exc:
-        raise ConnectError(f"connect to {host}:{port} failed: {exc.strerror or exc}") from None
+        raise ConnectError(f"connect to {host}:{port} failed: {exc.strerror or exc}", refused=_refused(exc)) from None
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a failed connect was refused (nothing listens), however trio wrapped it."""
+    if isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
+        return True
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        return all(_refused(e) for e in cause.exceptions)
+    return False
 
 
 @asynccontextmanager
@@ -668,10 +682,10 @@ class ConnectionPool:
     :class:`~testnet.base.limits.ConnectionLimits`), and a request sent as
     the server closes would be lost with the connection.  ``on_connect(key, conn, timeout)``, when given, runs
     on every new connection before its first call (a handshake); if it raises,
-    the connection is closed and the call fails.  ``before_dial(key, timeout)``, when given,
-    runs before each dial (a testnet node asks for its link's proxy there); if it raises, the
-    call fails without dialling.  Readers run in ``nursery``, which the owner keeps open for
-    the pool's whole life.
+    the connection is closed and the call fails.  ``on_refused(key, timeout)``, when given,
+    runs when a dial is refused (nothing listens there) and says whether to dial once more (a
+    testnet node has its link's proxy made there); if it raises, the call fails.  Readers run
+    in ``nursery``, which the owner keeps open for the pool's whole life.
     """
 
     def __init__(
@@ -683,11 +697,11 @@ class ConnectionPool:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         capture: CaptureSink | None = None,
         on_connect: Callable[[Hashable, RpcConnection, float], Awaitable[None]] | None = None,
-        before_dial: Callable[[Hashable, float], Awaitable[None]] | None = None,
+        on_refused: Callable[[Hashable, float], Awaitable[bool]] | None = None,
         network: Network = TCP,
         idle_s: float = POOL_IDLE_S,
     ) -> None:
-        self._before_dial = before_dial
+        self._on_refused = on_refused
         self._nursery = nursery
         self._idle_s = idle_s
         self._resolve = resolve
@@ -715,12 +729,7 @@ class ConnectionPool:
             if conn is not None and not conn.closed:
                 await conn.aclose()  # idle too long: the server may be closing it right now
             ct = self._connect_timeout if timeout is None else min(timeout, self._connect_timeout)
-            if self._before_dial is not None:
-                start = trio.current_time()
-                await self._before_dial(key, ct)
-                ct = max(ct - (trio.current_time() - start), 0.001)
-            host, port, local_host = self._resolve(key)
-            stream = await connect(host, port, local_host=local_host, timeout=ct, network=self._network)
+            stream = await self._dial(key, ct)
             conn = RpcConnection(stream, max_frame_size=self._max_frame_size, capture=self._capture,
                                  name=str(key)[:16])
             await self._nursery.start(conn.run)
@@ -732,6 +741,20 @@ class ConnectionPool:
                     raise
             self._conns[key] = conn
             return conn
+
+    async def _dial(self, key: Hashable, timeout: float) -> trio.SocketStream:
+        deadline = trio.current_time() + timeout
+        host, port, local_host = self._resolve(key)
+        try:
+            return await connect(host, port, local_host=local_host, timeout=timeout, network=self._network)
+        except ConnectError as exc:
+            if not exc.refused or self._on_refused is None:
+                raise
+            if not await self._on_refused(key, max(deadline - trio.current_time(), 0.001)):
+                raise
+        host, port, local_host = self._resolve(key)
+        return await connect(host, port, local_host=local_host, timeout=max(deadline - trio.current_time(), 0.001),
+                             network=self._network)
 
     async def call(self, key: Hashable, op: str, args: dict[str, Any], *, timeout: float) -> Response:
         """Call ``op`` on peer ``key`` over its persistent connection, within ``timeout`` s overall."""
