@@ -211,6 +211,14 @@ class SwarmView:
         return list(self._peers)
 
     @cached_property
+    def _peer_keys(self) -> frozenset[str]:
+        return frozenset(p.ed25519_public for p in self._peers)
+
+    def peer_keys(self) -> frozenset[str]:
+        """The ed25519 keys (hex) of :meth:`peers`."""
+        return self._peer_keys
+
+    @cached_property
     def _swarm_of(self) -> dict[str, int]:
         return {}
 

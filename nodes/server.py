@@ -411,6 +411,10 @@ class Node:
         view = self._require_view()
         ours = self.storage.ae_digests(lambda pk: view.swarm_of(pk) == swarm_id)
         differ = [pk for pk in set(ours) | set(theirs) if ours.get(pk) != theirs.get(pk)][:1000]
+        if not differ and caller is not None and swarm_id == view.my_swarm and caller in view.peer_keys():
+            # Equal at our state: our own round need not ask this peer again until either side
+            # changes (as if we had asked; the side that changes runs the round).
+            self._ae_matched[caller] = (self.storage.index.version, view.height)
         if caller is not None:
             differ = [pk for pk in differ if self.entitled.may_hold(caller, pk)]
         buckets = self.storage.ae_buckets(differ)
@@ -538,7 +542,7 @@ class Node:
                 del self._senders[key]
         event(log, "swarm view", height=view.height, swarm_id=view.my_swarm, members=len(new_peers) + 1,
               joined=len(new_peers - old_peers), left=len(old_peers - new_peers))
-        if old is not None and old.my_swarm != view.my_swarm or new_peers - old_peers:
+        if old is None or old.my_swarm != view.my_swarm or new_peers - old_peers:
             self._ae_wake.set()  # push to new members and rehome at once
 
     # ------------------------------------------------------------------ anti-entropy
@@ -546,9 +550,12 @@ class Node:
     async def _anti_entropy_loop(self) -> None:
         meter.ROLE.set("anti-entropy")
         while True:
+            if self.view is None:
+                await self._ae_wake.wait()  # nothing to compare before the first list
             with trio.move_on_after(self.config.anti_entropy_interval_s * self.rng.uniform(0.75, 1.25)):
                 await self._ae_wake.wait()
-            if self._ae_wake.is_set():
+            woken = self._ae_wake.is_set()
+            if woken:
                 # A new view: our new peers follow the same registry and may not list us yet
                 # (they would refuse our handshake); give them the time they take to catch up.
                 await trio.sleep(2 * self.config.registry_settle_s)
@@ -562,6 +569,11 @@ class Node:
                     nursery.start_soon(self._rehome, view, state)
                 if view.my_swarm is not None:
                     peers = [p.ed25519_public for p in view.peers() if self._ae_matched.get(p.ed25519_public) != state]
+                    if woken:
+                        # Every member of a swarm wakes with the same new view: of each pair, the
+                        # lower key asks at once (the exchange is symmetric, and the peer asked
+                        # notes the match); the higher asks in its next round if still unmatched.
+                        peers = [p for p in peers if p > self.ed_hex]
                     if peers:
                         ours = self.storage.ae_digests(view.is_mine)  # once per round, for all peers
                         for peer in peers:

@@ -250,8 +250,8 @@ class ProxyTable:
 
     A network of N nodes has N(N-1) directed links, and a proxy costs its Toxiproxy server a
     listening socket and ~15 KiB; a run uses few of them (swarm peers, onion hops).  A node whose
-    first dial of a link is refused asks for its proxy (:meth:`open`, through the controller).  Faults name any
-    planned link, made or not: for a link not made yet what they ask (disabled, toxics) is
+    first dial of a link is refused asks for its proxy (:meth:`open`, through the controller).
+    Faults name any planned link, made or not: for a link not made yet what they ask (disabled, toxics) is
     recorded and applied when its proxy is made, before :meth:`open` returns, so no byte ever
     crosses a link in a state the faults did not ask for.  The same methods as
     :class:`ToxiproxyServers`, so fault code never knows which proxies exist yet.
@@ -330,13 +330,20 @@ class ProxyTable:
             while self._queues.get(server):
                 batch = self._queues[server][:POPULATE_BATCH]
                 del self._queues[server][:len(batch)]
-                errors = await self._make(server, batch)
-                for name in batch:
-                    opening = self._opening.pop(name)
-                    opening.error = errors.get(name)
-                    opening.done.set()
+                errors: dict[str, LinkError] = {}
+                try:
+                    errors = await self._make(server, batch)
+                finally:  # whatever happened, nobody waits for this batch any more
+                    for name in batch:
+                        opening = self._opening.pop(name)
+                        opening.error = errors.get(name) or (
+                            None if name in self.made else LinkError(f"link {name}: its proxy was not made"))
+                        opening.done.set()
         finally:
-            self._queues.pop(server, None)
+            for name in self._queues.pop(server, ()):
+                opening = self._opening.pop(name)
+                opening.error = LinkError(f"link {name}: its proxy was not made")
+                opening.done.set()
 
     async def populate(self, proxies: list[dict[str, Any]]) -> None:
         """Make these links' proxies now (``{"name", ...}`` each; ``listen`` and ``upstream`` come

@@ -91,8 +91,26 @@ def pid_alive(pid: int) -> bool:
 
 
 async def watch_parent(parent_pid: int | None, cancel_scope: trio.CancelScope, interval_s: float = 0.5) -> None:
-    """Cancel ``cancel_scope`` once ``parent_pid`` is gone (or we were re-parented)."""
+    """Cancel ``cancel_scope`` once ``parent_pid`` is gone (or we were re-parented).
+
+    Where the kernel gives a pidfd (Linux 5.3+), wait for it to become readable — the
+    process has exited — without waking until then (500 nodes polling every 2 s were a
+    sixth of an idle network's CPU); elsewhere, poll every ``interval_s``."""
     if not parent_pid:
+        return
+    try:
+        pidfd = os.pidfd_open(parent_pid)
+    except ProcessLookupError:
+        cancel_scope.cancel()  # gone already
+        return
+    except (AttributeError, OSError):
+        pidfd = None
+    if pidfd is not None:
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        cancel_scope.cancel()
         return
     while True:
         if not pid_alive(parent_pid) or (os.getppid() != parent_pid and os.getppid() == 1):
