@@ -174,8 +174,8 @@ async def bench_boot(n: int = 50, big: int = 100, *, links: str = "toxiproxy", z
 @click.option("--big", default=100, show_default=True, help="second size, for memory (0 to skip)")
 @click.option("--links", type=click.Choice(["toxiproxy", "direct"]), default="toxiproxy", show_default=True)
 @click.option("--no-zygote", is_flag=True, help="start nodes as fresh interpreters")
-@click.option("--scale", default=300, show_default=True,
-              help="the scale section's network size (0 to skip; the target is 500 with Toxiproxy links)")
+@click.option("--scale", default=500, show_default=True,
+              help="the scale section's network size (0 to skip; the targets are for 500 with Toxiproxy links)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
 def boot_command(nodes: int, big: int, links: str, no_zygote: bool, scale: int, as_json: bool) -> None:
     """Time to a ready network vs. cold interpreters, teardown time, PSS memory; one large network."""

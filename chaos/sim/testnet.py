@@ -180,7 +180,7 @@ class SimTestnet(Testnet):
                     # No state file: a worker thread writing it would let virtual time run on.
                     await run_registry(self.plan.registry_host, 0, min_swarm=self.plan.min_swarm, seed=self.plan.seed,
                                        admin_token=self.plan.admin_token, stakes=stakes, network=self.world.net,
-                                       now_ms=self.world.now_ms, task_status=task_status)
+                                       now_ms=self.world.now_ms, genesis=True, task_status=task_status)
             finally:
                 child.exited.set()
 
