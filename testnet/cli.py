@@ -187,6 +187,8 @@ def _aligned(rows: list[tuple[str, str]]) -> list[str]:
 
 
 def _summary(run: dict[str, Any], run_dir: Path, detached: bool) -> str:
+    from .links import proxies_needed
+
     tp = run.get("toxiproxy")
     n = len(run["nodes"])
     a, b = (run["nodes"][min(i, n - 1)]["name"] for i in (2, 4))
@@ -196,9 +198,10 @@ def _summary(run: dict[str, Any], run_dir: Path, detached: bool) -> str:
         f"{len({x['swarm_id'] for x in run['nodes']})} swarms",
         f"  run directory: {run_dir}",
         f"  registry:      {run['registry']['host']}:{run['registry']['port']}",
-        "  links:         " + (f"Toxiproxy at {tp['api']} ({len(run['links'])} proxies"
+        "  links:         " + (f"Toxiproxy at {tp['api']} ({proxies_needed(n, len(run['users'])):,} links"
                                 + (f" on {len(tp['servers'])} servers" if len(tp.get("servers") or ()) > 1 else "")
-                                + ")" if tp else "direct — link faults are OFF"),
+                                + "; a node link's proxy is made when first used)" if tp
+                                else "direct — link faults are OFF"),
         "",
         "Try next (in another shell):",
         *_aligned(

@@ -280,9 +280,9 @@ class Testnet:
                 await self._open_ingress(names)
                 made = self._boot_links()
                 await self._populate(made)
-                self._progress(f"{len(made)} proxies created" + (
-                    f"; node links' proxies are made when first used (of {len(self.plan.links):,})"
-                    if self.proxies_on_use else ""))
+                self._progress(f"{len(made):,} proxies created" + (
+                    f" (users' links); a node link's proxy is made when first used ({len(self.plan.links):,} "
+                    "links in all)" if self.proxies_on_use else ""))
             self.save()
             async with trio.open_nursery() as nursery:
                 if self.proxies_on_use:

@@ -73,6 +73,9 @@ async def test_boot_record_secrets_and_clean_teardown(testnet_factory):
         # whose proxies the nodes asked for.
         assert proxies - users_links
         await _open_link_checks_the_asking_node(net)
+        # What `swarmnet up` prints once ready, from the live record (no link table in it).
+        from testnet.cli import _summary
+        assert "30 links; a node link's proxy is made when first used" in _summary(net.record(), net.run_dir, False)
         pids = [pid for _, pid, _ in recorded_processes(run)]
         assert all(proc_state(pid) == "alive" for pid in pids) and len(pids) == 5 + 3
     run = load_run(net.run_dir)
