@@ -171,7 +171,8 @@ class Node:
                 "signature": self.identity.sign(crypto.link_open_message(self.ed_hex, key))}
         resp = await self._opener.call("controller", "open_link", args, timeout=timeout)
         if not resp.ok:
-            raise RpcError(f"no link to {str(key)[:12]}: {resp.body.get('error') if isinstance(resp.body, dict) else resp.body}")
+            why = resp.body.get("error") if isinstance(resp.body, dict) else resp.body
+            raise RpcError(f"no link to {str(key)[:12]}: {why}")
         self._links_open.add(key)
         return True
 

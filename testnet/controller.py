@@ -182,8 +182,9 @@ class Testnet:
         return {"name": name, "listen": f"{link.listen[0]}:{link.listen[1]}", "upstream": f"{up[0]}:{up[1]}"}
 
     async def open_link(self, args: dict[str, Any]) -> dict[str, Any]:
-        """A node asks for the proxy of its link to another before dialling it the first time
-        (``open_link {src, dst, signature}``: both nodes' ed25519 keys, hex, signed by ``src``)."""
+        """A node asks for the proxy of its link to another when its first dial of it is refused
+        (``open_link {src, dst, signature}``: both nodes' ed25519 keys, hex, signed by ``src``;
+        PROTOCOL.md).  Answers once the proxy exists, with every fault on the link applied."""
         src_key, dst_key, sig = args.get("src"), args.get("dst"), args.get("signature")
         if not (isinstance(src_key, str) and isinstance(dst_key, str) and isinstance(sig, bytes)):
             raise RequestError(Status.BAD_REQUEST, "open_link needs 'src' and 'dst' (hex keys) and 'signature' (bytes)")
@@ -206,7 +207,8 @@ class Testnet:
         except L.LinkError as exc:
             raise RequestError(Status.NOT_READY, f"open_link {name}: {exc}") from None
         except trio.TooSlowError:
-            raise RequestError(Status.GATEWAY_TIMEOUT, f"open_link {name}: not made in {OPEN_LINK_TIMEOUT_S:g} s") from None
+            raise RequestError(Status.GATEWAY_TIMEOUT,
+                               f"open_link {name}: not made in {OPEN_LINK_TIMEOUT_S:g} s") from None
         return {"link": name}
 
     async def call(self, name: str, op: str, args: dict[str, Any] | None = None, *,
@@ -295,7 +297,7 @@ class Testnet:
         """Make the proxies between the members of each swarm as soon as the registry publishes
         its first list (its genesis): every member starts anti-entropy with every other at once,
         and one /populate per server beats thousands of open_link calls.  Other links are made
-        on first use, as before."""
+        on first use."""
         try:
             body = await self.call("registry", "get_service_nodes", {"since_height": -1, "wait_ms": 30_000},
                                    timeout=min(timeout_s, 35.0))
