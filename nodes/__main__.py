@@ -24,8 +24,8 @@ async def amain(config: NodeConfig) -> None:
     install_onion(node)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(exit_on_signals, nursery.cancel_scope)
-        # The parent-death signal (die_with_parent) stops us at once; this is the fallback,
-        # slow so that an idle node wakes rarely.
+        # The parent-death signal (die_with_parent) stops us at once; this is the fallback
+        # (a wait on a pidfd; a slow poll where the kernel has none, so an idle node wakes rarely).
         nursery.start_soon(watch_parent, config.parent_pid, nursery.cancel_scope, PARENT_POLL_S)
 
         async def run_then_exit(task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -56,10 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         from testnet.base import meter
         from testnet.base.cpuprofile import arm_on_signals
 
-        sampler = arm_on_signals(os.path.join(profile, f"{config.name}.collapsed"), tag=meter.ROLE.get,
-                                 on_start=meter.install, on_stop=meter.uninstall)
-        if os.environ.get("SWARMNET_NODE_PROFILE_FROM_START"):
-            sampler.start()  # a boot's profile: from here until SIGUSR2 (the counters stay off)
+        arm_on_signals(os.path.join(profile, f"{config.name}.collapsed"), tag=meter.ROLE.get,
+                       on_start=meter.install, on_stop=meter.uninstall)
     try:
         trio.run(amain, config)
     except KeyboardInterrupt:

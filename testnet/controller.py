@@ -336,9 +336,9 @@ class Testnet:
     def _boot_links(self, touching: str | None = None) -> list[P.LinkPlan]:
         """The links whose proxies are made at once (of those touching node ``touching``, if given):
         all of them, or only the users' when node links are made on first use."""
-        return [link for link in self.plan.links
-                if (touching is None or touching in (link.src, link.dst))
-                and (link.from_user or not self.proxies_on_use)]
+        links = ([link for user in self.plan.users for link in self.plan.links_from(user.name)]
+                 if self.proxies_on_use else self.plan.links)
+        return [link for link in links if touching in (None, link.src, link.dst)]
 
     async def _start_toxiproxy(self) -> None:
         apis = []

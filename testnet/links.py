@@ -52,6 +52,8 @@ def _session(url: str) -> requests.Session:
     if session is None:
         session = by_url[url] = requests.Session()
     return session
+
+
 _toxic_ids = itertools.count(1)
 
 
@@ -175,8 +177,8 @@ class ToxiproxyApi:
 
 class ToxiproxyServers:
     """Several Toxiproxy servers seen as one: each proxy lives on the server ``server_of(name)``
-    says, and every call about a proxy goes there (the same methods as :class:`ToxiproxyApi`,
-    so fault code never knows how the proxies are shared out)."""
+    says (:meth:`api_for`); calls about all proxies go to every server.  Faults go through a
+    :class:`ProxyTable` over them, so fault code never knows how the proxies are shared out."""
 
     def __init__(self, apis: list[ToxiproxyApi], server_of: Any) -> None:
         self.apis = apis
@@ -202,28 +204,6 @@ class ToxiproxyServers:
             out.update(await api.proxies())
         return out
 
-    async def populate(self, proxies: list[dict[str, Any]]) -> None:
-        by_server: dict[int, list[dict[str, Any]]] = {}
-        for p in proxies:
-            by_server.setdefault(self._server_of(p["name"]), []).append(p)
-        async with trio.open_nursery() as nursery:
-            for i, items in by_server.items():
-                nursery.start_soon(self.apis[i].populate, items)
-
-    async def delete_proxy(self, name: str) -> None:
-        await self.api_for(name).delete_proxy(name)
-
-    async def set_enabled(self, proxy: str, enabled: bool) -> None:
-        await self.api_for(proxy).set_enabled(proxy, enabled)
-
-    async def add_toxic(self, proxy: str, type: str, attributes: dict[str, Any], *, stream: str = "downstream",
-                        toxicity: float = 1.0, name: str | None = None) -> str:
-        return await self.api_for(proxy).add_toxic(proxy, type, attributes, stream=stream, toxicity=toxicity,
-                                                   name=name)
-
-    async def remove_toxic(self, proxy: str, name: str) -> None:
-        await self.api_for(proxy).remove_toxic(proxy, name)
-
     async def reset(self) -> None:
         for api in self.apis:
             await api.reset()
@@ -234,7 +214,7 @@ class _Wanted:
     """What the faults say a proxy should be: enabled or not, and its toxics (name -> request body)."""
 
     enabled: bool = True
-    toxics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    toxics: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> ToxiproxyApi.add_toxic's arguments
 
 
 class _Opening:
@@ -253,8 +233,8 @@ class ProxyTable:
     first dial of a link is refused asks for its proxy (:meth:`open`, through the controller).
     Faults name any planned link, made or not: for a link not made yet what they ask (disabled, toxics) is
     recorded and applied when its proxy is made, before :meth:`open` returns, so no byte ever
-    crosses a link in a state the faults did not ask for.  The same methods as
-    :class:`ToxiproxyServers`, so fault code never knows which proxies exist yet.
+    crosses a link in a state the faults did not ask for.  The fault methods of
+    :class:`ToxiproxyApi`, so fault code never knows which proxies exist yet, nor where.
 
     ``spec(name)`` gives a link's proxy as Toxiproxy takes it (``name``, ``listen``,
     ``upstream``); it raises :class:`ProxyGone` for a name the plan does not have and
@@ -400,8 +380,8 @@ class ProxyTable:
             for name in made:
                 want = self._wanted.get(name)
                 try:
-                    for body in (want.toxics.values() if want else ()):
-                        await api.call("post", f"/proxies/{name}/toxics", body)
+                    for toxic_name, toxic in (want.toxics.items() if want else ()):
+                        await api.add_toxic(name, name=toxic_name, **toxic)
                 except (LinkError, trio.TooSlowError) as exc:
                     errors[name] = _as_link_error(exc)
                     await _heal(api.delete_proxy, name)  # never leave it up without its faults
@@ -430,7 +410,7 @@ class ProxyTable:
                 await self._made_call(proxy, self.api_for(proxy).add_toxic, proxy, type, attributes,
                                       stream=stream, toxicity=toxicity, name=name)
             self._wanted.setdefault(proxy, _Wanted()).toxics[name] = {
-                "name": name, "type": type, "stream": stream, "toxicity": toxicity, "attributes": attributes}
+                "type": type, "attributes": attributes, "stream": stream, "toxicity": toxicity}
         return name
 
     async def remove_toxic(self, proxy: str, name: str) -> None:

@@ -541,17 +541,15 @@ class _Server:
         self._saved = 0  # mutations the state file holds
         # Set when genesis ends (at once without genesis, or with nothing staked to wait for).
         self.genesis_done = trio.Event()
-        self._genesis_deadline = math.inf  # trio time the stall ends genesis at
+        self._genesis_stall = trio.CancelScope()  # each registration moves its deadline (run_genesis)
         if not genesis or not state.staked or len(state.nodes) >= len(state.staked):
             self.genesis_done.set()
 
     async def run_genesis(self) -> None:
         """End genesis once every staked node has registered, or when registrations stall."""
-        while not self.genesis_done.is_set():
-            with trio.move_on_after(0.5):  # each registration moves the deadline
-                await self.genesis_done.wait()
-            if trio.current_time() >= self._genesis_deadline:
-                self._end_genesis("stalled")
+        with self._genesis_stall:
+            await self.genesis_done.wait()
+        self._end_genesis("stalled")  # nothing if every staked node registered
 
     def _end_genesis(self, why: str) -> None:
         if not self.genesis_done.is_set():
@@ -620,7 +618,7 @@ class _Server:
                 elif len(self.state.nodes) >= len(self.state.staked or ()):
                     self._end_genesis("every staked node registered")
                 else:
-                    self._genesis_deadline = trio.current_time() + GENESIS_STALL_S
+                    self._genesis_stall.deadline = trio.current_time() + GENESIS_STALL_S
         return result
 
     def _publish(self) -> None:

@@ -338,9 +338,8 @@ def test_state_file_round_trip(tmp_path):
 async def test_only_staked_keys_register_and_only_the_admin_token_stakes(tmp_path):
     state_path = str(tmp_path / "state.json")
     async with trio.open_nursery() as nursery:
-        ((host, port),) = await nursery.start(lambda task_status: run_registry(
-            "127.0.0.1", 0, min_swarm=1, state_path=state_path, admin_token="t0ken",
-            stakes=[IDS[0].ed25519_public.hex()], task_status=task_status))
+        host, port = await _registry(nursery, min_swarm=1, state_path=state_path, admin_token="t0ken",
+                                     stakes=[IDS[0].ed25519_public.hex()])
         async with open_rpc(host, port) as rpc:
             assert (await rpc.call("register", register_args(IDS[0], "127.30.0.1", 20000, _now()),
                                    timeout=5)).status == Status.OK
@@ -364,8 +363,7 @@ async def test_only_staked_keys_register_and_only_the_admin_token_stakes(tmp_pat
 async def test_server_long_poll_wakes_on_change_and_times_out(tmp_path):
     state_path = str(tmp_path / "state.json")
     async with trio.open_nursery() as nursery:
-        ((host, port),) = await nursery.start(lambda task_status: run_registry(
-            "127.0.0.1", 0, min_swarm=3, state_path=state_path, task_status=task_status))
+        host, port = await _registry(nursery, min_swarm=3, state_path=state_path)
         async with open_rpc(host, port) as rpc:
             first = await rpc.call_ok("get_service_nodes", {}, timeout=5)
             epoch = first.pop("epoch")
@@ -400,8 +398,7 @@ async def test_server_long_poll_wakes_on_change_and_times_out(tmp_path):
 
     # A restarted registry keeps its list.
     async with trio.open_nursery() as nursery:
-        ((host, port),) = await nursery.start(lambda task_status: run_registry(
-            "127.0.0.1", 0, min_swarm=3, state_path=state_path, task_status=task_status))
+        host, port = await _registry(nursery, min_swarm=3, state_path=state_path)
         info = (await call_once(host, port, "info", {}, timeout=5)).body
         assert (info["role"], info["height"], info["nodes"], info["min_swarm"]) == ("registry", 1, 1, 3)
         nursery.cancel_scope.cancel()
@@ -411,13 +408,19 @@ def _now() -> int:
     return int(time.time() * 1000)
 
 
+async def _registry(nursery: trio.Nursery, **options) -> tuple[str, int]:
+    """A registry served in ``nursery`` on 127.0.0.1 (``options`` as run_registry takes them); its address."""
+    ((host, port),) = await nursery.start(lambda task_status: run_registry("127.0.0.1", 0, task_status=task_status,
+                                                                           **options))
+    return host, port
+
+
 async def test_a_burst_of_registrations_wakes_long_polls_a_few_times_and_is_saved_whole(tmp_path):
     from testnet.registry import PUBLISH_EVERY_S, load_state
 
     state_path = str(tmp_path / "state.json")
     async with trio.open_nursery() as nursery:
-        ((host, port),) = await nursery.start(lambda task_status: run_registry(
-            "127.0.0.1", 0, min_swarm=3, state_path=state_path, task_status=task_status))
+        host, port = await _registry(nursery, min_swarm=3, state_path=state_path)
         async with open_rpc(host, port) as rpc:
             await trio.sleep(PUBLISH_EVERY_S)  # quiet: the first change wakes at once
             wakes: list[tuple[float, int]] = []
@@ -459,9 +462,8 @@ async def test_genesis_publishes_the_list_once_every_staked_node_registered_or_r
 
     monkeypatch.setattr(R, "GENESIS_STALL_S", 0.6)
     async with trio.open_nursery() as nursery:
-        ((host, port),) = await nursery.start(lambda task_status: run_registry(
-            "127.0.0.1", 0, min_swarm=1, genesis=True, task_status=task_status,
-            stakes=[IDS[i].ed25519_public.hex() for i in range(3)]))
+        host, port = await _registry(nursery, min_swarm=1, genesis=True,
+                                     stakes=[IDS[i].ed25519_public.hex() for i in range(3)])
         async with open_rpc(host, port) as rpc:
             # Nothing published before genesis: a short poll answers "unchanged" at the asker's height.
             assert (await rpc.call_ok("get_service_nodes", {"since_height": -1, "wait_ms": 100},

@@ -11,7 +11,6 @@ ring, a tie goes left).
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import quote
 
 from testnet.base.swarm import SwarmError, swarm_for
-from testnet.rundir import RunDirError, read_links
+from testnet.rundir import RunDirError, load_run
 
 from .delivery import capped
 
@@ -62,16 +61,11 @@ def load_ground_truth(run_dir: str | Path) -> GroundTruth:
     """Read run.json of ``run_dir``; raises ReplicationError if it is missing or not a run."""
     run_dir = Path(run_dir)
     try:
-        run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ReplicationError(f"cannot read {run_dir / 'run.json'}: {exc}") from None
-    if not isinstance(run, dict) or not isinstance(run.get("nodes"), list):
+        run = load_run(run_dir)  # with its link table
+    except RunDirError as exc:
+        raise ReplicationError(str(exc)) from None
+    if not isinstance(run.get("nodes"), list):
         raise ReplicationError(f"{run_dir / 'run.json'} is not a swarmnet run record")
-    if "links" not in run:
-        try:
-            run["links"] = read_links(run_dir, run)
-        except RunDirError as exc:
-            raise ReplicationError(str(exc)) from None
     nodes = {str(n["name"]): n for n in run["nodes"] if isinstance(n, dict) and "name" in n}
     user_entries = {str(u["name"]): u for u in run.get("users") or () if isinstance(u, dict) and "name" in u}
     users = {name: str(u["session_id"]) for name, u in user_entries.items() if u.get("session_id")}
