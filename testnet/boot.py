@@ -1,6 +1,11 @@
 """Boot and teardown of a live run: in what order its processes start, when it
 is ready, the boot check, and how it all stops.
 
+:func:`live_run` is the one frame of a run's life, shared by
+:func:`testnet.controller.open_testnet` (real processes) and
+:func:`chaos.sim.testnet.open_sim_testnet` (the simulation): they differ
+only in how they plan the run and which launcher starts its processes.
+
 Boot: the secrets and a first run.json; then the registry, the Toxiproxy
 servers and the zygote at once; then every node at once; then (with
 Toxiproxy) each node's ingress listeners and the proxies made at boot; then,
@@ -14,7 +19,8 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import TYPE_CHECKING, Any
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 import trio
 
@@ -28,6 +34,40 @@ from .runtime import CALL_TIMEOUT_S, ControllerError, NodeRuntime
 
 if TYPE_CHECKING:
     from .controller import Testnet
+
+
+CHECK_PASSED = "check passed: every node answers info, swarms formed, one message stored and retrieved"
+
+
+@asynccontextmanager
+async def live_run(make: Callable[[trio.Nursery], Testnet], *, ready_timeout_s: float, check: bool,
+                   serve: Callable[[Testnet], Callable[[], Awaitable[Any]]] | None = None,
+                   announce_check: bool = True) -> AsyncIterator[Testnet]:
+    """A run from boot to teardown: ``make(nursery)`` gives the network, whose processes are
+    watched in that nursery; ``serve(net)``, if given, is started there first (the control API);
+    then :func:`boot`, the boot check (:func:`check_store_retrieve`, with ``check``; said through
+    ``net.progress`` with ``announce_check``), and the ready network is yielded.  However the
+    block ends, every process is stopped (:func:`teardown`, shielded from cancellation) and the
+    nursery's other tasks are cancelled.  A failed boot is recorded as ``failed``."""
+    async with trio.open_nursery() as nursery:
+        net = make(nursery)
+        if serve is not None:
+            nursery.start_soon(serve(net))
+        try:
+            try:
+                await net.boot(ready_timeout_s)
+                if check:
+                    await net.check_store_retrieve()
+                    if announce_check:
+                        net.progress(CHECK_PASSED)
+            except BaseException:
+                net.state = "failed"
+                raise
+            yield net
+        finally:
+            with trio.CancelScope(shield=True):
+                await net.teardown()
+            nursery.cancel_scope.cancel()
 
 
 async def boot(net: Testnet, ready_timeout_s: float) -> None:

@@ -32,7 +32,7 @@ import secrets
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
 
@@ -273,25 +273,16 @@ async def open_testnet(options: Options | None = None, *, progress: Progress | N
                           capture=opts.capture,
                           toxiproxy_servers=servers)
     (progress or (lambda m: None))(f"run {run_id} in {run_dir}")
-    async with trio.open_nursery() as nursery:
-        net = Testnet(plan, nursery, ProcessLauncher(zygote=opts.zygote, toxiproxy_binary=binary),
-                      progress=progress, proxies_on_use=opts.proxies_on_use)
-        nursery.start_soon(functools.partial(
+
+    def make(nursery: trio.Nursery) -> Testnet:
+        return Testnet(plan, nursery, ProcessLauncher(zygote=opts.zygote, toxiproxy_binary=binary),
+                       progress=progress, proxies_on_use=opts.proxies_on_use)
+
+    def serve(net: Testnet) -> Callable[[], Awaitable[None]]:
+        return functools.partial(
             rundir.serve_control, claim, plan.control_token, net.control,
             (ControllerError, P.PlanError, procs.ProcError, L.LinkError, RpcError, RequestError),
-            open_link=net.open_link if net.proxies_on_use else None))
-        try:
-            try:
-                await net.boot(opts.ready_timeout_s)
-                if opts.check:
-                    await net.check_store_retrieve()
-                    progress and progress("check passed: every node answers info, swarms formed, "
-                                          "one message stored and retrieved")
-            except BaseException:
-                net.state = "failed"
-                raise
-            yield net
-        finally:
-            with trio.CancelScope(shield=True):
-                await net.teardown()
-            nursery.cancel_scope.cancel()
+            open_link=net.open_link if net.proxies_on_use else None)
+
+    async with B.live_run(make, ready_timeout_s=opts.ready_timeout_s, check=opts.check, serve=serve) as net:
+        yield net

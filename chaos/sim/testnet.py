@@ -39,6 +39,7 @@ from nodes.server import Clock, Node
 from testnet import plan as P
 from testnet import procs, rundir
 from testnet.controller import NodeRuntime, Options, Testnet
+from testnet.boot import live_run
 from testnet.launch import watch_node
 from testnet.base.logs import JsonFormatter
 from testnet.registry import run_registry
@@ -276,24 +277,17 @@ async def open_sim_testnet(options: Options, world: SimWorld, *, progress: Any =
     old_level = root.level
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    def make(nursery: trio.Nursery) -> Testnet:
+        net = Testnet(plan, nursery, SimLauncher(world), progress=progress, network=world.net,
+                      clock=world.now_ms, randbytes=world.randbytes("controller"), proxies_on_use=False)
+        nets.append(net)
+        return net
+
     try:
-        async with trio.open_nursery() as nursery:
-            net = Testnet(plan, nursery, SimLauncher(world), progress=progress, network=world.net,
-                          clock=world.now_ms, randbytes=world.randbytes("controller"), proxies_on_use=False)
-            nets.append(net)
-            try:
-                try:
-                    await net.boot(options.ready_timeout_s)
-                    if options.check:
-                        await net.check_store_retrieve()
-                except BaseException:
-                    net.state = "failed"
-                    raise
-                yield net
-            finally:
-                with trio.CancelScope(shield=True):
-                    await net.teardown()
-                nursery.cancel_scope.cancel()
+        # No check line among the simulation's progress: its output stays as it always was.
+        async with live_run(make, ready_timeout_s=options.ready_timeout_s, check=options.check,
+                            announce_check=False) as net:
+            yield net
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
