@@ -45,7 +45,7 @@ from .base.crypto import Identity
 from .base.net import TCP, Network
 from .base.protocol import RequestError, Status
 from .base.rpc import ConnectionPool, RpcError
-from .launch import ProcessLauncher
+from .launch import Launcher, ProcessLauncher
 from .nodeops import NodeOps
 from .record import Recorder
 from .runtime import (BOOT_CALL_TIMEOUT_S, CALL_TIMEOUT_S, OPEN_LINK_TIMEOUT_S, ControllerError, NodeRuntime,
@@ -96,7 +96,7 @@ class Testnet:
     ``network``, ``clock`` (ms) and ``randbytes`` are the controller's own seams (the simulation's
     are virtual)."""
 
-    def __init__(self, plan: P.NetworkPlan, nursery: trio.Nursery, launcher: Any = None, *,
+    def __init__(self, plan: P.NetworkPlan, nursery: trio.Nursery, launcher: Launcher | None = None, *,
                  progress: Progress | None = None, network: Network = TCP, clock: Callable[[], int] | None = None,
                  randbytes: Any = None, proxies_on_use: bool = True) -> None:
         self.plan = plan
@@ -106,7 +106,7 @@ class Testnet:
         self.run_dir = plan.run_dir
         self.nursery = nursery  # the run's: process watchers, proxy makers and connection readers live here
         self.progress: Progress = progress or (lambda msg: None)
-        self.launcher = launcher or ProcessLauncher()
+        self.launcher: Launcher = launcher or ProcessLauncher()
         self.nodes: dict[str, NodeRuntime] = {n.name: NodeRuntime(n) for n in plan.nodes}
         self.by_key: dict[str, NodeRuntime] = {rt.plan.ed25519_public: rt for rt in self.nodes.values()}
         self.removed: list[dict[str, Any]] = []

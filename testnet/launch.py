@@ -6,14 +6,7 @@ controller asks its launcher only for these steps, in the order
 :mod:`testnet.boot` gives, so another place to run the same processes is one
 more launcher beside this one: the simulation's
 (:class:`chaos.sim.testnet.SimLauncher`) runs each as tasks in its own trio run.
-A launcher has:
-
-* ``uses_zygote`` and ``start_zygote(net)`` — a warm process to fork nodes from;
-* ``start_registry(net)`` — sets ``net.registry`` and ``net.registry_address``;
-* ``start_toxiproxy(net)`` — sets ``net.toxiproxies`` and ``net.api``;
-* ``start_nodes(net, names, timeout_s)`` — every node of ``names`` listening,
-  its ``child``, ``port`` and state set, watched by :func:`watch_node`;
-* ``check_bindable(addresses)`` — raise if a proxy's address is taken.
+Its interface is :class:`Launcher`.
 """
 
 from __future__ import annotations
@@ -21,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -32,6 +25,26 @@ from .runtime import NodeRuntime
 
 if TYPE_CHECKING:
     from .controller import Testnet
+
+
+class Launcher(Protocol):
+    """What the controller asks of the place its processes run (``start_zygote(net)`` too,
+    a warm process to fork nodes from, when ``uses_zygote``)."""
+
+    uses_zygote: bool
+
+    def check_bindable(self, addresses: list[tuple[str, int]]) -> None:
+        """Raise :class:`testnet.links.LinkError` if a proxy could not listen at one of ``addresses``."""
+
+    async def start_registry(self, net: Testnet) -> None:
+        """The registry answering; sets ``net.registry`` and ``net.registry_address``."""
+
+    async def start_toxiproxy(self, net: Testnet) -> None:
+        """The proxy servers answering; sets ``net.toxiproxies`` and ``net.api``."""
+
+    async def start_nodes(self, net: Testnet, names: list[str], timeout_s: float) -> None:
+        """Every node of ``names`` listening: its ``child``, ``port`` and state set, watched by
+        :func:`watch_node`."""
 
 
 async def watch_node(net: Testnet, rt: NodeRuntime, child: procs.Child) -> None:
