@@ -90,6 +90,21 @@ class SimStream(trio.abc.HalfCloseableStream):
             self._out.buf += data
             self._out.notify()
 
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> bool:
+        """Buffer ``data`` at once, as a socket's write the kernel takes whole (the transport's
+        end-of-turn write, testnet.base.rpc_wire.Outbox); False, with nothing taken, while this
+        host is paused (then :meth:`send_all` waits).  Raises as :meth:`send_all` does."""
+        if self._closed:
+            raise trio.ClosedResourceError("stream closed")
+        if self._net._paused and self.host in self._net._paused:
+            return False
+        if self._out.broken or self._out.eof:
+            raise trio.BrokenResourceError("connection reset by peer")
+        if data:
+            self._out.buf += data
+            self._out.notify()
+        return True
+
     async def wait_send_all_might_not_block(self) -> None:
         await trio.lowlevel.checkpoint()
 

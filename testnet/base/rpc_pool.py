@@ -62,6 +62,11 @@ class ConnectionPool:
         return conn is not None and not conn.closed and (
             conn.busy or trio.current_time() - conn.last_active < self._idle_s)
 
+    def get_nowait(self, key: Hashable) -> RpcConnection | None:
+        """The usable connection to ``key`` if there is one now (None: :meth:`get` would dial)."""
+        conn = self._conns.get(key)
+        return conn if self._usable(conn) else None
+
     async def get(self, key: Hashable, *, timeout: float | None = None) -> RpcConnection:
         conn = self._conns.get(key)
         if self._usable(conn):
@@ -113,6 +118,12 @@ class ConnectionPool:
         conn = self._conns.pop(key, None)
         if conn is not None:
             await conn.aclose()
+
+    def drop_soon(self, key: Hashable) -> None:
+        """:meth:`drop` for callbacks, which cannot await: the connection's reader closes it."""
+        conn = self._conns.pop(key, None)
+        if conn is not None:
+            conn.close_soon()
 
     async def aclose(self) -> None:
         for key in list(self._conns):

@@ -1,8 +1,10 @@
 """The serving end of the wire protocol: one task per accepted connection,
-requests answered concurrently, and the connection's hygiene (admission by
-:class:`~.limits.ConnectionGate`, idle and slow-frame timeouts, a peer that
-stops reading).  Framing is :class:`.protocol.Connection`'s; bytes move
-through :class:`.rpc_wire.Wire`.
+requests answered concurrently (each in a task of its own, or at once by a
+fast path that needs none: :data:`Take`), and the connection's hygiene
+(admission by :class:`~.limits.ConnectionGate`, idle and slow-frame
+timeouts, a peer that stops reading).  Framing is
+:class:`.protocol.Connection`'s; bytes move through :class:`.rpc_wire.Wire`
+and leave once per loop turn through :class:`.rpc_wire.Outbox`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Optional
 
 import trio
 
@@ -31,7 +33,7 @@ from .protocol import (
     Status,
     error_frame,
 )
-from .rpc_wire import Address, CaptureSink, Wire, conn_ids, sock_address, stream_addresses
+from .rpc_wire import Address, CaptureSink, Outbox, Wire, conn_ids, sock_address, stream_addresses
 
 log = logging.getLogger("testnet.base.rpc")
 
@@ -82,6 +84,35 @@ async def _refuse(stream: trio.SocketStream, reason: str, conn_id: int, local: A
             await trio.aclose_forcefully(stream)
 
 
+class Reply:
+    """Answers one request, once, from wherever its work ends (see :data:`Take`).
+
+    Calling it queues the response on the connection, to be written with the rest of
+    this loop turn's frames; a connection that has closed meanwhile drops it.
+    """
+
+    __slots__ = ("_answer", "_req", "done")
+
+    def __init__(self, answer: Callable[[Request, int, Any], None], req: Request) -> None:
+        self._answer = answer
+        self._req = req
+        self.done = False
+
+    def __call__(self, status: int, body: Any) -> None:
+        if self.done:
+            raise RuntimeError(f"request {self._req.id} ({self._req.op}) answered twice")
+        self.done = True
+        self._answer(self._req, status, body)
+
+
+# A server's fast path: called for each request on the reader's own turn.  It may
+# answer through ``reply`` — at once, or later from a callback (a group commit, a
+# response on another connection) — and return None; or return an awaitable whose
+# result answers the request, run as a task of its own (as ``handler`` would be).
+# A RequestError it raises is the answer; any other exception a 500.
+Take = Callable[[Request, "Peer", Reply], Optional[Awaitable[tuple[int, Any]]]]
+
+
 async def serve_connection(
     stream: trio.SocketStream,
     handler: Handler,
@@ -91,12 +122,15 @@ async def serve_connection(
     capture: CaptureSink | None = None,
     limits: ConnectionLimits | None = None,
     gate: ConnectionGate | None = None,
+    take: Take | None = None,
 ) -> None:
     """Serve requests on one accepted connection until it closes.
 
     Requests run concurrently (answered in any order); once ``max_in_flight``
     are running we stop reading, which pushes back on the peer.  A handler
-    error becomes a 500 for that request only.
+    error becomes a 500 for that request only.  Each request is a task running
+    ``handler`` unless ``take`` (see :data:`Take`) answers it without one.
+    The answers of one loop turn leave in one write (:class:`.rpc_wire.Outbox`).
 
     ``gate`` (default: a fresh one with ``limits``, default
     :class:`ConnectionLimits`) admits the connection or answers 429 and
@@ -121,7 +155,6 @@ async def serve_connection(
     lim = gate.limits
     peer = Peer(remote, local, conn_id)
     conn = Connection(max_frame_size=max_frame_size)
-    send_lock = trio.Lock()
     in_flight = trio.Semaphore(max_in_flight)
     conn_scope = trio.CancelScope()  # everything of this connection: cancelled when we close it
 
@@ -137,6 +170,7 @@ async def serve_connection(
     read_scope = trio.CancelScope()
     reading = False
     closed_by: str | None = None
+    nursery: trio.Nursery | None = None
 
     def read_deadline() -> float:
         if frame_deadline is not None:
@@ -145,44 +179,45 @@ async def serve_connection(
             return math.inf  # a slow handler is not an idle peer
         return idle_since + lim.idle_timeout_s
 
-    outbox: list[bytes] = []
-    wire = Wire(stream)
+    def spawn(fn: Callable[[], Awaitable[None]]) -> None:
+        if nursery is None:
+            raise RuntimeError("connection closing")
+        nursery.start_soon(fn)
 
-    async def write(data: bytes) -> None:
+    def on_write_error(why: str) -> None:
         nonlocal closed_by
-        # Whoever holds the lock sends everything queued so far: under load,
-        # many responses leave in one send(2).
-        outbox.append(data)
-        if send_lock.locked():
-            await send_lock.acquire()
-        else:
-            send_lock.acquire_nowait()  # no schedule point when nobody else is sending
-        try:
-            if not outbox:
-                return
-            chunk = b"".join(outbox) if len(outbox) > 1 else outbox[0]
-            outbox.clear()
-            if capture is not None:
-                capture.record(conn_id, "out", local, remote, chunk)
-            COUNTS["send_calls"] += 1
-            if not await wire.send(chunk, lim.send_timeout_s):
-                # The peer stopped reading; a half-sent frame also leaves the
-                # stream unusable.  Close the whole connection.
-                closed_by = closed_by or "slow_send"
-                conn_scope.cancel()
-        finally:
-            send_lock.release()
+        if why == "slow_send":
+            # The peer stopped reading; a half-sent frame also leaves the stream unusable.
+            # Close the whole connection.
+            closed_by = closed_by or "slow_send"
+            conn_scope.cancel()
+        # A broken stream: the reader finds out on its next read.
 
-    async def answer(req: Request) -> None:
-        nonlocal running, idle_since
+    wire = Wire(stream)
+    outbox = Outbox(wire, send_timeout=lim.send_timeout_s, spawn=spawn, on_error=on_write_error,
+                    capture=capture, conn_id=conn_id, local=local, remote=remote)
+
+    def send(data: bytes) -> None:
         try:
-            try:
-                status, body = await handler(req, peer)
-            except RequestError as exc:
-                status, body = exc.status, exc.body
-            except Exception:
-                log.exception("handler for %r failed", req.op)
-                status, body = Status.INTERNAL_ERROR, {"error": "internal error"}
+            outbox.put(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the connection is gone: nobody is left to answer
+
+    all_answered: trio.Event | None = None  # set when the last request is answered, if someone waits
+
+    def settle() -> None:
+        nonlocal running, idle_since
+        in_flight.release()
+        running -= 1
+        if not running:
+            idle_since = trio.current_time()
+            if reading:
+                read_scope.deadline = read_deadline()
+            if all_answered is not None:
+                all_answered.set()
+
+    def answer(req: Request, status: int, body: Any) -> None:
+        try:
             if admission.counted and peer.session.get(AUTHENTICATED_SESSION_KEY):
                 # A service node: node links through Toxiproxy all come from
                 # 127.0.0.1 and must not share a cap with strangers.
@@ -192,16 +227,51 @@ async def serve_connection(
             except LocalProtocolError as exc:
                 data = conn.send(Response(req.id, exc.status, {"error": str(exc)}))
             COUNTS["frames_out"] += 1
-            await write(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            send(data)
         finally:
-            in_flight.release()
-            running -= 1
-            if not running:
-                idle_since = trio.current_time()
-                if reading:
-                    read_scope.deadline = read_deadline()
+            settle()
+
+    def failed(req: Request, exc: Exception) -> tuple[int, Any]:
+        if isinstance(exc, RequestError):
+            return exc.status, exc.body
+        log.error("handler for %r failed", req.op, exc_info=exc)
+        return Status.INTERNAL_ERROR, {"error": "internal error"}
+
+    async def run_task(req: Request, work: Awaitable[tuple[int, Any]]) -> None:
+        finished = False
+        try:
+            try:
+                status, body = await work
+            except Exception as exc:
+                status, body = failed(req, exc)
+            finished = True
+        finally:
+            if finished:
+                answer(req, status, body)
+            else:
+                settle()  # cancelled with its connection: nobody is left to answer
+
+    def dispatch(req: Request) -> None:
+        if take is None:
+            nursery.start_soon(run_task, req, handler(req, peer))
+            return
+        reply = Reply(answer, req)
+        try:
+            work = take(req, peer, reply)
+            ROLE.set("transport")  # whatever the fast path was doing, the reader reads again
+        except Exception as exc:
+            ROLE.set("transport")
+            if reply.done:
+                log.error("handler for %r failed after answering", req.op, exc_info=exc)
+                return
+            reply(*failed(req, exc))
+            return
+        if work is not None:
+            if reply.done:
+                log.error("the fast path answered %r and gave work for it too", req.op)
+                work.close()  # type: ignore[attr-defined]
+                return
+            nursery.start_soon(run_task, req, work)
 
     try:
         with conn_scope:
@@ -238,16 +308,13 @@ async def serve_connection(
                                     except trio.WouldBlock:
                                         await in_flight.acquire()
                                     running += 1
-                                    nursery.start_soon(answer, ev)
+                                    dispatch(ev)
                                 elif isinstance(ev, BadFrame):
-                                    await write(error_frame(ev.status, ev.reason, ev.id or 0))
+                                    send(error_frame(ev.status, ev.reason, ev.id or 0))
                                 # A response on a server connection answers nothing: drop it.
                         except RemoteProtocolError as exc:
                             # The stream cannot be resynchronised: say why, then close.
-                            try:
-                                await write(error_frame(exc.status, str(exc)))
-                            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                                pass
+                            send(error_frame(exc.status, str(exc)))
                             break
                         if not data:
                             break
@@ -260,7 +327,14 @@ async def serve_connection(
                 if read_scope.cancelled_caught:
                     closed_by = "idle" if frame_deadline is None else "slow_frame"
                     conn_scope.cancel()
-                # Let in-flight requests finish writing before we close.
+                # Let in-flight requests finish before we close; those taken without a task
+                # (waiting for a group commit, the next hop) each end within their own deadline.
+                if running:
+                    all_answered = trio.Event()
+                    await all_answered.wait()
+            nursery = None
+            if outbox.pending:
+                await outbox.aflush()
     finally:
         gate.release(admission, closed_by)
         with trio.CancelScope(shield=True):
@@ -277,6 +351,7 @@ async def serve(
     network: Network = TCP,
     limits: ConnectionLimits | None = None,
     gate: ConnectionGate | None = None,
+    take: Take | None = None,
     task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on every (host, port) given (port 0 picks a free one) and serve forever.
@@ -297,7 +372,7 @@ async def serve(
     async def one(stream: trio.SocketStream) -> None:
         await serve_connection(
             stream, handler, max_frame_size=max_frame_size, max_in_flight=max_in_flight, capture=capture,
-            gate=gate,
+            gate=gate, take=take,
         )
 
     async with trio.open_nursery() as nursery:
