@@ -1,155 +1,269 @@
 """Moving messages between nodes: group commit, per-peer batched forwarding.
 
-Strategy: many concurrent stores share one SQLite transaction (group commit),
-and each swarm peer gets one sender task that folds whatever is queued into a
-single ``replicate`` request over the persistent connection — so under load
-the cost per message falls instead of the number of round trips rising.
+Strategy: the writes of one loop turn share one SQLite transaction (group
+commit), and each swarm peer gets a sender that folds whatever is queued for
+it into a single ``replicate`` request over the persistent connection — so
+under load the cost per message falls instead of the number of round trips
+rising.  Neither has a task: both act at the end of the loop's turn
+(:mod:`testnet.base.turn`) and on the answers their connections bring, so a
+copy costs no hand-off between tasks on its way.  :class:`Fanout` keeps the
+senders, one per (peer, op), for the node's life.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from functools import partial
+from typing import Any, Callable, Optional, Sequence
 
 import trio
 
 from testnet.base import meter
-from testnet.base.protocol import ProtocolError
-from testnet.base.rpc import ConnectionPool, RpcError
+from testnet.base.protocol import ProtocolError, Response, Status
+from testnet.base.rpc import ConnectionPool, RpcConnection, RpcError
+from testnet.base.turn import at_turn_end
 
-from .core import BATCH_COUNT, fitting
+from .core import BATCH_COUNT, SwarmView, fitting, hash_list_bytes, message_to_wire, wire_bytes
 from .storage import Storage, StorageError, StoredMessage
 
 log = logging.getLogger("node.replication")
 
 MAX_BACKLOG = 20_000  # queued messages per peer before new ones fail at once
 
-
-class _Waiter:
-    __slots__ = ("event", "value", "error")
-
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.value: Any = None
-        self.error: str | None = None
-
-    def set(self, value: Any = None, error: str | None = None) -> None:
-        self.value, self.error = value, error
-        self.event.set()
+# done(new, error) of a group commit: True per message where new, or what went wrong.
+Committed = Callable[[Optional[list], Optional[str]], None]
+# done(error) of an item forwarded to a peer: None when the peer took it.
+Outcome = Callable[[Optional[str]], None]
 
 
 class GroupCommit:
-    """Batches writes from concurrent tasks into one transaction per loop turn."""
+    """Batches the writes of one loop turn into one transaction, made at the turn's end
+    (:func:`testnet.base.turn.at_turn_end`): the stores and replicated copies that
+    arrive together are committed together, with no task and no hand-off between them
+    and the commit."""
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
-        self._pending: list[tuple[Sequence[StoredMessage], _Waiter]] = []
-        self._wake = trio.Event()
+        self._pending: list[tuple[Sequence[StoredMessage], Committed]] = []
         self.commits = 0
         self.messages = 0
 
+    def commit_soon(self, messages: Sequence[StoredMessage], done: Committed) -> None:
+        """Store ``messages`` at the end of this turn; then ``done(new, None)`` (True where
+        new) or ``done(None, error)``, once, from outside any task."""
+        self._pending.append((messages, done))
+        if len(self._pending) == 1:
+            at_turn_end(self._commit)
+
     async def commit(self, messages: Sequence[StoredMessage]) -> list[bool]:
         """Store ``messages``; returns once committed: True where new."""
-        waiter = _Waiter()
-        self._pending.append((messages, waiter))
-        self._wake.set()
-        await waiter.event.wait()
-        if waiter.error is not None:
-            raise StorageError(waiter.error)
-        return waiter.value
+        committed = trio.Event()
+        outcome: list[Any] = []
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        meter.ROLE.set("storage")
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            await trio.lowlevel.checkpoint()  # let this turn's writers join the batch
-            batch, self._pending = self._pending, []
-            if not batch:
-                continue
+        def done(new: list[bool] | None, error: str | None) -> None:
+            outcome[:] = [new, error]
+            committed.set()
+
+        self.commit_soon(messages, done)
+        await committed.wait()
+        if outcome[1] is not None:
+            raise StorageError(outcome[1])
+        return outcome[0]
+
+    def _commit(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        token = meter.ROLE.set("storage")
+        try:
             flat = [m for msgs, _ in batch for m in msgs]
             try:
                 results = self.storage.store_many(flat)
             except StorageError:
                 # One writer's bad batch must not fail the others that shared its
                 # transaction: each commits alone, and only the culprit hears of it.
-                for msgs, w in batch:
-                    self._commit_alone(msgs, w)
-                continue
+                for msgs, done in batch:
+                    self._commit_alone(msgs, done)
+                return
             self.commits += 1
             self.messages += len(flat)
             i = 0
-            for msgs, w in batch:
-                w.set(results[i:i + len(msgs)])
+            for msgs, done in batch:
+                done(results[i:i + len(msgs)], None)
                 i += len(msgs)
+        finally:
+            meter.ROLE.reset(token)
 
-    def _commit_alone(self, messages: Sequence[StoredMessage], waiter: _Waiter) -> None:
+    def _commit_alone(self, messages: Sequence[StoredMessage], done: Committed) -> None:
         try:
-            waiter.set(self.storage.store_many(messages))
+            new = self.storage.store_many(messages)
         except StorageError as exc:
             log.error("group commit failed", extra={"fields": {"error": str(exc)}})
-            waiter.set(error=str(exc))
+            done(None, str(exc))
             return
         self.commits += 1
         self.messages += len(messages)
+        done(new, None)
 
 
 class PeerSender:
-    """Forwards messages to one swarm peer in batches, one request in flight.
+    """Forwards items to one swarm peer in batches, one request in flight, with no task
+    of its own: what was submitted in one loop turn leaves at the turn's end in one
+    request (:meth:`testnet.base.rpc.RpcConnection.call_soon`), and what queued while
+    a request was out leaves in the next one, as soon as its answer arrives.
 
-    A batch is whatever queued while the previous request was out, cut to the
-    wire budget (``size`` estimates an item's bytes): a slow or paused peer
-    must not make the next request too big to send.
+    A batch is cut to the wire budget (``size`` estimates an item's bytes): a slow or
+    paused peer must not make the next request too big to send.  Each item's outcome
+    goes to the ``done(error)`` it was submitted with (``None``: the peer took it).
+    A peer not connected yet is dialled by a task started with ``spawn``.
     """
 
     def __init__(self, peer: str, pool: ConnectionPool, op: str, timeout_s: float,
-                 encode: Callable[[Any], Any], size: Callable[[Any], int]) -> None:
+                 encode: Callable[[Any], Any], size: Callable[[Any], int],
+                 spawn: Callable[..., None]) -> None:
         self.peer = peer
         self.pool = pool
         self.op = op
         self.timeout_s = timeout_s
         self.encode = encode
         self.size = size
-        self._queue: list[tuple[Any, _Waiter]] = []
-        self._wake = trio.Event()
+        self._spawn = spawn
+        self._queue: list[tuple[Any, Outcome]] = []
+        self._in_flight = False
+        self._scheduled = False
         self.closed = False
 
-    def submit(self, item: Any) -> _Waiter:
-        w = _Waiter()
+    def submit(self, item: Any, done: Outcome) -> None:
         if self.closed:
-            w.set(error="peer left the swarm")
+            done("peer left the swarm")
         elif len(self._queue) >= MAX_BACKLOG:
-            w.set(error="replication backlog full")
+            done("replication backlog full")
         else:
-            self._queue.append((item, w))
-            self._wake.set()
-        return w
+            self._queue.append((item, done))
+            self._schedule()
 
     def close(self) -> None:
         self.closed = True
-        for _, w in self._queue:
-            w.set(error="peer left the swarm")
-        self._queue.clear()
-        self._wake.set()
+        queue, self._queue = self._queue, []
+        for _, done in queue:
+            done("peer left the swarm")
 
-    async def run(self) -> None:
+    def _schedule(self) -> None:
+        if not (self._scheduled or self._in_flight or self.closed) and self._queue:
+            self._scheduled = True
+            at_turn_end(self._send)
+
+    def _send(self) -> None:
+        self._scheduled = False
+        if self._in_flight or self.closed or not self._queue:
+            return
+        token = meter.ROLE.set("replication-out")
+        try:
+            batch = fitting(self._queue, lambda entry: self.size(entry[0]), max_count=BATCH_COUNT)
+            self._queue = self._queue[len(batch):]
+            self._in_flight = True
+            conn = self.pool.get_nowait(self.peer)
+            if conn is None:
+                self._spawn(self._dial_and_send, batch)
+            else:
+                self._request(conn, batch)
+        finally:
+            meter.ROLE.reset(token)
+
+    async def _dial_and_send(self, batch: list[tuple[Any, Outcome]]) -> None:
         meter.ROLE.set("replication-out")
-        while not self.closed:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            while self._queue and not self.closed:
-                batch = fitting(self._queue, lambda entry: self.size(entry[0]), max_count=BATCH_COUNT)
-                self._queue = self._queue[len(batch):]
-                try:
-                    resp = await self.pool.call(self.peer, self.op, {"messages": [self.encode(i) for i, _ in batch]},
-                                                timeout=self.timeout_s)
-                    error = None if resp.ok else f"status {resp.status}"
-                except RpcError as exc:
-                    error = type(exc).__name__
-                    await self.pool.drop(self.peer)
-                except ProtocolError as exc:  # a request we cannot frame: fail this batch, not the node
-                    log.error("replication batch not sent", extra={"fields": {"error": str(exc)[:200]}})
-                    error = type(exc).__name__
-                for _, w in batch:
-                    w.set(error=error)
+        try:
+            conn = await self.pool.get(self.peer, timeout=self.timeout_s)
+        except RpcError as exc:
+            self._finish(batch, type(exc).__name__, drop=True)
+            return
+        self._request(conn, batch)
+
+    def _request(self, conn: RpcConnection, batch: list[tuple[Any, Outcome]]) -> None:
+        try:
+            conn.call_soon(self.op, {"messages": [self.encode(i) for i, _ in batch]}, timeout=self.timeout_s,
+                           done=lambda resp, error: self._answered(batch, resp, error))
+        except RpcError as exc:
+            self._finish(batch, type(exc).__name__, drop=True)
+        except ProtocolError as exc:  # a request we cannot frame: fail this batch, not the node
+            log.error("replication batch not sent", extra={"fields": {"error": str(exc)[:200]}})
+            self._finish(batch, type(exc).__name__)
+
+    def _answered(self, batch: list[tuple[Any, Outcome]], resp: Response | None, error: RpcError | None) -> None:
+        if error is not None:
+            self._finish(batch, type(error).__name__, drop=True)
+        else:
+            assert resp is not None
+            self._finish(batch, None if resp.ok else f"status {resp.status}")
+
+    def _finish(self, batch: list[tuple[Any, Outcome]], error: str | None, *, drop: bool = False) -> None:
+        if drop:
+            self.pool.drop_soon(self.peer)
+        self._in_flight = False
+        for _, done in batch:
+            done(error)
+        self._schedule()
+
+
+# What each forwarded op carries (its encoding), and a generous estimate of its bytes on the wire.
+_CODECS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], int]]] = {
+    "replicate": (message_to_wire, wire_bytes),  # a StoredMessage
+    "replicate_delete": (list, hash_list_bytes),  # (pubkey, [hash, ...])
+    "replicate_expire": (list, hash_list_bytes),  # (pubkey, [hash, ...], expiry ms)
+}
+
+
+class Fanout:
+    """Forwards what a client gave this node (stores, deletes, expiries) to every other
+    member of its swarm: one :class:`PeerSender` per (peer, op), made on first use and
+    closed when the peer leaves the swarm.  ``nursery`` runs the dials of peers not
+    connected yet."""
+
+    def __init__(self, nursery: trio.Nursery, pool: ConnectionPool, timeout_s: float) -> None:
+        self._nursery = nursery
+        self._pool = pool
+        self.timeout_s = timeout_s
+        self._senders: dict[tuple[str, str], PeerSender] = {}
+
+    async def send(self, op: str, item: Any, view: SwarmView) -> dict[str, Any]:
+        """Forward ``item`` (``op``: a key of ``_CODECS``) to every other swarm member in
+        parallel; each one's outcome.  The caller wakes once: when the last peer has
+        answered, or at the timeout."""
+        peers = [p.ed25519_public for p in view.peers()]
+        errors: dict[str, str | None] = {}
+        all_answered = trio.Event()
+
+        def answered(key: str, error: str | None) -> None:
+            errors[key] = error
+            if len(errors) == len(peers):
+                all_answered.set()
+
+        for key in peers:
+            self._sender(key, op).submit(item, partial(answered, key))
+        if len(errors) < len(peers):
+            with trio.move_on_after(self.timeout_s):
+                await all_answered.wait()
+        out = {}
+        for key in peers:
+            if key not in errors:
+                out[key] = {"status": Status.GATEWAY_TIMEOUT, "error": "timeout"}
+            elif errors[key] is not None:
+                out[key] = {"status": Status.BAD_GATEWAY, "error": errors[key]}
+            else:
+                out[key] = {"status": Status.OK}
+        return out
+
+    def _sender(self, peer: str, op: str) -> PeerSender:
+        s = self._senders.get((peer, op))
+        if s is None or s.closed:
+            encode, size = _CODECS[op]
+            s = PeerSender(peer, self._pool, op, self.timeout_s, encode, size, self._nursery.start_soon)
+            self._senders[(peer, op)] = s
+        return s
+
+    def keep_only(self, peers: set[str] | frozenset[str]) -> None:
+        """Close the senders of peers no longer in the swarm (what they still queue fails)."""
+        for key, sender in list(self._senders.items()):
+            if key[0] not in peers:
+                sender.close()
+                del self._senders[key]

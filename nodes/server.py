@@ -21,12 +21,12 @@ from testnet.base.net import TCP, Network
 from testnet.base.protocol import RequestError, Request, Status
 from testnet.base.records import register_args
 from testnet.base.limits import ConnectionGate
-from testnet.base.rpc import ConnectionPool, Peer, RpcError, serve
+from testnet.base.rpc import ConnectionPool, Peer, Reply, RpcError, Take, serve
 
 from . import auth, core
 from .capture import CaptureFile
 from .core import NodeConfig, SwarmView
-from .replication import GroupCommit, PeerSender
+from .replication import Fanout, GroupCommit
 from .storage import Storage, StorageError, StoredMessage
 
 log = logging.getLogger("node")
@@ -92,7 +92,8 @@ class Node:
         self.gate = ConnectionGate(config.connection_limits)  # shared by every listener of this node
         self.listening: list[tuple[str, int]] = []
         self.onion_handler: Callable[[Request, Peer], Awaitable[tuple[int, Any]]] | None = None
-        self._senders: dict[tuple[str, str], PeerSender] = {}
+        self.onion_take: Take | None = None  # the onion handler's fast path (nodes.onion)
+        self.fanout: Fanout | None = None
         self._ae_wake = trio.Event()
         # Anti-entropy skips what cannot have changed: a peer whose digests equalled ours at
         # this (storage version, view height), and rehoming already done at it.  A peer whose
@@ -138,10 +139,10 @@ class Node:
                     self._opener = ConnectionPool(nursery, lambda key: opener, network=self.network,
                                                   connect_timeout=self.config.replication_timeout_s)
                 self.commit = GroupCommit(self.storage)
-                await nursery.start(self.commit.run)
+                self.fanout = Fanout(nursery, self.pool, self.config.replication_timeout_s)
                 self.listening = await nursery.start(
                     lambda task_status: serve(self.handle, list(self.config.listen), capture=self.capture,
-                                              network=self.network, gate=self.gate,
+                                              network=self.network, gate=self.gate, take=self.take,
                                               task_status=task_status))
                 event(log, "listening", node=self.config.name, addresses=self.listening,
                       ed25519=self.ed_hex[:16])
@@ -195,13 +196,51 @@ class Node:
 
     # ------------------------------------------------------------------ dispatch
 
+    def take(self, req: Request, peer: Peer, reply: Reply) -> Awaitable[tuple[int, Any]] | None:
+        """The server's fast path (testnet.base.rpc_server.Take): a replicated copy and an
+        onion layer to relay are handled here on the reader's turn, with no task of their
+        own; everything else, and whatever must wait for a dial, goes on as :meth:`handle`
+        in a task."""
+        op = req.op
+        if op == "replicate" and "no-node-auth" not in self.bugs:
+            meter.ROLE.set("replica")
+            try:
+                caller = auth.authenticated_node(peer.session, self.entitled.is_registered)
+                msgs = self._replicated(req.args, caller)
+            except RequestError as exc:
+                if exc.status in (Status.UNAUTHORIZED, Status.FORBIDDEN):
+                    self.stats[f"node_ops_refused_{exc.status}"] += 1
+                raise
+            if not msgs:
+                reply(Status.OK, {"stored": 0})
+                return None
+
+            def committed(new: list[bool] | None, error: str | None) -> None:
+                if error is not None:
+                    # As a failed write in a handler: logged by the group commit, answered 500.
+                    reply(Status.INTERNAL_ERROR, {"error": "internal error"})
+                    return
+                self.stats["replicated_in"] += sum(new)  # type: ignore[arg-type]
+                reply(Status.OK, {"stored": len(msgs)})
+
+            self.commit.commit_soon(msgs, committed)
+            return None
+        if op == "onion" and self.onion_take is not None:
+            meter.ROLE.set("onion-open")
+            self._rate_limit(peer)
+            return self.onion_take(req, peer, reply)
+        return self.handle(req, peer)
+
+    def _rate_limit(self, peer: Peer) -> None:
+        if not self.rate.allow((peer.remote[0], peer.local[1]), trio.current_time()):
+            raise RequestError(Status.RATE_LIMITED, "rate limited")
+
     async def handle(self, req: Request, peer: Peer) -> tuple[int, Any]:
         op = req.op
         # What this request's CPU serves (the onion handler refines it: guard, relay, target).
         meter.ROLE.set(_ROLES.get(op, "other"))
         if (op in CLIENT_OPS and op != "info") or op in HANDSHAKE_OPS:
-            if not self.rate.allow((peer.remote[0], peer.local[1]), trio.current_time()):
-                raise RequestError(Status.RATE_LIMITED, "rate limited")
+            self._rate_limit(peer)
         if op == "onion" and self.onion_handler is not None:
             return await self.onion_handler(req, peer)
         if op == "node_hello":
@@ -280,40 +319,14 @@ class Node:
             raise RequestError(Status.INTERNAL_ERROR, f"storage failed: {type(exc).__name__}") from None
         results[self.ed_hex] = {"status": Status.OK}
         if "skip-replication" not in self.bugs:
-            results.update(await self._fan_out("replicate", msg, core.message_to_wire, view))
+            results.update(await self.fanout.send("replicate", msg, view))
         return {"hash": msg.hash, "swarm": results}
 
     async def _write_behind(self, msg: StoredMessage) -> None:
         await trio.sleep(WRITE_BEHIND_S)
         await self.commit.commit([msg])
         if self.view is not None:
-            await self._fan_out("replicate", msg, core.message_to_wire, self.view)
-
-    async def _fan_out(self, op: str, item: Any, encode: Callable[[Any], Any], view: SwarmView) -> dict[str, Any]:
-        """Forward ``item`` to every other swarm member in parallel; each one's outcome."""
-        peers = view.peers()
-        waiters = {p.ed25519_public: self._sender(p.ed25519_public, op, encode).submit(item) for p in peers}
-        with trio.move_on_after(self.config.replication_timeout_s):
-            for w in waiters.values():
-                await w.event.wait()
-        out = {}
-        for key, w in waiters.items():
-            if not w.event.is_set():
-                out[key] = {"status": Status.GATEWAY_TIMEOUT, "error": "timeout"}
-            elif w.error is not None:
-                out[key] = {"status": Status.BAD_GATEWAY, "error": w.error}
-            else:
-                out[key] = {"status": Status.OK}
-        return out
-
-    def _sender(self, peer: str, op: str, encode: Callable[[Any], Any]) -> PeerSender:
-        s = self._senders.get((peer, op))
-        if s is None or s.closed:
-            size = core.wire_bytes if op == "replicate" else core.hash_list_bytes
-            s = PeerSender(peer, self.pool, op, self.config.replication_timeout_s, encode, size)
-            self._senders[(peer, op)] = s
-            self._nursery.start_soon(s.run)
-        return s
+            await self.fanout.send("replicate", msg, self.view)
 
     async def op_retrieve(self, args: dict) -> dict:
         pubkey, ns, last = core.validate_retrieve(args, self.clock.now_ms())
@@ -345,7 +358,7 @@ class Node:
             return {"deleted": deleted, "swarm": {self.ed_hex: {"status": Status.OK, "deleted": deleted}}}
         deleted = self._delete_local(pubkey, hs)
         results = {self.ed_hex: {"status": Status.OK, "deleted": deleted}}
-        results.update(await self._fan_out("replicate_delete", (pubkey, hs), list, view))
+        results.update(await self.fanout.send("replicate_delete", (pubkey, hs), view))
         return {"deleted": deleted, "swarm": results}
 
     def _delete_local(self, pubkey: str, hs: list[str]) -> list[str]:
@@ -360,7 +373,7 @@ class Node:
             raise view.wrong_swarm(pubkey)
         updated = self.storage.expire(pubkey, hs, max(expiry, 1))
         results = {self.ed_hex: {"status": Status.OK, "updated": updated}}
-        results.update(await self._fan_out("replicate_expire", (pubkey, hs, expiry), list, view))
+        results.update(await self.fanout.send("replicate_expire", (pubkey, hs, expiry), view))
         return {"updated": updated, "swarm": results}
 
     # ------------------------------------------------------------------ node-to-node ops
@@ -373,13 +386,17 @@ class Node:
         if caller is not None:
             self.entitled.require_accounts(caller, pubkeys, rehoming=rehoming)
 
-    async def op_replicate(self, args: dict, caller: str | None) -> dict:
-        """Forwarded copies (from a member, or a recent member rehoming them): stored,
-        never forwarded again."""
+    def _replicated(self, args: dict, caller: str | None) -> list[StoredMessage]:
+        """The copies of a ``replicate`` this node may store (the checks of :meth:`op_replicate`)."""
         msgs = core.replicated_messages(args)
         core.check_replicated_expiries(msgs, self.clock.now_ms())
         self._require_accounts(caller, (m.pubkey for m in msgs), rehoming=True)
-        msgs = [m for m in msgs if not self.storage.tombstoned(m.hash)]
+        return [m for m in msgs if not self.storage.tombstoned(m.hash)]
+
+    async def op_replicate(self, args: dict, caller: str | None) -> dict:
+        """Forwarded copies (from a member, or a recent member rehoming them): stored,
+        never forwarded again.  (Usually taken without a task: :meth:`take`.)"""
+        msgs = self._replicated(args, caller)
         if msgs:
             new = await self.commit.commit(msgs)
             self.stats["replicated_in"] += sum(new)
@@ -463,7 +480,7 @@ class Node:
         try:
             bound = await self._nursery.start(
                 lambda task_status: serve(self.handle, addrs, capture=self.capture, network=self.network,
-                                          gate=self.gate, task_status=task_status))
+                                          gate=self.gate, take=self.take, task_status=task_status))
         except (OSError, ValueError) as exc:
             raise RequestError(Status.BAD_REQUEST, f"cannot listen: {exc}") from None
         self.listening.extend(bound)
@@ -537,10 +554,8 @@ class Node:
         self.entitled.update(view)
         old_peers = {p.ed25519_public for p in old.peers()} if old and old.my_swarm is not None else set()
         new_peers = {p.ed25519_public for p in view.peers()}
-        for key, sender in list(self._senders.items()):
-            if key[0] not in new_peers:
-                sender.close()
-                del self._senders[key]
+        if self.fanout is not None:
+            self.fanout.keep_only(new_peers)
         event(log, "swarm view", height=view.height, swarm_id=view.my_swarm, members=len(new_peers) + 1,
               joined=len(new_peers - old_peers), left=len(old_peers - new_peers))
         if old is None or old.my_swarm != view.my_swarm or new_peers - old_peers:

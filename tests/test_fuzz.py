@@ -136,21 +136,38 @@ async def test_one_writers_bad_batch_fails_only_that_writer():
     bad = StoredMessage(acc, 0, "h", b"", -1, 1)
     commit = GroupCommit(store)
     outcome = {}
-    async with trio.open_nursery() as nursery:
-        await nursery.start(commit.run)
 
-        async def write(name, msgs):
-            try:
-                outcome[name] = await commit.commit(msgs)
-            except StorageError:
-                outcome[name] = "failed"
+    async def write(name, msgs):
+        try:
+            outcome[name] = await commit.commit(msgs)
+        except StorageError:
+            outcome[name] = "failed"
 
-        async with trio.open_nursery() as writers:  # both join one group commit
-            writers.start_soon(write, "good", [good])
-            writers.start_soon(write, "bad", [bad])
-        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as writers:  # both join one group commit (one loop turn)
+        writers.start_soon(write, "good", [good])
+        writers.start_soon(write, "bad", [bad])
     assert outcome == {"good": [True], "bad": "failed"}
     assert store.count() == 1
+    assert commit.commits == 1  # the good one, alone after the shared transaction failed
+
+
+async def test_writes_of_one_loop_turn_share_one_transaction():
+    store = Storage(":memory:")
+    acc = ACCOUNTS[0].session_id
+    msgs = [StoredMessage(acc, 0, crypto.message_hash(acc, 0, b"%d" % i), b"%d" % i, NOW, NOW + 1) for i in range(4)]
+    commit = GroupCommit(store)
+    outcome = {}
+
+    async def write(i):
+        outcome[i] = await commit.commit([msgs[i]])
+
+    async with trio.open_nursery() as writers:
+        for i in range(3):
+            writers.start_soon(write, i)
+    await write(3)  # a later turn: a transaction of its own
+    await write(0)  # a duplicate: not new
+    assert outcome == {0: [False], 1: [True], 2: [True], 3: [True]}
+    assert commit.commits == 3 and store.count() == 4
 
 
 def test_a_peers_malformed_anti_entropy_answers_are_502s_never_exceptions():

@@ -176,3 +176,103 @@ async def test_pool_asks_on_a_refused_dial_whether_to_dial_again():
         assert (await pool.call("lazy", "echo", {}, timeout=5)).ok and asked == ["other", "lazy"]
         await pool.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_frames_of_one_loop_turn_leave_in_one_write_each_way():
+    from testnet.base import meter
+
+    rec = Recorder()
+    async with trio.open_nursery() as nursery:
+        host, port = await start(nursery, capture=rec)
+        async with open_rpc(host, port) as rpc:
+            await rpc.call("echo", {}, timeout=5)  # the connection is up
+            rec.chunks.clear()
+            before = meter.snapshot()
+            results = []
+
+            async def one(i):
+                results.append((await rpc.call("echo", {"i": i}, timeout=5)).body["args"]["i"])
+
+            async with trio.open_nursery() as calls:  # eight callers, all in one turn
+                for i in range(8):
+                    calls.start_soon(one, i)
+            after = meter.snapshot()
+        nursery.cancel_scope.cancel()
+    assert sorted(results) == list(range(8))
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in ("frames_out", "frames_in", "send_calls")}
+    # Eight requests in one write; the server reads them in one go and answers them all
+    # in its next turn, in one write too: 16 frames, 2 writes (both ends are this process).
+    assert d == {"frames_out": 16, "frames_in": 16, "send_calls": 2}
+    # The capture sees the bytes as they moved: the eight answers in one chunk.
+    (out,) = [c[2] for c in rec.chunks if c[0] == "out"]
+    conn = Connection()
+    conn.receive_data(out)
+    assert sorted(r.body["args"]["i"] for r in conn.events()) == list(range(8))
+
+
+async def test_a_fast_path_answers_later_without_a_task_and_its_errors_are_answers():
+    from testnet.base import meter
+
+    later = []
+
+    def take(req, peer, reply):
+        if req.op == "later":  # answered from a callback, as a group commit or a next hop does
+            later.append(reply)
+            return None
+        if req.op == "refuse":
+            raise RequestError(403, "no")
+        if req.op == "bug":
+            raise RuntimeError("boom")
+        return handler(req, peer)  # anything else: a task running the handler
+
+    async with trio.open_nursery() as nursery:
+        (host, port), = await nursery.start(
+            lambda task_status: serve(handler, [("127.0.0.1", 0)], take=take, task_status=task_status))
+        async with open_rpc(host, port) as rpc:
+            assert (await rpc.call("echo", {"a": 1}, timeout=5)).body["args"] == {"a": 1}
+            assert (await rpc.call("refuse", {}, timeout=5)) == Response(2, 403, {"error": "no"})
+            assert (await rpc.call("bug", {}, timeout=5)).status == 500
+            meter.install()
+            try:
+                before = meter.snapshot()
+                async with trio.open_nursery() as inner:
+                    got = []
+
+                    async def ask():
+                        got.append(await rpc.call("later", {}, timeout=5))
+
+                    inner.start_soon(ask)
+                    while not later:
+                        await trio.sleep(0.01)
+                    spawned = meter.snapshot().get("tasks_started", 0) - before.get("tasks_started", 0)
+                    later.pop()(200, "done")
+                assert got[0].body == "done"
+                assert spawned == 1  # the caller's own task; none on the server for the request
+            finally:
+                meter.uninstall()
+        nursery.cancel_scope.cancel()
+
+
+async def test_call_soon_runs_its_callback_with_the_response_or_a_timeout():
+    async with trio.open_nursery() as nursery:
+        host, port = await start(nursery)
+        async with open_rpc(host, port) as rpc:
+            outcomes = []
+            done = trio.Event()
+
+            def answered(resp, error):
+                outcomes.append(resp.body["args"] if resp else type(error).__name__)
+                if len(outcomes) == 3:
+                    done.set()
+
+            t0 = trio.current_time()
+            rpc.call_soon("sleep", {"s": 1.0, "tag": 0}, timeout=0.2, done=answered)  # times out
+            rpc.call_soon("echo", {"n": 1}, timeout=5, done=answered)
+            rpc.call_soon("sleep", {"s": 0.4, "tag": 0}, timeout=0.3, done=answered)  # later, still out of time
+            with trio.fail_after(3):
+                await done.wait()
+            assert outcomes == [{"n": 1}, "RpcTimeout", "RpcTimeout"]
+            assert 0.3 <= trio.current_time() - t0 < 0.9
+            # The connection is fine after its timeouts.
+            assert (await rpc.call_ok("echo", {}, timeout=5))["args"] == {}
+        nursery.cancel_scope.cancel()

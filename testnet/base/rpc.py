@@ -7,7 +7,8 @@ a nursery the caller owns.  Each part has a module of its own, and this one
 names them all (import from here):
 
 * :mod:`.rpc_wire` — bytes on one connection, capture, connection numbers;
-* :mod:`.rpc_server` — :func:`serve`, :func:`serve_connection`, :class:`Peer`;
+* :mod:`.rpc_server` — :func:`serve`, :func:`serve_connection`, :class:`Peer`, a fast path's
+  :data:`Take` and :class:`Reply`;
 * :mod:`.rpc_client` — :class:`RpcConnection`, :func:`connect`, :func:`open_rpc`,
   :func:`call_once` and the errors of a call (:class:`RpcError` ...);
 * :mod:`.rpc_pool` — :class:`ConnectionPool`.
@@ -19,12 +20,12 @@ from .limits import ConnectionGate, ConnectionLimits
 from .rpc_client import (DEFAULT_CONNECT_TIMEOUT, ConnectError, ConnectionLost, RpcConnection, RpcError, RpcTimeout,
                          StatusError, call_once, connect, open_rpc)
 from .rpc_pool import POOL_IDLE_S, ConnectionPool
-from .rpc_server import DEFAULT_MAX_IN_FLIGHT, Handler, Peer, serve, serve_connection
+from .rpc_server import DEFAULT_MAX_IN_FLIGHT, Handler, Peer, Reply, Take, serve, serve_connection
 from .rpc_wire import RECEIVE_SIZE, Address, CaptureSink
 
 __all__ = [
     "Address", "CaptureSink", "RECEIVE_SIZE",
-    "Peer", "Handler", "serve", "serve_connection", "DEFAULT_MAX_IN_FLIGHT",
+    "Peer", "Handler", "Reply", "Take", "serve", "serve_connection", "DEFAULT_MAX_IN_FLIGHT",
     "RpcError", "ConnectError", "ConnectionLost", "RpcTimeout", "StatusError",
     "RpcConnection", "connect", "open_rpc", "call_once", "DEFAULT_CONNECT_TIMEOUT",
     "ConnectionPool", "POOL_IDLE_S",

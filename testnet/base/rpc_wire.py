@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import trio
 
-from .meter import COUNTS
+from .meter import COUNTS, ROLE
 from .turn import at_turn_end
 
 RECEIVE_SIZE = 65536
@@ -180,27 +180,30 @@ class Outbox:
             self._capture.record(self._conn_id, "out", self._local, self._remote, chunk)
         COUNTS["send_calls"] += 1
 
-    def _flush(self) -> bool:
+    def _flush(self) -> None:
         self._scheduled = False
         if self.error is not None or self._rest is not None:
-            return False
-        while self._frames:
-            chunk = self._take()
-            self._record(chunk)
-            try:
-                rest = self.wire.send_now(chunk)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._fail("broken", exc)
-                return False
-            if rest is not None:
-                self._rest = rest
+            return
+        token = ROLE.set("transport")
+        try:
+            while self._frames:
+                chunk = self._take()
+                self._record(chunk)
                 try:
-                    self._spawn(self._drain)
-                except RuntimeError:
-                    return False  # the connection is closing: its final flush (aflush) writes the rest
-                self._draining = True
-                return True
-        return False
+                    rest = self.wire.send_now(chunk)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self._fail("broken", exc)
+                    return
+                if rest is not None:
+                    self._rest = rest
+                    try:
+                        self._spawn(self._drain)
+                    except RuntimeError:
+                        return  # the connection is closing: its final flush (aflush) writes the rest
+                    self._draining = True
+                    return
+        finally:
+            ROLE.reset(token)
 
     async def _drain(self) -> None:
         try:

@@ -12,10 +12,10 @@ writers that run in that turn miss the batch.
 :func:`at_turn_end` runs a callback there, through trio's public instrument
 hook ``before_io_wait`` (called once per turn, just before the wait).  A
 callback may queue more callbacks (a group commit answers requests whose
-frames must then be written): they run in the same pass.  A callback that
-wakes a task (``Event.set``, ``nursery.start_soon``) returns True: trio
-chose how long to wait before the callbacks ran, so when it was about to
-sleep the loop is poked awake at once (never in the simulation, whose
+frames must then be written): they run in the same pass.  A callback may
+wake tasks (``Event.set``, ``nursery.start_soon``): trio chose how long to
+wait before the callbacks ran, so if it was about to sleep and a task is now
+runnable, the loop is poked awake at once (never in the simulation, whose
 virtual clock never sleeps).  Callbacks run outside any task: they must not
 await, and an exception one raises is logged and goes no further (its owner
 handles its own errors).  Order is the order of queueing, so a seeded
@@ -28,10 +28,19 @@ import logging
 from typing import Callable
 
 import trio
+from trio._core import _run as _trio_run
 
 log = logging.getLogger("testnet.base.turn")
 
-TurnCallback = Callable[[], "bool | None"]
+TurnCallback = Callable[[], None]
+
+
+def _runnable() -> bool:
+    """Whether a task is runnable now.  trio has no public way to ask; its run queue is
+    private (pyproject pins trio's versions, as for the simulation's scheduler)."""
+    runner = getattr(_trio_run.GLOBAL_RUN_CONTEXT, "runner", None)
+    runq = getattr(runner, "runq", None)
+    return True if runq is None else bool(runq)
 
 
 def _nothing() -> None:
@@ -46,16 +55,16 @@ class _TurnEnd(trio.abc.Instrument):
         self.token = trio.lowlevel.current_trio_token()
 
     def before_io_wait(self, timeout: float) -> None:
-        woke = False
+        if not self.due:
+            return
         while self.due:
             due, self.due = self.due, []
             for fn in due:
                 try:
-                    if fn():
-                        woke = True
+                    fn()
                 except BaseException:  # noqa: BLE001 - trio would remove the instrument: keep the loop's hook
                     log.exception("end-of-turn callback %r failed", fn)
-        if woke and timeout > 0:
+        if timeout > 0 and _runnable():
             # A task made runnable now would otherwise wait for the next I/O event.
             self.token.run_sync_soon(_nothing)
 
