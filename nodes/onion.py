@@ -35,8 +35,9 @@ def install_onion(node: Any) -> None:
     """Give ``node`` (a :class:`nodes.server.Node`) its onion handler, and its fast path
     (``node.onion_take``): a layer to relay whose next hop is already connected is
     forwarded on the reader's turn and its reply passed back from the next hop's
-    reader, with no task waiting in between; a target's request, or a next hop still
-    to dial, goes on in a task."""
+    reader, and a store for this node as the target is committed and forwarded to the
+    swarm from callbacks (``Node.store_soon``), with no task waiting in either; any
+    other request for the target, or a next hop still to dial, goes on in a task."""
 
     def open_layer(req: Request) -> tuple[str, Any, bytes]:
         eph, data = req.args.get("ephemeral_key"), req.args.get("data")
@@ -104,7 +105,23 @@ def install_onion(node: Any) -> None:
     def take_onion(req: Request, peer: Peer, reply: Reply) -> Awaitable[tuple[int, Any]] | None:
         kind, what, key = open_layer(req)
         if kind != "relay":
-            return target(*what, key)
+            op, args = what
+            if op != "store":
+                return target(op, args, key)
+            meter.ROLE.set("target")
+
+            def sealed(status: int, body: Any) -> None:
+                token = meter.ROLE.set("target")
+                try:
+                    reply(Status.OK, {"data": encode_reply(key, status, body, node.randbytes)})
+                finally:
+                    meter.ROLE.reset(token)
+
+            try:
+                node.store_soon(args, sealed)  # answered once every member has (no task waits)
+            except RequestError as exc:
+                sealed(exc.status, exc.body)
+            return None
         nxt, next_eph, next_data = next_hop(what, peer)
         conn = node.pool.get_nowait(nxt)
         if conn is None:

@@ -21,7 +21,7 @@ import trio
 from testnet.base import meter
 from testnet.base.protocol import ProtocolError, Response, Status
 from testnet.base.rpc import ConnectionPool, RpcConnection, RpcError
-from testnet.base.turn import at_turn_end
+from testnet.base.turn import Timer, Timers, at_turn_end
 
 from .core import BATCH_COUNT, SwarmView, fitting, hash_list_bytes, message_to_wire, wire_bytes
 from .storage import Storage, StorageError, StoredMessage
@@ -217,41 +217,62 @@ class Fanout:
     """Forwards what a client gave this node (stores, deletes, expiries) to every other
     member of its swarm: one :class:`PeerSender` per (peer, op), made on first use and
     closed when the peer leaves the swarm.  ``nursery`` runs the dials of peers not
-    connected yet."""
+    connected yet; ``timers`` ends the wait for peers that take longer than
+    ``timeout_s``."""
 
-    def __init__(self, nursery: trio.Nursery, pool: ConnectionPool, timeout_s: float) -> None:
+    def __init__(self, nursery: trio.Nursery, pool: ConnectionPool, timeout_s: float, timers: Timers) -> None:
         self._nursery = nursery
         self._pool = pool
         self.timeout_s = timeout_s
+        self._timers = timers
         self._senders: dict[tuple[str, str], PeerSender] = {}
 
-    async def send(self, op: str, item: Any, view: SwarmView) -> dict[str, Any]:
+    def send_soon(self, op: str, item: Any, view: SwarmView, done: Callable[[dict[str, Any]], None]) -> None:
         """Forward ``item`` (``op``: a key of ``_CODECS``) to every other swarm member in
-        parallel; each one's outcome.  The caller wakes once: when the last peer has
-        answered, or at the timeout."""
+        parallel; ``done(outcomes)`` (each peer's) runs once, when the last peer has
+        answered or at the timeout (those not answered yet: 504), with no task waiting."""
         peers = [p.ed25519_public for p in view.peers()]
         errors: dict[str, str | None] = {}
-        all_answered = trio.Event()
+        timer: Timer | None = None
+
+        def finish() -> None:
+            out = {}
+            for key in peers:
+                if key not in errors:
+                    out[key] = {"status": Status.GATEWAY_TIMEOUT, "error": "timeout"}
+                elif errors[key] is not None:
+                    out[key] = {"status": Status.BAD_GATEWAY, "error": errors[key]}
+                else:
+                    out[key] = {"status": Status.OK}
+            done(out)
 
         def answered(key: str, error: str | None) -> None:
+            if timer is not None and timer.cancelled:
+                return  # answered after the timeout: already reported
             errors[key] = error
-            if len(errors) == len(peers):
-                all_answered.set()
+            if len(errors) == len(peers) and timer is not None:
+                timer.cancel()
+                finish()
 
         for key in peers:
             self._sender(key, op).submit(item, partial(answered, key))
-        if len(errors) < len(peers):
-            with trio.move_on_after(self.timeout_s):
-                await all_answered.wait()
-        out = {}
-        for key in peers:
-            if key not in errors:
-                out[key] = {"status": Status.GATEWAY_TIMEOUT, "error": "timeout"}
-            elif errors[key] is not None:
-                out[key] = {"status": Status.BAD_GATEWAY, "error": errors[key]}
-            else:
-                out[key] = {"status": Status.OK}
-        return out
+        if len(errors) == len(peers):  # every peer refused at once (or there is none)
+            finish()
+            return
+        timer = self._timers.call_after(self.timeout_s, finish)
+
+    async def send(self, op: str, item: Any, view: SwarmView) -> dict[str, Any]:
+        """:meth:`send_soon`, waited for: each peer's outcome."""
+        outcomes: list[dict[str, Any]] = []
+        finished = trio.Event()
+
+        def done(out: dict[str, Any]) -> None:
+            outcomes.append(out)
+            finished.set()
+
+        self.send_soon(op, item, view, done)
+        await finished.wait()
+        return outcomes[0]
 
     def _sender(self, peer: str, op: str) -> PeerSender:
         s = self._senders.get((peer, op))

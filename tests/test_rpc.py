@@ -276,3 +276,38 @@ async def test_call_soon_runs_its_callback_with_the_response_or_a_timeout():
             # The connection is fine after its timeouts.
             assert (await rpc.call_ok("echo", {}, timeout=5))["args"] == {}
         nursery.cancel_scope.cancel()
+
+
+async def test_turn_end_runs_after_the_turns_tasks_and_timers_skip_cancelled_ones():
+    from testnet.base.turn import Timers, at_turn_end
+
+    seen = []
+
+    async def task(i):
+        seen.append(f"task{i}")
+        if i == 0:
+            at_turn_end(lambda: seen.append("end"))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            nursery.start_soon(task, i)
+    assert sorted(seen[:3]) == ["task0", "task1", "task2"] and seen[3:] == ["end"]
+
+    # A callback that wakes a task while the loop was about to sleep must not leave it asleep.
+    woken = trio.Event()
+    with trio.fail_after(1):
+        at_turn_end(woken.set)
+        await woken.wait()
+
+    timers, fired = Timers(), []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(timers.run)
+        t0 = trio.current_time()
+        a = timers.call_after(0.2, lambda: fired.append(("a", trio.current_time() - t0)))
+        timers.call_after(0.3, lambda: fired.append(("b", trio.current_time() - t0)))
+        timers.call_after(0.1, lambda: fired.append(("c", trio.current_time() - t0)))  # out of order: kept in order
+        a.cancel()
+        await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
+    assert [n for n, _ in fired] == ["c", "b"]
+    assert 0.1 <= fired[0][1] < 0.2 and 0.3 <= fired[1][1] < 0.45

@@ -176,11 +176,13 @@ class RpcConnection:
                 await trio.aclose_forcefully(self.stream)
 
     async def _read(self) -> None:
+        # The scope's deadline is the earliest callback call's, set when that call is made
+        # (call_soon) and left when it is answered: when it fires, what is due times out and
+        # the loop re-arms at the next (no deadline change per read or per answer).
         while True:
-            with trio.CancelScope() as scope:
+            with trio.CancelScope(deadline=self._next_deadline()) as scope:
                 self._read_scope = scope
                 while True:
-                    scope.deadline = self._next_deadline()
                     COUNTS["recv_calls"] += 1
                     data = await self._wire.receive()
                     if self._capture is not None and data:

@@ -158,26 +158,25 @@ async def serve_connection(
     in_flight = trio.Semaphore(max_in_flight)
     conn_scope = trio.CancelScope()  # everything of this connection: cancelled when we close it
 
-    # Strategy: one timer, the deadline of the scope around the reader's wait
-    # for bytes; it is recomputed before each wait and moved by the request
-    # that leaves the connection idle.  No task per timer.
+    # Strategy: one timer, the deadline of the scope around the read loop, and
+    # moved as rarely as possible: a deadline change is a push on trio's heap,
+    # and one per read (the idle deadline moves with every byte) was a
+    # measurable share of a node's CPU.  It is armed at the idle deadline (or
+    # a partial frame's, which comes sooner); when it fires, the connection
+    # closes if it really is idle or slow, and otherwise the loop re-arms at
+    # the deadline as it now is (a request running, bytes since: at most one
+    # early fire per idle timeout).  No task per timer.
     running = 0  # requests in flight
     idle_since = trio.current_time()  # last bytes received or last request finished
     frame_deadline: float | None = None  # set while a partial frame is buffered
-    # One scope for the whole read loop (not one per read: that was a measurable share
-    # of a node's CPU); its deadline is the read deadline while the reader waits for
-    # bytes, and infinite while it works on what arrived.
     read_scope = trio.CancelScope()
-    reading = False
     closed_by: str | None = None
     nursery: trio.Nursery | None = None
 
     def read_deadline() -> float:
-        if frame_deadline is not None:
-            return frame_deadline
-        if running:
-            return math.inf  # a slow handler is not an idle peer
-        return idle_since + lim.idle_timeout_s
+        """When the connection is to close if nothing changes (a slow handler is not an idle peer)."""
+        now_idle = (idle_since if not running else trio.current_time()) + lim.idle_timeout_s
+        return now_idle if frame_deadline is None else min(frame_deadline, now_idle)
 
     def spawn(fn: Callable[[], Awaitable[None]]) -> None:
         if nursery is None:
@@ -211,8 +210,6 @@ async def serve_connection(
         running -= 1
         if not running:
             idle_since = trio.current_time()
-            if reading:
-                read_scope.deadline = read_deadline()
             if all_answered is not None:
                 all_answered.set()
 
@@ -273,60 +270,73 @@ async def serve_connection(
                 return
             nursery.start_soon(run_task, req, work)
 
+    async def read_loop() -> None:
+        """Read and dispatch until the stream ends or breaks (the caller's scope keeps the deadline)."""
+        nonlocal idle_since, frame_deadline, running
+        while True:
+            COUNTS["recv_calls"] += 1
+            try:
+                data = await wire.receive()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if capture is not None and data:
+                capture.record(conn_id, "in", local, remote, data)
+            idle_since = trio.current_time()
+            conn.receive_data(data)
+            framed = False  # did this read complete a frame?
+            try:
+                while True:
+                    ev = conn.next_event()
+                    if ev is NEED_DATA or ev is EOF:
+                        break
+                    framed = True
+                    COUNTS["frames_in"] += 1
+                    if isinstance(ev, Request):
+                        try:
+                            in_flight.acquire_nowait()  # no schedule point while under the cap
+                        except trio.WouldBlock:
+                            # Back-pressure: our own handlers' pace, not the peer's.  The timer
+                            # must not fire on a request read and not yet dispatched.
+                            deadline, read_scope.deadline = read_scope.deadline, math.inf
+                            await in_flight.acquire()
+                            read_scope.deadline = deadline
+                        running += 1
+                        dispatch(ev)
+                    elif isinstance(ev, BadFrame):
+                        send(error_frame(ev.status, ev.reason, ev.id or 0))
+                    # A response on a server connection answers nothing: drop it.
+            except RemoteProtocolError as exc:
+                # The stream cannot be resynchronised: say why, then close.
+                send(error_frame(exc.status, str(exc)))
+                return
+            if not data:
+                return
+            if not conn.buffered:
+                frame_deadline = None
+            elif frame_deadline is None or framed:
+                # A new frame is under way.  Started after any
+                # back-pressure wait above: our pause is not its delay.
+                frame_deadline = trio.current_time() + lim.frame_timeout_s
+                if frame_deadline < read_scope.deadline:
+                    read_scope.deadline = frame_deadline
+
     try:
         with conn_scope:
             async with trio.open_nursery() as nursery:
-                with read_scope:
-                    while True:
-                        reading = True
-                        read_scope.deadline = read_deadline()
-                        COUNTS["recv_calls"] += 1
-                        try:
-                            data = await wire.receive()
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            data = None
-                        finally:
-                            reading = False
-                            read_scope.deadline = math.inf
-                        if data is None:
-                            break
-                        if capture is not None and data:
-                            capture.record(conn_id, "in", local, remote, data)
-                        idle_since = trio.current_time()
-                        conn.receive_data(data)
-                        framed = False  # did this read complete a frame?
-                        try:
-                            while True:
-                                ev = conn.next_event()
-                                if ev is NEED_DATA or ev is EOF:
-                                    break
-                                framed = True
-                                COUNTS["frames_in"] += 1
-                                if isinstance(ev, Request):
-                                    try:
-                                        in_flight.acquire_nowait()  # no schedule point while under the cap
-                                    except trio.WouldBlock:
-                                        await in_flight.acquire()
-                                    running += 1
-                                    dispatch(ev)
-                                elif isinstance(ev, BadFrame):
-                                    send(error_frame(ev.status, ev.reason, ev.id or 0))
-                                # A response on a server connection answers nothing: drop it.
-                        except RemoteProtocolError as exc:
-                            # The stream cannot be resynchronised: say why, then close.
-                            send(error_frame(exc.status, str(exc)))
-                            break
-                        if not data:
-                            break
-                        if not conn.buffered:
-                            frame_deadline = None
-                        elif frame_deadline is None or framed:
-                            # A new frame is under way.  Started after any
-                            # back-pressure wait above: our pause is not its delay.
-                            frame_deadline = trio.current_time() + lim.frame_timeout_s
-                if read_scope.cancelled_caught:
-                    closed_by = "idle" if frame_deadline is None else "slow_frame"
+                while True:
+                    with trio.CancelScope(deadline=read_deadline()) as read_scope:
+                        await read_loop()
+                    if not read_scope.cancelled_caught:
+                        break
+                    now = trio.current_time()
+                    if frame_deadline is not None and now >= frame_deadline:
+                        closed_by = "slow_frame"
+                    elif not running and now >= idle_since + lim.idle_timeout_s:
+                        closed_by = "idle"
+                    else:
+                        continue  # fired early: re-arm at the deadline as it is now
                     conn_scope.cancel()
+                    break
                 # Let in-flight requests finish before we close; those taken without a task
                 # (waiting for a group commit, the next hop) each end within their own deadline.
                 if running:

@@ -1,5 +1,6 @@
 """Work deferred to the end of the event loop's turn: what the tasks of one
-turn queued is done once, together, before trio waits for I/O again.
+turn queued is done once, together, before trio waits for I/O again; and
+timers for work that has no task to wait in (:class:`Timers`).
 
 trio runs its loop in turns: it waits for I/O, then runs every task that is
 runnable at that moment once, then waits again.  Frames answered in one turn
@@ -24,7 +25,9 @@ simulation replays it.
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 from typing import Callable
 
 import trio
@@ -82,3 +85,73 @@ def at_turn_end(fn: TurnCallback) -> None:
         trio.lowlevel.add_instrument(te)
         _TURN_END.set(te)
     te.due.append(fn)
+
+
+class Timer:
+    __slots__ = ("deadline", "fn", "cancelled")
+
+    def __init__(self, deadline: float, fn: Callable[[], None]) -> None:
+        self.deadline = deadline
+        self.fn = fn
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Timers:
+    """Callbacks at deadlines for code that runs without a task of its own (a request
+    answered from callbacks still owes its caller an answer in time), all run by one task
+    (:meth:`run`, started in its owner's nursery).
+
+    Strategy: the task sleeps until the earliest timer not cancelled; a timer cancelled
+    meanwhile (nearly all are: the work ended in time) is skipped when that deadline comes,
+    and the task sleeps on until the next live one.  So the task wakes about once per
+    delay while timers come and go, and never per timer; no deadline is moved when a
+    timer is cancelled (a move is a push on trio's heap).  Timers are kept in a queue in
+    deadline order: appended, when (as for an owner with one delay) each ends after the
+    ones made before it."""
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[Timer] = collections.deque()
+        self._scope: trio.CancelScope | None = None
+
+    def call_after(self, delay_s: float, fn: Callable[[], None]) -> Timer:
+        """Run ``fn()`` after ``delay_s`` s unless the timer returned is cancelled first."""
+        timer = Timer(trio.current_time() + delay_s, fn)
+        queue = self._queue
+        if queue and timer.deadline < queue[-1].deadline:
+            # A shorter delay than an earlier timer's: kept in order (linear, so rare by design).
+            i = len(queue)
+            while i and queue[i - 1].deadline > timer.deadline:
+                i -= 1
+            queue.insert(i, timer)
+        else:
+            queue.append(timer)
+        scope = self._scope
+        if scope is not None and timer.deadline < scope.deadline:
+            scope.deadline = timer.deadline
+        return timer
+
+    def _next_deadline(self) -> float:
+        queue = self._queue
+        while queue and queue[0].cancelled:
+            queue.popleft()
+        return queue[0].deadline if queue else math.inf
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            with trio.CancelScope(deadline=self._next_deadline()) as self._scope:
+                await trio.sleep_forever()
+            self._scope = None
+            now = trio.current_time()
+            queue = self._queue
+            while queue and queue[0].deadline <= now:
+                timer = queue.popleft()
+                if not timer.cancelled:
+                    timer.cancelled = True
+                    try:
+                        timer.fn()
+                    except Exception:
+                        log.exception("timer callback %r failed", timer.fn)
