@@ -159,7 +159,22 @@ class SimProxy:
         send, receive = trio.open_memory_channel[tuple[float, bytes]](1 << 30)
         queued = [0]  # chunks handed to the writer and not yet through
 
+        def forward(data: bytes) -> bool:
+            # Bytes written to src while nothing of this direction is buffered or queued and
+            # no toxic acts on it: passed on at once, as the reader below would a turn later.
+            if queued[0] or conn.closed or self.chain(conn, stream):
+                return False
+            try:
+                if not dst.send_nowait(data):
+                    return False
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                conn.scope.cancel()
+                return True  # a write into a closed link is lost, as the reader's would be
+            conn.sent[stream] += len(data)
+            return True
+
         async def reader() -> None:
+            src._in.forward = forward
             try:
                 while True:
                     data = await src.receive_some(RECEIVE_SIZE)
@@ -173,6 +188,8 @@ class SimProxy:
                     send.send_nowait((trio.current_time(), data))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+            finally:
+                src._in.forward = None
             queued[0] += 1
             send.send_nowait((trio.current_time(), b""))
 
