@@ -36,6 +36,15 @@ Committed = Callable[[Optional[list], Optional[str]], None]
 Outcome = Callable[[Optional[str]], None]
 
 
+def _tell(done: Callable[..., None], *args: Any) -> None:
+    """Run one waiter's callback; its failure is logged and stops nobody else's (the
+    callbacks of one commit or one batch run in a row, outside any task)."""
+    try:
+        done(*args)
+    except Exception:
+        log.exception("replication callback failed")
+
+
 class GroupCommit:
     """Batches the writes of one loop turn into one transaction, made at the turn's end
     (:func:`testnet.base.turn.at_turn_end`): the stores and replicated copies that
@@ -89,7 +98,7 @@ class GroupCommit:
             self.messages += len(flat)
             i = 0
             for msgs, done in batch:
-                done(results[i:i + len(msgs)], None)
+                _tell(done, results[i:i + len(msgs)], None)
                 i += len(msgs)
         finally:
             meter.ROLE.reset(token)
@@ -99,11 +108,11 @@ class GroupCommit:
             new = self.storage.store_many(messages)
         except StorageError as exc:
             log.error("group commit failed", extra={"fields": {"error": str(exc)}})
-            done(None, str(exc))
+            _tell(done, None, str(exc))
             return
         self.commits += 1
         self.messages += len(messages)
-        done(new, None)
+        _tell(done, new, None)
 
 
 class PeerSender:
@@ -135,9 +144,9 @@ class PeerSender:
 
     def submit(self, item: Any, done: Outcome) -> None:
         if self.closed:
-            done("peer left the swarm")
+            _tell(done, "peer left the swarm")
         elif len(self._queue) >= MAX_BACKLOG:
-            done("replication backlog full")
+            _tell(done, "replication backlog full")
         else:
             self._queue.append((item, done))
             self._schedule()
@@ -146,7 +155,7 @@ class PeerSender:
         self.closed = True
         queue, self._queue = self._queue, []
         for _, done in queue:
-            done("peer left the swarm")
+            _tell(done, "peer left the swarm")
 
     def _schedule(self) -> None:
         if not (self._scheduled or self._in_flight or self.closed) and self._queue:
@@ -201,7 +210,7 @@ class PeerSender:
             self.pool.drop_soon(self.peer)
         self._in_flight = False
         for _, done in batch:
-            done(error)
+            _tell(done, error)
         self._schedule()
 
 
