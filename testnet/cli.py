@@ -108,6 +108,7 @@ COMMANDS = {
     "sim": "chaos.sim.cli:sim",
     "fuzz": "chaos.fuzz_run:fuzz",
     "trace": "chaos.trace:trace",
+    "serve": "chaos.web.cli:serve",
 }
 
 

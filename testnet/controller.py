@@ -27,7 +27,7 @@ import trio
 
 from . import links as L
 from . import plan as P
-from . import procs, rundir
+from . import control_faults, procs, rundir
 from .base.bugs import NODE_BUGS
 from .base.crypto import (BadSignature, Identity, link_open_message, open_message, retrieve_signature_message,
                           seal_message, verify_request)
@@ -667,7 +667,8 @@ class Testnet:
 
     async def control(self, action: str, args: dict[str, Any]) -> Any:
         """One control API request (see :func:`rundir.serve_control`): ``ping``, ``status``, ``down``,
-        or ``node`` with ``what`` = add|remove|kill|pause|resume|restart and ``name``."""
+        ``node`` with ``what`` = add|remove|kill|pause|resume|restart and ``name``, ``partition``
+        with ``swarms``, ``heal`` (see :mod:`testnet.control_faults`)."""
         if action == "ping":
             return {"run_id": self.plan.run_id, "state": self.state}
         if action == "status":
@@ -675,8 +676,8 @@ class Testnet:
         if action == "down":
             self.stop_requested.set()
             return {}
-        if action == "node":
-            return await self.node_action(str(args.get("what")), args.get("name"))
+        if action in control_faults.ACTIONS:  # node, partition, heal: recorded in faults.jsonl
+            return await control_faults.handle(self, action, args)
         raise ControllerError(f"unknown control action {action!r}")
 
     async def node_action(self, action: str, name: str | None) -> Any:
