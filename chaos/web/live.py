@@ -138,6 +138,7 @@ class Watcher:
         self.series: deque[dict[str, Any]] = deque(maxlen=SERIES_LEN)
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_LEN)
         self._event_seq = 0
+        self._published = 0  # the last event id handed to subscribers (actions add events between rounds)
         self._subscribers: set[trio.MemorySendChannel[dict[str, Any]]] = set()
         self._wake = trio.Event()
         self.ready = trio.Event()  # set after the first round
@@ -211,7 +212,6 @@ class Watcher:
 
     async def poll(self) -> None:
         """One round: read everything, derive the snapshot, publish it."""
-        first_event = self._event_seq
         try:
             await self._poll()
             self.error = None
@@ -224,7 +224,8 @@ class Watcher:
             self.error = why
             self.snapshot = {**self.snapshot, "error": self.error}
         self.seq += 1
-        new = [e for e in self.events if e["id"] > first_event]
+        new = [e for e in self.events if e["id"] > self._published]
+        self._published = self._event_seq
         self._publish({"type": "tick", "seq": self.seq, "snapshot": self.snapshot,
                        "point": self.series[-1] if self.series else None, "events": new})
         self.ready.set()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,12 @@ class RunRow:
     controller: dict[str, Any] | None = None  # pid and create_time, to tell a live run
     report: bool = False
     error: str | None = None  # why the run could not be read whole
+    made_ms: int | None = None  # when the directory was made, from its name (a simulated run's clock is virtual)
+
+    @property
+    def when_ms(self) -> int | None:
+        """When the run happened on this machine: its directory's time, else its record's start."""
+        return self.made_ms if self.made_ms is not None else self.started_ms
 
     @property
     def live(self) -> bool:
@@ -73,6 +80,7 @@ class RunRow:
     def to_json(self, live: bool | None = None) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k != "controller"}
         out["live"] = self.live if live is None else live
+        out["when_ms"] = self.when_ms
         out["group"] = self.key.split("/")[0] if "/" in self.key else ""
         return out
 
@@ -91,9 +99,23 @@ def _int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
+_STAMP = re.compile(r"^(\d{8}-\d{6})")
+
+
+def made_ms(name: str) -> int | None:
+    """When a run directory named ``YYYYmmdd-HHMMSS-...`` (``rundir.new_run_id``) was made, local time."""
+    m = _STAMP.match(name)
+    if not m:
+        return None
+    try:
+        return int(time.mktime(time.strptime(m.group(1), "%Y%m%d-%H%M%S")) * 1000)
+    except ValueError:
+        return None
+
+
 def read_row(key: str, path: Path) -> RunRow:
     """A run's row from its run.json, chaos.json and verdict.json; never raises (``error`` says why)."""
-    row = RunRow(key, path.name)
+    row = RunRow(key, path.name, made_ms=made_ms(path.name))
     try:
         run = _read_json(path / "run.json")
         if not isinstance(run, dict):
@@ -186,7 +208,7 @@ class RunIndex:
             rows[key] = (stamp, row)
             paths[key] = path
         self._rows, self._paths = rows, paths
-        return sorted((r for _, r in rows.values()), key=lambda r: (r.started_ms or 0, r.key), reverse=True)
+        return sorted((r for _, r in rows.values()), key=lambda r: (r.when_ms or 0, r.key), reverse=True)
 
     def path_of(self, key: str) -> Path:
         """The directory of run ``key``; :class:`UnknownRun` unless a scan found it."""
@@ -240,7 +262,7 @@ def _entry(row: RunRow) -> dict[str, Any]:
     bug = row.inject_bugs[0] if row.inject_bugs else None
     out = {"name": f"canary: {bug}" if bug else (row.scenario or row.run_id), "scenario": row.scenario,
            "canary": bug, "seed": row.seed, "valid": row.valid, "failing": failing, "run": row.key,
-           "started_ms": row.started_ms}
+           "when_ms": row.when_ms}
     if bug:
         out["expect_failing"] = _expected(bug)
         out["passed"] = out["expect_failing"] in failing
@@ -267,16 +289,16 @@ def nights(index: RunIndex, rows: list[RunRow]) -> list[dict[str, Any]]:
     for folder in nightly_folders(index.root):
         prefix = "" if folder == index.root else folder.relative_to(index.root).as_posix() + "/"
         mine = [r for r in rows if r.key.startswith(prefix) and "/" not in r.key[len(prefix):]
-                and r.started_ms is not None and r.kind in ("chaos", "sim")]
-        mine.sort(key=lambda r: r.started_ms or 0)
+                and r.when_ms is not None and r.kind in ("chaos", "sim")]
+        mine.sort(key=lambda r: (r.when_ms or 0, r.started_ms or 0, r.key))
         groups: list[list[RunRow]] = []
         for r in mine:
-            if not groups or (r.started_ms or 0) - (groups[-1][-1].started_ms or 0) > NIGHT_GAP_MS:
+            if not groups or (r.when_ms or 0) - (groups[-1][-1].when_ms or 0) > NIGHT_GAP_MS:
                 groups.append([])
             groups[-1].append(r)
         night_list = []
         for g in groups:
-            first = g[0].started_ms or 0
+            first = g[0].when_ms or 0
             entries = [_entry(r) for r in g]
             night_list.append({"label": time.strftime("%Y-%m-%d %H:%M", time.localtime(first / 1000)),
                                "started_ms": first, "entries": entries,

@@ -255,7 +255,7 @@ const Runs = (() => {
       <td>${Object.entries(r.checkers || {}).map(([n, v]) => `<span class="chip c-${v === true ? "true" : v === false ? "false" : "unknown"}">${esc(n)}</span>`).join("")}</td>
       <td class="num">${r.nodes} nodes · ${r.users} users</td>
       <td class="num">${esc(fmtDur(r.duration_ms))}</td>
-      <td class="num">${esc(fmtDate(r.started_ms))}</td></tr>`).join("");
+      <td class="num">${esc(fmtDate(r.when_ms))}</td></tr>`).join("");
     $("#runs-count").textContent = `${shown.length} of ${rows.length} runs` + ($("#runs-count").dataset.took ? ` · listed in ${$("#runs-count").dataset.took} ms` : "");
   }
   $("#runs-table tbody").addEventListener("click", e => {
@@ -298,15 +298,15 @@ const RunPage = (() => {
           <div><span>scenario</span>${esc(r.scenario || "–")}${(r.inject_bugs || []).map(b => ` <span class="chip c-unknown">+${esc(b)}</span>`).join("")}</div>
           <div><span>seed</span><span class="mono">${esc(r.seed ?? "–")}</span></div><div><span>kind</span>${esc(r.kind)}</div>
           <div><span>network</span>${r.nodes} nodes · ${r.users} users · links ${esc(r.links_mode || "–")}</div>
-          <div><span>started</span>${esc(fmtDate(r.started_ms))}</div><div><span>duration</span>${esc(fmtDur(r.duration_ms) || "–")}</div>
+          <div><span>started</span>${esc(fmtDate(r.when_ms))}${r.kind === "sim" ? ' <span class="sub">(virtual clock: ' + esc(fmtDate(r.started_ms)) + ")</span>" : ""}</div><div><span>duration</span>${esc(fmtDur(r.duration_ms) || "–")}</div>
           <div><span>on disk</span>${(d.disk_bytes / 1048576).toFixed(1)} MiB</div><div><span>history</span>${d.history_records} records</div>
           <div style="grid-column: span 2"><span>directory</span><span class="mono">${esc(d.path)}</span></div>
         </div></div>
       <div class="card"><h3>Verdict per checker</h3>${checkers}</div>
-      <div class="card"><h3>Flagged messages (${fl.total})</h3>${fl.unjudged.map(u => `<p class="why">not judged by ${esc(u)}</p>`).join("")}${flagged}</div>
-      <div class="card"><h3>Find a message</h3><form class="lookup" id="lookup"><input type="text" id="lookup-key" placeholder="msg_id (alice-3) or hash (or a unique start of it)"><button class="btn">Show its journey</button></form><div id="lookup-out"></div></div>
       <div class="card"><h3>Faults</h3>${faults}</div>
-      <div class="card"><h3>Report</h3>${r.report ? `<iframe class="report" title="report" src="/api/run/report?run=${encodeURIComponent(k)}"></iframe>` : '<p class="sub">This run has no report.html.</p>'}</div>`;
+      <div class="card"><h3>Flagged messages (${fl.total}) <span class="sub">click one for its journey</span></h3>${fl.unjudged.map(u => `<p class="why">not judged by ${esc(u)}</p>`).join("")}<div class="scrollbox">${flagged}</div></div>
+      <div class="card"><h3>Find a message</h3><form class="lookup" id="lookup"><input type="text" id="lookup-key" placeholder="msg_id (alice-3) or hash (or a unique start of it)"><button class="btn">Show its journey</button></form><div id="lookup-out"></div></div>
+      <div class="card"><h3>Report <span class="sub">report.html as the run wrote it</span></h3>${r.report ? `<iframe class="report" title="report" src="/api/run/report?run=${encodeURIComponent(k)}"></iframe>` : '<p class="sub">This run has no report.html.</p>'}</div>`;
     body.querySelectorAll(".flagged-list > li .fh").forEach(h => h.addEventListener("click", () => toggleJourney(h.parentElement)));
     $("#lookup").addEventListener("submit", async e => {
       e.preventDefault();
