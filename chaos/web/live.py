@@ -36,6 +36,7 @@ from testnet.base.rpc import RpcError, call_once
 from testnet.procs import proc_state
 
 from . import harness
+from .runs import js_int
 
 log = logging.getLogger("chaos.web.live")
 
@@ -335,7 +336,7 @@ class Watcher:
         ctl = run.get("controller") or {}
         ctl_alive = bool(ctl.get("pid")) and proc_state(ctl["pid"], ctl.get("create_time")) != "dead"
         self.snapshot = {
-            "key": self.key, "run_id": run.get("run_id"), "state": run.get("state"), "seed": run.get("seed"),
+            "key": self.key, "run_id": run.get("run_id"), "state": run.get("state"), "seed": js_int(run.get("seed")),
             "links_mode": run.get("links_mode"), "started_ms": run.get("started_ms"), "t": int(now * 1000),
             "controller": "alive" if ctl_alive else "gone",
             "can_act": ctl_alive and run.get("state") == "ready",

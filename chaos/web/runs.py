@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import msgspec
+
 from testnet import rundir
 from testnet.procs import proc_state
 
@@ -81,17 +83,68 @@ class RunRow:
         out = {k: v for k, v in self.__dict__.items() if k != "controller"}
         out["live"] = self.live if live is None else live
         out["when_ms"] = self.when_ms
+        out["seed"] = js_int(self.seed)
+        if out["live"] and self.started_ms is not None and self.duration_ms is None:
+            out["duration_ms"] = max(0, int(time.time() * 1000) - self.started_ms)  # running for
         out["group"] = self.key.split("/")[0] if "/" in self.key else ""
         return out
 
 
+def js_int(v: Any) -> Any:
+    """An integer as a browser reads it exactly: past 2^53 (a run seed is 63 bits), as text."""
+    return str(v) if isinstance(v, int) and abs(v) > 2**53 - 1 else v
+
+
+class _Skip(msgspec.Struct):
+    """Any JSON object, none of its fields kept (a node record when only nodes are counted)."""
+
+
+class _RunHead(msgspec.Struct):
+    run_id: Any = None
+    seed: Any = None
+    state: Any = None
+    started_ms: Any = None
+    links_mode: Any = None
+    nodes: list[_Skip] = []
+    users: list[_Skip] = []
+    controller: Any = None
+
+
+class _CheckerHead(msgspec.Struct):
+    valid: Any = None
+
+
+class _VerdictHead(msgspec.Struct):
+    valid: Any = None
+    checked_ms: Any = None
+    checkers: dict[str, _CheckerHead] = {}
+    faults: Any = None
+    sim: Any = None
+
+
+# Typed decoders read only the fields a row shows: 4-5 times faster than json.loads on a
+# verdict's capped message lists, which is most of listing 500 runs the first time.
+_DECODERS = {"run.json": msgspec.json.Decoder(_RunHead), "verdict.json": msgspec.json.Decoder(_VerdictHead)}
+
+
 def _read_json(path: Path) -> Any:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        data = path.read_bytes()
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise ValueError(f"{path.name}: {exc.strerror}") from None
+    decoder = _DECODERS.get(path.name)
+    if decoder is not None:
+        try:
+            return msgspec.to_builtins(decoder.decode(data))
+        except msgspec.ValidationError:
+            pass  # not the shape a row expects: read it as any JSON, and say what is wrong below
+        except msgspec.DecodeError as exc:
+            raise ValueError(f"{path.name}: {exc}") from None
+    try:
+        return json.loads(data)
+    except ValueError as exc:
         raise ValueError(f"{path.name}: {exc}") from None
 
 
@@ -261,7 +314,7 @@ def _entry(row: RunRow) -> dict[str, Any]:
     failing = sorted(n for n, v in row.checkers.items() if v is False)
     bug = row.inject_bugs[0] if row.inject_bugs else None
     out = {"name": f"canary: {bug}" if bug else (row.scenario or row.run_id), "scenario": row.scenario,
-           "canary": bug, "seed": row.seed, "valid": row.valid, "failing": failing, "run": row.key,
+           "canary": bug, "seed": js_int(row.seed), "valid": row.valid, "failing": failing, "run": row.key,
            "when_ms": row.when_ms}
     if bug:
         out["expect_failing"] = _expected(bug)

@@ -108,6 +108,7 @@ const Live = (() => {
   function render(s) {
     if (!s || !s.nodes) { if (s && s.error) empty(`<b>The run cannot be read:</b> ${esc(s.error)}`); return; }
     snap = s;
+    Plots.setSwarms(s.swarms);
     $("#live-empty").classList.add("hidden");
     $("#live-body").classList.remove("hidden");
     $("#live-facts").innerHTML = `<span class="pill">${esc(s.state)}</span> <span class="pill">links ${esc(s.links_mode)}</span>` +
@@ -142,7 +143,7 @@ const Live = (() => {
       const div = document.createElement("div");
       div.className = "swarm";
       div.dataset.swarm = g.id || "none";
-      const colour = g.id ? Plots.swarmColour(g.position) : "#8a949e";
+      const colour = Plots.swarmColour(g.id);
       div.innerHTML = `<header><span class="sw-dot" style="background:${colour}"></span><b>${g.id ? "swarm " + esc(g.id.slice(0, 8)) + "…" : "no swarm"}</b>` +
         `<span class="sub">${g.members.length} node${g.members.length === 1 ? "" : "s"}${g.id ? " · " + esc(g.id) : ""}</span></header><div class="nodes"></div>`;
       const nodes = div.querySelector(".nodes");

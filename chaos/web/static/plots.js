@@ -71,8 +71,11 @@ const Plots = (() => {
     }
   }
 
-  // Swarm colour: a hue from the swarm's place on the ring.
-  function swarmColour(position) { return `hsl(${Math.round(position * 360)}, 55%, 48%)`; }
+  // Swarm colours: dark tones apart from the node states' colours, by the swarm's order on the ring.
+  const PALETTE = ["#0f766e", "#8b5a2b", "#334155", "#a21caf", "#65730f", "#1e3a8a", "#9a3412", "#0369a1"];
+  let swarmIndex = {};
+  function setSwarms(swarms) { swarmIndex = Object.fromEntries(swarms.map((s, i) => [s.id, i])); }
+  function swarmColour(id) { return id in swarmIndex ? PALETTE[swarmIndex[id] % PALETTE.length] : "#8a949e"; }
 
   const STATE = { up: "#2e9d5b", skewed: "#8e44ad", partitioned: "#2f6fd6", paused: "#e08a00", killed: "#d43f3f",
                   down: "#8a949e", starting: "#7fb3d5" };
@@ -96,7 +99,7 @@ const Plots = (() => {
     for (const s of snap.swarms) {
       const a = s.position * 2 * Math.PI - Math.PI / 2;
       const x = c + R * Math.cos(a), y = c + R * Math.sin(a);
-      const col = swarmColour(s.position);
+      const col = swarmColour(s.id);
       el("circle", { cx: x, cy: y, r: 7, fill: col, stroke: "#fff", "stroke-width": 2 }, svg);
       const lab = el("text", { x: c + (R - 24) * Math.cos(a), y: c + (R - 24) * Math.sin(a) + 4, "text-anchor": "middle",
                                "font-size": 10, fill: col, "font-family": "monospace" }, svg);
@@ -144,9 +147,9 @@ const Plots = (() => {
     for (const f of snap.link_faults) for (const k of faulted(f, order)) marks.set(k, f);
     order.forEach((a, i) => {
       const sa = swarmOf[a];
-      const lab = el("text", { x: pad - 4, y: pad + i * cell + cell * .72, "text-anchor": "end", "font-size": Math.min(10, cell), fill: sa ? swarmColour(sa.position) : "#666" }, svg);
+      const lab = el("text", { x: pad - 4, y: pad + i * cell + cell * .72, "text-anchor": "end", "font-size": Math.min(10, cell), fill: sa ? swarmColour(sa.id) : "#666" }, svg);
       lab.textContent = a;
-      const top = el("text", { x: pad + i * cell + cell / 2, y: pad - 4, "text-anchor": "middle", "font-size": Math.min(9, cell), fill: sa ? swarmColour(sa.position) : "#666" }, svg);
+      const top = el("text", { x: pad + i * cell + cell / 2, y: pad - 4, "text-anchor": "middle", "font-size": Math.min(9, cell), fill: sa ? swarmColour(sa.id) : "#666" }, svg);
       top.textContent = a.replace(/^n0?/, "");
       order.forEach((b, j) => {
         const x = pad + j * cell, y = pad + i * cell;
@@ -177,5 +180,5 @@ const Plots = (() => {
     div.appendChild(key);
   }
 
-  return { lines, legend, ring, matrix, swarmColour, STATE };
+  return { lines, legend, ring, matrix, swarmColour, setSwarms, STATE };
 })();
