@@ -30,6 +30,40 @@ async def snapshot_until(url: str, key: str, check, timeout_s: float = 10.0) -> 
             await trio.sleep(0.1)
 
 
+async def refusals(url: str, token: str, net) -> None:
+    """Acting needs the page's token, its origin and good input; whatever is refused is not done."""
+    kill = {"run": "net", "action": "kill", "node": "n01"}
+    plain = {"Content-Type": "application/json", "Origin": url}
+    # no token, a wrong token, another origin, a form post: refused before anything is done
+    for headers, body in [(plain, json.dumps(kill)), ({**plain, "X-Swarmnet-Token": "x" * 32}, json.dumps(kill)),
+                          ({**plain, "X-Swarmnet-Token": token, "Origin": "http://evil.example"}, json.dumps(kill)),
+                          ({"X-Swarmnet-Token": token, "Content-Type": "application/x-www-form-urlencoded"},
+                           "run=net&action=kill&node=n01")]:
+        r = await post(url + "/api/act", data=body, headers=headers)
+        assert r.status_code in (403, 415), (headers, r.text)
+    # a page reached through another host name (DNS rebinding) is not served at all
+    r = await get(url + "/api/runs", headers={"Host": "evil.example"})
+    assert r.status_code == 400
+    for body, status, words in [
+        ({"run": "net", "action": "explode"}, 400, "action must be one of"),
+        ({"run": "net", "action": "kill"}, 400, "needs 'node'"),
+        ({"run": "net", "action": "kill", "node": "../n01"}, 400, "needs 'node'"),
+        ({"run": "net", "action": "kill", "node": "n09"}, 404, "no node n09"),
+        ({"run": "nope", "action": "heal"}, 404, "no run 'nope'"),
+        ({"run": "net", "action": "partition", "swarms": ["zz", 3]}, 400, "16 hex digits"),
+        ({"run": "net", "action": "partition", "swarms": ["00" * 8, "00" * 8]}, 400, "two different"),
+    ]:
+        r = await act(url, token, body)
+        assert r.status_code == status and words in r.json()["error"], (body, r.text)
+    r = await post(url + "/api/act", data="{not json", headers={**plain, "X-Swarmnet-Token": token})
+    assert r.status_code == 400
+    assert all(rt.state == "running" for rt in net.nodes.values())
+    assert not (net.run_dir / "faults.jsonl").exists()  # nothing refused was done
+    for path in ("/api/live/snapshot?run=nope", "/api/run?run=../../etc", "/api/run", "/api/run/report?run=x"):
+        r = await get(url + path)
+        assert r.status_code in (400, 404) and r.headers["content-type"].startswith(("application/json", "text/html"))
+
+
 async def test_live_view_metrics_and_acting_on_a_network(tmp_path):
     runs_dir = tmp_path / "runs"
     async with running_testnet(runs_dir / "net", nodes=5, users=2, min_swarm=1) as net:
@@ -54,6 +88,7 @@ async def test_live_view_metrics_and_acting_on_a_network(tmp_path):
             assert text.count('swarmnet_node_state{') == 5 * 7
 
             token = await page_token(url)
+            await refusals(url, token, net)
             r = await act(url, token, {"run": "net", "action": "kill", "node": "n02"})
             assert r.status_code == 200 and r.json()["result"]["state"] == "killed"
             assert [(f["fault"], f["kind"], f["phase"], f["targets"]["nodes"]) for f in faults(net.run_dir)] == \
@@ -80,43 +115,6 @@ async def test_live_view_metrics_and_acting_on_a_network(tmp_path):
             assert [(f["fault"], f["phase"]) for f in faults(net.run_dir)] == [("c1", "start"), ("c1", "end")]
             await snapshot_until(url, "net", lambda s: all(n["state"] == "up" for n in s["snapshot"]["nodes"])
                                  and any("restarted" in e["text"] for e in s["events"]))
-
-
-async def test_acting_needs_the_pages_token_its_origin_and_good_input(tmp_path):
-    runs_dir = tmp_path / "runs"
-    async with running_testnet(runs_dir / "net", nodes=3, users=1, min_swarm=1) as net:
-        async with served(runs_dir) as url:
-            token = await page_token(url)
-            kill = {"run": "net", "action": "kill", "node": "n01"}
-            plain = {"Content-Type": "application/json", "Origin": url}
-            # no token, a wrong token, another origin, a form post: refused before anything is done
-            for headers, body in [(plain, json.dumps(kill)), ({**plain, "X-Swarmnet-Token": "x" * 32}, json.dumps(kill)),
-                                  ({**plain, "X-Swarmnet-Token": token, "Origin": "http://evil.example"}, json.dumps(kill)),
-                                  ({"X-Swarmnet-Token": token, "Content-Type": "application/x-www-form-urlencoded"},
-                                   "run=net&action=kill&node=n01")]:
-                r = await post(url + "/api/act", data=body, headers=headers)
-                assert r.status_code in (403, 415), (headers, r.text)
-            # a page reached through another host name (DNS rebinding) is not served at all
-            r = await get(url + "/api/runs", headers={"Host": "evil.example"})
-            assert r.status_code == 400
-            for body, status, words in [
-                ({"run": "net", "action": "explode"}, 400, "action must be one of"),
-                ({"run": "net", "action": "kill"}, 400, "needs 'node'"),
-                ({"run": "net", "action": "kill", "node": "../n01"}, 400, "needs 'node'"),
-                ({"run": "net", "action": "kill", "node": "n09"}, 404, "no node n09"),
-                ({"run": "nope", "action": "heal"}, 404, "no run 'nope'"),
-                ({"run": "net", "action": "partition", "swarms": ["zz", 3]}, 400, "16 hex digits"),
-                ({"run": "net", "action": "partition", "swarms": ["00" * 8, "00" * 8]}, 400, "two different"),
-            ]:
-                r = await act(url, token, body)
-                assert r.status_code == status and words in r.json()["error"], (body, r.text)
-            r = await post(url + "/api/act", data="{not json", headers={**plain, "X-Swarmnet-Token": token})
-            assert r.status_code == 400
-            assert all(rt.state == "running" for rt in net.nodes.values())
-            assert not (net.run_dir / "faults.jsonl").exists()
-            for path in ("/api/live/snapshot?run=nope", "/api/run?run=../../etc", "/api/run", "/api/run/report?run=x"):
-                r = await get(url + path)
-                assert r.status_code in (400, 404) and r.headers["content-type"].startswith(("application/json", "text/html"))
 
 
 @requires_toxiproxy

@@ -91,5 +91,7 @@ def serve(runs_dir: Path, run_dir: Path | None, port: int, host: str, allow_host
         trio.run(main)
     except* OSError as group:  # the address is taken, or not ours
         failed = group.exceptions[0]  # type: ignore[assignment]
+        while isinstance(failed, BaseExceptionGroup):  # nurseries nest their groups
+            failed = failed.exceptions[0]
     if failed is not None:
         raise click.ClickException(f"cannot listen at {host}:{port}: {failed.strerror or failed}")

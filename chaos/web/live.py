@@ -152,7 +152,7 @@ class Watcher:
         self.totals = {"stores_ok": 0, "stores_failed": 0, "stores_unknown": 0, "receives": 0, "adversary_attempts": 0}
         self._prev: dict[str, dict[str, Any]] = {}
         self._prev_height: int | None = None
-        self._stores_prev: dict[str, tuple[int, float]] = {}
+        self._stores_seen: dict[str, deque[tuple[float, int]]] = {}  # per node: (time, stores) over the window
         self.node_info: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ subscribers
@@ -308,11 +308,15 @@ class Watcher:
             stores = stats.get("stores")
             rate = None
             if isinstance(stores, int):
-                prev = self._stores_prev.get(name)
-                if prev is not None and now > prev[1]:
-                    rate = max(0, stores - prev[0]) / (now - prev[1])  # a restart starts its count at 0
+                seen = self._stores_seen.setdefault(name, deque())
+                if seen and stores < seen[-1][1]:
+                    seen.clear()  # restarted: its count starts again at 0
+                seen.append((now, stores))
+                while len(seen) > 1 and seen[0][0] < now - WINDOW_MS / 1000:
+                    seen.popleft()
+                if len(seen) > 1:
+                    rate = (stores - seen[0][1]) / (now - seen[0][0])
                     stores_rate += rate
-                self._stores_prev[name] = (stores, now)
             conns = body.get("connections") if isinstance(body.get("connections"), dict) else {}
             swarm = body.get("swarm_id", n.get("swarm_id")) if body else n.get("swarm_id")
             rows.append({
@@ -332,6 +336,8 @@ class Watcher:
         for r in rows:
             if r["swarm"] is not None and r["state"] not in ("down",):
                 swarms.setdefault(r["swarm"], []).append(r["name"])
+        if not self.series:
+            self._backfill(now)
         self.series.append(self._point(now, stores_rate))
         ctl = run.get("controller") or {}
         ctl_alive = bool(ctl.get("pid")) and proc_state(ctl["pid"], ctl.get("create_time")) != "dead"
@@ -436,18 +442,40 @@ class Watcher:
         self.add_event("adversary", f"adversary: {len(recs)} attempt(s) ({kinds}); {as_ruled} answered as the rules say",
                        level)
 
+    def _backfill(self, now: float) -> None:
+        """The users' part of the plots from the history already written (a page opened late
+        still sees the last minutes), a point a second."""
+        recs = list(self._recent)
+        if not recs:
+            return
+        t_end = int(now * 1000)
+        t = max(recs[0][0] + WINDOW_MS, t_end - SERIES_LEN * POLL_S * 1000)
+        lo = 0
+        while t < t_end - 1000:
+            while lo < len(recs) and recs[lo][0] < t - WINDOW_MS:
+                lo += 1
+            hi = lo
+            while hi < len(recs) and recs[hi][0] <= t:
+                hi += 1
+            self.series.append({**self._stats(recs[lo:hi], t), "node_stores_per_s": None})
+            t += 1000
+
     def _point(self, now: float, node_stores: float) -> dict[str, Any]:
         t_ms = int(now * 1000)
         while self._recent and self._recent[0][0] < t_ms - WINDOW_MS:
             self._recent.popleft()
+        return {**self._stats(list(self._recent), t_ms), "node_stores_per_s": round(node_stores, 2)}
+
+    @staticmethod
+    def _stats(recent: list[tuple[int, str, float | None]], t_ms: int) -> dict[str, Any]:
         win = WINDOW_MS / 1000
-        stores = [lat for _, k, lat in self._recent if k == "store"]
-        receives = [lat for _, k, lat in self._recent if k == "receive"]
+        stores = [lat for _, k, lat in recent if k == "store"]
+        receives = [lat for _, k, lat in recent if k == "receive"]
         store_lat = [x for x in stores if x is not None]
         deliv = [x for x in receives if x is not None]
-        return {"t": t_ms, "node_stores_per_s": round(node_stores, 2),
+        return {"t": t_ms,
                 "stores_per_s": round(len(stores) / win, 2),
-                "failed_per_s": round(sum(1 for _, k, _ in self._recent if k == "store_failed") / win, 2),
+                "failed_per_s": round(sum(1 for _, k, _ in recent if k == "store_failed") / win, 2),
                 "receives_per_s": round(len(receives) / win, 2),
                 "store_ms_p50": statistics.median(store_lat) if store_lat else None,
                 "store_ms_p95": _pct(store_lat, 0.95),
@@ -459,6 +487,7 @@ class Watcher:
         cur = {r["name"]: r for r in rows}
         first = not self._prev
         if not first:
+            changed: dict[tuple[str, str], list[str]] = {}  # (now, was) -> nodes: one line for a partition's
             for name, r in cur.items():
                 p = self._prev.get(name)
                 if p is None:
@@ -467,10 +496,13 @@ class Watcher:
                 if r["pid"] != p["pid"] and r["pid"] and p["pid"]:
                     self.add_event("node", f"{name} restarted (pid {p['pid']} -> {r['pid']})", "ok")
                 elif r["state"] != p["state"]:
-                    level = "ok" if r["state"] == "up" else "warn"
-                    self.add_event("node", f"{name} is {r['state']} (was {p['state']})", level)
+                    changed.setdefault((r["state"], p["state"]), []).append(name)
                 if r["swarm"] != p["swarm"] and r["swarm"] is not None and p["swarm"] is not None:
                     self.add_event("swarm", f"{name} moved from swarm {p['swarm'][:6]}… to {r['swarm'][:6]}…", "warn")
+            for (now_state, was), names in changed.items():
+                verb = "is" if len(names) == 1 else "are"
+                self.add_event("node", f"{', '.join(names)} {verb} {now_state} (was {was})",
+                               "ok" if now_state == "up" else "warn")
             for name in set(self._prev) - set(cur):
                 self.add_event("node", f"{name} left the network", "warn")
         height = registry.get("height")

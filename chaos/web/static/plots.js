@@ -19,7 +19,7 @@ const Plots = (() => {
     const g = canvas.getContext("2d");
     g.setTransform(dpr, 0, 0, dpr, 0, 0);
     g.clearRect(0, 0, w, h);
-    const left = 44, right = 8, top = 8, bottom = 22;
+    const left = 48, right = 8, top = 8, bottom = 22;
     const now = points.length ? points[points.length - 1].t : Date.now();
     const t0 = now - spanMs;
     const shown = points.filter(p => p.t >= t0);
@@ -31,7 +31,7 @@ const Plots = (() => {
       const y = top + (h - top - bottom) * i / 4;
       g.beginPath(); g.moveTo(left, y); g.lineTo(w - right, y); g.stroke();
       const v = max * (1 - i / 4);
-      g.textAlign = "right"; g.fillText(v >= 100 ? v.toFixed(0) : String(+v.toFixed(2)), left - 6, y + 4);
+      g.textAlign = "right"; g.fillText(v >= 10000 ? `${+(v / 1000).toFixed(1)}k` : v >= 100 ? v.toFixed(0) : String(+v.toFixed(2)), left - 6, y + 4);
     }
     g.textAlign = "center";
     for (let s = 0; s <= spanMs / 1000; s += 60) {
