@@ -135,7 +135,8 @@ async def test_a_partition_between_two_swarms_and_heal_all(tmp_path):
                           {f"{y}->{x}" for x in a["members"] for y in b["members"]}
             snap = await snapshot_until(url, "net", lambda s: s["snapshot"]["link_faults"])
             lf = snap["snapshot"]["link_faults"][0]
-            assert (lf["kind"], lf["family"], lf["side_a"], lf["side_b"]) == ("halves", "partition", a["members"], b["members"])
+            assert (lf["kind"], lf["family"], lf["side_a"], lf["side_b"]) == \
+                ("halves", "partition", a["members"], b["members"])
             assert {n["name"] for n in snap["snapshot"]["nodes"] if n["state"] == "partitioned"} == \
                 set(a["members"]) | set(b["members"])
             r = await act(url, token, {"run": "net", "action": "heal"})

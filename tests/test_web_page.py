@@ -29,7 +29,8 @@ def sim_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from chaos.sim.cli import run_jobs
 
     runs_dir = tmp_path_factory.mktemp("web") / "runs"
-    [r] = run_jobs([{"scenario": "smoke", "seed": 1, "inject_bugs": ["skip-replication"], "runs_dir": str(runs_dir)}], 1)
+    job = {"scenario": "smoke", "seed": 1, "inject_bugs": ["skip-replication"], "runs_dir": str(runs_dir)}
+    [r] = run_jobs([job], 1)
     assert r["valid"] is False and "delivery" in r["failing"], r
     return runs_dir
 
@@ -40,9 +41,11 @@ def _fake_run(path: Path, run_id: str, *, scenario: str = "smoke", seed: int = 1
     (path / "run.json").write_text(json.dumps({"schema": 1, "run_id": run_id, "seed": seed, "state": "stopped",
                                                "started_ms": started_ms, "links_mode": "direct",
                                                "nodes": [{"name": "n01"}], "users": [], "controller": None}))
-    (path / "chaos.json").write_text(json.dumps({"scenario": scenario, "seed": seed, "inject_bugs": [bug] if bug else []}))
+    (path / "chaos.json").write_text(json.dumps({"scenario": scenario, "seed": seed,
+                                                 "inject_bugs": [bug] if bug else []}))
     checkers = {c: {"valid": c not in failing} for c in ("delivery", "replication", "unlinkability", "authority")}
-    (path / "verdict.json").write_text(json.dumps({"valid": valid, "checked_ms": started_ms + 30_000, "checkers": checkers}))
+    (path / "verdict.json").write_text(json.dumps({"valid": valid, "checked_ms": started_ms + 30_000,
+                                                   "checkers": checkers}))
 
 
 async def test_runs_reports_and_journeys_over_http(sim_runs):
@@ -164,7 +167,8 @@ async def test_the_page_in_a_browser(sim_runs, tmp_path):
                     page.goto(url + "/#live")
                     expect(page.locator(".node[data-state=up]")).to_have_count(6, timeout=15_000)
                     found["swarms"] = page.eval_on_selector_all(
-                        ".swarm", "els => els.map(e => [e.dataset.swarm, [...e.querySelectorAll('.node')].map(n => n.dataset.node)])")
+                        ".swarm", "els => els.map(e => [e.dataset.swarm, "
+                                  "[...e.querySelectorAll('.node')].map(n => n.dataset.node)])")
                     page.screenshot(path=str(shots / "live.png"), full_page=True)
                     page.click(".node[data-node=n02] button[data-action=kill]")
                     clicked = time.monotonic()
@@ -210,3 +214,23 @@ async def test_the_page_in_a_browser(sim_runs, tmp_path):
             assert "swarmnet chaos run" in found["report"]
             assert "delivery: lost" in found["flagged"]
             assert "lost" in found["journey"] and "trail ends at" in found["journey"]
+
+
+def test_the_users_traffic_from_a_growing_history():
+    from chaos.web.traffic import Traffic
+
+    t0 = 1_000_000
+    history = []
+    for i in range(20):  # a send a second, acknowledged after 40 ms, received after 900 ms
+        history += [{"t": t0 + i * 1000, "op": "send", "type": "invoke", "msg_id": f"a-{i}"},
+                    {"t": t0 + i * 1000 + 40, "op": "send", "type": "ok", "msg_id": f"a-{i}", "latency_ms": 40},
+                    {"t": t0 + i * 1000 + 900, "op": "receive", "type": "ok", "msg_id": f"a-{i}"}]
+    history.append({"t": t0 + 19_500, "op": "send", "type": "fail", "msg_id": "a-x"})
+    traffic = Traffic()
+    traffic.read(history[:30])
+    back = traffic.backfill(now=(t0 + 10_500) / 1000)
+    assert len(back) == 8 and all(p["stores_per_s"] == 1.0 and p["store_ms_p50"] == 40 for p in back)
+    traffic.read(history[30:])
+    p = traffic.point(now=(t0 + 20_000) / 1000, node_stores=3.0)
+    assert (p["stores_per_s"], p["receives_per_s"], p["failed_per_s"], p["delivery_ms_p50"]) == (1.0, 1.0, 0.5, 900)
+    assert traffic.totals == {"stores_ok": 20, "stores_failed": 1, "stores_unknown": 0, "receives": 20}

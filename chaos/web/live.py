@@ -20,9 +20,7 @@ on), ``skewed`` (its clock offset is not 0) or ``up``.
 from __future__ import annotations
 
 import logging
-import math
 import os
-import statistics
 import time
 from collections import deque
 from pathlib import Path
@@ -37,13 +35,14 @@ from testnet.procs import proc_state
 
 from . import harness
 from .runs import js_int
+from .traffic import Traffic
 
 log = logging.getLogger("chaos.web.live")
 
 POLL_S = 0.5
 INFO_TIMEOUT_S = 0.4
 INFO_AT_ONCE = 64  # info calls in flight in one round
-WINDOW_MS = 2000  # rates and latencies are over the last 2 s of history
+WINDOW_MS = 2000  # node store rates are over the last 2 s
 SERIES_LEN = 600  # points kept (5 min)
 EVENTS_LEN = 500
 IDLE_S = 60.0  # a watcher nobody asked for this long stops
@@ -117,13 +116,6 @@ def _partitioned(faults: list[dict[str, Any]]) -> set[str]:
     return out
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
-
-
 class Watcher:
     """The watched state of the run in ``run_dir``; :meth:`run` polls it until idle."""
 
@@ -147,9 +139,8 @@ class Watcher:
         self._procs: dict[tuple[int, Any], psutil.Process] = {}
         self._tails = {name: Tail(self.run_dir / name) for name in ("faults.jsonl", "history.jsonl", "adversary.jsonl")}
         self.fault_records: list[dict[str, Any]] = []
-        self._invokes: dict[str, int] = {}  # msg_id -> invoke t (delivery latency)
-        self._recent: deque[tuple[int, str, float | None]] = deque()  # (t ms, kind, latency ms) in the window
-        self.totals = {"stores_ok": 0, "stores_failed": 0, "stores_unknown": 0, "receives": 0, "adversary_attempts": 0}
+        self.traffic = Traffic()
+        self.adversary_attempts = 0
         self._prev: dict[str, dict[str, Any]] = {}
         self._prev_height: int | None = None
         self._stores_seen: dict[str, deque[tuple[float, int]]] = {}  # per node: (time, stores) over the window
@@ -277,7 +268,7 @@ class Watcher:
             if body:
                 self.node_info[name] = body
         self._read_faults()
-        self._read_history()
+        self.traffic.read(self._tails["history.jsonl"].read())
         self._read_adversary()
         spans = [s for s in harness.fault_spans(self.fault_records) if s.start_ms is not None
                  and s.end_ms is None and s.status == "not healed"]
@@ -337,8 +328,8 @@ class Watcher:
             if r["swarm"] is not None and r["state"] not in ("down",):
                 swarms.setdefault(r["swarm"], []).append(r["name"])
         if not self.series:
-            self._backfill(now)
-        self.series.append(self._point(now, stores_rate))
+            self.series.extend(self.traffic.backfill(now))
+        self.series.append(self.traffic.point(now, stores_rate))
         ctl = run.get("controller") or {}
         ctl_alive = bool(ctl.get("pid")) and proc_state(ctl["pid"], ctl.get("create_time")) != "dead"
         self.snapshot = {
@@ -355,7 +346,7 @@ class Watcher:
                         "since_ms": s.start_ms, "targets": _short(s.targets),
                         "by": s.targets.get("by") or "schedule"} for s in spans],
             "link_faults": faults_on,
-            "totals": dict(self.totals),
+            "totals": {**self.traffic.totals, "adversary_attempts": self.adversary_attempts},
             "error": None,
         }
 
@@ -406,31 +397,11 @@ class Watcher:
             elif phase in ("skipped", "error"):
                 self.add_event("fault", f"fault {fid} {kind} {phase}: {r.get('error', '')}"[:300], "error", t)
 
-    def _read_history(self) -> None:
-        for r in self._tails["history.jsonl"].read():
-            t, op, typ = r.get("t"), r.get("op"), r.get("type")
-            if not isinstance(t, int):
-                continue
-            if op == "send":
-                if typ == "invoke" and r.get("msg_id"):
-                    self._invokes[str(r["msg_id"])] = t
-                elif typ == "ok":
-                    self.totals["stores_ok"] += 1
-                    lat = r.get("latency_ms")
-                    self._recent.append((t, "store", float(lat) if isinstance(lat, (int, float)) else None))
-                elif typ in ("fail", "info"):
-                    self.totals["stores_failed" if typ == "fail" else "stores_unknown"] += 1
-                    self._recent.append((t, "store_failed", None))
-            elif op == "receive" and typ == "ok":
-                self.totals["receives"] += 1
-                sent = self._invokes.pop(str(r.get("msg_id")), None)
-                self._recent.append((t, "receive", float(t - sent) if sent is not None else None))
-
     def _read_adversary(self) -> None:
         recs = [r for r in self._tails["adversary.jsonl"].read() if r.get("op") not in ("skipped", "error")]
         if not recs:
             return
-        self.totals["adversary_attempts"] += len(recs)
+        self.adversary_attempts += len(recs)
         by_attack: dict[str, int] = {}
         as_ruled = 0
         for r in recs:
@@ -439,47 +410,9 @@ class Watcher:
             as_ruled += (want is None and not r.get("effect") and not r.get("exposed")) or r.get("status") == want
         kinds = ", ".join(f"{a} {n}" for a, n in sorted(by_attack.items()))
         level = "warn" if as_ruled == len(recs) else "error"
-        self.add_event("adversary", f"adversary: {len(recs)} attempt(s) ({kinds}); {as_ruled} answered as the rules say",
+        self.add_event("adversary",
+                       f"adversary: {len(recs)} attempt(s) ({kinds}); {as_ruled} answered as the rules say",
                        level)
-
-    def _backfill(self, now: float) -> None:
-        """The users' part of the plots from the history already written (a page opened late
-        still sees the last minutes), a point a second."""
-        recs = list(self._recent)
-        if not recs:
-            return
-        t_end = int(now * 1000)
-        t = max(recs[0][0] + WINDOW_MS, t_end - SERIES_LEN * POLL_S * 1000)
-        lo = 0
-        while t < t_end - 1000:
-            while lo < len(recs) and recs[lo][0] < t - WINDOW_MS:
-                lo += 1
-            hi = lo
-            while hi < len(recs) and recs[hi][0] <= t:
-                hi += 1
-            self.series.append({**self._stats(recs[lo:hi], t), "node_stores_per_s": None})
-            t += 1000
-
-    def _point(self, now: float, node_stores: float) -> dict[str, Any]:
-        t_ms = int(now * 1000)
-        while self._recent and self._recent[0][0] < t_ms - WINDOW_MS:
-            self._recent.popleft()
-        return {**self._stats(list(self._recent), t_ms), "node_stores_per_s": round(node_stores, 2)}
-
-    @staticmethod
-    def _stats(recent: list[tuple[int, str, float | None]], t_ms: int) -> dict[str, Any]:
-        win = WINDOW_MS / 1000
-        stores = [lat for _, k, lat in recent if k == "store"]
-        receives = [lat for _, k, lat in recent if k == "receive"]
-        store_lat = [x for x in stores if x is not None]
-        deliv = [x for x in receives if x is not None]
-        return {"t": t_ms,
-                "stores_per_s": round(len(stores) / win, 2),
-                "failed_per_s": round(sum(1 for _, k, _ in recent if k == "store_failed") / win, 2),
-                "receives_per_s": round(len(receives) / win, 2),
-                "store_ms_p50": statistics.median(store_lat) if store_lat else None,
-                "store_ms_p95": _pct(store_lat, 0.95),
-                "delivery_ms_p50": statistics.median(deliv) if deliv else None}
 
     # ------------------------------------------------------------------ events from changes
 
@@ -498,7 +431,8 @@ class Watcher:
                 elif r["state"] != p["state"]:
                     changed.setdefault((r["state"], p["state"]), []).append(name)
                 if r["swarm"] != p["swarm"] and r["swarm"] is not None and p["swarm"] is not None:
-                    self.add_event("swarm", f"{name} moved from swarm {p['swarm'][:6]}… to {r['swarm'][:6]}…", "warn")
+                    self.add_event("swarm", f"{name} moved from swarm {p['swarm'][:6]}… to {r['swarm'][:6]}…",
+                                   "warn")
             for (now_state, was), names in changed.items():
                 verb = "is" if len(names) == 1 else "are"
                 self.add_event("node", f"{', '.join(names)} {verb} {now_state} (was {was})",

@@ -32,8 +32,10 @@ class NetworkCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         labels = ["run", "node", "swarm"]
-        stores = CounterMetricFamily("swarmnet_node_stores", "Client stores this node took (its info stats)", labels=labels)
-        stat = CounterMetricFamily("swarmnet_node_stat", "Every counter of the node's info stats", labels=labels + ["stat"])
+        stores = CounterMetricFamily("swarmnet_node_stores", "Client stores this node took (its info stats)",
+                                     labels=labels)
+        stat = CounterMetricFamily("swarmnet_node_stat", "Every counter of the node's info stats",
+                                   labels=labels + ["stat"])
         messages = GaugeMetricFamily("swarmnet_node_messages", "Messages the node holds", labels=labels)
         conns = GaugeMetricFamily("swarmnet_node_connections", "Connections open at the node", labels=labels)
         cpu = CounterMetricFamily("swarmnet_node_cpu_seconds", "CPU time of the node's process (user + system)",

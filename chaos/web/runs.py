@@ -355,7 +355,8 @@ def nights(index: RunIndex, rows: list[RunRow]) -> list[dict[str, Any]]:
             entries = [_entry(r) for r in g]
             night_list.append({"label": time.strftime("%Y-%m-%d %H:%M", time.localtime(first / 1000)),
                                "started_ms": first, "entries": entries,
-                               "passed": sum(e["passed"] for e in entries), "failed": sum(not e["passed"] for e in entries)})
+                               "passed": sum(e["passed"] for e in entries),
+                               "failed": sum(not e["passed"] for e in entries)})
         try:
             summary = _read_json(folder / NIGHTLY_FILE)
             summary_error = None
