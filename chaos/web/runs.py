@@ -38,6 +38,7 @@ NOT_RUNS = frozenset({"nodes", "users", "registry"})  # folders of a run that ho
 NIGHT_GAP_MS = 3 * 3600 * 1000
 NIGHTLY_FILE = "nightly.json"
 _FILES = ("run.json", "chaos.json", "verdict.json")
+SIM_BLOCK = "127.250."  # a simulated run's addresses (RUNDIR.md): it is one before its verdict says so
 
 
 class UnknownRun(LookupError):
@@ -105,6 +106,7 @@ class _RunHead(msgspec.Struct):
     state: Any = None
     started_ms: Any = None
     links_mode: Any = None
+    block: Any = None
     nodes: list[_Skip] = []
     users: list[_Skip] = []
     controller: Any = None
@@ -187,8 +189,9 @@ def read_row(key: str, path: Path) -> RunRow:
     row.users = len(run.get("users") or [])
     row.controller = run.get("controller") if isinstance(run.get("controller"), dict) else None
     row.report = (path / "report.html").is_file()
+    simulated = str(run.get("block") or "").startswith(SIM_BLOCK)
     if isinstance(chaos, dict):
-        row.kind = "chaos"
+        row.kind = "sim" if simulated else "chaos"
         row.scenario = chaos.get("scenario") if isinstance(chaos.get("scenario"), str) else None
         row.seed = _int(chaos.get("seed")) if _int(chaos.get("seed")) is not None else row.seed
         row.inject_bugs = [str(b) for b in chaos.get("inject_bugs") or []]

@@ -248,15 +248,15 @@ const Runs = (() => {
       (!text || [r.key, r.scenario, r.seed, ...(r.inject_bugs || [])].join(" ").toLowerCase().includes(text)));
     const tb = $("#runs-table tbody");
     tb.innerHTML = shown.slice(0, 2000).map(r => `<tr data-key="${esc(r.key)}">
-      <td><span class="mono">${esc(r.run_id)}</span>${r.group ? ` <span class="sub">${esc(r.group)}/</span>` : ""}${r.live ? ' <span class="pill" style="background:#e1f5e8">live</span>' : ""}${r.error ? ` <span class="why">${esc(r.error)}</span>` : ""}</td>
+      <td><span class="mono">${esc(r.key.split("/").pop())}</span>${r.run_id !== r.key.split("/").pop() ? ` <span class="sub mono">${esc(r.run_id)}</span>` : ""}${r.group ? ` <span class="sub">in ${esc(r.group)}/</span>` : ""}${r.live ? ' <span class="pill" style="background:#e1f5e8">live</span>' : ""}${r.error ? ` <span class="why">${esc(r.error)}</span>` : ""}</td>
       <td>${esc(r.kind)}</td>
       <td>${esc(r.scenario || "")}${(r.inject_bugs || []).map(b => ` <span class="chip c-unknown">+${esc(b)}</span>`).join("")}</td>
       <td class="num mono">${esc(r.seed ?? "")}</td>
       <td><span class="v ${verdictClass(r.valid)}">${verdictText(r.valid)}</span></td>
       <td>${Object.entries(r.checkers || {}).map(([n, v]) => `<span class="chip c-${v === true ? "true" : v === false ? "false" : "unknown"}">${esc(n)}</span>`).join("")}</td>
-      <td class="num">${r.nodes} nodes · ${r.users} users</td>
-      <td class="num">${esc(fmtDur(r.duration_ms))}</td>
-      <td class="num">${esc(fmtDate(r.when_ms))}</td></tr>`).join("");
+      <td class="num nowrap">${r.nodes} nodes · ${r.users} users</td>
+      <td class="num nowrap">${esc(fmtDur(r.duration_ms))}</td>
+      <td class="num nowrap">${esc(fmtDate(r.when_ms))}</td></tr>`).join("");
     $("#runs-count").textContent = `${shown.length} of ${rows.length} runs` + ($("#runs-count").dataset.took ? ` · listed in ${$("#runs-count").dataset.took} ms` : "");
   }
   $("#runs-table tbody").addEventListener("click", e => {
