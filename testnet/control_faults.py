@@ -25,14 +25,15 @@ are its own to heal; ``heal`` leaves them alone.
 
 from __future__ import annotations
 
-import json
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from . import links as L
+from .runtime import ControllerError
 
 FAULTS_FILE = "faults.jsonl"
 ACTIONS = ("node", "partition", "heal")
@@ -43,8 +44,6 @@ HEAL_TIMEOUT_S = 30.0
 def _refusal(message: str) -> Exception:
     """The action cannot be done on this network (unknown swarm, no Toxiproxy, ...): the
     controller's own refusal, which its control API answers with 400 and the message."""
-    from .controller import ControllerError  # the controller imports this module when first asked
-
     return ControllerError(message)
 
 

@@ -26,7 +26,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-g
 def sim_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A runs directory holding a failing smoke run (replication skipped: lost and missing
     messages), made in the simulation (~3 s)."""
-    from chaos.sim.cli import run_jobs
+    from chaos.sim.jobs import run_jobs
 
     runs_dir = tmp_path_factory.mktemp("web") / "runs"
     job = {"scenario": "smoke", "seed": 1, "inject_bugs": ["skip-replication"], "runs_dir": str(runs_dir)}

@@ -8,10 +8,10 @@ when they move only these imports change.
 
 from __future__ import annotations
 
-from chaos.report import LOST, REPORT_NAME, FaultSpan, fault_spans, message_outcomes
-from chaos.report_flagged import Journeys, build_journeys, flagged_messages
+from chaos.report.flagged import Journeys, build_journeys, flagged_messages
+from chaos.report.page import LOST, REPORT_NAME, FaultSpan, fault_spans, message_outcomes
 from chaos.scenario import NEMESES
-from chaos.trace import JOURNEY_CSS, render_html_body
+from chaos.trace.view import JOURNEY_CSS, render_html_body
 
 __all__ = ["LOST", "REPORT_NAME", "FaultSpan", "fault_spans", "message_outcomes", "Journeys", "build_journeys",
            "flagged_messages", "NEMESES", "JOURNEY_CSS", "render_html_body", "family_of"]
