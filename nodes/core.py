@@ -29,6 +29,9 @@ VERSION = "swarmnet-node/0.1"
 MAX_DATA_BYTES = 76_800
 MIN_TTL_MS = 10_000
 MAX_TTL_MS = 14 * 24 * 3600 * 1000
+# A deleted message must never come back from a peer's copy: its hash is remembered
+# (a tombstone) for as long as any copy could still be alive.
+TOMBSTONE_MS = MAX_TTL_MS
 # Frames are capped at 1 MiB (testnet.base.protocol).  Whatever a node packs into one
 # request or reply — replicated batches, anti-entropy fetches, retrieved
 # messages — stays within this many bytes of payload, leaving room for the
@@ -248,6 +251,13 @@ class SwarmView:
             "error": "wrong swarm", "swarm_id": target,
             "nodes": [n.to_wire() for n in self.members(target)],
         })
+
+
+def require_view(view: SwarmView | None) -> SwarmView:
+    """The view of a node that has a swarm (503 before its first list places it in one)."""
+    if view is None or view.my_swarm is None:
+        raise RequestError(Status.NOT_READY, "node has no swarm yet")
+    return view
 
 
 # --------------------------------------------------------------------------- validation
