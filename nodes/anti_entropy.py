@@ -4,9 +4,15 @@ at store time missed.
 Every ``anti_entropy_interval_s`` (jittered) and soon after a new view, the
 node compares its messages with each swarm peer (``ae_digest``, then
 ``ae_hashes`` where digests differ), fetches what it lacks, pushes what the
-peer lacks and forwards its deletes; and it pushes the messages of accounts
+peer lacks and forwards the signed deletes it keeps with its tombstones.  It
+only ever adds what a peer can prove (a copy is content-addressed and held
+to the store rules; a delete carries the account's signature, checked by the
+receiver): nothing is removed on a peer's word.  And it pushes the messages of accounts
 that now belong to another swarm to all of that swarm's members, then drops
-them (rehoming).  The peer's side of the exchange is :mod:`nodes.peer_ops`.
+them (rehoming).  A rehoming node only pushes copies: it is no member of
+those accounts' swarm any more, so it may neither delete nor change expiries
+there (403), and it drops its own copies only once every member took them.
+The peer's side of the exchange is :mod:`nodes.peer_ops`.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from testnet.base.logs import event
 from testnet.base.protocol import RequestError
 from testnet.base.rpc import ConnectionPool, RpcError
 
-from . import core
+from . import core, proofs
 from .core import NodeConfig, SwarmView
 from .replication import GroupCommit
 from .storage import Storage
@@ -122,8 +128,8 @@ class AntiEntropy:
                     continue
                 have = set(mine.get(pk, ()))
                 there = set(hs)
-                want += [h for h in there - have if not self.storage.tombstoned(h)]
-                kill += [(pk, [h for h in there if self.storage.tombstoned(h)])]
+                want += [h for h in there - have if not self.storage.tombstoned(pk, h)]
+                kill += [(pk, [h for h in there if self.storage.tombstoned(pk, h)])]
                 give += sorted(have - there)
             while want:
                 # The peer answers with as many as fit in one reply; ask again for the rest.
@@ -131,22 +137,33 @@ class AntiEntropy:
                 got = await self.pool.call(peer, "ae_fetch", {"hashes": want[:core.BATCH_COUNT]}, timeout=timeout)
                 # Only what we asked for, of our accounts: anything else would be taken unchecked
                 # (and a peer answering with other messages would keep this loop going forever).
+                # What we take must prove itself, as a pushed copy must (a peer's answer is input).
                 msgs = [m for m in core.ae_fetch_reply(got.body) if m.hash in asked and view.is_mine(m.pubkey)] \
                     if got.ok else []
                 if not msgs:
                     break
-                new = await self.commit.commit(msgs)
-                self.stats["ae_fetched"] += sum(new)
                 received = {m.hash for m in msgs}
+                try:
+                    msgs = proofs.accept_copies(msgs, self.now_ms())
+                except RequestError as exc:
+                    raise core.bad_reply("ae_fetch", str(exc)) from None
+                if msgs:
+                    new = await self.commit.commit(msgs)
+                    self.stats["ae_fetched"] += sum(new)
                 want = [h for h in want if h not in received]
             for i in range(0, len(give), core.BATCH_COUNT):
                 for batch in core.batches(self.storage.get_many(give[i:i + core.BATCH_COUNT]), core.wire_bytes):
                     await self.pool.call(peer, "replicate", {"messages": [core.message_to_wire(m) for m in batch]},
                                          timeout=timeout)
                     self.stats["ae_pushed"] += len(batch)
-            kill = [(pk, hs) for pk, hs in kill if hs]
-            if kill:
-                await self.pool.call(peer, "replicate_delete", {"messages": [list(k) for k in kill]}, timeout=timeout)
+            # What we deleted and it still holds: forward the account's signed deletes we kept
+            # with the tombstones (never our word: the peer verifies each); a tombstone without
+            # a proof (left by a node before proofs were kept) is not forwarded.
+            signed = [proofs.SignedDelete.from_bytes(p) for pk, hs in kill if hs
+                      for p in self.storage.tombstone_proofs(pk, hs)]
+            for batch in core.batches(signed, proofs.SignedDelete.wire_bytes):
+                await self.pool.call(peer, "replicate_delete", {"messages": [d.to_wire() for d in batch]},
+                                     timeout=timeout)
         except (RpcError, RequestError) as exc:
             event(log, "anti-entropy failed", logging.DEBUG, peer=peer[:16], error=type(exc).__name__)
             await self.pool.drop(peer)

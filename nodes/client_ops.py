@@ -3,7 +3,9 @@
 
 A store is committed here before it is answered, then forwarded to every
 other member of the swarm (:class:`nodes.replication.Fanout`); deletes and
-expiries are forwarded likewise.  Validation is :mod:`nodes.core`'s.
+expiries are forwarded likewise, as the account's signed requests, which
+every member verifies itself (:mod:`nodes.proofs`).  Validation is
+:mod:`nodes.core`'s.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from testnet.base.protocol import RequestError, Status
 
 from . import core
 from .core import SwarmView, require_view
+from .proofs import SignedDelete, SignedExpire
 from .replication import Fanout, GroupCommit
 from .storage import Storage, StorageError, StoredMessage
 
@@ -64,7 +67,7 @@ class ClientOps:
             raise RequestError(Status.INTERNAL_ERROR, f"storage failed: {type(exc).__name__}") from None
         results[self.me] = {"status": Status.OK}
         if "skip-replication" not in self.bugs:
-            results.update(await self.fanout.send("replicate", msg, core.message_to_wire, view))
+            results.update(await self.fanout.send("replicate", msg, view))
         return {"hash": msg.hash, "swarm": results}
 
     async def _write_behind(self, msg: StoredMessage) -> None:
@@ -72,7 +75,7 @@ class ClientOps:
         await self.commit.commit([msg])
         view = self.view()
         if view is not None:
-            await self.fanout.send("replicate", msg, core.message_to_wire, view)
+            await self.fanout.send("replicate", msg, view)
 
     async def retrieve(self, args: dict) -> dict:
         pubkey, ns, last = core.validate_retrieve(args, self.now_ms())
@@ -94,7 +97,8 @@ class ClientOps:
                              for m in msgs], "more": more}
 
     async def delete(self, args: dict) -> dict:
-        pubkey, hs = core.validate_delete(args)
+        signed = SignedDelete.from_client(args)
+        pubkey, hs = signed.pubkey, list(signed.hashes)
         view = require_view(self.view())
         if not view.is_mine(pubkey):
             raise view.wrong_swarm(pubkey)
@@ -102,17 +106,20 @@ class ClientOps:
             # Deliberately broken: delete here only, tell nobody, remember nothing.
             deleted = self.storage.delete(pubkey, hs)
             return {"deleted": deleted, "swarm": {self.me: {"status": Status.OK, "deleted": deleted}}}
-        deleted = self.storage.delete(pubkey, hs, tombstone_until=self.now_ms() + core.TOMBSTONE_MS)
+        # The tombstones keep the account's signed request: anti-entropy forwards it to a
+        # peer that still holds the message, and the peer verifies it (nodes.proofs).
+        deleted = self.storage.delete(pubkey, hs, tombstone_until=self.now_ms() + core.TOMBSTONE_MS,
+                                      proof=signed.to_bytes())
         results = {self.me: {"status": Status.OK, "deleted": deleted}}
-        results.update(await self.fanout.send("replicate_delete", (pubkey, hs), list, view))
+        results.update(await self.fanout.send("replicate_delete", signed, view))
         return {"deleted": deleted, "swarm": results}
 
     async def expire(self, args: dict) -> dict:
-        pubkey, hs, expiry = core.validate_expire(args, self.now_ms())
+        signed = SignedExpire.from_client(args, self.now_ms())
         view = require_view(self.view())
-        if not view.is_mine(pubkey):
-            raise view.wrong_swarm(pubkey)
-        updated = self.storage.expire(pubkey, hs, max(expiry, 1))
+        if not view.is_mine(signed.pubkey):
+            raise view.wrong_swarm(signed.pubkey)
+        updated = self.storage.expire(signed.pubkey, signed.hashes, max(signed.expiry, 1))
         results = {self.me: {"status": Status.OK, "updated": updated}}
-        results.update(await self.fanout.send("replicate_expire", (pubkey, hs, expiry), list, view))
+        results.update(await self.fanout.send("replicate_expire", signed, view))
         return {"updated": updated, "swarm": results}

@@ -1,10 +1,13 @@
 """Serving peers: the node-to-node ops (PROTOCOL.md, "Service node: node-to-node ops").
 
 Each handler takes the authenticated caller's ed25519 hex — None only under
-the injected bug no-node-auth — and answers 403 for accounts of a swarm the
-caller is not, and was not recently, a member of (:mod:`nodes.auth`).  The
-node's own side of anti-entropy, which calls these on its peers, is
-:mod:`nodes.anti_entropy`.
+the injected bug no-node-auth, which checks no authority at all — and answers
+403 for accounts of a swarm the caller is not (for pushed copies: was not
+recently) a member of (:mod:`nodes.auth`).  Membership is not authority over
+an account's messages: a delete or an expiry change must carry the account's
+signed request, and a copy must be one a store could have made
+(:mod:`nodes.proofs`).  The node's own side of anti-entropy, which calls these
+on its peers, is :mod:`nodes.anti_entropy`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 
-from . import auth, core
+from . import auth, core, proofs
 from .anti_entropy import AntiEntropy
 from .core import SwarmView, require_view
 from .replication import GroupCommit
@@ -42,31 +45,51 @@ class PeerOps:
             self.entitled.require_accounts(caller, pubkeys, rehoming=rehoming)
 
     async def replicate(self, args: dict, caller: str | None) -> dict:
-        """Forwarded copies (from a member, or a recent member rehoming them): stored,
-        never forwarded again."""
+        """Forwarded copies (from a member, or a recent member rehoming them): held to the
+        store rules (nodes.proofs.accept_copies), stored unless deleted here, never
+        forwarded again."""
         msgs = core.replicated_messages(args)
-        core.check_replicated_expiries(msgs, self.now_ms())
         self._require_accounts(caller, (m.pubkey for m in msgs), rehoming=True)
-        msgs = [m for m in msgs if not self.storage.tombstoned(m.hash)]
+        msgs = [m for m in proofs.accept_copies(msgs, self.now_ms()) if not self.storage.tombstoned(m.pubkey, m.hash)]
         if msgs:
             new = await self.commit.commit(msgs)
             self.stats["replicated_in"] += sum(new)
         return {"stored": len(msgs)}
 
+    def _require_signed(self, caller: str | None, requests: list[Any], verify: Callable[[Any], None]) -> bool:
+        """Each request's account must be this swarm's (421) and must have signed it (401).
+        Every request is checked before any is acted on: one bad proof refuses them all.
+        Whether they were verified (not under the injected bug no-node-auth)."""
+        if caller is None:
+            return False
+        view = core.require_view(self.view())
+        for r in requests:
+            if not view.is_mine(r.pubkey):
+                raise view.wrong_swarm(r.pubkey)
+        for r in requests:
+            verify(r)
+        return True
+
     async def replicate_delete(self, args: dict, caller: str | None) -> dict:
-        items = core.replicated_deletes(args)
-        self._require_accounts(caller, (pk for pk, _ in items))
+        """Deletes forwarded by a member: each is the account's signed request, verified here."""
+        deletes = proofs.signed_deletes(args)
+        self._require_accounts(caller, (d.pubkey for d in deletes))
+        verified = self._require_signed(caller, deletes, proofs.SignedDelete.verify)
         done = []
-        for pubkey, hs in items:
-            done.extend(self.storage.delete(pubkey, hs, tombstone_until=self.now_ms() + core.TOMBSTONE_MS))
+        for d in deletes:
+            done.extend(self.storage.delete(d.pubkey, d.hashes, tombstone_until=self.now_ms() + core.TOMBSTONE_MS,
+                                            proof=d.to_bytes() if verified else None))
         return {"deleted": len(done)}
 
     async def replicate_expire(self, args: dict, caller: str | None) -> dict:
-        items = core.replicated_expiries(args)
-        self._require_accounts(caller, (pk for pk, _, _ in items))
+        """Expiry changes forwarded by a member: each is the account's signed request, verified here."""
+        expiries = proofs.signed_expiries(args)
+        self._require_accounts(caller, (e.pubkey for e in expiries))
+        now = self.now_ms()
+        self._require_signed(caller, expiries, lambda e: e.verify(now))
         n = 0
-        for pubkey, hs, expiry in items:
-            n += len(self.storage.expire(pubkey, hs, max(expiry, 1)))
+        for e in expiries:
+            n += len(self.storage.expire(e.pubkey, e.hashes, max(e.expiry, 1)))
         return {"updated": n}
 
     async def ae_digest(self, args: dict, caller: str | None) -> dict:

@@ -18,7 +18,8 @@ from testnet.base import meter
 from testnet.base.protocol import ProtocolError, Status
 from testnet.base.rpc import ConnectionPool, RpcError
 
-from .core import BATCH_COUNT, SwarmView, fitting, hash_list_bytes, wire_bytes
+from .core import BATCH_COUNT, SwarmView, fitting, message_to_wire, wire_bytes
+from .proofs import SignedDelete, SignedExpire
 from .storage import Storage, StorageError, StoredMessage
 
 log = logging.getLogger("node.replication")
@@ -156,10 +157,19 @@ class PeerSender:
                     w.set(error=error)
 
 
+# What each forwarded op carries, and a generous estimate of its bytes on the wire.
+_CODECS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], int]]] = {
+    "replicate": (message_to_wire, wire_bytes),  # a StoredMessage
+    "replicate_delete": (SignedDelete.to_wire, SignedDelete.wire_bytes),  # the client's signed request
+    "replicate_expire": (SignedExpire.to_wire, SignedExpire.wire_bytes),
+}
+
+
 class Fanout:
-    """Forwards what a client gave this node (stores, deletes, expiries) to every other
-    member of its swarm: one :class:`PeerSender` per (peer, op), started in ``nursery``
-    on first use and closed when the peer leaves the swarm."""
+    """Forwards what a client gave this node (stores, and deletes and expiries as the
+    account signed them) to every other member of its swarm: one :class:`PeerSender`
+    per (peer, op), started in ``nursery`` on first use and closed when the peer
+    leaves the swarm."""
 
     def __init__(self, nursery: trio.Nursery, pool: ConnectionPool, timeout_s: float) -> None:
         self._nursery = nursery
@@ -167,10 +177,11 @@ class Fanout:
         self.timeout_s = timeout_s
         self._senders: dict[tuple[str, str], PeerSender] = {}
 
-    async def send(self, op: str, item: Any, encode: Callable[[Any], Any], view: SwarmView) -> dict[str, Any]:
-        """Forward ``item`` to every other swarm member in parallel; each one's outcome."""
+    async def send(self, op: str, item: Any, view: SwarmView) -> dict[str, Any]:
+        """Forward ``item`` (``op``: a key of ``_CODECS``) to every other swarm member in
+        parallel; each one's outcome."""
         peers = view.peers()
-        waiters = {p.ed25519_public: self._sender(p.ed25519_public, op, encode).submit(item) for p in peers}
+        waiters = {p.ed25519_public: self._sender(p.ed25519_public, op).submit(item) for p in peers}
         with trio.move_on_after(self.timeout_s):
             for w in waiters.values():
                 await w.event.wait()
@@ -184,10 +195,10 @@ class Fanout:
                 out[key] = {"status": Status.OK}
         return out
 
-    def _sender(self, peer: str, op: str, encode: Callable[[Any], Any]) -> PeerSender:
+    def _sender(self, peer: str, op: str) -> PeerSender:
         s = self._senders.get((peer, op))
         if s is None or s.closed:
-            size = wire_bytes if op == "replicate" else hash_list_bytes
+            encode, size = _CODECS[op]
             s = PeerSender(peer, self._pool, op, self.timeout_s, encode, size)
             self._senders[(peer, op)] = s
             self._nursery.start_soon(s.run)

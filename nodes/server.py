@@ -12,8 +12,9 @@ dispatches each request to the one that serves it.
 | admin ops | :mod:`nodes.admin` | links, listeners, clock offset, stop |
 | chores | :mod:`nodes.housekeeping` | the expiry sweep, capture flushes |
 
-Rules live in :mod:`nodes.core` and :mod:`nodes.auth`; the parts move bytes
-and time.  They are made when the node runs (they need its nursery and
+Rules live in :mod:`nodes.core`, :mod:`nodes.auth` (who may call a node op)
+and :mod:`nodes.proofs` (what a peer's change must prove); the parts move
+bytes and time.  They are made when the node runs (they need its nursery and
 connection pool) and live as long as that run.
 """
 
