@@ -147,6 +147,9 @@ class AntiEntropy:
                     msgs = proofs.accept_copies(msgs, self.now_ms())
                 except RequestError as exc:
                     raise core.bad_reply("ae_fetch", str(exc)) from None
+                # Its account is the message's own, not the one the peer listed it under: a
+                # peer naming another account's deleted message must not bring it back.
+                msgs = [m for m in msgs if not self.storage.tombstoned(m.pubkey, m.hash)]
                 if msgs:
                     new = await self.commit.commit(msgs)
                     self.stats["ae_fetched"] += sum(new)

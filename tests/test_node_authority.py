@@ -149,6 +149,77 @@ def test_the_rehoming_allowance_is_the_registrys_history_of_assignments():
     assert auth.RECENT_ASSIGNMENTS == HISTORY_LENGTH
 
 
+# --------------------------------------------------------------------------- a hostile peer, in process
+
+
+async def test_anti_entropy_takes_only_what_a_hostile_peer_can_prove(nursery, tmp_path):
+    """The node's own round against a peer that lies: it lists bob's deleted message under
+    alice's account, offers a copy no store makes, and holds bob's deleted message."""
+    import random
+    from functools import partial
+
+    from nodes import core
+    from nodes.anti_entropy import AntiEntropy
+    from nodes.core import NodeConfig, SwarmView
+    from nodes.replication import GroupCommit
+    from nodes.storage import Storage, ae_bucket
+    from testnet.base.rpc import ConnectionPool, serve
+
+    alice = crypto.Identity.from_seed(bytes([9]) * 32)
+    me, peer = "aa" * 32, "bb" * 32
+    now = now_ms()
+    deleted = copy(now, now + 3_600_000, b"bob's deleted message")
+    fine = StoredMessage(alice.session_id, 0, crypto.message_hash(alice.session_id, 0, b"hi"), b"hi", now,
+                         now + 3_600_000)
+    future = StoredMessage(alice.session_id, 0, crypto.message_hash(alice.session_id, 0, b"later"), b"later",
+                           now + 2 * DAY, now + 3 * DAY)
+    storage = Storage(tmp_path / "db.sqlite")
+    signed = proofs.SignedDelete.from_client(delete_args(BOB, [deleted.hash]))
+    storage.delete(BOB.session_id, [deleted.hash], tombstone_until=now + MAX_TTL_MS, proof=signed.to_bytes())
+    offer = [fine]
+    heard: list[tuple[str, dict]] = []
+
+    async def hostile(req, _peer):
+        heard.append((req.op, req.args))
+        if req.op == "ae_digest":
+            return 200, {"buckets": {pk: [[ae_bucket(now), "lie"]] for pk in (alice.session_id, BOB.session_id)}}
+        if req.op == "ae_hashes":
+            return 200, {"hashes": {alice.session_id: sorted([deleted.hash, fine.hash, future.hash]),
+                                    BOB.session_id: [deleted.hash]}}
+        if req.op == "ae_fetch":
+            return 200, {"messages": [core.message_to_wire(m) for m in [deleted, *offer]]}
+        return 200, {}
+
+    [(host, port)] = await nursery.start(partial(serve, hostile, [("127.0.0.1", 0)]))
+    view = SwarmView.from_registry({"height": 1, "nodes": [
+        {"ed25519_public": k, "x25519_public": "00" * 32, "host": host, "port": port, "swarm_id": 0}
+        for k in (me, peer)]}, me)
+    commit = GroupCommit(storage)
+    await nursery.start(commit.run)
+    pool = ConnectionPool(nursery, lambda key: (host, port, None))
+    config = NodeConfig(name="n01", seed_file="-", listen=(("127.0.0.1", 0),), db="-", log=None,
+                        registry=("127.0.0.1", 1))
+    ae = AntiEntropy(config, me=me, storage=storage, commit=commit, pool=pool, now_ms=now_ms,
+                     rng=random.Random(1), view=lambda: view, stats={"ae_fetched": 0, "ae_pushed": 0},
+                     bugs=set())
+    try:
+        await ae._sync_with(view, peer, storage.ae_digests(view.is_mine), (0, 1))
+        held = {m.hash for m in storage.messages_for()}
+        assert held == {fine.hash}  # bob's deleted message stays deleted, whoever it is listed under
+        # What it holds of ours that we deleted: our proof goes to it, never our word alone.
+        (sent,) = [args for op, args in heard if op == "replicate_delete"]
+        assert [proofs.SignedDelete.from_wire(e) for e in sent["messages"]] == [signed]
+        # A copy no store makes spoils the whole answer: nothing of it is taken, the round ends.
+        offer[:] = [future]
+        heard.clear()
+        storage.delete(alice.session_id, [fine.hash])
+        await ae._sync_with(view, peer, storage.ae_digests(view.is_mine), (0, 2))
+        assert storage.messages_for() == [] and "replicate_delete" not in {op for op, _ in heard}
+    finally:
+        await pool.aclose()
+        storage.close()
+
+
 # --------------------------------------------------------------------------- a hostile member, real network
 
 
