@@ -23,13 +23,13 @@ from testnet.base.meter import COUNTS
 __all__ = ["SCHEMA_VERSION", "AE_BUCKET_MS", "StorageError", "StoredMessage", "StorageStatistics", "Storage",
            "DigestIndex", "ae_bucket"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Bound variables per `IN (...)` query: SQLite allows 32766 since 3.32 but only
 # 999 before, and a few hundred already amortise the statement.
 _CHUNK = 500
 _PUBKEY = re.compile(r"[0-9a-f]{66}")
 _NAMESPACES = range(-(2**15), 2**15)  # oxen-storage-server: a namespace is an int16
-_SCHEMA = (
+_V1 = (
     # AUTOINCREMENT: ids are never reused, even after the newest row is deleted,
     # so "stored after last_hash" keeps its meaning.
     "CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, hash TEXT UNIQUE NOT NULL,"
@@ -37,13 +37,31 @@ _SCHEMA = (
     " expiry INTEGER NOT NULL, data BLOB NOT NULL)",
     "CREATE INDEX messages_owner ON messages (pubkey, namespace, id)",
     "CREATE INDEX messages_expiry ON messages (expiry)",
-    # Version 2: anti-entropy lists an account's hashes by timestamp bucket, and
-    # deleted hashes are remembered (until they could no longer be alive
-    # anywhere) so that no peer's copy brings them back, across restarts too.
+)
+_V2 = (
+    # Anti-entropy lists an account's hashes by timestamp bucket, and deleted hashes
+    # are remembered (until they could no longer be alive anywhere) so that no
+    # peer's copy brings them back, across restarts too.
     "CREATE INDEX messages_time ON messages (pubkey, timestamp)",
     "CREATE TABLE tombstones (hash TEXT PRIMARY KEY, until INTEGER NOT NULL)",
 )
-_MIGRATIONS = {1: _SCHEMA[-2:]}  # from version N to SCHEMA_VERSION
+_V3 = (
+    # A tombstone belongs to the account whose delete left it (a hash is the hash of one
+    # account's message: another account's delete naming it must not block that message),
+    # and keeps the proof of that delete — the account's signed request, opaque here — so
+    # that it can be forwarded and verified.  Version 2's tombstones name no account:
+    # they stand for any (pubkey '') and have no proof.
+    "CREATE TABLE tombstones_v3 (pubkey TEXT NOT NULL, hash TEXT NOT NULL, until INTEGER NOT NULL,"
+    " proof INTEGER, PRIMARY KEY (pubkey, hash))",
+    "INSERT INTO tombstones_v3 (pubkey, hash, until) SELECT '', hash, until FROM tombstones",
+    "DROP TABLE tombstones",
+    "ALTER TABLE tombstones_v3 RENAME TO tombstones",
+    "CREATE TABLE proofs (id INTEGER PRIMARY KEY, digest BLOB UNIQUE NOT NULL, proof BLOB NOT NULL,"
+    " until INTEGER NOT NULL)",
+    "CREATE INDEX proofs_until ON proofs (until)",
+)
+_SCHEMA = _V1 + _V2 + _V3
+_MIGRATIONS = {1: _V2 + _V3, 2: _V3}  # from version N to SCHEMA_VERSION
 _COLUMNS = "pubkey, namespace, hash, data, timestamp, expiry"  # StoredMessage's field order
 # Anti-entropy compares messages in buckets of this many ms of their (client-set,
 # hence replica-independent) timestamp.
@@ -241,7 +259,7 @@ class Storage:
             with self._guard("open") as db:
                 for pubkey, message_hash, timestamp in db.execute("SELECT pubkey, hash, timestamp FROM messages"):
                     self.index.add(pubkey, message_hash, timestamp)
-                self._tombstones = {h for (h,) in db.execute("SELECT hash FROM tombstones")}
+                self._tombstones: set[tuple[str, str]] = set(db.execute("SELECT pubkey, hash FROM tombstones"))
         except BaseException:
             self.close()
             raise
@@ -327,16 +345,21 @@ class Storage:
         """Store one message; True if it was new (see store_many)."""
         return self.store_many([message])[0]
 
-    def delete(self, pubkey: str, hashes: Iterable[str], *, tombstone_until: int | None = None) -> list[str]:
+    def delete(self, pubkey: str, hashes: Iterable[str], *, tombstone_until: int | None = None,
+               proof: bytes | None = None) -> list[str]:
         """Delete the pubkey's (only) messages with these hashes; those deleted, in the given order.
 
         With ``tombstone_until`` (ms), every hash asked for — held here or not —
-        is also remembered as deleted until then, in the same transaction: see
-        :meth:`tombstoned`.
+        is also remembered as deleted for this pubkey until then, in the same
+        transaction (see :meth:`tombstoned`), with ``proof`` (opaque bytes: what
+        authorised the delete) when given: see :meth:`tombstone_proofs`.
         """
         sql = "DELETE FROM messages WHERE pubkey = ? AND hash IN ({}) RETURNING hash, timestamp"
         tomb = None if tombstone_until is None else _check_ms("tombstone_until", tombstone_until)
-        gone = self._by_owner("delete", sql, (_check_pubkey(pubkey),), hashes, tombstone_until=tomb)
+        if proof is not None and not isinstance(proof, bytes):
+            raise StorageError(f"a proof must be bytes, got {type(proof).__name__}")
+        gone = self._by_owner("delete", sql, (_check_pubkey(pubkey),), hashes, tombstone_until=tomb,
+                              proof=proof)
         for message_hash, timestamp in gone.items():
             self.index.remove(pubkey, message_hash, timestamp)
         return list(gone)
@@ -349,28 +372,52 @@ class Storage:
         return list(self._by_owner("expire", sql, args, hashes))
 
     def _by_owner(self, what: str, sql: str, args: tuple, hashes: Iterable[str], *,
-                  tombstone_until: int | None = None) -> dict[str, int]:
+                  tombstone_until: int | None = None, proof: bytes | None = None) -> dict[str, int]:
         """Run ``sql`` (returning hash, timestamp) over the hashes: hash -> timestamp of those
-        it touched, in the given order."""
+        it touched, in the given order.  ``args[-1]`` is the pubkey (its tombstones)."""
         wanted = _unique("hashes", hashes, _check_hash)
         if not wanted:
             return {}
         done: dict[str, int] = {}
+        pubkey = args[-1]
         with self._transaction(what) as db:
             for part, marks in _chunks(wanted):
                 done.update(db.execute(sql.format(marks), (*args, *part)))
             if tombstone_until is not None:
-                db.executemany("INSERT INTO tombstones (hash, until) VALUES (?, ?) "
-                               "ON CONFLICT (hash) DO UPDATE SET until = max(until, excluded.until)",
-                               [(h, tombstone_until) for h in wanted])
+                proof_id = None
+                if proof is not None:
+                    # The same signed delete often comes twice (fanned out, then from anti-entropy).
+                    proof_id = db.execute(
+                        "INSERT INTO proofs (digest, proof, until) VALUES (?, ?, ?) ON CONFLICT (digest) DO "
+                        "UPDATE SET until = max(until, excluded.until) RETURNING id",
+                        (hashlib.blake2b(proof, digest_size=16).digest(), proof, tombstone_until)).fetchone()[0]
+                # A tombstone keeps the proof of its latest delete (the one that set its `until`).
+                db.executemany("INSERT INTO tombstones (pubkey, hash, until, proof) VALUES (?, ?, ?, ?) "
+                               "ON CONFLICT (pubkey, hash) DO UPDATE SET proof = CASE WHEN excluded.proof IS NOT "
+                               "NULL AND (proof IS NULL OR excluded.until >= until) THEN excluded.proof ELSE proof "
+                               "END, until = max(until, excluded.until)",
+                               [(pubkey, h, tombstone_until, proof_id) for h in wanted])
         if tombstone_until is not None:
-            self._tombstones.update(wanted)
+            self._tombstones.update((pubkey, h) for h in wanted)
         return {h: done[h] for h in wanted if h in done}
 
-    def tombstoned(self, message_hash: str) -> bool:
-        """Whether this hash was deleted (with a tombstone still in force): copies of it
-        from peers, by replication or anti-entropy, must not be stored again."""
-        return message_hash in self._tombstones
+    def tombstoned(self, pubkey: str, message_hash: str) -> bool:
+        """Whether this account's message with this hash was deleted (with a tombstone still
+        in force): copies of it from peers, by replication or anti-entropy, must not be
+        stored again."""
+        return (pubkey, message_hash) in self._tombstones or ("", message_hash) in self._tombstones
+
+    def tombstone_proofs(self, pubkey: str, hashes: Iterable[str]) -> list[bytes]:
+        """The proofs (as given to :meth:`delete`) of this account's tombstones of these
+        hashes, each once; tombstones without a proof give none."""
+        wanted = _unique("hashes", hashes, _check_hash)
+        found: dict[int, bytes] = {}
+        with self._guard("tombstone_proofs") as db:
+            for part, marks in _chunks(wanted):
+                sql = (f"SELECT p.id, p.proof FROM tombstones t JOIN proofs p ON p.id = t.proof "
+                       f"WHERE t.pubkey = ? AND t.hash IN ({marks})")
+                found.update(db.execute(sql, (_check_pubkey(pubkey), *part)))
+        return [found[k] for k in sorted(found)]
 
     def delete_expired(self, now_ms: int) -> int:
         """Remove every message whose expiry is at or before now_ms (and every tombstone
@@ -380,8 +427,10 @@ class Storage:
         with self._transaction("delete_expired") as db:
             gone = db.execute("DELETE FROM messages WHERE expiry <= ? RETURNING pubkey, hash, timestamp",
                               (now_ms,)).fetchall()
-            buried = db.execute("DELETE FROM tombstones WHERE until <= ? RETURNING hash", (now_ms,)).fetchall()
-        self._tombstones.difference_update(h for (h,) in buried)
+            buried = db.execute("DELETE FROM tombstones WHERE until <= ? RETURNING pubkey, hash",
+                                (now_ms,)).fetchall()
+            db.execute("DELETE FROM proofs WHERE until <= ?", (now_ms,))
+        self._tombstones.difference_update(buried)
         for pubkey, message_hash, timestamp in gone:
             self.index.remove(pubkey, message_hash, timestamp)
         return len(gone)

@@ -230,6 +230,11 @@ class RegistryState:
         self._deltas: dict[int, dict[str, Any]] = {}  # since_height -> answer, at the current height
         self.answers = {"whole": 0, "delta": 0, "unchanged": 0}  # get_service_nodes answers given, by kind
 
+    def forget_history(self) -> None:
+        """Drop the replaced assignments (at genesis: none of them was ever published)."""
+        self.history.clear()
+        self._history_body = None
+
     def _assignment(self) -> dict[str, int]:
         return {k: r.swarm_id for k, r in self.nodes.items()}
 
@@ -555,6 +560,9 @@ class _Server:
         if not self.genesis_done.is_set():
             logs.event(log, "genesis", why=why, height=self.state.height, nodes=len(self.state.nodes),
                        staked=len(self.state.staked or ()), swarms=len(self.state.swarms()))
+            # The assignments genesis went through were never published: no node held an
+            # account under them, so they are no history (nodes.auth: the rehoming allowance).
+            self.state.forget_history()
             self.genesis_done.set()
             self._wake(trio.current_time())
 
