@@ -25,6 +25,7 @@ from testnet import plan as P
 from testnet.base.bugs import CLIENT_BUGS, check_bugs
 
 from chaos.adversary import attacks as _adversary  # noqa: F401  registers the "adversary" fault family
+from chaos.adversary import byzantine as _byzantine  # noqa: F401  registers the "byzantine" fault family
 from chaos.run.nemesis import NemesisError, inject, live_swarms
 from chaos.scenario import Scenario, load_scenario
 from chaos.schedule import Fault, Schedule, expand
@@ -81,7 +82,7 @@ async def play(net: Any, schedule: Schedule, log: FaultLog, progress: Progress) 
                 progress(f"fault {fault.id} {fault.kind} started: {_short(targets)}")
                 await trio.sleep(fault.duration_s)
             log.write(fault, "end", targets=targets)
-            if fault.family == "adversary":  # its summary is only known once it stopped
+            if fault.family in ("adversary", "byzantine"):  # its summary is only known once it stopped
                 progress(f"fault {fault.id} {fault.kind} stopped: {targets.get('attempts', 0)} attempts, "
                          f"{targets.get('refused', 0)} refused, {targets.get('accepted', 0)} accepted, "
                          f"{targets.get('leaked', 0)} leaked; {targets.get('flood_waves', 0)} flood waves")
