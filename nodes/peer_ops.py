@@ -59,13 +59,15 @@ class PeerOps:
     def _require_signed(self, caller: str | None, requests: list[Any], verify: Callable[[Any], None]) -> bool:
         """Each request's account must be this swarm's (421) and must have signed it (401).
         Every request is checked before any is acted on: one bad proof refuses them all.
-        Whether they were verified (not under the injected bug no-node-auth)."""
+        Whether they were verified (not under the injected bugs no-node-auth and unsigned-peer-delete)."""
         if caller is None:
             return False
         view = core.require_view(self.view())
         for r in requests:
             if not view.is_mine(r.pubkey):
                 raise view.wrong_swarm(r.pubkey)
+        if "unsigned-peer-delete" in self.bugs:  # injected: a member's word is taken for the account's
+            return False
         for r in requests:
             verify(r)
         return True

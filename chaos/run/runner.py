@@ -238,6 +238,7 @@ CANARY_SCENARIOS = {
     "wrong-inbox": "smoke",
     "local-delete": "smoke",
     "no-node-auth": "adversary",
+    "unsigned-peer-delete": "byzantine",
 }
 
 

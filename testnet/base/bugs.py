@@ -20,6 +20,9 @@ BUGS: dict[str, tuple[str, str, str]] = {
     "no-node-auth": ("node", "nodes serve node-to-node ops (replicate*, ae_*) to any caller, authenticated or "
                              "not, for any account: a stranger can list, read and delete anyone's messages",
                      "authority"),
+    "unsigned-peer-delete": ("node", "nodes take a swarm member's replicate_delete and replicate_expire without the "
+                                     "account's signed request: a hostile member deletes and expires its swarm's "
+                                     "messages everywhere", "authority"),
 }
 
 NODE_BUGS = frozenset(n for n, (where, _, _) in BUGS.items() if where == "node")
