@@ -122,6 +122,11 @@ class ScriptedUser:
                     self.last_hash[(res.target, ns)] = m["hash"]
                     if m["hash"] in self.seen:
                         continue  # deduplicate by hash, as Session clients do
+                    if not isinstance(m.get("data"), bytes) or \
+                            crypto.message_hash(self.client.session_id, ns, m["data"]) != m["hash"]:
+                        # Content that is not its hash's (a lying member altered it): dropped and not
+                        # marked seen, so the true copy is taken from another member.
+                        continue
                     self.seen.add(m["hash"])
                     got += 1
                     if self._record_receive(m, ns):

@@ -1,6 +1,6 @@
 """Admin ops: the testnet controller's levers on a running node (PROTOCOL.md,
 "Service node: admin ops"): its link table, extra listeners, its clock offset
-and a graceful stop.  The token is checked by the dispatcher
+a graceful stop, and the byzantine nemesis' switch (:mod:`nodes.hostile`).  The token is checked by the dispatcher
 (:meth:`nodes.server.Node.handle`) before any of these runs.
 """
 
@@ -16,6 +16,7 @@ from testnet.base.protocol import RequestError, Status
 
 from . import core
 from .dialing import Dialer
+from .hostile import Hostility
 
 log = logging.getLogger("node")
 
@@ -24,8 +25,9 @@ STOP_DELAY_S = 0.05  # let admin_stop's reply go out first
 
 class AdminOps:
     def __init__(self, *, dialer: Dialer, listen: Callable[[list[tuple[str, int]]], Awaitable[list[tuple[str, int]]]],
-                 clock: Any, stop: Callable[[], None], nursery: trio.Nursery) -> None:
+                 clock: Any, stop: Callable[[], None], nursery: trio.Nursery, hostile: Hostility) -> None:
         self.dialer = dialer
+        self.hostile = hostile
         self.listen = listen
         self.clock = clock
         self.stop = stop
@@ -33,7 +35,7 @@ class AdminOps:
 
     def ops(self) -> dict[str, Callable[[dict], Any]]:
         return {"admin_set_links": self.set_links, "admin_listen": self.add_listeners, "admin_clock": self.set_clock,
-                "admin_stop": self.stop_soon}
+                "admin_stop": self.stop_soon, "admin_byzantine": self.set_hostile}
 
     async def set_links(self, args: dict) -> dict:
         links = core.arg_map(args, "links", 100_000)
@@ -56,6 +58,11 @@ class AdminOps:
         self.clock.offset_ms = offset
         event(log, "clock offset", offset_ms=offset)
         return {"offset_ms": offset}
+
+    async def set_hostile(self, args: dict) -> dict:
+        armed = self.hostile.arm(args.get("behaviours"))
+        event(log, "hostile", behaviours=armed)
+        return {"behaviours": armed}
 
     async def stop_soon(self, args: dict) -> dict:
         self._nursery.start_soon(self._stop_later)

@@ -18,6 +18,7 @@ from testnet.base.protocol import RequestError, Status
 
 from . import core
 from .core import SwarmView, require_view
+from .hostile import Hostility
 from .proofs import SignedDelete, SignedExpire
 from .replication import Fanout, GroupCommit
 from .storage import Storage, StorageError, StoredMessage
@@ -28,7 +29,7 @@ WRITE_BEHIND_S = 3.0  # the ack-before-commit bug's delay
 class ClientOps:
     def __init__(self, *, me: str, storage: Storage, commit: GroupCommit, fanout: Fanout,
                  now_ms: Callable[[], int], view: Callable[[], SwarmView | None], stats: dict[str, int],
-                 bugs: set[str], nursery: trio.Nursery) -> None:
+                 bugs: set[str], nursery: trio.Nursery, hostile: Hostility | None = None) -> None:
         self.me = me
         self.storage = storage
         self.commit = commit
@@ -38,6 +39,7 @@ class ClientOps:
         self.stats = stats
         self.bugs = bugs
         self._nursery = nursery  # the ack-before-commit bug's late writes
+        self.hostile = hostile  # armed only by the byzantine nemesis (nodes/hostile.py)
 
     def ops(self) -> dict[str, Callable[[dict], Any]]:
         return {"store": self.store, "retrieve": self.retrieve, "delete": self.delete, "expire": self.expire,
@@ -93,6 +95,8 @@ class ClientOps:
                     extra, _ = self.storage.retrieve(other, ns, None, self.now_ms(), limit=2)
                     msgs = msgs + extra
                     break
+        if self.hostile is not None and "lie-retrieve" in self.hostile:
+            msgs = self.hostile.tamper(msgs)
         return {"messages": [{"hash": m.hash, "timestamp": m.timestamp, "expiry": m.expiry, "data": m.data}
                              for m in msgs], "more": more}
 

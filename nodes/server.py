@@ -38,6 +38,7 @@ from testnet.base.rpc import ConnectionPool, Peer, serve
 
 from . import auth, core
 from .admin import AdminOps
+from .hostile import Hostility
 from .anti_entropy import AntiEntropy
 from .capture import CaptureFile
 from .client_ops import ClientOps
@@ -56,7 +57,7 @@ log = logging.getLogger("node")
 NODE_OPS = {"replicate", "replicate_delete", "replicate_expire", "ae_digest", "ae_hashes", "ae_fetch"}
 HANDSHAKE_OPS = {"node_hello", "node_auth"}
 CLIENT_OPS = {"store", "retrieve", "delete", "expire", "get_swarm", "info", "onion"}
-ADMIN_OPS = {"admin_set_links", "admin_listen", "admin_clock", "admin_stop"}
+ADMIN_OPS = {"admin_set_links", "admin_listen", "admin_clock", "admin_stop", "admin_byzantine"}
 # The CPU role (testnet.base.meter.ROLE) of each op's handler; onion requests are
 # "onion-open" until their layer is open, then guard, relay or target (nodes.onion).
 _ROLES = {"onion": "onion-open", "replicate": "replica", "replicate_delete": "replica", "replicate_expire": "replica",
@@ -157,12 +158,14 @@ class Node:
         self.follower = RegistryFollower(self.config, self.identity, dialer=self.dialer, wall_ms=self.clock.wall_ms,
                                          listening=lambda: self.listening, entitled=self.entitled, fanout=fanout,
                                          wake_anti_entropy=self.anti_entropy.wake)
+        hostile = Hostility(self.rng)
         self.clients = ClientOps(me=self.ed_hex, storage=self.storage, commit=self.commit, fanout=fanout,
-                                 now_ms=now_ms, view=view, stats=self.stats, bugs=self.bugs, nursery=nursery)
+                                 now_ms=now_ms, view=view, stats=self.stats, bugs=self.bugs, nursery=nursery,
+                                 hostile=hostile)
         self.peers = PeerOps(storage=self.storage, commit=self.commit, now_ms=now_ms, view=view,
                              entitled=self.entitled, anti_entropy=self.anti_entropy, stats=self.stats, bugs=self.bugs)
         self.admin = AdminOps(dialer=self.dialer, listen=self._listen_more, clock=self.clock, stop=self.stop,
-                              nursery=nursery)
+                              nursery=nursery, hostile=hostile)
         self._client_ops = {**self.clients.ops(), "info": self.op_info}
         self._peer_ops = self.peers.ops()
         self._admin_ops = self.admin.ops()

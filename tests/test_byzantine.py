@@ -28,7 +28,7 @@ def test_hostile_members_leave_every_swarm_an_honest_majority(swarms, per_swarm,
 
 
 def test_byzantine_params_name_what_is_wrong():
-    assert check_byzantine_params({})["behaviours"] == ["delete", "expire", "plant", "alter"]
+    assert check_byzantine_params({})["behaviours"] == ["delete", "expire", "plant", "alter", "lie-retrieve"]
     with pytest.raises(ScenarioError, match="behaviours must be"):
         check_byzantine_params({"behaviours": ["delete", "lie"]})
     with pytest.raises(ScenarioError, match="unknown key"):
@@ -91,3 +91,25 @@ def test_honest_members_refuse_every_hostile_members_change(small_runs):
 def test_the_unsigned_peer_delete_canary_fails_authority(small_runs):
     r = small_runs["canary"]
     assert r["valid"] is False and "authority" in r["failing"], r
+
+
+def test_a_lying_retrieve_leaves_out_repeats_and_alters_under_the_true_hash():
+    from nodes.hostile import Hostility
+    from nodes.storage import StoredMessage
+    from testnet.base.protocol import RequestError
+
+    msgs = [StoredMessage("05" + "ab" * 32, 0, f"h{i}", b"data %d" % i, 1, 2) for i in range(400)]
+    h = Hostility(random.Random(7))
+    assert h.tamper(msgs) and "lie-retrieve" not in h
+    with pytest.raises(RequestError, match="unknown behaviour"):
+        h.arm(["lie-digest"])
+    assert h.arm(["lie-retrieve"]) == ["lie-retrieve"] and "lie-retrieve" in h
+    out = h.tamper(msgs)
+    by_hash = Counter(m.hash for m in out)
+    original = {m.hash: m.data for m in msgs}
+    assert 50 < len(msgs) - len(by_hash) < 150  # left out
+    assert 20 < sum(1 for n in by_hash.values() if n > 1) < 100  # repeated
+    assert 20 < sum(1 for m in out if m.data != original[m.hash]) < 100  # altered, hash kept
+    again = Hostility(random.Random(7))
+    again.tamper(msgs)
+    assert again.tamper(msgs) == out  # the node's seeded Random: exact in the simulation

@@ -16,10 +16,16 @@ node) and judged by the authority checker:
 * ``expire`` — ``replicate_expire`` of them likewise, to expire at once;
 * ``plant`` — ``replicate`` of messages the store rules refuse: a hash that is
   not the content's, a TTL past 14 days, a timestamp a day ahead;
-* ``alter`` — ``replicate`` of a real message's hash with other content.
+* ``alter`` — ``replicate`` of a real message's hash with other content;
 
-Every one must be refused; a planted hash must be held by no node; an altered
-message must reach its recipient intact (delivery).  At most ``per_swarm``
+and, armed in the node itself (admin op ``admin_byzantine``, :mod:`nodes.hostile`):
+
+* ``lie-retrieve`` — its retrieve answers leave out, repeat and alter messages.
+
+Every sent attempt must be refused; a planted hash must be held by no node; an
+altered message must reach its recipient intact and a hidden one through
+another member (delivery).  A hostile member killed and restarted comes back
+honest in its answers (its sent attempts go on).  At most ``per_swarm``
 members of a swarm turn hostile, and always fewer than half of it, so that
 every swarm keeps an honest majority.  The hostile members are drawn from the
 fault's seed (``target.pick``) among the swarms the registry lists when the
@@ -43,9 +49,11 @@ from chaos.schedule import Fault
 from .attacker import Attacker
 from .model import NetView
 
-__all__ = ["byzantine_fault", "hostile_members", "BEHAVIOURS"]
+__all__ = ["byzantine_fault", "hostile_members", "BEHAVIOURS", "SENT", "IN_NODE"]
 
-BEHAVIOURS = ("delete", "expire", "plant", "alter")
+SENT = ("delete", "expire", "plant", "alter")  # sent with the member's key
+IN_NODE = ("lie-retrieve",)  # armed in the node (nodes/hostile.py)
+BEHAVIOURS = SENT + IN_NODE
 DAY_MS = 24 * 3600 * 1000
 # Store rules a planted copy breaks (variant, ttl ms, timestamp offset ms).
 RULE_BREAKS = (("bad-hash", 3600_000, 0), ("ttl-too-long", 15 * DAY_MS, 0), ("timestamp-day-ahead", 3600_000, DAY_MS))
@@ -74,7 +82,9 @@ class Byzantine:
 
     async def round(self, view: NetView, r: int) -> None:
         """Each hostile member tries one behaviour (in turn) at each other member of its swarm."""
-        behaviours = self.a.p["behaviours"]
+        behaviours = [b for b in self.a.p["behaviours"] if b in SENT]
+        if not behaviours:
+            return
         async with trio.open_nursery() as n:
             for i, ed in enumerate(self.hostile_eds):
                 if ed not in view.nodes:
@@ -143,7 +153,12 @@ async def byzantine_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any
     attacker = Attacker(net, fault, {**params, "attacks": ["byzantine"]})
     byz = Byzantine(attacker, hostile)
     desc = {"nodes": hostile, "behaviours": list(params["behaviours"]), "log": attacker.describe()["log"]}
+    in_node = [b for b in params["behaviours"] if b in IN_NODE]
+    armed: list[str] = []
     try:
+        for name in hostile if in_node else ():
+            await net.admin(name, "admin_byzantine", behaviours=in_node)
+            armed.append(name)
         async with trio.open_nursery() as nursery:
             attacker.open_pool(nursery)
             nursery.start_soon(_rounds, attacker, byz)
@@ -154,6 +169,13 @@ async def byzantine_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(HEAL_TIMEOUT_S):
             await attacker.close()
+            for name in armed:
+                if net.nodes[name].state != "running":  # a restarted node is honest already
+                    continue
+                try:
+                    await net.admin(name, "admin_byzantine", behaviours=[])
+                except Exception as exc:  # named in faults.jsonl; the other members still heal
+                    desc.setdefault("heal_errors", []).append(f"{name}: {type(exc).__name__}: {exc}"[:200])
         desc.update(attacker.summary())
 
 
