@@ -124,8 +124,12 @@ class ScriptedUser:
                         continue  # deduplicate by hash, as Session clients do
                     if not isinstance(m.get("data"), bytes) or \
                             crypto.message_hash(self.client.session_id, ns, m["data"]) != m["hash"]:
-                        # Content that is not its hash's (a lying member altered it): dropped and not
-                        # marked seen, so the true copy is taken from another member.
+                        # Content that is not its hash's for this account (altered by a lying member,
+                        # or another account's message): refused and not marked seen, so the true
+                        # copy is taken from another member.
+                        self.history.write({"type": "ok", "op": "receive", "process": self.spec.name,
+                                            "hash": m["hash"], "namespace": ns, "msg_id": None, "sender": None,
+                                            "body_digest": None, "error": "not its hash's", "rejected": True})
                         continue
                     self.seen.add(m["hash"])
                     got += 1
