@@ -1,15 +1,17 @@
 """Links through Toxiproxy: the server's lifecycle, the proxy table, and
 per-link fault primitives that always heal.
 
-We talk to Toxiproxy's HTTP API with ``requests`` directly (one session per
-server and worker thread, an explicit timeout on every call, each call in a
-worker thread), not through toxiproxy-python: its ``Toxiproxy``/``Proxy``
-objects take no timeout and populate client-side with a full ``GET
-/proxies`` per proxy (quadratic at the 960 proxies of a 30-node network), and
-its ``APIConsumer`` keeps the server address class-wide, so calls to several
-servers — a large network's — could only take turns (a one-way partition of a
-300-node network, 22,500 proxies, took over 100 s that way).  Bulk creation
-uses the server's own ``/populate``.
+We talk to Toxiproxy's HTTP API ourselves (:mod:`testnet.toxiproxy`: an
+explicit timeout on every call; many calls pipelined), not through
+toxiproxy-python: its ``Toxiproxy``/``Proxy`` objects take no timeout and
+populate client-side with a full ``GET /proxies`` per proxy (quadratic at the
+960 proxies of a 30-node network), and its ``APIConsumer`` keeps the server
+address class-wide, so calls to several servers — a large network's — could
+only take turns (a one-way partition of a 300-node network, 22,500 proxies,
+took over 100 s that way).  Bulk creation uses the server's own ``/populate``;
+a fault on many links records what it asks of links not made yet and sends
+the calls for the made ones at once (:meth:`ProxyTable.set_enabled_links`,
+:meth:`ProxyTable.add_toxics`, :meth:`ProxyTable.remove_toxics`).
 
 Every fault is an async context manager whose exit heals, shielded from
 cancellation and bounded by a deadline (Jepsen: a nemesis always heals).
@@ -17,52 +19,30 @@ cancellation and bounded by a deadline (Jepsen: a nemesis always heals).
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import socket
-import threading
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
-import requests
 import trio
 
 from .procs import Child, ChildFailed, spawn, stop_children
+from .toxiproxy import (DEFAULT_TIMEOUT_S, POPULATE_BATCH, POPULATE_TIMEOUT_S, TOXIC_TYPES, BatchError, Call,
+                        CallFailure, LinkError, ProxyGone, ToxiproxyApi, toxic_body, toxic_ids)
+
+__all__ = ["DEFAULT_TIMEOUT_S", "POPULATE_BATCH", "POPULATE_TIMEOUT_S", "TOXIC_TYPES", "BatchError", "Call",
+           "CallFailure", "LinkError", "ProxyGone", "ProxyTable", "ToxiproxyApi", "ToxiproxyMissing",
+           "ToxiproxyServers", "find_toxiproxy", "open_toxiproxy", "proxies_needed", "servers_needed",
+           "spawn_toxiproxy", "wait_toxiproxy"]
 
 Address = tuple[str, int]
-DEFAULT_TIMEOUT_S = 5.0
-POPULATE_BATCH = 1000  # proxies per /populate request
 OPEN_BATCH_S = 0.01  # proxies asked for within this long of the first are made in one request
-POPULATE_TIMEOUT_S = 30.0  # for one batch: a loaded server creates a thousand listeners in about a second
 HEAL_TIMEOUT_S = 5.0
-TOXIC_TYPES = ("latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data")
 PROJECT_BIN = Path(__file__).resolve().parent.parent / "bin" / "toxiproxy-server"
-
-_sessions = threading.local()  # per worker thread: server url -> requests.Session (kept-alive connections)
-
-
-def _session(url: str) -> requests.Session:
-    by_url = getattr(_sessions, "by_url", None)
-    if by_url is None:
-        by_url = _sessions.by_url = {}
-    session = by_url.get(url)
-    if session is None:
-        session = by_url[url] = requests.Session()
-    return session
-
-
-_toxic_ids = itertools.count(1)
-
-
-class LinkError(Exception):
-    """Toxiproxy refused or failed a request, or could not be reached."""
-
-
-class ProxyGone(LinkError):
-    """The proxy named does not exist (any more): its link went with its node."""
+ToxicSpec = tuple[str, dict[str, Any], str]  # (type, attributes, stream)
 
 
 class ToxiproxyMissing(LinkError):
@@ -108,71 +88,6 @@ def find_toxiproxy(explicit: str | os.PathLike[str] | None = None) -> Path:
         f"Toxiproxy server not found (looked in {PROJECT_BIN} and PATH). "
         "Install it with `make toxiproxy` (needs Go), or run with `--links direct` "
         "(no link faults, process faults only).")
-
-
-class ToxiproxyApi:
-    """One Toxiproxy server's HTTP API.  ``*_sync`` methods block: call them
-    from worker threads; the async methods do that for you, with a deadline."""
-
-    def __init__(self, host: str, port: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        self.host, self.port, self.timeout_s = host, port, timeout_s
-        self.populate_timeout_s = max(timeout_s, POPULATE_TIMEOUT_S)  # a batch is a thousand listeners
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def call_sync(self, method: str, path: str, json: Any = None, timeout_s: float | None = None) -> Any:
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        try:
-            resp = _session(self.url).request(method.upper(), self.url + path, json=json, timeout=timeout_s)
-        except requests.RequestException as exc:
-            raise LinkError(f"toxiproxy at {self.host}:{self.port} unreachable: {type(exc).__name__}") from None
-        if resp.status_code == 404:
-            raise ProxyGone(f"toxiproxy {method.upper()} {path}: not found: {_text(resp.content)}")
-        if resp.status_code >= 400:
-            raise LinkError(f"toxiproxy {method.upper()} {path}: status {resp.status_code}: {_text(resp.content)}")
-        return resp.json() if resp.content else None
-
-    async def call(self, method: str, path: str, json: Any = None, timeout_s: float | None = None) -> Any:
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        with trio.fail_after(timeout_s + 1.0):
-            return await trio.to_thread.run_sync(self.call_sync, method, path, json, timeout_s, abandon_on_cancel=True)
-
-    async def version(self) -> str:
-        return (await self.call("get", "/version"))["version"]
-
-    async def proxies(self) -> dict[str, dict[str, Any]]:
-        return await self.call("get", "/proxies")
-
-    async def populate(self, proxies: list[dict[str, Any]]) -> None:
-        """Create (or update) many proxies, each ``{"name", "listen", "upstream"}``, in big batches."""
-        for i in range(0, len(proxies), POPULATE_BATCH):
-            await self.call("post", "/populate", proxies[i:i + POPULATE_BATCH], timeout_s=self.populate_timeout_s)
-
-    async def delete_proxy(self, name: str) -> None:
-        await self.call("delete", f"/proxies/{name}")
-
-    async def set_enabled(self, proxy: str, enabled: bool) -> None:
-        await self.call("post", f"/proxies/{proxy}", {"enabled": enabled})
-
-    async def add_toxic(self, proxy: str, type: str, attributes: dict[str, Any], *, stream: str = "downstream",
-                        toxicity: float = 1.0, name: str | None = None) -> str:
-        """Add one toxic to ``proxy``; returns its name."""
-        if type not in TOXIC_TYPES:
-            raise LinkError(f"unknown toxic type {type!r}; known: {', '.join(TOXIC_TYPES)}")
-        name = name or f"{type}_{stream}_{next(_toxic_ids)}"
-        await self.call("post", f"/proxies/{proxy}/toxics",
-                        {"name": name, "type": type, "stream": stream, "toxicity": toxicity,
-                         "attributes": attributes})
-        return name
-
-    async def remove_toxic(self, proxy: str, name: str) -> None:
-        await self.call("delete", f"/proxies/{proxy}/toxics/{name}")
-
-    async def reset(self) -> None:
-        """Enable every proxy and remove every toxic."""
-        await self.call("post", "/reset")
 
 
 class ToxiproxyServers:
@@ -404,7 +319,7 @@ class ProxyTable:
         if type not in TOXIC_TYPES:
             raise LinkError(f"unknown toxic type {type!r}; known: {', '.join(TOXIC_TYPES)}")
         self._spec_known(proxy)
-        name = name or f"{type}_{stream}_{next(_toxic_ids)}"
+        name = name or f"{type}_{stream}_{next(toxic_ids)}"
         async with self._locked(proxy):
             if proxy in self.made:
                 await self._made_call(proxy, self.api_for(proxy).add_toxic, proxy, type, attributes,
@@ -464,15 +379,172 @@ class ProxyTable:
             self.made.discard(proxy)  # gone behind our back (its server restarted): made again on use
             raise
 
+    # ---------------------------------------------------------------- faults on many links
+
+    async def set_enabled_links(self, names: Sequence[str], enabled: bool) -> list[str]:
+        """:meth:`set_enabled` on many links at once.  Returns the links changed, in ``names``'
+        order, leaving out those the plan no longer has; raises :class:`BatchError` (``done``:
+        what to undo) if calls failed, once every other call is made.  See :meth:`_change`."""
+        def record(name: str) -> None:
+            self._wanted.setdefault(name, _Wanted()).enabled = enabled
+            self._forget_default(name)
+
+        done = await self._change(names, record, lambda name: [Call("POST", f"/proxies/{name}", {"enabled": enabled},
+                                                                    name)],
+                                  lambda name: self.set_enabled(name, enabled), undo=enabled)
+        return done
+
+    async def add_toxics(self, names: Sequence[str], toxics: Sequence[ToxicSpec], *,
+                         toxicity: float = 1.0) -> list[tuple[str, str]]:
+        """Each toxic of ``toxics`` ((type, attributes, stream)) on every link of ``names``, under
+        one name per toxic; returns the (link, toxic name) pairs added, as
+        :meth:`set_enabled_links` returns links."""
+        for type, _, _ in toxics:
+            if type not in TOXIC_TYPES:
+                raise LinkError(f"unknown toxic type {type!r}; known: {', '.join(TOXIC_TYPES)}")
+        named = [(f"{type}_{stream}_{next(toxic_ids)}",
+                  {"type": type, "attributes": attributes, "stream": stream, "toxicity": toxicity})
+                 for type, attributes, stream in toxics]
+
+        def record(name: str) -> None:
+            want = self._wanted.setdefault(name, _Wanted())
+            for toxic_name, toxic in named:
+                want.toxics[toxic_name] = toxic
+
+        async def one(name: str) -> None:
+            for toxic_name, toxic in named:
+                await self.add_toxic(name, name=toxic_name, **toxic)
+
+        done = await self._change(
+            names, record, lambda name: [Call("POST", f"/proxies/{name}/toxics", toxic_body(toxic_name, **toxic), name)
+                                         for toxic_name, toxic in named], one, undo=False)
+        return [(name, toxic_name) for name in done for toxic_name, _ in named]
+
+    async def remove_toxics(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Remove each (link, toxic name); a toxic already gone counts as removed.  Returns the
+        pairs removed, as :meth:`set_enabled_links` returns links."""
+        by_link: dict[str, list[str]] = {}
+        for name, toxic_name in pairs:
+            by_link.setdefault(name, []).append(toxic_name)
+
+        def record(name: str) -> None:
+            want = self._wanted.get(name)
+            if want is not None:
+                for toxic_name in by_link[name]:
+                    want.toxics.pop(toxic_name, None)
+                self._forget_default(name)
+
+        async def one(name: str) -> None:
+            for toxic_name in by_link[name]:
+                await self.remove_toxic(name, toxic_name)
+
+        done = await self._change(
+            list(by_link), record,
+            lambda name: [Call("DELETE", f"/proxies/{name}/toxics/{t}", None, name) for t in by_link[name]],
+            one, undo=True)
+        return [(name, toxic_name) for name in done for toxic_name in by_link[name]]
+
+    async def _change(self, names: Sequence[str], record: Callable[[str], None],
+                      calls_for: Callable[[str], list[Call]], one: Callable[[str], Any], *, undo: bool) -> list[str]:
+        """One change on many links: ``record(name)`` says what the faults now ask of a link;
+        a link not made yet gets only that (applied when it is made), a made one the calls
+        ``calls_for(name)`` too, all at once per server (:meth:`ToxiproxyApi.calls`).  A link
+        someone holds right now (being made, or another fault's single call) goes through
+        ``one(name)``, after them.
+
+        A change that undoes a fault (``undo``) is recorded only where its calls succeeded, so
+        :meth:`faulted` still shows what a failed heal left; one that makes a fault is recorded
+        even where a call failed, since a call without an answer may have been applied, and its
+        heal must try.  Returns the links changed (for a fault: or maybe changed)."""
+        made: list[str] = []
+        busy: list[str] = []
+        recorded: set[str] = set()
+        for name in dict.fromkeys(names):
+            if name in self._locks:
+                busy.append(name)
+            elif not self._planned(name):
+                continue  # its node left: nothing to change
+            elif name in self.made:
+                self._hold_nowait(name)
+                made.append(name)
+            else:
+                record(name)
+                recorded.add(name)
+        failures: list[CallFailure] = []
+        calls = 0
+        try:
+            by_server: dict[int, list[Call]] = {}
+            for name in made:
+                by_server.setdefault(self.servers.server_of(name), []).extend(calls_for(name))
+            calls = sum(map(len, by_server.values()))
+            failed: dict[str, list[CallFailure]] = {}
+
+            async def send(server: int, batch: list[Call]) -> None:
+                for call, failure in zip(batch, await self.apis[server].calls(batch)):
+                    if failure is not None:
+                        failed.setdefault(call.proxy or "", []).append(failure)
+
+            async with trio.open_nursery() as nursery:
+                for server, batch in by_server.items():
+                    nursery.start_soon(send, server, batch)
+            for name in made:
+                problems = failed.get(name, [])
+                if any(f.status == 404 for f in problems) and not undo:
+                    self.made.discard(name)  # gone behind our back: made again on use, with this change
+                    problems = [f for f in problems if f.status != 404]
+                    if not self._planned(name):
+                        continue
+                problems = [f for f in problems if f.status != 404]  # undoing: already gone is undone
+                failures += problems
+                if not problems or not undo:
+                    record(name)
+                    recorded.add(name)
+        finally:
+            for name in made:
+                self._let_go(name)
+        if busy:
+            async def slow(name: str) -> None:
+                try:
+                    await one(name)
+                except ProxyGone:
+                    if undo:
+                        recorded.add(name)
+                    return
+                except LinkError as exc:
+                    failures.append(CallFailure(exc.server or "?", exc.call or "?", name, exc.status, str(exc)))
+                    if undo:
+                        return
+                recorded.add(name)
+
+            calls += len(busy)
+            async with trio.open_nursery() as nursery:
+                for name in busy:
+                    nursery.start_soon(slow, name)
+        done = [name for name in dict.fromkeys(names) if name in recorded]
+        if failures:
+            raise BatchError(failures, calls, done)
+        return done
+
+    def _planned(self, name: str) -> bool:
+        try:
+            self._spec_known(name)
+        except ProxyGone:
+            return False
+        return True
+
+    def _hold_nowait(self, name: str) -> None:
+        lock = self._locks[name] = trio.Lock()
+        lock.acquire_nowait()
+
+    def _let_go(self, name: str) -> None:
+        lock = self._locks[name]
+        lock.release()
+        if not lock.locked():  # nobody waits for it
+            self._locks.pop(name, None)
+
 
 def _as_link_error(exc: BaseException) -> LinkError:
     return exc if isinstance(exc, LinkError) else LinkError(f"toxiproxy did not answer in time ({exc!r})")
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, bytes):
-        content = content.decode("utf-8", "replace")
-    return str(content).strip()[:300]
 
 
 # --------------------------------------------------------------------------- server lifecycle

@@ -25,7 +25,8 @@ from testnet import plan as P
 from testnet.base.bugs import CLIENT_BUGS, check_bugs
 
 from chaos.adversary import attacks as _adversary  # noqa: F401  registers the "adversary" fault family
-from chaos.run.nemesis import NemesisError, inject, live_swarms
+from chaos.run.nemesis import live_swarms
+from chaos.run.play import FaultLog, play, wall_ms
 from chaos.scenario import Scenario, load_scenario
 from chaos.schedule import Fault, Schedule, expand
 
@@ -47,65 +48,6 @@ def node_names(scenario: Scenario) -> list[str]:
 
 def user_names(scenario: Scenario) -> list[str]:
     return [P.user_name(i) for i in range(1, scenario.topology.users + 1)]
-
-
-def wall_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class FaultLog:
-    """faults.jsonl: what actually happened, when."""
-
-    def __init__(self, path: Path, now_ms: Callable[[], int] = wall_ms) -> None:
-        self._f = open(path, "a", encoding="utf-8")
-        self._now_ms = now_ms
-
-    def write(self, fault: Fault, phase: str, **extra: Any) -> None:
-        rec = {"t": self._now_ms(), "fault": fault.id, "kind": fault.kind, "phase": phase, **extra}
-        self._f.write(json.dumps(rec, default=str) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
-
-async def play(net: Any, schedule: Schedule, log: FaultLog, progress: Progress) -> None:
-    """Start each fault at its time, heal it after its duration; returns when all are healed."""
-    t0 = trio.current_time()
-
-    async def one(fault: Fault) -> None:
-        await trio.sleep_until(t0 + fault.at_s)
-        try:
-            async with inject(net, fault) as targets:
-                log.write(fault, "start", targets=targets)
-                progress(f"fault {fault.id} {fault.kind} started: {_short(targets)}")
-                await trio.sleep(fault.duration_s)
-            log.write(fault, "end", targets=targets)
-            if fault.family == "adversary":  # its summary is only known once it stopped
-                progress(f"fault {fault.id} {fault.kind} stopped: {targets.get('attempts', 0)} attempts, "
-                         f"{targets.get('refused', 0)} refused, {targets.get('accepted', 0)} accepted, "
-                         f"{targets.get('leaked', 0)} leaked; {targets.get('flood_waves', 0)} flood waves")
-            else:
-                progress(f"fault {fault.id} {fault.kind} healed")
-        except (NemesisError, LookupError, ValueError) as exc:
-            log.write(fault, "skipped", error=str(exc)[:300])
-            progress(f"fault {fault.id} {fault.kind} skipped: {exc}")
-        except Exception as exc:  # a controller error must not end the run unhealed
-            log.write(fault, "error", error=f"{type(exc).__name__}: {exc}"[:300])
-            progress(f"fault {fault.id} {fault.kind} failed: {type(exc).__name__}: {exc}")
-
-    async with trio.open_nursery() as nursery:
-        for fault in schedule.faults:
-            nursery.start_soon(one, fault)
-
-
-def _short(targets: dict[str, Any]) -> str:
-    parts = []
-    for k, v in targets.items():
-        if isinstance(v, list):
-            v = ",".join(map(str, v[:6])) + ("…" if len(v) > 6 else "")
-        parts.append(f"{k}={v}")
-    return " ".join(parts)
 
 
 def _scenario_text(scenario: Scenario) -> str:

@@ -35,11 +35,12 @@ from typing import Any
 
 import trio
 
-from testnet.links import TOXIC_TYPES, LinkError, ProxyGone
+from testnet.links import TOXIC_TYPES, BatchError, CallFailure, LinkError, ProxyGone
 
 from .network import SimListener, SimNetwork, SimStream
 
 RECEIVE_SIZE = 65536
+FAULT_CALLS_AT_ONCE = 32  # a fault's calls in flight (a heal's: all)
 
 
 @dataclass
@@ -334,6 +335,66 @@ class SimToxiproxy:
 
     async def remove_toxic(self, proxy: str, name: str) -> None:
         await self._proxy(proxy).remove_toxic(name)
+
+    # ------------------------------------------------------------------ many links at once
+    #
+    # What testnet.links.ProxyTable does in bulk, done here one call per link and toxic (a
+    # simulated call costs nothing): a fault's calls at most 32 at a time, a heal's all at once,
+    # in the order and with the tasks the nemeses used before they had bulk calls, so a seed
+    # replays as it did.  Failed calls are gathered into one BatchError, raised once every
+    # call has been made.
+
+    async def set_enabled_links(self, names: list[str], enabled: bool) -> list[str]:
+        done: list[str] = []
+
+        async def one(name: str) -> None:
+            await self.set_enabled(name, enabled)
+            done.append(name)
+
+        await self._each(one, [(name,) for name in names], done, heal=enabled)
+        return done
+
+    async def add_toxics(self, names: list[str], toxics: list[tuple[str, dict[str, Any], str]], *,
+                         toxicity: float = 1.0) -> list[tuple[str, str]]:
+        done: list[tuple[str, str]] = []
+
+        async def one(name: str, type: str, attributes: dict[str, Any], stream: str) -> None:
+            done.append((name, await self.add_toxic(name, type, attributes, stream=stream, toxicity=toxicity)))
+
+        await self._each(one, [(name, *toxic) for name in names for toxic in toxics], done, heal=False)
+        return done
+
+    async def remove_toxics(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        done: list[tuple[str, str]] = []
+
+        async def one(name: str, toxic: str) -> None:
+            await self.remove_toxic(name, toxic)
+            done.append((name, toxic))
+
+        await self._each(one, list(pairs), done, heal=True)
+        return done
+
+    async def _each(self, fn: Any, argss: list[tuple], done: list[Any], *, heal: bool) -> None:
+        failures: list[CallFailure] = []
+        sem = trio.Semaphore(FAULT_CALLS_AT_ONCE)
+
+        async def call(args: tuple) -> None:
+            try:
+                await fn(*args)
+            except ProxyGone:
+                return  # the link went with its node
+            except LinkError as exc:
+                failures.append(CallFailure(self.url, exc.call or fn.__name__, args[0], exc.status, str(exc)))
+
+        async def bounded(args: tuple) -> None:
+            async with sem:
+                await call(args)
+
+        async with trio.open_nursery() as nursery:
+            for args in argss:
+                nursery.start_soon(call if heal else bounded, args)
+        if failures:
+            raise BatchError(failures, len(argss), done)
 
     async def reset(self) -> None:
         for p in self._proxies.values():
