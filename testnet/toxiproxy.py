@@ -19,6 +19,7 @@ how many failed.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json as jsonlib
 import threading
@@ -291,14 +292,32 @@ def _proxy_of(path: str) -> str | None:
 
 
 def _reason(exc: BaseException) -> str:
-    """What a connection error was, in a few words (refused, reset, timed out, ...)."""
-    text = str(exc)
-    for needle, word in (("refused", "refused"), ("reset", "reset by peer"), ("timed out", "timed out"),
-                         ("Read timed out", "timed out"), ("Broken pipe", "broken pipe")):
-        if needle.lower() in text.lower():
-            return word
-    if isinstance(exc, trio.TooSlowError):
-        return "timed out"
+    """What a connection error was, in a few words: refused, reset, timed out, or its errno's
+    name; looked for in the causes too (trio's ``open_tcp_stream`` wraps each attempt's error)."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e in seen:
+            continue
+        seen.append(e)
+        if isinstance(e, ConnectionRefusedError):
+            return "refused"
+        if isinstance(e, ConnectionResetError):
+            return "reset by peer"
+        if isinstance(e, (TimeoutError, trio.TooSlowError)):
+            return "timed out"
+        if isinstance(e, BaseExceptionGroup):
+            todo += list(e.exceptions)
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+        inner = getattr(e, "args", ())
+        todo += [a for a in inner if isinstance(a, BaseException)]
+    for e in seen:
+        if isinstance(e, OSError) and e.errno:
+            return errno.errorcode.get(e.errno, str(e.errno))
+    text = str(exc).lower()
+    if "refused" in text:
+        return "refused"
     return type(exc).__name__
 
 

@@ -189,7 +189,8 @@ async def _heal_all(what: str, calls: list[tuple[Any, tuple]]) -> None:
         raise HealFailed(f"{what}: {len(errors)} of {len(calls)} heals failed", errors)
 
 
-HEAL_S_PER_CALL = 0.01  # for the calls of one heal (one per node, or per link where calls go one by one)
+HEAL_S_PER_CALL = 0.01  # for the calls of one heal (one per node)
+HEAL_S_PER_LINK = 0.01  # a link fault's heal: its calls go in bulk, each bounded; this only backs them up
 
 
 def _cut_or_toxics(fault: Fault) -> bool:
@@ -199,38 +200,33 @@ def _cut_or_toxics(fault: Fault) -> bool:
 
 @asynccontextmanager
 async def link_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any]]:
-    """A cut (disabled proxies) or toxics on the fault's links, all at once (links not made yet
-    only recorded, the made ones' calls in bulk: see testnet.links.ProxyTable), healed the same way.
-    A start that fails part-way heals what it did, then raises what failed."""
+    """A cut (disabled proxies) or toxics on the fault's links, recorded at once for links not
+    made yet and sent in bulk to the made ones (testnet.proxies.ProxyTable.fault_links), healed
+    the same way.  A start that fails part-way heals what it did, then raises what failed."""
     api = net.api
     if api is None:
         raise NemesisError("link faults need Toxiproxy links (this run uses --links direct)")
     proxies, desc = await resolve_links(net, fault)
     cut = _cut_or_toxics(fault)
     what = f"fault {fault.id} ({fault.kind})"
-    # What was applied, so that a start that fails half-way (found by the mixed scenario: a
-    # node left while its links were being faulted) still heals every toxic and proxy it touched.
-    touched: list[Any] = []
     failed: L.BatchError | None = None
     try:
-        touched = await (api.set_enabled_links(proxies, False) if cut
-                         else api.add_toxics(proxies, _toxics(fault.kind, fault.params)))
+        applied = await api.fault_links(proxies, cut=cut, toxics=() if cut else _toxics(fault.kind, fault.params))
     except L.BatchError as exc:
-        touched, failed = list(exc.done), exc
-    heal_s = HEAL_TIMEOUT_S + HEAL_S_PER_CALL * len(touched)
+        applied, failed = exc.done, exc
 
     async def heal() -> None:
-        with healing(what, heal_s):
-            await (api.set_enabled_links(touched, True) if cut else api.remove_toxics(touched))
+        with healing(what, HEAL_TIMEOUT_S + HEAL_S_PER_LINK * applied.links):
+            await api.heal_links(applied)
 
     if failed is not None:
         try:
             await heal()
         except (L.LinkError, HealFailed) as exc:
-            raise HealFailed(f"{what}: its start failed and so did the heal of what it did", [failed, exc]) from None
+            raise HealFailed("its start failed, and so did the heal of what it did", [failed, exc]) from None
         raise failed
     try:
-        yield {**desc, "proxies": len(touched) if cut else len({p for p, _ in touched})}
+        yield {**desc, "proxies": applied.links}
     finally:
         await heal()
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,9 +25,9 @@ from testnet.base.bugs import CLIENT_BUGS, check_bugs
 
 from chaos.adversary import attacks as _adversary  # noqa: F401  registers the "adversary" fault family
 from chaos.run.nemesis import live_swarms
-from chaos.run.play import FaultLog, play, wall_ms
+from chaos.run.play import FaultLog, describe_error, play, wall_ms
 from chaos.scenario import Scenario, load_scenario
-from chaos.schedule import Fault, Schedule, expand
+from chaos.schedule import Schedule, expand
 
 Progress = Callable[[str], None]
 
@@ -158,10 +157,16 @@ async def replay(run_dir: Path, *, runs_dir: Path = Path("runs"), progress: Prog
     result = await run_chaos(scenario, seed=chaos["seed"], runs_dir=runs_dir,
                              inject_bugs=tuple(chaos.get("inject_bugs") or ()), schedule=schedule or sched,
                              progress=progress)
+    from chaos.checkers.verdict import harness_errors
+
     compare = {name: {"before": v.get("valid"), "after": result.verdict["checkers"].get(name, {}).get("valid")}
                for name, v in before.get("checkers", {}).items()}
     same = all(c["before"] == c["after"] for c in compare.values())
-    return result, {"same": same, "checkers": compare, "original": str(run_dir), "replay": str(result.run_dir)}
+    # Whether each run did what it planned: a verdict from a run whose faults did not happen
+    # as scheduled says less than it seems to.
+    harness = {"before": harness_errors(before), "after": harness_errors(result.verdict)}
+    return result, {"same": same, "checkers": compare, "harness": harness, "original": str(run_dir),
+                    "replay": str(result.run_dir)}
 
 
 def failing_checkers(verdict: dict[str, Any]) -> set[str]:
@@ -184,7 +189,12 @@ CANARY_SCENARIOS = {
 
 async def _nightly_entry(scenario: Scenario, *, seed: int | None, runs_dir: Path, progress: Progress, prune: bool,
                          bug: str | None = None, replay_failures: bool = False) -> dict[str, Any]:
+    """One nightly run: ``status`` "pass", "fail" or "harness" (the run did not do what it
+    planned — a fault failed, was skipped or came late, or the run itself broke: neither a
+    pass nor a failure, with ``harness`` saying why)."""
     from testnet.base.bugs import BUGS
+
+    from chaos.checkers.verdict import harness_errors
 
     entry: dict[str, Any] = {"scenario": scenario.name}
     if bug is not None:
@@ -193,24 +203,31 @@ async def _nightly_entry(scenario: Scenario, *, seed: int | None, runs_dir: Path
         r = await run_chaos(scenario, seed=seed, runs_dir=runs_dir, progress=progress,
                             inject_bugs=(bug,) if bug else ())
     except Exception as exc:
-        entry.update(valid="unknown", passed=False, error=f"{type(exc).__name__}: {exc}")
+        error = describe_error(exc)["error"]
+        entry.update(valid="unknown", passed=False, status="harness", error=error,
+                     harness=[f"the run broke: {error}"])
         return entry
     failing = sorted(failing_checkers(r.verdict))
     entry.update(seed=r.seed, valid=r.verdict.get("valid"), run_dir=str(r.run_dir), failing=failing)
+    harness = harness_errors(r.verdict)
     # A plain run passes when every checker holds; a canary passes when its checker caught the bug.
-    entry["passed"] = (entry["expect_failing"] in failing) if bug else (r.exit_code == 0)
+    entry["passed"] = not harness and ((entry["expect_failing"] in failing) if bug else (r.exit_code == 0))
+    entry["status"] = "harness" if harness else "pass" if entry["passed"] else "fail"
+    if harness:
+        entry["harness"] = harness
     if entry["passed"] and prune:
         shutil.rmtree(r.run_dir / "nodes", ignore_errors=True)  # keep the record, drop the bulk
         entry["pruned"] = True
-    if not entry["passed"] and replay_failures and bug is None:
+    if entry["status"] == "fail" and replay_failures and bug is None:
         # Once more with the same schedule, keys and workload: does it fail the same way?
         progress(f"replaying the failing {scenario.name} run (seed {r.seed})")
         try:
             again, compare = await replay(r.run_dir, runs_dir=runs_dir / "replays", progress=progress)
             entry["replay"] = {"run_dir": str(again.run_dir), "same_verdict": compare["same"],
-                               "failing": sorted(failing_checkers(again.verdict))}
+                               "failing": sorted(failing_checkers(again.verdict)),
+                               "harness": compare["harness"]["after"]}
         except Exception as exc:
-            entry["replay"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            entry["replay"] = {"error": describe_error(exc)["error"][:300]}
     return entry
 
 

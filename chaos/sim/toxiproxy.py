@@ -273,6 +273,18 @@ class SimProxy:
                             "attributes": dict(t.attributes)} for t in self.toxics.values()]}
 
 
+@dataclass
+class SimLinkFault:
+    """What a fault did to the simulated links, in the order it did it (its heal goes the same way)."""
+
+    cut: bool
+    done: list[Any] = field(default_factory=list)  # links cut, or (link, toxic name) pairs
+
+    @property
+    def links(self) -> int:
+        return len(self.done) if self.cut else len({name for name, _ in self.done})
+
+
 class SimToxiproxy:
     """The simulated server; its proxies' tasks live in ``nursery``."""
 
@@ -338,43 +350,40 @@ class SimToxiproxy:
 
     # ------------------------------------------------------------------ many links at once
     #
-    # What testnet.links.ProxyTable does in bulk, done here one call per link and toxic (a
+    # What testnet.proxies.ProxyTable does in bulk, done here one call per link and toxic (a
     # simulated call costs nothing): a fault's calls at most 32 at a time, a heal's all at once,
     # in the order and with the tasks the nemeses used before they had bulk calls, so a seed
     # replays as it did.  Failed calls are gathered into one BatchError, raised once every
     # call has been made.
 
-    async def set_enabled_links(self, names: list[str], enabled: bool) -> list[str]:
-        done: list[str] = []
+    async def fault_links(self, names: list[str], *, cut: bool = False,
+                          toxics: Any = (), toxicity: float = 1.0) -> SimLinkFault:
+        applied = SimLinkFault(cut)
 
-        async def one(name: str) -> None:
-            await self.set_enabled(name, enabled)
-            done.append(name)
+        async def disable(name: str) -> None:
+            await self.set_enabled(name, False)
+            applied.done.append(name)
 
-        await self._each(one, [(name,) for name in names], done, heal=enabled)
-        return done
+        async def add(name: str, type: str, attributes: dict[str, Any], stream: str) -> None:
+            applied.done.append((name, await self.add_toxic(name, type, attributes, stream=stream,
+                                                           toxicity=toxicity)))
 
-    async def add_toxics(self, names: list[str], toxics: list[tuple[str, dict[str, Any], str]], *,
-                         toxicity: float = 1.0) -> list[tuple[str, str]]:
-        done: list[tuple[str, str]] = []
+        if cut:
+            await self._each(disable, [(name,) for name in names], applied, heal=False)
+        else:
+            await self._each(add, [(name, *toxic) for name in names for toxic in toxics], applied, heal=False)
+        return applied
 
-        async def one(name: str, type: str, attributes: dict[str, Any], stream: str) -> None:
-            done.append((name, await self.add_toxic(name, type, attributes, stream=stream, toxicity=toxicity)))
+    async def heal_links(self, applied: SimLinkFault) -> None:
+        async def enable(name: str) -> None:
+            await self.set_enabled(name, True)
 
-        await self._each(one, [(name, *toxic) for name in names for toxic in toxics], done, heal=False)
-        return done
+        if applied.cut:
+            await self._each(enable, [(name,) for name in applied.done], applied, heal=True)
+        else:
+            await self._each(self.remove_toxic, list(applied.done), applied, heal=True)
 
-    async def remove_toxics(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        done: list[tuple[str, str]] = []
-
-        async def one(name: str, toxic: str) -> None:
-            await self.remove_toxic(name, toxic)
-            done.append((name, toxic))
-
-        await self._each(one, list(pairs), done, heal=True)
-        return done
-
-    async def _each(self, fn: Any, argss: list[tuple], done: list[Any], *, heal: bool) -> None:
+    async def _each(self, fn: Any, argss: list[tuple], applied: SimLinkFault, *, heal: bool) -> None:
         failures: list[CallFailure] = []
         sem = trio.Semaphore(FAULT_CALLS_AT_ONCE)
 
@@ -394,7 +403,7 @@ class SimToxiproxy:
             for args in argss:
                 nursery.start_soon(call if heal else bounded, args)
         if failures:
-            raise BatchError(failures, len(argss), done)
+            raise BatchError(failures, len(argss), applied)
 
     async def reset(self) -> None:
         for p in self._proxies.values():
