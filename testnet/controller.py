@@ -583,8 +583,10 @@ class Testnet:
                 await self._push_links(only=name)
             self.save()
 
-    async def node_restart(self, name: str, timeout_s: float = 30.0) -> None:
-        """Stop the node if it runs, then start it with the same key, database and ports."""
+    async def node_restart(self, name: str, timeout_s: float = 30.0, *,
+                           running: Callable[[], None] | None = None) -> None:
+        """Stop the node if it runs, then start it with the same key, database and ports
+        (``running()`` is called once it runs again, before it is waited for to be ready)."""
         async with self._lock:
             rt = self.node(name)
             if rt.child is not None and rt.child.running:
@@ -593,12 +595,16 @@ class Testnet:
             await self._start_nodes([name], timeout_s)
             if self.api is not None:
                 await self._open_ingress([name])  # the proxies' upstreams, at the same ports again
+            if running is not None:
+                running()
             self.save()
             await self.wait_ready(timeout_s, [name])
             self.save()
 
-    async def node_add(self, name: str | None = None, timeout_s: float = 30.0) -> str:
-        """A new node (next free name unless given): new key, its links, everyone told. Returns its name."""
+    async def node_add(self, name: str | None = None, timeout_s: float = 30.0, *,
+                       running: Callable[[], None] | None = None) -> str:
+        """A new node (next free name unless given): new key, its links, everyone told. Returns its name
+        (``running()`` is called once it runs and everyone was told, before the network is waited for)."""
         async with self._lock:
             self.plan, node = P.with_node_added(self.plan, name)
             rundir.write_secret(node.seed_file, node.seed.hex() + "\n")
@@ -612,6 +618,8 @@ class Testnet:
                 await self._open_ingress([node.name])
                 await self._populate(self._boot_links(touching=node.name))
                 await self._push_links(exclude=node.name)
+            if running is not None:
+                running()
             self.save()
             await self.wait_ready(timeout_s)
             self.save()

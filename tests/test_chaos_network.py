@@ -103,7 +103,8 @@ async def test_short_chaos_run_with_a_kill_passes_and_replays(tmp_path):
     assert [r["phase"] for r in records] == ["start", "end"]
     # Each phase's planned time and lateness are recorded; the heal is planned at the schedule's end.
     assert records[1]["planned"] - records[0]["planned"] == 2000
-    assert all(abs(r["t"] - r["planned"] - r["late_ms"]) <= 20 and r["late_ms"] + 1 >= r["took_ms"] >= 0 for r in records)
+    # Late is when the phase took effect (the restarted node runs), done is later still (it is ready).
+    assert all(0 <= r["late_ms"] <= r["t"] - r["planned"] + 20 and r["took_ms"] >= 0 for r in records)
     f = result.verdict["faults"]
     assert (f["planned"], f["started"], f["healed"], f["skipped"], f["errors"], f["valid"]) == (1, 1, 1, [], [], True)
     assert f["worst"]["late_ms"] == max(r["late_ms"] for r in records)

@@ -51,12 +51,17 @@ def run_cmd(scenario: str, seed: int | None, run_dir: Path | None, bugs: tuple[s
     """Run SCENARIO (a TOML file, or a name from the shipped library) once and check it."""
     from chaos.run.runner import run_chaos
 
+    from chaos.run.play import describe_error
+
     try:
         sc = load_scenario(scenario)
         result = trio.run(lambda: run_chaos(sc, seed=seed, run_dir=run_dir, inject_bugs=bugs,
                                             progress=progress(quiet)))
     except (ScenarioError, ValueError) as exc:
         fail(str(exc))
+        return
+    except Exception as exc:  # the run itself broke (a boot that timed out, ...): say what, not a traceback
+        fail(f"the run broke: {describe_error(exc)['error']}")
         return
     if as_json:
         click.echo(json.dumps(result.verdict))

@@ -23,6 +23,7 @@ never imports them (the runner loads them).
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import random
 from contextlib import asynccontextmanager, contextmanager
@@ -38,6 +39,31 @@ from chaos.schedule import Fault
 log = logging.getLogger("chaos.run.nemesis")
 
 HEAL_TIMEOUT_S = 30.0
+
+
+# When the phase being played took effect (see took_effect): set by the player per phase.
+_effect: contextvars.ContextVar[list[float | None] | None] = contextvars.ContextVar("swarmnet_fault_effect",
+                                                                                   default=None)
+
+
+def took_effect() -> None:
+    """Say that the phase of the fault being played took effect now — a restarted or added node
+    runs, before the nemesis waits for it to be ready (the network's recovery, not the fault)."""
+    holder = _effect.get()
+    if holder is not None:
+        holder[0] = trio.current_time()
+
+
+@contextmanager
+def effect_clock() -> Iterator[list[float | None]]:
+    """For the player: ``[when the phase took effect]`` once the block is over (None: it did
+    not say, so it took effect when done)."""
+    holder: list[float | None] = [None]
+    token = _effect.set(holder)
+    try:
+        yield holder
+    finally:
+        _effect.reset(token)
 
 
 class NemesisError(Exception):
@@ -239,7 +265,7 @@ async def process_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any]]
         added: list[str] = []
         try:
             for _ in range(int(fault.target.get("new", 1))):
-                added.append(await net.node_add())
+                added.append(await net.node_add(running=took_effect))
             yield {"nodes": added}
         finally:
             with healing(what, HEAL_TIMEOUT_S):
@@ -256,7 +282,7 @@ async def process_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any]]
         finally:
             with healing(what, HEAL_TIMEOUT_S):
                 for n in nodes:
-                    await net.node_restart(n)
+                    await net.node_restart(n, running=took_effect)
     elif kind == "pause":
         paused = []
         try:
@@ -278,7 +304,7 @@ async def process_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any]]
             # Heal: the network gets its capacity back as a fresh node.
             with healing(what, HEAL_TIMEOUT_S):
                 for _ in nodes:
-                    replacements.append(await net.node_add())
+                    replacements.append(await net.node_add(running=took_effect))
     else:
         raise NemesisError(f"{kind} is not a process fault")
 

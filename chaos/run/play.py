@@ -2,8 +2,9 @@
 end, and ``faults.jsonl``, the record of what really happened and when (shape in RUNDIR.md).
 
 Each phase of a fault — its start, its heal — is recorded with the time the schedule
-gave it (``planned``), how late it was done (``late_ms``: done minus planned) and how long
-its own work took (``took_ms``).  A fault that failed is recorded with what failed: an
+gave it (``planned``), how late it took effect (``late_ms``: minus planned; a restarted or
+added node takes effect when it runs, before it is ready — see ``nemesis.took_effect`` —
+anything else when its work is done) and how long its whole work took (``took_ms``).  A fault that failed is recorded with what failed: an
 exception group is opened into its leaves, and a leaf that is a bulk Toxiproxy change
 says how many of how many calls failed, on which server, which call, and why.
 """
@@ -19,7 +20,7 @@ import trio
 
 from testnet import links as L
 
-from chaos.run.nemesis import HealFailed, NemesisError, inject
+from chaos.run.nemesis import HealFailed, NemesisError, effect_clock, inject
 from chaos.schedule import Fault, Schedule
 
 Progress = Callable[[str], None]
@@ -50,9 +51,12 @@ class FaultLog:
 
 def error_leaves(exc: BaseException) -> list[BaseException]:
     """The errors inside ``exc``: exception groups (trio's nurseries) and failed heals opened
-    down to the exceptions that were raised for a reason."""
+    down to the exceptions that were raised for a reason (a task cancelled because another
+    failed is not one, when there is another)."""
     if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in error_leaves(sub)]
+        leaves = [leaf for sub in exc.exceptions for leaf in error_leaves(sub)]
+        reasons = [leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled)]
+        return reasons or leaves
     if isinstance(exc, HealFailed) and exc.errors:
         return [leaf for sub in exc.errors for leaf in error_leaves(sub)]
     return [exc]
@@ -62,7 +66,8 @@ def describe_leaf(exc: BaseException) -> dict[str, Any]:
     """One error as faults.jsonl records it: ``error`` ("Type: message") and, for a Toxiproxy
     error, ``server``, ``call``, ``proxy``, ``status``; for a bulk change, ``failed`` of
     ``calls`` and the first failed calls (``calls_failed``)."""
-    out: dict[str, Any] = {"error": f"{type(exc).__name__}: {exc}"[:600]}
+    text = str(exc) or {"TooSlowError": "a deadline passed", "Cancelled": "cancelled"}.get(type(exc).__name__, "")
+    out: dict[str, Any] = {"error": (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:600]}
     if isinstance(exc, L.BatchError):
         out.update(failed=len(exc.failures), calls=exc.calls,
                    calls_failed=[f.to_json() for f in exc.failures[:MAX_CALLS_SHOWN]])
@@ -110,37 +115,41 @@ async def play(net: Any, schedule: Schedule, log: FaultLog, progress: Progress) 
         await trio.sleep_until(start_at)
         during, began = "start", trio.current_time()
         targets: dict[str, Any] = {}
-        try:
-            async with inject(net, fault) as targets:
+        # A phase took effect when its nemesis says (took_effect: a restarted node runs), else
+        # when its work was done; its lateness is measured there, its work (took_ms) to the end.
+        with effect_clock() as effect:
+            try:
+                async with inject(net, fault) as targets:
+                    now = trio.current_time()
+                    late = (effect[0] if effect[0] is not None else now) - start_at
+                    log.write(fault, "start", planned=planned["start"], late_ms=_ms(late), took_ms=_ms(now - began),
+                              targets=targets)
+                    progress(f"fault {fault.id} {fault.kind} started{_late(late)}: {_short(targets)}")
+                    # Healed at the planned end: a late start shortens the fault rather than moving it.
+                    await trio.sleep(max(0.0, fault.duration_s - late) if late > ON_TIME_S else fault.duration_s)
+                    during, began, effect[0] = "heal", trio.current_time(), None
                 now = trio.current_time()
-                log.write(fault, "start", planned=planned["start"], late_ms=_ms(now - start_at),
-                          took_ms=_ms(now - began), targets=targets)
-                progress(f"fault {fault.id} {fault.kind} started{_late(now - start_at)}: {_short(targets)}")
-                late = now - start_at
-                # Healed at the planned end: a late start shortens the fault rather than moving it.
-                await trio.sleep(max(0.0, fault.duration_s - late) if late > ON_TIME_S else fault.duration_s)
-                during, began = "heal", trio.current_time()
-            now = trio.current_time()
-            log.write(fault, "end", planned=planned["heal"], late_ms=_ms(now - heal_at), took_ms=_ms(now - began),
-                      targets=targets)
-            if fault.family == "adversary":  # its summary is only known once it stopped
-                progress(f"fault {fault.id} {fault.kind} stopped{_late(now - heal_at)}: "
-                         f"{targets.get('attempts', 0)} attempts, "
-                         f"{targets.get('refused', 0)} refused, {targets.get('accepted', 0)} accepted, "
-                         f"{targets.get('leaked', 0)} leaked; {targets.get('flood_waves', 0)} flood waves")
-            else:
-                progress(f"fault {fault.id} {fault.kind} healed{_late(now - heal_at)}")
-        except Exception as exc:  # a controller error must not end the run unhealed
-            now = trio.current_time()
-            late = _ms(now - (start_at if during == "start" else heal_at))
-            if during == "start" and isinstance(exc, (NemesisError, LookupError, ValueError)):
-                log.write(fault, "skipped", planned=planned["start"], error=str(exc)[:300])
-                progress(f"fault {fault.id} {fault.kind} skipped: {exc}")
-                return
-            desc = describe_error(exc)
-            log.write(fault, "error", during=during, planned=planned[during], late_ms=late, took_ms=_ms(now - began),
-                      **({"targets": targets} if targets else {}), **desc)
-            progress(f"fault {fault.id} {fault.kind} failed to {during}: {desc['error']}")
+                late = (effect[0] if effect[0] is not None else now) - heal_at
+                log.write(fault, "end", planned=planned["heal"], late_ms=_ms(late), took_ms=_ms(now - began),
+                          targets=targets)
+                if fault.family == "adversary":  # its summary is only known once it stopped
+                    progress(f"fault {fault.id} {fault.kind} stopped{_late(late)}: "
+                             f"{targets.get('attempts', 0)} attempts, "
+                             f"{targets.get('refused', 0)} refused, {targets.get('accepted', 0)} accepted, "
+                             f"{targets.get('leaked', 0)} leaked; {targets.get('flood_waves', 0)} flood waves")
+                else:
+                    progress(f"fault {fault.id} {fault.kind} healed{_late(late)}")
+            except Exception as exc:  # a controller error must not end the run unhealed
+                now = trio.current_time()
+                late_ms = _ms(now - (start_at if during == "start" else heal_at))
+                if during == "start" and isinstance(exc, (NemesisError, LookupError, ValueError)):
+                    log.write(fault, "skipped", planned=planned["start"], error=str(exc)[:300])
+                    progress(f"fault {fault.id} {fault.kind} skipped: {exc}")
+                    return
+                desc = describe_error(exc)
+                log.write(fault, "error", during=during, planned=planned[during], late_ms=late_ms,
+                          took_ms=_ms(now - began), **({"targets": targets} if targets else {}), **desc)
+                progress(f"fault {fault.id} {fault.kind} failed to {during}: {desc['error']}")
 
     async with trio.open_nursery() as nursery:
         for fault in schedule.faults:
