@@ -25,7 +25,7 @@ import json as jsonlib
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import requests
 import trio
@@ -70,9 +70,9 @@ class ProxyGone(LinkError):
     """The proxy named does not exist (any more): its link went with its node."""
 
 
-@dataclass(frozen=True)
-class Call:
-    """One request of a bulk change; ``proxy`` names the link it is about (for errors)."""
+class Call(NamedTuple):
+    """One request of a bulk change; ``proxy`` names the link it is about (for errors).  ``body``
+    is JSON, or bytes already encoded (a fault sends the same body to thousands of proxies)."""
 
     method: str
     path: str
@@ -322,11 +322,10 @@ def _reason(exc: BaseException) -> str:
 
 
 def _request(host: str, port: int, call: Call) -> bytes:
-    body = b"" if call.body is None else jsonlib.dumps(call.body).encode()
-    head = f"{call.method} {call.path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(body)}\r\n"
-    if body:
-        head += "Content-Type: application/json\r\n"
-    return (head + "\r\n").encode() + body
+    body = call.body if isinstance(call.body, bytes) else b"" if call.body is None else jsonlib.dumps(call.body).encode()
+    kind = "Content-Type: application/json\r\n" if body else ""
+    return (f"{call.method} {call.path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(body)}\r\n"
+            f"{kind}\r\n").encode() + body
 
 
 class _Answers:
@@ -335,63 +334,67 @@ class _Answers:
     for 1xx, 204 and 304 (RFC 9112, 6.3).  Raises ValueError on what it cannot frame."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._buf = b""
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        self._buf += data
+        buf = self._buf + data if self._buf else bytes(data)
         out = []
+        pos = 0
         while True:
-            got = self._one()
+            got = self._one(buf, pos)
             if got is None:
-                return out
-            out.append(got)
+                break
+            out.append(got[0])
+            pos = got[1]
+        self._buf = buf[pos:]
+        if len(self._buf) > 1 << 20 and b"\r\n\r\n" not in self._buf[:1 << 16]:
+            raise ValueError("response head longer than 64 KiB")
+        return out
 
-    def _one(self) -> tuple[int, bytes] | None:
-        buf = self._buf
-        end = buf.find(b"\r\n\r\n")
+    @staticmethod
+    def _one(buf: bytes, pos: int) -> tuple[tuple[int, bytes], int] | None:
+        end = buf.find(b"\r\n\r\n", pos)
         if end < 0:
-            if len(buf) > 1 << 16:
-                raise ValueError("response head longer than 64 KiB")
             return None
-        lines = bytes(buf[:end]).split(b"\r\n")
+        lines = buf[pos:end].split(b"\r\n")
         parts = lines[0].split(b" ", 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
             raise ValueError(f"bad status line {lines[0][:60]!r}")
         status = int(parts[1])
-        headers = {}
-        for line in lines[1:]:
-            key, _, value = line.partition(b":")
-            headers[key.strip().lower()] = value.strip()
         start = end + 4
         if status < 200 or status in (204, 304):
-            del buf[:start]
-            return status, b""
-        if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
-            return self._chunked(status, start)
-        length = headers.get(b"content-length")
+            return (status, b""), start
+        length: bytes | None = None
+        chunked = False
+        for line in lines[1:]:
+            key, _, value = line.partition(b":")
+            key = key.strip().lower()
+            if key == b"content-length":
+                length = value.strip()
+            elif key == b"transfer-encoding":
+                chunked = value.strip().lower() == b"chunked"
+        if chunked:
+            return _Answers._chunked(buf, status, start)
         if length is None or not length.isdigit():
             raise ValueError("response without a length")
         stop = start + int(length)
         if len(buf) < stop:
             return None
-        body = bytes(buf[start:stop])
-        del buf[:stop]
-        return status, body
+        return (status, buf[start:stop]), stop
 
-    def _chunked(self, status: int, pos: int) -> tuple[int, bytes] | None:
-        buf = self._buf
+    @staticmethod
+    def _chunked(buf: bytes, status: int, pos: int) -> tuple[tuple[int, bytes], int] | None:
         body = bytearray()
         while True:
             eol = buf.find(b"\r\n", pos)
             if eol < 0:
                 return None
-            size = int(bytes(buf[pos:eol]).split(b";")[0].strip() or b"0", 16)
+            size = int(buf[pos:eol].split(b";")[0].strip() or b"0", 16)
             if size == 0:
                 trailer_end = buf.find(b"\r\n\r\n", eol)  # the last chunk, then (empty) trailers
                 if trailer_end < 0:
                     return None
-                del buf[:trailer_end + 4]
-                return status, bytes(body)
+                return (status, bytes(body)), trailer_end + 4
             if len(buf) < eol + 2 + size + 2:
                 return None
             body += buf[eol + 2:eol + 2 + size]

@@ -79,7 +79,7 @@ def plot_lateness(items: Sequence[Phase], tolerance_ms: float) -> bytes | None:
     ax.invert_yaxis()
     worst = max(max(p.late_ms or 0.0 for p in timed) / 1000, tolerance_ms / 1000)
     ax.set_xlim(0, worst * 1.08)
-    ax.set_xlabel("lateness (s): done minus planned")
+    ax.set_xlabel("lateness (s): took effect minus planned")
     ax.set_title(f"Fault timing: each start and heal against the tolerance ({tolerance_ms / 1000:g} s)")
     ax.legend(handles=[Patch(color="tab:blue", label="start"), Patch(color="tab:green", label="heal"),
                        Patch(color="tab:red", label="failed")], loc="upper left", bbox_to_anchor=(1.01, 1))

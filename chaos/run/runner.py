@@ -30,6 +30,7 @@ from chaos.scenario import Scenario, load_scenario
 from chaos.schedule import Schedule, expand
 
 Progress = Callable[[str], None]
+READY_S_PER_NODE = 0.5  # boot deadline per node, beyond the controller's default
 
 
 @dataclass
@@ -85,8 +86,11 @@ async def run_chaos(scenario: Scenario, *, seed: int | None = None, run_dir: Pat
     seed = seed if seed is not None else (scenario.seed if scenario.seed is not None else secrets.randbits(31))
     schedule = schedule or expand(scenario, seed, node_names(scenario), user_names(scenario))
     topo = scenario.topology
+    # A large network's boot gets time in proportion to its size (as bench boot gives it): 300
+    # nodes on a busy 2-core machine took over the default 90 s.
     opts = Options(nodes=topo.nodes, users=topo.users, min_swarm=topo.min_swarm, links=topo.links, seed=seed,
-                   run_dir=run_dir, runs_dir=runs_dir, inject_bugs=inject_bugs)
+                   run_dir=run_dir, runs_dir=runs_dir, inject_bugs=inject_bugs,
+                   ready_timeout_s=max(Options.ready_timeout_s, READY_S_PER_NODE * topo.nodes))
     progress(f"scenario {scenario.name}, seed {seed}: {len(schedule.faults)} faults, "
              f"{topo.nodes} nodes, {topo.users} users, links {topo.links}")
     world = world or RealProcesses()
