@@ -377,7 +377,7 @@ class ProxyTable:
 
         def calls_for(name: str) -> list[Call]:
             if cut:
-                return [Call("POST", f"/proxies/{name}", cut_body, name)]
+                return [Call("PATCH", f"/proxies/{name}", cut_body, name)]
             return [Call("POST", f"/proxies/{name}/toxics", body, name) for _, body in bodies]
 
         # A toxic already there was put by the proxy's making, which read this fault.
@@ -396,7 +396,7 @@ class ProxyTable:
 
         def calls_for(name: str) -> list[Call]:
             if not fault.enabled:
-                return [Call("POST", f"/proxies/{name}", enable, name)] if self._state(name)[0] else []
+                return [Call("PATCH", f"/proxies/{name}", enable, name)] if self._state(name)[0] else []
             return [Call("DELETE", f"/proxies/{name}/toxics/{toxic_name}", None, name) for toxic_name in fault.toxics]
 
         failures, calls = await self._apply(fault, calls_for, fine=(404,))  # already gone: healed

@@ -194,7 +194,8 @@ class ToxiproxyApi:
         await self.call("delete", f"/proxies/{name}")
 
     async def set_enabled(self, proxy: str, enabled: bool) -> None:
-        await self.call("post", f"/proxies/{proxy}", {"enabled": enabled})
+        # PATCH: Toxiproxy 2.12 logs a deprecation warning for every POST to a proxy.
+        await self.call("patch", f"/proxies/{proxy}", {"enabled": enabled})
 
     async def add_toxic(self, proxy: str, type: str, attributes: dict[str, Any], *, stream: str = "downstream",
                         toxicity: float = 1.0, name: str | None = None) -> str:
