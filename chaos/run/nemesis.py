@@ -2,7 +2,9 @@
 
 Every nemesis is an async context manager ``inject(net, fault)``: entering
 starts the fault, leaving ends it, even on cancellation (heals are shielded
-and bounded).  A nemesis only injects and heals; it never judges.
+and bounded).  A start that fails part-way heals what it did, then raises;
+a heal that fails, or runs out of time, raises what failed (:class:`HealFailed`),
+once it has healed all it could.  A nemesis only injects and heals; it never judges.
 
 Families (see chaos.scenario.NEMESES):
 * link — Toxiproxy toxics (latency, bandwidth, timeout, reset_peer, slicer) or
@@ -216,7 +218,7 @@ async def _heal_all(what: str, calls: list[tuple[Any, tuple]]) -> None:
 
 
 HEAL_S_PER_CALL = 0.01  # for the calls of one heal (one per node)
-HEAL_S_PER_LINK = 0.01  # a link fault's heal: its calls go in bulk, each bounded; this only backs them up
+HEAL_S_PER_LINK = 0.001  # a link fault's heal: its calls go in bulk, each connection bounded; this backs them up
 
 
 def _cut_or_toxics(fault: Fault) -> bool:
@@ -275,13 +277,15 @@ async def process_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any]]
         return
     nodes = await resolve_nodes(net, fault)
     if kind == "kill":
-        for n in nodes:
-            await net.node_kill(n)
+        killed = []
         try:
+            for n in nodes:
+                await net.node_kill(n)
+                killed.append(n)  # a kill that fails part-way still restarts those it killed
             yield {"nodes": nodes}
         finally:
             with healing(what, HEAL_TIMEOUT_S):
-                for n in nodes:
+                for n in killed:
                     await net.node_restart(n, running=took_effect)
     elif kind == "pause":
         paused = []
@@ -295,15 +299,17 @@ async def process_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any]]
                 for n in paused:
                     await net.node_resume(n)
     elif kind == "leave":
-        for n in nodes:
-            await net.node_remove(n)
+        removed = []
         replacements: list[str] = []
         try:
+            for n in nodes:
+                await net.node_remove(n)
+                removed.append(n)
             yield {"nodes": nodes}
         finally:
             # Heal: the network gets its capacity back as a fresh node.
             with healing(what, HEAL_TIMEOUT_S):
-                for _ in nodes:
+                for _ in removed:
                     replacements.append(await net.node_add(running=took_effect))
     else:
         raise NemesisError(f"{kind} is not a process fault")
