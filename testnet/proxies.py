@@ -16,6 +16,7 @@ from .toxiproxy import (POPULATE_BATCH, TOXIC_TYPES, BatchError, Call, CallFailu
 
 OPEN_BATCH_S = 0.01  # proxies asked for within this long of the first are made in one request
 HEAL_TIMEOUT_S = 5.0  # for one call that undoes what a failed make did
+RECONCILE_ROUNDS = 5  # a new proxy's calls re-read the faults at most this often (each round: one bulk call)
 ToxicSpec = tuple[str, dict[str, Any], str]  # (type, attributes, stream)
 
 
@@ -216,12 +217,13 @@ class ProxyTable:
         errors: dict[str, LinkError] = {}
         async with AsyncExitStack() as held:
             # In one order for everyone: two batches sharing links (a bulk populate and the links
-            # nodes ask for meanwhile) would otherwise each hold what the other waits for.
-            for name in sorted(names):  # fresh links: a fault being recorded holds one briefly
+            # nodes ask for meanwhile) would otherwise each hold what the other waits for.  Links
+            # made already are not held: a fault's calls on them need not wait for this batch.
+            for name in sorted({n for n in names if n not in self.made}):
                 await held.enter_async_context(self._locked(name))
             items = []
             for name in names:
-                if name in self.made:
+                if name in self.made or name not in self._locks:
                     continue
                 try:
                     spec = self._spec(name)
@@ -235,8 +237,8 @@ class ProxyTable:
                 made = [item["name"] for item in items]
             except LinkError as exc:
                 made = []
-                if len(items) == 1:
-                    errors[items[0]["name"]] = exc
+                if len(items) == 1 or exc.status is None:  # no answer: asking again one by one would not help
+                    errors.update((item["name"], exc) for item in items)
                 else:  # one bad proxy fails its whole batch: make them one by one
                     for item in items:
                         try:
@@ -244,22 +246,39 @@ class ProxyTable:
                             made.append(item["name"])
                         except LinkError as one:
                             errors[item["name"]] = one
-            # Their toxics, read now: a fault recorded while they were made (it waited for no
-            # lock) is in them too.  All the batch's at once: during a fault on every link, a
-            # batch of new proxies carries two toxics each.
-            calls = [Call("POST", f"/proxies/{name}/toxics", toxic_body(toxic_name, **toxic), name)
-                     for name in made for toxic_name, toxic in self._state(name)[1].items()]
-            failed: dict[str, CallFailure] = {}
-            for call, failure in zip(calls, await api.calls(calls) if calls else ()):
-                if failure is not None:
-                    failed.setdefault(call.proxy or "", failure)
-            for name in made:
-                if name in failed:
-                    f = failed[name]
-                    errors[name] = LinkError(str(f), server=f.server, call=f.call, proxy=name, status=f.status)
-                    await _undo(api.delete_proxy, name)  # never leave it up without its faults
-                    continue
-                self.made.add(name)
+            for name, exc in (await self._reconcile(api, {item["name"]: item["enabled"] for item in items
+                                                          if item["name"] in made})).items():
+                errors[name] = exc
+                await _undo(api.delete_proxy, name)  # never leave it up without its faults
+        return errors
+
+    async def _reconcile(self, api: ToxiproxyApi, made: dict[str, bool]) -> dict[str, LinkError]:
+        """Bring proxies just made (name -> enabled as made, no toxics yet) to what the faults ask,
+        and count them made.  A fault on many links does not wait for links being made: what it
+        asks is read here, again after each round of calls, until a round needs none — and then,
+        in that same step, the links count as made, so a fault recorded later finds them made."""
+        applied: dict[str, tuple[bool, set[str]]] = {name: (enabled, set()) for name, enabled in made.items()}
+        errors: dict[str, LinkError] = {}
+        for _ in range(RECONCILE_ROUNDS):
+            calls = []
+            for name in applied:
+                enabled, toxics = self._state(name)
+                was, had = applied[name]
+                if enabled != was:
+                    calls.append(Call("PATCH", f"/proxies/{name}", {"enabled": enabled}, name))
+                calls += [Call("POST", f"/proxies/{name}/toxics", toxic_body(t, **toxics[t]), name)
+                          for t in toxics.keys() - had]
+                calls += [Call("DELETE", f"/proxies/{name}/toxics/{t}", None, name) for t in had - toxics.keys()]
+                applied[name] = (enabled, set(toxics))
+            if not calls:
+                break
+            for call, failure in zip(calls, await api.calls(calls)):
+                # Already there (409) or already gone (404): as asked.
+                if failure is not None and failure.status not in (404, 409) and call.proxy in applied:
+                    del applied[call.proxy]
+                    errors[call.proxy] = LinkError(str(failure), server=failure.server, call=failure.call,
+                                                   proxy=call.proxy, status=failure.status)
+        self.made.update(applied)
         return errors
 
     # ---------------------------------------------------------------- what the faults ask
@@ -407,19 +426,16 @@ class ProxyTable:
                      fine: tuple[int, ...]) -> tuple[list[CallFailure], int]:
         """Send ``calls_for(name)`` for every made proxy of ``fault``, all at once per server (a
         status in ``fine`` counts as done); returns the failed calls and how many were made.  A
-        link held right now (being made, or a single-link fault's call) gets its calls once
-        that is over."""
+        made link another fault holds right now gets its calls once that is over."""
         mine, busy = [], []
+        # Links being made are not waited for: their making reads what the faults ask (_reconcile).
         for name in self.made & fault.names:  # iterates the smaller of the two
-            if name in self._locks:
+            if name in self._locks:  # another fault's call on it, right now
                 busy.append(name)
             else:
                 self._locks[name] = lock = trio.Lock()
                 lock.acquire_nowait()
                 mine.append(name)
-        for name in self._locks:  # being made: its making may have read the faults before this one
-            if name in fault.names and name not in self.made:
-                busy.append(name)
         failures: list[CallFailure] = []
         count = 0
 
