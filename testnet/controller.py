@@ -598,8 +598,10 @@ class Testnet:
             if running is not None:
                 running()
             self.save()
-            await self.wait_ready(timeout_s, [name])
-            self.save()
+        # Not holding the other node operations back while it catches up (a large network's
+        # node takes seconds): it runs again, and only it is waited for.
+        await self.wait_ready(timeout_s, [name])
+        self.save()
 
     async def node_add(self, name: str | None = None, timeout_s: float = 30.0, *,
                        running: Callable[[], None] | None = None) -> str:
