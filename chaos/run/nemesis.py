@@ -221,7 +221,7 @@ HEAL_S_PER_CALL = 0.01  # for the calls of one heal (one per node)
 HEAL_S_PER_LINK = 0.001  # a link fault's heal: its calls go in bulk, each connection bounded; this backs them up
 
 
-def _cut_or_toxics(fault: Fault) -> bool:
+def _cuts(fault: Fault) -> bool:
     """True when ``fault`` cuts its links (a disabled proxy), False when it adds toxics."""
     return fault.kind == "link-down" or fault.family == "partition"
 
@@ -235,7 +235,7 @@ async def link_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any]]:
     if api is None:
         raise NemesisError("link faults need Toxiproxy links (this run uses --links direct)")
     proxies, desc = await resolve_links(net, fault)
-    cut = _cut_or_toxics(fault)
+    cut = _cuts(fault)
     what = f"fault {fault.id} ({fault.kind})"
     failed: L.BatchError | None = None
     try:
