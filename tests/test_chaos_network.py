@@ -99,10 +99,16 @@ async def test_short_chaos_run_with_a_kill_passes_and_replays(tmp_path):
     rd = result.run_dir
     for f in ("run.json", "schedule.json", "history.jsonl", "faults.jsonl", "verdict.json", "report.html"):
         assert (rd / f).exists(), f
-    phases = [json.loads(l)["phase"] for l in (rd / "faults.jsonl").read_text().splitlines()]
-    assert phases == ["start", "end"]
-    assert result.verdict["faults"] == {"started": 1, "healed": 1, "skipped": [], "errors": []}
-    assert "faults: 1 started, 1 healed" in result.summary
+    records = [json.loads(l) for l in (rd / "faults.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in records] == ["start", "end"]
+    # Each phase's planned time and lateness are recorded; the heal is planned at the schedule's end.
+    assert records[1]["planned"] - records[0]["planned"] == 2000
+    # Late is when the phase took effect (the restarted node runs), done is later still (it is ready).
+    assert all(0 <= r["late_ms"] <= r["t"] - r["planned"] + 20 and r["took_ms"] >= 0 for r in records)
+    f = result.verdict["faults"]
+    assert (f["planned"], f["started"], f["healed"], f["skipped"], f["errors"], f["valid"]) == (1, 1, 1, [], [], True)
+    assert f["worst"]["late_ms"] == max(r["late_ms"] for r in records)
+    assert "faults: 1 of 1 started, 1 healed; worst lateness" in result.summary
     again, compare = await replay(rd, runs_dir=tmp_path / "replays", progress=lambda m: None)
     assert json.loads((again.run_dir / "schedule.json").read_text()) == json.loads((rd / "schedule.json").read_text())
     assert json.loads((again.run_dir / "run.json").read_text())["nodes"][0]["ed25519_public"] == \
