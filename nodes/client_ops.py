@@ -20,7 +20,7 @@ from . import core
 from .core import SwarmView, require_view
 from .proofs import SignedDelete, SignedExpire
 from .replication import Fanout, GroupCommit
-from .storage import Storage, StorageError, StoredMessage
+from .storage import Storage, StorageCorrupt, StorageError, StorageFull, StorageIOError, StoredMessage
 
 WRITE_BEHIND_S = 3.0  # the ack-before-commit bug's delay
 
@@ -63,6 +63,8 @@ class ClientOps:
             return {"hash": msg.hash, "swarm": results}
         try:
             await self.commit.commit([msg])
+        except (StorageFull, StorageIOError, StorageCorrupt):
+            raise  # the dispatcher answers 507 or 503: the disk, not the node, failed
         except StorageError as exc:  # this node did not keep it
             raise RequestError(Status.INTERNAL_ERROR, f"storage failed: {type(exc).__name__}") from None
         results[self.me] = {"status": Status.OK}
