@@ -64,8 +64,8 @@ class AdminOps:
                     self.disk.rng.seed(seed)
                 report = self.disk.power_loss(torn=bool(args.get("torn")))
                 event(log, "power loss", **report.to_json())
-                logging.shutdown()
                 self.halt(POWER_LOSS_EXIT)
+                await trio.sleep_forever()  # a simulated process: its cancel scope ends us here
             elif action != "status":
                 raise DiskFaultError(f"action must be arm, heal, status or power_loss, got {action!r:.40}")
         except DiskFaultError as exc:

@@ -1,13 +1,14 @@
 """The disk under a node's SQLite files, controlled by the harness.
 
 Strategy: an apsw VFS written in Python sits under every file SQLite opens for
-the node (database, WAL, journals) and inherits the OS's default VFS, so bytes
-reach the real file at once and reads need no model.  What the model keeps is
-the LazyFS view of durability: every write or truncate since a file's last
-sync is *pending*, and for each the bytes it overwrote (an undo log).  A power
-loss (:meth:`Disk.power_loss`) puts the files back as the last syncs left them
-— all pending writes lost, or a seeded prefix of them kept with the next one
-torn part-way — and the node stops on the spot.
+the node (database, WAL, journals) and inherits the OS's default VFS.  As
+LazyFS does, it keeps every write since a file's last sync in its own cache
+(reads see them; the real file does not) and writes them out, in order, at
+the sync.  A power loss (:meth:`Disk.power_loss`) drops the cache — all pending
+writes lost, or a seeded prefix of them written out with the next one torn
+part-way — and the node stops on the spot.  A clean close writes the cache out
+(as an OS would, given time), so only a power loss loses it.  Truncates write
+the cache out first and are not themselves losable.
 
 Faults armed at run time (:meth:`Disk.arm`, :meth:`Disk.heal`):
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import apsw
@@ -38,8 +39,8 @@ __all__ = ["Disk", "DiskFaultError", "FAULTS", "PowerLossReport"]
 
 FAULTS = ("full", "error", "slow", "corrupt")
 _OPS = ("read", "write", "sync")
-# Undo bytes kept per file before the oldest pending writes count as written
-# back (as an OS flushes old dirty pages): bounds memory when SQLite never syncs.
+# Pending bytes kept per file before they are written out (as an OS writes back
+# old dirty pages): bounds memory when SQLite never syncs.
 MAX_PENDING_BYTES = 64 * 1024 * 1024
 _names = itertools.count()
 
@@ -59,13 +60,15 @@ class PowerLossReport:
         return {"files": self.files, "torn": self.torn}
 
 
-@dataclass(slots=True)
-class _Pending:
-    """One file's writes since its last sync: (offset, old bytes, old size, length) per
-    write, (None, old tail, old size, new size) per truncate."""
+class _Cache:
+    """One file's writes since its last sync, in order, and its size counting them."""
 
-    ops: list[tuple[int | None, bytes, int, int]] = field(default_factory=list)
-    undo_bytes: int = 0
+    __slots__ = ("writes", "size", "bytes")
+
+    def __init__(self, size: int) -> None:
+        self.writes: list[tuple[int, bytes]] = []
+        self.size = size
+        self.bytes = 0
 
 
 class Disk:
@@ -75,12 +78,12 @@ class Disk:
         self.rng = rng
         self.real_sync = real_sync  # pass syncs to the OS (real runs); the model holds either way
         self.vfs_name = f"swarmnet-disk-{next(_names)}"
-        self._pending: dict[str, _Pending] = {}
-        self._sizes: dict[str, int] = {}
+        self._caches: dict[str, _Cache] = {}
         self.full = False
         self.errors: set[str] = set()
         self.sync_s = 0.0
         self.corrupt_rate = 0.0
+        self.powered_off = False
         self._owed_s = 0.0
         self.counts = {"writes": 0, "syncs": 0, "reads": 0, "failed": 0, "flipped": 0}
         self._vfs = _DiskVFS(self)
@@ -128,7 +131,7 @@ class Disk:
         """The armed faults and counters, as JSON."""
         return {"full": self.full, "errors": sorted(self.errors), "sync_ms": round(self.sync_s * 1000, 3),
                 "corrupt_rate": self.corrupt_rate, "owed_ms": round(self._owed_s * 1000, 3),
-                "pending_writes": {os.path.basename(p): len(f.ops) for p, f in self._pending.items() if f.ops},
+                "pending_writes": {os.path.basename(p): len(c.writes) for p, c in self._caches.items() if c.writes},
                 **self.counts}
 
     def take_owed_s(self) -> float:
@@ -137,71 +140,56 @@ class Disk:
         return owed
 
     def pending_writes(self, path: str) -> int:
-        """How many writes and truncates of this file a power loss would now undo."""
-        f = self._pending.get(os.path.abspath(path))
-        return len(f.ops) if f else 0
+        """How many writes of this file a power loss would now lose."""
+        c = self._caches.get(os.path.abspath(path))
+        return len(c.writes) if c else 0
 
     def power_loss(self, *, torn: bool = False) -> PowerLossReport:
-        """Put every file back as its last sync left it.  With ``torn``, a seeded prefix
-        of each file's pending writes survives and the next is kept only part-way.
-        The node must stop at once afterwards (its SQLite state no longer matches)."""
+        """Drop every file's pending writes: the files stay as their last syncs left
+        them.  With ``torn``, a seeded prefix of each file's pending writes reaches the
+        file and the next one only part-way.  The node must stop at once afterwards
+        (its SQLite state no longer matches): the disk refuses everything from now on."""
         report: dict[str, dict[str, int]] = {}
-        for path in sorted(self._pending):
-            pending = self._pending[path]
-            if not pending.ops:
+        for path in sorted(self._caches):
+            cache = self._caches[path]
+            n = len(cache.writes)
+            if not n:
                 continue
-            n = len(pending.ops)
             keep = self.rng.randrange(n + 1) if torn else 0
-            reverted = 0
+            written = 0
             with open(path, "r+b") as fh:
-                for i in range(n - 1, keep - 1, -1):
-                    offset, old, old_size, length = pending.ops[i]
-                    torn_data = b""
-                    if torn and i == keep and offset is not None and length:
-                        # The write that was under way: its first bytes reached the platter.
-                        fh.seek(offset)
-                        torn_data = fh.read(self.rng.randrange(length))
-                    reverted += _undo(fh, offset, old, old_size)
-                    if torn_data:
-                        fh.seek(offset)
-                        fh.write(torn_data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            report[os.path.basename(path)] = {"lost": n - keep, "kept": keep, "reverted_bytes": reverted}
-            pending.ops.clear()
-            pending.undo_bytes = 0
-        self._sizes.clear()
+                for i, (offset, data) in enumerate(cache.writes[: keep + 1]):
+                    if i == keep:  # the write under way when the power went
+                        data = data[: self.rng.randrange(len(data))] if data else b""
+                    fh.seek(offset)
+                    fh.write(data)
+                    written += len(data)
+            lost = sum(len(d) for _, d in cache.writes) - written
+            report[os.path.basename(path)] = {"writes": n, "kept": keep if torn else 0, "bytes_lost": lost}
+        self._caches.clear()
         self._owed_s = 0.0
+        # Off: whatever this process still does to the files (a simulated node's SQLite
+        # closing, checkpointing from its stale page cache) must not reach them.
+        self.powered_off = True
         return PowerLossReport(report, torn)
 
     # ------------------------------------------------------------------ what the VFS calls
 
-    def _opened(self, path: str, size: int) -> None:
-        self._sizes[path] = size
-        self._pending.setdefault(path, _Pending())
+    def _cache(self, path: str) -> _Cache:
+        cache = self._caches.get(path)
+        if cache is None:
+            cache = self._caches[path] = _Cache(0)
+        return cache
 
     def _fail(self, op: str) -> None:
+        if self.powered_off:
+            raise apsw.IOError("the disk lost power")
         if self.full and op == "write":
             self.counts["failed"] += 1
             raise apsw.FullError("disk full (armed by the harness)")
         if op in self.errors:
             self.counts["failed"] += 1
             raise apsw.IOError(f"I/O error on {op} (armed by the harness)")
-
-    def _record(self, path: str, op: tuple[int | None, bytes, int, int]) -> None:
-        pending = self._pending.setdefault(path, _Pending())
-        pending.ops.append(op)
-        pending.undo_bytes += len(op[1])
-        while pending.undo_bytes > MAX_PENDING_BYTES and len(pending.ops) > 1:
-            pending.undo_bytes -= len(pending.ops.pop(0)[1])
-
-    def _synced(self, path: str) -> None:
-        self.counts["syncs"] += 1
-        self._owed_s += self.sync_s
-        pending = self._pending.get(path)
-        if pending is not None:
-            pending.ops.clear()
-            pending.undo_bytes = 0
 
     def _flip(self, data: bytes) -> bytes:
         if not data or self.rng.random() >= self.corrupt_rate:
@@ -213,85 +201,114 @@ class Disk:
         return bytes(out)
 
 
-def _undo(fh: Any, offset: int | None, old: bytes, old_size: int) -> int:
-    """Reverse one pending write (offset set) or truncate (offset None); bytes touched."""
-    if offset is None:  # a truncate: the tail it cut comes back
-        fh.seek(old_size - len(old))
-        fh.write(old)
-        return len(old)
-    fh.seek(offset)
-    fh.write(old)
-    if fh.seek(0, 2) > old_size:  # the write had grown the file
-        fh.truncate(old_size)
-    return len(old)
-
-
 class _DiskVFS(apsw.VFS):
     def __init__(self, disk: Disk) -> None:
         self.disk = disk
         super().__init__(disk.vfs_name, "")
 
     def xOpen(self, name: Any, flags: list[int]) -> apsw.VFSFile:
+        if self.disk.powered_off:
+            raise apsw.IOError("the disk lost power")
         return _DiskFile(self.disk, name, flags)
+
+    def xDelete(self, name: str, syncdir: bool) -> None:
+        if self.disk.powered_off:
+            raise apsw.IOError("the disk lost power")
+        self.disk._caches.pop(os.path.abspath(name), None)
+        super().xDelete(name, syncdir)
 
 
 class _DiskFile(apsw.VFSFile):
-    """One open file: passes through to the default VFS, telling the model."""
+    """One open file: the default VFS's, with writes held in the disk's cache until synced."""
 
     def __init__(self, disk: Disk, name: Any, flags: list[int]) -> None:
         super().__init__("", name, flags)
         self.disk = disk
         text = name.filename() if isinstance(name, apsw.URIFilename) else name
-        # Temporary files (no name) vanish at a power loss anyway: not modelled.
+        # Temporary files (no name) vanish at a power loss anyway: written through.
         self.path = os.path.abspath(text) if text else None
         self.main_db = bool(flags[0] & apsw.mapping_open_flags["SQLITE_OPEN_MAIN_DB"])
-        if self.path is not None:
-            disk._opened(self.path, super().xFileSize())
+        self.cache = disk._cache(self.path) if self.path is not None else None
+
+    def _write_out(self) -> None:
+        """Pending writes to the real file, in order (a sync, a truncate, a clean close)."""
+        cache = self.cache
+        if cache is not None and cache.writes:
+            write = super().xWrite
+            for offset, data in cache.writes:
+                write(data, offset)
+            cache.writes.clear()
+            cache.bytes = 0
 
     def xRead(self, amount: int, offset: int) -> bytes:
         disk = self.disk
-        if disk.errors:
+        if disk.errors or disk.powered_off:
             disk._fail("read")
-        data = super().xRead(amount, offset)
+        cache = self.cache
+        if cache is None or not cache.writes:
+            data = super().xRead(amount, offset)
+        else:
+            data = self._read_cached(cache, amount, offset)
         if disk.corrupt_rate and self.main_db:
             data = disk._flip(data)
         return data
 
+    def _read_cached(self, cache: _Cache, amount: int, offset: int) -> bytes:
+        end = min(offset + amount, cache.size)
+        if end <= offset:
+            return b""
+        real = super().xFileSize()
+        buf = bytearray(end - offset)
+        if offset < real:
+            got = super().xRead(min(end, real) - offset, offset)
+            buf[: len(got)] = got
+        for w_off, data in cache.writes:  # in order: later writes win
+            lo, hi = max(w_off, offset), min(w_off + len(data), end)
+            if lo < hi:
+                buf[lo - offset: hi - offset] = data[lo - w_off: hi - w_off]
+        return bytes(buf)  # shorter than asked past the end: SQLite's short read
+
     def xWrite(self, data: bytes, offset: int) -> None:
         disk = self.disk
-        if disk.full or disk.errors:
+        if disk.full or disk.errors or disk.powered_off:
             disk._fail("write")
-        disk.counts["writes"] += 1
-        path = self.path
-        if path is not None:
-            size = disk._sizes.get(path)
-            if size is None:
-                size = super().xFileSize()
-            overlap = min(len(data), size - offset)
-            old = super().xRead(overlap, offset) if overlap > 0 else b""
-            disk._record(path, (offset, old, size, len(data)))
-            disk._sizes[path] = max(size, offset + len(data))
-        super().xWrite(data, offset)
+        cache = self.cache
+        if cache is None:
+            super().xWrite(data, offset)
+            return
+        if not cache.writes:  # the real file is the whole truth again: start from its size
+            cache.size = super().xFileSize()
+        cache.writes.append((offset, bytes(data)))
+        cache.bytes += len(data)
+        if offset + len(data) > cache.size:
+            cache.size = offset + len(data)
+        if cache.bytes > MAX_PENDING_BYTES:  # as an OS writes back old dirty pages
+            self._write_out()
+
+    def xFileSize(self) -> int:
+        cache = self.cache
+        return cache.size if cache is not None and cache.writes else super().xFileSize()
 
     def xTruncate(self, newsize: int) -> None:
         disk = self.disk
-        if disk.errors:
+        if disk.errors or disk.powered_off:
             disk._fail("write")
-        path = self.path
-        if path is not None:
-            size = disk._sizes.get(path)
-            if size is None:
-                size = super().xFileSize()
-            tail = super().xRead(size - newsize, newsize) if size > newsize else b""
-            disk._record(path, (None, tail, size, newsize))
-            disk._sizes[path] = newsize
+        self._write_out()
         super().xTruncate(newsize)
+        if self.cache is not None:
+            self.cache.size = newsize
 
     def xSync(self, flags: int) -> None:
         disk = self.disk
-        if disk.errors:
+        if disk.errors or disk.powered_off:
             disk._fail("sync")
+        self._write_out()
         if disk.real_sync:
             super().xSync(flags)
-        if self.path is not None:
-            disk._synced(self.path)
+        disk.counts["syncs"] += 1
+        disk._owed_s += disk.sync_s
+
+    def xClose(self) -> None:
+        if not self.disk.powered_off:
+            self._write_out()
+        super().xClose()

@@ -88,7 +88,8 @@ class Node:
 
     def __init__(self, config: NodeConfig, *, clock: Clock | None = None,
                  randbytes: Callable[[int], bytes] = crypto.random_bytes,
-                 rng: random.Random | None = None, network: Network = TCP, disk: Disk | None = None) -> None:
+                 rng: random.Random | None = None, network: Network = TCP, disk: Disk | None = None,
+                 halt: Callable[[int], None] | None = None) -> None:
         self.config = config
         self.randbytes = randbytes  # handshake challenges, onion reply nonces
         self.rng = rng or random.Random()  # timer jitter
@@ -102,6 +103,7 @@ class Node:
         # Its own Random, seeded by the node's name: drawing from rng would shift every later draw.
         self.disk = disk or Disk(random.Random(f"disk:{config.name}"))
         self.storage = Storage(config.db, disk=self.disk)
+        self.halt = halt  # how a power loss ends this node at once (the process's _exit by default)
         self._flusher = CaptureFlusher()
         self.capture = CaptureFile(config.capture, now_ms=self.clock.wall_ms,
                                    buffer_bytes=config.capture_buffer_bytes,
@@ -167,7 +169,7 @@ class Node:
         self.peers = PeerOps(storage=self.storage, commit=self.commit, now_ms=now_ms, view=view,
                              entitled=self.entitled, anti_entropy=self.anti_entropy, stats=self.stats, bugs=self.bugs)
         self.admin = AdminOps(dialer=self.dialer, listen=self._listen_more, clock=self.clock, stop=self.stop,
-                              nursery=nursery, disk=self.disk)
+                              nursery=nursery, disk=self.disk, **({"halt": self.halt} if self.halt else {}))
         self._client_ops = {**self.clients.ops(), "info": self.op_info}
         self._peer_ops = self.peers.ops()
         self._admin_ops = self.admin.ops()

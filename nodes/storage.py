@@ -346,7 +346,10 @@ class Storage:
         """Close the file; later calls raise StorageError. Safe to call twice."""
         db, self._db = self._db, None
         if db is not None:
-            db.close()
+            try:
+                db.close()
+            except apsw.Error:  # a disk that failed (or lost power) cannot checkpoint: the files stay as they are
+                pass
 
     def store_many(self, messages: Sequence[StoredMessage]) -> list[bool]:
         """Store a batch in one transaction; per message, True if new and False if a duplicate.

@@ -47,7 +47,7 @@ def test_unsynced_commits_are_lost(tmp_path: Path) -> None:
     assert db.count() == 35 and disk.pending_writes(str(tmp_path / "db.sqlite-wal")) > 0
     report = disk.power_loss()
     db.close()
-    assert report.files["db.sqlite-wal"]["lost"] > 0
+    assert report.files["db.sqlite-wal"]["bytes_lost"] > 0
     again = reopen(tmp_path / "db.sqlite")
     assert again.count() == 5
     assert again._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -26,6 +26,7 @@ from testnet.base.bugs import CLIENT_BUGS, check_bugs
 
 from chaos.adversary import attacks as _adversary  # noqa: F401  registers the "adversary" fault family
 from chaos.adversary import byzantine as _byzantine  # noqa: F401  registers the "byzantine" fault family
+from chaos.run import disk as _disk  # noqa: F401  registers the "disk" fault family
 from chaos.run.nemesis import NemesisError, inject, live_swarms
 from chaos.scenario import Scenario, load_scenario
 from chaos.schedule import Fault, Schedule, expand
