@@ -41,7 +41,7 @@ FAULTS = ("full", "error", "slow", "corrupt")
 _OPS = ("read", "write", "sync")
 # Pending bytes kept per file before they are written out (as an OS writes back
 # old dirty pages): bounds memory when SQLite never syncs.
-MAX_PENDING_BYTES = 64 * 1024 * 1024
+MAX_PENDING_BYTES = 2 * 1024 * 1024
 _names = itertools.count()
 
 
