@@ -48,7 +48,7 @@ from .housekeeping import CaptureFlusher, sweep_expired
 from .peer_ops import PeerOps
 from .replication import Fanout, GroupCommit
 from .disk import Disk
-from .storage import Storage, StorageCorrupt, StorageFull, StorageIOError
+from .storage import SYNCHRONOUS, Storage, StorageCorrupt, StorageFull, StorageIOError
 
 __all__ = ["Node", "Clock", "NODE_OPS", "HANDSHAKE_OPS", "CLIENT_OPS", "ADMIN_OPS", "REGISTRY_KEY"]
 
@@ -102,7 +102,9 @@ class Node:
         # by the simulation on the same object.
         # Its own Random, seeded by the node's name: drawing from rng would shift every later draw.
         self.disk = disk or Disk(random.Random(f"disk:{config.name}"))
-        self.storage = Storage(config.db, disk=self.disk)
+        # Injected bug ack-before-sync: commits are acknowledged with nothing synced.
+        self.storage = Storage(config.db, disk=self.disk,
+                               synchronous="OFF" if "ack-before-sync" in config.inject_bugs else SYNCHRONOUS)
         self.halt = halt  # how a power loss ends this node at once (the process's _exit by default)
         self._flusher = CaptureFlusher()
         self.capture = CaptureFile(config.capture, now_ms=self.clock.wall_ms,

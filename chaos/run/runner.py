@@ -236,6 +236,7 @@ CANARY_SCENARIOS = {
     "one-hop-path": "smoke",
     "skip-replication": "smoke",
     "ack-before-commit": "kill-restart",
+    "ack-before-sync": "power-loss",
     "wrong-inbox": "smoke",
     "local-delete": "smoke",
     "no-node-auth": "adversary",
