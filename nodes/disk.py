@@ -85,7 +85,7 @@ class Disk:
         self.corrupt_rate = 0.0
         self.powered_off = False
         self._owed_s = 0.0
-        self.counts = {"writes": 0, "syncs": 0, "reads": 0, "failed": 0, "flipped": 0}
+        self.counts = {"syncs": 0, "failed": 0, "flipped": 0}
         self._vfs = _DiskVFS(self)
 
     # ------------------------------------------------------------------ commands

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import secrets
 from typing import Any, Awaitable, Callable
@@ -82,6 +83,22 @@ class Clock:
         return int(self._source() * 1000)
 
 
+def open_storage(path: Any, disk: Disk, synchronous: str) -> Storage:
+    """The node's store; a database found corrupt is set aside (renamed ``.corrupt``, for
+    a person to look at) and a fresh one opened, which anti-entropy fills from the swarm's
+    peers: nothing is ever served from a damaged file."""
+    try:
+        return Storage(path, disk=disk, synchronous=synchronous)
+    except StorageCorrupt as exc:
+        event(log, "database corrupt: set aside, rebuilding from swarm peers by anti-entropy", logging.ERROR,
+              error=str(exc)[:200])
+        base = os.fspath(path)
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(base + suffix):
+                os.replace(base + suffix, base + ".corrupt" + suffix)
+        return Storage(path, disk=disk, synchronous=synchronous)
+
+
 class Node:
     """One service node.  Time, randomness and the network come from the objects
     passed in: the real ones by default, virtual ones in the simulation."""
@@ -103,8 +120,8 @@ class Node:
         # Its own Random, seeded by the node's name: drawing from rng would shift every later draw.
         self.disk = disk or Disk(random.Random(f"disk:{config.name}"))
         # Injected bug ack-before-sync: commits are acknowledged with nothing synced.
-        self.storage = Storage(config.db, disk=self.disk,
-                               synchronous="OFF" if "ack-before-sync" in config.inject_bugs else SYNCHRONOUS)
+        self.storage = open_storage(config.db, self.disk,
+                                    "OFF" if "ack-before-sync" in config.inject_bugs else SYNCHRONOUS)
         self.halt = halt  # how a power loss ends this node at once (the process's _exit by default)
         self._flusher = CaptureFlusher()
         self.capture = CaptureFile(config.capture, now_ms=self.clock.wall_ms,

@@ -287,6 +287,12 @@ class Storage:
                 # latest commits), OFF never.  Group commit lets one sync cover
                 # every store that arrived together.
                 db.execute(f"PRAGMA synchronous={synchronous}")
+            with self._guard("open") as db:
+                # A damaged file is never served from: the caller sets it aside and
+                # rebuilds from its swarm's peers (nodes.server.open_storage).
+                check = db.execute("PRAGMA quick_check").fetchone()[0]
+                if check != "ok":
+                    raise StorageCorrupt(f"{self._path!r}: integrity check failed: {check:.200}")
             with self._transaction("open") as db:
                 self._migrate(db)
             self.index = DigestIndex()
