@@ -43,7 +43,7 @@ BYZANTINE_DEFAULTS: dict[str, Any] = {
 }
 
 # kind -> (family, default params). Families: "link" (toxics on directed links),
-# "partition" (links cut), "process" (signals / registry), "clock", "adversary"
+# "partition" (links cut), "process" (signals / registry), "clock", "disk", "adversary"
 # (an attacker using the network: chaos/adversary/attacks.py), "byzantine" (hostile
 # members of swarms: chaos/adversary/byzantine.py).
 NEMESES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -63,6 +63,12 @@ NEMESES: dict[str, tuple[str, dict[str, Any]]] = {
     "join": ("process", {}),
     "leave": ("process", {}),
     "clock-skew": ("clock", {"offset_ms": 30_000}),
+    # The disk under a node's SQLite (nodes/disk.py, chaos/run/disk.py).
+    "power-loss": ("disk", {"torn": False}),
+    "disk-full": ("disk", {}),
+    "disk-error": ("disk", {"ops": ["read", "write", "sync"]}),
+    "disk-slow": ("disk", {"sync_ms": 200}),
+    "corrupt": ("disk", {"rate": 0.01}),
     "adversary": ("adversary", ADVERSARY_DEFAULTS),
     "byzantine": ("byzantine", BYZANTINE_DEFAULTS),
 }

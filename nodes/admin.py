@@ -7,6 +7,7 @@ a graceful stop, and the byzantine nemesis' switch (:mod:`nodes.hostile`).  The 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Awaitable, Callable
 
 import trio
@@ -17,15 +18,21 @@ from testnet.base.protocol import RequestError, Status
 from . import core
 from .dialing import Dialer
 from .hostile import Hostility
+from .disk import Disk, DiskFaultError
 
 log = logging.getLogger("node")
 
 STOP_DELAY_S = 0.05  # let admin_stop's reply go out first
+POWER_LOSS_EXIT = 137  # as a SIGKILL: the controller sees a node that died
 
 
 class AdminOps:
     def __init__(self, *, dialer: Dialer, listen: Callable[[list[tuple[str, int]]], Awaitable[list[tuple[str, int]]]],
-                 clock: Any, stop: Callable[[], None], nursery: trio.Nursery, hostile: Hostility) -> None:
+                 clock: Any, stop: Callable[[], None], nursery: trio.Nursery, hostile: Hostility,
+                 disk: Disk | None = None,
+                 halt: Callable[[int], None] = os._exit) -> None:
+        self.disk = disk
+        self.halt = halt  # a power loss ends the process on the spot: no cleanup, no reply
         self.dialer = dialer
         self.hostile = hostile
         self.listen = listen
@@ -35,7 +42,41 @@ class AdminOps:
 
     def ops(self) -> dict[str, Callable[[dict], Any]]:
         return {"admin_set_links": self.set_links, "admin_listen": self.add_listeners, "admin_clock": self.set_clock,
-                "admin_stop": self.stop_soon, "admin_byzantine": self.set_hostile}
+                "admin_stop": self.stop_soon, "admin_disk": self.disk_command,
+                "admin_byzantine": self.set_hostile}
+
+    async def disk_command(self, args: dict) -> dict:
+        """The harness's disk (nodes.disk): {"action": "arm", "fault", params...},
+        {"action": "heal", "fault"?}, {"action": "status"}, or {"action": "power_loss",
+        "torn"?, "seed"?} — which reverts every un-synced write and ends the process."""
+        if self.disk is None:
+            raise RequestError(Status.NOT_FOUND, "this node has no controllable disk")
+        action = args.get("action")
+        try:
+            if action == "arm":
+                params = args.get("params") or {}
+                if not isinstance(params, dict):
+                    raise DiskFaultError("'params' must be a map")
+                self.disk.arm(args.get("fault"), **{str(k): v for k, v in params.items()})
+            elif action == "heal":
+                self.disk.heal(args.get("fault"))
+            elif action == "power_loss":
+                seed = args.get("seed")
+                if seed is not None:
+                    if not isinstance(seed, int) or isinstance(seed, bool):
+                        raise DiskFaultError("'seed' must be an int")
+                    self.disk.rng.seed(seed)
+                report = self.disk.power_loss(torn=bool(args.get("torn")))
+                event(log, "power loss", **report.to_json())
+                self.halt(POWER_LOSS_EXIT)
+                await trio.sleep_forever()  # a simulated process: its cancel scope ends us here
+            elif action != "status":
+                raise DiskFaultError(f"action must be arm, heal, status or power_loss, got {action!r:.40}")
+        except DiskFaultError as exc:
+            raise RequestError(Status.BAD_REQUEST, str(exc)) from None
+        if action in ("arm", "heal"):
+            event(log, f"disk {action}", fault=args.get("fault"), status=self.disk.status())
+        return self.disk.status()
 
     async def set_links(self, args: dict) -> dict:
         links = core.arg_map(args, "links", 100_000)

@@ -31,7 +31,7 @@ from testnet.base.rpc import ConnectionPool, RpcError
 from . import core, proofs
 from .core import NodeConfig, SwarmView
 from .replication import GroupCommit
-from .storage import Storage
+from .storage import StorageError, Storage
 
 log = logging.getLogger("node")
 
@@ -82,20 +82,24 @@ class AntiEntropy:
             if view is None or "skip-replication" in self.bugs:
                 continue
             state = (self.storage.index.version, view.height)
-            async with trio.open_nursery() as nursery:
-                if state != self._rehomed_at:
-                    nursery.start_soon(self._rehome, view, state)
-                if view.my_swarm is not None:
-                    peers = [p.ed25519_public for p in view.peers() if self._matched.get(p.ed25519_public) != state]
-                    if woken:
-                        # Every member of a swarm wakes with the same new view: of each pair, the
-                        # lower key asks at once (the exchange is symmetric, and the peer asked
-                        # notes the match); the higher asks in its next round if still unmatched.
-                        peers = [p for p in peers if p > self.me]
-                    if peers:
-                        ours = self.storage.ae_digests(view.is_mine)  # once per round, for all peers
-                        for peer in peers:
-                            nursery.start_soon(self._sync_with, view, peer, ours, state)
+            try:
+                async with trio.open_nursery() as nursery:
+                    if state != self._rehomed_at:
+                        nursery.start_soon(self._rehome, view, state)
+                    if view.my_swarm is not None:
+                        peers = [p.ed25519_public for p in view.peers() if self._matched.get(p.ed25519_public) != state]
+                        if woken:
+                            # Every member of a swarm wakes with the same new view: of each pair, the
+                            # lower key asks at once (the exchange is symmetric, and the peer asked
+                            # notes the match); the higher asks in its next round if still unmatched.
+                            peers = [p for p in peers if p > self.me]
+                        if peers:
+                            ours = self.storage.ae_digests(view.is_mine)  # once per round, for all peers
+                            for peer in peers:
+                                nursery.start_soon(self._sync_with, view, peer, ours, state)
+            except* StorageError as group:  # a failing disk: this round stops, the next tries again
+                event(log, "anti-entropy paused: disk failing", logging.WARNING,
+                      error=type(group.exceptions[0]).__name__)
 
     async def _sync_with(self, view: SwarmView, peer: str, ours: dict[str, str], state: tuple[int, int]) -> None:
         """Compare digests with ``peer``, then bucket digests where they differ, then
@@ -167,7 +171,7 @@ class AntiEntropy:
             for batch in core.batches(signed, proofs.SignedDelete.wire_bytes):
                 await self.pool.call(peer, "replicate_delete", {"messages": [d.to_wire() for d in batch]},
                                      timeout=timeout)
-        except (RpcError, RequestError) as exc:
+        except (RpcError, RequestError, StorageError) as exc:
             event(log, "anti-entropy failed", logging.DEBUG, peer=peer[:16], error=type(exc).__name__)
             await self.pool.drop(peer)
 

@@ -10,10 +10,13 @@ every member verifies itself (:mod:`nodes.proofs`).  Validation is
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import trio
 
+from testnet.base import crypto
+from testnet.base.logs import event
 from testnet.base.protocol import RequestError, Status
 
 from . import core
@@ -21,7 +24,9 @@ from .core import SwarmView, require_view
 from .hostile import Hostility
 from .proofs import SignedDelete, SignedExpire
 from .replication import Fanout, GroupCommit
-from .storage import Storage, StorageError, StoredMessage
+from .storage import Storage, StorageCorrupt, StorageError, StorageFull, StorageIOError, StoredMessage
+
+log = logging.getLogger("node")
 
 WRITE_BEHIND_S = 3.0  # the ack-before-commit bug's delay
 
@@ -65,6 +70,8 @@ class ClientOps:
             return {"hash": msg.hash, "swarm": results}
         try:
             await self.commit.commit([msg])
+        except (StorageFull, StorageIOError, StorageCorrupt):
+            raise  # the dispatcher answers 507 or 503: the disk, not the node, failed
         except StorageError as exc:  # this node did not keep it
             raise RequestError(Status.INTERNAL_ERROR, f"storage failed: {type(exc).__name__}") from None
         results[self.me] = {"status": Status.OK}
@@ -85,6 +92,16 @@ class ClientOps:
         if not view.is_mine(pubkey):
             raise view.wrong_swarm(pubkey)
         msgs, more = self.storage.retrieve(pubkey, ns, last, self.now_ms())
+        # A message's hash is a checksum of its content: a page the disk returned
+        # damaged is never served (503; the client asks another member, which holds it).
+        for m in msgs:
+            try:
+                intact = crypto.message_hash(m.pubkey, m.namespace, m.data) == m.hash
+            except (crypto.CryptoError, ValueError, TypeError):
+                intact = False
+            if not intact:
+                event(log, "corrupt message read back: not served", logging.ERROR, hash=m.hash[:12])
+                raise StorageCorrupt(f"retrieve: message {m.hash[:12]} read back damaged")
         # As many as fit in one reply; the client asks again after the last hash it got.
         fit = core.fitting(msgs, core.wire_bytes)
         msgs, more = fit, more or len(fit) < len(msgs)

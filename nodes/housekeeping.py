@@ -12,7 +12,7 @@ from testnet.base import meter
 from testnet.base.logs import event
 
 from .capture import CaptureFile
-from .storage import Storage
+from .storage import Storage, StorageError
 
 log = logging.getLogger("node")
 
@@ -25,7 +25,11 @@ async def sweep_expired(storage: Storage, now_ms: Callable[[], int], interval_s:
     meter.ROLE.set("expiry")
     while True:
         await trio.sleep(interval_s)
-        removed = storage.delete_expired(now_ms())
+        try:
+            removed = storage.delete_expired(now_ms())
+        except StorageError as exc:  # a failing disk: expired messages wait for the next sweep
+            event(log, "expiry sweep failed", logging.WARNING, error=type(exc).__name__)
+            continue
         if removed:
             event(log, "expired", removed=removed)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import secrets
 from typing import Any, Awaitable, Callable
@@ -48,7 +49,8 @@ from .follower import RegistryFollower
 from .housekeeping import CaptureFlusher, sweep_expired
 from .peer_ops import PeerOps
 from .replication import Fanout, GroupCommit
-from .storage import Storage
+from .disk import Disk
+from .storage import SYNCHRONOUS, Storage, StorageCorrupt, StorageFull, StorageIOError
 
 __all__ = ["Node", "Clock", "NODE_OPS", "HANDSHAKE_OPS", "CLIENT_OPS", "ADMIN_OPS", "REGISTRY_KEY"]
 
@@ -57,7 +59,7 @@ log = logging.getLogger("node")
 NODE_OPS = {"replicate", "replicate_delete", "replicate_expire", "ae_digest", "ae_hashes", "ae_fetch"}
 HANDSHAKE_OPS = {"node_hello", "node_auth"}
 CLIENT_OPS = {"store", "retrieve", "delete", "expire", "get_swarm", "info", "onion"}
-ADMIN_OPS = {"admin_set_links", "admin_listen", "admin_clock", "admin_stop", "admin_byzantine"}
+ADMIN_OPS = {"admin_set_links", "admin_listen", "admin_clock", "admin_stop", "admin_disk", "admin_byzantine"}
 # The CPU role (testnet.base.meter.ROLE) of each op's handler; onion requests are
 # "onion-open" until their layer is open, then guard, relay or target (nodes.onion).
 _ROLES = {"onion": "onion-open", "replicate": "replica", "replicate_delete": "replica", "replicate_expire": "replica",
@@ -82,13 +84,30 @@ class Clock:
         return int(self._source() * 1000)
 
 
+def open_storage(path: Any, disk: Disk, synchronous: str) -> Storage:
+    """The node's store; a database found corrupt is set aside (renamed ``.corrupt``, for
+    a person to look at) and a fresh one opened, which anti-entropy fills from the swarm's
+    peers: nothing is ever served from a damaged file."""
+    try:
+        return Storage(path, disk=disk, synchronous=synchronous)
+    except StorageCorrupt as exc:
+        event(log, "database corrupt: set aside, rebuilding from swarm peers by anti-entropy", logging.ERROR,
+              error=str(exc)[:200])
+        base = os.fspath(path)
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(base + suffix):
+                os.replace(base + suffix, base + ".corrupt" + suffix)
+        return Storage(path, disk=disk, synchronous=synchronous)
+
+
 class Node:
     """One service node.  Time, randomness and the network come from the objects
     passed in: the real ones by default, virtual ones in the simulation."""
 
     def __init__(self, config: NodeConfig, *, clock: Clock | None = None,
                  randbytes: Callable[[int], bytes] = crypto.random_bytes,
-                 rng: random.Random | None = None, network: Network = TCP) -> None:
+                 rng: random.Random | None = None, network: Network = TCP, disk: Disk | None = None,
+                 halt: Callable[[int], None] | None = None) -> None:
         self.config = config
         self.randbytes = randbytes  # handshake challenges, onion reply nonces
         self.rng = rng or random.Random()  # timer jitter
@@ -97,7 +116,14 @@ class Node:
         self.ed_hex = self.identity.ed25519_public.hex()
         self.x_hex = self.identity.x25519_public.hex()
         self.clock = clock or Clock(config.clock_offset_ms)
-        self.storage = Storage(config.db)
+        # The harness's disk under SQLite (nodes.disk): faults armed by admin_disk, or
+        # by the simulation on the same object.
+        # Its own Random, seeded by the node's name: drawing from rng would shift every later draw.
+        self.disk = disk or Disk(random.Random(f"disk:{config.name}"))
+        # Injected bug ack-before-sync: commits are acknowledged with nothing synced.
+        self.storage = open_storage(config.db, self.disk,
+                                    "OFF" if "ack-before-sync" in config.inject_bugs else SYNCHRONOUS)
+        self.halt = halt  # how a power loss ends this node at once (the process's _exit by default)
         self._flusher = CaptureFlusher()
         self.capture = CaptureFile(config.capture, now_ms=self.clock.wall_ms,
                                    buffer_bytes=config.capture_buffer_bytes,
@@ -165,7 +191,7 @@ class Node:
         self.peers = PeerOps(storage=self.storage, commit=self.commit, now_ms=now_ms, view=view,
                              entitled=self.entitled, anti_entropy=self.anti_entropy, stats=self.stats, bugs=self.bugs)
         self.admin = AdminOps(dialer=self.dialer, listen=self._listen_more, clock=self.clock, stop=self.stop,
-                              nursery=nursery, hostile=hostile)
+                              nursery=nursery, hostile=hostile, disk=self.disk, **({"halt": self.halt} if self.halt else {}))
         self._client_ops = {**self.clients.ops(), "info": self.op_info}
         self._peer_ops = self.peers.ops()
         self._admin_ops = self.admin.ops()
@@ -211,7 +237,7 @@ class Node:
 
     # ------------------------------------------------------------------ dispatch
 
-    async def handle(self, req: Request, peer: Peer) -> tuple[int, Any]:
+    async def _handle(self, req: Request, peer: Peer) -> tuple[int, Any]:
         op = req.op
         # What this request's CPU serves (the onion handler refines it: guard, relay, target).
         meter.ROLE.set(_ROLES.get(op, "other"))
@@ -251,6 +277,16 @@ class Node:
         if method is None:
             raise RequestError(Status.NOT_FOUND, f"unknown op {op!r:.70}")
         return Status.OK, await method(req.args)
+
+    async def handle(self, req: Request, peer: Peer) -> tuple[int, Any]:
+        """:meth:`handle`, with a failing disk answered by its status, never a 500:
+        507 when full, 503 on an I/O error or a corrupt file (PROTOCOL.md)."""
+        try:
+            return await self._handle(req, peer)
+        except StorageFull:
+            raise RequestError(Status.INSUFFICIENT_STORAGE, "disk full: not stored") from None
+        except (StorageIOError, StorageCorrupt) as exc:
+            raise RequestError(Status.NOT_READY, f"disk failing: {type(exc).__name__}") from None
 
     def client_op(self, op: str) -> Callable[[dict], Awaitable[Any]]:
         """The handler of a client op (an onion request's target runs it); KeyError if none."""

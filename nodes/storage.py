@@ -13,15 +13,18 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import apsw
+
 from testnet.base.meter import COUNTS
 
-__all__ = ["SCHEMA_VERSION", "AE_BUCKET_MS", "StorageError", "StoredMessage", "StorageStatistics", "Storage",
-           "DigestIndex", "ae_bucket"]
+from .disk import Disk
+
+__all__ = ["SCHEMA_VERSION", "AE_BUCKET_MS", "StorageError", "StorageFull", "StorageIOError", "StorageCorrupt",
+           "StoredMessage", "StorageStatistics", "Storage", "DigestIndex", "ae_bucket", "SYNCHRONOUS"]
 
 SCHEMA_VERSION = 3
 # Bound variables per `IN (...)` query: SQLite allows 32766 since 3.32 but only
@@ -70,6 +73,33 @@ AE_BUCKET_MS = 5_000
 
 class StorageError(Exception):
     """Nonsense input, an unusable database file, or a failed SQLite call."""
+
+
+class StorageFull(StorageError):
+    """The disk is full: nothing of the write was kept (PROTOCOL.md: 507)."""
+
+
+class StorageIOError(StorageError):
+    """The disk failed to read, write or sync: nothing of the write was kept (503)."""
+
+
+class StorageCorrupt(StorageError):
+    """SQLite found the database file damaged: nothing it holds may be served."""
+
+
+def _storage_error(what: str, e: apsw.Error) -> StorageError:
+    if isinstance(e, apsw.FullError):
+        return StorageFull(f"{what}: disk full: {e}")
+    if isinstance(e, (apsw.CorruptError, apsw.NotADBError)):
+        return StorageCorrupt(f"{what}: database corrupt: {e}")
+    if isinstance(e, apsw.IOError):
+        return StorageIOError(f"{what}: disk I/O error: {e}")
+    return StorageError(f"{what}: {e}")
+
+
+# The WAL is synced at every commit: an acknowledged store survives a power loss
+# (PROTOCOL.md, "What an acknowledgement means"; the costs measured are there).
+SYNCHRONOUS = "FULL"
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,28 +261,38 @@ class Storage:
     Every write is one transaction and returns only after it has committed.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, disk: Disk | None = None,
+                 synchronous: str = SYNCHRONOUS) -> None:
         self._path = os.fspath(path)
+        self.disk = disk
+        if synchronous not in ("OFF", "NORMAL", "FULL"):
+            raise StorageError(f"synchronous must be OFF, NORMAL or FULL, got {synchronous!r:.40}")
         try:
-            # isolation_level=None: no implicit transactions; each write opens
-            # its own with BEGIN IMMEDIATE and commits before returning.
-            self._db: sqlite3.Connection | None = sqlite3.connect(self._path, isolation_level=None, timeout=2.0)
-        except sqlite3.Error as e:
-            raise StorageError(f"cannot open {self._path!r}: {e}") from e
+            # apsw opens no implicit transactions: each write opens its own
+            # with BEGIN IMMEDIATE and commits before returning.  With a disk,
+            # every file SQLite touches goes through the harness's VFS.
+            self._db: apsw.Connection | None = apsw.Connection(
+                self._path, vfs=disk.vfs_name if disk is not None else None)
+            self._db.setbusytimeout(2000)
+        except apsw.Error as e:
+            raise _storage_error(f"cannot open {self._path!r}", e) from e
         try:
             with self._guard("open") as db:
                 mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if mode != "wal" and self._path != ":memory:":
                     raise StorageError(f"{self._path!r}: SQLite refused WAL mode (got {mode!r})")
-                # Durability: in WAL mode a commit hands its frames to the OS
-                # with write(2) before it returns, so an acknowledged store sits
-                # in the page cache and survives a kill -9 of this process (the
-                # next open replays the WAL). OFF also skips the fsyncs at
-                # checkpoints: the testnet's fault model is process death, not
-                # power loss, and on a shared disk those fsyncs cost ~30 % of
-                # store throughput (measured with `swarmnet bench node`). A
-                # power cut or an OS crash may lose or corrupt recent commits.
-                db.execute("PRAGMA synchronous=OFF")
+                # Durability: FULL syncs the WAL at every commit, so a commit
+                # that returned survives a power loss of the disk under it;
+                # NORMAL syncs only at checkpoints (a power loss may lose the
+                # latest commits), OFF never.  Group commit lets one sync cover
+                # every store that arrived together.
+                db.execute(f"PRAGMA synchronous={synchronous}")
+            with self._guard("open") as db:
+                # A damaged file is never served from: the caller sets it aside and
+                # rebuilds from its swarm's peers (nodes.server.open_storage).
+                check = db.execute("PRAGMA quick_check").fetchone()[0]
+                if check != "ok":
+                    raise StorageCorrupt(f"{self._path!r}: integrity check failed: {check:.200}")
             with self._transaction("open") as db:
                 self._migrate(db)
             self.index = DigestIndex()
@@ -264,7 +304,7 @@ class Storage:
             self.close()
             raise
 
-    def _migrate(self, db: sqlite3.Connection) -> None:
+    def _migrate(self, db: apsw.Connection) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
@@ -282,17 +322,18 @@ class Storage:
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
-    def _guard(self, what: str) -> Iterator[sqlite3.Connection]:
-        """The open connection, with SQLite's errors raised as StorageError."""
+    def _guard(self, what: str) -> Iterator[apsw.Connection]:
+        """The open connection, with SQLite's errors raised as StorageError (or the
+        subclass that says the disk is full, failing, or the file corrupt)."""
         if self._db is None:
             raise StorageError(f"{what}: storage is closed")
         try:
             yield self._db
-        except sqlite3.Error as e:
-            raise StorageError(f"{what}: {e}") from e
+        except apsw.Error as e:
+            raise _storage_error(what, e) from e
 
     @contextmanager
-    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, what: str) -> Iterator[apsw.Connection]:
         """One write transaction: committed on success, rolled back on any error."""
         with self._guard(what) as db:
             # IMMEDIATE takes the write lock first, so what we read inside
@@ -311,7 +352,10 @@ class Storage:
         """Close the file; later calls raise StorageError. Safe to call twice."""
         db, self._db = self._db, None
         if db is not None:
-            db.close()
+            try:
+                db.close()
+            except apsw.Error:  # a disk that failed (or lost power) cannot checkpoint: the files stay as they are
+                pass
 
     def store_many(self, messages: Sequence[StoredMessage]) -> list[bool]:
         """Store a batch in one transaction; per message, True if new and False if a duplicate.

@@ -34,6 +34,8 @@ async def test_every_nemesis_starts_and_heals(tmp_path):
             "one-way": {"side_a": ["n01", "n02", "n03"], "side_b": ["n04", "n05", "n06"]},
             "kill": {"node": "n03"}, "pause": {"node": "n04"}, "join": {"new": 1}, "leave": {"node": "n05"},
             "clock-skew": {"node": "n01"}, "adversary": {},
+            "power-loss": {"nodes": ["n02", "n06"]}, "disk-full": {"node": "n01"}, "disk-error": {"node": "n01"},
+            "disk-slow": {"node": "n01"}, "corrupt": {"node": "n01"},
         }
         for i, kind in enumerate(NEMESES, start=1):
             family, params = NEMESES[kind]
@@ -55,6 +57,11 @@ async def test_every_nemesis_starts_and_heals(tmp_path):
                     assert "n05" not in net.nodes
                 elif kind == "clock-skew":
                     assert (await net.call("n01", "info"))["clock_offset_ms"] == params["offset_ms"]
+                elif kind == "power-loss":  # both stopped at once, on what their disks had synced
+                    assert {net.nodes[n].state for n in ("n02", "n06")} <= {"killed", "exited"}
+                elif family == "disk":
+                    state = await net.admin("n01", "admin_disk", action="status")
+                    assert state["full"] or state["errors"] or state["sync_ms"] or state["corrupt_rate"], kind
             # Healed.
             assert await proxy_state(net) == (0, 0), kind
             assert all(rt.state == "running" for rt in net.nodes.values()), kind
@@ -62,6 +69,9 @@ async def test_every_nemesis_starts_and_heals(tmp_path):
                 assert (await net.call("n01", "info"))["clock_offset_ms"] == 0
             if kind == "join":
                 assert set(net.nodes) == before_nodes
+            if family == "disk" and kind != "power-loss":
+                state = await net.admin("n01", "admin_disk", action="status")
+                assert not (state["full"] or state["errors"] or state["sync_ms"] or state["corrupt_rate"]), kind
             if kind == "adversary":  # stopped: its summary is in what it yielded, its record in the run
                 records = [json.loads(line) for line in open(net.run_dir / "adversary.jsonl")]
                 assert desc["attempts"] == sum(r["op"] not in ("error", "skipped", "flood") for r in records)

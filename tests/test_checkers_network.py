@@ -68,8 +68,12 @@ BUG_CASES = {
 }
 
 
+# Bugs whose case needs a fault these real-network cases do not make, tested elsewhere.
+COVERED_ELSEWHERE = {"ack-before-sync": "tests/test_sim_disk.py (delivery, under a swarm-wide power loss)"}
+
+
 def test_every_bug_has_a_case():
-    assert set(BUG_CASES) == set(BUGS)
+    assert set(BUG_CASES) | set(COVERED_ELSEWHERE) == set(BUGS)
     assert all(BUGS[b][2] == c for b, c in BUG_CASES.items())
 
 

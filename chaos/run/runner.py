@@ -25,6 +25,7 @@ from testnet.base.bugs import CLIENT_BUGS, check_bugs
 
 from chaos.adversary import attacks as _adversary  # noqa: F401  registers the "adversary" fault family
 from chaos.adversary import byzantine as _byzantine  # noqa: F401  registers the "byzantine" fault family
+from chaos.run import disk as _disk  # noqa: F401  registers the "disk" fault family
 from chaos.run.nemesis import live_swarms
 from chaos.run.play import FaultLog, describe_error, play, wall_ms
 from chaos.scenario import Scenario, load_scenario
@@ -186,6 +187,7 @@ CANARY_SCENARIOS = {
     "one-hop-path": "smoke",
     "skip-replication": "smoke",
     "ack-before-commit": "kill-restart",
+    "ack-before-sync": "power-loss",
     "wrong-inbox": "smoke",
     "local-delete": "smoke",
     "no-node-auth": "adversary",
