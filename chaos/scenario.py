@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 CHECKERS = ("delivery", "replication", "unlinkability", "authority")
 
-# What the adversary nemesis (chaos/adversary.py) can do; a fault's ``attacks``
+# What the adversary nemesis (chaos/adversary/attacks.py) can do; a fault's ``attacks``
 # picks some.  stranger: node ops, handshakes and registry writes without
 # authority; signatures: client reads, deletes and expiries signed by the
 # wrong key or replayed; abuse: stores outside the rules; frames: oversized
@@ -32,7 +32,7 @@ ADVERSARY_DEFAULTS: dict[str, Any] = {
 
 # kind -> (family, default params). Families: "link" (toxics on directed links),
 # "partition" (links cut), "process" (signals / registry), "clock", "adversary"
-# (an attacker using the network: chaos/adversary.py).
+# (an attacker using the network: chaos/adversary/attacks.py).
 NEMESES: dict[str, tuple[str, dict[str, Any]]] = {
     "latency": ("link", {"latency_ms": 50, "jitter_ms": 20}),
     "bandwidth": ("link", {"rate_kbps": 16}),

@@ -102,12 +102,12 @@ COMMANDS = {
     "send": "clients.cli:send",
     "inbox": "clients.cli:inbox",
     "workload": "clients.cli:workload",
-    "chaos": "chaos.cli:chaos",
-    "check": "chaos.cli:check",
-    "bugs": "chaos.cli:bugs",
+    "chaos": "chaos.run.cli:chaos",
+    "check": "chaos.run.cli:check",
+    "bugs": "chaos.run.cli:bugs",
     "sim": "chaos.sim.cli:sim",
-    "fuzz": "chaos.fuzz_run:fuzz",
-    "trace": "chaos.trace:trace",
+    "fuzz": "chaos.fuzz.run:fuzz",
+    "trace": "chaos.trace.view:trace",
 }
 
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import trio
 
-from chaos.adversary_model import FRAMES, HistoryTail, Knowledge, NetView, adversary_host, measure, planned_hosts
+from chaos.adversary.model import FRAMES, HistoryTail, Knowledge, NetView, adversary_host, measure, planned_hosts
 from chaos.checkers.authority import ADVERSARY_FILE, check_authority, summarize_attempts
 from chaos.checkers.verdict import summary
-from chaos.report import adversary_section
+from chaos.report.page import adversary_section
 from nodes.auth import Assignment
 from testnet.base.protocol import BadFrame, Connection, RemoteProtocolError
 
@@ -170,7 +170,7 @@ def test_authority_without_an_adversary_is_skipped_and_without_answers_unknown(t
 @pytest.mark.network
 async def test_an_honest_network_refuses_every_attack(tmp_path):
     from chaos.checkers.verdict import run_checks
-    from chaos.nemesis import inject, live_swarms
+    from chaos.run.nemesis import inject, live_swarms
     from chaos.scenario import NEMESES
     from chaos.schedule import Fault
     from clients.workload import UserSpec, run_workload
@@ -211,7 +211,7 @@ async def test_an_honest_network_refuses_every_attack(tmp_path):
 async def test_frames_and_a_flood_at_an_in_process_server(nursery):
     from functools import partial
 
-    from chaos.adversary_raw import flood, send_frame
+    from chaos.adversary.raw import flood, send_frame
     from testnet.base.net import TCP
     from testnet.base.rpc import serve
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from chaos.nemesis import inject
-from chaos.runner import replay, run_chaos
+from chaos.run.nemesis import inject
+from chaos.run.runner import replay, run_chaos
 from chaos.scenario import NEMESES, load_scenario
 from chaos.schedule import Fault
 from testnet.controller import open_testnet
@@ -123,7 +123,7 @@ TINY = {
 async def test_shrink_drops_faults_the_failure_does_not_need(tmp_path):
     # skip-replication fails the replication checker with or without faults: the minimal schedule is empty.
     from chaos.schedule import to_toml
-    from chaos.shrink import shrink_run
+    from chaos.run.shrink import shrink_run
 
     src = tmp_path / "tiny.toml"
     src.write_text(to_toml(TINY))

@@ -8,7 +8,7 @@ import pytest
 
 from chaos.checkers.unlinkability import scan_for_plaintext
 from chaos.checkers.verdict import run_checks
-from chaos.nemesis import inject, live_swarms
+from chaos.run.nemesis import inject, live_swarms
 from chaos.scenario import NEMESES
 from chaos.schedule import Fault
 from clients.workload import UserSpec, read_history, run_workload

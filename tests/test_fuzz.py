@@ -16,11 +16,11 @@ import trio
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from chaos import fuzz
-from chaos.fuzz import Draw, Frame, NodeInfo, RandomDraw, World, judge
-from chaos.fuzz_frames import PeerScript, make_frame, make_registry_frame
-from chaos.fuzz_peer import start_fake_peers
-from chaos.fuzz_run import (MAX_BODY, Budget, FuzzConn, Fuzzer, Tally, exited_nodes, integrity_check, keep_alive,
+from chaos.fuzz import model as fuzz
+from chaos.fuzz.model import Draw, Frame, NodeInfo, RandomDraw, World, judge
+from chaos.fuzz.frames import PeerScript, make_frame, make_registry_frame
+from chaos.fuzz.peer import start_fake_peers
+from chaos.fuzz.run import (MAX_BODY, Budget, FuzzConn, Fuzzer, Tally, exited_nodes, integrity_check, keep_alive,
                             open_connections, pump, restore, scan_logs, send_all, source_hosts, world_of)
 from nodes import core
 from testnet.base.onion import encode_reply

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from chaos.report import (BAD, DELIVERED, FAILED, LOST, NOT_DELIVERED, UNKNOWN, ReportError, fault_spans,
+from chaos.report.page import (BAD, DELIVERED, FAILED, LOST, NOT_DELIVERED, UNKNOWN, ReportError, fault_spans,
                           message_outcomes, node_timeline, read_jsonl, write_report)
 
 T0 = 1_700_000_000_000
@@ -197,7 +197,7 @@ def test_fault_spans_pair_by_id_and_open_ones_last_to_the_end() -> None:
 
 
 def test_importing_the_module_does_not_load_matplotlib() -> None:
-    code = "import sys, chaos.report; print('matplotlib' in sys.modules)"
+    code = "import sys, chaos.report.page; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"
@@ -211,7 +211,7 @@ DETAILS = re.compile(r"<details><summary>(.*?)</summary>", re.S)
 @pytest.fixture(scope="module")
 def sim_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """A failing smoke run (replication skipped: lost and missing messages) and a valid one, ~3 s each."""
-    from chaos.sim.cli import run_jobs
+    from chaos.sim.jobs import run_jobs
 
     runs_dir = tmp_path_factory.mktemp("sim")
     jobs = [{"scenario": "smoke", "seed": 1, "inject_bugs": ["skip-replication"], "runs_dir": str(runs_dir / "bug")},
@@ -260,8 +260,8 @@ def test_valid_run_says_no_message_was_flagged(sim_runs: dict) -> None:
 
 
 def test_run_loaded_once_and_a_journey_that_breaks_says_why(sim_runs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    import chaos.journey
-    from chaos.report_flagged import trace_keys
+    import chaos.trace.journey
+    from chaos.report.flagged import trace_keys
 
     run_dir = Path(sim_runs["failing"]["run_dir"])
     checkers = _verdict(str(run_dir))["checkers"]
@@ -269,7 +269,7 @@ def test_run_loaded_once_and_a_journey_that_breaks_says_why(sim_runs: dict, monk
     lost = list(dict.fromkeys(checkers["delivery"]["lost"] + [m["msg_id"] for m in checkers["replication"]["missing"]]))
     assert len(lost) >= 2
     loads: list[Path] = []
-    real_load, real_journey = chaos.journey.load_run, chaos.journey.journey
+    real_load, real_journey = chaos.trace.journey.load_run, chaos.trace.journey.journey
 
     def load_run(path: Path) -> object:
         loads.append(path)
@@ -280,8 +280,8 @@ def test_run_loaded_once_and_a_journey_that_breaks_says_why(sim_runs: dict, monk
             raise RuntimeError("<boom>")
         return real_journey(run, key)
 
-    monkeypatch.setattr(chaos.journey, "load_run", load_run)
-    monkeypatch.setattr(chaos.journey, "journey", journey)
+    monkeypatch.setattr(chaos.trace.journey, "load_run", load_run)
+    monkeypatch.setattr(chaos.trace.journey, "journey", journey)
     out = list(trace_keys(run_dir, lost + ["no-such-message"]))
     assert len(loads) == 1
     assert out[0] == {"key": lost[0], "error": "RuntimeError: <boom>"}
@@ -292,7 +292,7 @@ def test_run_loaded_once_and_a_journey_that_breaks_says_why(sim_runs: dict, monk
 
 
 def test_a_tracer_past_its_time_leaves_every_message_listed_by_id(sim_runs: dict) -> None:
-    from chaos.report_flagged import flagged_section
+    from chaos.report.flagged import flagged_section
 
     run_dir = Path(sim_runs["failing"]["run_dir"])
     verdict = _verdict(str(run_dir))
@@ -326,7 +326,7 @@ def test_flagged_section_survives_a_run_dir_it_cannot_trace(full_report: str, tm
 
 
 def test_flagged_messages_groups_every_checker_failure_per_message() -> None:
-    from chaos.report_flagged import flagged_messages
+    from chaos.report.flagged import flagged_messages
 
     history = [{"op": "send", "type": "invoke", "msg_id": "a-1", "hash": "H1"},
                {"op": "send", "type": "invoke", "msg_id": "a-2", "hash": "H2"}]
@@ -355,7 +355,7 @@ def test_flagged_messages_groups_every_checker_failure_per_message() -> None:
 def test_node_state_chart_of_a_large_network_shows_the_nodes_something_happened_to():
     import struct
 
-    from chaos.report import plot_nodes
+    from chaos.report.page import plot_nodes
 
     def height(png: bytes) -> int:
         return struct.unpack(">II", png[16:24])[1]  # IHDR: width, height

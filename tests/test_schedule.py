@@ -130,7 +130,7 @@ def test_shrunk_schedule_is_a_runnable_scenario():
 
 
 def test_every_injectable_bug_has_a_canary_scenario_that_runs_its_checker():
-    from chaos.runner import CANARY_SCENARIOS
+    from chaos.run.runner import CANARY_SCENARIOS
     from testnet.base.bugs import BUGS
 
     assert set(CANARY_SCENARIOS) == set(BUGS)

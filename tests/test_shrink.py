@@ -1,6 +1,6 @@
 """Delta debugging over fault lists, without processes."""
 
-from chaos.shrink import ddmin
+from chaos.run.shrink import ddmin
 
 
 async def test_ddmin_finds_the_pair_that_matters():

@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 
-from chaos.sim.cli import run_jobs
+from chaos.sim.jobs import run_jobs
 from chaos.sim.runner import first_difference
 
 ROOT = Path(__file__).resolve().parents[1]

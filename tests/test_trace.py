@@ -18,13 +18,13 @@ import pytest
 import trio
 from click.testing import CliRunner
 
-from chaos.journey import FaultBand, journey, load_faults, load_run
-from chaos.trace import render_text, run_trace_events, trace
-from chaos.trace_events import FAULTS_PID, NODES_PID, USERS_PID, problems, trace_events
+from chaos.trace.journey import FaultBand, journey, load_faults, load_run
+from chaos.trace.view import render_text, run_trace_events, trace
+from chaos.trace.events import FAULTS_PID, NODES_PID, USERS_PID, problems, trace_events
 from clients.workload import UserSpec, run_workload
 from testnet.controller import open_testnet
 
-# The structural Trace Event Format check lives with the writer (chaos.trace_events.problems).
+# The structural Trace Event Format check lives with the writer (chaos.trace.events.problems).
 validate_trace_events = problems
 
 
@@ -75,7 +75,7 @@ def run(run_dir):
 
 
 def _outcome(run, wanted: str) -> list[str]:
-    from chaos.journey import all_journeys
+    from chaos.trace.journey import all_journeys
 
     return [j["msg_id"] for j in all_journeys(run) if j["outcomes"] == [wanted]]
 
@@ -137,7 +137,7 @@ def test_a_lost_message_says_where_its_trail_ends(run):
 
 @pytest.mark.network
 def test_the_whole_run_as_trace_events_is_valid(run, tmp_path):
-    from chaos.journey import all_journeys
+    from chaos.trace.journey import all_journeys
 
     js = all_journeys(run)
     doc = run_trace_events(run, js)
@@ -249,7 +249,7 @@ def test_the_validator_catches_what_perfetto_would_not_open():
 
 
 def test_the_wire_pass_keys_blobs_as_the_checker_does():
-    from chaos.captures import blob_digest
+    from chaos.trace.captures import blob_digest
     from chaos.checkers import unlinkability
 
     assert blob_digest(b"layer") == unlinkability._digest(b"layer")  # hops are joined by these digests
@@ -258,7 +258,7 @@ def test_the_wire_pass_keys_blobs_as_the_checker_does():
 def test_the_wire_pass_names_copies_and_their_peers(tmp_path):
     import msgpack
 
-    from chaos.captures import NodeKeys, replay_captures
+    from chaos.trace.captures import NodeKeys, replay_captures
     from testnet.base import crypto
     from testnet.base.protocol import Request, Response, encode_message
 
@@ -292,7 +292,7 @@ def test_the_wire_pass_names_copies_and_their_peers(tmp_path):
     assert got == [("n01", "received", "n02", 1001, 1003, 200, True, "127.0.0.1"),
                    ("n01", "sent", "n03", 1004, 1009, 504, None, None),
                    ("n01", "received", None, 1011, 1012, 200, False, "127.0.5.9")]
-    from chaos.journey import caller_name
+    from chaos.trace.journey import caller_name
 
     names = [caller_name(c) for c in sorted(rp.copies["HASH1"], key=lambda c: c.t)]
     assert names == ["n02", "n03", "stranger 127.0.5.9"]
@@ -302,7 +302,7 @@ def test_the_wire_pass_names_copies_and_their_peers(tmp_path):
 def test_a_target_that_names_its_peers_failures_is_not_found_to_have_kept_its_copy():
     from types import SimpleNamespace
 
-    from chaos.trail import findings
+    from chaos.trace.trail import findings
 
     def j(answer):
         return {"from": "alice", "to": "bob", "sent": None, "attempts": [], "copies": [], "retrieves": [],

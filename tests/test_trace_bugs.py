@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from chaos.journey import all_journeys, journey, load_run
-from chaos.sim.cli import run_jobs
-from chaos.trace import render_html, render_text, run_trace_events, trace
-from chaos.trace_events import problems
+from chaos.trace.journey import all_journeys, journey, load_run
+from chaos.sim.jobs import run_jobs
+from chaos.trace.view import render_html, render_text, run_trace_events, trace
+from chaos.trace.events import problems
 
 QUIET = """
 name = "trace-quiet"

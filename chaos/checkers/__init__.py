@@ -1,6 +1,10 @@
 """Checkers: each reads a run's history and ground truth and returns a verdict
 (Jepsen style); none talks to the network except where its name says so.
 Verdict shapes: CHECKERS.md.
+
+May import: the foundations (``testnet.base``), the run directory's reader
+(``testnet.rundir``) and the nodes' capture format; no other room of chaos
+(no runner, no nemesis, no report) and never the controller.
 """
 
 from .authority import check_authority

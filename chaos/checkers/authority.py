@@ -2,7 +2,7 @@
 by someone without the right to — the account's signature for client ops, a
 registered service node of the account's swarm for node ops.
 
-It reads what the adversary nemesis (``chaos/adversary.py``) recorded of each
+It reads what the adversary nemesis (``chaos/adversary/attacks.py``) recorded of each
 attempt in ``adversary.jsonl`` (what it sent, what the node answered) and,
 as ground truth, the nodes' databases: a message the adversary tried to plant
 must be held by no node, whatever the node answered.  It never talks to the

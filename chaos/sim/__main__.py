@@ -14,7 +14,7 @@ from typing import Any
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    from chaos.runner import failing_checkers
+    from chaos.run.runner import failing_checkers
     from chaos.scenario import load_scenario
     from chaos.schedule import Schedule
 

@@ -25,7 +25,7 @@ import click
 
 from chaos.scenario import library
 
-from .cli import run_jobs
+from .jobs import run_jobs
 
 SCALE_TOML = """name = "scale"
 description = "A large network, no faults: registry, swarms and a workload at scale."

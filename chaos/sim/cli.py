@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,11 +19,12 @@ from typing import Any
 
 import click
 
-from chaos.cli import _fail, _progress
+from chaos.run.cli import fail, progress
 from chaos.scenario import ScenarioError, load_scenario
 from testnet.base.bugs import UnknownBug
 
-from .determinism import HASH_SEED, ensure_hash_seed
+from .determinism import ensure_hash_seed
+from .jobs import run_jobs
 
 
 def _seeds(text: str) -> list[int]:
@@ -62,9 +62,9 @@ def run_cmd(scenario: str, seed: int | None, variant: int, run_dir: Path | None,
         sc = load_scenario(scenario)
         seed = seed if seed is not None else (sc.seed if sc.seed is not None else 1)
         result = run_sim(sc, seed, variant=variant, run_dir=run_dir, runs_dir=runs_dir, inject_bugs=bugs,
-                         progress=_progress(quiet))
+                         progress=progress(quiet))
     except (ScenarioError, UnknownBug, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     s = result.verdict["sim"]
     if as_json:
@@ -84,7 +84,7 @@ def run_cmd(scenario: str, seed: int | None, variant: int, run_dir: Path | None,
 def replay_cmd(run_dir: Path, quiet: bool) -> None:
     """Run a simulated RUN_DIR again from its seed; say "identical" or show the first difference."""
     ensure_hash_seed()
-    from chaos.runner import read_bundle
+    from chaos.run.runner import read_bundle
 
     from .runner import first_difference, run_sim
 
@@ -93,13 +93,13 @@ def replay_cmd(run_dir: Path, quiet: bool) -> None:
         verdict = json.loads((run_dir / "verdict.json").read_text(encoding="utf-8"))
         original = verdict["sim"]
     except (OSError, KeyError, ValueError) as exc:
-        _fail(f"{run_dir} is not a simulated run's bundle: {exc}")
+        fail(f"{run_dir} is not a simulated run's bundle: {exc}")
         return
     n = 1
     while (run_dir / f"replay-{n}").exists():
         n += 1
     result = run_sim(scenario, chaos["seed"], variant=original.get("variant", 0), run_dir=run_dir / f"replay-{n}",
-                     inject_bugs=tuple(chaos.get("inject_bugs") or ()), schedule=schedule, progress=_progress(quiet))
+                     inject_bugs=tuple(chaos.get("inject_bugs") or ()), schedule=schedule, progress=progress(quiet))
     diff = first_difference(run_dir, result.run_dir)
     if diff is None:
         click.echo(f"identical: history.jsonl and faults.jsonl of {result.run_dir} match the original byte for byte "
@@ -108,53 +108,6 @@ def replay_cmd(run_dir: Path, quiet: bool) -> None:
     click.echo(f"DIFFERENT: {diff['file']} line {diff['line']}\n  original: {diff['original']}\n"
                f"  replay:   {diff['replay']}")
     sys.exit(1)
-
-
-# --------------------------------------------------------------------------- workers
-
-
-def _spawn_worker(jobs: list[dict[str, Any]]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONHASHSEED": HASH_SEED}
-    proc = subprocess.Popen([sys.executable, "-m", "chaos.sim", "worker"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
-    assert proc.stdin is not None
-    proc.stdin.write(json.dumps(jobs))
-    proc.stdin.close()
-    return proc
-
-
-def run_jobs(jobs: list[dict[str, Any]], workers: int, on_result: Any = None,
-             stop_when: Any = None) -> list[dict[str, Any]]:
-    """Run simulated runs in ``workers`` processes (job i to worker i mod n); their results.
-    ``stop_when(result)`` true stops every worker (by pid) after that result."""
-    procs = [_spawn_worker(jobs[i::workers]) for i in range(min(workers, len(jobs)))]
-    results: list[dict[str, Any]] = []
-    try:
-        import selectors
-
-        sel = selectors.DefaultSelector()
-        for p in procs:
-            sel.register(p.stdout, selectors.EVENT_READ, p)
-        open_count = len(procs)
-        while open_count:
-            for key, _ in sel.select():
-                line = key.fileobj.readline()
-                if not line:
-                    sel.unregister(key.fileobj)
-                    open_count -= 1
-                    continue
-                r = json.loads(line)
-                results.append(r)
-                if on_result:
-                    on_result(r)
-                if stop_when is not None and stop_when(r):
-                    return results
-        return results
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()  # our own child, by its pid
-            p.wait()
 
 
 @sim.command("explore")
@@ -173,7 +126,7 @@ def explore_cmd(scenario: str, seeds_text: str, variants: int, jobs: int, bugs: 
     try:
         sc = load_scenario(scenario)
     except ScenarioError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     seeds = _seeds(seeds_text)
     t0 = time.monotonic()
@@ -211,9 +164,9 @@ def shrink_cmd(run_dir: Path, checker: str | None) -> None:
     from .explore import shrink_sim
 
     try:
-        out = shrink_sim(run_dir, checker=checker, progress=_progress(False))
+        out = shrink_sim(run_dir, checker=checker, progress=progress(False))
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     click.echo(f"{out['checker']}: {len(out['original'])} faults -> {len(out['minimal'])} "
                f"({out['candidates']} exact runs); minimal scenario: {out['scenario']}\n"
@@ -230,9 +183,9 @@ def reproduce_cmd(run_dir: Path, variants: int, jobs: int) -> None:
     from .explore import reproduce
 
     try:
-        out = reproduce(run_dir, variants=variants, jobs=jobs, progress=_progress(False))
+        out = reproduce(run_dir, variants=variants, jobs=jobs, progress=progress(False))
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     if out["found"] is None:
         click.echo(f"not reproduced in {out['tried']} interleavings of seed {out['seed']} "
@@ -252,7 +205,7 @@ def reproduce_cmd(run_dir: Path, variants: int, jobs: int) -> None:
 def nightly_cmd(seeds: int, first_seed: int, jobs: int, runs_dir: Path) -> None:
     """The nightly sweep in simulation: every library scenario over SEEDS seeds, then every canary
     (each injectable bug under its canary scenario must fail its checker here too)."""
-    from chaos.runner import CANARY_SCENARIOS
+    from chaos.run.runner import CANARY_SCENARIOS
     from chaos.scenario import library
     from testnet.base.bugs import BUGS
 

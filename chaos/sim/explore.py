@@ -1,7 +1,7 @@
 """Shrinking and reproducing with exact runs.
 
 Shrinking (:func:`shrink_sim`) is the chaos shrinker's delta debugging
-(:func:`chaos.shrink.ddmin`) with one exact simulated run per candidate: no
+(:func:`chaos.run.shrink.ddmin`) with one exact simulated run per candidate: no
 attempts, no flakiness.  Reproducing (:func:`reproduce`) takes any run's
 bundle — a real one too — and tries its topology, schedule and workload
 (same seed) under many interleavings (variants) until one fails the same
@@ -16,11 +16,11 @@ from typing import Any, Callable
 
 import trio
 
-from chaos.runner import read_bundle
+from chaos.run.runner import read_bundle
 from chaos.schedule import schedule_as_scenario, to_toml
-from chaos.shrink import checker_to_keep, ddmin
+from chaos.run.shrink import checker_to_keep, ddmin
 
-from .cli import run_jobs
+from .jobs import run_jobs
 
 
 def _bundle(run_dir: Path) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:

@@ -1,6 +1,6 @@
 """``swarmnet sim run``: a chaos scenario in the simulation, exactly.
 
-The run is :func:`chaos.runner.run_chaos` itself — same schedule expansion,
+The run is :func:`chaos.run.runner.run_chaos` itself — same schedule expansion,
 nemeses, workload, checkers and report — given :class:`SimProcesses` as its
 world.  One seed fixes everything: keys, schedule, workload, every nonce,
 every jitter and the scheduler's choices.  The verdict records the SHA-256
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from chaos.runner import RunResult, run_chaos
+from chaos.run.runner import RunResult, run_chaos
 from chaos.scenario import Scenario
 from chaos.schedule import Schedule
 
@@ -29,7 +29,7 @@ FULL_GC_EVERY = 1000  # younger collections per full one during a simulated run 
 
 
 class SimProcesses:
-    """The simulation as a chaos run's world (see :class:`chaos.runner.RealProcesses`)."""
+    """The simulation as a chaos run's world (see :class:`chaos.run.runner.RealProcesses`)."""
 
     def __init__(self, world: SimWorld) -> None:
         self.world = world

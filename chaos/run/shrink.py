@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
-from .schedule import schedule_as_scenario, to_toml
+from chaos.schedule import schedule_as_scenario, to_toml
 
 Test = Callable[[list[int]], Awaitable[bool]]
 
@@ -60,7 +60,7 @@ async def ddmin(items: list[int], fails: Test) -> list[int]:
 def checker_to_keep(verdict: dict[str, Any], checker: str | None, run_dir: Path) -> str:
     """The failing checker a shrink (or a reproduction) must keep failing: ``checker``
     if the run failed it, else the run's first failing one; ValueError if none."""
-    from .runner import failing_checkers
+    from chaos.run.runner import failing_checkers
 
     failing = failing_checkers(verdict)
     if not failing:
@@ -77,7 +77,7 @@ async def shrink_run(run_dir: Path, *, attempts: int = 2, checker: str | None = 
 
     Writes ``shrink/minimal.toml`` (a runnable scenario) and ``shrink/SHRINK.md``.
     """
-    from .runner import failing_checkers, read_bundle, run_chaos
+    from chaos.run.runner import failing_checkers, read_bundle, run_chaos
 
     run_dir = Path(run_dir)
     scenario, schedule, chaos = read_bundle(run_dir)

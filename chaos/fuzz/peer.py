@@ -2,7 +2,7 @@
 calls (anti-entropy, replication, onion relays) read the answers of peers, and
 those answers are input as much as requests are.
 
-The fuzzer serves :class:`chaos.fuzz_frames.PeerScript` on an address of its
+The fuzzer serves :class:`chaos.fuzz.frames.PeerScript` on an address of its
 own and, with the admin token, points one node (the victim) at it for one of
 its swarm peers (``admin_set_links``, as the controller does for Toxiproxy;
 the run puts the planned table back afterwards).  The victim authenticates
@@ -22,8 +22,8 @@ from testnet.base.clock import wall_ms
 from testnet.base.protocol import RequestError
 from testnet.base.rpc import RpcError, serve
 
-from .fuzz import KNOWN_OPS, RandomDraw, World
-from .fuzz_frames import PeerScript
+from chaos.fuzz.model import KNOWN_OPS, RandomDraw, World
+from chaos.fuzz.frames import PeerScript
 
 
 async def fake_peer(script: PeerScript, host: str, replies: Counter, now_ms: Callable[[], int] = wall_ms, *,
@@ -40,7 +40,7 @@ async def fake_peer(script: PeerScript, host: str, replies: Counter, now_ms: Cal
 
 async def keep_route(net: Any, victim: str, posing_key: str, addr: tuple[str, int], interval_s: float = 1.0) -> None:
     """Keep ``victim`` dialling ``addr`` for the node ``posing_key`` (fuzzed admin_set_links may
-    replace its table at any time); :func:`chaos.fuzz_run.restore` puts the planned table back."""
+    replace its table at any time); :func:`chaos.fuzz.run.restore` puts the planned table back."""
     while True:
         table = {k: list(v) for k, v in net.plan.dial_table(victim).items()}
         table[posing_key] = list(addr)

@@ -7,9 +7,9 @@ a live node, ``resurrected``; unlinkability's ``linked``; authority's
 ``planted``), grouped per message.  Past a verdict list's cap (100) the
 counts say how many more; lost messages past it are known from the history.
 
-The first ``MAX_JOURNEYS`` come with their journey: :func:`chaos.journey.journey`
-on one :func:`chaos.journey.load_run` of the run directory, shown with the
-views ``swarmnet trace`` uses (:func:`chaos.trace.render_html_body`):
+The first ``MAX_JOURNEYS`` come with their journey: :func:`chaos.trace.journey.journey`
+on one :func:`chaos.trace.journey.load_run` of the run directory, shown with the
+views ``swarmnet trace`` uses (:func:`chaos.trace.view.render_html_body`):
 findings, lanes, the text timeline; the rest are listed with their
 ``swarmnet trace`` command.  Replaying the captures is the cost (about as
 long as the unlinkability checker's replay), so the tracing runs in a child
@@ -103,7 +103,7 @@ def _entries(name: str, result: Mapping[str, Any], lost_ids: Sequence[str]) -> I
             for e in _list(result.get(outcome)):
                 yield e, Flag(name, outcome, _delivery_detail(outcome, e, lost))
         listed = {str(e) for e in _list(result.get("lost"))}
-        for mid in lost_ids:  # past the list's cap: acknowledged, never received (chaos.report.message_outcomes)
+        for mid in lost_ids:  # past the list's cap: acknowledged, never received (chaos.report.page.message_outcomes)
             if mid not in listed:
                 yield mid, Flag(name, "lost", "acknowledged, never received")
     elif name == "replication":
@@ -188,7 +188,7 @@ def flagged_messages(verdict: Mapping[str, Any] | None, history: Iterable[Mappin
 def trace_keys(run_dir: Path, keys: Sequence[str]) -> Iterator[dict[str, Any]]:
     """One load of ``run_dir``, then each key's journey: ``{"key", "journey"}`` or ``{"key", "error"}``.
     If the run cannot be read, one ``{"error"}`` instead."""
-    from . import journey as jn
+    from chaos.trace import journey as jn
 
     try:
         run = jn.load_run(run_dir)
@@ -327,7 +327,7 @@ def flagged_section(run_dir: Path, verdict: Mapping[str, Any] | None, history: S
     parts += [f'<p class="note">not judged by {_e(u)}</p>\n' for u in flagged.unjudged]
     shown = msgs[:max_journeys]
     try:
-        from .trace import JOURNEY_CSS, render_html_body
+        from chaos.trace.view import JOURNEY_CSS, render_html_body
     except Exception as exc:  # a broken tracer must not cost the report
         journeys = Journeys({}, f"the tracer could not be imported: {type(exc).__name__}: {exc}", 0.0)
     else:

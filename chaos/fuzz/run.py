@@ -1,4 +1,4 @@
-"""``swarmnet fuzz``: adversarial frames (:mod:`chaos.fuzz`) against a real network,
+"""``swarmnet fuzz``: adversarial frames (:mod:`chaos.fuzz.model`) against a real network,
 every answer checked.
 
 The driver opens, to every node, connections of three kinds, each from its own
@@ -40,11 +40,11 @@ from testnet.base.clock import wall_ms
 from testnet.base.protocol import (DEFAULT_MAX_FRAME_SIZE, EOF, HEADER, NEED_DATA, Connection, RemoteProtocolError,
                               Response)
 
-from .fuzz import KNOWN_OPS, Draw, Frame, NodeInfo, RandomDraw, World, judge
-from .fuzz_frames import make_frame, make_registry_frame
-from .fuzz_peer import start_fake_peers
+from chaos.fuzz.model import KNOWN_OPS, Draw, Frame, NodeInfo, RandomDraw, World, judge
+from chaos.fuzz.frames import make_frame, make_registry_frame
+from chaos.fuzz.peer import start_fake_peers
 
-log = logging.getLogger("chaos.fuzz")
+log = logging.getLogger("chaos.fuzz.model")
 
 MAX_BODY = DEFAULT_MAX_FRAME_SIZE - 1024  # what we send stays a well-framed request
 ANSWER_TIMEOUT_S = 40.0  # the registry may hold a long poll 30 s

@@ -12,9 +12,13 @@ Families (see chaos.scenario.NEMESES):
 * process — kill -9 then restart, SIGSTOP then SIGCONT, join new nodes then
   remove them, deregister a node then add a fresh one in its place;
 * clock — the node's clock offset (admin_clock), reset to 0 at the end;
-* adversary — an attacker using the network (chaos/adversary.py): attack
+* adversary — an attacker using the network (chaos/adversary): attack
   loops that run while the fault is active and stop, their connections
   closed, when it ends.
+
+Families that live in rooms of their own (the adversary) register their
+context manager here with :func:`register` when imported, so this module
+never imports them (the runner loads them).
 """
 
 from __future__ import annotations
@@ -22,22 +26,32 @@ from __future__ import annotations
 import logging
 import random
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import trio
 
 from testnet import links as L
 from testnet.base.swarm import swarm_for
 
-from .schedule import Fault
+from chaos.schedule import Fault
 
-log = logging.getLogger("chaos.nemesis")
+log = logging.getLogger("chaos.run.nemesis")
 
 HEAL_TIMEOUT_S = 30.0
 
 
 class NemesisError(Exception):
     """A fault cannot be applied to this network (no Toxiproxy, unknown node, ...)."""
+
+
+# family -> ``factory(net, fault)`` returning the fault's async context manager,
+# for families registered from other rooms (chaos.adversary).
+_REGISTERED: dict[str, Callable[[Any, Fault], Any]] = {}
+
+
+def register(family: str, factory: Callable[[Any, Fault], Any]) -> None:
+    """Make ``inject`` use ``factory`` for faults of ``family``."""
+    _REGISTERED[family] = factory
 
 
 async def live_swarms(net: Any) -> dict[str, int]:
@@ -283,8 +297,6 @@ def inject(net: Any, fault: Fault) -> Any:
         return process_fault(net, fault)
     if family == "clock":
         return clock_fault(net, fault)
-    if family == "adversary":
-        from .adversary import adversary_fault  # imports this module
-
-        return adversary_fault(net, fault)
-    raise NemesisError(f"no nemesis for {fault.kind}")
+    if family in _REGISTERED:
+        return _REGISTERED[family](net, fault)
+    raise NemesisError(f"no nemesis for {fault.kind} (family {family!r} is not loaded)")

@@ -16,10 +16,10 @@ import trio
 from testnet import rundir
 from testnet.base.bugs import BUGS
 
-from .scenario import CHECKERS, ScenarioError, library, load_scenario
+from chaos.scenario import CHECKERS, ScenarioError, library, load_scenario
 
 
-def _progress(quiet: bool):
+def progress(quiet: bool):
     start = time.monotonic()
 
     def say(msg: str) -> None:
@@ -29,7 +29,7 @@ def _progress(quiet: bool):
     return say
 
 
-def _fail(msg: str, code: int = 2) -> None:
+def fail(msg: str, code: int = 2) -> None:
     click.echo(f"swarmnet: {msg}", err=True)
     sys.exit(code)
 
@@ -49,14 +49,14 @@ def chaos() -> None:
 def run_cmd(scenario: str, seed: int | None, run_dir: Path | None, bugs: tuple[str, ...], as_json: bool,
             quiet: bool) -> None:
     """Run SCENARIO (a TOML file, or a name from the shipped library) once and check it."""
-    from .runner import run_chaos
+    from chaos.run.runner import run_chaos
 
     try:
         sc = load_scenario(scenario)
         result = trio.run(lambda: run_chaos(sc, seed=seed, run_dir=run_dir, inject_bugs=bugs,
-                                            progress=_progress(quiet)))
+                                            progress=progress(quiet)))
     except (ScenarioError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     if as_json:
         click.echo(json.dumps(result.verdict))
@@ -75,12 +75,12 @@ def run_cmd(scenario: str, seed: int | None, run_dir: Path | None, bugs: tuple[s
 @click.option("--quiet", is_flag=True)
 def replay(run_dir: Path, as_json: bool, quiet: bool) -> None:
     """Run RUN_DIR's schedule, topology, keys and workload again and compare verdicts."""
-    from .runner import replay as do_replay
+    from chaos.run.runner import replay as do_replay
 
     try:
-        result, compare = trio.run(lambda: do_replay(run_dir, progress=_progress(quiet)))
+        result, compare = trio.run(lambda: do_replay(run_dir, progress=progress(quiet)))
     except (ScenarioError, OSError, ValueError, KeyError) as exc:
-        _fail(f"cannot replay {run_dir}: {exc}")
+        fail(f"cannot replay {run_dir}: {exc}")
         return
     if as_json:
         click.echo(json.dumps(compare))
@@ -101,12 +101,12 @@ def replay(run_dir: Path, as_json: bool, quiet: bool) -> None:
 @click.option("--quiet", is_flag=True)
 def shrink(run_dir: Path, attempts: int, checker: str | None, as_json: bool, quiet: bool) -> None:
     """Delta-debug RUN_DIR's fault list down to a minimal schedule that still fails."""
-    from .shrink import shrink_run
+    from chaos.run.shrink import shrink_run
 
     try:
-        out = trio.run(lambda: shrink_run(run_dir, attempts=attempts, checker=checker, progress=_progress(quiet)))
+        out = trio.run(lambda: shrink_run(run_dir, attempts=attempts, checker=checker, progress=progress(quiet)))
     except (ScenarioError, OSError, ValueError, KeyError) as exc:
-        _fail(f"cannot shrink {run_dir}: {exc}")
+        fail(f"cannot shrink {run_dir}: {exc}")
         return
     if as_json:
         click.echo(json.dumps(out))
@@ -134,16 +134,16 @@ def nightly(runs_dir: Path, keep_passing: bool, seeds: int, first_seed: int | No
     A canary is a run with one bug injected on purpose (`swarmnet bugs`): it
     passes when the checker meant to catch that bug fails the run.
     """
-    from .runner import CANARY_SCENARIOS, nightly as do_nightly
+    from chaos.run.runner import CANARY_SCENARIOS, nightly as do_nightly
 
     try:
         paths = [Path(s) if Path(s).exists() else Path(load_scenario(s).source) for s in scenarios] or library()
     except ScenarioError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     bug_list = sorted(CANARY_SCENARIOS) if canaries else []
     results = trio.run(lambda: do_nightly(paths, runs_dir=runs_dir, prune=not keep_passing, seeds=seeds,
-                                          first_seed=first_seed, canaries=bug_list, progress=_progress(False),
+                                          first_seed=first_seed, canaries=bug_list, progress=progress(False),
                                           replay_failures=replay_failures))
     failing = [r for r in results if not r.get("passed")]
     for r in results:
@@ -192,16 +192,16 @@ def current_membership(run_dir: Path, run: dict[str, Any]) -> tuple[dict[str, in
 @click.option("--json", "as_json", is_flag=True, help="print the verdict JSON")
 def check(run_dir: Path | None, checkers: tuple[str, ...], as_json: bool) -> None:
     """Judge a run from ground truth: delivery, replication, unlinkability. Exit 0 valid, 1 invalid, 2 unknown."""
-    from .checkers.verdict import exit_code, run_checks, summary
+    from chaos.checkers.verdict import exit_code, run_checks, summary
 
     try:
         path = rundir.resolve_run_dir(run_dir)
         run = rundir.load_run(path)
     except rundir.RunDirError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     if not (path / "history.jsonl").exists():
-        _fail(f"{path} has no history.jsonl: run `swarmnet workload --run-dir {path}` first")
+        fail(f"{path} has no history.jsonl: run `swarmnet workload --run-dir {path}` first")
     swarms, live = current_membership(path, run)
     kwargs: dict[str, Any] = {"swarms": swarms, "live": live, "swarms_source": "registry"}
     if checkers:

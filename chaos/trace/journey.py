@@ -3,7 +3,7 @@
 Pure: a run directory in (run.json, the keys in the seed files, captures,
 databases, node logs, history.jsonl, faults.jsonl), journey data out.  Nodes
 carry no tracing ids: each node's capture is replayed with that node's own
-key (:mod:`chaos.captures`, on top of the unlinkability checker's replay) and
+key (:mod:`chaos.trace.captures`, on top of the unlinkability checker's replay) and
 the hops are joined by the blobs that cross them, exactly as that checker
 does; the databases say where the message is now; the history says what the
 client was told; faults.jsonl says what was broken when.
@@ -85,7 +85,7 @@ virtual, from 2030-01-01, and a kill loses no capture bytes)::
   the user, node, or unauthenticated caller; ``again`` = later steps that
   named it there).  A refused replicate_delete removes nothing and is left out.
 * ``findings``: steps where the run broke a rule of the protocol, each with
-  the node where it happened (see :func:`chaos.trail.findings`).
+  the node where it happened (see :func:`chaos.trace.trail.findings`).
 * ``trail.ends_at``: the recipient (delivered), the node where the trail
   stops, the sender (no capture saw it), or null (held by several nodes, or
   deleted).
@@ -103,9 +103,9 @@ from chaos.checkers.delivery import FAILURE_OUTCOMES, check_delivery
 from testnet.base import crypto
 from testnet.base.swarm import SwarmError, swarm_for
 
-from .captures import Copy
-from .trace_run import Chain, FaultBand, Run, TraceError, find_message, load_faults, load_run
-from .trail import faults_touching, findings, general_unknowns, trail
+from chaos.trace.captures import Copy
+from chaos.trace.run import Chain, FaultBand, Run, TraceError, find_message, load_faults, load_run
+from chaos.trace.trail import faults_touching, findings, general_unknowns, trail
 
 __all__ = ["SCHEMA", "TraceError", "Run", "FaultBand", "load_run", "load_faults", "find_message", "journey",
            "all_journeys", "timeline"]

@@ -4,7 +4,7 @@ made from a :class:`Draw` (where every choice comes from), a :class:`World`
 (what the harness knows: nodes and their keys, accounts, stored hashes, the
 admin token) and ``now_ms``.  Here: the draw, the world, arbitrary values and
 :func:`judge`, which reads one answer; the frames of each op are made in
-:mod:`chaos.fuzz_frames`; the trio driver is :mod:`chaos.fuzz_run`.
+:mod:`chaos.fuzz.frames`; the trio driver is :mod:`chaos.fuzz.run`.
 
 Strategy: most arguments are *well-typed but wrong* (real accounts of the
 right or another swarm, real hashes, boundary ints such as 2**63 and -1,

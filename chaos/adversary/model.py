@@ -3,7 +3,7 @@ message hashes, the registry's view with past swarm assignments), how it
 reads the run's history as it grows, the frames it sends, how much a reply
 gave away, and its record (``adversary.jsonl``, format in CHECKERS.md).
 
-No trio and no sockets here: ``chaos/adversary.py`` moves the bytes.
+No trio and no sockets here: ``chaos/adversary/attacks.py`` moves the bytes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The frames of each op, for :mod:`chaos.fuzz` (pure: see there).  Per op, the
+"""The frames of each op, for :mod:`chaos.fuzz.model` (pure: see there).  Per op, the
 arguments a well-behaved caller would send with one or more of them wrong in a
 way that reaches past the first check: real accounts of the target's swarm
 (past the 421) or another (the 403), real stored hashes, signatures made by
@@ -20,7 +20,7 @@ from testnet.base import crypto
 from testnet.base.protocol import Status
 from testnet.registry import deregister_message, register_message
 
-from .fuzz import (INT64_MAX, INT64_MIN, LISTED_STATUSES, ONION_OPS, REGISTRY_OPS, TOO_BIG_DATA, UINT64_MAX, Account,
+from chaos.fuzz.model import (INT64_MAX, INT64_MIN, LISTED_STATUSES, ONION_OPS, REGISTRY_OPS, TOO_BIG_DATA, UINT64_MAX, Account,
                    Draw, Frame, NodeInfo, World, any_args, any_bytes, any_text, any_value, big_len, fake_hash, maybe,
                    unknown_op)
 

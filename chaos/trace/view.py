@@ -1,6 +1,6 @@
 """``swarmnet trace RUN_DIR (MSG_ID | HASH)``: one message's journey, rebuilt
-from the run directory alone (see :mod:`chaos.journey` for how, and for the
-``--json`` shape; :mod:`chaos.trace_events` for ``--trace-events``).
+from the run directory alone (see :mod:`chaos.trace.journey` for how, and for the
+``--json`` shape; :mod:`chaos.trace.events` for ``--trace-events``).
 
     swarmnet trace runs/<run-id> bob-3                      # readable timeline
     swarmnet trace runs/<run-id> J3/Sdt5E --json            # the journey as JSON
@@ -26,8 +26,8 @@ from typing import Any, Mapping
 
 import click
 
-from .journey import FaultBand, Run, TraceError, all_journeys, journey, load_run
-from .trace_events import trace_events, write_trace_events
+from chaos.trace.journey import FaultBand, Run, TraceError, all_journeys, journey, load_run
+from chaos.trace.events import trace_events, write_trace_events
 
 __all__ = ["render_text", "render_line", "render_html", "render_html_body", "render_lanes", "JOURNEY_CSS",
            "trace", "run_trace_events"]
@@ -139,7 +139,7 @@ def _axis(events: list[Mapping[str, Any]]) -> tuple[list[float], Any]:
         pos.append(pos[-1] + 1 + 4 * math.log10(1 + gap) if i else 0.0)
     span = max(pos[-1] if pos else 0, 1.0)
 
-    starts = [e["t"] for e in events]  # in time order (chaos.journey.timeline)
+    starts = [e["t"] for e in events]  # in time order (chaos.trace.journey.timeline)
 
     def at(t: int) -> float:  # the last step at or before t (a span covers the steps inside it)
         return pos[max(bisect.bisect_right(starts, t) - 1, 0)] / span if pos else 0.0

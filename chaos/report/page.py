@@ -3,7 +3,7 @@
 A view of the run's data, never a source of it (Jepsen-style): latency over
 time with fault bands, throughput over time, and a per-node state timeline,
 plus tables of the verdict, the faults and the run facts, and every message a
-checker flagged with its journey inline (:mod:`chaos.report_flagged`).  Every
+checker flagged with its journey inline (:mod:`chaos.report.flagged`).  Every
 input is optional and read defensively, so a half-finished run (harness
 killed, no verdict yet) still gets a report.  Plots are PNGs embedded as base64 data
 URIs; all text is escaped; the history carries no plaintext, nor does the
@@ -25,8 +25,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from testnet.base.jsonl import read_jsonl
 
-from .checkers.authority import ADVERSARY_FILE, summarize_attempts
-from .scenario import NEMESES
+from chaos.checkers.authority import ADVERSARY_FILE, summarize_attempts
+from chaos.scenario import NEMESES
 
 REPORT_NAME = "report.html"
 
@@ -526,9 +526,9 @@ def _img(png: bytes, alt: str) -> str:
 
 def _flagged(run_dir: Path, verdict: Mapping[str, Any] | None, history: Sequence[Mapping[str, Any]],
              lost_ids: Sequence[str]) -> str:
-    """The "Flagged messages" section (chaos.report_flagged), or why it is missing: a view never breaks the report."""
+    """The "Flagged messages" section (chaos.report.flagged), or why it is missing: a view never breaks the report."""
     try:
-        from .report_flagged import CSS, flagged_section
+        from chaos.report.flagged import CSS, flagged_section
 
         return f"<style>{CSS}</style>\n" + flagged_section(run_dir, verdict, history, lost_ids)
     except Exception as exc:

@@ -2,7 +2,7 @@
 and oversized frames, and connection floods.  Each is one function that
 opens its connections through the run's network, waits with deadlines,
 closes everything it opened and returns what happened (the record's fields,
-CHECKERS.md); ``chaos/adversary.py`` runs them and records the results.
+CHECKERS.md); ``chaos/adversary/attacks.py`` runs them and records the results.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import trio
 from testnet.base.protocol import EOF, HEADER, NEED_DATA, Connection, RemoteProtocolError, Response
 from testnet.base.rpc import RpcError, call_once
 
-from .adversary_model import FOLLOW_UP
+from chaos.adversary.model import FOLLOW_UP
 
 __all__ = ["read_response", "send_frame", "FLOOD_STYLES", "flood"]
 

@@ -1,6 +1,6 @@
 """A run directory read once for ``swarmnet trace``: ground truth (run.json,
 removed nodes included), every node's capture replayed with its own key
-(:mod:`chaos.captures`) and joined into onion requests, the node databases'
+(:mod:`chaos.trace.captures`) and joined into onion requests, the node databases'
 rows and tombstones, node log events, the history and faults.jsonl.
 
 Pure: files in, data out; nothing here talks to the network.
@@ -21,7 +21,7 @@ from chaos.checkers.unlinkability import Observation, UserKeys
 from testnet.base import crypto
 from testnet.base.jsonl import read_jsonl
 
-from .captures import NodeKeys, Opened, Replayed, replay_captures
+from chaos.trace.captures import NodeKeys, Opened, Replayed, replay_captures
 
 __all__ = ["TraceError", "FaultBand", "Chain", "HistoryIndex", "Run", "load_faults", "load_run", "find_message"]
 
@@ -67,7 +67,7 @@ class FaultBand:
             return True
         if "side_a" in t and "side_b" in t:
             if src_is_user:
-                return False  # cuts are between nodes (chaos.nemesis._cut)
+                return False  # cuts are between nodes (chaos.run.nemesis._cut)
             a, b = set(t["side_a"]), set(t["side_b"])
             return (src in a and dst in b) or (not t.get("one_way") and src in b and dst in a)
         if "links" in t:
@@ -92,7 +92,7 @@ class FaultBand:
 
 def _family(kind: str) -> str:
     try:
-        from .scenario import NEMESES
+        from chaos.scenario import NEMESES
 
         return NEMESES[kind][0]
     except (ImportError, KeyError, IndexError):

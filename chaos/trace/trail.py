@@ -1,7 +1,7 @@
 """What a message's journey means: which faults touched which of its steps,
 which steps broke a rule of the protocol (findings), where its trail ends,
 and what the run directory cannot tell.  Pure: the facts gathered by
-:mod:`chaos.journey` in, judgements out.
+:mod:`chaos.trace.journey` in, judgements out.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from clients.client import PATH_HOPS
 
-from .trace_run import FaultBand, Run
+from chaos.trace.run import FaultBand, Run
 
 __all__ = ["faults_touching", "findings", "trail", "general_unknowns"]
 

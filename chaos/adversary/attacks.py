@@ -37,7 +37,7 @@ never through the harness's link proxies, from its own loopback addresses,
 registry and Toxiproxy; checked against every planned address), so parallel
 runs stay apart and users' rate limits are untouched.
 Every network wait has a deadline; attempts are capped by ``max_attempts``.
-What it knows and records, without the network: ``chaos/adversary_model.py``.
+What it knows and records, without the network: ``chaos/adversary/model.py``.
 """
 
 from __future__ import annotations
@@ -60,13 +60,13 @@ from testnet.base.protocol import Response
 from testnet.registry import deregister_args, deregister_message, register_args
 from testnet.base.rpc import ConnectionPool, RpcError, call_once, open_rpc
 
-from .adversary_model import (FRAMES, AttemptLog, HistoryTail, Knowledge, NetView, adversary_host, measure,
+from chaos.adversary.model import (FRAMES, AttemptLog, HistoryTail, Knowledge, NetView, adversary_host, measure,
                               planned_hosts, wall_ms)
-from .adversary_raw import flood, send_frame
-from .checkers.authority import ADVERSARY_FILE
-from .nemesis import HEAL_TIMEOUT_S, NemesisError
-from .scenario import ScenarioError, check_adversary_params
-from .schedule import Fault
+from chaos.adversary.raw import flood, send_frame
+from chaos.checkers.authority import ADVERSARY_FILE
+from chaos.run.nemesis import HEAL_TIMEOUT_S, NemesisError, register
+from chaos.scenario import ScenarioError, check_adversary_params
+from chaos.schedule import Fault
 
 __all__ = ["Adversary", "adversary_fault"]
 
@@ -552,3 +552,6 @@ async def adversary_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any
         with trio.CancelScope(shield=True), trio.move_on_after(HEAL_TIMEOUT_S):
             await adversary.close()
         desc.update(adversary.summary())
+
+
+register("adversary", adversary_fault)

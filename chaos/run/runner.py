@@ -24,9 +24,10 @@ from clients.workload import UserSpec, run_workload
 from testnet import plan as P
 from testnet.base.bugs import CLIENT_BUGS, check_bugs
 
-from .nemesis import NemesisError, inject, live_swarms
-from .scenario import Scenario, load_scenario
-from .schedule import Fault, Schedule, expand
+from chaos.adversary import attacks as _adversary  # noqa: F401  registers the "adversary" fault family
+from chaos.run.nemesis import NemesisError, inject, live_swarms
+from chaos.scenario import Scenario, load_scenario
+from chaos.schedule import Fault, Schedule, expand
 
 Progress = Callable[[str], None]
 
@@ -137,7 +138,7 @@ async def run_chaos(scenario: Scenario, *, seed: int | None = None, run_dir: Pat
     ``world`` is where it runs: real processes (default) or the simulation."""
     from testnet.controller import Options
 
-    from .checkers.verdict import exit_code, run_checks, summary
+    from chaos.checkers.verdict import exit_code, run_checks, summary
 
     inject_bugs = check_bugs(list(inject_bugs))
     seed = seed if seed is not None else (scenario.seed if scenario.seed is not None else secrets.randbits(31))
@@ -190,7 +191,7 @@ async def run_chaos(scenario: Scenario, *, seed: int | None = None, run_dir: Pat
         verdict = run_checks(rd, checkers=scenario.checkers, swarms=swarms, live=live, swarms_source="registry",
                              now_ms=world.now_ms())
     try:
-        from .report import write_report
+        from chaos.report.page import write_report
 
         write_report(rd)
     except Exception as exc:  # a report is a view: its failure must not hide the verdict

@@ -1,0 +1,11 @@
+"""Running scenarios: the nemeses (``nemesis``: each injects one kind of fault
+and always heals), the run loop and the nightly (``runner``), shrinking a
+failing run's fault list (``shrink``) and their commands (``cli``).
+
+May import: the vocabulary (``chaos.scenario``, ``chaos.schedule``), the
+checkers, the report, the controller (``testnet``) and the clients' workload.
+Fault kinds that live in other rooms (the adversary) register themselves with
+``nemesis.register``; this room never imports them except to load them
+(``runner.load_nemeses``).  Never imports the simulation, the fuzzer or the
+trace's internals.
+"""
