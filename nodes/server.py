@@ -459,7 +459,7 @@ class Node:
         return {"links": len(self.links), "redialled": len(changed)}
 
     async def op_admin_listen(self, args: dict) -> dict:
-        addrs = [core.loopback_address(a, "each address") for a in core.arg_list(args, "addresses", 256)]
+        addrs = [core.listen_address(a, "each address", self.host) for a in core.arg_list(args, "addresses", 256)]
         try:
             bound = await self._nursery.start(
                 lambda task_status: serve(self.handle, addrs, capture=self.capture, network=self.network,

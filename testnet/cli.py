@@ -108,6 +108,8 @@ COMMANDS = {
     "sim": "chaos.sim.cli:sim",
     "fuzz": "chaos.fuzz.run:fuzz",
     "trace": "chaos.trace.view:trace",
+    "cluster": "testnet.cluster.cli:cluster",
+    "collect": "testnet.cluster.cli:collect",
 }
 
 

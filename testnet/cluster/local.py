@@ -275,7 +275,7 @@ def leftover_processes(base_dir: Path, token: str) -> list[str]:
         if p.pid == os.getpid():
             continue
         try:
-            if any(mark in a for a in p.info["cmdline"] or ()) or p.environ().get("RAY_AUTH_TOKEN") == token:
+            if any(mark in a for a in p.info["cmdline"] or ()) or (token and p.environ().get("RAY_AUTH_TOKEN") == token):
                 out.append(f"{p.info['pid']} ({p.info['name']})")
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
