@@ -43,9 +43,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .procs import ProcError
     from .base.protocol import RequestError
     from .base.rpc import RpcError
+    from .cluster.driver import ClusterError
+    from .cluster.launch import HostLost
 
     return (CommandError, ControllerError, CryptoError, LinkError, ProcError, RequestError, RpcError,
-            rundir.RunDirError, P.PlanError)
+            rundir.RunDirError, P.PlanError, ClusterError, HostLost)
 
 
 def _run_dir_option(f: Any) -> Any:
@@ -134,9 +136,14 @@ def cli() -> None:
               help="switch on a deliberately broken node behaviour (repeatable)")
 @click.option("--ready-timeout", default=60.0, show_default=True, help="seconds to wait for the network")
 @click.option("--no-zygote", is_flag=True, help="start each node as a fresh interpreter (slower)")
+@click.option("--cluster", metavar="HOST:PORT", envvar="SWARMNET_CLUSTER", default=None,
+              help="spread the nodes over this Ray cluster's hosts (its head's address; see README, "
+                   "'Running on a cluster')")
+@click.option("--hosts", type=int, default=None, help="with --cluster: how many of its hosts (default: all)")
 @_json_option
 def up(nodes: int, users: int, min_swarm: int, run_dir: Path | None, links: str, seed: int | None, detach: bool,
-       inject_bugs: tuple[str, ...], ready_timeout: float, no_zygote: bool, as_json: bool) -> None:
+       inject_bugs: tuple[str, ...], ready_timeout: float, no_zygote: bool, cluster: str | None, hosts: int | None,
+       as_json: bool) -> None:
     """Start a network, check it, and keep it up until Ctrl-C (or `swarmnet down`)."""
     from .controller import Options
 
@@ -146,8 +153,11 @@ def up(nodes: int, users: int, min_swarm: int, run_dir: Path | None, links: str,
         check_bugs(inject_bugs)
     except UnknownBug as exc:
         raise CommandError(str(exc)) from None
+    if hosts is not None and not cluster:
+        raise CommandError("--hosts needs --cluster")
     opts = Options(nodes=nodes, users=users, min_swarm=min_swarm, links=links, seed=seed, run_dir=run_dir,
-                   inject_bugs=inject_bugs, ready_timeout_s=ready_timeout, zygote=not no_zygote)
+                   inject_bugs=inject_bugs, ready_timeout_s=ready_timeout, zygote=not no_zygote, cluster=cluster,
+                   hosts=hosts)
     P.check_options(nodes=nodes, users=users, min_swarm=min_swarm, links=links)
     if links == "toxiproxy":
         from .links import find_toxiproxy
@@ -528,7 +538,7 @@ async def run_until_stopped(options: Any, *, progress: Callable[[str], None] | N
     request, then tear it all down.  ``False`` if a signal came before it was ready."""
     import trio
 
-    from .controller import open_testnet
+    from .cluster.run import open_network
 
     running: list[Any] = []
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -544,7 +554,7 @@ async def run_until_stopped(options: Any, *, progress: Callable[[str], None] | N
                     return
 
             nursery.start_soon(on_signal)
-            async with open_testnet(options, progress=progress) as net:
+            async with open_network(options, progress=progress) as net:
                 running.append(net)
                 on_ready(net)
                 await net.stop_requested.wait()

@@ -737,11 +737,7 @@ async def open_testnet(options: Options | None = None, *, progress: Progress | N
     stop every process of it when the block ends, however it ends."""
     opts = options or Options(**kwargs)
     if opts.cluster:
-        from .cluster.run import open_cluster_testnet
-
-        async with open_cluster_testnet(opts, progress=progress) as net:
-            yield net
-        return
+        raise ControllerError("a cluster run opens with testnet.cluster.run.open_network (or open_cluster_testnet)")
     P.check_options(nodes=opts.nodes, users=opts.users, min_swarm=opts.min_swarm, links=opts.links)
     run_id = opts.run_id or rundir.new_run_id()
     seed = opts.seed if opts.seed is not None else secrets.randbits(63)

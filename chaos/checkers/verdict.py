@@ -116,6 +116,13 @@ def run_checks(run_dir: str | Path, *, checkers: Iterable[str] = CHECKERS, swarm
             results[name] = {"checker": name, "valid": "unknown", "error": f"{type(exc).__name__}: {exc}"[:500]}
     verdict = {"valid": combine(results), "run_id": truth.run.get("run_id"), "checked_ms": now_ms,
                "history_records": len(history), "checkers": results}
+    lost = (truth.run.get("cluster") or {}).get("lost_hosts")
+    if lost:
+        # A cluster host lost mid-run took its nodes' ground truth with it: what came home can
+        # still show a violation, never that the run was valid.
+        verdict["lost_hosts"] = lost
+        if verdict["valid"] is True:
+            verdict["valid"] = "unknown"
     faults = fault_record(run_dir)
     if faults is not None:
         verdict["faults"] = faults
@@ -144,6 +151,9 @@ def _ids(items: Any, n: int = 5) -> str:
 def summary(verdict: Mapping[str, Any]) -> str:
     """A readable one-screen view of a verdict (no message contents)."""
     lines = [f"verdict: {_word(verdict.get('valid'))}" + (f"  (run {verdict['run_id']})" if verdict.get("run_id") else "")]
+    for host, info in (verdict.get("lost_hosts") or {}).items():
+        lines.append(f"host {host} lost mid-run ({info.get('reason')}): {', '.join(info.get('nodes') or [])} went "
+                     "with it; their data could not be checked")
     f = verdict.get("faults")
     if f:
         line = f"faults: {f['started']} started, {f['healed']} healed"

@@ -1,6 +1,7 @@
 """Running scenarios: the nemeses (``nemesis``: each injects one kind of fault
 and always heals), the run loop and the nightly (``runner``), shrinking a
-failing run's fault list (``shrink``) and their commands (``cli``).
+failing run's fault list (``shrink``), runs on a Ray cluster (``cluster``) and
+their commands (``cli``).
 
 May import: the vocabulary (``chaos.scenario``, ``chaos.schedule``), the
 checkers, the report, the controller (``testnet``) and the clients' workload.

@@ -46,15 +46,23 @@ def chaos() -> None:
 @click.option("--inject-bug", "bugs", multiple=True, help="break the system on purpose (see `swarmnet bugs`)")
 @click.option("--json", "as_json", is_flag=True, help="print the verdict as JSON")
 @click.option("--quiet", is_flag=True, help="no progress lines")
+@click.option("--cluster", metavar="HOST:PORT", envvar="SWARMNET_CLUSTER", default=None,
+              help="run the nodes on this Ray cluster's hosts (see README, 'Running on a cluster')")
+@click.option("--hosts", type=int, default=None, help="with --cluster: how many of its hosts (default: all)")
 def run_cmd(scenario: str, seed: int | None, run_dir: Path | None, bugs: tuple[str, ...], as_json: bool,
-            quiet: bool) -> None:
+            quiet: bool, cluster: str | None, hosts: int | None) -> None:
     """Run SCENARIO (a TOML file, or a name from the shipped library) once and check it."""
     from chaos.run.runner import run_chaos
 
+    world = None
+    if cluster:
+        from chaos.run.cluster import ClusterProcesses
+
+        world = ClusterProcesses(cluster, hosts)
     try:
         sc = load_scenario(scenario)
         result = trio.run(lambda: run_chaos(sc, seed=seed, run_dir=run_dir, inject_bugs=bugs,
-                                            progress=progress(quiet)))
+                                            progress=progress(quiet), world=world))
     except (ScenarioError, ValueError) as exc:
         fail(str(exc))
         return

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,8 +47,11 @@ from .hosts import Host, NamespaceHosts, netns_argv
 READY_LINE = "Ray runtime started."
 START_TIMEOUT_S = 90.0
 STOP_GRACE_S = 15.0
+HEAD_ATTEMPTS = 3
 OBJECT_STORE_BYTES = 128 * 1024 * 1024  # Ray's floor is 75 MiB; the default takes 30 % of memory per node
 HOST_RESOURCE = "swarmnet_host"
+HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+                 "RAY_health_check_timeout_ms": "1000"}
 PR_SET_PDEATHSIG = 1
 
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -78,9 +82,11 @@ def token_env(token: str) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
 
 
-def _free_port(address: str) -> int:
+def _free_port() -> int:
+    # Ray's servers bind the wildcard address: a port is free only if no address holds it
+    # (this machine's other runs listen on loopback addresses of their own).
     with socket.socket() as s:
-        s.bind((address, 0))
+        s.bind(("0.0.0.0", 0))
         return s.getsockname()[1]
 
 
@@ -137,6 +143,7 @@ class LocalRayCluster:
         self.extra_env = dict(env or {})
         self.port = 0
         self.nodes: dict[str, RayNode] = {}
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-spawner")
 
     @property
     def address(self) -> str:
@@ -146,13 +153,21 @@ class LocalRayCluster:
         """The environment of a driver of this cluster (on top of ``os.environ``)."""
         return {**os.environ, **self.extra_env, **token_env(self.token)}
 
+    def _ray_env(self) -> dict[str, str]:
+        # A host lost on this machine is gone at once (its sockets reset): the head need not
+        # wait Ray's default 15 s of missed health checks to say so.
+        return {**self.env(), **HEALTH_CHECKS}
+
     # ------------------------------------------------------------------ start
 
     def _spawn(self, name: str, argv: list[str]) -> RayNode:
         log = self.base_dir / f"{name}.log"
-        popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 env=self.env(), start_new_session=True, preexec_fn=_die_with_parent,
-                                 cwd=self.base_dir)
+        # Linux sends the parent-death signal when the *thread* that forked exits: fork from one
+        # thread that lives as long as this cluster, whichever thread asks (trio's worker threads
+        # end when idle).
+        popen = self._spawner.submit(
+            subprocess.Popen, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=self._ray_env(), start_new_session=True, preexec_fn=_die_with_parent, cwd=self.base_dir).result()
         node = RayNode(name, popen, log)
         node.reader = threading.Thread(target=node._read, name=f"ray-{name}-log", daemon=True)
         node.reader.start()
@@ -168,7 +183,7 @@ class LocalRayCluster:
         # The head shares the root namespace with everything else on this machine: every
         # port it would take by default (the dashboard agent's 52365, ...) is
         # chosen free instead, so two clusters here never collide.
-        ports = {flag: _free_port(gw) for flag in ("--node-manager-port", "--object-manager-port",
+        ports = {flag: _free_port() for flag in ("--node-manager-port", "--object-manager-port",
                                                     "--runtime-env-agent-port", "--dashboard-agent-listen-port",
                                                     "--dashboard-agent-grpc-port", "--metrics-export-port")}
         return [ray_executable(), "start", "--head", f"--node-ip-address={gw}", f"--port={self.port}",
@@ -193,8 +208,17 @@ class LocalRayCluster:
             d.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + timeout_s
         try:
-            self.port = _free_port(self.hosts.gateway)
-            self._wait_ready([self._spawn("head", self._head_argv())], deadline)
+            for attempt in range(HEAD_ATTEMPTS):
+                self.port = _free_port()
+                try:
+                    self._wait_ready([self._spawn("head", self._head_argv())], deadline)
+                    break
+                except ClusterStartError as exc:
+                    # A port chosen free was taken before the head bound it: choose again.
+                    if attempt + 1 == HEAD_ATTEMPTS or "already in use" not in str(exc).lower() \
+                            and "failed to start" not in str(exc).lower():
+                        raise
+                    self.nodes.pop("head").popen.wait(timeout=STOP_GRACE_S)
             workers = [self._spawn(h.name, self._worker_argv(h)) for h in self.hosts.hosts]
             self._wait_ready(workers, deadline)
         except BaseException:
@@ -212,10 +236,26 @@ class LocalRayCluster:
 
     # ------------------------------------------------------------------ stop
 
-    def kill_host(self, name: str) -> None:
-        """Lose host ``name`` at once: SIGKILL its Ray node and everything under it."""
+    def kill_host(self, name: str) -> list[int]:
+        """Lose host ``name`` at once: SIGKILL its Ray node and everything under it, and wait
+        for them; the pids that would not go (empty when all went)."""
         node = self.nodes[name]
+        procs = [psutil.Process(node.popen.pid), *node.descendants()]
         self._kill_tree(node, signal.SIGKILL)
+        node.popen.wait(timeout=STOP_GRACE_S)
+        _, alive = psutil.wait_procs(procs, timeout=STOP_GRACE_S)
+        return [p.pid for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    def restart_host(self, name: str, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Start host ``name``'s Ray worker again (after :meth:`kill_host`)."""
+        old = self.nodes.pop(name)
+        if old.popen.poll() is None:
+            self._kill_tree(old, signal.SIGKILL)
+        old.popen.wait(timeout=STOP_GRACE_S)
+        if old.reader is not None:
+            old.reader.join(timeout=5)
+        node = self._spawn(name, self._worker_argv(self.hosts.host(name)))
+        self._wait_ready([node], time.monotonic() + timeout_s)
 
     @staticmethod
     def _kill_tree(node: RayNode, sig: int) -> None:
@@ -261,6 +301,8 @@ class LocalRayCluster:
             if n.reader is not None:
                 n.reader.join(timeout=5)
         self.nodes.clear()
+        self._spawner.shutdown(wait=False)
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-spawner")
         if not keep_logs:
             shutil.rmtree(self.base_dir, ignore_errors=True)
         return left

@@ -336,9 +336,12 @@ async def open_cluster_testnet(opts: Options, *, progress: Progress | None = Non
             await trio.to_thread.run_sync(disconnect)
 
 
-async def collect_if_cluster(net: Any) -> dict[str, int] | None:
-    """Bring a cluster run's files home (before its checkers read them); nothing on one machine."""
-    if isinstance(net, ClusterTestnet):
-        return await collect(net)
-    return None
+def open_network(opts: Options, *, progress: Progress | None = None) -> Any:
+    """:func:`open_cluster_testnet` when ``opts.cluster`` names a cluster, else
+    :func:`testnet.controller.open_testnet`: a network where the options say."""
+    if opts.cluster:
+        return open_cluster_testnet(opts, progress=progress)
+    from ..controller import open_testnet
+
+    return open_testnet(opts, progress=progress)
 
