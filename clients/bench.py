@@ -27,8 +27,9 @@ from typing import Any, AsyncIterator
 import psutil
 import trio
 
-from nodes.bench import cpu_seconds, percentile_ms
+from nodes.bench import percentile_ms
 from testnet.base import crypto
+from testnet.base.cputime import cpu_seconds
 
 from .bench_probe import StoreCrypto, one_message
 from .client import Client, ClientError

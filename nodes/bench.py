@@ -18,19 +18,8 @@ import psutil
 import trio
 
 from testnet.base import crypto
+from testnet.base.cputime import cpu_seconds
 from testnet.base.rpc import open_rpc
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds of these processes so far (gone ones count 0)."""
-    total = 0.0
-    for pid in pids:
-        try:
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
 
 
 async def bench_node(*, nodes: int = 5, seconds: float = 5.0, concurrency: int = 256, connections: int = 16,

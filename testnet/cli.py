@@ -110,6 +110,7 @@ COMMANDS = {
     "sim": "chaos.sim.cli:sim",
     "fuzz": "chaos.fuzz.run:fuzz",
     "trace": "chaos.trace.view:trace",
+    "serve": "chaos.web.cli:serve",
     "cluster": "testnet.cluster.cli:cluster",
     "collect": "testnet.cluster.cli:collect",
 }
@@ -506,10 +507,11 @@ def node(action: str, name: str | None, run_dir: Path | None, as_json: bool) -> 
 # --------------------------------------------------------------------------- bench
 
 
-# Benchmarks live with what they measure; each is a click command imported on
-# first use.  Add one by naming its "module:command" here.
+# Benchmarks live with what they measure, on the floor whose code they need (the
+# boot benchmark sends an onion message: clients/); each is a click command
+# imported on first use.  Add one by naming its "module:command" here.
 BENCHMARKS = {
-    "boot": "testnet.bench:boot_command",
+    "boot": "clients.bench_boot:boot_command",
     "node": "nodes.bench:bench_command",
     "throughput": "clients.bench:bench_command",
     "sim": "chaos.sim.bench:bench_command",

@@ -169,6 +169,7 @@ def test_authority_without_an_adversary_is_skipped_and_without_answers_unknown(t
 
 @pytest.mark.network
 async def test_an_honest_network_refuses_every_attack(tmp_path):
+    from chaos.adversary import attacks  # noqa: F401  registers the adversary's fault family with inject
     from chaos.checkers.verdict import run_checks
     from chaos.run.nemesis import inject, live_swarms
     from chaos.scenario import NEMESES

@@ -1,13 +1,15 @@
 """The layering the folders promise, checked from the imports (AST, no import side effects):
 testnet/base holds the foundations and the seams and depends on nothing above it; its
 protocol, crypto, swarm-maths and record modules are pure (no trio); nodes and clients
-use the foundations only, never the controller."""
+use the foundations only, never the controller; the controller (testnet outside base)
+starts nodes and clients as processes and never imports their code (or chaos's); the
+registry's rule book is pure."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PURE = {"protocol", "crypto", "swarm", "records", "clock", "jsonl", "bugs", "limits", "cpuprofile"}
+PURE = {"protocol", "crypto", "swarm", "records", "clock", "jsonl", "bugs", "limits", "cpuprofile", "cputime"}
 EDGES = {"bench.py", "cli.py", "__main__.py"}  # benchmarks and commands start whole networks
 
 
@@ -15,10 +17,27 @@ def _edge(name: str) -> bool:
     return name in EDGES or name.startswith("bench_")  # a benchmark's own modules
 
 
-def imported(path: Path, package: str) -> set[str]:
-    """Absolute module names ``path`` (a module of ``package``) imports."""
+def _type_checking(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING" or
+                                         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node of ``tree`` outside ``if TYPE_CHECKING:`` blocks (imports made for type hints only)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        todo.extend(c for c in ast.iter_child_nodes(node) if not _type_checking(c))
+
+
+def imported(path: Path, package: str, *, runtime_only: bool = False) -> set[str]:
+    """Absolute module names ``path`` (a module of ``package``) imports; with ``runtime_only``, not
+    those under ``if TYPE_CHECKING:`` (a part naming its owner's type is no arrow at run time)."""
     out = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in (_runtime_nodes(tree) if runtime_only else ast.walk(tree)):
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -61,6 +80,25 @@ def test_nodes_and_clients_use_only_the_foundations():
     assert bad == {}
 
 
+def above_the_controller(mods: set[str]) -> list[str]:
+    """The imports of a controller module (testnet outside base) that reach node, client or chaos code."""
+    return sorted(m for m in mods if m.split(".")[0] in ("nodes", "clients", "chaos"))
+
+
+def test_the_controller_imports_no_node_client_or_chaos_code():
+    files = sorted((ROOT / "testnet").glob("*.py"))
+    assert len(files) >= 10
+    bad = {f.name: found for f in files if (found := above_the_controller(imported(f, "testnet")))}
+    assert bad == {}
+
+
+def test_the_registry_rule_book_is_pure():
+    mods = imported(ROOT / "testnet" / "registry_state.py", "testnet")
+    assert "testnet.base.swarm" in mods
+    assert sorted(m for m in mods if m.split(".")[0] == "trio" or m.startswith(("testnet.base.rpc", "testnet.base.net"))
+                  or (m.startswith("testnet.") and not m.startswith("testnet.base"))) == []
+
+
 def test_the_layer_check_can_fail(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("from testnet.controller import Testnet\nimport chaos.run.runner\nfrom testnet.base import crypto\n"
@@ -70,6 +108,12 @@ def test_the_layer_check_can_fail(tmp_path):
     assert above_foundations(mods, own="nodes") == ["chaos.run.runner", "testnet.controller", "testnet.controller.Testnet"]
     # From clients, importing nodes reaches past the foundations too.
     assert "nodes.core" in above_foundations(imported(probe, "nodes"), own="clients")
+    # From the controller, node code (even one module's name) is out of reach.
+    from_controller = imported(probe, "testnet")
+    assert "testnet.core.x" in from_controller and above_the_controller(from_controller) == ["chaos.run.runner"]
+    probe.write_text("from clients.client import Client\nimport nodes.bench\n")
+    assert above_the_controller(imported(probe, "testnet")) == ["clients.client", "clients.client.Client",
+                                                               "nodes.bench"]
 
 
 # --------------------------------------------------------------------------- chaos's rooms
@@ -91,7 +135,7 @@ def _package_of(name: str, path: Path) -> str:
 def _modules_imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     """The project's modules that ``name`` imports (a name that is an attribute counts as its module)."""
     out = set()
-    for m in imported(path, _package_of(name, path)):
+    for m in imported(path, _package_of(name, path), runtime_only=True):
         while m and m not in known:
             m = m.rpartition(".")[0]
         if m and m != name:
@@ -118,6 +162,10 @@ ROOMS: dict[str, tuple[set[str], tuple[str, ...]]] = {
     "fuzz": (set(), ()),
     "run": ({"checkers", "report", "adversary"} | VOCABULARY, ()),
     "sim": ({"run", "checkers", "report", "adversary"} | VOCABULARY, ()),
+    # swarmnet serve watches and acts only through run directories and the control API: it never starts
+    # a network, signals a process or talks to Toxiproxy itself.
+    "web": ({"report", "trace"} | VOCABULARY, ("testnet.controller", "testnet.boot", "testnet.launch",
+                                               "testnet.links", "testnet.registry", "nodes", "clients")),
 }
 
 

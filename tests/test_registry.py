@@ -17,9 +17,10 @@ from hypothesis import given, settings, strategies as st
 
 from testnet.base.crypto import Identity
 from testnet.base.protocol import RequestError, Status
-from testnet.registry import (
-    MAX_WAIT_MS, RegistryState, StateFileError, deregister_args, deregister_message, load_state,
-    parse_poll_args, register_args, register_message, run_registry, save_state,
+from testnet.base.records import deregister_args, deregister_message, register_args, register_message
+from testnet.registry import run_registry
+from testnet.registry_state import (
+    MAX_WAIT_MS, RegistryState, StateFileError, load_state, parse_poll_args, save_state,
 )
 from testnet.base.rpc import call_once, open_rpc
 
@@ -170,7 +171,7 @@ def test_history_lists_the_assignments_replaced_newest_first_and_only_when_asked
 
 
 def test_history_stops_before_it_names_too_many_nodes(monkeypatch):
-    import testnet.registry as R
+    import testnet.registry_state as R
 
     state = RegistryState(min_swarm=1)
     for i in range(8):
@@ -241,7 +242,7 @@ def test_a_follower_naming_this_run_gets_only_what_changed_since_its_height():
 
 
 def test_a_delta_falls_back_to_the_whole_list_when_the_log_ends_or_it_is_not_smaller():
-    import testnet.registry as R
+    import testnet.registry_state as R
 
     state = RegistryState(min_swarm=2, epoch=1, height=40)
     assert state.delta(39) is None  # before this run's log began

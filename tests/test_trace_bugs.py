@@ -26,9 +26,12 @@ from chaos.sim.jobs import run_jobs
 from chaos.trace.view import render_html, render_text, run_trace_events, trace
 from chaos.trace.events import problems
 
-QUIET = """
-name = "trace-quiet"
-description = "Three seconds of sends and deletes on 5 nodes, no fault: what an injected bug does alone."
+def scenario_text(name: str, description: str, checkers: list[str], *, extra_workload: str = "",
+                  faults: str = "") -> str:
+    """A 5-node scenario: three seconds of sends by 3 users, then the given faults and checkers."""
+    return f"""
+name = "trace-{name}"
+description = "{description}"
 
 [topology]
 nodes = 5
@@ -38,63 +41,36 @@ users = 3
 [workload]
 rate = 8
 duration_s = 3
-delete_fraction = 0.3
-drain_s = 4
-
+{extra_workload}drain_s = 4
+{faults}
 [check]
 quiet_s = 1
-checkers = ["delivery", "replication", "unlinkability"]
+checkers = {json.dumps(checkers)}
 """
 
-KILL = """
-name = "trace-kill"
-description = "Three seconds of sends on 5 nodes; n01 killed -9 at 2 s and restarted 1 s later."
 
-[topology]
-nodes = 5
-min_swarm = 3
-users = 3
-
-[workload]
-rate = 8
-duration_s = 3
-drain_s = 4
-
+# scenario -> its text: what each bug needs to show
+SCENARIOS = {
+    "quiet": scenario_text("quiet", "Three seconds of sends and deletes on 5 nodes, no fault: what an injected bug "
+                           "does alone.", ["delivery", "replication", "unlinkability"],
+                           extra_workload="delete_fraction = 0.3\n"),
+    "kill": scenario_text("kill", "Three seconds of sends on 5 nodes; n01 killed -9 at 2 s and restarted 1 s later.",
+                          ["delivery", "replication"], faults="""
 [[faults.timeline]]
 at_s = 2
 duration_s = 1
 kind = "kill"
 target = { node = "n01" }
-
-[check]
-quiet_s = 1
-checkers = ["delivery", "replication"]
-"""
-
-STRANGER = """
-name = "trace-stranger"
-description = "A stranger's node ops (the adversary's 'stranger' attack) while users send."
-
-[topology]
-nodes = 5
-min_swarm = 3
-users = 3
-
-[workload]
-rate = 8
-duration_s = 3
-drain_s = 4
-
+"""),
+    "stranger": scenario_text("stranger", "A stranger's node ops (the adversary's 'stranger' attack) while users "
+                              "send.", ["delivery", "replication", "authority"], faults="""
 [[faults.timeline]]
 at_s = 0.5
 duration_s = 3
 kind = "adversary"
 params = { attacks = ["stranger"], interval_s = 0.5 }
-
-[check]
-quiet_s = 1
-checkers = ["delivery", "replication", "authority"]
-"""
+"""),
+}
 
 # run name -> (scenario, injected bugs)
 RUNS = {
@@ -113,7 +89,7 @@ RUNS = {
 def run_dirs(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("trace-bugs")
     scenarios = {}
-    for name, text in (("quiet", QUIET), ("kill", KILL), ("stranger", STRANGER)):
+    for name, text in SCENARIOS.items():
         scenarios[name] = base / f"{name}.toml"
         scenarios[name].write_text(text, encoding="utf-8")
     jobs = [{"scenario": str(scenarios[sc]), "seed": 1, "inject_bugs": bugs,

@@ -1,5 +1,5 @@
 """Simulated processes: the controller's :class:`testnet.controller.Testnet`
-with its children replaced by tasks in this one trio run.
+with its children replaced by tasks in this one trio run (:class:`SimLauncher`).
 
 Only how a child is started and signalled changes; everything else — the
 plan, the run directory, the registry protocol, node operations, the record
@@ -39,6 +39,8 @@ from nodes.server import Clock, Node
 from testnet import plan as P
 from testnet import procs, rundir
 from testnet.controller import NodeRuntime, Options, Testnet
+from testnet.boot import live_run
+from testnet.launch import watch_node
 from testnet.base.logs import JsonFormatter
 from testnet.registry import run_registry
 
@@ -150,55 +152,51 @@ class SimChild:
         return self.exited.is_set()
 
 
-class SimTestnet(Testnet):
-    """A :class:`Testnet` whose registry, Toxiproxy and nodes run in this process."""
+class SimLauncher:
+    """The run's processes as tasks of this trio run: a :mod:`testnet.launch` launcher.
+    Every proxy is made at boot (:class:`SimToxiproxy`'s cost little, and no node asks a
+    controller for its links: the simulation serves no control API)."""
 
-    def __init__(self, plan: P.NetworkPlan, nursery: trio.Nursery, world: SimWorld, **kwargs: Any) -> None:
-        # Every proxy made at boot: the simulated ones cost little, and no node asks a
-        # controller for its links (the simulation serves no control API).
-        super().__init__(plan, nursery, zygote=False, network=world.net, proxies_on_use=False, **kwargs)
+    uses_zygote = False  # nothing to fork: a node is an object in this process
+
+    def __init__(self, world: SimWorld) -> None:
         self.world = world
-        self.started_ms = world.now_ms()
-        self.randbytes = world.randbytes("controller")
         self._lives: dict[str, int] = {}
 
-    def now_ms(self) -> int:
-        return self.world.now_ms()
-
-    def _check_bindable(self, addresses: list[tuple[str, int]]) -> None:
+    def check_bindable(self, addresses: list[tuple[str, int]]) -> None:
         pass  # the simulated network's addresses are free by construction
 
-    async def _start_registry(self) -> None:
-        d = self.run_dir / "registry"
-        child = SimChild("registry", self.world.net, self.plan.registry_host, (d / "registry.log",))
-        stakes = [rt.plan.ed25519_public for rt in self.nodes.values()]
+    async def start_registry(self, net: Testnet) -> None:
+        d = net.run_dir / "registry"
+        child = SimChild("registry", self.world.net, net.plan.registry_host, (d / "registry.log",))
+        stakes = [rt.plan.ed25519_public for rt in net.nodes.values()]
 
         async def run(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
             _current_proc.set("registry")
             try:
                 with child.scope:
                     # No state file: a worker thread writing it would let virtual time run on.
-                    await run_registry(self.plan.registry_host, 0, min_swarm=self.plan.min_swarm, seed=self.plan.seed,
-                                       admin_token=self.plan.admin_token, stakes=stakes, network=self.world.net,
+                    await run_registry(net.plan.registry_host, 0, min_swarm=net.plan.min_swarm, seed=net.plan.seed,
+                                       admin_token=net.plan.admin_token, stakes=stakes, network=self.world.net,
                                        now_ms=self.world.now_ms, genesis=True, task_status=task_status)
             finally:
                 child.exited.set()
 
-        self.registry = child  # type: ignore[assignment]
-        bound = await self._nursery.start(run)
-        self.registry_address = tuple(bound[0])  # type: ignore[assignment]
+        net.registry = child  # type: ignore[assignment]
+        bound = await net.nursery.start(run)
+        net.registry_address = tuple(bound[0])  # type: ignore[assignment]
 
-    async def _start_toxiproxy(self) -> None:
-        self.api = SimToxiproxy(self.world.net, self._nursery, self.world.rng("toxiproxy"))  # type: ignore[assignment]
+    async def start_toxiproxy(self, net: Testnet) -> None:
+        net.api = SimToxiproxy(self.world.net, net.nursery, self.world.rng("toxiproxy"))  # type: ignore[assignment]
 
-    async def _start_nodes(self, names: list[str], timeout_s: float) -> None:
+    async def start_nodes(self, net: Testnet, names: list[str], timeout_s: float) -> None:
         for name in names:  # in order: the same seed starts them the same way
-            await self._start_node(self.nodes[name])
+            await self._start_node(net, net.nodes[name])
 
-    async def _start_node(self, rt: NodeRuntime) -> None:
+    async def _start_node(self, net: Testnet, rt: NodeRuntime) -> None:
         n = rt.plan
         life = self._lives[n.name] = self._lives.get(n.name, 0) + 1
-        cfg = P.node_config(self.plan, n, registry=self.registry_address, parent_pid=None, port=rt.port)
+        cfg = P.node_config(net.plan, n, registry=net.registry_address, parent_pid=None, port=rt.port)
         n.dir.mkdir(parents=True, exist_ok=True)
         rundir.write_secret(n.config_file, json.dumps(cfg, indent=1))
         # Small capture buffers: a thousand nodes share this process's memory.
@@ -219,8 +217,8 @@ class SimTestnet(Testnet):
             finally:
                 child.exited.set()
 
-        listening = await self._nursery.start(run)
-        self._nursery.start_soon(self._watch_node, rt, child)
+        listening = await net.nursery.start(run)
+        net.nursery.start_soon(watch_node, net, rt, child)
         rt.port = int(listening[0][1])
         rt.state = "running"
 
@@ -254,7 +252,7 @@ class _ProcLogs(logging.Handler):
 
 
 @asynccontextmanager
-async def open_sim_testnet(options: Options, world: SimWorld, *, progress: Any = None) -> AsyncIterator[SimTestnet]:
+async def open_sim_testnet(options: Options, world: SimWorld, *, progress: Any = None) -> AsyncIterator[Testnet]:
     """:func:`testnet.controller.open_testnet` for the simulation: the same plan and run
     directory; no address block to claim and no control API (nothing outside this
     process can reach the simulated network)."""
@@ -266,7 +264,7 @@ async def open_sim_testnet(options: Options, world: SimWorld, *, progress: Any =
     plan = P.plan_network(nodes=options.nodes, users=options.users, min_swarm=options.min_swarm, seed=world.seed,
                           links=options.links, run_dir=run_dir, run_id=run_id, block=SIM_BLOCK,
                           inject_bugs=options.inject_bugs, capture=options.capture)
-    nets: list[SimTestnet] = []
+    nets: list[Testnet] = []
 
     def path_of(proc: str) -> Path | None:
         if proc == "registry":
@@ -279,23 +277,17 @@ async def open_sim_testnet(options: Options, world: SimWorld, *, progress: Any =
     old_level = root.level
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    def make(nursery: trio.Nursery) -> Testnet:
+        net = Testnet(plan, nursery, SimLauncher(world), progress=progress, network=world.net,
+                      clock=world.now_ms, randbytes=world.randbytes("controller"), proxies_on_use=False)
+        nets.append(net)
+        return net
+
     try:
-        async with trio.open_nursery() as nursery:
-            net = SimTestnet(plan, nursery, world, progress=progress)
-            nets.append(net)
-            try:
-                try:
-                    await net._boot(options.ready_timeout_s)
-                    if options.check:
-                        await net.check_store_retrieve()
-                except BaseException:
-                    net.state = "failed"
-                    raise
-                yield net
-            finally:
-                with trio.CancelScope(shield=True):
-                    await net.teardown()
-                nursery.cancel_scope.cancel()
+        # No check line among the simulation's progress: its output stays as it always was.
+        async with live_run(make, ready_timeout_s=options.ready_timeout_s, check=options.check,
+                            announce_check=False) as net:
+            yield net
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)

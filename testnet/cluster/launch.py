@@ -257,7 +257,7 @@ class ClusterLauncher:
         self.address = address  # the controller's address on the cluster network
         self.toxiproxy_binary = toxiproxy_binary
         self.control = control  # where nodes ask for their links' proxies (open_link)
-        self.uses_zygote = False  # each host forks its nodes from a zygote of its own
+        self.uses_zygote = True  # each host forks its nodes from a zygote of its own (start_zygote)
 
     def check_bindable(self, addresses: list[tuple[str, int]]) -> None:
         """Only the users' proxies listen here; the hosts' own servers refuse what they cannot bind."""
@@ -346,7 +346,7 @@ class ClusterLauncher:
                 rt.port = int(got["port"])
                 rt.state, rt.ingress_open = "running", False
             if net.plan.links_mode == "toxiproxy":
-                await net.open_ingress(group)
+                await net.wiring.open_ingress(group)
 
         async with trio.open_nursery() as nursery:
             for host, group in by_host.items():

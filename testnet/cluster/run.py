@@ -28,16 +28,18 @@ import sys
 import tarfile
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
 
+from .. import boot as B
 from .. import links as L
 from .. import plan as P
 from .. import procs, rundir
 from ..base.protocol import RequestError
 from ..base.rpc import RpcError, call_once
 from ..controller import ControllerError, Options, Testnet
+from ..record import Recorder
 from .driver import ClusterError, ClusterHost, check_hosts, connect, disconnect, on_host
 from .launch import (AGENT_START_TIMEOUT_S, CALL_TIMEOUT_S, ClusterLauncher, HostLink, HostLost, agent_class,
                      local_address_towards)
@@ -48,47 +50,43 @@ AGENT_SHARE = 0.001  # of a host's swarmnet_host resource: the marker an agent n
 COLLECT_TIMEOUT_S = 120.0
 
 
+class ClusterRecorder(Recorder):
+    """run.json of a cluster run: the one-machine record, with where each node and Toxiproxy
+    server runs (``place``) and the hosts under ``cluster`` (RUNDIR.md)."""
+
+    net: ClusterTestnet
+
+    def record(self) -> dict[str, Any]:
+        net = self.net
+        rec = super().record()
+        for n in rec["nodes"]:
+            n["place"] = net.nodes[n["name"]].plan.place
+        for s, server in enumerate((rec.get("toxiproxy") or {}).get("servers") or []):
+            server["place"] = None if s == 0 else net.plan.hosts[s - 1].name
+        rec["cluster"] = {
+            **net.cluster,
+            "hosts": [{"name": h.name, "address": h.address, "state": "lost" if net.links[h.name].lost else "up",
+                       "agent": net.links[h.name].hello, "nodes": [n.name for n in net.plan.nodes_on(h.name)]}
+                      for h in net.plan.hosts],
+            "lost_hosts": net.lost_hosts,
+        }
+        return rec
+
+
 class ClusterTestnet(Testnet):
-    """A :class:`Testnet` whose nodes run on cluster hosts (see the module docstring)."""
+    """A :class:`Testnet` whose nodes run on cluster hosts (see the module docstring): its
+    launcher is a :class:`ClusterLauncher`; it knows its hosts and which were lost."""
 
     def __init__(self, plan: P.NetworkPlan, nursery: trio.Nursery, launcher: ClusterLauncher, *,
                  cluster: dict[str, Any], **kwargs: Any) -> None:
-        super().__init__(plan, nursery, zygote=True, **kwargs)
-        self.launcher = launcher
+        super().__init__(plan, nursery, launcher, **kwargs)
+        self.launcher: ClusterLauncher = launcher
         self.links = launcher.links
-        self.cluster = cluster  # address, the controller's cluster address and control port
+        self.cluster = cluster  # the cluster's address, the controller's address and port there
         self.lost_hosts: dict[str, dict[str, Any]] = {}  # host -> {"reason", "nodes"}
+        self.recorder = ClusterRecorder(self)
         for link in self.links.values():
             link.on_lost.append(self._host_lost)
-
-    @property
-    def nursery(self) -> trio.Nursery:
-        return self._nursery
-
-    def progress(self, msg: str) -> None:
-        self._progress(msg)
-
-    # ------------------------------------------------------------------ the launcher's steps
-
-    async def _start_registry(self) -> None:
-        await self.launcher.start_registry(self)
-
-    async def _start_toxiproxy(self) -> None:
-        await self.launcher.start_toxiproxy(self)
-
-    async def _start_zygote(self) -> None:
-        await self.launcher.start_zygote(self)
-
-    async def _start_nodes(self, names: list[str], timeout_s: float) -> None:
-        await self.launcher.start_nodes(self, names, timeout_s)
-
-    def _check_bindable(self, addresses: list[tuple[str, int]]) -> None:
-        self.launcher.check_bindable(addresses)
-
-    async def open_ingress(self, names: list[str]) -> None:
-        await self._open_ingress(names)
-
-    # ------------------------------------------------------------------ hosts
 
     def _host_lost(self, link: HostLink) -> None:
         nodes = []
@@ -98,30 +96,15 @@ class ClusterTestnet(Testnet):
                 if rt.state in ("starting", "running", "paused"):
                     rt.state = "lost"
         self.lost_hosts[link.name] = {"reason": link.lost, "nodes": nodes}
-        self._progress(f"host {link.name} lost ({link.lost}): {', '.join(nodes) or 'no node'} went with it")
+        self.progress(f"host {link.name} lost ({link.lost}): {', '.join(nodes) or 'no node'} went with it")
         try:
             self.save()
         except OSError:
             pass
 
-    def record(self) -> dict[str, Any]:
-        rec = super().record()
-        for n in rec["nodes"]:
-            n["place"] = self.nodes[n["name"]].plan.place
-        servers = (rec.get("toxiproxy") or {}).get("servers") or []
-        for s, server in enumerate(servers):
-            server["place"] = None if s == 0 else self.plan.hosts[s - 1].name
-        rec["cluster"] = {
-            **self.cluster,
-            "hosts": [{"name": h.name, "address": h.address, "state": "lost" if self.links[h.name].lost else "up",
-                       "agent": self.links[h.name].hello, "nodes": [n.name for n in self.plan.nodes_on(h.name)]}
-                      for h in self.plan.hosts],
-            "lost_hosts": self.lost_hosts,
-        }
-        return rec
-
     async def status(self) -> dict[str, Any]:
-        """As on one machine, with each node's process state as its host's agent reports it."""
+        """As on one machine, with each node's process as its host's agent reports it (its pid
+        is another machine's)."""
         rec = self.record()
         out = await rundir.gather_status({**rec, "nodes": []})
         rows = []
@@ -151,16 +134,13 @@ class ClusterTestnet(Testnet):
             return {"collected": await collect(self)}
         return await super().control(action, args)
 
-    # ------------------------------------------------------------------ teardown
-
     async def teardown(self) -> float:
-        """Stop every process as on one machine, then each host's leftovers, bring each host's
+        """Stop every process as on one machine, then each host's leftovers; bring each host's
         files home and end the agents."""
         try:
-            elapsed = await super().teardown()
+            return await super().teardown()
         finally:
             await self._end_hosts()
-        return elapsed
 
     async def _end_hosts(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -301,34 +281,28 @@ async def open_cluster_testnet(opts: Options, *, progress: Progress | None = Non
         say(f"run {run_id} in {run_dir}; cluster {opts.cluster}: "
             + ", ".join(f"{h.name} ({h.address}, {len(plan.nodes_on(h.name))} nodes)" for h in hosts))
         links = await _start_agents(ray, hosts, run_id, run_dir)
-        cluster = {"address": opts.cluster, "controller": [address, outer.getsockname()[1]]}
-        launcher = ClusterLauncher(links, address=address, toxiproxy_binary=binary,
-                                   control=(address, outer.getsockname()[1]))
-        async with trio.open_nursery() as nursery:
-            net = ClusterTestnet(plan, nursery, launcher, cluster=cluster, progress=progress,
-                                 proxies_on_use=opts.proxies_on_use)
+        control = (address, outer.getsockname()[1])
+        launcher = ClusterLauncher(links, address=address, toxiproxy_binary=binary, control=control)
+
+        def make(nursery: trio.Nursery) -> ClusterTestnet:
+            net = ClusterTestnet(plan, nursery, launcher, cluster={"address": opts.cluster, "controller": list(control)},
+                                 progress=progress, proxies_on_use=opts.proxies_on_use)
             for link in links.values():
                 nursery.start_soon(link.pump)
-            refusals = (ControllerError, P.PlanError, procs.ProcError, L.LinkError, RpcError, RequestError,
-                        HostLost)
-            for sock in (claim, outer):
-                nursery.start_soon(functools.partial(rundir.serve_control, sock, plan.control_token, net.control,
-                                                     refusals, open_link=net.open_link))
-            try:
-                try:
-                    await net._boot(opts.ready_timeout_s)
-                    if opts.check:
-                        await net.check_store_retrieve()
-                        say("check passed: every node answers info, swarms formed, one message stored and "
-                            "retrieved")
-                except BaseException:
-                    net.state = "failed"
-                    raise
-                yield net
-            finally:
-                with trio.CancelScope(shield=True):
-                    await net.teardown()
-                nursery.cancel_scope.cancel()
+            return net
+
+        def serve(net: Testnet) -> Callable[[], Awaitable[None]]:
+            refusals = (ControllerError, P.PlanError, procs.ProcError, L.LinkError, RpcError, RequestError, HostLost)
+
+            async def both() -> None:
+                async with trio.open_nursery() as nursery:
+                    for sock in (claim, outer):
+                        nursery.start_soon(functools.partial(rundir.serve_control, sock, plan.control_token,
+                                                             net.control, refusals, open_link=net.open_link))
+            return both
+
+        async with B.live_run(make, ready_timeout_s=opts.ready_timeout_s, check=opts.check, serve=serve) as net:
+            yield net  # type: ignore[misc]
     finally:
         for sock in sockets:
             sock.close()

@@ -36,7 +36,9 @@ import click
 import psutil
 import trio
 
-from .controller import Options, open_testnet
+from testnet.base.cputime import cpu_seconds
+from testnet.controller import Options, open_testnet
+from testnet.procs import proc_state
 
 BASELINE_IMPORTS = "import trio, nacl.bindings, msgpack, sqlite3"
 SCALE_SETTLE_S = 20.0
@@ -89,8 +91,9 @@ async def _one_onion_message(net: Any) -> float:
     seconds it took."""
     import random
 
-    from clients.client import Client
     from testnet.base import crypto
+
+    from .client import Client
 
     t0 = time.monotonic()
     a, b = (u.name for u in net.plan.users[:2])
@@ -121,10 +124,6 @@ async def _one_onion_message(net: Any) -> float:
 
 async def scale_once(n: int, *, links: str, base: Path, idle_s: float = 10.0) -> dict[str, Any]:
     """Boot ``n`` nodes with ``links``, then the figures of the scale section (see module doc)."""
-    from nodes.bench import cpu_seconds
-
-    from .procs import proc_state
-
     opts = Options(nodes=n, users=3, min_swarm=5, links=links, run_dir=base / f"scale-{n}", check=False,
                    ready_timeout_s=max(120.0, n * 0.5))
     start = time.monotonic()
