@@ -328,7 +328,8 @@ def status(run_dir: Path | None, as_json: bool) -> None:
     for r in st["nodes"]:
         swarm = "-" if r["swarm_id"] is None else f"{r['swarm_id']:016x}"
         click.echo(f"{r['name']:<6} {r['pid'] or '-':>7}  {r['address']:<22} {r['state'] or '-':<8} "
-                   f"{r['process']:<7} {swarm:<16} {_dash(r['height']):>6} {_dash(r['messages']):>6}")
+                   f"{r['process']:<7} {swarm:<16} {_dash(r['height']):>6} {_dash(r['messages']):>6}"
+                   + (f"  on {r['place']}" if r.get("place") else ""))
 
 
 def _dash(v: Any) -> str:

@@ -210,6 +210,13 @@ def check(run_dir: Path | None, checkers: tuple[str, ...], as_json: bool) -> Non
         return
     if not (path / "history.jsonl").exists():
         fail(f"{path} has no history.jsonl: run `swarmnet workload --run-dir {path}` first")
+    if run.get("cluster") and run.get("state") == "ready":
+        # A live cluster run: its hosts' databases and captures come home first (swarmnet collect).
+        try:
+            trio.run(lambda: rundir.control_call(run, path, "collect", timeout_s=300.0))
+        except rundir.RunDirError as exc:
+            click.echo(f"swarmnet: the hosts' files could not be brought home ({exc}); judging what is here",
+                       err=True)
     swarms, live = current_membership(path, run)
     kwargs: dict[str, Any] = {"swarms": swarms, "live": live, "swarms_source": "registry"}
     if checkers:

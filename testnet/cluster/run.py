@@ -37,7 +37,7 @@ from .. import links as L
 from .. import plan as P
 from .. import procs, rundir
 from ..base.protocol import RequestError
-from ..base.rpc import RpcError, call_once
+from ..base.rpc import RpcError
 from ..controller import ControllerError, Options, Testnet
 from ..record import Recorder
 from .driver import ClusterError, ClusterHost, check_hosts, connect, disconnect, on_host
@@ -101,33 +101,6 @@ class ClusterTestnet(Testnet):
             self.save()
         except OSError:
             pass
-
-    async def status(self) -> dict[str, Any]:
-        """As on one machine, with each node's process as its host's agent reports it (its pid
-        is another machine's)."""
-        rec = self.record()
-        out = await rundir.gather_status({**rec, "nodes": []})
-        rows = []
-
-        async def info(row: dict[str, Any], host: str, port: int) -> None:
-            try:
-                resp = await call_once(host, port, "info", {}, timeout=1.0)
-            except RpcError:
-                return
-            if resp.ok and isinstance(resp.body, dict):
-                row.update({k: resp.body.get(k) for k in ("swarm_id", "height", "messages")})
-
-        async with trio.open_nursery() as nursery:
-            for n in rec["nodes"]:
-                rt = self.nodes[n["name"]]
-                row = {"name": n["name"], "pid": n.get("pid"), "address": f"{n['host']}:{n['port']}",
-                       "place": n["place"], "state": n.get("state"),
-                       "process": rt.child.state() if rt.child is not None else "dead",
-                       "swarm_id": n.get("swarm_id"), "height": None, "messages": None}
-                rows.append(row)
-                if row["process"] == "alive" and n.get("port"):
-                    nursery.start_soon(info, row, n["host"], n["port"])
-        return {**out, "nodes": rows, "lost_hosts": self.lost_hosts}
 
     async def control(self, action: str, args: dict[str, Any]) -> Any:
         if action == "collect":
