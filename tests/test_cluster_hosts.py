@@ -115,3 +115,17 @@ def test_a_refused_token_is_said_so(ray_cluster):
     assert out.returncode != 0
     assert "refused this driver's token" in out.stderr
     assert time.monotonic() - t0 < 30
+
+
+def test_another_swarmnet_on_a_host_is_named_with_both_versions():
+    from testnet.cluster.driver import code_identity, same_swarmnet
+
+    mine = code_identity()
+    same_swarmnet({"h1": mine, "h2": dict(mine)})
+    with pytest.raises(ClusterError) as info:
+        same_swarmnet({"h1": mine, "h2": {"version": "0.0.9", "code": "feedface00000000"},
+                       "h3": "cannot run swarmnet (ModuleNotFoundError: testnet)"})
+    msg = str(info.value)
+    assert f"this controller runs swarmnet {mine['version']} (code {mine['code']})" in msg
+    assert "h2 runs swarmnet 0.0.9 (code feedface00000000)" in msg and "h3: cannot run swarmnet" in msg
+    assert "h1" not in msg

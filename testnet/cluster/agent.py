@@ -75,6 +75,8 @@ class HostAgent:
         self._token: Any = None
         self._nursery: trio.Nursery | None = None
         self._done: trio.Event | None = None
+        self._zygote_ready: trio.Event | None = None
+        self._zygote_error: dict[str, Any] | None = None
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run_trio, args=(ready,), name="swarmnet-agent", daemon=True)
         self._thread.start()
@@ -87,8 +89,10 @@ class HostAgent:
         async def main() -> None:
             self._token = trio.lowlevel.current_trio_token()
             self._done = trio.Event()
+            self._zygote_ready = trio.Event()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._launch_zygote)
                 ready.set()
                 await self._done.wait()
                 nursery.cancel_scope.cancel()
@@ -113,21 +117,37 @@ class HostAgent:
     # ------------------------------------------------------------------ identity
 
     def hello(self) -> dict[str, Any]:
-        """Who this agent is: its host, process and directory (for the record and leak checks)."""
+        """Who this agent is: its host, process and directory (for the record and leak checks),
+        and the swarmnet it runs."""
+        from .driver import code_identity
+
         return {"host": self.host, "pid": os.getpid(), "create_time": procs.process_create_time(os.getpid()),
-                "root": str(self.root)}
+                "root": str(self.root), "swarmnet": code_identity()}
 
     # ------------------------------------------------------------------ starting
 
-    def start_zygote(self) -> dict[str, Any]:
-        async def start() -> dict[str, Any]:
+    async def _launch_zygote(self) -> None:
+        assert self._zygote_ready is not None and self._nursery is not None
+        try:
             self.zygote = procs.Zygote.launch("nodes.__main__:main", stderr=self.root / f"zygote-{self.host}.log",
                                                preload=("nodes.server", "nodes.onion"))
-            assert self._nursery is not None
             await self.zygote.wait_ready(self._nursery)
+        except procs.ProcError as exc:
+            self._zygote_error = _error(exc)
+        finally:
+            self._zygote_ready.set()
+
+    def start_zygote(self) -> dict[str, Any]:
+        """The zygote's process once it is ready (it starts with the agent, while the controller
+        starts the registry: its imports take a while)."""
+        async def wait() -> dict[str, Any]:
+            assert self._zygote_ready is not None
+            await self._zygote_ready.wait()
+            if self.zygote is None:
+                return self._zygote_error or {"error": f"no zygote on host {self.host}"}
             return {"pid": self.zygote.child.pid, "create_time": self.zygote.child.create_time}
 
-        return self._in_trio(start)
+        return self._in_trio(wait)
 
     def start_toxiproxy(self, host: str, port: int, seed: int, log_name: str) -> dict[str, Any]:
         """This host's Toxiproxy server, its API at ``host:port`` on the host's loopback."""

@@ -140,20 +140,26 @@ def check_hosts(ray: Any, *, mine: dict[str, str] | None = None,
     hosts = cluster_hosts(ray)
     if not hosts:
         raise ClusterError("the cluster has no host with CPUs to run on")
-    mine = mine or code_identity()
     probe = ray.remote(num_cpus=0, max_retries=0)(code_identity)
     refs = {h.name: probe.options(scheduling_strategy=on_host(ray, h)).remote() for h in hosts}
     deadline = time.monotonic() + timeout_s
-    bad = []
+    theirs: dict[str, dict[str, str] | str] = {}
     for name, ref in refs.items():
         try:
-            theirs = ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+            theirs[name] = ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
         except Exception as exc:
-            bad.append(f"{name}: cannot run swarmnet ({type(exc).__name__}: {str(exc)[:200]})")
-            continue
-        if theirs != mine:
-            bad.append(f"{name} runs swarmnet {theirs['version']} (code {theirs['code']})")
+            theirs[name] = f"cannot run swarmnet ({type(exc).__name__}: {str(exc)[:200]})"
+    same_swarmnet(theirs, mine)
+    return hosts
+
+
+def same_swarmnet(theirs: dict[str, Any], mine: dict[str, str] | None = None) -> None:
+    """Raise :class:`ClusterError` naming every host (name -> its :func:`code_identity`, or why
+    it has none) that runs another swarmnet than this one, with both versions."""
+    mine = mine or code_identity()
+    bad = [f"{name}: {ident}" if isinstance(ident, str) else
+           f"{name} runs swarmnet {ident['version']} (code {ident['code']})"
+           for name, ident in theirs.items() if ident != mine]
     if bad:
         raise ClusterError(f"this controller runs swarmnet {mine['version']} (code {mine['code']}); "
                            + "; ".join(bad))
-    return hosts

@@ -40,7 +40,7 @@ from ..base.protocol import RequestError
 from ..base.rpc import RpcError
 from ..controller import ControllerError, Options, Testnet
 from ..record import Recorder
-from .driver import ClusterError, ClusterHost, check_hosts, connect, disconnect, on_host
+from .driver import ClusterError, ClusterHost, cluster_hosts, connect, disconnect, on_host, same_swarmnet
 from .launch import (AGENT_START_TIMEOUT_S, CALL_TIMEOUT_S, ClusterLauncher, HostLink, HostLost, agent_class,
                      local_address_towards)
 from .local import HOST_RESOURCE
@@ -180,10 +180,10 @@ def unpack_into(data: bytes, run_dir: Path) -> None:
 
 
 def choose_hosts(ray: Any, wanted: int | None) -> list[ClusterHost]:
-    """The hosts a run may use: those offering the ``swarmnet_host`` resource, running this
-    swarmnet (checked), the first ``wanted`` of them by name."""
+    """The hosts a run may use: those offering the ``swarmnet_host`` resource, the first
+    ``wanted`` of them by name (that they run this swarmnet, their agents say)."""
     offered = {n["NodeID"] for n in ray.nodes() if n.get("Alive") and (n.get("Resources") or {}).get(HOST_RESOURCE)}
-    hosts = [h for h in check_hosts(ray) if h.node_id in offered]
+    hosts = [h for h in cluster_hosts(ray) if h.node_id in offered]  # their swarmnet: the agents' hello says
     if not hosts:
         raise ClusterError(f"no host of the cluster offers the resource {HOST_RESOURCE!r}: start each host with "
                            f"ray start --resources='{{\"{HOST_RESOURCE}\": 1}}'")
@@ -213,11 +213,15 @@ async def _start_agents(ray: Any, hosts: list[ClusterHost], run_id: str, run_dir
     async with trio.open_nursery() as nursery:
         for link in links.values():
             nursery.start_soon(hello, link)
-    if problems:
+    try:
+        if problems:
+            raise ClusterError("the host agents did not start: " + "; ".join(problems))
+        same_swarmnet({name: link.hello.pop("swarmnet") for name, link in links.items()})
+    except ClusterError:
         async with trio.open_nursery() as nursery:
             for link in links.values():
                 nursery.start_soon(_close_agent, link)
-        raise ClusterError("the host agents did not start: " + "; ".join(problems))
+        raise
     return links
 
 
@@ -254,6 +258,7 @@ async def open_cluster_testnet(opts: Options, *, progress: Progress | None = Non
         say(f"run {run_id} in {run_dir}; cluster {opts.cluster}: "
             + ", ".join(f"{h.name} ({h.address}, {len(plan.nodes_on(h.name))} nodes)" for h in hosts))
         links = await _start_agents(ray, hosts, run_id, run_dir)
+        say(f"host agents up on {', '.join(links)}, each running this swarmnet")
         control = (address, outer.getsockname()[1])
         launcher = ClusterLauncher(links, address=address, toxiproxy_binary=binary, control=control)
 
