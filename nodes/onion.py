@@ -76,7 +76,7 @@ def install_onion(node: Any) -> None:
         # other exception is a bug, answered 500 in the clear and logged with its traceback
         # by the server, like the same op sent directly.
         try:
-            body = await getattr(node, "op_" + op)(args)
+            body = await node.client_op(op)(args)
             status = Status.OK
         except RequestError as exc:
             status, body = exc.status, exc.body

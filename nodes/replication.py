@@ -4,6 +4,7 @@ Strategy: many concurrent stores share one SQLite transaction (group commit),
 and each swarm peer gets one sender task that folds whatever is queued into a
 single ``replicate`` request over the persistent connection — so under load
 the cost per message falls instead of the number of round trips rising.
+:class:`Fanout` keeps those senders, one per (peer, op), for the node's life.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from typing import Any, Callable, Sequence
 import trio
 
 from testnet.base import meter
-from testnet.base.protocol import ProtocolError
+from testnet.base.protocol import ProtocolError, Status
 from testnet.base.rpc import ConnectionPool, RpcError
 
-from .core import BATCH_COUNT, fitting
+from .core import BATCH_COUNT, SwarmView, fitting, message_to_wire, wire_bytes
+from .proofs import SignedDelete, SignedExpire
 from .storage import Storage, StorageError, StoredMessage
 
 log = logging.getLogger("node.replication")
@@ -26,15 +28,16 @@ MAX_BACKLOG = 20_000  # queued messages per peer before new ones fail at once
 
 
 class _Waiter:
-    __slots__ = ("event", "value", "error")
+    __slots__ = ("event", "value", "error", "kind")
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.value: Any = None
         self.error: str | None = None
+        self.kind: type[StorageError] = StorageError
 
-    def set(self, value: Any = None, error: str | None = None) -> None:
-        self.value, self.error = value, error
+    def set(self, value: Any = None, error: str | None = None, kind: type[StorageError] = StorageError) -> None:
+        self.value, self.error, self.kind = value, error, kind
         self.event.set()
 
 
@@ -55,7 +58,7 @@ class GroupCommit:
         self._wake.set()
         await waiter.event.wait()
         if waiter.error is not None:
-            raise StorageError(waiter.error)
+            raise waiter.kind(waiter.error)  # a full disk stays a full disk (507), and so on
         return waiter.value
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -79,17 +82,26 @@ class GroupCommit:
                 continue
             self.commits += 1
             self.messages += len(flat)
+            await self._pay_syncs()
             i = 0
             for msgs, w in batch:
                 w.set(results[i:i + len(msgs)])
                 i += len(msgs)
+
+    async def _pay_syncs(self) -> None:
+        """A slow disk's syncs take their time before anyone hears "stored" (nodes.disk:
+        on the node's trio clock, so virtual time in the simulation)."""
+        disk = self.storage.disk
+        owed = disk.take_owed_s() if disk is not None else 0.0
+        if owed > 0:
+            await trio.sleep(owed)
 
     def _commit_alone(self, messages: Sequence[StoredMessage], waiter: _Waiter) -> None:
         try:
             waiter.set(self.storage.store_many(messages))
         except StorageError as exc:
             log.error("group commit failed", extra={"fields": {"error": str(exc)}})
-            waiter.set(error=str(exc))
+            waiter.set(error=str(exc), kind=type(exc))
             return
         self.commits += 1
         self.messages += len(messages)
@@ -153,3 +165,58 @@ class PeerSender:
                     error = type(exc).__name__
                 for _, w in batch:
                     w.set(error=error)
+
+
+# What each forwarded op carries, and a generous estimate of its bytes on the wire.
+_CODECS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], int]]] = {
+    "replicate": (message_to_wire, wire_bytes),  # a StoredMessage
+    "replicate_delete": (SignedDelete.to_wire, SignedDelete.wire_bytes),  # the client's signed request
+    "replicate_expire": (SignedExpire.to_wire, SignedExpire.wire_bytes),
+}
+
+
+class Fanout:
+    """Forwards what a client gave this node (stores, and deletes and expiries as the
+    account signed them) to every other member of its swarm: one :class:`PeerSender`
+    per (peer, op), started in ``nursery`` on first use and closed when the peer
+    leaves the swarm."""
+
+    def __init__(self, nursery: trio.Nursery, pool: ConnectionPool, timeout_s: float) -> None:
+        self._nursery = nursery
+        self._pool = pool
+        self.timeout_s = timeout_s
+        self._senders: dict[tuple[str, str], PeerSender] = {}
+
+    async def send(self, op: str, item: Any, view: SwarmView) -> dict[str, Any]:
+        """Forward ``item`` (``op``: a key of ``_CODECS``) to every other swarm member in
+        parallel; each one's outcome."""
+        peers = view.peers()
+        waiters = {p.ed25519_public: self._sender(p.ed25519_public, op).submit(item) for p in peers}
+        with trio.move_on_after(self.timeout_s):
+            for w in waiters.values():
+                await w.event.wait()
+        out = {}
+        for key, w in waiters.items():
+            if not w.event.is_set():
+                out[key] = {"status": Status.GATEWAY_TIMEOUT, "error": "timeout"}
+            elif w.error is not None:
+                out[key] = {"status": Status.BAD_GATEWAY, "error": w.error}
+            else:
+                out[key] = {"status": Status.OK}
+        return out
+
+    def _sender(self, peer: str, op: str) -> PeerSender:
+        s = self._senders.get((peer, op))
+        if s is None or s.closed:
+            encode, size = _CODECS[op]
+            s = PeerSender(peer, self._pool, op, self.timeout_s, encode, size)
+            self._senders[(peer, op)] = s
+            self._nursery.start_soon(s.run)
+        return s
+
+    def keep_only(self, peers: set[str] | frozenset[str]) -> None:
+        """Close the senders of peers no longer in the swarm (what they still queue fails)."""
+        for key, sender in list(self._senders.items()):
+            if key[0] not in peers:
+                sender.close()
+                del self._senders[key]

@@ -516,6 +516,7 @@ BENCHMARKS = {
     "node": "nodes.bench:bench_command",
     "throughput": "clients.bench:bench_command",
     "sim": "chaos.sim.bench:bench_command",
+    "faults": "chaos.run.bench:bench_command",
     "cluster": "clients.bench_cluster:bench_command",
 }
 

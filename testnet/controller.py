@@ -234,11 +234,13 @@ class Testnet:
     async def node_resume(self, name: str) -> None:
         await self.ops.resume(name)
 
-    async def node_restart(self, name: str, timeout_s: float = 30.0) -> None:
-        await self.ops.restart(name, timeout_s)
+    async def node_restart(self, name: str, timeout_s: float = 30.0, *,
+                           running: Callable[[], None] | None = None) -> None:
+        await self.ops.restart(name, timeout_s, running=running)
 
-    async def node_add(self, name: str | None = None, timeout_s: float = 30.0) -> str:
-        return await self.ops.add(name, timeout_s)
+    async def node_add(self, name: str | None = None, timeout_s: float = 30.0, *,
+                       running: Callable[[], None] | None = None) -> str:
+        return await self.ops.add(name, timeout_s, running=running)
 
     async def node_remove(self, name: str) -> None:
         await self.ops.remove(name)

@@ -2,7 +2,8 @@
 
 A view of the run's data, never a source of it (Jepsen-style): latency over
 time with fault bands, throughput over time, and a per-node state timeline,
-plus tables of the verdict, the faults and the run facts, and every message a
+plus tables of the verdict, the faults (and how late each started and healed:
+:mod:`chaos.report.timing`) and the run facts, and every message a
 checker flagged with its journey inline (:mod:`chaos.report.flagged`).  Every
 input is optional and read defensively, so a half-finished run (harness
 killed, no verdict yet) still gets a report.  Plots are PNGs embedded as base64 data
@@ -26,6 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from testnet.base.jsonl import read_jsonl
 
 from chaos.checkers.authority import ADVERSARY_FILE, summarize_attempts
+from chaos.report.timing import timing_section
 from chaos.scenario import NEMESES
 
 REPORT_NAME = "report.html"
@@ -610,6 +612,7 @@ def write_report(run_dir: Path) -> Path:
              _table(("id", "kind", "start (s)", "end (s)", "status", "targets", "errors"),
                     [(s.fault, s.kind, _secs(s.start_ms, t0), _secs(s.end_ms, t0), s.status,
                       _targets_summary(s.targets), "; ".join(s.errors)) for s in spans]),
+             timing_section(fault_records, verdict),
              adversary_section(read_jsonl(run_dir / ADVERSARY_FILE), verdict)]
     rank = {BAD: 0, LOST: 1, UNKNOWN: 2, FAILED: 3}  # violations first, in case the list is cut
     problems = sorted(((mid, o) for mid, o in outcomes.items() if o in rank), key=lambda p: rank[p[1]])

@@ -86,6 +86,7 @@ def run_cmd(scenario: str, seed: int | None, variant: int, run_dir: Path | None,
 def replay_cmd(run_dir: Path, quiet: bool) -> None:
     """Run a simulated RUN_DIR again from its seed; say "identical" or show the first difference."""
     ensure_hash_seed()
+    from chaos.checkers.verdict import harness_errors
     from chaos.run.runner import read_bundle
 
     from .runner import first_difference, run_sim
@@ -103,10 +104,14 @@ def replay_cmd(run_dir: Path, quiet: bool) -> None:
     result = run_sim(scenario, chaos["seed"], variant=original.get("variant", 0), run_dir=run_dir / f"replay-{n}",
                      inject_bugs=tuple(chaos.get("inject_bugs") or ()), schedule=schedule, progress=progress(quiet))
     diff = first_difference(run_dir, result.run_dir)
+    harness = harness_errors(result.verdict)
+    if harness:  # a faithful replay of a run that did not do what it planned is no better than it
+        click.echo("the schedule did not play as planned (a harness error, neither pass nor fail):\n  "
+                   + "\n  ".join(harness[:5]))
     if diff is None:
         click.echo(f"identical: history.jsonl and faults.jsonl of {result.run_dir} match the original byte for byte "
                    f"({result.verdict['sim']['sha256']['history.jsonl'][:16]})")
-        sys.exit(0)
+        sys.exit(2 if harness else 0)
     click.echo(f"DIFFERENT: {diff['file']} line {diff['line']}\n  original: {diff['original']}\n"
                f"  replay:   {diff['replay']}")
     sys.exit(1)
@@ -162,10 +167,11 @@ def explore_cmd(scenario: str, seeds_text: str, variants: int, jobs: int, bugs: 
 
     def show(r: dict[str, Any]) -> None:
         if not as_json:
-            mark = "ok  " if r.get("valid") is True else "FAIL" if r.get("valid") is False else "??  "
+            mark = ("HARN" if r.get("harness") else "ok  " if r.get("valid") is True else
+                    "FAIL" if r.get("valid") is False else "??  ")
             click.echo(f"{mark} seed {r['seed']} variant {r['variant']}: "
-                       f"{', '.join(r.get('failing') or []) or r.get('error') or 'valid'}  ({r.get('wall_s', '?')} s"
-                       f"{', on ' + r['host'] if r.get('host') else ''})", err=True)
+                       f"{', '.join(r.get('failing') or []) or r.get('error') or _harness(r) or 'valid'}  "
+                       f"({r.get('wall_s', '?')} s{', on ' + r['host'] if r.get('host') else ''})", err=True)
 
     results, where = _run_jobs(todo, jobs, cluster, show)
     wall = time.monotonic() - t0
@@ -180,7 +186,7 @@ def explore_cmd(scenario: str, seeds_text: str, variants: int, jobs: int, bugs: 
                    f"{_where(where)}); {len(failing)} failing")
         for r in failing:
             click.echo(f"  seed {r['seed']} variant {r['variant']}: "
-                       f"{', '.join(r.get('failing') or []) or r.get('error')}  {r.get('run_dir')}")
+                       f"{', '.join(r.get('failing') or []) or r.get('error') or _harness(r)}  {r.get('run_dir')}")
     sys.exit(1 if failing else 0)
 
 
@@ -245,24 +251,36 @@ def nightly_cmd(seeds: int, first_seed: int, jobs: int, runs_dir: Path, cluster:
                  "key": f"canary:{b}"} for b in sorted(BUGS)]
 
     def show(r: dict[str, Any]) -> None:
-        click.echo(f"{r['key']} seed {r['seed']}: {', '.join(r.get('failing') or []) or r.get('error') or 'valid'}",
-                   err=True)
+        click.echo(f"{r['key']} seed {r['seed']}: "
+                   f"{', '.join(r.get('failing') or []) or r.get('error') or _harness(r) or 'valid'}", err=True)
 
     results, where = _run_jobs(sweep + canaries, jobs, cluster, show)
-    failing = sorted((r for r in results if not r["key"].startswith("canary:") and r.get("valid") is not True),
+    # A run that did not do what it planned (a fault failed, was skipped or came late; or the
+    # run broke) is a harness error: neither pass nor fail, listed first.
+    harness = sorted((r for r in results if r.get("harness") or r.get("valid") is None),
                      key=lambda r: (r["key"], r["seed"]))
-    blind = sorted(r["key"][7:] for r in results if r["key"].startswith("canary:")
+    failing = sorted((r for r in results if not r["key"].startswith("canary:") and r.get("valid") is not True
+                      and r not in harness), key=lambda r: (r["key"], r["seed"]))
+    blind = sorted(r["key"][7:] for r in results if r["key"].startswith("canary:") and r not in harness
                    and BUGS[r["key"][7:]][2] not in (r.get("failing") or []))
     wall = time.monotonic() - t0
-    summary = {"seeds": seeds, "first_seed": first_seed, "runs": len(results), "failing": failing,
-               "canaries_blind": blind, "wall_s": round(wall, 1),
+    summary = {"seeds": seeds, "first_seed": first_seed, "runs": len(results), "harness_errors": harness,
+               "failing": failing, "canaries_blind": blind, "wall_s": round(wall, 1),
                "seeds_per_hour": round(len(results) / wall * 3600) if wall else None, "where": where}
     runs_dir.mkdir(parents=True, exist_ok=True)
     (runs_dir / "nightly.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    click.echo(f"sim nightly: {len(sweep)} runs, {len(failing)} failing; {len(canaries)} canaries, "
-               f"{len(blind)} blind{': ' + ', '.join(blind) if blind else ''}; {summary['wall_s']} s "
-               f"({summary['seeds_per_hour']} runs per hour, {_where(where)})")
+    click.echo(f"sim nightly: {len(sweep)} runs, {len(failing)} failing, {len(harness)} harness errors; "
+               f"{len(canaries)} canaries, {len(blind)} blind{': ' + ', '.join(blind) if blind else ''}; "
+               f"{summary['wall_s']} s ({summary['seeds_per_hour']} runs per hour, {_where(where)})")
+    for r in harness:
+        click.echo(f"  HARNESS {r['key']} seed {r['seed']}: {r.get('error') or _harness(r)}  {r.get('run_dir')}")
     for r in failing:
-        click.echo(f"  {r['key']} seed {r['seed']}: {', '.join(r.get('failing') or []) or r.get('error')}  "
+        click.echo(f"  FAIL    {r['key']} seed {r['seed']}: {', '.join(r.get('failing') or []) or r.get('error')}  "
                    f"{r.get('run_dir')}")
-    sys.exit(1 if failing or blind else 0)
+    sys.exit(1 if failing or blind else 2 if harness else 0)
+
+
+def _harness(r: dict[str, Any]) -> str:
+    """A job's harness errors in a line ("" if none)."""
+    whys = r.get("harness") or []
+    return ("harness error: " + "; ".join(w[:120] for w in whys[:2])) if whys else ""

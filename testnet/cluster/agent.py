@@ -240,6 +240,19 @@ class HostAgent:
         except L.LinkError as exc:
             return {"error": str(exc), "gone": isinstance(exc, L.ProxyGone)}
 
+    def toxiproxy_calls(self, calls: list[tuple], timeout_s: float) -> Any:
+        """Many calls to this host's Toxiproxy, pipelined (:meth:`ToxiproxyApi.calls`): per call
+        ``None`` (done) or its failure as JSON; an error record if there is no server."""
+        if self.api is None:
+            return {"error": f"no Toxiproxy server on host {self.host}"}
+        api = self.api
+
+        async def run() -> list[Any]:
+            done = await api.calls([L.Call(*c) for c in calls], timeout_s=timeout_s)
+            return [None if f is None else f.to_json() for f in done]
+
+        return self._in_trio(run)
+
     def tail(self, name: str, n: int = 15) -> str:
         child = self.children.get(name)
         return child.tail(n) if child is not None else ""

@@ -36,7 +36,8 @@ CALL_TIMEOUT_S = 15.0
 EVENTS_WAIT_S = 2.0
 UNAVAILABLE_GRACE_S = 20.0  # an agent Ray calls unavailable this long is lost
 SIGNAL_NAMES = {signal.SIGKILL: "kill", signal.SIGTERM: "term", signal.SIGSTOP: "stop", signal.SIGCONT: "cont"}
-CONCURRENCY = {"control": 1, "events": 1, "io": 16}  # signals in order; the exits' long poll apart
+CONCURRENCY = {"control": 1, "events": 1, "io": 16}
+BULK_S_PER_CALL = 0.01  # a host's Toxiproxy answers a pipelined call in well under this  # signals in order; the exits' long poll apart
 
 
 class HostLost(Exception):
@@ -235,6 +236,23 @@ class AgentToxiproxy(L.ToxiproxyApi):
         if "error" in out:
             raise (L.ProxyGone if out.get("gone") else L.LinkError)(f"host {self.link.name}: {out['error']}")
         return out["ok"]
+
+    async def calls(self, calls: Any, *, timeout_s: float | None = None, **_: Any) -> list[L.CallFailure | None]:
+        """Many calls at once, pipelined by the agent on its host (see :meth:`ToxiproxyApi.calls`);
+        a lost host fails them all, never raises."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+
+        def failed(reason: str) -> list[L.CallFailure | None]:
+            return [L.CallFailure(self.server, c.text, c.proxy, None, reason) for c in calls]
+
+        try:
+            out = await self.link.call("toxiproxy_calls", [tuple(c) for c in calls], timeout_s,
+                                       timeout_s=timeout_s + CALL_TIMEOUT_S + BULK_S_PER_CALL * len(calls))
+        except HostLost as exc:
+            return failed(str(exc))
+        if isinstance(out, dict):
+            return failed(f"host {self.link.name}: {out.get('error')}")
+        return [None if f is None else L.CallFailure(**f) for f in out]
 
 
 def _raise(result: Any, what: str) -> Any:
