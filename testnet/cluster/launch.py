@@ -36,12 +36,13 @@ CALL_TIMEOUT_S = 15.0
 EVENTS_WAIT_S = 2.0
 UNAVAILABLE_GRACE_S = 20.0  # an agent Ray calls unavailable this long is lost
 SIGNAL_NAMES = {signal.SIGKILL: "kill", signal.SIGTERM: "term", signal.SIGSTOP: "stop", signal.SIGCONT: "cont"}
-CONCURRENCY = {"control": 1, "events": 1, "io": 16}
-BULK_S_PER_CALL = 0.01  # a host's Toxiproxy answers a pipelined call in well under this  # signals in order; the exits' long poll apart
+CONCURRENCY = {"control": 1, "events": 1, "io": 16}  # signals in order; the exits' long poll apart
+BULK_S_PER_CALL = 0.01  # a host's Toxiproxy answers a pipelined call in well under this
 
 
 class HostLost(Exception):
-    """A host's agent cannot be reached any more: the host is lost to the run."""
+    """A host's agent did not answer: it is gone (the host is then marked lost to the run),
+    unavailable for now, or too slow for the call's deadline (the message says which)."""
 
 
 def agent_class(ray: Any) -> Any:
