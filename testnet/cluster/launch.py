@@ -277,6 +277,44 @@ class ClusterLauncher:
         self.toxiproxy_binary = toxiproxy_binary
         self.control = control  # where nodes ask for their links' proxies (open_link)
         self.uses_zygote = True  # each host forks its nodes from a zygote of its own (start_zygote)
+        self._agents_up: trio.Event | None = None
+        self._agents_error: BaseException | None = None
+
+    async def agents_up(self, net: Any) -> None:
+        """Every host's agent answering and running this swarmnet (waited for once, by the first
+        step that needs them: meanwhile the registry starts here); else a clear error."""
+        if self._agents_up is None:
+            self._agents_up = trio.Event()
+            try:
+                await self._hello_all(net)
+            except BaseException as exc:
+                self._agents_error = exc
+                raise
+            finally:
+                self._agents_up.set()
+        else:
+            await self._agents_up.wait()
+            if self._agents_error is not None:
+                raise procs.SpawnError(f"the host agents did not start ({self._agents_error})")
+
+    async def _hello_all(self, net: Any) -> None:
+        from .driver import ClusterError, same_swarmnet
+
+        problems: list[str] = []
+
+        async def hello(link: HostLink) -> None:
+            try:
+                link.hello = await link.call("hello", timeout_s=AGENT_START_TIMEOUT_S)
+            except HostLost as exc:
+                problems.append(str(exc))
+
+        async with trio.open_nursery() as nursery:
+            for link in self.links.values():
+                nursery.start_soon(hello, link)
+        if problems:
+            raise ClusterError("the host agents did not start: " + "; ".join(problems))
+        same_swarmnet({name: link.hello.pop("swarmnet") for name, link in self.links.items()})
+        net.progress(f"host agents up on {', '.join(self.links)}, each running this swarmnet")
 
     def check_bindable(self, addresses: list[tuple[str, int]]) -> None:
         """Only the users' proxies listen here; the hosts' own servers refuse what they cannot bind."""
@@ -316,6 +354,7 @@ class ClusterLauncher:
         net.api = L.ProxyTable(L.ToxiproxyServers(apis, plan.server_of), net.proxy_spec, net.nursery)
 
         async def on_host(s: int, h: str, p: int) -> None:
+            await self.agents_up(net)
             link = self.links[plan.hosts[s - 1].name]
             got = _raise(await link.call("start_toxiproxy", h, p, plan.seed + s, f"toxiproxy-{s}.log"),
                          f"Toxiproxy on host {link.name}")
@@ -329,6 +368,7 @@ class ClusterLauncher:
 
     async def start_zygote(self, net: Any) -> None:
         """The hosts' zygotes, one per host (the controller forks no node)."""
+        await self.agents_up(net)
         async with trio.open_nursery() as nursery:
             for link in self.links.values():
                 async def one(link: HostLink = link) -> None:

@@ -82,12 +82,20 @@ def token_env(token: str) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
 
 
-def _free_port() -> int:
-    # Ray's servers bind the wildcard address: a port is free only if no address holds it
-    # (this machine's other runs listen on loopback addresses of their own).
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on every address.  Ray's servers bind the wildcard address: a
+    port is free only if no address holds it (this machine's other runs listen on loopback
+    addresses of their own).  All are held until all are chosen, so none repeats."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("0.0.0.0", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _die_with_parent() -> None:
@@ -183,9 +191,9 @@ class LocalRayCluster:
         # The head shares the root namespace with everything else on this machine: every
         # port it would take by default (the dashboard agent's 52365, ...) is
         # chosen free instead, so two clusters here never collide.
-        ports = {flag: _free_port() for flag in ("--node-manager-port", "--object-manager-port",
-                                                    "--runtime-env-agent-port", "--dashboard-agent-listen-port",
-                                                    "--dashboard-agent-grpc-port", "--metrics-export-port")}
+        flags = ("--node-manager-port", "--object-manager-port", "--runtime-env-agent-port",
+                 "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port")
+        ports = dict(zip(flags, (p for p in _free_ports(len(flags) + 1) if p != self.port)))
         return [ray_executable(), "start", "--head", f"--node-ip-address={gw}", f"--port={self.port}",
                 "--num-cpus=0", "--include-dashboard=false", *self._common(self.base_dir / "head"),
                 *(f"{k}={v}" for k, v in ports.items())]
@@ -209,7 +217,7 @@ class LocalRayCluster:
         deadline = time.monotonic() + timeout_s
         try:
             for attempt in range(HEAD_ATTEMPTS):
-                self.port = _free_port()
+                self.port = _free_ports(1)[0]
                 try:
                     self._wait_ready([self._spawn("head", self._head_argv())], deadline)
                     break

@@ -40,9 +40,8 @@ from ..base.protocol import RequestError
 from ..base.rpc import RpcError
 from ..controller import ControllerError, Options, Testnet
 from ..record import Recorder
-from .driver import ClusterError, ClusterHost, cluster_hosts, connect, disconnect, on_host, same_swarmnet
-from .launch import (AGENT_START_TIMEOUT_S, CALL_TIMEOUT_S, ClusterLauncher, HostLink, HostLost, agent_class,
-                     local_address_towards)
+from .driver import ClusterError, ClusterHost, cluster_hosts, connect, disconnect, on_host
+from .launch import CALL_TIMEOUT_S, ClusterLauncher, HostLink, HostLost, agent_class, local_address_towards
 from .local import HOST_RESOURCE
 
 Progress = Callable[[str], None]
@@ -116,26 +115,24 @@ class ClusterTestnet(Testnet):
             await self._end_hosts()
 
     async def _end_hosts(self) -> None:
+        """Per host, at once: whatever still runs there stopped, its files home, its agent ended."""
+        async def end(link: HostLink) -> None:
+            try:
+                left = await link.call("stop", timeout_s=CALL_TIMEOUT_S + 10)
+                if left:
+                    link.hello["left_running"] = left
+                await _bring_home(link, self.run_dir)
+            except HostLost:
+                pass
+            await _close_agent(link)
+
         async with trio.open_nursery() as nursery:
             for link in self.links.values():
-                nursery.start_soon(_stop_agent, link)
-        await collect(self)
-        async with trio.open_nursery() as nursery:
-            for link in self.links.values():
-                nursery.start_soon(_close_agent, link)
+                nursery.start_soon(end, link)
         try:
             self.save()
         except OSError:
             pass
-
-
-async def _stop_agent(link: HostLink) -> None:
-    try:
-        left = await link.call("stop", timeout_s=CALL_TIMEOUT_S + 10)
-    except HostLost:
-        return
-    if left:
-        link.hello["left_running"] = left
 
 
 async def _close_agent(link: HostLink) -> None:
@@ -150,6 +147,12 @@ async def _close_agent(link: HostLink) -> None:
         pass  # already gone
 
 
+async def _bring_home(link: HostLink, run_dir: Path) -> int:
+    data = await link.call("collect", timeout_s=COLLECT_TIMEOUT_S)
+    await trio.to_thread.run_sync(unpack_into, data, run_dir)
+    return len(data)
+
+
 async def collect(net: ClusterTestnet) -> dict[str, int]:
     """Bring every reachable host's files of the run into the run directory (the local layout);
     bytes received per host."""
@@ -157,11 +160,9 @@ async def collect(net: ClusterTestnet) -> dict[str, int]:
 
     async def one(link: HostLink) -> None:
         try:
-            data = await link.call("collect", timeout_s=COLLECT_TIMEOUT_S)
+            got[link.name] = await _bring_home(link, net.run_dir)
         except HostLost:
-            return
-        await trio.to_thread.run_sync(unpack_into, data, net.run_dir)
-        got[link.name] = len(data)
+            pass
 
     async with trio.open_nursery() as nursery:
         for link in net.links.values():
@@ -195,33 +196,15 @@ def choose_hosts(ray: Any, wanted: int | None) -> list[ClusterHost]:
     return hosts
 
 
-async def _start_agents(ray: Any, hosts: list[ClusterHost], run_id: str, run_dir: Path) -> dict[str, HostLink]:
+def _start_agents(ray: Any, hosts: list[ClusterHost], run_id: str, run_dir: Path) -> dict[str, HostLink]:
+    """An agent for each host, asked for and not waited for: their Ray worker processes start
+    while the controller starts its own part (the launcher waits for them, :meth:`agents_up`)."""
     Agent = agent_class(ray)
     links = {}
     for h in hosts:
         actor = Agent.options(name=f"swarmnet-{run_id}-{h.name}", resources={HOST_RESOURCE: AGENT_SHARE},
                               scheduling_strategy=on_host(ray, h)).remote(run_id, h.name, str(run_dir))
         links[h.name] = HostLink(ray, h.name, h.address, actor)
-    problems = []
-
-    async def hello(link: HostLink) -> None:
-        try:
-            link.hello = await link.call("hello", timeout_s=AGENT_START_TIMEOUT_S)
-        except HostLost as exc:
-            problems.append(str(exc))
-
-    async with trio.open_nursery() as nursery:
-        for link in links.values():
-            nursery.start_soon(hello, link)
-    try:
-        if problems:
-            raise ClusterError("the host agents did not start: " + "; ".join(problems))
-        same_swarmnet({name: link.hello.pop("swarmnet") for name, link in links.items()})
-    except ClusterError:
-        async with trio.open_nursery() as nursery:
-            for link in links.values():
-                nursery.start_soon(_close_agent, link)
-        raise
     return links
 
 
@@ -257,8 +240,7 @@ async def open_cluster_testnet(opts: Options, *, progress: Progress | None = Non
                               hosts=tuple(P.HostPlan(h.name, h.address) for h in hosts))
         say(f"run {run_id} in {run_dir}; cluster {opts.cluster}: "
             + ", ".join(f"{h.name} ({h.address}, {len(plan.nodes_on(h.name))} nodes)" for h in hosts))
-        links = await _start_agents(ray, hosts, run_id, run_dir)
-        say(f"host agents up on {', '.join(links)}, each running this swarmnet")
+        links = _start_agents(ray, hosts, run_id, run_dir)
         control = (address, outer.getsockname()[1])
         launcher = ClusterLauncher(links, address=address, toxiproxy_binary=binary, control=control)
 
