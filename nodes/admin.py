@@ -29,9 +29,10 @@ POWER_LOSS_EXIT = 137  # as a SIGKILL: the controller sees a node that died
 class AdminOps:
     def __init__(self, *, dialer: Dialer, listen: Callable[[list[tuple[str, int]]], Awaitable[list[tuple[str, int]]]],
                  clock: Any, stop: Callable[[], None], nursery: trio.Nursery, hostile: Hostility,
-                 disk: Disk | None = None,
+                 disk: Disk | None = None, own_host: str = "",
                  halt: Callable[[int], None] = os._exit) -> None:
         self.disk = disk
+        self.own_host = own_host  # where it listens: a cluster host's address may take more listeners too
         self.halt = halt  # a power loss ends the process on the spot: no cleanup, no reply
         self.dialer = dialer
         self.hostile = hostile
@@ -87,7 +88,8 @@ class AdminOps:
         return {"links": len(self.dialer.links), "redialled": redialled}
 
     async def add_listeners(self, args: dict) -> dict:
-        addrs = [core.loopback_address(a, "each address") for a in core.arg_list(args, "addresses", 256)]
+        addrs = [core.listen_address(a, "each address", self.own_host)
+                 for a in core.arg_list(args, "addresses", 256)]
         try:
             bound = await self.listen(addrs)
         except (OSError, ValueError) as exc:

@@ -491,6 +491,16 @@ def loopback_address(value: Any, what: str) -> tuple[str, int]:
     return host, value[1]
 
 
+def listen_address(value: Any, what: str, own_host: str) -> tuple[str, int]:
+    """Where an admin op may make a node listen: on 127.0.0.0/8 (:func:`loopback_address`), or
+    on the node's own address (a cluster host's), never elsewhere."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == own_host and not own_host.startswith("127."):
+        if not (is_int(value[1]) and 0 <= value[1] <= 65535):
+            raise _bad(f"{what} must be [host, port] with port in 0..65535")
+        return own_host, value[1]
+    return loopback_address(value, what)
+
+
 def wire_bytes(m: StoredMessage) -> int:
     """A generous estimate of a message's size on the wire: its data plus hash, pubkey and numbers."""
     return len(m.data) + 200

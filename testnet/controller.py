@@ -78,6 +78,8 @@ class Options:
     toxiproxy_binary: str | None = None
     toxiproxy_servers: int | None = None  # None: as many as the open-files limit needs (links.servers_needed)
     proxies_on_use: bool = True  # a node link's proxy is made when first dialled (False: all at boot)
+    cluster: str | None = None  # a Ray cluster's head (HOST:PORT): nodes on its hosts (testnet/cluster)
+    hosts: int | None = None  # how many of the cluster's hosts (None: all)
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "run_dir": None if self.run_dir is None else str(self.run_dir),
@@ -259,6 +261,8 @@ async def open_testnet(options: Options | None = None, *, progress: Progress | N
     """Boot a network (``Options`` or its fields as keywords) and yield it once ready;
     stop every process of it when the block ends, however it ends."""
     opts = options or Options(**kwargs)
+    if opts.cluster:
+        raise ControllerError("a cluster run opens with testnet.cluster.run.open_network (or open_cluster_testnet)")
     P.check_options(nodes=opts.nodes, users=opts.users, min_swarm=opts.min_swarm, links=opts.links)
     run_id = opts.run_id or rundir.new_run_id()
     seed = opts.seed if opts.seed is not None else secrets.randbits(63)

@@ -170,6 +170,13 @@ def run_checks(run_dir: str | Path, *, checkers: Iterable[str] = CHECKERS, swarm
         valid = "unknown"
     verdict = {"valid": valid, "run_id": truth.run.get("run_id"), "checked_ms": now_ms,
                "history_records": len(history), "checkers": results}
+    lost = (truth.run.get("cluster") or {}).get("lost_hosts")
+    if lost:
+        # A cluster host lost mid-run took its nodes' ground truth with it: what came home can
+        # still show a violation, never that the run was valid.
+        verdict["lost_hosts"] = lost
+        if verdict["valid"] is True:
+            verdict["valid"] = "unknown"
     if faults is not None:
         verdict["faults"] = faults
     if write:
@@ -197,6 +204,9 @@ def _ids(items: Any, n: int = 5) -> str:
 def summary(verdict: Mapping[str, Any]) -> str:
     """A readable one-screen view of a verdict (no message contents)."""
     lines = [f"verdict: {_word(verdict.get('valid'))}" + (f"  (run {verdict['run_id']})" if verdict.get("run_id") else "")]
+    for host, info in (verdict.get("lost_hosts") or {}).items():
+        lines.append(f"host {host} lost mid-run ({info.get('reason')}): {', '.join(info.get('nodes') or [])} went "
+                     "with it; their data could not be checked")
     f = verdict.get("faults")
     if f:
         lines += faults_summary(f)

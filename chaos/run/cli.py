@@ -46,17 +46,24 @@ def chaos() -> None:
 @click.option("--inject-bug", "bugs", multiple=True, help="break the system on purpose (see `swarmnet bugs`)")
 @click.option("--json", "as_json", is_flag=True, help="print the verdict as JSON")
 @click.option("--quiet", is_flag=True, help="no progress lines")
+@click.option("--cluster", metavar="HOST:PORT", envvar="SWARMNET_CLUSTER", default=None,
+              help="run the nodes on this Ray cluster's hosts (see README, 'Running on a cluster')")
+@click.option("--hosts", type=int, default=None, help="with --cluster: how many of its hosts (default: all)")
 def run_cmd(scenario: str, seed: int | None, run_dir: Path | None, bugs: tuple[str, ...], as_json: bool,
-            quiet: bool) -> None:
+            quiet: bool, cluster: str | None, hosts: int | None) -> None:
     """Run SCENARIO (a TOML file, or a name from the shipped library) once and check it."""
+    from chaos.run.play import describe_error
     from chaos.run.runner import run_chaos
 
-    from chaos.run.play import describe_error
+    world = None
+    if cluster:
+        from chaos.run.cluster import ClusterProcesses
 
+        world = ClusterProcesses(cluster, hosts)
     try:
         sc = load_scenario(scenario)
         result = trio.run(lambda: run_chaos(sc, seed=seed, run_dir=run_dir, inject_bugs=bugs,
-                                            progress=progress(quiet)))
+                                            progress=progress(quiet), world=world))
     except (ScenarioError, ValueError) as exc:
         fail(str(exc))
         return
@@ -229,6 +236,13 @@ def check(run_dir: Path | None, checkers: tuple[str, ...], as_json: bool) -> Non
         return
     if not (path / "history.jsonl").exists():
         fail(f"{path} has no history.jsonl: run `swarmnet workload --run-dir {path}` first")
+    if run.get("cluster") and run.get("state") == "ready":
+        # A live cluster run: its hosts' databases and captures come home first (swarmnet collect).
+        try:
+            trio.run(lambda: rundir.control_call(run, path, "collect", timeout_s=300.0))
+        except rundir.RunDirError as exc:
+            click.echo(f"swarmnet: the hosts' files could not be brought home ({exc}); judging what is here",
+                       err=True)
     swarms, live = current_membership(path, run)
     kwargs: dict[str, Any] = {"swarms": swarms, "live": live, "swarms_source": "registry"}
     if checkers:

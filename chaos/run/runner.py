@@ -133,6 +133,9 @@ async def run_chaos(scenario: Scenario, *, seed: int | None = None, run_dir: Pat
         faults.close()
         progress(f"workload: {stats.sent} sent, {stats.ok} ok, {stats.failed} failed, {stats.unknown} unknown, "
                  f"{stats.received} received")
+        before_checks = getattr(world, "before_checks", None)
+        if before_checks is not None:
+            await before_checks(net)  # on a cluster: the hosts' files, home for the checkers
         swarms = await live_swarms(net)
         live = {n for n, rt in net.nodes.items() if rt.state == "running"}
         verdict = run_checks(rd, checkers=scenario.checkers, swarms=swarms, live=live, swarms_source="registry",

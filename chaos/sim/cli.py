@@ -5,7 +5,9 @@ invalid (or, for replay, not identical), 2 unknown / bad input.
 Every simulated run happens in a process of its own (trio's scheduler state
 is per process): ``run`` and ``replay`` run in this one, ``explore``,
 ``shrink`` and ``reproduce`` start one worker process per job
-(``python -m chaos.sim``) and read one JSON line per run from it.
+(``python -m chaos.sim``) and read one JSON line per run from it;
+``explore`` and ``nightly`` with ``--cluster`` run the seeds as Ray tasks
+over a cluster's cores instead (:mod:`.cluster`).
 """
 
 from __future__ import annotations
@@ -115,6 +117,30 @@ def replay_cmd(run_dir: Path, quiet: bool) -> None:
     sys.exit(1)
 
 
+CLUSTER_HELP = ("run the seeds as Ray tasks on the cluster at HOST:PORT (its head) instead of local workers; "
+                "needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (see README, 'Running on a cluster')")
+
+
+def _run_jobs(todo: list[dict[str, Any]], jobs: int, cluster: str | None, show: Any) -> tuple[list, dict[str, Any]]:
+    """The jobs' results, from local workers or the cluster; and where they ran."""
+    if not cluster:
+        return run_jobs(todo, max(1, jobs), show), {"jobs": max(1, jobs)}
+    from testnet.cluster.driver import ClusterError
+
+    from .cluster import run_jobs_cluster
+
+    try:
+        results, where = run_jobs_cluster(cluster, todo, show, progress=lambda m: click.echo(m, err=True))
+    except ClusterError as exc:
+        fail(str(exc))
+        raise
+    return results, {"cluster": cluster, **where}
+
+
+def _where(where: dict[str, Any]) -> str:
+    return f"{where['jobs']} jobs" if "jobs" in where else f"{len(where['hosts'])} hosts, {where['cores']} cores"
+
+
 @sim.command("explore")
 @click.argument("scenario")
 @click.option("--seeds", "seeds_text", required=True, help="A..B (inclusive) or A,B,C")
@@ -124,9 +150,10 @@ def replay_cmd(run_dir: Path, quiet: bool) -> None:
 @click.option("--inject-bug", "bugs", multiple=True)
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs/explore"), show_default=True)
 @click.option("--keep-passing", is_flag=True, help="keep the bundles of passing runs (default: verdict only)")
+@click.option("--cluster", metavar="HOST:PORT", envvar="SWARMNET_CLUSTER", default=None, help=CLUSTER_HELP)
 @click.option("--json", "as_json", is_flag=True)
 def explore_cmd(scenario: str, seeds_text: str, variants: int, jobs: int, bugs: tuple[str, ...], runs_dir: Path,
-                keep_passing: bool, as_json: bool) -> None:
+                keep_passing: bool, cluster: str | None, as_json: bool) -> None:
     """Run SCENARIO in the simulation for many seeds; list the failing ones with their checker and bundle."""
     try:
         sc = load_scenario(scenario)
@@ -144,18 +171,19 @@ def explore_cmd(scenario: str, seeds_text: str, variants: int, jobs: int, bugs: 
                     "FAIL" if r.get("valid") is False else "??  ")
             click.echo(f"{mark} seed {r['seed']} variant {r['variant']}: "
                        f"{', '.join(r.get('failing') or []) or r.get('error') or _harness(r) or 'valid'}  "
-                       f"({r.get('wall_s', '?')} s)", err=True)
+                       f"({r.get('wall_s', '?')} s{', on ' + r['host'] if r.get('host') else ''})", err=True)
 
-    results = run_jobs(todo, max(1, jobs), show)
+    results, where = _run_jobs(todo, jobs, cluster, show)
     wall = time.monotonic() - t0
     failing = sorted((r for r in results if r.get("valid") is not True), key=lambda r: (r["seed"], r["variant"]))
     summary = {"scenario": sc.name, "seeds": len(seeds), "variants": variants, "ran": len(results), "failing": failing,
-               "wall_s": round(wall, 1), "seeds_per_hour": round(len(results) / wall * 3600) if wall else None}
+               "wall_s": round(wall, 1), "seeds_per_hour": round(len(results) / wall * 3600) if wall else None,
+               "where": where}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         click.echo(f"{sc.name}: {len(results)} runs in {wall:.1f} s ({summary['seeds_per_hour']} per hour, "
-                   f"{jobs} jobs); {len(failing)} failing")
+                   f"{_where(where)}); {len(failing)} failing")
         for r in failing:
             click.echo(f"  seed {r['seed']} variant {r['variant']}: "
                        f"{', '.join(r.get('failing') or []) or r.get('error') or _harness(r)}  {r.get('run_dir')}")
@@ -208,7 +236,8 @@ def reproduce_cmd(run_dir: Path, variants: int, jobs: int) -> None:
 @click.option("--first-seed", type=int, default=1, show_default=True)
 @click.option("--jobs", type=int, default=os.cpu_count() or 1, show_default=True)
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs/sim-nightly"), show_default=True)
-def nightly_cmd(seeds: int, first_seed: int, jobs: int, runs_dir: Path) -> None:
+@click.option("--cluster", metavar="HOST:PORT", envvar="SWARMNET_CLUSTER", default=None, help=CLUSTER_HELP)
+def nightly_cmd(seeds: int, first_seed: int, jobs: int, runs_dir: Path, cluster: str | None) -> None:
     """The nightly sweep in simulation: every library scenario over SEEDS seeds, then every canary
     (each injectable bug under its canary scenario must fail its checker here too)."""
     from chaos.run.runner import CANARY_SCENARIOS
@@ -225,7 +254,7 @@ def nightly_cmd(seeds: int, first_seed: int, jobs: int, runs_dir: Path) -> None:
         click.echo(f"{r['key']} seed {r['seed']}: "
                    f"{', '.join(r.get('failing') or []) or r.get('error') or _harness(r) or 'valid'}", err=True)
 
-    results = run_jobs(sweep + canaries, max(1, jobs), show)
+    results, where = _run_jobs(sweep + canaries, jobs, cluster, show)
     # A run that did not do what it planned (a fault failed, was skipped or came late; or the
     # run broke) is a harness error: neither pass nor fail, listed first.
     harness = sorted((r for r in results if r.get("harness") or r.get("valid") is None),
@@ -234,13 +263,15 @@ def nightly_cmd(seeds: int, first_seed: int, jobs: int, runs_dir: Path) -> None:
                       and r not in harness), key=lambda r: (r["key"], r["seed"]))
     blind = sorted(r["key"][7:] for r in results if r["key"].startswith("canary:") and r not in harness
                    and BUGS[r["key"][7:]][2] not in (r.get("failing") or []))
+    wall = time.monotonic() - t0
     summary = {"seeds": seeds, "first_seed": first_seed, "runs": len(results), "harness_errors": harness,
-               "failing": failing, "canaries_blind": blind, "wall_s": round(time.monotonic() - t0, 1)}
+               "failing": failing, "canaries_blind": blind, "wall_s": round(wall, 1),
+               "seeds_per_hour": round(len(results) / wall * 3600) if wall else None, "where": where}
     runs_dir.mkdir(parents=True, exist_ok=True)
     (runs_dir / "nightly.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     click.echo(f"sim nightly: {len(sweep)} runs, {len(failing)} failing, {len(harness)} harness errors; "
                f"{len(canaries)} canaries, {len(blind)} blind{': ' + ', '.join(blind) if blind else ''}; "
-               f"{summary['wall_s']} s")
+               f"{summary['wall_s']} s ({summary['seeds_per_hour']} runs per hour, {_where(where)})")
     for r in harness:
         click.echo(f"  HARNESS {r['key']} seed {r['seed']}: {r.get('error') or _harness(r)}  {r.get('run_dir')}")
     for r in failing:
