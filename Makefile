@@ -57,6 +57,8 @@ bench-sim: install
 chaos: install toxiproxy
 	$(VENV)/bin/swarmnet sim nightly
 	$(VENV)/bin/swarmnet chaos nightly
+	# Every nemesis kind on the 300-node network, three seeds: no fault late or failed.
+	$(VENV)/bin/swarmnet bench faults --seeds 3
 
 clean:
 	rm -rf $(VENV) bin runs *.egg-info

@@ -30,9 +30,22 @@ ADVERSARY_DEFAULTS: dict[str, Any] = {
     "max_attempts": 20_000,  # recorded attempts per fault, at most
 }
 
+# What a hostile member of a swarm does (chaos/adversary/byzantine.py): deletes
+# and expiries of its swarm's messages without the account's signature, plants
+# of messages the store rules refuse, and real hashes with altered content (sent
+# with its key); and lies in its own answers (nodes/hostile.py): lie-retrieve.
+BYZANTINE_BEHAVIOURS = ("delete", "expire", "plant", "alter", "lie-retrieve")
+BYZANTINE_DEFAULTS: dict[str, Any] = {
+    "behaviours": list(BYZANTINE_BEHAVIOURS),
+    "per_swarm": 1,  # hostile members per swarm, at most (always fewer than half of it)
+    "interval_s": 0.3,  # pause between rounds
+    "max_attempts": 20_000,  # recorded attempts per fault, at most
+}
+
 # kind -> (family, default params). Families: "link" (toxics on directed links),
-# "partition" (links cut), "process" (signals / registry), "clock", "adversary"
-# (an attacker using the network: chaos/adversary/attacks.py).
+# "partition" (links cut), "process" (signals / registry), "clock", "disk", "adversary"
+# (an attacker using the network: chaos/adversary/attacks.py), "byzantine" (hostile
+# members of swarms: chaos/adversary/byzantine.py).
 NEMESES: dict[str, tuple[str, dict[str, Any]]] = {
     "latency": ("link", {"latency_ms": 50, "jitter_ms": 20}),
     "bandwidth": ("link", {"rate_kbps": 16}),
@@ -50,7 +63,14 @@ NEMESES: dict[str, tuple[str, dict[str, Any]]] = {
     "join": ("process", {}),
     "leave": ("process", {}),
     "clock-skew": ("clock", {"offset_ms": 30_000}),
+    # The disk under a node's SQLite (nodes/disk.py, chaos/run/disk.py).
+    "power-loss": ("disk", {"torn": False}),
+    "disk-full": ("disk", {}),
+    "disk-error": ("disk", {"ops": ["read", "write", "sync"]}),
+    "disk-slow": ("disk", {"sync_ms": 200}),
+    "corrupt": ("disk", {"rate": 0.01}),
     "adversary": ("adversary", ADVERSARY_DEFAULTS),
+    "byzantine": ("byzantine", BYZANTINE_DEFAULTS),
 }
 
 # Target selectors a fault may name instead of concrete nodes, resolved when
@@ -168,6 +188,22 @@ def check_adversary_params(params: Mapping[str, Any], where: str = "adversary") 
     return out
 
 
+def check_byzantine_params(params: Mapping[str, Any], where: str = "byzantine") -> dict[str, Any]:
+    """A byzantine fault's params with defaults filled in; ScenarioError names a wrong key."""
+    unknown = set(params) - set(BYZANTINE_DEFAULTS)
+    if unknown:
+        raise ScenarioError(f"{where}.params: unknown key(s) {sorted(unknown)}; known: {sorted(BYZANTINE_DEFAULTS)}")
+    out = {**BYZANTINE_DEFAULTS, **params}
+    b = out["behaviours"]
+    if not isinstance(b, list) or not b or not all(x in BYZANTINE_BEHAVIOURS for x in b):
+        raise ScenarioError(f"{where}.params.behaviours must be a non-empty list of {', '.join(BYZANTINE_BEHAVIOURS)}")
+    out["behaviours"] = list(dict.fromkeys(b))
+    _num(out, "per_swarm", f"{where}.params", None, 1, 25, int)
+    _num(out, "interval_s", f"{where}.params", None, 0.01, 60)
+    _num(out, "max_attempts", f"{where}.params", None, 1, 1_000_000, int)
+    return out
+
+
 def _kind(kind: Any, where: str) -> str:
     if kind not in NEMESES:
         raise ScenarioError(f"{where}.kind {kind!r} is not a nemesis; known: {', '.join(NEMESES)}")
@@ -211,6 +247,8 @@ def parse_scenario(raw: Mapping[str, Any], *, name: str = "scenario", source: st
         params = {**NEMESES[kind][1], **params}
         if NEMESES[kind][0] == "adversary":
             params = check_adversary_params(params, where)
+        elif NEMESES[kind][0] == "byzantine":
+            params = check_byzantine_params(params, where)
         timeline.append(FaultSpec(_num(item, "at_s", where, None, 0, 86_400) or 0.0,
                                   _num(item, "duration_s", where, 3.0, 0.01, 86_400), kind,
                                   _target(item.get("target"), where), params))

@@ -146,7 +146,7 @@ def _generated(scenario: Scenario, rng: random.Random, nodes: Sequence[str], use
         kind = rng.choice(g.nemeses)
         dur = rng.uniform(*g.duration_s)
         target: dict[str, Any] = {}
-        if kind in ("kill", "pause", "leave", "clock-skew", "isolate"):
+        if kind in ("kill", "pause", "leave", "clock-skew", "isolate") or NEMESES[kind][0] == "disk":
             free = [n for n in nodes if busy.get(n, -1.0) < t]
             if not free:
                 t += rng.expovariate(1.0 / g.interval_s)

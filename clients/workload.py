@@ -122,6 +122,15 @@ class ScriptedUser:
                     self.last_hash[(res.target, ns)] = m["hash"]
                     if m["hash"] in self.seen:
                         continue  # deduplicate by hash, as Session clients do
+                    if not isinstance(m.get("data"), bytes) or \
+                            crypto.message_hash(self.client.session_id, ns, m["data"]) != m["hash"]:
+                        # Content that is not its hash's for this account (altered by a lying member,
+                        # or another account's message): refused and not marked seen, so the true
+                        # copy is taken from another member.
+                        self.history.write({"type": "ok", "op": "receive", "process": self.spec.name,
+                                            "hash": m["hash"], "namespace": ns, "msg_id": None, "sender": None,
+                                            "body_digest": None, "error": "not its hash's", "rejected": True})
+                        continue
                     self.seen.add(m["hash"])
                     got += 1
                     if self._record_receive(m, ns):

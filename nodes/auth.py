@@ -23,8 +23,19 @@ handshake it receives to a third node and pass as its caller.
 After that, each node op names accounts (or a swarm), and the caller must be
 *entitled* to them: a member of the account's swarm in the receiver's current
 view.  ``replicate`` alone also accepts a member of the account's swarm in a
-recent view: a node pushing the messages of a swarm it has left ("rehoming").
-Reading (``ae_*``), deleting and changing expiries need membership now.
+recent assignment: a node pushing the messages of a swarm it has left
+("rehoming").  Reading (``ae_*``), deleting and changing expiries need
+membership now — and membership is not enough to delete or change an expiry:
+those carry the account's signature (:mod:`nodes.proofs`).
+
+Which assignments are "recent" is the registry's history, the same for every
+node: the last :data:`RECENT_ASSIGNMENTS` assignments the registry replaced
+(as many as it keeps), learnt from the registry at start and from the views a
+node replaces as it runs.  A registry's genesis publishes one list, and the
+assignments it went through before are no history (no node ever held an
+account under them): before genesis lists published at once, every node had
+passed through a first swarm holding every account, which let any registered
+node push into any account until that assignment was forgotten.
 
 Everything here but :func:`authenticate` is pure: no sockets, clock or trio.
 """
@@ -45,9 +56,11 @@ from testnet.base.swarm import swarm_for
 from .core import SwarmView
 
 CHALLENGE_BYTES = 32
-# Past swarm assignments a node keeps, to recognise a peer rehoming the
-# messages of a swarm it has left (the registry keeps 16 as well).
-RECENT_ASSIGNMENTS = 32
+# Past swarm assignments a node keeps, to recognise a peer rehoming the messages of
+# a swarm it has left: as many as the registry's history holds (testnet.registry's
+# HISTORY_LENGTH), so that a node started late and one that ran since boot judge a
+# push alike.
+RECENT_ASSIGNMENTS = 16
 
 SESSION_NODE = "node"  # Peer.session key: the authenticated caller's ed25519 hex
 SESSION_CHALLENGE = "challenge"
@@ -159,7 +172,11 @@ class Entitlements:
         old = self.current
         self.current = view
         if old is not None:
-            self._remember(shared_assignment(old.height, {k: r.swarm_id for k, r in old.nodes.items()}))
+            # Only a replaced *assignment* is history (as the registry counts it): a view
+            # that changed addresses alone must not push older assignments out.
+            before = {k: r.swarm_id for k, r in old.nodes.items()}
+            if before != {k: r.swarm_id for k, r in view.nodes.items()}:
+                self._remember(shared_assignment(old.height, before))
 
     def add_history(self, history: Any) -> None:
         """The registry's past assignments, from the list it came with (the current view):

@@ -108,13 +108,17 @@ async def bench_node(*, nodes: int = 5, seconds: float = 5.0, concurrency: int =
 
 def auth_cost(nodes: int, accounts: list[str], handshakes: int, copies_per_store: float,
               network_us_per_store: float | None, rounds: int = 2000) -> dict[str, Any]:
-    """What node-to-node authentication costs, from its own code timed here on a view of
-    this size: one handshake per connection (``check_auth``: one ed25519 verification)
-    and one entitlement check per replicated copy (``require_accounts``).  Handshakes
-    are counted by the nodes themselves (``info`` stats); they happen when nodes first
-    dial each other, before the measured window."""
-    from nodes import auth
+    """What node-to-node authority costs, from its own code timed here on a view of this
+    size: one handshake per connection (``check_auth``: one ed25519 verification); per
+    replicated copy, the entitlement check (``require_accounts``) and the copy's store
+    rules (``accept_copies``) — the hash = content check is older than both and not
+    counted; per forwarded delete, the account's signature (``SignedDelete.verify``: one
+    ed25519 verification and the key's conversion to its Session ID).  Handshakes are
+    counted by the nodes themselves (``info`` stats); they happen when nodes first dial
+    each other, before the measured window."""
+    from nodes import auth, proofs
     from nodes.core import SwarmView
+    from nodes.storage import StoredMessage
 
     ids = [crypto.Identity.from_seed(bytes([i + 1]) * 32) for i in range(nodes)]
     eds = [i.ed25519_public.hex() for i in ids]
@@ -127,6 +131,21 @@ def auth_cost(nodes: int, accounts: list[str], handshakes: int, copies_per_store
     for k in range(rounds):
         ent.require_accounts(eds[1], (accounts[k % len(accounts)],), rehoming=True)
     check_us = (time.process_time() - t) / rounds * 1e6
+    now = int(time.time() * 1000)
+    copies = [StoredMessage(accounts[k % len(accounts)], 0, f"h{k}", b"x" * 100, now, now + 3_600_000)
+              for k in range(rounds)]
+    t = time.process_time()
+    for m in copies:
+        proofs.accept_copies((m,), now)
+    copy_us = (time.process_time() - t) / rounds * 1e6
+    account = crypto.Identity.from_seed(bytes([99]) * 32)
+    hashes = [f"{k:043d}" for k in range(3)]
+    delete = proofs.SignedDelete(account.session_id, tuple(hashes), account.ed25519_public.hex(),
+                                 account.sign(crypto.delete_signature_message(hashes)))
+    t = time.process_time()
+    for _ in range(rounds // 10):
+        delete.verify()
+    delete_us = (time.process_time() - t) / (rounds // 10) * 1e6
     sessions = []
     for _ in range(rounds // 10):
         session: dict[str, Any] = {}
@@ -136,9 +155,10 @@ def auth_cost(nodes: int, accounts: list[str], handshakes: int, copies_per_store
     for session, args in sessions:
         auth.check_auth(session, args, eds[0], ent.is_registered)
     handshake_us = (time.process_time() - t) / len(sessions) * 1e6
-    per_store = copies_per_store * check_us
+    per_store = copies_per_store * (check_us + copy_us)
     return {"handshakes": handshakes, "handshake_us": round(handshake_us, 1),
-            "entitlement_check_us": round(check_us, 2), "us_per_store": round(per_store, 2),
+            "entitlement_check_us": round(check_us, 2), "copy_rules_us": round(copy_us, 2),
+            "signed_delete_verify_us": round(delete_us, 1), "us_per_store": round(per_store, 2),
             "share_of_network_cpu": round(per_store / network_us_per_store, 4) if network_us_per_store else None}
 
 
@@ -190,9 +210,11 @@ def _command():
                    f"{r['concurrency']} in flight; failures {r['failures'] or 'none'}")
         a = r["node_auth"]
         share = f"{a['share_of_network_cpu'] * 100:.1f} %" if a["share_of_network_cpu"] is not None else "n/a"
-        click.echo(f"node auth: {a['us_per_store']} µs/store of entitlement checks ({a['entitlement_check_us']} µs "
-                   f"per replicated copy; {share} of network CPU); {a['handshakes']} handshakes in all, "
-                   f"{a['handshake_us']} µs each, once per node connection")
+        click.echo(f"node authority: {a['us_per_store']} µs/store of checks on replicated copies "
+                   f"({a['entitlement_check_us']} µs entitlement + {a['copy_rules_us']} µs store rules per copy; "
+                   f"{share} of network CPU); {a['signed_delete_verify_us']} µs per forwarded delete "
+                   f"(the account's signature); {a['handshakes']} handshakes in all, {a['handshake_us']} µs each, "
+                   f"once per node connection")
 
     return bench_command
 

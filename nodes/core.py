@@ -29,6 +29,9 @@ VERSION = "swarmnet-node/0.1"
 MAX_DATA_BYTES = 76_800
 MIN_TTL_MS = 10_000
 MAX_TTL_MS = 14 * 24 * 3600 * 1000
+# A deleted message must never come back from a peer's copy: its hash is remembered
+# (a tombstone) for as long as any copy could still be alive.
+TOMBSTONE_MS = MAX_TTL_MS
 # Frames are capped at 1 MiB (testnet.base.protocol).  Whatever a node packs into one
 # request or reply — replicated batches, anti-entropy fetches, retrieved
 # messages — stays within this many bytes of payload, leaving room for the
@@ -250,6 +253,13 @@ class SwarmView:
         })
 
 
+def require_view(view: SwarmView | None) -> SwarmView:
+    """The view of a node that has a swarm (503 before its first list places it in one)."""
+    if view is None or view.my_swarm is None:
+        raise RequestError(Status.NOT_READY, "node has no swarm yet")
+    return view
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -266,7 +276,7 @@ def _int(args: Mapping[str, Any], key: str, default: int | None = None) -> int:
 
 def clock_offset(value: Any, error: Callable[[str], Exception] = _bad) -> int:
     """An injected clock offset (ms): an integer of at most a year either way."""
-    if not _is_int(value) or abs(value) > MAX_CLOCK_OFFSET_MS:
+    if not is_int(value) or abs(value) > MAX_CLOCK_OFFSET_MS:
         raise error(f"'offset_ms' must be an integer within ±{MAX_CLOCK_OFFSET_MS} ms")
     return value
 
@@ -390,33 +400,15 @@ def arg_map(args: Mapping[str, Any], key: str, max_len: int = MAX_NODE_ITEMS) ->
     return v
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """An int that is not a bool (msgpack gives both)."""
     return isinstance(v, int) and not isinstance(v, bool)
+
 
 
 def replicated_messages(args: Mapping[str, Any]) -> list[StoredMessage]:
     """``replicate {messages: [[pubkey, namespace, hash, data, timestamp, expiry], …]}``."""
     return [message_from_wire(i) for i in arg_list(args, "messages")]
-
-
-def replicated_deletes(args: Mapping[str, Any]) -> list[tuple[str, list[str]]]:
-    """``replicate_delete {messages: [[pubkey, [hash, …]], …]}``."""
-    out = []
-    for item in arg_list(args, "messages"):
-        if not (isinstance(item, list) and len(item) == 2):
-            raise _bad("each replicated delete must be [pubkey, [hash, …]]")
-        out.append((session_pubkey({"pubkey": item[0]}), hashes({"hashes": item[1]})))
-    return out
-
-
-def replicated_expiries(args: Mapping[str, Any]) -> list[tuple[str, list[str], int]]:
-    """``replicate_expire {messages: [[pubkey, [hash, …], expiry], …]}``."""
-    out = []
-    for item in arg_list(args, "messages"):
-        if not (isinstance(item, list) and len(item) == 3 and _is_int(item[2]) and -2**63 <= item[2] < 2**63):
-            raise _bad("each replicated expiry must be [pubkey, [hash, …], expiry ms]")
-        out.append((session_pubkey({"pubkey": item[0]}), hashes({"hashes": item[1]}), item[2]))
-    return out
 
 
 def ae_digest_args(args: Mapping[str, Any]) -> tuple[int, dict[str, str]]:
@@ -432,7 +424,7 @@ def ae_buckets_args(args: Mapping[str, Any]) -> dict[str, list[int]]:
     """``ae_hashes {buckets: {pubkey: [bucket, …]}}``; a bucket's times must fit in int64."""
     wanted = arg_map(args, "buckets")
     if not all(is_pubkey(pk) and isinstance(bs, list) and len(bs) <= MAX_NODE_ITEMS and all(
-            _is_int(b) and 0 <= b <= MAX_BUCKET for b in bs) for pk, bs in wanted.items()):
+            is_int(b) and 0 <= b <= MAX_BUCKET for b in bs) for pk, bs in wanted.items()):
         raise _bad("'buckets' must map account ids to lists of bucket numbers")
     return wanted
 
@@ -441,7 +433,8 @@ def ae_buckets_args(args: Mapping[str, Any]) -> dict[str, list[int]]:
 # garbage must cost one round with it, never a TypeError in the node's own loop.
 
 
-def _bad_reply(op: str, what: str) -> RequestError:
+def bad_reply(op: str, what: str) -> RequestError:
+    """502: a peer answered ``op`` with something that is not a valid answer."""
     return RequestError(Status.BAD_GATEWAY, f"peer's {op} answer: {what}")
 
 
@@ -450,13 +443,13 @@ def ae_digest_reply(body: Any) -> dict[str, dict[int, str]]:
     pubkey -> bucket -> digest (502 when malformed)."""
     buckets = body.get("buckets") if isinstance(body, dict) else None
     if not isinstance(buckets, dict):
-        raise _bad_reply("ae_digest", "'buckets' must be a map")
+        raise bad_reply("ae_digest", "'buckets' must be a map")
     out = {}
     for pk, pairs in buckets.items():
         if not (is_pubkey(pk) and isinstance(pairs, list) and all(
-                isinstance(p, list) and len(p) == 2 and _is_int(p[0]) and 0 <= p[0] <= MAX_BUCKET
+                isinstance(p, list) and len(p) == 2 and is_int(p[0]) and 0 <= p[0] <= MAX_BUCKET
                 and isinstance(p[1], str) for p in pairs)):
-            raise _bad_reply("ae_digest", "'buckets' must map account ids to [[bucket, digest], …]")
+            raise bad_reply("ae_digest", "'buckets' must map account ids to [[bucket, digest], …]")
         out[pk] = dict(pairs)
     return out
 
@@ -467,7 +460,7 @@ def ae_hashes_reply(body: Any) -> dict[str, list[str]]:
     if not (isinstance(found, dict) and all(
             is_pubkey(pk) and isinstance(hs, list) and all(isinstance(h, str) and 0 < len(h) <= 64 for h in hs)
             for pk, hs in found.items())):
-        raise _bad_reply("ae_hashes", "'hashes' must map account ids to lists of hashes")
+        raise bad_reply("ae_hashes", "'hashes' must map account ids to lists of hashes")
     return found
 
 
@@ -475,18 +468,18 @@ def ae_fetch_reply(body: Any) -> list[StoredMessage]:
     """A peer's ``ae_fetch`` answer ``{"messages": [...]}``, each message checked as a replicated one."""
     msgs = body.get("messages") if isinstance(body, dict) else None
     if not isinstance(msgs, list):
-        raise _bad_reply("ae_fetch", "'messages' must be a list")
+        raise bad_reply("ae_fetch", "'messages' must be a list")
     try:
         return [message_from_wire(m) for m in msgs]
     except RequestError as exc:
-        raise _bad_reply("ae_fetch", str(exc)) from None
+        raise bad_reply("ae_fetch", str(exc)) from None
 
 
 def loopback_address(value: Any, what: str) -> tuple[str, int]:
     """A ``[host, port]`` pair on 127.0.0.0/8 (admin ops never point a node elsewhere); the
     host an IPv4 literal in canonical form (no "127.1", no "127.0.0.01", no non-ASCII digits)."""
     if not (isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str)
-            and _is_int(value[1]) and 0 <= value[1] <= 65535):
+            and is_int(value[1]) and 0 <= value[1] <= 65535):
         raise _bad(f"{what} must be [host, port] with port in 0..65535")
     host = value[0]
     try:
@@ -496,6 +489,16 @@ def loopback_address(value: Any, what: str) -> tuple[str, int]:
     if ip is None or not ip.is_loopback or str(ip) != host:
         raise _bad(f"{what}: host must be an address in 127.0.0.0/8")
     return host, value[1]
+
+
+def listen_address(value: Any, what: str, own_host: str) -> tuple[str, int]:
+    """Where an admin op may make a node listen: on 127.0.0.0/8 (:func:`loopback_address`), or
+    on the node's own address (a cluster host's), never elsewhere."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == own_host and not own_host.startswith("127."):
+        if not (is_int(value[1]) and 0 <= value[1] <= 65535):
+            raise _bad(f"{what} must be [host, port] with port in 0..65535")
+        return own_host, value[1]
+    return loopback_address(value, what)
 
 
 def wire_bytes(m: StoredMessage) -> int:
@@ -543,29 +546,14 @@ def message_from_wire(item: Any) -> StoredMessage:
         raise _bad("each replicated message must be [pubkey, namespace, hash, data, timestamp, expiry]")
     pubkey, ns, h, data, ts, expiry = item
     pubkey = pubkey.lower() if isinstance(pubkey, str) else pubkey
-    if not (is_pubkey(pubkey) and _is_int(ns) and ns in NAMESPACE_RANGE and isinstance(h, str)
+    if not (is_pubkey(pubkey) and is_int(ns) and ns in NAMESPACE_RANGE and isinstance(h, str)
             and isinstance(data, bytes) and len(data) <= MAX_DATA_BYTES
-            and _is_int(ts) and 0 <= ts <= MAX_TIME_MS and _is_int(expiry) and 1 <= expiry <= MAX_TIME_MS):
+            and is_int(ts) and 0 <= ts <= MAX_TIME_MS and is_int(expiry) and 1 <= expiry <= MAX_TIME_MS):
         raise _bad("malformed replicated message: [66-hex pubkey, int16 namespace, hash, data (bytes), "
                    "timestamp ms, expiry ms] with times in int64")
     if crypto.message_hash(pubkey, ns, data) != h:
         raise _bad("replicated message hash does not match its content")
     return StoredMessage(pubkey, ns, h, data, ts, expiry)
-
-
-# A replica's expiry was set by a store (timestamp within 10 s of that node's
-# clock, TTL <= 14 days) or an expire (<= 14 days from that node's clock); the
-# slack covers the replicating node's clock being off from ours (the chaos
-# library skews clocks by seconds).  Found by the adversary scenario: without
-# a bound, replicate planted messages that outlived every TTL rule.
-REPLICA_EXPIRY_SLACK_MS = 24 * 3600 * 1000
-
-
-def check_replicated_expiries(msgs: Iterable[StoredMessage], now_ms: int) -> None:
-    """400 unless every replicated message expires within 14 days (+ slack) of ``now_ms``."""
-    for m in msgs:
-        if m.expiry > now_ms + MAX_TTL_MS + REPLICA_EXPIRY_SLACK_MS:
-            raise _bad("replicated message expiry is more than 14 days ahead")
 
 
 # --------------------------------------------------------------------------- rate limit

@@ -36,7 +36,7 @@ def install_onion(node: Any) -> None:
     (``node.onion_take``): a layer to relay whose next hop is already connected is
     forwarded on the reader's turn and its reply passed back from the next hop's
     reader, and a store for this node as the target is committed and forwarded to the
-    swarm from callbacks (``Node.store_soon``), with no task waiting in either; any
+    swarm from callbacks (``ClientOps.store_soon``), with no task waiting in either; any
     other request for the target, or a next hop still to dial, goes on in a task."""
 
     def open_layer(req: Request) -> tuple[str, Any, bytes]:
@@ -90,7 +90,7 @@ def install_onion(node: Any) -> None:
         # other exception is a bug, answered 500 in the clear and logged with its traceback
         # by the server, like the same op sent directly.
         try:
-            body = await getattr(node, "op_" + op)(args)
+            body = await node.client_op(op)(args)
             status = Status.OK
         except RequestError as exc:
             status, body = exc.status, exc.body
@@ -110,17 +110,23 @@ def install_onion(node: Any) -> None:
                 return target(op, args, key)
             meter.ROLE.set("target")
 
-            def sealed(status: int, body: Any) -> None:
+            def stored(body: Any, error: Exception | None) -> None:
                 token = meter.ROLE.set("target")
                 try:
-                    reply(Status.OK, {"data": encode_reply(key, status, body, node.randbytes)})
+                    if error is None:
+                        reply(Status.OK, {"data": encode_reply(key, Status.OK, body, node.randbytes)})
+                    elif isinstance(error, RequestError):
+                        reply(Status.OK, {"data": encode_reply(key, error.status, error.body, node.randbytes)})
+                    else:  # a failing disk: answered in the clear, as the dispatcher answers it
+                        refusal = node.disk_refusal(error)
+                        reply(refusal.status, refusal.body)
                 finally:
                     meter.ROLE.reset(token)
 
             try:
-                node.store_soon(args, sealed)  # answered once every member has (no task waits)
+                node.clients.store_soon(args, stored)  # answered once every member has (no task waits)
             except RequestError as exc:
-                sealed(exc.status, exc.body)
+                stored(None, exc)
             return None
         nxt, next_eph, next_data = next_hop(what, peer)
         conn = node.pool.get_nowait(nxt)

@@ -23,15 +23,17 @@ from testnet.base.protocol import ProtocolError, Response, Status
 from testnet.base.rpc import ConnectionPool, RpcConnection, RpcError
 from testnet.base.turn import Timer, Timers, at_turn_end
 
-from .core import BATCH_COUNT, SwarmView, fitting, hash_list_bytes, message_to_wire, wire_bytes
+from .core import BATCH_COUNT, SwarmView, fitting, message_to_wire, wire_bytes
+from .proofs import SignedDelete, SignedExpire
 from .storage import Storage, StorageError, StoredMessage
 
 log = logging.getLogger("node.replication")
 
 MAX_BACKLOG = 20_000  # queued messages per peer before new ones fail at once
 
-# done(new, error) of a group commit: True per message where new, or what went wrong.
-Committed = Callable[[Optional[list], Optional[str]], None]
+# done(new, error) of a group commit: True per message where new, or what went wrong (the
+# storage's own error: a full disk stays a full disk, 507, and so on).
+Committed = Callable[[Optional[list], Optional[StorageError]], None]
 # done(error) of an item forwarded to a peer: None when the peer took it.
 Outcome = Callable[[Optional[str]], None]
 
@@ -49,11 +51,18 @@ class GroupCommit:
     """Batches the writes of one loop turn into one transaction, made at the turn's end
     (:func:`testnet.base.turn.at_turn_end`): the stores and replicated copies that
     arrive together are committed together, with no task and no hand-off between them
-    and the commit."""
+    and the commit.
 
-    def __init__(self, storage: Storage) -> None:
+    A slow disk's syncs take their time before anyone hears "stored" (nodes.disk, on the
+    node's trio clock, so virtual time in the simulation): the writers of a commit that
+    owes sync time are told when it has passed (``timers``), and later writes wait for
+    it, as behind a disk busy syncing."""
+
+    def __init__(self, storage: Storage, timers: Timers | None = None) -> None:
         self.storage = storage
+        self._timers = timers
         self._pending: list[tuple[Sequence[StoredMessage], Committed]] = []
+        self._syncing = False  # a commit's sync time has not passed yet
         self.commits = 0
         self.messages = 0
 
@@ -61,7 +70,7 @@ class GroupCommit:
         """Store ``messages`` at the end of this turn; then ``done(new, None)`` (True where
         new) or ``done(None, error)``, once, from outside any task."""
         self._pending.append((messages, done))
-        if len(self._pending) == 1:
+        if len(self._pending) == 1 and not self._syncing:
             at_turn_end(self._commit)
 
     async def commit(self, messages: Sequence[StoredMessage]) -> list[bool]:
@@ -69,17 +78,20 @@ class GroupCommit:
         committed = trio.Event()
         outcome: list[Any] = []
 
-        def done(new: list[bool] | None, error: str | None) -> None:
+        def done(new: list[bool] | None, error: StorageError | None) -> None:
             outcome[:] = [new, error]
             committed.set()
 
         self.commit_soon(messages, done)
         await committed.wait()
-        if outcome[1] is not None:
-            raise StorageError(outcome[1])
+        error = outcome[1]
+        if error is not None:
+            raise type(error)(str(error))  # a full disk stays a full disk (507), and so on
         return outcome[0]
 
     def _commit(self) -> None:
+        if self._syncing:
+            return
         batch, self._pending = self._pending, []
         if not batch:
             return
@@ -96,19 +108,34 @@ class GroupCommit:
                 return
             self.commits += 1
             self.messages += len(flat)
-            i = 0
-            for msgs, done in batch:
-                _tell(done, results[i:i + len(msgs)], None)
-                i += len(msgs)
+            disk = self.storage.disk
+            owed = disk.take_owed_s() if disk is not None else 0.0
+            if owed > 0 and self._timers is not None:
+                self._syncing = True
+                self._timers.call_after(owed, lambda: self._synced(batch, results))
+                return
+            self._tell_all(batch, results)
         finally:
             meter.ROLE.reset(token)
+
+    def _tell_all(self, batch: list[tuple[Sequence[StoredMessage], Committed]], results: list[bool]) -> None:
+        i = 0
+        for msgs, done in batch:
+            _tell(done, results[i:i + len(msgs)], None)
+            i += len(msgs)
+
+    def _synced(self, batch: list[tuple[Sequence[StoredMessage], Committed]], results: list[bool]) -> None:
+        self._syncing = False
+        self._tell_all(batch, results)
+        if self._pending:
+            at_turn_end(self._commit)
 
     def _commit_alone(self, messages: Sequence[StoredMessage], done: Committed) -> None:
         try:
             new = self.storage.store_many(messages)
         except StorageError as exc:
             log.error("group commit failed", extra={"fields": {"error": str(exc)}})
-            _tell(done, None, str(exc))
+            _tell(done, None, exc)
             return
         self.commits += 1
         self.messages += len(messages)
@@ -214,18 +241,18 @@ class PeerSender:
         self._schedule()
 
 
-# What each forwarded op carries (its encoding), and a generous estimate of its bytes on the wire.
+# What each forwarded op carries, and a generous estimate of its bytes on the wire.
 _CODECS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], int]]] = {
     "replicate": (message_to_wire, wire_bytes),  # a StoredMessage
-    "replicate_delete": (list, hash_list_bytes),  # (pubkey, [hash, ...])
-    "replicate_expire": (list, hash_list_bytes),  # (pubkey, [hash, ...], expiry ms)
+    "replicate_delete": (SignedDelete.to_wire, SignedDelete.wire_bytes),  # the client's signed request
+    "replicate_expire": (SignedExpire.to_wire, SignedExpire.wire_bytes),
 }
 
 
 class Fanout:
-    """Forwards what a client gave this node (stores, deletes, expiries) to every other
-    member of its swarm: one :class:`PeerSender` per (peer, op), made on first use and
-    closed when the peer leaves the swarm.  ``nursery`` runs the dials of peers not
+    """Forwards what a client gave this node (stores, and deletes and expiries as the
+    account signed them) to every other member of its swarm: one :class:`PeerSender`
+    per (peer, op), made on first use and closed when the peer leaves the swarm.  ``nursery`` runs the dials of peers not
     connected yet; ``timers`` ends the wait for peers that take longer than
     ``timeout_s``."""
 

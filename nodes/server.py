@@ -1,13 +1,28 @@
-"""The service node: a trio server over its storage, following the registry,
-replicating to its swarm and healing by anti-entropy.
+"""The service node: a trio server that wires together the node's parts and
+dispatches each request to the one that serves it.
 
-Rules live in :mod:`nodes.core`; this module moves bytes and time.
+| part | module | what it owns |
+| --- | --- | --- |
+| serving clients | :mod:`nodes.client_ops` | store, retrieve, delete, expire, get_swarm |
+| serving peers | :mod:`nodes.peer_ops` | replicate*, ae_* (node-to-node ops) |
+| following the registry | :mod:`nodes.follower` | the swarm view, entitlements |
+| anti-entropy and rehoming | :mod:`nodes.anti_entropy` | the node's own healing rounds |
+| forwarding | :mod:`nodes.replication` | group commit, per-peer senders |
+| reaching others | :mod:`nodes.dialing` | the dial table, the handshake on each connection |
+| admin ops | :mod:`nodes.admin` | links, listeners, clock offset, stop |
+| chores | :mod:`nodes.housekeeping` | the expiry sweep, capture flushes |
+
+Rules live in :mod:`nodes.core`, :mod:`nodes.auth` (who may call a node op)
+and :mod:`nodes.proofs` (what a peer's change must prove); the parts move
+bytes and time.  They are made when the node runs (they need its nursery and
+connection pool) and live as long as that run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import secrets
 from typing import Any, Awaitable, Callable
@@ -16,27 +31,36 @@ import trio
 
 from testnet.base import crypto, meter
 from testnet.base.clock import wall_s
+from testnet.base.limits import ConnectionGate
 from testnet.base.logs import event
 from testnet.base.net import TCP, Network
-from testnet.base.protocol import RequestError, Request, Status
-from testnet.base.records import register_args
-from testnet.base.limits import ConnectionGate
-from testnet.base.rpc import ConnectionPool, Peer, Reply, RpcError, Take, serve
+from testnet.base.protocol import Request, RequestError, Status
+from testnet.base.rpc import ConnectionPool, Peer, Reply, Take, serve
 from testnet.base.turn import Timers
 
 from . import auth, core
+from .admin import AdminOps
+from .hostile import Hostility
+from .anti_entropy import AntiEntropy
 from .capture import CaptureFile
+from .client_ops import ClientOps
 from .core import NodeConfig, SwarmView
+from .dialing import REGISTRY_KEY, Dialer
+from .follower import RegistryFollower
+from .housekeeping import CaptureFlusher, sweep_expired
+from .peer_ops import PeerOps
 from .replication import Fanout, GroupCommit
-from .storage import Storage, StorageError, StoredMessage
+from .disk import Disk
+from .storage import SYNCHRONOUS, Storage, StorageCorrupt, StorageError, StorageFull, StorageIOError
+
+__all__ = ["Node", "Clock", "NODE_OPS", "HANDSHAKE_OPS", "CLIENT_OPS", "ADMIN_OPS", "REGISTRY_KEY"]
 
 log = logging.getLogger("node")
 
 NODE_OPS = {"replicate", "replicate_delete", "replicate_expire", "ae_digest", "ae_hashes", "ae_fetch"}
 HANDSHAKE_OPS = {"node_hello", "node_auth"}
 CLIENT_OPS = {"store", "retrieve", "delete", "expire", "get_swarm", "info", "onion"}
-ADMIN_OPS = {"admin_set_links", "admin_listen", "admin_clock", "admin_stop"}
-CAPTURE_FLUSH_S = 0.2  # what a killed node's capture may lose
+ADMIN_OPS = {"admin_set_links", "admin_listen", "admin_clock", "admin_stop", "admin_disk", "admin_byzantine"}
 # The CPU role (testnet.base.meter.ROLE) of each op's handler; onion requests are
 # "onion-open" until their layer is open, then guard, relay or target (nodes.onion).
 _ROLES = {"onion": "onion-open", "replicate": "replica", "replicate_delete": "replica", "replicate_expire": "replica",
@@ -44,8 +68,6 @@ _ROLES = {"onion": "onion-open", "replicate": "replica", "replicate_delete": "re
           "node_hello": "handshake", "node_auth": "handshake",
           **{op: "direct-client-op" for op in ("store", "retrieve", "delete", "expire", "get_swarm", "info")},
           **{op: "admin" for op in ADMIN_OPS}}
-REGISTRY_KEY = "registry"
-WRITE_BEHIND_S = 3.0  # the ack-before-commit bug's delay
 
 
 class Clock:
@@ -63,13 +85,45 @@ class Clock:
         return int(self._source() * 1000)
 
 
+def disk_refusal(exc: StorageError) -> RequestError:
+    """A failing disk's answer, never a 500: 507 when full, 503 on an I/O error or a
+    corrupt file (PROTOCOL.md)."""
+    if isinstance(exc, StorageFull):
+        return RequestError(Status.INSUFFICIENT_STORAGE, "disk full: not stored")
+    return RequestError(Status.NOT_READY, f"disk failing: {type(exc).__name__}")
+
+
+async def _disk_refusals(work: Awaitable[tuple[int, Any]]) -> tuple[int, Any]:
+    try:
+        return await work
+    except (StorageFull, StorageIOError, StorageCorrupt) as exc:
+        raise disk_refusal(exc) from None
+
+
+def open_storage(path: Any, disk: Disk, synchronous: str) -> Storage:
+    """The node's store; a database found corrupt is set aside (renamed ``.corrupt``, for
+    a person to look at) and a fresh one opened, which anti-entropy fills from the swarm's
+    peers: nothing is ever served from a damaged file."""
+    try:
+        return Storage(path, disk=disk, synchronous=synchronous)
+    except StorageCorrupt as exc:
+        event(log, "database corrupt: set aside, rebuilding from swarm peers by anti-entropy", logging.ERROR,
+              error=str(exc)[:200])
+        base = os.fspath(path)
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(base + suffix):
+                os.replace(base + suffix, base + ".corrupt" + suffix)
+        return Storage(path, disk=disk, synchronous=synchronous)
+
+
 class Node:
     """One service node.  Time, randomness and the network come from the objects
     passed in: the real ones by default, virtual ones in the simulation."""
 
     def __init__(self, config: NodeConfig, *, clock: Clock | None = None,
                  randbytes: Callable[[int], bytes] = crypto.random_bytes,
-                 rng: random.Random | None = None, network: Network = TCP) -> None:
+                 rng: random.Random | None = None, network: Network = TCP, disk: Disk | None = None,
+                 halt: Callable[[int], None] | None = None) -> None:
         self.config = config
         self.randbytes = randbytes  # handshake challenges, onion reply nonces
         self.rng = rng or random.Random()  # timer jitter
@@ -78,82 +132,106 @@ class Node:
         self.ed_hex = self.identity.ed25519_public.hex()
         self.x_hex = self.identity.x25519_public.hex()
         self.clock = clock or Clock(config.clock_offset_ms)
-        self.storage = Storage(config.db)
-        self._capture_wake = trio.Event()
+        # The harness's disk under SQLite (nodes.disk): faults armed by admin_disk, or
+        # by the simulation on the same object.
+        # Its own Random, seeded by the node's name: drawing from rng would shift every later draw.
+        self.disk = disk or Disk(random.Random(f"disk:{config.name}"))
+        # Injected bug ack-before-sync: commits are acknowledged with nothing synced.
+        self.storage = open_storage(config.db, self.disk,
+                                    "OFF" if "ack-before-sync" in config.inject_bugs else SYNCHRONOUS)
+        self.halt = halt  # how a power loss ends this node at once (the process's _exit by default)
+        self._flusher = CaptureFlusher()
         self.capture = CaptureFile(config.capture, now_ms=self.clock.wall_ms,
                                    buffer_bytes=config.capture_buffer_bytes,
-                                   on_dirty=lambda: self._capture_wake.set()) if config.capture else None
-        self.view: SwarmView | None = None
+                                   on_dirty=self._flusher.wake) if config.capture else None
+        self._flusher.capture = self.capture
         self.entitled = auth.Entitlements()
-        self.links: dict[str, tuple[str, int]] = dict(config.links)
-        self._links_open: set[str] = set()  # links whose proxy the link opener has said exists
-        self._opener: ConnectionPool | None = None  # to the link opener (config.link_opener)
         self.bugs = set(config.inject_bugs)
         self.rate = core.TokenBucket(config.rate_limit_burst, config.rate_limit_per_second)
         self.gate = ConnectionGate(config.connection_limits)  # shared by every listener of this node
         self.listening: list[tuple[str, int]] = []
         self.onion_handler: Callable[[Request, Peer], Awaitable[tuple[int, Any]]] | None = None
         self.onion_take: Take | None = None  # the onion handler's fast path (nodes.onion)
-        self.fanout: Fanout | None = None
-        self._ae_wake = trio.Event()
-        # Anti-entropy skips what cannot have changed: a peer whose digests equalled ours at
-        # this (storage version, view height), and rehoming already done at it.  A peer whose
-        # own messages changed since runs its round with us (the exchange is symmetric).
-        self._ae_matched: dict[str, tuple[int, int]] = {}
-        self._rehomed_at: tuple[int, int] | None = None
-        self._nursery: trio.Nursery | None = None
-        self._cancel: trio.CancelScope | None = None
-        self.pool: ConnectionPool | None = None
-        self.commit: GroupCommit | None = None
+        self.timers = Timers()  # deadlines of work answered from callbacks (forwarding, slow syncs)
         self.stats = {"stores": 0, "replicated_in": 0, "ae_fetched": 0, "ae_pushed": 0, "rehomed": 0,
                       "node_auth_ok": 0, "node_auth_refused": 0, "node_ops_refused_401": 0,
                       "node_ops_refused_403": 0}
+        self.dialer = Dialer(config, self.identity, network=network, capture=self.capture, view=lambda: self.view)
+        # The parts, made by run() (see the module docstring).
+        self.follower: RegistryFollower | None = None
+        self.anti_entropy: AntiEntropy | None = None
+        self.clients: ClientOps | None = None
+        self.peers: PeerOps | None = None
+        self.admin: AdminOps | None = None
+        self.commit: GroupCommit | None = None
+        self._client_ops: dict[str, Callable[[dict], Awaitable[Any]]] = {}
+        self._peer_ops: dict[str, Callable[[dict, str | None], Awaitable[Any]]] = {}
+        self._admin_ops: dict[str, Callable[[dict], Awaitable[Any]]] = {}
+        self._nursery: trio.Nursery | None = None
+        self._cancel: trio.CancelScope | None = None
 
-    # ------------------------------------------------------------------ lifecycle
+    # ------------------------------------------------------------------ what the parts share
 
     @property
     def host(self) -> str:
         return self.config.listen[0][0]
 
-    def _resolve(self, key: Any) -> tuple[str, int, str | None]:
-        if key == REGISTRY_KEY:
-            return self.config.registry[0], self.config.registry[1], self.host
-        if key in self.links:
-            h, p = self.links[key]
-            return h, p, self.host
-        rec = self.view.nodes.get(key) if self.view else None
-        if rec is None:
-            raise RpcError(f"no address known for node {str(key)[:12]}")
-        return rec.host, rec.port, self.host
+    @property
+    def view(self) -> SwarmView | None:
+        """The registry's list as this node holds it (None before the first)."""
+        return self.follower.view if self.follower is not None else None
+
+    @property
+    def pool(self) -> ConnectionPool | None:
+        """Connections to the registry and to other nodes (handshake made on each)."""
+        return self.dialer.pool
+
+    @property
+    def links(self) -> dict[str, tuple[str, int]]:
+        return self.dialer.links
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _make_parts(self, nursery: trio.Nursery, pool: ConnectionPool) -> None:
+        now_ms, view = self.clock.now_ms, lambda: self.view
+        self.commit = GroupCommit(self.storage, self.timers)
+        fanout = Fanout(nursery, pool, self.config.replication_timeout_s, self.timers)
+        self.anti_entropy = AntiEntropy(self.config, me=self.ed_hex, storage=self.storage, commit=self.commit,
+                                        pool=pool, now_ms=now_ms, rng=self.rng, view=view, stats=self.stats,
+                                        bugs=self.bugs)
+        self.follower = RegistryFollower(self.config, self.identity, dialer=self.dialer, wall_ms=self.clock.wall_ms,
+                                         listening=lambda: self.listening, entitled=self.entitled, fanout=fanout,
+                                         wake_anti_entropy=self.anti_entropy.wake)
+        hostile = Hostility(self.rng)
+        self.clients = ClientOps(me=self.ed_hex, storage=self.storage, commit=self.commit, fanout=fanout,
+                                 now_ms=now_ms, view=view, stats=self.stats, bugs=self.bugs, nursery=nursery,
+                                 hostile=hostile)
+        self.peers = PeerOps(storage=self.storage, commit=self.commit, now_ms=now_ms, view=view,
+                             entitled=self.entitled, anti_entropy=self.anti_entropy, stats=self.stats, bugs=self.bugs)
+        self.admin = AdminOps(dialer=self.dialer, listen=self._listen_more, clock=self.clock, stop=self.stop,
+                              nursery=nursery, hostile=hostile, disk=self.disk, own_host=self.host,
+                              **({"halt": self.halt} if self.halt else {}))
+        self._client_ops = {**self.clients.ops(), "info": self.op_info}
+        self._peer_ops = self.peers.ops()
+        self._admin_ops = self.admin.ops()
 
     async def run(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._cancel = nursery.cancel_scope
-                self.pool = ConnectionPool(nursery, self._resolve, capture=self.capture, network=self.network,
-                                           connect_timeout=self.config.replication_timeout_s,
-                                           on_connect=self._authenticate_to,
-                                           on_refused=self._open_link if self.config.link_opener else None)
-                if self.config.link_opener:  # testnet plumbing: not captured, not the modelled network
-                    opener = (*self.config.link_opener, self.host)
-                    self._opener = ConnectionPool(nursery, lambda key: opener, network=self.network,
-                                                  connect_timeout=self.config.replication_timeout_s)
-                self.commit = GroupCommit(self.storage)
-                timers = Timers()
-                await nursery.start(timers.run)
-                self.fanout = Fanout(nursery, self.pool, self.config.replication_timeout_s, timers)
-                self.listening = await nursery.start(
-                    lambda task_status: serve(self.handle, list(self.config.listen), capture=self.capture,
-                                              network=self.network, gate=self.gate, take=self.take,
-                                              task_status=task_status))
+                pool = self.dialer.open(nursery)
+                self._make_parts(nursery, pool)
+                assert self.commit is not None and self.follower is not None and self.anti_entropy is not None
+                await nursery.start(self.timers.run)
+                self.listening = await nursery.start(self._serve, list(self.config.listen))
                 event(log, "listening", node=self.config.name, addresses=self.listening,
                       ed25519=self.ed_hex[:16])
-                nursery.start_soon(self._follow_registry)
-                nursery.start_soon(self._anti_entropy_loop)
-                nursery.start_soon(self._expiry_loop)
+                nursery.start_soon(self.follower.run)
+                nursery.start_soon(self.anti_entropy.run)
+                nursery.start_soon(sweep_expired, self.storage, self.clock.now_ms, self.config.expiry_interval_s)
                 if self.capture is not None:
-                    nursery.start_soon(self._flush_capture_loop)
+                    nursery.start_soon(self._flusher.run)
                 task_status.started(self.listening)
         finally:
             if self.capture is not None:
@@ -164,81 +242,72 @@ class Node:
         if self._cancel is not None:
             self._cancel.cancel()
 
-    async def _open_link(self, key: Any, timeout: float) -> bool:
-        """A dial through one of the testnet's links was refused: its proxy may not be made
-        yet (they are made on first use).  Ask the testnet's controller (``link_opener``) to
-        make it, signed with our key, and dial again.  Once it said so the proxy stays while
-        the link does: a refused dial after that is a cut link, and we do not ask again."""
-        if key not in self.links or key in self._links_open or self._opener is None:
-            return False
-        args = {"src": self.ed_hex, "dst": key,
-                "signature": self.identity.sign(crypto.link_open_message(self.ed_hex, key))}
-        resp = await self._opener.call("controller", "open_link", args, timeout=timeout)
-        if not resp.ok:
-            why = resp.body.get("error") if isinstance(resp.body, dict) else resp.body
-            raise RpcError(f"no link to {str(key)[:12]}: {why}")
-        self._links_open.add(key)
-        return True
+    async def _serve(self, addresses: list[tuple[str, int]], *,
+                     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED) -> None:
+        await serve(self.handle, addresses, capture=self.capture, network=self.network, gate=self.gate,
+                    take=self.take, task_status=task_status)
 
-    async def _authenticate_to(self, key: Any, conn: Any, timeout: float) -> None:
-        """Every connection to another node starts with our handshake (nodes/auth.py)."""
-        if key != REGISTRY_KEY:
-            await auth.authenticate(conn, self.identity, str(key), timeout=timeout)
-
-    async def _flush_capture_loop(self) -> None:
-        """Flush 0.2 s after the first record since the last flush; sleep while none comes
-        (an idle node does not wake for its capture)."""
-        meter.ROLE.set("capture-flush")
-        assert self.capture is not None
-        while True:
-            if not self.capture.dirty:
-                self._capture_wake = trio.Event()
-                await self._capture_wake.wait()
-            await trio.sleep(CAPTURE_FLUSH_S)
-            self.capture.flush()
+    async def _listen_more(self, addresses: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """More listeners (admin_listen: per-user ingress ports), served like the first."""
+        assert self._nursery is not None
+        bound = await self._nursery.start(self._serve, addresses)
+        self.listening.extend(bound)
+        return bound
 
     # ------------------------------------------------------------------ dispatch
 
     def take(self, req: Request, peer: Peer, reply: Reply) -> Awaitable[tuple[int, Any]] | None:
-        """The server's fast path (testnet.base.rpc_server.Take): a replicated copy and an
-        onion layer to relay are handled here on the reader's turn, with no task of their
-        own; everything else, and whatever must wait for a dial, goes on as :meth:`handle`
-        in a task."""
+        """The server's fast path (testnet.base.rpc_server.Take): a replicated copy, an
+        onion layer to relay and a store for this node as the onion target are handled
+        on the reader's turn and answered from callbacks, with no task of their own;
+        everything else, and whatever must wait for a dial, goes on as :meth:`handle`
+        in a task.  Refusals are answered as :meth:`handle` answers them."""
         op = req.op
-        if op == "replicate" and "no-node-auth" not in self.bugs:
-            meter.ROLE.set("replica")
-            try:
-                caller = auth.authenticated_node(peer.session, self.entitled.is_registered)
-                msgs = self._replicated(req.args, caller)
-            except RequestError as exc:
-                if exc.status in (Status.UNAUTHORIZED, Status.FORBIDDEN):
-                    self.stats[f"node_ops_refused_{exc.status}"] += 1
-                raise
-            if not msgs:
-                reply(Status.OK, {"stored": 0})
+        try:
+            if op == "replicate" and "no-node-auth" not in self.bugs and self.peers is not None:
+                self._replicate_now(req, peer, reply)
                 return None
+            if op == "onion" and self.onion_take is not None:
+                meter.ROLE.set("onion-open")
+                self._rate_limit(peer)
+                work = self.onion_take(req, peer, reply)
+                return None if work is None else _disk_refusals(work)
+        except (StorageFull, StorageIOError, StorageCorrupt) as exc:
+            raise disk_refusal(exc) from None
+        return self.handle(req, peer)
 
-            def committed(new: list[bool] | None, error: str | None) -> None:
-                if error is not None:
-                    # As a failed write in a handler: logged by the group commit, answered 500.
-                    reply(Status.INTERNAL_ERROR, {"error": "internal error"})
-                    return
+    def _replicate_now(self, req: Request, peer: Peer, reply: Reply) -> None:
+        """``replicate`` from an authenticated node: checked here, committed with this
+        turn's writes, answered from the commit's callback."""
+        meter.ROLE.set("replica")
+        try:
+            caller = auth.authenticated_node(peer.session, self.entitled.is_registered)
+            msgs = self.peers.replicated(req.args, caller)  # type: ignore[union-attr]
+        except RequestError as exc:
+            if exc.status in (Status.UNAUTHORIZED, Status.FORBIDDEN):
+                self.stats[f"node_ops_refused_{exc.status}"] += 1
+            raise
+        if not msgs:
+            reply(Status.OK, {"stored": 0})
+            return
+
+        def committed(new: list[bool] | None, error: StorageError | None) -> None:
+            if error is None:
                 self.stats["replicated_in"] += sum(new)  # type: ignore[arg-type]
                 reply(Status.OK, {"stored": len(msgs)})
+            elif isinstance(error, (StorageFull, StorageIOError, StorageCorrupt)):
+                refusal = disk_refusal(error)
+                reply(refusal.status, refusal.body)
+            else:  # as a failed write in a handler: logged by the group commit, answered 500
+                reply(Status.INTERNAL_ERROR, {"error": "internal error"})
 
-            self.commit.commit_soon(msgs, committed)
-            return None
-        if op == "onion" and self.onion_take is not None:
-            meter.ROLE.set("onion-open")
-            self._rate_limit(peer)
-            return self.onion_take(req, peer, reply)
-        return self.handle(req, peer)
+        self.commit.commit_soon(msgs, committed)  # type: ignore[union-attr]
 
     def _rate_limit(self, peer: Peer) -> None:
         if not self.rate.allow((peer.remote[0], peer.local[1]), trio.current_time()):
             raise RequestError(Status.RATE_LIMITED, "rate limited")
 
-    async def handle(self, req: Request, peer: Peer) -> tuple[int, Any]:
+    async def _handle(self, req: Request, peer: Peer) -> tuple[int, Any]:
         op = req.op
         # What this request's CPU serves (the onion handler refines it: guard, relay, target).
         meter.ROLE.set(_ROLES.get(op, "other"))
@@ -261,28 +330,36 @@ class Node:
             try:
                 caller = None if "no-node-auth" in self.bugs else \
                     auth.authenticated_node(peer.session, self.entitled.is_registered)
-                return Status.OK, await getattr(self, "op_" + op)(req.args, caller)
+                return Status.OK, await self._peer_ops[op](req.args, caller)
             except RequestError as exc:
                 if exc.status in (Status.UNAUTHORIZED, Status.FORBIDDEN):
                     self.stats[f"node_ops_refused_{exc.status}"] += 1
                 raise
-        method = getattr(self, "op_" + op, None) if (op in CLIENT_OPS or op in ADMIN_OPS) else None
-        if method is None:
-            raise RequestError(Status.NOT_FOUND, f"unknown op {op!r:.70}")
         if op in ADMIN_OPS:
             token = req.args.get("token")
             # compare_digest takes str only when ASCII: compare the UTF-8 bytes.
             if not self.config.admin_token or not isinstance(token, str) or \
                     not secrets.compare_digest(token.encode(), self.config.admin_token.encode()):
                 raise RequestError(Status.UNAUTHORIZED, "admin token required")
+            return Status.OK, await self._admin_ops[op](req.args)
+        method = self._client_ops.get(op) if op in CLIENT_OPS else None
+        if method is None:
+            raise RequestError(Status.NOT_FOUND, f"unknown op {op!r:.70}")
         return Status.OK, await method(req.args)
 
-    def _require_view(self) -> SwarmView:
-        if self.view is None or self.view.my_swarm is None:
-            raise RequestError(Status.NOT_READY, "node has no swarm yet")
-        return self.view
+    async def handle(self, req: Request, peer: Peer) -> tuple[int, Any]:
+        """:meth:`handle`, with a failing disk answered by its status, never a 500:
+        507 when full, 503 on an I/O error or a corrupt file (PROTOCOL.md)."""
+        try:
+            return await self._handle(req, peer)
+        except (StorageFull, StorageIOError, StorageCorrupt) as exc:
+            raise disk_refusal(exc) from None
 
-    # ------------------------------------------------------------------ client ops
+    disk_refusal = staticmethod(disk_refusal)  # for the onion target's fast path
+
+    def client_op(self, op: str) -> Callable[[dict], Awaitable[Any]]:
+        """The handler of a client op (an onion request's target runs it); KeyError if none."""
+        return self._client_ops[op]
 
     async def op_info(self, args: dict) -> dict:
         view = self.view
@@ -297,434 +374,3 @@ class Node:
             "stats": dict(self.stats), "connections": dataclasses.asdict(self.gate.statistics()),
             "process_meter": meter.snapshot(),
         }
-
-    async def op_get_swarm(self, args: dict) -> dict:
-        view = self._require_view()
-        pubkey = core.session_pubkey(args)
-        target = view.swarm_of(pubkey)
-        return {"swarm_id": target, "nodes": [n.to_wire() for n in view.members(target)]}
-
-    def store_soon(self, args: dict, done: Callable[[int, Any], None]) -> None:
-        """A client's store: committed here, then forwarded to every other member of the
-        swarm; ``done(status, body)`` once all have answered (or the forwarding timed
-        out), with no task waiting in between (the onion target's fast path).  A refusal
-        found at once is raised (RequestError)."""
-        msg = core.validate_store(args, self.clock.now_ms())
-        view = self._require_view()
-        if not view.is_mine(msg.pubkey):
-            raise view.wrong_swarm(msg.pubkey)
-        self.stats["stores"] += 1
-        results: dict[str, Any] = {self.ed_hex: {"status": Status.OK}}
-        if "ack-before-commit" in self.bugs:
-            # Deliberately broken: answer now, write (and forward) later.
-            self._nursery.start_soon(self._write_behind, msg)
-            done(Status.OK, {"hash": msg.hash, "swarm": results})
-            return
-
-        def replicated(outcomes: dict[str, Any]) -> None:
-            results.update(outcomes)
-            done(Status.OK, {"hash": msg.hash, "swarm": results})
-
-        def committed(new: list[bool] | None, error: str | None) -> None:
-            if error is not None:  # this node did not keep it
-                done(Status.INTERNAL_ERROR, {"error": "storage failed: StorageError"})
-            elif "skip-replication" in self.bugs:
-                done(Status.OK, {"hash": msg.hash, "swarm": results})
-            else:
-                self.fanout.send_soon("replicate", msg, view, replicated)
-
-        self.commit.commit_soon([msg], committed)
-
-    async def op_store(self, args: dict) -> dict:
-        answer: list[Any] = []
-        answered = trio.Event()
-
-        def done(status: int, body: Any) -> None:
-            answer[:] = [status, body]
-            answered.set()
-
-        self.store_soon(args, done)
-        await answered.wait()
-        status, body = answer
-        if status != Status.OK:
-            raise RequestError(status, body["error"], body)
-        return body
-
-    async def _write_behind(self, msg: StoredMessage) -> None:
-        await trio.sleep(WRITE_BEHIND_S)
-        await self.commit.commit([msg])
-        if self.view is not None:
-            await self.fanout.send("replicate", msg, self.view)
-
-    async def op_retrieve(self, args: dict) -> dict:
-        pubkey, ns, last = core.validate_retrieve(args, self.clock.now_ms())
-        view = self._require_view()
-        if not view.is_mine(pubkey):
-            raise view.wrong_swarm(pubkey)
-        msgs, more = self.storage.retrieve(pubkey, ns, last, self.clock.now_ms())
-        # As many as fit in one reply; the client asks again after the last hash it got.
-        fit = core.fitting(msgs, core.wire_bytes)
-        msgs, more = fit, more or len(fit) < len(msgs)
-        if "wrong-inbox" in self.bugs:
-            # Deliberately broken: mix in a neighbour account's messages.
-            for other in self.storage.pubkeys():
-                if other != pubkey and view.is_mine(other):
-                    extra, _ = self.storage.retrieve(other, ns, None, self.clock.now_ms(), limit=2)
-                    msgs = msgs + extra
-                    break
-        return {"messages": [{"hash": m.hash, "timestamp": m.timestamp, "expiry": m.expiry, "data": m.data}
-                             for m in msgs], "more": more}
-
-    async def op_delete(self, args: dict) -> dict:
-        pubkey, hs = core.validate_delete(args)
-        view = self._require_view()
-        if not view.is_mine(pubkey):
-            raise view.wrong_swarm(pubkey)
-        if "local-delete" in self.bugs:
-            # Deliberately broken: delete here only, tell nobody, remember nothing.
-            deleted = self.storage.delete(pubkey, hs)
-            return {"deleted": deleted, "swarm": {self.ed_hex: {"status": Status.OK, "deleted": deleted}}}
-        deleted = self._delete_local(pubkey, hs)
-        results = {self.ed_hex: {"status": Status.OK, "deleted": deleted}}
-        results.update(await self.fanout.send("replicate_delete", (pubkey, hs), view))
-        return {"deleted": deleted, "swarm": results}
-
-    def _delete_local(self, pubkey: str, hs: list[str]) -> list[str]:
-        # A deleted message must never come back from a peer's copy: remember the hash
-        # for as long as any copy could still be alive.
-        return self.storage.delete(pubkey, hs, tombstone_until=self.clock.now_ms() + core.MAX_TTL_MS)
-
-    async def op_expire(self, args: dict) -> dict:
-        pubkey, hs, expiry = core.validate_expire(args, self.clock.now_ms())
-        view = self._require_view()
-        if not view.is_mine(pubkey):
-            raise view.wrong_swarm(pubkey)
-        updated = self.storage.expire(pubkey, hs, max(expiry, 1))
-        results = {self.ed_hex: {"status": Status.OK, "updated": updated}}
-        results.update(await self.fanout.send("replicate_expire", (pubkey, hs, expiry), view))
-        return {"updated": updated, "swarm": results}
-
-    # ------------------------------------------------------------------ node-to-node ops
-
-    # Each takes the authenticated caller's ed25519 hex (None only under the
-    # injected bug no-node-auth) and answers 403 for accounts of a swarm the
-    # caller is not, and was not recently, a member of.
-
-    def _require_accounts(self, caller: str | None, pubkeys: Any, *, rehoming: bool = False) -> None:
-        if caller is not None:
-            self.entitled.require_accounts(caller, pubkeys, rehoming=rehoming)
-
-    def _replicated(self, args: dict, caller: str | None) -> list[StoredMessage]:
-        """The copies of a ``replicate`` this node may store (the checks of :meth:`op_replicate`)."""
-        msgs = core.replicated_messages(args)
-        core.check_replicated_expiries(msgs, self.clock.now_ms())
-        self._require_accounts(caller, (m.pubkey for m in msgs), rehoming=True)
-        return [m for m in msgs if not self.storage.tombstoned(m.hash)]
-
-    async def op_replicate(self, args: dict, caller: str | None) -> dict:
-        """Forwarded copies (from a member, or a recent member rehoming them): stored,
-        never forwarded again.  (Usually taken without a task: :meth:`take`.)"""
-        msgs = self._replicated(args, caller)
-        if msgs:
-            new = await self.commit.commit(msgs)
-            self.stats["replicated_in"] += sum(new)
-        return {"stored": len(msgs)}
-
-    async def op_replicate_delete(self, args: dict, caller: str | None) -> dict:
-        items = core.replicated_deletes(args)
-        self._require_accounts(caller, (pk for pk, _ in items))
-        done = []
-        for pubkey, hs in items:
-            done.extend(self._delete_local(pubkey, hs))
-        return {"deleted": len(done)}
-
-    async def op_replicate_expire(self, args: dict, caller: str | None) -> dict:
-        items = core.replicated_expiries(args)
-        self._require_accounts(caller, (pk for pk, _, _ in items))
-        n = 0
-        for pubkey, hs, expiry in items:
-            n += len(self.storage.expire(pubkey, hs, max(expiry, 1)))
-        return {"updated": n}
-
-    async def op_ae_digest(self, args: dict, caller: str | None) -> dict:
-        """Anti-entropy, step 1: the pubkeys of that swarm whose digests differ from the
-        caller's, each with our digest per bucket."""
-        swarm_id, theirs = core.ae_digest_args(args)
-        if caller is not None:
-            self.entitled.require_swarm(caller, swarm_id)
-        if "skip-replication" in self.bugs:
-            return {"buckets": {}}
-        view = self._require_view()
-        ours = self.storage.ae_digests(lambda pk: view.swarm_of(pk) == swarm_id)
-        differ = [pk for pk in set(ours) | set(theirs) if ours.get(pk) != theirs.get(pk)][:1000]
-        if not differ and caller is not None and swarm_id == view.my_swarm and caller in view.peer_keys():
-            # Equal at our state: our own round need not ask this peer again until either side
-            # changes (as if we had asked; the side that changes runs the round).
-            self._ae_matched[caller] = (self.storage.index.version, view.height)
-        if caller is not None:
-            differ = [pk for pk in differ if self.entitled.may_hold(caller, pk)]
-        buckets = self.storage.ae_buckets(differ)
-        # Pubkeys whose buckets fit in one reply; the rest still differ next round.
-        fit = core.fitting(buckets.items(), core.hash_list_bytes)
-        return {"buckets": {pk: [[b, d] for b, d in bs.items()] for pk, bs in fit}}
-
-    async def op_ae_hashes(self, args: dict, caller: str | None) -> dict:
-        """Anti-entropy, step 2: our hashes in the buckets asked for, per pubkey."""
-        wanted = core.ae_buckets_args(args)
-        self._require_accounts(caller, wanted)
-        if "skip-replication" in self.bugs:
-            return {"hashes": {}}
-        hashes = self.storage.ae_hashes(dict(list(wanted.items())[:1000]), self.clock.now_ms())
-        # Pubkeys whose hashes fit in one reply; the initiator compares only those this round.
-        fit = core.fitting(hashes.items(), core.hash_list_bytes)
-        return {"hashes": dict(fit)}
-
-    async def op_ae_fetch(self, args: dict, caller: str | None) -> dict:
-        """The messages with these hashes that we hold and the caller may hold too, as
-        many as fit in one reply (in order).  A hash names no account, so messages of
-        other swarms are left out rather than refused."""
-        msgs = self.storage.get_many(core.hashes(args))
-        if caller is not None:
-            msgs = [m for m in msgs if self.entitled.may_hold(caller, m.pubkey)]
-        return {"messages": [core.message_to_wire(m) for m in core.fitting(msgs, core.wire_bytes)]}
-
-    # ------------------------------------------------------------------ admin ops
-
-    async def op_admin_set_links(self, args: dict) -> dict:
-        links = core.arg_map(args, "links", 100_000)
-        if not all(isinstance(k, str) and len(k) <= 64 for k in links):
-            raise RequestError(Status.BAD_REQUEST, "'links' keys must be node keys (hex)")
-        new = {k: core.loopback_address(v, f"link {k[:16]}") for k, v in links.items()}
-        old, self.links = self.links, new
-        # Redial only the peers whose route changed; the registry's long poll stays up.
-        changed = [k for k in set(old) | set(new) if old.get(k) != new.get(k)]
-        for key in changed:
-            self._links_open.discard(key)
-            await self.pool.drop(key)
-        return {"links": len(self.links), "redialled": len(changed)}
-
-    async def op_admin_listen(self, args: dict) -> dict:
-        addrs = [core.loopback_address(a, "each address") for a in core.arg_list(args, "addresses", 256)]
-        try:
-            bound = await self._nursery.start(
-                lambda task_status: serve(self.handle, addrs, capture=self.capture, network=self.network,
-                                          gate=self.gate, take=self.take, task_status=task_status))
-        except (OSError, ValueError) as exc:
-            raise RequestError(Status.BAD_REQUEST, f"cannot listen: {exc}") from None
-        self.listening.extend(bound)
-        return {"addresses": [list(a) for a in bound]}
-
-    async def op_admin_clock(self, args: dict) -> dict:
-        offset = core.clock_offset(args.get("offset_ms"))
-        self.clock.offset_ms = offset
-        event(log, "clock offset", offset_ms=offset)
-        return {"offset_ms": offset}
-
-    async def op_admin_stop(self, args: dict) -> dict:
-        self._nursery.start_soon(self._stop_soon)
-        return {}
-
-    async def _stop_soon(self) -> None:
-        await trio.sleep(0.05)  # let the reply go out first
-        self.stop()
-
-    # ------------------------------------------------------------------ registry
-
-    async def _registry_call(self, op: str, args: dict, timeout: float) -> Any:
-        resp = await self.pool.call(REGISTRY_KEY, op, args, timeout=timeout)
-        if not resp.ok:
-            raise RequestError(resp.status, f"registry answered {resp.status}")
-        return resp.body
-
-    async def _follow_registry(self) -> None:
-        meter.ROLE.set("registry-follow")
-        registered = False
-        height, epoch = -1, None  # the registry list we hold: its height and the registry run it came from
-        while True:
-            try:
-                if not registered:
-                    host, port = self.listening[0]
-                    await self._registry_call("register", register_args(self.identity, host, port,
-                                                                        self.clock.wall_ms()), 5.0)
-                    registered = True
-                    event(log, "registered", host=host, port=port)
-                # The first list comes with the registry's recent swarm history (auth.Entitlements);
-                # later ones, naming the registry run we hold a list from, only with what changed.
-                args: dict[str, Any] = {"since_height": height, "wait_ms": 10_000, "history": height < 0}
-                if epoch is not None:
-                    args["epoch"] = epoch
-                body = await self._registry_call("get_service_nodes", args, 15.0)
-                if body["height"] < height:
-                    # The registry forgot us (restarted without its state): register again.
-                    registered, height, epoch = False, -1, None
-                    continue
-                if body.get("changed", True) and (body["height"] != height or body.get("epoch") != epoch):
-                    if "since_height" in body:
-                        view = self.view.apply_delta(body)  # ValueError unless it starts at our list
-                    else:
-                        view = SwarmView.from_registry(body, self.ed_hex)
-                    height, epoch = view.height, body.get("epoch")
-                    self._apply_view(view)
-                    self.entitled.add_history(body.get("history"))  # differences from this view
-                    # Registrations come in bursts (a boot, churn): let the burst finish rather than
-                    # fetch once per change.
-                    await trio.sleep(self.config.registry_settle_s)
-            except (RpcError, RequestError, KeyError, TypeError, ValueError, AttributeError) as exc:
-                event(log, "registry unreachable", logging.WARNING, error=type(exc).__name__)
-                height, epoch = (-1, None) if isinstance(exc, (KeyError, TypeError, ValueError, AttributeError)) \
-                    else (height, epoch)
-                await self.pool.drop(REGISTRY_KEY)
-                await trio.sleep(self.config.registry_poll_s)
-
-    def _apply_view(self, view: SwarmView) -> None:
-        old = self.view
-        self.view = view
-        self.entitled.update(view)
-        old_peers = {p.ed25519_public for p in old.peers()} if old and old.my_swarm is not None else set()
-        new_peers = {p.ed25519_public for p in view.peers()}
-        if self.fanout is not None:
-            self.fanout.keep_only(new_peers)
-        event(log, "swarm view", height=view.height, swarm_id=view.my_swarm, members=len(new_peers) + 1,
-              joined=len(new_peers - old_peers), left=len(old_peers - new_peers))
-        if old is None or old.my_swarm != view.my_swarm or new_peers - old_peers:
-            self._ae_wake.set()  # push to new members and rehome at once
-
-    # ------------------------------------------------------------------ anti-entropy
-
-    async def _anti_entropy_loop(self) -> None:
-        meter.ROLE.set("anti-entropy")
-        while True:
-            if self.view is None:
-                await self._ae_wake.wait()  # nothing to compare before the first list
-            with trio.move_on_after(self.config.anti_entropy_interval_s * self.rng.uniform(0.75, 1.25)):
-                await self._ae_wake.wait()
-            woken = self._ae_wake.is_set()
-            if woken:
-                # A new view: our new peers follow the same registry and may not list us yet
-                # (they would refuse our handshake); give them the time they take to catch up.
-                await trio.sleep(2 * self.config.registry_settle_s)
-            self._ae_wake = trio.Event()
-            view = self.view
-            if view is None or "skip-replication" in self.bugs:
-                continue
-            state = (self.storage.index.version, view.height)
-            async with trio.open_nursery() as nursery:
-                if state != self._rehomed_at:
-                    nursery.start_soon(self._rehome, view, state)
-                if view.my_swarm is not None:
-                    peers = [p.ed25519_public for p in view.peers() if self._ae_matched.get(p.ed25519_public) != state]
-                    if woken:
-                        # Every member of a swarm wakes with the same new view: of each pair, the
-                        # lower key asks at once (the exchange is symmetric, and the peer asked
-                        # notes the match); the higher asks in its next round if still unmatched.
-                        peers = [p for p in peers if p > self.ed_hex]
-                    if peers:
-                        ours = self.storage.ae_digests(view.is_mine)  # once per round, for all peers
-                        for peer in peers:
-                            nursery.start_soon(self._sync_with, view, peer, ours, state)
-
-    async def _sync_with(self, view: SwarmView, peer: str, ours: dict[str, str], state: tuple[int, int]) -> None:
-        """Compare digests with ``peer``, then bucket digests where they differ, then
-        hashes where buckets differ; fetch what we lack, push what it lacks, send deletes."""
-        timeout = self.config.replication_timeout_s * 2
-        try:
-            resp = await self.pool.call(peer, "ae_digest", {"swarm_id": view.my_swarm, "digests": ours},
-                                        timeout=timeout)
-            if not resp.ok:
-                return
-            their_buckets = {pk: bs for pk, bs in core.ae_digest_reply(resp.body).items() if view.is_mine(pk)}
-            if not their_buckets:
-                self._ae_matched[peer] = state  # equal: nothing to do until either side changes
-                return
-            my_buckets = self.storage.ae_buckets(list(their_buckets))
-            differ = {pk: sorted(b for b in set(mine) | set(their_buckets[pk])
-                                 if mine.get(b) != their_buckets[pk].get(b))
-                      for pk, mine in my_buckets.items()}
-            differ = {pk: bs for pk, bs in differ.items() if bs}
-            if not differ:
-                return
-            resp = await self.pool.call(peer, "ae_hashes", {"buckets": differ}, timeout=timeout)
-            if not resp.ok:
-                return
-            theirs = {pk: hs for pk, hs in core.ae_hashes_reply(resp.body).items() if pk in differ}
-            mine = self.storage.ae_hashes({pk: differ[pk] for pk in theirs}, self.clock.now_ms())
-            want, give, kill = [], [], []
-            for pk, hs in theirs.items():
-                if not view.is_mine(pk):
-                    continue
-                have = set(mine.get(pk, ()))
-                there = set(hs)
-                want += [h for h in there - have if not self.storage.tombstoned(h)]
-                kill += [(pk, [h for h in there if self.storage.tombstoned(h)])]
-                give += sorted(have - there)
-            while want:
-                # The peer answers with as many as fit in one reply; ask again for the rest.
-                asked = set(want[:core.BATCH_COUNT])
-                got = await self.pool.call(peer, "ae_fetch", {"hashes": want[:core.BATCH_COUNT]}, timeout=timeout)
-                # Only what we asked for, of our accounts: anything else would be taken unchecked
-                # (and a peer answering with other messages would keep this loop going forever).
-                msgs = [m for m in core.ae_fetch_reply(got.body) if m.hash in asked and view.is_mine(m.pubkey)] \
-                    if got.ok else []
-                if not msgs:
-                    break
-                new = await self.commit.commit(msgs)
-                self.stats["ae_fetched"] += sum(new)
-                received = {m.hash for m in msgs}
-                want = [h for h in want if h not in received]
-            for i in range(0, len(give), core.BATCH_COUNT):
-                for batch in core.batches(self.storage.get_many(give[i:i + core.BATCH_COUNT]), core.wire_bytes):
-                    await self.pool.call(peer, "replicate", {"messages": [core.message_to_wire(m) for m in batch]},
-                                         timeout=timeout)
-                    self.stats["ae_pushed"] += len(batch)
-            kill = [(pk, hs) for pk, hs in kill if hs]
-            if kill:
-                await self.pool.call(peer, "replicate_delete", {"messages": [list(k) for k in kill]}, timeout=timeout)
-        except (RpcError, RequestError) as exc:
-            event(log, "anti-entropy failed", logging.DEBUG, peer=peer[:16], error=type(exc).__name__)
-            await self.pool.drop(peer)
-
-    async def _rehome(self, view: SwarmView, state: tuple[int, int]) -> None:
-        """Push messages that belong to another swarm to all its members, then drop them here.
-        Once none is left astray at ``state``, the next rounds skip this until it changes."""
-        now = self.clock.now_ms()
-        stray = [pk for pk in self.storage.pubkeys() if not view.is_mine(pk)]
-        if not stray:
-            self._rehomed_at = state
-            return
-        by_swarm: dict[int, list[str]] = {}
-        for pk in stray:
-            target = view.swarm_of(pk)
-            if target is not None:
-                by_swarm.setdefault(target, []).append(pk)
-        timeout = self.config.replication_timeout_s * 2
-        for target, pks in by_swarm.items():
-            msgs = self.storage.messages_for(pks, now)
-            members = view.members(target)
-            if not msgs or not members:
-                continue
-            ok = True
-            for member in members:
-                for batch in core.batches(msgs, core.wire_bytes):
-                    try:
-                        resp = await self.pool.call(member.ed25519_public, "replicate",
-                                                    {"messages": [core.message_to_wire(m) for m in batch]},
-                                                    timeout=timeout)
-                        ok = ok and resp.ok
-                    except RpcError:
-                        ok = False
-                        await self.pool.drop(member.ed25519_public)
-                        break
-            if ok and self.view is view:
-                # Every member of the right swarm holds them now: they are not ours to keep.
-                for pk in pks:
-                    self.storage.delete(pk, [m.hash for m in msgs if m.pubkey == pk])
-                self.stats["rehomed"] += len(msgs)
-                event(log, "rehomed", swarm_id=target, messages=len(msgs))
-
-    async def _expiry_loop(self) -> None:
-        meter.ROLE.set("expiry")
-        while True:
-            await trio.sleep(self.config.expiry_interval_s)
-            removed = self.storage.delete_expired(self.clock.now_ms())
-            if removed:
-                event(log, "expired", removed=removed)

@@ -13,23 +13,26 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import apsw
+
 from testnet.base.meter import COUNTS
 
-__all__ = ["SCHEMA_VERSION", "AE_BUCKET_MS", "StorageError", "StoredMessage", "StorageStatistics", "Storage",
-           "DigestIndex", "ae_bucket"]
+from .disk import Disk
 
-SCHEMA_VERSION = 2
+__all__ = ["SCHEMA_VERSION", "AE_BUCKET_MS", "StorageError", "StorageFull", "StorageIOError", "StorageCorrupt",
+           "StoredMessage", "StorageStatistics", "Storage", "DigestIndex", "ae_bucket", "SYNCHRONOUS"]
+
+SCHEMA_VERSION = 3
 # Bound variables per `IN (...)` query: SQLite allows 32766 since 3.32 but only
 # 999 before, and a few hundred already amortise the statement.
 _CHUNK = 500
 _PUBKEY = re.compile(r"[0-9a-f]{66}")
 _NAMESPACES = range(-(2**15), 2**15)  # oxen-storage-server: a namespace is an int16
-_SCHEMA = (
+_V1 = (
     # AUTOINCREMENT: ids are never reused, even after the newest row is deleted,
     # so "stored after last_hash" keeps its meaning.
     "CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, hash TEXT UNIQUE NOT NULL,"
@@ -37,13 +40,31 @@ _SCHEMA = (
     " expiry INTEGER NOT NULL, data BLOB NOT NULL)",
     "CREATE INDEX messages_owner ON messages (pubkey, namespace, id)",
     "CREATE INDEX messages_expiry ON messages (expiry)",
-    # Version 2: anti-entropy lists an account's hashes by timestamp bucket, and
-    # deleted hashes are remembered (until they could no longer be alive
-    # anywhere) so that no peer's copy brings them back, across restarts too.
+)
+_V2 = (
+    # Anti-entropy lists an account's hashes by timestamp bucket, and deleted hashes
+    # are remembered (until they could no longer be alive anywhere) so that no
+    # peer's copy brings them back, across restarts too.
     "CREATE INDEX messages_time ON messages (pubkey, timestamp)",
     "CREATE TABLE tombstones (hash TEXT PRIMARY KEY, until INTEGER NOT NULL)",
 )
-_MIGRATIONS = {1: _SCHEMA[-2:]}  # from version N to SCHEMA_VERSION
+_V3 = (
+    # A tombstone belongs to the account whose delete left it (a hash is the hash of one
+    # account's message: another account's delete naming it must not block that message),
+    # and keeps the proof of that delete — the account's signed request, opaque here — so
+    # that it can be forwarded and verified.  Version 2's tombstones name no account:
+    # they stand for any (pubkey '') and have no proof.
+    "CREATE TABLE tombstones_v3 (pubkey TEXT NOT NULL, hash TEXT NOT NULL, until INTEGER NOT NULL,"
+    " proof INTEGER, PRIMARY KEY (pubkey, hash))",
+    "INSERT INTO tombstones_v3 (pubkey, hash, until) SELECT '', hash, until FROM tombstones",
+    "DROP TABLE tombstones",
+    "ALTER TABLE tombstones_v3 RENAME TO tombstones",
+    "CREATE TABLE proofs (id INTEGER PRIMARY KEY, digest BLOB UNIQUE NOT NULL, proof BLOB NOT NULL,"
+    " until INTEGER NOT NULL)",
+    "CREATE INDEX proofs_until ON proofs (until)",
+)
+_SCHEMA = _V1 + _V2 + _V3
+_MIGRATIONS = {1: _V2 + _V3, 2: _V3}  # from version N to SCHEMA_VERSION
 _COLUMNS = "pubkey, namespace, hash, data, timestamp, expiry"  # StoredMessage's field order
 # Anti-entropy compares messages in buckets of this many ms of their (client-set,
 # hence replica-independent) timestamp.
@@ -52,6 +73,33 @@ AE_BUCKET_MS = 5_000
 
 class StorageError(Exception):
     """Nonsense input, an unusable database file, or a failed SQLite call."""
+
+
+class StorageFull(StorageError):
+    """The disk is full: nothing of the write was kept (PROTOCOL.md: 507)."""
+
+
+class StorageIOError(StorageError):
+    """The disk failed to read, write or sync: nothing of the write was kept (503)."""
+
+
+class StorageCorrupt(StorageError):
+    """SQLite found the database file damaged: nothing it holds may be served."""
+
+
+def _storage_error(what: str, e: apsw.Error) -> StorageError:
+    if isinstance(e, apsw.FullError):
+        return StorageFull(f"{what}: disk full: {e}")
+    if isinstance(e, (apsw.CorruptError, apsw.NotADBError)):
+        return StorageCorrupt(f"{what}: database corrupt: {e}")
+    if isinstance(e, apsw.IOError):
+        return StorageIOError(f"{what}: disk I/O error: {e}")
+    return StorageError(f"{what}: {e}")
+
+
+# The WAL is synced at every commit: an acknowledged store survives a power loss
+# (PROTOCOL.md, "What an acknowledgement means"; the costs measured are there).
+SYNCHRONOUS = "FULL"
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,40 +261,50 @@ class Storage:
     Every write is one transaction and returns only after it has committed.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, disk: Disk | None = None,
+                 synchronous: str = SYNCHRONOUS) -> None:
         self._path = os.fspath(path)
+        self.disk = disk
+        if synchronous not in ("OFF", "NORMAL", "FULL"):
+            raise StorageError(f"synchronous must be OFF, NORMAL or FULL, got {synchronous!r:.40}")
         try:
-            # isolation_level=None: no implicit transactions; each write opens
-            # its own with BEGIN IMMEDIATE and commits before returning.
-            self._db: sqlite3.Connection | None = sqlite3.connect(self._path, isolation_level=None, timeout=2.0)
-        except sqlite3.Error as e:
-            raise StorageError(f"cannot open {self._path!r}: {e}") from e
+            # apsw opens no implicit transactions: each write opens its own
+            # with BEGIN IMMEDIATE and commits before returning.  With a disk,
+            # every file SQLite touches goes through the harness's VFS.
+            self._db: apsw.Connection | None = apsw.Connection(
+                self._path, vfs=disk.vfs_name if disk is not None else None)
+            self._db.setbusytimeout(2000)
+        except apsw.Error as e:
+            raise _storage_error(f"cannot open {self._path!r}", e) from e
         try:
             with self._guard("open") as db:
                 mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if mode != "wal" and self._path != ":memory:":
                     raise StorageError(f"{self._path!r}: SQLite refused WAL mode (got {mode!r})")
-                # Durability: in WAL mode a commit hands its frames to the OS
-                # with write(2) before it returns, so an acknowledged store sits
-                # in the page cache and survives a kill -9 of this process (the
-                # next open replays the WAL). OFF also skips the fsyncs at
-                # checkpoints: the testnet's fault model is process death, not
-                # power loss, and on a shared disk those fsyncs cost ~30 % of
-                # store throughput (measured with `swarmnet bench node`). A
-                # power cut or an OS crash may lose or corrupt recent commits.
-                db.execute("PRAGMA synchronous=OFF")
+                # Durability: FULL syncs the WAL at every commit, so a commit
+                # that returned survives a power loss of the disk under it;
+                # NORMAL syncs only at checkpoints (a power loss may lose the
+                # latest commits), OFF never.  Group commit lets one sync cover
+                # every store that arrived together.
+                db.execute(f"PRAGMA synchronous={synchronous}")
+            with self._guard("open") as db:
+                # A damaged file is never served from: the caller sets it aside and
+                # rebuilds from its swarm's peers (nodes.server.open_storage).
+                check = db.execute("PRAGMA quick_check").fetchone()[0]
+                if check != "ok":
+                    raise StorageCorrupt(f"{self._path!r}: integrity check failed: {check:.200}")
             with self._transaction("open") as db:
                 self._migrate(db)
             self.index = DigestIndex()
             with self._guard("open") as db:
                 for pubkey, message_hash, timestamp in db.execute("SELECT pubkey, hash, timestamp FROM messages"):
                     self.index.add(pubkey, message_hash, timestamp)
-                self._tombstones = {h for (h,) in db.execute("SELECT hash FROM tombstones")}
+                self._tombstones: set[tuple[str, str]] = set(db.execute("SELECT pubkey, hash FROM tombstones"))
         except BaseException:
             self.close()
             raise
 
-    def _migrate(self, db: sqlite3.Connection) -> None:
+    def _migrate(self, db: apsw.Connection) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
@@ -264,17 +322,18 @@ class Storage:
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
-    def _guard(self, what: str) -> Iterator[sqlite3.Connection]:
-        """The open connection, with SQLite's errors raised as StorageError."""
+    def _guard(self, what: str) -> Iterator[apsw.Connection]:
+        """The open connection, with SQLite's errors raised as StorageError (or the
+        subclass that says the disk is full, failing, or the file corrupt)."""
         if self._db is None:
             raise StorageError(f"{what}: storage is closed")
         try:
             yield self._db
-        except sqlite3.Error as e:
-            raise StorageError(f"{what}: {e}") from e
+        except apsw.Error as e:
+            raise _storage_error(what, e) from e
 
     @contextmanager
-    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, what: str) -> Iterator[apsw.Connection]:
         """One write transaction: committed on success, rolled back on any error."""
         with self._guard(what) as db:
             # IMMEDIATE takes the write lock first, so what we read inside
@@ -293,7 +352,10 @@ class Storage:
         """Close the file; later calls raise StorageError. Safe to call twice."""
         db, self._db = self._db, None
         if db is not None:
-            db.close()
+            try:
+                db.close()
+            except apsw.Error:  # a disk that failed (or lost power) cannot checkpoint: the files stay as they are
+                pass
 
     def store_many(self, messages: Sequence[StoredMessage]) -> list[bool]:
         """Store a batch in one transaction; per message, True if new and False if a duplicate.
@@ -327,16 +389,21 @@ class Storage:
         """Store one message; True if it was new (see store_many)."""
         return self.store_many([message])[0]
 
-    def delete(self, pubkey: str, hashes: Iterable[str], *, tombstone_until: int | None = None) -> list[str]:
+    def delete(self, pubkey: str, hashes: Iterable[str], *, tombstone_until: int | None = None,
+               proof: bytes | None = None) -> list[str]:
         """Delete the pubkey's (only) messages with these hashes; those deleted, in the given order.
 
         With ``tombstone_until`` (ms), every hash asked for — held here or not —
-        is also remembered as deleted until then, in the same transaction: see
-        :meth:`tombstoned`.
+        is also remembered as deleted for this pubkey until then, in the same
+        transaction (see :meth:`tombstoned`), with ``proof`` (opaque bytes: what
+        authorised the delete) when given: see :meth:`tombstone_proofs`.
         """
         sql = "DELETE FROM messages WHERE pubkey = ? AND hash IN ({}) RETURNING hash, timestamp"
         tomb = None if tombstone_until is None else _check_ms("tombstone_until", tombstone_until)
-        gone = self._by_owner("delete", sql, (_check_pubkey(pubkey),), hashes, tombstone_until=tomb)
+        if proof is not None and not isinstance(proof, bytes):
+            raise StorageError(f"a proof must be bytes, got {type(proof).__name__}")
+        gone = self._by_owner("delete", sql, (_check_pubkey(pubkey),), hashes, tombstone_until=tomb,
+                              proof=proof)
         for message_hash, timestamp in gone.items():
             self.index.remove(pubkey, message_hash, timestamp)
         return list(gone)
@@ -349,28 +416,52 @@ class Storage:
         return list(self._by_owner("expire", sql, args, hashes))
 
     def _by_owner(self, what: str, sql: str, args: tuple, hashes: Iterable[str], *,
-                  tombstone_until: int | None = None) -> dict[str, int]:
+                  tombstone_until: int | None = None, proof: bytes | None = None) -> dict[str, int]:
         """Run ``sql`` (returning hash, timestamp) over the hashes: hash -> timestamp of those
-        it touched, in the given order."""
+        it touched, in the given order.  ``args[-1]`` is the pubkey (its tombstones)."""
         wanted = _unique("hashes", hashes, _check_hash)
         if not wanted:
             return {}
         done: dict[str, int] = {}
+        pubkey = args[-1]
         with self._transaction(what) as db:
             for part, marks in _chunks(wanted):
                 done.update(db.execute(sql.format(marks), (*args, *part)))
             if tombstone_until is not None:
-                db.executemany("INSERT INTO tombstones (hash, until) VALUES (?, ?) "
-                               "ON CONFLICT (hash) DO UPDATE SET until = max(until, excluded.until)",
-                               [(h, tombstone_until) for h in wanted])
+                proof_id = None
+                if proof is not None:
+                    # The same signed delete often comes twice (fanned out, then from anti-entropy).
+                    proof_id = db.execute(
+                        "INSERT INTO proofs (digest, proof, until) VALUES (?, ?, ?) ON CONFLICT (digest) DO "
+                        "UPDATE SET until = max(until, excluded.until) RETURNING id",
+                        (hashlib.blake2b(proof, digest_size=16).digest(), proof, tombstone_until)).fetchone()[0]
+                # A tombstone keeps the proof of its latest delete (the one that set its `until`).
+                db.executemany("INSERT INTO tombstones (pubkey, hash, until, proof) VALUES (?, ?, ?, ?) "
+                               "ON CONFLICT (pubkey, hash) DO UPDATE SET proof = CASE WHEN excluded.proof IS NOT "
+                               "NULL AND (proof IS NULL OR excluded.until >= until) THEN excluded.proof ELSE proof "
+                               "END, until = max(until, excluded.until)",
+                               [(pubkey, h, tombstone_until, proof_id) for h in wanted])
         if tombstone_until is not None:
-            self._tombstones.update(wanted)
+            self._tombstones.update((pubkey, h) for h in wanted)
         return {h: done[h] for h in wanted if h in done}
 
-    def tombstoned(self, message_hash: str) -> bool:
-        """Whether this hash was deleted (with a tombstone still in force): copies of it
-        from peers, by replication or anti-entropy, must not be stored again."""
-        return message_hash in self._tombstones
+    def tombstoned(self, pubkey: str, message_hash: str) -> bool:
+        """Whether this account's message with this hash was deleted (with a tombstone still
+        in force): copies of it from peers, by replication or anti-entropy, must not be
+        stored again."""
+        return (pubkey, message_hash) in self._tombstones or ("", message_hash) in self._tombstones
+
+    def tombstone_proofs(self, pubkey: str, hashes: Iterable[str]) -> list[bytes]:
+        """The proofs (as given to :meth:`delete`) of this account's tombstones of these
+        hashes, each once; tombstones without a proof give none."""
+        wanted = _unique("hashes", hashes, _check_hash)
+        found: dict[int, bytes] = {}
+        with self._guard("tombstone_proofs") as db:
+            for part, marks in _chunks(wanted):
+                sql = (f"SELECT p.id, p.proof FROM tombstones t JOIN proofs p ON p.id = t.proof "
+                       f"WHERE t.pubkey = ? AND t.hash IN ({marks})")
+                found.update(db.execute(sql, (_check_pubkey(pubkey), *part)))
+        return [found[k] for k in sorted(found)]
 
     def delete_expired(self, now_ms: int) -> int:
         """Remove every message whose expiry is at or before now_ms (and every tombstone
@@ -380,8 +471,10 @@ class Storage:
         with self._transaction("delete_expired") as db:
             gone = db.execute("DELETE FROM messages WHERE expiry <= ? RETURNING pubkey, hash, timestamp",
                               (now_ms,)).fetchall()
-            buried = db.execute("DELETE FROM tombstones WHERE until <= ? RETURNING hash", (now_ms,)).fetchall()
-        self._tombstones.difference_update(h for (h,) in buried)
+            buried = db.execute("DELETE FROM tombstones WHERE until <= ? RETURNING pubkey, hash",
+                                (now_ms,)).fetchall()
+            db.execute("DELETE FROM proofs WHERE until <= ?", (now_ms,))
+        self._tombstones.difference_update(buried)
         for pubkey, message_hash, timestamp in gone:
             self.index.remove(pubkey, message_hash, timestamp)
         return len(gone)

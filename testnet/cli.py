@@ -43,9 +43,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .procs import ProcError
     from .base.protocol import RequestError
     from .base.rpc import RpcError
+    from .cluster.driver import ClusterError
+    from .cluster.launch import HostLost
 
     return (CommandError, ControllerError, CryptoError, LinkError, ProcError, RequestError, RpcError,
-            rundir.RunDirError, P.PlanError)
+            rundir.RunDirError, P.PlanError, ClusterError, HostLost)
 
 
 def _run_dir_option(f: Any) -> Any:
@@ -108,6 +110,9 @@ COMMANDS = {
     "sim": "chaos.sim.cli:sim",
     "fuzz": "chaos.fuzz.run:fuzz",
     "trace": "chaos.trace.view:trace",
+    "serve": "chaos.web.cli:serve",
+    "cluster": "testnet.cluster.cli:cluster",
+    "collect": "testnet.cluster.cli:collect",
 }
 
 
@@ -132,9 +137,14 @@ def cli() -> None:
               help="switch on a deliberately broken node behaviour (repeatable)")
 @click.option("--ready-timeout", default=60.0, show_default=True, help="seconds to wait for the network")
 @click.option("--no-zygote", is_flag=True, help="start each node as a fresh interpreter (slower)")
+@click.option("--cluster", metavar="HOST:PORT", envvar="SWARMNET_CLUSTER", default=None,
+              help="spread the nodes over this Ray cluster's hosts (its head's address; see README, "
+                   "'Running on a cluster')")
+@click.option("--hosts", type=int, default=None, help="with --cluster: how many of its hosts (default: all)")
 @_json_option
 def up(nodes: int, users: int, min_swarm: int, run_dir: Path | None, links: str, seed: int | None, detach: bool,
-       inject_bugs: tuple[str, ...], ready_timeout: float, no_zygote: bool, as_json: bool) -> None:
+       inject_bugs: tuple[str, ...], ready_timeout: float, no_zygote: bool, cluster: str | None, hosts: int | None,
+       as_json: bool) -> None:
     """Start a network, check it, and keep it up until Ctrl-C (or `swarmnet down`)."""
     from .controller import Options
 
@@ -144,8 +154,11 @@ def up(nodes: int, users: int, min_swarm: int, run_dir: Path | None, links: str,
         check_bugs(inject_bugs)
     except UnknownBug as exc:
         raise CommandError(str(exc)) from None
+    if hosts is not None and not cluster:
+        raise CommandError("--hosts needs --cluster")
     opts = Options(nodes=nodes, users=users, min_swarm=min_swarm, links=links, seed=seed, run_dir=run_dir,
-                   inject_bugs=inject_bugs, ready_timeout_s=ready_timeout, zygote=not no_zygote)
+                   inject_bugs=inject_bugs, ready_timeout_s=ready_timeout, zygote=not no_zygote, cluster=cluster,
+                   hosts=hosts)
     P.check_options(nodes=nodes, users=users, min_swarm=min_swarm, links=links)
     if links == "toxiproxy":
         from .links import find_toxiproxy
@@ -315,7 +328,8 @@ def status(run_dir: Path | None, as_json: bool) -> None:
     for r in st["nodes"]:
         swarm = "-" if r["swarm_id"] is None else f"{r['swarm_id']:016x}"
         click.echo(f"{r['name']:<6} {r['pid'] or '-':>7}  {r['address']:<22} {r['state'] or '-':<8} "
-                   f"{r['process']:<7} {swarm:<16} {_dash(r['height']):>6} {_dash(r['messages']):>6}")
+                   f"{r['process']:<7} {swarm:<16} {_dash(r['height']):>6} {_dash(r['messages']):>6}"
+                   + (f"  on {r['place']}" if r.get("place") else ""))
 
 
 def _dash(v: Any) -> str:
@@ -502,6 +516,8 @@ BENCHMARKS = {
     "node": "nodes.bench:bench_command",
     "throughput": "clients.bench:bench_command",
     "sim": "chaos.sim.bench:bench_command",
+    "faults": "chaos.run.bench:bench_command",
+    "cluster": "clients.bench_cluster:bench_command",
 }
 
 
@@ -527,7 +543,7 @@ async def run_until_stopped(options: Any, *, progress: Callable[[str], None] | N
     request, then tear it all down.  ``False`` if a signal came before it was ready."""
     import trio
 
-    from .controller import open_testnet
+    from .cluster.run import open_network
 
     running: list[Any] = []
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -543,7 +559,7 @@ async def run_until_stopped(options: Any, *, progress: Callable[[str], None] | N
                     return
 
             nursery.start_soon(on_signal)
-            async with open_testnet(options, progress=progress) as net:
+            async with open_network(options, progress=progress) as net:
                 running.append(net)
                 on_ready(net)
                 await net.stop_requested.wait()

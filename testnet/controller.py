@@ -78,6 +78,8 @@ class Options:
     toxiproxy_binary: str | None = None
     toxiproxy_servers: int | None = None  # None: as many as the open-files limit needs (links.servers_needed)
     proxies_on_use: bool = True  # a node link's proxy is made when first dialled (False: all at boot)
+    cluster: str | None = None  # a Ray cluster's head (HOST:PORT): nodes on its hosts (testnet/cluster)
+    hosts: int | None = None  # how many of the cluster's hosts (None: all)
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "run_dir": None if self.run_dir is None else str(self.run_dir),
@@ -232,11 +234,13 @@ class Testnet:
     async def node_resume(self, name: str) -> None:
         await self.ops.resume(name)
 
-    async def node_restart(self, name: str, timeout_s: float = 30.0) -> None:
-        await self.ops.restart(name, timeout_s)
+    async def node_restart(self, name: str, timeout_s: float = 30.0, *,
+                           running: Callable[[], None] | None = None) -> None:
+        await self.ops.restart(name, timeout_s, running=running)
 
-    async def node_add(self, name: str | None = None, timeout_s: float = 30.0) -> str:
-        return await self.ops.add(name, timeout_s)
+    async def node_add(self, name: str | None = None, timeout_s: float = 30.0, *,
+                       running: Callable[[], None] | None = None) -> str:
+        return await self.ops.add(name, timeout_s, running=running)
 
     async def node_remove(self, name: str) -> None:
         await self.ops.remove(name)
@@ -257,6 +261,8 @@ async def open_testnet(options: Options | None = None, *, progress: Progress | N
     """Boot a network (``Options`` or its fields as keywords) and yield it once ready;
     stop every process of it when the block ends, however it ends."""
     opts = options or Options(**kwargs)
+    if opts.cluster:
+        raise ControllerError("a cluster run opens with testnet.cluster.run.open_network (or open_cluster_testnet)")
     P.check_options(nodes=opts.nodes, users=opts.users, min_swarm=opts.min_swarm, links=opts.links)
     run_id = opts.run_id or rundir.new_run_id()
     seed = opts.seed if opts.seed is not None else secrets.randbits(63)

@@ -1,15 +1,16 @@
 """Links through Toxiproxy: the server's lifecycle, the proxy table, and
 per-link fault primitives that always heal.
 
-We talk to Toxiproxy's HTTP API with ``requests`` directly (one session per
-server and worker thread, an explicit timeout on every call, each call in a
-worker thread), not through toxiproxy-python: its ``Toxiproxy``/``Proxy``
-objects take no timeout and populate client-side with a full ``GET
-/proxies`` per proxy (quadratic at the 960 proxies of a 30-node network), and
-its ``APIConsumer`` keeps the server address class-wide, so calls to several
-servers — a large network's — could only take turns (a one-way partition of a
-300-node network, 22,500 proxies, took over 100 s that way).  Bulk creation
-uses the server's own ``/populate``.
+We talk to Toxiproxy's HTTP API ourselves (:mod:`testnet.toxiproxy`: an
+explicit timeout on every call; many calls pipelined), not through
+toxiproxy-python: its ``Toxiproxy``/``Proxy`` objects take no timeout and
+populate client-side with a full ``GET /proxies`` per proxy (quadratic at the
+960 proxies of a 30-node network), and its ``APIConsumer`` keeps the server
+address class-wide, so calls to several servers — a large network's — could
+only take turns (a one-way partition of a 300-node network, 22,500 proxies,
+took over 100 s that way).  Bulk creation uses the server's own ``/populate``;
+a fault on many links records what it asks of links not made yet and sends
+the calls for the made ones at once (:mod:`testnet.proxies`).
 
 Every fault is an async context manager whose exit heals, shielded from
 cancellation and bounded by a deadline (Jepsen: a nemesis always heals).
@@ -17,52 +18,28 @@ cancellation and bounded by a deadline (Jepsen: a nemesis always heals).
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import socket
-import threading
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, AsyncIterator, Iterable
 
-import requests
 import trio
 
 from .procs import Child, ChildFailed, spawn, stop_children
+from .proxies import LinkFault, ProxyTable, ToxicSpec, ToxiproxyServers
+from .toxiproxy import (DEFAULT_TIMEOUT_S, POPULATE_BATCH, POPULATE_TIMEOUT_S, TOXIC_TYPES, BatchError, Call,
+                        CallFailure, LinkError, ProxyGone, ToxiproxyApi)
+
+__all__ = ["DEFAULT_TIMEOUT_S", "POPULATE_BATCH", "POPULATE_TIMEOUT_S", "TOXIC_TYPES", "BatchError", "Call",
+           "CallFailure", "LinkError", "LinkFault", "ProxyGone", "ProxyTable", "ToxicSpec", "ToxiproxyApi",
+           "ToxiproxyMissing", "ToxiproxyServers", "find_toxiproxy", "open_toxiproxy", "proxies_needed",
+           "servers_needed", "spawn_toxiproxy", "wait_toxiproxy"]
 
 Address = tuple[str, int]
-DEFAULT_TIMEOUT_S = 5.0
-POPULATE_BATCH = 1000  # proxies per /populate request
-OPEN_BATCH_S = 0.01  # proxies asked for within this long of the first are made in one request
-POPULATE_TIMEOUT_S = 30.0  # for one batch: a loaded server creates a thousand listeners in about a second
 HEAL_TIMEOUT_S = 5.0
-TOXIC_TYPES = ("latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data")
 PROJECT_BIN = Path(__file__).resolve().parent.parent / "bin" / "toxiproxy-server"
-
-_sessions = threading.local()  # per worker thread: server url -> requests.Session (kept-alive connections)
-
-
-def _session(url: str) -> requests.Session:
-    by_url = getattr(_sessions, "by_url", None)
-    if by_url is None:
-        by_url = _sessions.by_url = {}
-    session = by_url.get(url)
-    if session is None:
-        session = by_url[url] = requests.Session()
-    return session
-
-
-_toxic_ids = itertools.count(1)
-
-
-class LinkError(Exception):
-    """Toxiproxy refused or failed a request, or could not be reached."""
-
-
-class ProxyGone(LinkError):
-    """The proxy named does not exist (any more): its link went with its node."""
 
 
 class ToxiproxyMissing(LinkError):
@@ -108,371 +85,6 @@ def find_toxiproxy(explicit: str | os.PathLike[str] | None = None) -> Path:
         f"Toxiproxy server not found (looked in {PROJECT_BIN} and PATH). "
         "Install it with `make toxiproxy` (needs Go), or run with `--links direct` "
         "(no link faults, process faults only).")
-
-
-class ToxiproxyApi:
-    """One Toxiproxy server's HTTP API.  ``*_sync`` methods block: call them
-    from worker threads; the async methods do that for you, with a deadline."""
-
-    def __init__(self, host: str, port: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        self.host, self.port, self.timeout_s = host, port, timeout_s
-        self.populate_timeout_s = max(timeout_s, POPULATE_TIMEOUT_S)  # a batch is a thousand listeners
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def call_sync(self, method: str, path: str, json: Any = None, timeout_s: float | None = None) -> Any:
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        try:
-            resp = _session(self.url).request(method.upper(), self.url + path, json=json, timeout=timeout_s)
-        except requests.RequestException as exc:
-            raise LinkError(f"toxiproxy at {self.host}:{self.port} unreachable: {type(exc).__name__}") from None
-        if resp.status_code == 404:
-            raise ProxyGone(f"toxiproxy {method.upper()} {path}: not found: {_text(resp.content)}")
-        if resp.status_code >= 400:
-            raise LinkError(f"toxiproxy {method.upper()} {path}: status {resp.status_code}: {_text(resp.content)}")
-        return resp.json() if resp.content else None
-
-    async def call(self, method: str, path: str, json: Any = None, timeout_s: float | None = None) -> Any:
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        with trio.fail_after(timeout_s + 1.0):
-            return await trio.to_thread.run_sync(self.call_sync, method, path, json, timeout_s, abandon_on_cancel=True)
-
-    async def version(self) -> str:
-        return (await self.call("get", "/version"))["version"]
-
-    async def proxies(self) -> dict[str, dict[str, Any]]:
-        return await self.call("get", "/proxies")
-
-    async def populate(self, proxies: list[dict[str, Any]]) -> None:
-        """Create (or update) many proxies, each ``{"name", "listen", "upstream"}``, in big batches."""
-        for i in range(0, len(proxies), POPULATE_BATCH):
-            await self.call("post", "/populate", proxies[i:i + POPULATE_BATCH], timeout_s=self.populate_timeout_s)
-
-    async def delete_proxy(self, name: str) -> None:
-        await self.call("delete", f"/proxies/{name}")
-
-    async def set_enabled(self, proxy: str, enabled: bool) -> None:
-        await self.call("post", f"/proxies/{proxy}", {"enabled": enabled})
-
-    async def add_toxic(self, proxy: str, type: str, attributes: dict[str, Any], *, stream: str = "downstream",
-                        toxicity: float = 1.0, name: str | None = None) -> str:
-        """Add one toxic to ``proxy``; returns its name."""
-        if type not in TOXIC_TYPES:
-            raise LinkError(f"unknown toxic type {type!r}; known: {', '.join(TOXIC_TYPES)}")
-        name = name or f"{type}_{stream}_{next(_toxic_ids)}"
-        await self.call("post", f"/proxies/{proxy}/toxics",
-                        {"name": name, "type": type, "stream": stream, "toxicity": toxicity,
-                         "attributes": attributes})
-        return name
-
-    async def remove_toxic(self, proxy: str, name: str) -> None:
-        await self.call("delete", f"/proxies/{proxy}/toxics/{name}")
-
-    async def reset(self) -> None:
-        """Enable every proxy and remove every toxic."""
-        await self.call("post", "/reset")
-
-
-class ToxiproxyServers:
-    """Several Toxiproxy servers seen as one: each proxy lives on the server ``server_of(name)``
-    says (:meth:`api_for`); calls about all proxies go to every server.  Faults go through a
-    :class:`ProxyTable` over them, so fault code never knows how the proxies are shared out."""
-
-    def __init__(self, apis: list[ToxiproxyApi], server_of: Any) -> None:
-        self.apis = apis
-        self._server_of = server_of
-
-    def server_of(self, proxy: str) -> int:
-        return self._server_of(proxy)
-
-    def api_for(self, proxy: str) -> ToxiproxyApi:
-        return self.apis[self._server_of(proxy)]
-
-    @property
-    def url(self) -> str:
-        first = self.apis[0].url
-        return first if len(self.apis) == 1 else f"{first} (+{len(self.apis) - 1} more servers)"
-
-    async def version(self) -> str:
-        return await self.apis[0].version()
-
-    async def proxies(self) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for api in self.apis:
-            out.update(await api.proxies())
-        return out
-
-    async def reset(self) -> None:
-        for api in self.apis:
-            await api.reset()
-
-
-@dataclass
-class _Wanted:
-    """What the faults say a proxy should be: enabled or not, and its toxics (name -> request body)."""
-
-    enabled: bool = True
-    toxics: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> ToxiproxyApi.add_toxic's arguments
-
-
-class _Opening:
-    __slots__ = ("done", "error")
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.error: LinkError | None = None
-
-
-class ProxyTable:
-    """Every planned link's proxy, made when the link is first used (or by :meth:`populate`).
-
-    A network of N nodes has N(N-1) directed links, and a proxy costs its Toxiproxy server a
-    listening socket and ~15 KiB; a run uses few of them (swarm peers, onion hops).  A node whose
-    first dial of a link is refused asks for its proxy (:meth:`open`, through the controller).
-    Faults name any planned link, made or not: for a link not made yet what they ask (disabled, toxics) is
-    recorded and applied when its proxy is made, before :meth:`open` returns, so no byte ever
-    crosses a link in a state the faults did not ask for.  The fault methods of
-    :class:`ToxiproxyApi`, so fault code never knows which proxies exist yet, nor where.
-
-    ``spec(name)`` gives a link's proxy as Toxiproxy takes it (``name``, ``listen``,
-    ``upstream``); it raises :class:`ProxyGone` for a name the plan does not have and
-    :class:`LinkError` when the link cannot be made yet (its destination never ran).
-    Proxies asked for at about the same time are made in one ``/populate`` per server.
-    """
-
-    def __init__(self, servers: ToxiproxyServers, spec: Callable[[str], dict[str, str]],
-                 nursery: trio.Nursery) -> None:
-        self.servers = servers
-        self.apis = servers.apis
-        self._spec = spec
-        self._nursery = nursery
-        self.made: set[str] = set()
-        self._wanted: dict[str, _Wanted] = {}  # only links a fault touches
-        self._locks: dict[str, trio.Lock] = {}
-        self._opening: dict[str, _Opening] = {}
-        self._queues: dict[int, list[str]] = {}  # server -> names waiting to be made
-
-    @property
-    def url(self) -> str:
-        return self.servers.url
-
-    def api_for(self, proxy: str) -> ToxiproxyApi:
-        return self.servers.api_for(proxy)
-
-    async def version(self) -> str:
-        return await self.servers.version()
-
-    async def proxies(self) -> dict[str, dict[str, Any]]:
-        """The proxies made so far, as Toxiproxy reports them."""
-        return await self.servers.proxies()
-
-    @asynccontextmanager
-    async def _locked(self, name: str) -> AsyncIterator[None]:
-        """Link ``name`` to ourselves: its proxy made, or a fault recorded and applied, at a time."""
-        lock = self._locks.get(name)
-        if lock is None:
-            lock = self._locks[name] = trio.Lock()
-        await lock.acquire()
-        try:
-            yield
-        finally:
-            lock.release()
-            if not lock.locked():  # nobody else waits for it (release hands it to a waiter)
-                self._locks.pop(name, None)
-
-    # ---------------------------------------------------------------- making proxies
-
-    async def open(self, name: str) -> None:
-        """Make the proxy of link ``name`` unless it exists; raises :class:`LinkError` if it cannot be made."""
-        if name in self.made:
-            return
-        opening = self._opening.get(name)
-        if opening is None:
-            self._spec(name)  # refuse at once what can never be made
-            opening = self._opening[name] = _Opening()
-            server = self.servers.server_of(name)
-            queue = self._queues.get(server)
-            if queue is None:
-                self._queues[server] = [name]
-                self._nursery.start_soon(self._make_queued, server)
-            else:
-                queue.append(name)
-        await opening.done.wait()
-        if opening.error is not None:
-            raise opening.error
-
-    async def _make_queued(self, server: int) -> None:
-        """Make the proxies queued for ``server``, a batch at a time, until none are left."""
-        try:
-            await trio.sleep(OPEN_BATCH_S)  # let the others asking now join this batch
-            while self._queues.get(server):
-                batch = self._queues[server][:POPULATE_BATCH]
-                del self._queues[server][:len(batch)]
-                errors: dict[str, LinkError] = {}
-                try:
-                    errors = await self._make(server, batch)
-                finally:  # whatever happened, nobody waits for this batch any more
-                    for name in batch:
-                        opening = self._opening.pop(name)
-                        opening.error = errors.get(name) or (
-                            None if name in self.made else LinkError(f"link {name}: its proxy was not made"))
-                        opening.done.set()
-        finally:
-            for name in self._queues.pop(server, ()):
-                opening = self._opening.pop(name)
-                opening.error = LinkError(f"link {name}: its proxy was not made")
-                opening.done.set()
-
-    async def populate(self, proxies: list[dict[str, Any]]) -> None:
-        """Make these links' proxies now (``{"name", ...}`` each; ``listen`` and ``upstream`` come
-        from the plan); raises the first :class:`LinkError` met."""
-        by_server: dict[int, list[str]] = {}
-        for p in proxies:
-            by_server.setdefault(self.servers.server_of(p["name"]), []).append(p["name"])
-        errors: dict[str, LinkError] = {}
-
-        async def make(server: int, names: list[str]) -> None:
-            for i in range(0, len(names), POPULATE_BATCH):
-                errors.update(await self._make(server, names[i:i + POPULATE_BATCH]))
-
-        async with trio.open_nursery() as nursery:
-            for server, names in by_server.items():
-                nursery.start_soon(make, server, names)
-        if errors:
-            raise next(iter(errors.values()))
-
-    async def _make(self, server: int, names: list[str]) -> dict[str, LinkError]:
-        """Make ``names`` (all on ``server``) as the faults want them; returns the failures by name."""
-        errors: dict[str, LinkError] = {}
-        async with AsyncExitStack() as held:
-            # In one order for everyone: two batches sharing links (a bulk populate and the links
-            # nodes ask for meanwhile) would otherwise each hold what the other waits for.
-            for name in sorted(names):  # fresh links: a fault being recorded holds one briefly
-                await held.enter_async_context(self._locked(name))
-            items = []
-            for name in names:
-                if name in self.made:
-                    continue
-                try:
-                    spec = self._spec(name)
-                except LinkError as exc:
-                    errors[name] = exc
-                    continue
-                want = self._wanted.get(name)
-                items.append({**spec, "enabled": want.enabled if want else True})
-            api = self.apis[server]
-            try:
-                await api.populate(items)
-                made = [item["name"] for item in items]
-            except (LinkError, trio.TooSlowError) as exc:
-                made = []
-                if len(items) == 1:
-                    errors[items[0]["name"]] = _as_link_error(exc)
-                else:  # one bad proxy fails its whole batch: make them one by one
-                    for item in items:
-                        try:
-                            await api.populate([item])
-                            made.append(item["name"])
-                        except (LinkError, trio.TooSlowError) as one:
-                            errors[item["name"]] = _as_link_error(one)
-            for name in made:
-                want = self._wanted.get(name)
-                try:
-                    for toxic_name, toxic in (want.toxics.items() if want else ()):
-                        await api.add_toxic(name, name=toxic_name, **toxic)
-                except (LinkError, trio.TooSlowError) as exc:
-                    errors[name] = _as_link_error(exc)
-                    await _heal(api.delete_proxy, name)  # never leave it up without its faults
-                    continue
-                self.made.add(name)
-        return errors
-
-    # ---------------------------------------------------------------- faults
-
-    async def set_enabled(self, proxy: str, enabled: bool) -> None:
-        self._spec_known(proxy)
-        async with self._locked(proxy):
-            if proxy in self.made:
-                await self._made_call(proxy, self.api_for(proxy).set_enabled, proxy, enabled)
-            self._wanted.setdefault(proxy, _Wanted()).enabled = enabled
-            self._forget_default(proxy)
-
-    async def add_toxic(self, proxy: str, type: str, attributes: dict[str, Any], *, stream: str = "downstream",
-                        toxicity: float = 1.0, name: str | None = None) -> str:
-        if type not in TOXIC_TYPES:
-            raise LinkError(f"unknown toxic type {type!r}; known: {', '.join(TOXIC_TYPES)}")
-        self._spec_known(proxy)
-        name = name or f"{type}_{stream}_{next(_toxic_ids)}"
-        async with self._locked(proxy):
-            if proxy in self.made:
-                await self._made_call(proxy, self.api_for(proxy).add_toxic, proxy, type, attributes,
-                                      stream=stream, toxicity=toxicity, name=name)
-            self._wanted.setdefault(proxy, _Wanted()).toxics[name] = {
-                "type": type, "attributes": attributes, "stream": stream, "toxicity": toxicity}
-        return name
-
-    async def remove_toxic(self, proxy: str, name: str) -> None:
-        async with self._locked(proxy):
-            want = self._wanted.get(proxy)
-            if want is not None:
-                want.toxics.pop(name, None)
-                self._forget_default(proxy)
-            if proxy in self.made:
-                await self._made_call(proxy, self.api_for(proxy).remove_toxic, proxy, name)
-
-    async def delete_proxy(self, name: str) -> None:
-        """Forget link ``name``: its proxy if made, what the faults asked of it."""
-        async with self._locked(name):
-            self._wanted.pop(name, None)
-            if name in self.made:
-                self.made.discard(name)
-                await self.api_for(name).delete_proxy(name)
-
-    async def reset(self) -> None:
-        """Every link enabled and without toxics, made or not."""
-        self._wanted.clear()
-        await self.servers.reset()
-
-    def wanted(self, proxy: str) -> dict[str, Any] | None:
-        """What the faults ask of link ``proxy`` now (``None``: nothing, it is a plain link)."""
-        want = self._wanted.get(proxy)
-        return None if want is None else {"enabled": want.enabled, "toxics": sorted(want.toxics)}
-
-    def faulted(self) -> dict[str, dict[str, Any]]:
-        """Every link a fault holds now, made or not, with what it asks (see :meth:`wanted`)."""
-        return {name: self.wanted(name) for name in self._wanted}  # type: ignore[misc]
-
-    def _spec_known(self, proxy: str) -> None:
-        try:
-            self._spec(proxy)
-        except ProxyGone:
-            raise
-        except LinkError:
-            pass  # planned, not makeable yet: the fault is recorded for when it is
-
-    def _forget_default(self, proxy: str) -> None:
-        want = self._wanted.get(proxy)
-        if want is not None and want.enabled and not want.toxics:
-            del self._wanted[proxy]
-
-    async def _made_call(self, proxy: str, fn: Any, *args: Any, **kwargs: Any) -> None:
-        try:
-            await fn(*args, **kwargs)
-        except ProxyGone:
-            self.made.discard(proxy)  # gone behind our back (its server restarted): made again on use
-            raise
-
-
-def _as_link_error(exc: BaseException) -> LinkError:
-    return exc if isinstance(exc, LinkError) else LinkError(f"toxiproxy did not answer in time ({exc!r})")
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, bytes):
-        content = content.decode("utf-8", "replace")
-    return str(content).strip()[:300]
 
 
 # --------------------------------------------------------------------------- server lifecycle

@@ -9,12 +9,12 @@ or an injected fault is no process operation: it is an admin op on the node
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
 from . import plan as P
-from . import procs, rundir
+from . import control_faults, procs, rundir
 from .base.crypto import Identity
 from .base.records import deregister_args
 from .runtime import ControllerError, NodeRuntime
@@ -66,8 +66,10 @@ class NodeOps:
                 await net.wiring.push_links(only=name)
             net.save()
 
-    async def restart(self, name: str, timeout_s: float = 30.0) -> None:
-        """Stop the node if it runs, then start it with the same key, database and ports."""
+    async def restart(self, name: str, timeout_s: float = 30.0, *,
+                      running: Callable[[], None] | None = None) -> None:
+        """Stop the node if it runs, then start it with the same key, database and ports
+        (``running()`` is called once it runs again, before it is waited for to be ready)."""
         net = self.net
         async with self._lock:
             rt = net.node(name)
@@ -77,12 +79,18 @@ class NodeOps:
             await net.launcher.start_nodes(net, [name], timeout_s)
             if net.api is not None:
                 await net.wiring.open_ingress([name])  # the proxies' upstreams, at the same ports again
+            if running is not None:
+                running()
             net.save()
-            await net.wait_ready(timeout_s, [name])
-            net.save()
+        # Not holding the other node operations back while it catches up (a large network's
+        # node takes seconds): it runs again, and only it is waited for.
+        await net.wait_ready(timeout_s, [name])
+        net.save()
 
-    async def add(self, name: str | None = None, timeout_s: float = 30.0) -> str:
-        """A new node (next free name unless given): new key, its links, everyone told. Returns its name."""
+    async def add(self, name: str | None = None, timeout_s: float = 30.0, *,
+                  running: Callable[[], None] | None = None) -> str:
+        """A new node (next free name unless given): new key, its links, everyone told. Returns its name
+        (``running()`` is called once it runs and everyone was told, before the network is waited for)."""
         net = self.net
         async with self._lock:
             net.plan, node = P.with_node_added(net.plan, name)
@@ -97,6 +105,8 @@ class NodeOps:
                 await net.wiring.open_ingress([node.name])
                 await net.wiring.populate(net.wiring.boot_links(touching=node.name))
                 await net.wiring.push_links(exclude=node.name)
+            if running is not None:
+                running()
             net.save()
             await net.wait_ready(timeout_s)
             net.save()
@@ -145,7 +155,8 @@ class NodeOps:
 
     async def control(self, action: str, args: dict[str, Any]) -> Any:
         """One control API request (see :func:`rundir.serve_control`): ``ping``, ``status``, ``down``,
-        or ``node`` with ``what`` = add|remove|kill|pause|resume|restart and ``name``."""
+        ``node`` with ``what`` = add|remove|kill|pause|resume|restart and ``name``, ``partition``
+        with ``swarms``, ``heal`` (see :mod:`testnet.control_faults`)."""
         net = self.net
         if action == "ping":
             return {"run_id": net.plan.run_id, "state": net.state}
@@ -154,6 +165,6 @@ class NodeOps:
         if action == "down":
             net.stop_requested.set()
             return {}
-        if action == "node":
-            return await self.action(str(args.get("what")), args.get("name"))
+        if action in control_faults.ACTIONS:  # node, partition, heal: faults recorded in faults.jsonl
+            return await control_faults.handle(net, action, args)
         raise ControllerError(f"unknown control action {action!r}")

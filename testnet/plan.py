@@ -22,6 +22,13 @@ Linux's ephemeral port range.)  A large network's proxies are shared out
 among several Toxiproxy servers by source (:meth:`NetworkPlan.server_of`),
 so no process holds more listening sockets than its descriptor limit allows;
 the link table stays one table.
+
+On a cluster (``swarmnet up --cluster``) the plan has a host dimension: each
+node is placed on a host (:class:`HostPlan`, round-robin: ``n01`` on the
+first, ``n02`` on the second, ...) and listens at that host's address (the
+one other hosts reach it by) on a port of its own; its outgoing proxies keep
+their addresses above, on its host's loopback, served by its host's own
+Toxiproxy server; the users' proxies stay with the controller (server 0).
 Which block a run gets is derived from its run id (:func:`candidate_blocks`);
 the controller takes the first one it can bind.  Every key seed is derived
 from the run seed, so replaying a run reproduces its identities.
@@ -104,6 +111,14 @@ def _ip(block: Block, offset: int, host: int) -> str:
 
 
 @dataclass(frozen=True)
+class HostPlan:
+    """A cluster host: its name and the address the controller and other hosts reach it by."""
+
+    name: str
+    address: str
+
+
+@dataclass(frozen=True)
 class UserPlan:
     """One scripted user: its key seed, its own IP and where its secret lives."""
 
@@ -135,6 +150,7 @@ class NodePlan:
     seed_file: Path
     config_file: Path
     capture: Path  # every byte the node reads and writes (for the unlinkability checker)
+    place: str | None = None  # the cluster host it runs on (None: the controller's machine)
 
     @cached_property
     def identity(self) -> Identity:
@@ -179,6 +195,7 @@ class NetworkPlan:
     inject_bugs: tuple[str, ...] = ()
     capture: bool = True  # nodes record their traffic (capture.bin)
     toxiproxy_servers: int = 1  # the proxies are shared out among these many servers
+    hosts: tuple[HostPlan, ...] = ()  # a cluster's hosts (none: one machine)
 
     @property
     def controller(self) -> Address:
@@ -204,6 +221,10 @@ class NetworkPlan:
         """Which Toxiproxy server holds the proxy of ``link_name`` (``src->dst``): by its source, so
         a node's outgoing proxies live together and every server gets a like share."""
         src = link_name.split("->", 1)[0]
+        if self.hosts:  # the users' links at the controller's server, a node's at its host's
+            if not (src[:1] == "n" and src[1:].isdigit()):
+                return 0
+            return 1 + self.host_index(self.node(src).place)
         index = node_index(src) if src[:1] == "n" and src[1:].isdigit() else self.user(src).index + 127
         return (index - 1) % self.toxiproxy_servers
 
@@ -214,6 +235,16 @@ class NetworkPlan:
     @property
     def control_token(self) -> str:
         return derive_token(self.seed, self.run_id, "control")
+
+    def host_index(self, name: str | None) -> int:
+        for i, h in enumerate(self.hosts):
+            if h.name == name:
+                return i
+        raise PlanError(f"no host named {name!r} in this run")
+
+    def nodes_on(self, host: str) -> list[NodePlan]:
+        """The nodes placed on cluster host ``host``."""
+        return [n for n in self.nodes if n.place == host]
 
     def node(self, name: str) -> NodePlan:
         found = self._nodes_by_name.get(name)
@@ -275,13 +306,21 @@ def proxy_source_host(block: Block, index: int) -> str:
     return _ip(block, PROXY_SOURCE_OFFSETS[(index - 1) // 254], (index - 1) % 254 + 1)
 
 
-def make_node(run_dir: Path, seed: int, block: Block, index: int) -> NodePlan:
+def place_of(hosts: tuple[HostPlan, ...], index: int) -> HostPlan | None:
+    """The host node ``index`` runs on: round-robin over ``hosts`` (None without hosts)."""
+    return hosts[(index - 1) % len(hosts)] if hosts else None
+
+
+def make_node(run_dir: Path, seed: int, block: Block, index: int, hosts: tuple[HostPlan, ...] = ()) -> NodePlan:
     name = node_name(index)
     d = run_dir / "nodes" / name
+    place = place_of(hosts, index)
     return NodePlan(
-        name=name, index=index, seed=derive_seed(seed, "node", name), host=node_host(block, index), port=0,
+        name=name, index=index, seed=derive_seed(seed, "node", name),
+        host=place.address if place else node_host(block, index), port=0,
         dir=d, db=d / "db.sqlite", log=d / "node.log", stderr=d / "stderr.log",
         seed_file=d / "seed", config_file=d / "config.json", capture=d / "capture.bin",
+        place=place.name if place else None,
     )
 
 
@@ -314,20 +353,30 @@ def _links_between(block: Block, nodes: tuple[NodePlan, ...], users: tuple[UserP
 def plan_network(*, nodes: int = DEFAULT_NODES, users: int = DEFAULT_USERS, min_swarm: int = DEFAULT_MIN_SWARM,
                  seed: int, links: str = "toxiproxy", run_dir: Path, run_id: str, block: Block,
                  inject_bugs: tuple[str, ...] | list[str] = (), capture: bool = True,
-                 toxiproxy_servers: int = 1) -> NetworkPlan:
-    """The whole network for one run; raises :class:`PlanError` on options that cannot work."""
+                 toxiproxy_servers: int = 1, hosts: tuple[HostPlan, ...] = ()) -> NetworkPlan:
+    """The whole network for one run; raises :class:`PlanError` on options that cannot work.
+    With ``hosts`` (a cluster), nodes are placed on them and each host gets a Toxiproxy
+    server of its own after the controller's (``toxiproxy_servers`` is then 1 + hosts)."""
     check_options(nodes=nodes, users=users, min_swarm=min_swarm, links=links)
+    hosts = tuple(hosts)
+    if hosts:
+        if links != "toxiproxy":
+            raise PlanError("a cluster run needs Toxiproxy links: users share the controller's address and are "
+                            "told apart by their proxies")
+        if len({h.name for h in hosts}) != len(hosts):
+            raise PlanError(f"host names repeat: {[h.name for h in hosts]}")
+        toxiproxy_servers = 1 + len(hosts)
     a, b = block
     if not (1 <= a <= 255 and 0 <= b <= 248 and b % 8 == 0):
         raise PlanError(f"block {block} is not 127.a.b.0/21 with a in 1..255 and b a multiple of 8")
     run_dir = Path(run_dir)
-    node_plans = tuple(make_node(run_dir, seed, block, i) for i in range(1, nodes + 1))
+    node_plans = tuple(make_node(run_dir, seed, block, i, hosts) for i in range(1, nodes + 1))
     user_plans = tuple(make_user(run_dir, seed, block, j) for j in range(1, users + 1))
     link_plans = _links_between(block, node_plans, user_plans) if links == "toxiproxy" else ()
     return NetworkPlan(run_id=run_id, seed=seed, run_dir=run_dir, block=block, links_mode=links,  # type: ignore[arg-type]
                        min_swarm=min_swarm, nodes=node_plans, users=user_plans, links=link_plans,
                        inject_bugs=tuple(inject_bugs), capture=capture,
-                       toxiproxy_servers=toxiproxy_servers if links == "toxiproxy" else 1)
+                       toxiproxy_servers=toxiproxy_servers if links == "toxiproxy" else 1, hosts=hosts)
 
 
 def check_options(*, nodes: int, users: int, min_swarm: int, links: str) -> None:
@@ -354,7 +403,7 @@ def with_node_added(plan: NetworkPlan, name: str | None = None) -> tuple[Network
     most = MAX_NODES if plan.links_mode == "toxiproxy" else MAX_NODES_DIRECT
     if not 1 <= index <= most:
         raise PlanError(f"node index must be 1..{most}, not {index}")
-    node = make_node(plan.run_dir, plan.seed, plan.block, index)
+    node = make_node(plan.run_dir, plan.seed, plan.block, index, plan.hosts)
     nodes = tuple(sorted(plan.nodes + (node,), key=lambda n: n.index))
     new_links = _links_between(plan.block, nodes, plan.users, touching=node) if plan.links_mode == "toxiproxy" else ()
     return replace(plan, nodes=nodes, links=plan.links + new_links), node

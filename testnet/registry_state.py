@@ -201,6 +201,11 @@ class RegistryState:
         self._deltas: dict[int, dict[str, Any]] = {}  # since_height -> answer, at the current height
         self.answers = {"whole": 0, "delta": 0, "unchanged": 0}  # get_service_nodes answers given, by kind
 
+    def forget_history(self) -> None:
+        """Drop the replaced assignments (at genesis: none of them was ever published)."""
+        self.history.clear()
+        self._history_body = None
+
     def _assignment(self) -> dict[str, int]:
         return {k: r.swarm_id for k, r in self.nodes.items()}
 

@@ -310,6 +310,8 @@ async def gather_status(run: dict[str, Any], timeout_s: float = 1.0) -> dict[str
             row.update({k: resp.body.get(k) for k in keys})
 
     def process(rec: dict[str, Any] | None) -> str:
+        if rec and rec.get("place"):  # on a cluster host: its pid is another machine's; the controller's word
+            return {"running": "alive", "starting": "alive", "paused": "paused"}.get(rec.get("state"), "dead")
         return proc_state(rec["pid"], rec.get("create_time")) if rec and rec.get("pid") else "dead"
 
     reg = run["registry"]
@@ -320,6 +322,7 @@ async def gather_status(run: dict[str, Any], timeout_s: float = 1.0) -> dict[str
             row = rows[node["name"]] = {
                 "name": node["name"], "pid": node.get("pid"), "address": f"{node['host']}:{node['port']}",
                 "state": node.get("state"), "process": process(node), "swarm_id": node.get("swarm_id"),
+                **({"place": node["place"]} if node.get("place") else {}),
                 "height": None, "messages": None}
             if row["process"] == "alive" and node.get("port"):
                 nursery.start_soon(info, node["host"], node["port"], row, ("swarm_id", "height", "messages"))

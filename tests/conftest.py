@@ -1,1 +1,1 @@
-pytest_plugins = ["testnet.fixtures"]
+pytest_plugins = ["testnet.fixtures", "testnet.cluster.fixtures"]

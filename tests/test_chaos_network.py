@@ -34,6 +34,8 @@ async def test_every_nemesis_starts_and_heals(tmp_path):
             "one-way": {"side_a": ["n01", "n02", "n03"], "side_b": ["n04", "n05", "n06"]},
             "kill": {"node": "n03"}, "pause": {"node": "n04"}, "join": {"new": 1}, "leave": {"node": "n05"},
             "clock-skew": {"node": "n01"}, "adversary": {},
+            "power-loss": {"nodes": ["n02", "n06"]}, "disk-full": {"node": "n01"}, "disk-error": {"node": "n01"},
+            "disk-slow": {"node": "n01"}, "corrupt": {"node": "n01"},
         }
         for i, kind in enumerate(NEMESES, start=1):
             family, params = NEMESES[kind]
@@ -55,6 +57,11 @@ async def test_every_nemesis_starts_and_heals(tmp_path):
                     assert "n05" not in net.nodes
                 elif kind == "clock-skew":
                     assert (await net.call("n01", "info"))["clock_offset_ms"] == params["offset_ms"]
+                elif kind == "power-loss":  # both stopped at once, on what their disks had synced
+                    assert {net.nodes[n].state for n in ("n02", "n06")} <= {"killed", "exited"}
+                elif family == "disk":
+                    state = await net.admin("n01", "admin_disk", action="status")
+                    assert state["full"] or state["errors"] or state["sync_ms"] or state["corrupt_rate"], kind
             # Healed.
             assert await proxy_state(net) == (0, 0), kind
             assert all(rt.state == "running" for rt in net.nodes.values()), kind
@@ -62,6 +69,9 @@ async def test_every_nemesis_starts_and_heals(tmp_path):
                 assert (await net.call("n01", "info"))["clock_offset_ms"] == 0
             if kind == "join":
                 assert set(net.nodes) == before_nodes
+            if family == "disk" and kind != "power-loss":
+                state = await net.admin("n01", "admin_disk", action="status")
+                assert not (state["full"] or state["errors"] or state["sync_ms"] or state["corrupt_rate"]), kind
             if kind == "adversary":  # stopped: its summary is in what it yielded, its record in the run
                 records = [json.loads(line) for line in open(net.run_dir / "adversary.jsonl")]
                 assert desc["attempts"] == sum(r["op"] not in ("error", "skipped", "flood") for r in records)
@@ -99,10 +109,16 @@ async def test_short_chaos_run_with_a_kill_passes_and_replays(tmp_path):
     rd = result.run_dir
     for f in ("run.json", "schedule.json", "history.jsonl", "faults.jsonl", "verdict.json", "report.html"):
         assert (rd / f).exists(), f
-    phases = [json.loads(l)["phase"] for l in (rd / "faults.jsonl").read_text().splitlines()]
-    assert phases == ["start", "end"]
-    assert result.verdict["faults"] == {"started": 1, "healed": 1, "skipped": [], "errors": []}
-    assert "faults: 1 started, 1 healed" in result.summary
+    records = [json.loads(l) for l in (rd / "faults.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in records] == ["start", "end"]
+    # Each phase's planned time and lateness are recorded; the heal is planned at the schedule's end.
+    assert records[1]["planned"] - records[0]["planned"] == 2000
+    # Late is when the phase took effect (the restarted node runs), done is later still (it is ready).
+    assert all(0 <= r["late_ms"] <= r["t"] - r["planned"] + 20 and r["took_ms"] >= 0 for r in records)
+    f = result.verdict["faults"]
+    assert (f["planned"], f["started"], f["healed"], f["skipped"], f["errors"], f["valid"]) == (1, 1, 1, [], [], True)
+    assert f["worst"]["late_ms"] == max(r["late_ms"] for r in records)
+    assert "faults: 1 of 1 started, 1 healed; worst lateness" in result.summary
     again, compare = await replay(rd, runs_dir=tmp_path / "replays", progress=lambda m: None)
     assert json.loads((again.run_dir / "schedule.json").read_text()) == json.loads((rd / "schedule.json").read_text())
     assert json.loads((again.run_dir / "run.json").read_text())["nodes"][0]["ed25519_public"] == \

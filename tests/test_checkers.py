@@ -432,12 +432,63 @@ def test_fault_record_and_summary_say_how_the_schedule_played(tmp_path):
     from chaos.checkers.verdict import fault_record, summary
 
     assert fault_record(tmp_path) is None
-    rows = [{"fault": 1, "kind": "kill", "phase": "start"}, {"fault": 1, "kind": "kill", "phase": "end"},
-            {"fault": 2, "kind": "blackhole", "phase": "error", "error": "ExceptionGroup: proxy gone"},
-            {"fault": 3, "kind": "leave", "phase": "skipped", "error": "no such node"}]
+    schedule = {"faults": [{"id": i, "kind": k} for i, k in
+                           enumerate(["kill", "blackhole", "leave", "latency", "pause", "halves"], start=1)]}
+    (tmp_path / "schedule.json").write_text(json.dumps(schedule))
+    rows = [{"fault": 1, "kind": "kill", "phase": "start", "late_ms": 40},
+            {"fault": 1, "kind": "kill", "phase": "end", "late_ms": 300},
+            {"fault": 2, "kind": "blackhole", "phase": "error", "during": "start", "late_ms": 5200,
+             "error": "BatchError: 3 of 40 Toxiproxy calls failed: 127.9.8.3:8474 cannot connect (refused) x3",
+             "failures": [{"error": "BatchError: ...", "failed": 3, "calls": 40}]},
+            {"fault": 3, "kind": "leave", "phase": "skipped", "error": "no such node"},
+            {"fault": 4, "kind": "latency", "phase": "start", "late_ms": 45_000},
+            {"fault": 4, "kind": "latency", "phase": "end", "late_ms": 900},
+            {"fault": 5, "kind": "pause", "phase": "start", "late_ms": 10}]  # 5 never healed, 6 never started
     (tmp_path / "faults.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     rec = fault_record(tmp_path)
-    assert rec["started"] == 1 and rec["healed"] == 1
+    assert (rec["planned"], rec["started"], rec["healed"]) == (6, 3, 2)
     assert [e["fault"] for e in rec["errors"]] == [2] and [e["fault"] for e in rec["skipped"]] == [3]
-    text = summary({"valid": True, "faults": rec, "checkers": {}})
-    assert "faults: 1 started, 1 healed; skipped 1 (3 leave: no such node); errors 1 (2 blackhole:" in text
+    assert rec["late"] == [{"fault": 4, "kind": "latency", "phase": "start", "late_ms": 45_000}]
+    assert rec["worst"] == {"fault": 4, "kind": "latency", "phase": "start", "late_ms": 45_000}
+    assert rec["unplayed"] == [{"fault": 5, "kind": "pause", "why": "never healed"},
+                               {"fault": 6, "kind": "halves", "why": "never started"}]
+    assert rec["valid"] == "unknown" and rec["why"] == [
+        "fault 2 blackhole: failed to start: BatchError: 3 of 40 Toxiproxy calls failed: 127.9.8.3:8474 "
+        "cannot connect (refused) x3",
+        "fault 3 leave: skipped: no such node",
+        "fault 4 latency: started 45.00 s late (tolerance 1.00 s)",
+        "fault 5 pause: never healed", "fault 6 halves: never started"]
+    text = summary({"valid": "unknown", "faults": rec, "checkers": {}})
+    assert text.startswith("verdict: unknown\nfaults: 3 of 6 started, 2 healed, 1 skipped, 1 failed; worst lateness "
+                           "45.00 s (fault 4 latency, start; tolerance 1 s)\nharness error:")
+    assert "  fault 4 latency: started 45.00 s late" in text and "sub-exception" not in text
+    # On time and complete: valid; a record from before lateness was recorded is not judged late.
+    rows = [{"fault": 1, "kind": "kill", "phase": "start", "late_ms": 999}, {"fault": 1, "kind": "kill", "phase": "end"}]
+    (tmp_path / "schedule.json").write_text(json.dumps({"faults": [{"id": 1, "kind": "kill"}]}))
+    (tmp_path / "faults.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rec = fault_record(tmp_path)
+    assert rec["valid"] is True and rec["why"] == [] and rec["worst"]["late_ms"] == 999
+
+
+def test_a_run_that_did_not_play_its_schedule_is_unknown_whatever_the_checkers_say(tmp_path):
+    members, _ = bob_swarm()
+    msg, hist = message(1)
+    run = fill(tmp_path, {n: [msg] for n in members})
+    got = {"type": "ok", "op": "receive", "process": "bob", "hash": msg.hash, "namespace": 0, "msg_id": "m1",
+           "sender": ALICE.session_id, "body_digest": "d0", "error": None, "t": NOW}
+    (run / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hist + [got]))
+    (run / "schedule.json").write_text(json.dumps({"faults": [{"id": 1, "kind": "kill"}]}))
+    start = json.dumps({"fault": 1, "kind": "kill", "phase": "start", "late_ms": 0}) + "\n"
+    (run / "faults.jsonl").write_text(start + json.dumps({"fault": 1, "kind": "kill", "phase": "end", "late_ms": 0})
+                                      + "\n")
+    check = {"checkers": ("delivery", "replication"), "swarms": SWARMS, "live": set(SWARMS), "now_ms": NOW}
+    v = run_checks(run, **check)
+    assert v["valid"] is True and v["faults"]["valid"] is True
+    (run / "faults.jsonl").write_text(start)  # the heal never happened: a pass is not earned
+    v = run_checks(run, **check)
+    assert v["valid"] == "unknown" and exit_code(v) == 2 and v["faults"]["why"] == ["fault 1 kill: never healed"]
+    assert "harness error" in summary(v)
+    # Nor is a failure: a checker that failed still says so, but the run is unknown.
+    (run / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hist))
+    v = run_checks(run, **check)
+    assert v["valid"] == "unknown" and v["checkers"]["delivery"]["valid"] is False and exit_code(v) == 2

@@ -403,3 +403,11 @@ async def test_no_frame_gets_a_500_a_hang_up_or_kills_a_node(tmp_path):
         assert {name: integrity_check(rt.plan.db) for name, rt in net.nodes.items()} == \
             {name: "ok" for name in net.nodes}
         assert scan_logs(net.run_dir.rglob("*.log")) == []
+
+
+def test_a_node_listens_on_loopback_or_its_own_cluster_address_only():
+    assert core.listen_address(["10.213.47.11", 0], "a", "10.213.47.11") == ("10.213.47.11", 0)
+    assert core.listen_address(["127.0.0.1", 5], "a", "10.213.47.11") == ("127.0.0.1", 5)
+    for host, own in (("10.213.47.12", "10.213.47.11"), ("0.0.0.0", "10.213.47.11"), ("10.213.47.11", "127.1.1.1")):
+        assert status_of(core.listen_address, [host, 1], "a", own) == Status.BAD_REQUEST, host
+    assert status_of(core.listen_address, ["10.213.47.11", 70000], "a", "10.213.47.11") == Status.BAD_REQUEST

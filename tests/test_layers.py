@@ -162,6 +162,10 @@ ROOMS: dict[str, tuple[set[str], tuple[str, ...]]] = {
     "fuzz": (set(), ()),
     "run": ({"checkers", "report", "adversary"} | VOCABULARY, ()),
     "sim": ({"run", "checkers", "report", "adversary"} | VOCABULARY, ()),
+    # swarmnet serve watches and acts only through run directories and the control API: it never starts
+    # a network, signals a process or talks to Toxiproxy itself.
+    "web": ({"report", "trace"} | VOCABULARY, ("testnet.controller", "testnet.boot", "testnet.launch",
+                                               "testnet.links", "testnet.registry", "nodes", "clients")),
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import secrets
+import socket
 import time
 
 import psutil
@@ -263,3 +264,49 @@ async def test_batches_sharing_links_do_not_wait_for_each_other_forever(table):
                 nursery.start_soon(t.open, n)
             nursery.start_soon(t.populate, [{"name": n} for n in reversed(names)])
     assert set(await api.proxies()) == set(names) == t.made
+
+
+async def test_a_fault_on_many_links_is_recorded_once_and_made_proxies_get_bulk_calls(table):
+    t, api, addr = table
+    await t.populate([{"name": f"x->y{i}"} for i in range(10)])  # y0..y9 made, y10..y19 not yet
+    names = [f"x->y{i}" for i in range(20)]
+    slow = await t.fault_links(names, toxics=[("latency", {"latency": 300, "jitter": 0}, "upstream")])
+    cut_a = await t.fault_links(["x->y0", "x->y1", "x->y15"], cut=True)
+    cut_b = await t.fault_links(["x->y1", "x->y16"], cut=True)
+    assert slow.links == 20 and t.wanted("x->y15") == {"enabled": False, "toxics": sorted(slow.toxics)}
+    proxies = await api.proxies()
+    assert sorted(proxies) == names[:10] and all(len(proxies[n]["toxics"]) == 1 for n in names[:10])
+    assert [proxies[n]["enabled"] for n in ("x->y0", "x->y1", "x->y2")] == [False, False, True]
+    await t.open("x->y12")  # made during the fault: slow from its first byte
+    assert await _round_trip_ms(*addr(12)) >= 280
+    await t.open("x->y16")
+    with pytest.raises(OSError):
+        await _round_trip_ms(*addr(16))
+    # Overlapping cuts heal one at a time: y1 stays cut while cut_b holds it.
+    await t.heal_links(cut_a)
+    proxies = await api.proxies()
+    assert proxies["x->y0"]["enabled"] and not proxies["x->y1"]["enabled"]
+    await t.heal_links(cut_b)
+    await t.heal_links(slow)
+    await t.heal_links(slow)  # healing twice does nothing
+    proxies = await api.proxies()
+    assert t.faulted() == {} and all(p["enabled"] and not p["toxics"] for p in proxies.values())
+    assert await _round_trip_ms(*addr(12)) < 150
+    # A server that refuses its calls: every failed call named, how many of how many; the
+    # fault is held (what was asked stays recorded) so that its heal can try again.
+    port, api.port = api.port, _closed_port(api.host)
+    with pytest.raises(links.BatchError) as info:
+        await t.fault_links(names, cut=True)
+    failed = info.value
+    assert len(failed.failures) == failed.calls == 12 and failed.done.links == 20
+    assert {f.reason for f in failed.failures} == {"cannot connect (refused)"}
+    assert str(failed).startswith(f"12 of 12 Toxiproxy calls failed: {api.host}:{api.port} cannot connect (refused)")
+    api.port = port
+    await t.heal_links(failed.done)
+    assert all(p["enabled"] for p in (await api.proxies()).values()) and t.faulted() == {}
+
+
+def _closed_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -122,7 +122,7 @@ def test_entitlement_current_swarm_past_swarm_and_registry_history():
     small = auth.Entitlements(max_past=2)
     small.update(view(1, {A: alice_swarm, B: other}))
     for h in range(2, 6):
-        small.update(view(h, {A: other, B: alice_swarm}))
+        small.update(view(h, {A: other, B: alice_swarm, **({C: other} if h % 2 else {})}))
     assert not small.may_hold(A, ALICE, rehoming=True)
 
 
@@ -221,11 +221,14 @@ async def test_strangers_and_other_swarms_cannot_list_read_or_delete_an_account(
         for m in members:
             assert set(stored) <= db_hashes(net, m), f"{m} lost bob's messages"
 
-        # The positive control: a member of bob's swarm may do exactly this.
+        # The positive control: a member of bob's swarm may do exactly this — reading, and
+        # deleting with bob's signed request (without it, tests/test_node_authority.py).
         async with open_rpc(host, port, local_host="127.0.0.205") as rpc:
             assert (await handshake(rpc, member, t_ed)).status == 200
             got = await rpc.call("ae_fetch", {"hashes": stored}, timeout=5)
             assert got.status == 200 and sorted(m[2] for m in got.body["messages"]) == sorted(stored)
-            resp = await rpc.call("replicate_delete", deletes, timeout=5)
+            signed = [bob.session_id, stored, bob.ed25519_public.hex(),
+                      bob.sign(crypto.delete_signature_message(stored))]
+            resp = await rpc.call("replicate_delete", {"messages": [signed]}, timeout=5)
             assert resp.status == 200 and resp.body == {"deleted": 2}
         assert not set(stored) & db_hashes(net, target)

@@ -129,16 +129,3 @@ def test_batches_keep_to_the_wire_budget():
     from nodes.core import fitting
     assert fitting(sizes, lambda n: n, budget=500) == [100, 300, 50]
     assert fitting([900, 1], lambda n: n, budget=500) == [900] and fitting([], lambda n: n) == []
-
-
-def test_replicated_expiry_is_bounded_by_the_ttl_rule():
-    from nodes.core import MAX_TTL_MS, REPLICA_EXPIRY_SLACK_MS, check_replicated_expiries
-    from nodes.storage import StoredMessage
-
-    now = 1_700_000_000_000
-    ok = StoredMessage("05" + "ab" * 32, 0, "h", b"x", now, now + MAX_TTL_MS)
-    check_replicated_expiries([ok], now)
-    planted = StoredMessage("05" + "ab" * 32, 0, "h", b"x", now, now + MAX_TTL_MS + REPLICA_EXPIRY_SLACK_MS + 1)
-    with pytest.raises(RequestError) as info:
-        check_replicated_expiries([ok, planted], now)
-    assert info.value.status == 400

@@ -148,3 +148,23 @@ def test_proxies_are_shared_out_among_servers_by_source():
         assert p.server_of(link.name) == p.server_of(f"{link.src}->n01")  # a source's proxies stay together
     assert min(by_server) >= 0.8 * max(by_server)
     assert make(nodes=5, links="direct", toxiproxy_servers=4).toxiproxy_apis == []
+
+
+def test_a_cluster_plan_places_nodes_round_robin_on_its_hosts():
+    hosts = (P.HostPlan("h1", "10.213.47.11"), P.HostPlan("h2", "10.213.47.12"), P.HostPlan("h3", "10.213.47.13"))
+    p = make(nodes=7, users=2, hosts=hosts)
+    assert [n.place for n in p.nodes] == ["h1", "h2", "h3", "h1", "h2", "h3", "h1"]
+    assert p.node("n05").host == "10.213.47.12" and [n.name for n in p.nodes_on("h3")] == ["n03", "n06"]
+    # One Toxiproxy server for the users' links (the controller's), one per host for its nodes' outgoing links.
+    assert p.toxiproxy_servers == 4 and len(p.toxiproxy_apis) == 4
+    assert p.server_of("alice->n03") == 0 and p.server_of("n03->n01") == 3 and p.server_of("n04->n02") == 1
+    # A node's outgoing proxies keep their loopback addresses (its host's own loopback).
+    assert p.link("n04", "n02").listen == (P.proxy_source_host(p.block, 4), P.PROXY_PORT_BASE + 2)
+    grown, node = P.with_node_added(p)
+    assert node.name == "n08" and node.place == "h2" and node.host == "10.213.47.12"
+    assert grown.server_of("n08->n01") == 2
+    with pytest.raises(P.PlanError, match="Toxiproxy links"):
+        make(nodes=3, links="direct", hosts=hosts)
+    with pytest.raises(P.PlanError, match="repeat"):
+        make(nodes=3, hosts=hosts[:1] * 2)
+    assert make(nodes=3).hosts == () and make(nodes=3).node("n01").place is None

@@ -129,7 +129,8 @@ def test_malformed_fault_lines_are_skipped(tmp_path: Path) -> None:
     assert len(read_jsonl(tmp_path / "faults.jsonl")) == 2
     text = write_report(tmp_path).read_text(encoding="utf-8")
     assert len(_images(text)) == 3
-    assert text.count("<td>kill</td>") == 1 and "<td>halves</td>" not in text
+    # The kill once in the faults table, and its start and heal in the timing table.
+    assert text.count("<td>kill</td>") == 3 and "<td>halves</td>" not in text
 
 
 def test_write_report_needs_a_directory(tmp_path: Path) -> None:
@@ -227,8 +228,12 @@ def _verdict(run_dir: str) -> dict:
 
 
 def test_flagged_section_shows_each_flagged_message_with_its_journey(sim_runs: dict) -> None:
+    from chaos.report.page import write_report
+
     run_dir = sim_runs["failing"]["run_dir"]
-    text = (Path(run_dir) / "report.html").read_text(encoding="utf-8")
+    # Written again with a budget no loaded machine runs out of: the journeys, not the
+    # report's 5 s tracing budget (its cut-off has a test of its own), are what this checks.
+    text = write_report(Path(run_dir), trace_timeout_s=300).read_text(encoding="utf-8")
     checkers = _verdict(run_dir)["checkers"]
     lost = checkers["delivery"]["lost"]
     missing = [m["msg_id"] for m in checkers["replication"]["missing"]]
@@ -368,3 +373,28 @@ def test_node_state_chart_of_a_large_network_shows_the_nodes_something_happened_
         large[n] = [("partitioned", t0 + 2000, t0 + 5000)]
     # 300 rows would be ~100 inches tall; three rows are shown, smaller than ten.
     assert height(plot_nodes(large, t0, t0 + 10_000)) < height(plot_nodes(small, t0, t0 + 10_000))
+
+
+def test_the_report_draws_each_phase_lateness_and_names_what_failed(tmp_path: Path) -> None:
+    faults = [dict(FAULTS[0], planned=T0 + 1900, late_ms=100, took_ms=90),
+              dict(FAULTS[1], planned=T0 + 3900, late_ms=100, took_ms=400),
+              {"t": T0 + 9000, "fault": 2, "kind": "halves", "phase": "error", "during": "start", "late_ms": 4000,
+               "error": "BatchError: 3 of 40 Toxiproxy calls failed",
+               "failures": [{"error": "BatchError: 3 of 40 Toxiproxy calls failed", "failed": 3, "calls": 40,
+                             "calls_failed": [{"server": "127.9.8.3:8474", "call": "PATCH /proxies/n03->n04",
+                                               "proxy": "n03->n04", "status": None,
+                                               "reason": "no answer in 5 s"}]}]}]
+    _jsonl(tmp_path / "history.jsonl", _history())
+    _jsonl(tmp_path / "faults.jsonl", faults)
+    verdict = {"valid": "unknown", "faults": {"tolerance_ms": 1000, "worst": {"fault": 2, "kind": "halves",
+                                                                               "phase": "start", "late_ms": 4000},
+                                              "valid": "unknown", "why": ["fault 2 halves: failed to start: ..."]}}
+    (tmp_path / "verdict.json").write_text(json.dumps(verdict))
+    text = write_report(tmp_path).read_text(encoding="utf-8")
+    assert "Fault timing" in text and 'alt="fault timing"' in text and "Worst lateness: 4.00 s" in text
+    assert "fault 2 halves: failed to start" in text and "3 of 40 calls failed" in text
+    assert "127.9.8.3:8474 PATCH /proxies/n03-&gt;n04: no answer in 5 s" in text
+    # A run from before lateness was recorded draws no timing plot.
+    _jsonl(tmp_path / "faults.jsonl", FAULTS)
+    (tmp_path / "verdict.json").unlink()
+    assert 'alt="fault timing"' not in write_report(tmp_path).read_text(encoding="utf-8")

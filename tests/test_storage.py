@@ -278,23 +278,72 @@ def test_tombstones_outlive_the_message_and_a_restart_then_run_out(tmp_path: Pat
         assert s.delete(ALICE, [msg(n=1).hash, "hnever-seen"], tombstone_until=NOW + 1000) == [msg(n=1).hash]
         s.store(msg(n=2))
         assert s.delete(ALICE, [msg(n=2).hash]) == [msg(n=2).hash]
-        assert s.tombstoned(msg(n=1).hash) and s.tombstoned("hnever-seen") and not s.tombstoned(msg(n=2).hash)
+        assert s.tombstoned(ALICE, msg(n=1).hash) and s.tombstoned(ALICE, "hnever-seen")
+        assert not s.tombstoned(ALICE, msg(n=2).hash)
+        # A tombstone is the deleting account's: another's delete naming a hash blocks nothing of ours.
+        assert not s.tombstoned(BOB, msg(n=1).hash)
         with pytest.raises(StorageError):
             s.delete(ALICE, ["h"], tombstone_until=-1)
     finally:
         s.close()
     s = Storage(path)
     try:
-        assert s.tombstoned(msg(n=1).hash)  # a restarted node still refuses the deleted message
+        assert s.tombstoned(ALICE, msg(n=1).hash)  # a restarted node still refuses the deleted message
         s.delete_expired(NOW + 999)
-        assert s.tombstoned(msg(n=1).hash)
+        assert s.tombstoned(ALICE, msg(n=1).hash)
         s.delete_expired(NOW + 1000)
-        assert not s.tombstoned(msg(n=1).hash) and not s.tombstoned("hnever-seen")
+        assert not s.tombstoned(ALICE, msg(n=1).hash) and not s.tombstoned(ALICE, "hnever-seen")
     finally:
         s.close()
     s = Storage(path)
     try:
-        assert not s.tombstoned(msg(n=1).hash)
+        assert not s.tombstoned(ALICE, msg(n=1).hash)
+    finally:
+        s.close()
+
+
+def test_tombstones_keep_the_proof_of_their_latest_delete_until_they_run_out(tmp_path: Path) -> None:
+    s = Storage(tmp_path / "node.sqlite")
+    try:
+        h1, h2, h3 = msg(n=1).hash, msg(n=2).hash, msg(n=3).hash
+        s.delete(ALICE, [h1, h2], tombstone_until=NOW + 1000, proof=b"first")
+        s.delete(ALICE, [h1, h2], tombstone_until=NOW + 1000, proof=b"first")  # the same delete again: one proof
+        s.delete(ALICE, [h2], tombstone_until=NOW + 2000, proof=b"later")
+        s.delete(ALICE, [h3], tombstone_until=NOW + 3000)  # no proof: nothing to forward
+        assert s.tombstone_proofs(ALICE, [h1, h2, h3]) == [b"first", b"later"]
+        assert s.tombstone_proofs(ALICE, [h1]) == [b"first"] and s.tombstone_proofs(BOB, [h1]) == []
+        s.delete(ALICE, [h2], tombstone_until=NOW + 1500, proof=b"earlier")  # an older delete keeps no hold
+        assert s.tombstone_proofs(ALICE, [h2]) == [b"later"]
+        s.delete_expired(NOW + 1000)
+        assert s.tombstone_proofs(ALICE, [h1, h2]) == [b"later"] and not s.tombstoned(ALICE, h1)
+        s.delete_expired(NOW + 2000)
+        assert s.tombstone_proofs(ALICE, [h1, h2, h3]) == [] and s.tombstoned(ALICE, h3)
+        with pytest.raises(StorageError):
+            s.delete(ALICE, [h1], tombstone_until=NOW, proof="text")  # type: ignore[arg-type]
+    finally:
+        s.close()
+
+
+def test_version_2_tombstones_stand_for_any_account_after_migration(tmp_path: Path) -> None:
+    path = tmp_path / "v2.sqlite"
+    Storage(path).close()
+    raw = sqlite3.connect(path)
+    raw.execute("DROP TABLE tombstones")
+    raw.execute("DROP TABLE proofs")
+    raw.execute("CREATE TABLE tombstones (hash TEXT PRIMARY KEY, until INTEGER NOT NULL)")
+    raw.execute("INSERT INTO tombstones VALUES (?, ?)", (msg(n=1).hash, NOW + 1000))
+    raw.execute("PRAGMA user_version = 2")
+    raw.commit()
+    raw.close()
+    s = Storage(path)
+    try:
+        # A version-2 tombstone names no account: it still refuses the hash for every one.
+        assert s.tombstoned(ALICE, msg(n=1).hash) and s.tombstoned(BOB, msg(n=1).hash)
+        assert s.tombstone_proofs(ALICE, [msg(n=1).hash]) == []
+        s.delete(ALICE, [msg(n=1).hash], tombstone_until=NOW + 2000, proof=b"p")
+        assert s.tombstone_proofs(ALICE, [msg(n=1).hash]) == [b"p"]
+        s.delete_expired(NOW + 1000)
+        assert s.tombstoned(ALICE, msg(n=1).hash) and not s.tombstoned(BOB, msg(n=1).hash)
     finally:
         s.close()
 
@@ -305,6 +354,7 @@ def test_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
     raw = sqlite3.connect(path)
     raw.execute("DROP INDEX messages_time")
     raw.execute("DROP TABLE tombstones")
+    raw.execute("DROP TABLE proofs")
     raw.execute("INSERT INTO messages (hash, pubkey, namespace, timestamp, expiry, data) VALUES (?, ?, 0, ?, ?, ?)",
                 (msg(n=5).hash, ALICE, NOW, NOW + 60_000, msg(n=5).data))
     raw.execute("PRAGMA user_version = 1")
@@ -316,7 +366,7 @@ def test_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
         assert s.ae_hashes({ALICE: [ae_bucket(NOW)]}) == {ALICE: [msg(n=5).hash]}
         assert ALICE in s.ae_digests()
         s.delete(ALICE, [msg(n=5).hash], tombstone_until=NOW)
-        assert s.tombstoned(msg(n=5).hash)
+        assert s.tombstoned(ALICE, msg(n=5).hash)
     finally:
         s.close()
     raw = sqlite3.connect(path)

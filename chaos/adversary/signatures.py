@@ -8,6 +8,8 @@ from __future__ import annotations
 from testnet.base import crypto
 
 from .attacker import FAKE_HASH, Attacker
+
+REPLAYED_HASH = "B" * 43  # what a replayed delete's signature covers: no hash anyone sends
 from .model import NetView
 
 
@@ -44,7 +46,9 @@ async def signatures_round(a: Attacker, view: NetView, r: int) -> None:
                 "timestamp": ts, "pubkey_ed25519": claimed, "signature": sig}
         want = 406 if variant == "stale" else 401
     elif op == "delete":
-        signed = [FAKE_HASH] if variant == "replayed-hashes" else hs
+        # A signature over other hashes than those sent (never over ``hs`` itself: with no hash
+        # known, ``hs`` is [FAKE_HASH] and signing that would make a valid delete of our own account).
+        signed = [REPLAYED_HASH] if variant == "replayed-hashes" else hs
         args = {"pubkey": pubkey, "hashes": hs, "pubkey_ed25519": claimed,
                 "signature": a.me.sign(crypto.delete_signature_message(signed))}
     else:

@@ -2,7 +2,7 @@
 by someone without the right to — the account's signature for client ops, a
 registered service node of the account's swarm for node ops.
 
-It reads what the adversary nemesis (``chaos/adversary/attacks.py``) recorded of each
+It reads what the adversary and byzantine nemeses (``chaos/adversary``) recorded of each
 attempt in ``adversary.jsonl`` (what it sent, what the node answered) and,
 as ground truth, the nodes' databases: a message the adversary tried to plant
 must be held by no node, whatever the node answered.  It never talks to the
@@ -139,10 +139,11 @@ def summarize_attempts(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def adversary_scheduled(run_dir: Path) -> bool:
-    """Whether the run's schedule (schedule.json) holds an adversary fault."""
+    """Whether the run's schedule (schedule.json) holds an adversary or byzantine fault (both record
+    their attempts in adversary.jsonl)."""
     try:
         schedule = json.loads((run_dir / "schedule.json").read_text(encoding="utf-8"))
-        return any(isinstance(f, dict) and "adversary" in (f.get("family"), f.get("kind"))
+        return any(isinstance(f, dict) and ({"adversary", "byzantine"} & {f.get("family"), f.get("kind")})
                    for f in schedule.get("faults") or ())
     except (OSError, ValueError, AttributeError):
         return False

@@ -104,6 +104,7 @@ def check_delivery(history: Sequence[Mapping[str, Any]], users: Mapping[str, str
     unexpected: list[dict[str, Any]] = []
     receives = 0
     foreign = 0
+    rejected = 0
     for r in history:
         if r.get("op") != "receive" or r.get("type", "ok") != "ok":
             continue
@@ -115,6 +116,15 @@ def check_delivery(history: Sequence[Mapping[str, Any]], users: Mapping[str, str
         receives += 1
         who, h, mid = r.get("process"), r.get("hash"), r.get("msg_id")
         seen = {"msg_id": mid, "hash": h, "process": who, "t": r.get("t")}
+        if r.get("rejected"):
+            # The client refused a copy whose content is not its hash's for this account.
+            owner = sends.get(by_hash.get(h, ""))
+            if owner is not None and owner.recipient == who:
+                rejected += 1  # this user's own message, altered by a node: no delivery
+            else:
+                misdelivered.append({**seen, "msg_id": owner.msg_id if owner else None,
+                                     "to": owner.recipient if owner else None, "reason": "another account's message"})
+            continue
         if mid is None and r.get("error") is not None:
             # Could not open: sealed to someone else (wrong inbox) or mangled.
             owner = sends.get(by_hash.get(h, ""))
@@ -163,7 +173,8 @@ def check_delivery(history: Sequence[Mapping[str, Any]], users: Mapping[str, str
     out["unexpected"] = unexpected
 
     counts = {k: len(v) for k, v in out.items()}
-    counts.update(sent=len(sends), acknowledged=sum(1 for s in sends.values() if s.done == "ok"), receives=receives, foreign=foreign)
+    counts.update(sent=len(sends), acknowledged=sum(1 for s in sends.values() if s.done == "ok"), receives=receives,
+                  foreign=foreign, rejected_copies=rejected)
     failed = any(counts[k] for k in FAILURE_OUTCOMES)
     if failed:
         valid: bool | str = False

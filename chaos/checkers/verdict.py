@@ -21,8 +21,8 @@ from .replication import (ReplicationError, check_replication, current_swarms_fr
                           load_ground_truth)
 from .unlinkability import check_unlinkability
 
-__all__ = ["CheckError", "CHECKERS", "HISTORY_FILE", "VERDICT_FILE", "read_history", "combine", "run_checks",
-           "summary", "exit_code"]
+__all__ = ["CheckError", "CHECKERS", "HISTORY_FILE", "LATE_TOLERANCE_MS", "VERDICT_FILE", "read_history", "combine",
+           "fault_record", "harness_errors", "run_checks", "summary", "exit_code"]
 
 CHECKERS = ("delivery", "replication", "unlinkability", "authority")
 HISTORY_FILE = "history.jsonl"
@@ -49,23 +49,70 @@ def _swarms_from_run(truth: Any) -> dict[str, int | None]:
     return {name: n.get("swarm_id") for name, n in truth.nodes.items()}
 
 
-def fault_record(run_dir: Path) -> dict[str, Any] | None:
-    """How the schedule played, from faults.jsonl (None for runs without one): a verdict
-    is only as strong as the faults that really happened."""
+LATE_TOLERANCE_MS = 1000  # a fault started or healed later than this did not happen when the schedule said
+
+
+def _planned_faults(run_dir: Path) -> dict[str, str] | None:
+    """Fault id -> kind, from schedule.json (None when the run has none)."""
+    try:
+        schedule = json.loads((run_dir / "schedule.json").read_text(encoding="utf-8"))
+        return {str(f["id"]): str(f.get("kind")) for f in schedule["faults"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _secs(ms: Any) -> str:
+    return f"{ms / 1000:.2f} s"
+
+
+def fault_record(run_dir: Path, tolerance_ms: int = LATE_TOLERANCE_MS) -> dict[str, Any] | None:
+    """How the schedule played, from faults.jsonl and schedule.json (None for runs without
+    faults.jsonl): counts, every skipped or failed fault with what failed, each phase's
+    lateness and the worst, and whether the run did what it planned (``valid``: true, or
+    "unknown" with the reasons in ``why``).  A phase recorded without lateness (runs from
+    before it was recorded) is not judged late."""
     path = run_dir / FAULTS_FILE
     if not path.is_file():
         return None
     rows = read_jsonl(path)
-    out: dict[str, Any] = {"started": 0, "healed": 0, "skipped": [], "errors": []}
+    planned = _planned_faults(run_dir)
+    out: dict[str, Any] = {"planned": None if planned is None else len(planned), "started": 0, "healed": 0,
+                           "skipped": [], "errors": [], "late": [], "unplayed": [], "worst": None,
+                           "tolerance_ms": tolerance_ms}
+    seen: dict[str, set[str]] = {}  # fault id -> phases recorded
     for r in rows:
-        phase = r.get("phase")
+        phase, fid, kind = r.get("phase"), str(r.get("fault")), r.get("kind")
+        seen.setdefault(fid, set()).add(str(phase))
+        late = r.get("late_ms")
+        during = {"start": "start", "end": "heal"}.get(str(phase), r.get("during"))
+        if isinstance(late, (int, float)) and phase in ("start", "end", "error"):
+            if out["worst"] is None or late > out["worst"]["late_ms"]:
+                out["worst"] = {"fault": r.get("fault"), "kind": kind, "phase": during, "late_ms": late}
+            if phase != "error" and late > tolerance_ms:
+                out["late"].append({"fault": r.get("fault"), "kind": kind, "phase": during, "late_ms": late})
         if phase == "start":
             out["started"] += 1
         elif phase == "end":
             out["healed"] += 1
-        elif phase in ("skipped", "error"):
-            out["skipped" if phase == "skipped" else "errors"].append(
-                {"fault": r.get("fault"), "kind": r.get("kind"), "error": str(r.get("error", ""))[:200]})
+        elif phase == "skipped":
+            out["skipped"].append({"fault": r.get("fault"), "kind": kind, "error": str(r.get("error", ""))[:300]})
+        elif phase == "error":
+            out["errors"].append({"fault": r.get("fault"), "kind": kind, "during": r.get("during", "start"),
+                                  "error": str(r.get("error", ""))[:600],
+                                  "failures": list(r.get("failures") or [])[:20]})
+    for fid, kind in (planned or {}).items():
+        phases = seen.get(fid, set())
+        if not phases:
+            out["unplayed"].append({"fault": int(fid) if fid.isdigit() else fid, "kind": kind, "why": "never started"})
+        elif "start" in phases and not phases & {"end", "error"}:
+            out["unplayed"].append({"fault": int(fid) if fid.isdigit() else fid, "kind": kind, "why": "never healed"})
+    why = [f"fault {e['fault']} {e['kind']}: failed to {e['during']}: {e['error'][:300]}" for e in out["errors"]]
+    why += [f"fault {e['fault']} {e['kind']}: skipped: {e['error'][:200]}" for e in out["skipped"]]
+    why += [f"fault {e['fault']} {e['kind']}: {'started' if e['phase'] == 'start' else 'healed'} "
+            f"{_secs(e['late_ms'])} late (tolerance {_secs(tolerance_ms)})" for e in out["late"]]
+    why += [f"fault {e['fault']} {e['kind']}: {e['why']}" for e in out["unplayed"]]
+    out["valid"] = True if not why else "unknown"
+    out["why"] = why
     return out
 
 
@@ -114,9 +161,22 @@ def run_checks(run_dir: str | Path, *, checkers: Iterable[str] = CHECKERS, swarm
                 results[name] = check_unlinkability(run_dir, history)
         except Exception as exc:  # a checker that cannot judge says so rather than sinking the others
             results[name] = {"checker": name, "valid": "unknown", "error": f"{type(exc).__name__}: {exc}"[:500]}
-    verdict = {"valid": combine(results), "run_id": truth.run.get("run_id"), "checked_ms": now_ms,
-               "history_records": len(history), "checkers": results}
+    valid = combine(results)
     faults = fault_record(run_dir)
+    if faults is not None and faults["valid"] is not True:
+        # The schedule did not play as planned: a checker that held did not hold under the faults
+        # planned, and one that failed may have failed by the harness's own doing (a heal that
+        # never happened leaves a partition in place).  The checkers' own verdicts stay below.
+        valid = "unknown"
+    verdict = {"valid": valid, "run_id": truth.run.get("run_id"), "checked_ms": now_ms,
+               "history_records": len(history), "checkers": results}
+    lost = (truth.run.get("cluster") or {}).get("lost_hosts")
+    if lost:
+        # A cluster host lost mid-run took its nodes' ground truth with it: what came home can
+        # still show a violation, never that the run was valid.
+        verdict["lost_hosts"] = lost
+        if verdict["valid"] is True:
+            verdict["valid"] = "unknown"
     if faults is not None:
         verdict["faults"] = faults
     if write:
@@ -144,14 +204,12 @@ def _ids(items: Any, n: int = 5) -> str:
 def summary(verdict: Mapping[str, Any]) -> str:
     """A readable one-screen view of a verdict (no message contents)."""
     lines = [f"verdict: {_word(verdict.get('valid'))}" + (f"  (run {verdict['run_id']})" if verdict.get("run_id") else "")]
+    for host, info in (verdict.get("lost_hosts") or {}).items():
+        lines.append(f"host {host} lost mid-run ({info.get('reason')}): {', '.join(info.get('nodes') or [])} went "
+                     "with it; their data could not be checked")
     f = verdict.get("faults")
     if f:
-        line = f"faults: {f['started']} started, {f['healed']} healed"
-        for key in ("skipped", "errors"):
-            if f.get(key):
-                line += f"; {key} {len(f[key])} (" + ", ".join(
-                    f"{e['fault']} {e['kind']}: {e['error'][:60]}" for e in f[key][:3]) + ")"
-        lines.append(line)
+        lines += faults_summary(f)
     checkers = verdict.get("checkers") or {}
     d = checkers.get("delivery")
     if d:
@@ -213,6 +271,34 @@ def summary(verdict: Mapping[str, Any]) -> str:
     if a:
         lines += authority_summary(a)
     return "\n".join(lines)
+
+
+def harness_errors(verdict: Mapping[str, Any]) -> list[str]:
+    """Why the run did not do what it planned (empty: it did, or it had no schedule)."""
+    f = verdict.get("faults") or {}
+    return list(f.get("why") or ()) if f.get("valid", True) is not True else []
+
+
+def faults_summary(f: Mapping[str, Any]) -> list[str]:
+    """The faults' lines of :func:`summary`: counts, worst lateness, and why the schedule did
+    not play as planned, if it did not."""
+    planned = f.get("planned")
+    line = (f"faults: {f['started']}" + (f" of {planned}" if planned is not None else "") + " started, "
+            f"{f['healed']} healed")
+    if f.get("skipped"):
+        line += f", {len(f['skipped'])} skipped"
+    if f.get("errors"):
+        line += f", {len(f['errors'])} failed"
+    worst = f.get("worst")
+    if worst is not None:
+        line += (f"; worst lateness {worst['late_ms'] / 1000:.2f} s (fault {worst['fault']} {worst['kind']}, "
+                 f"{worst['phase']}; tolerance {f.get('tolerance_ms', LATE_TOLERANCE_MS) / 1000:g} s)")
+    lines = [line]
+    if f.get("valid", True) is not True:
+        lines.append("harness error: the schedule did not play as planned, so the run is neither a pass nor a "
+                     "failure (the checkers' own verdicts follow):")
+        lines += [f"  {why}" for why in (f.get("why") or ())[:10]]
+    return lines
 
 
 def authority_summary(a: Mapping[str, Any]) -> list[str]:

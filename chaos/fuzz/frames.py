@@ -160,13 +160,14 @@ def client_args(c: Ctx, op: str) -> tuple[dict[str, Any], str | None]:
 # --------------------------------------------------------------------------- node-to-node ops
 
 
-def wire_message(c: Ctx, acc: Account) -> Any:
+def wire_message(c: Ctx, acc: Account, *, spoil: bool = True) -> Any:
+    """One replicated copy, spoiled in one field a third of the time (unless ``spoil`` is false)."""
     d = c.draw
     ns = d.choice((0, 0, 1, -(2**15)))
     data = d.binary(d.choice((0, 10, 200)))
     ts = c.now - d.integer(0, 60_000)
     item: list[Any] = [acc.session_id, ns, crypto.message_hash(acc.session_id, ns, data), data, ts, ts + 3_600_000]
-    if d.chance(35):
+    if spoil and d.chance(35):
         at = d.integer(0, 5)
         item[at] = d.choice({
             0: (acc.session_id.upper(), "05" + "0" * 63, 5),
@@ -193,6 +194,8 @@ def node_args(c: Ctx, op: str) -> dict[str, Any]:
     acc = c.account()
     n = big_len(d, MAX_NODE_ITEMS)
     if op == "replicate":
+        if d.chance(25):  # a whole batch a member may push: one bad copy refuses every copy of a request
+            return {"messages": [wire_message(c, acc, spoil=False) for _ in range(min(n, 4))]}
         msgs = [wire_message(c, acc if d.chance(80) else c.account()) for _ in range(min(n, 4))]
         if n > 4:  # a long batch of small, valid copies
             empty = [acc.session_id, 0, crypto.message_hash(acc.session_id, 0, b""), b"", c.now, c.now + 60_000]

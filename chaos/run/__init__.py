@@ -1,6 +1,8 @@
 """Running scenarios: the nemeses (``nemesis``: each injects one kind of fault
-and always heals), the run loop and the nightly (``runner``), shrinking a
-failing run's fault list (``shrink``) and their commands (``cli``).
+and always heals), playing a schedule on time and recording it (``play``:
+faults.jsonl), the run loop and the nightly (``runner``), shrinking a
+failing run's fault list (``shrink``), runs on a Ray cluster (``cluster``),
+their commands (``cli``) and ``swarmnet bench faults`` (``bench``).
 
 May import: the vocabulary (``chaos.scenario``, ``chaos.schedule``), the
 checkers, the report, the controller (``testnet``) and the clients' workload.

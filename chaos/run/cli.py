@@ -46,17 +46,29 @@ def chaos() -> None:
 @click.option("--inject-bug", "bugs", multiple=True, help="break the system on purpose (see `swarmnet bugs`)")
 @click.option("--json", "as_json", is_flag=True, help="print the verdict as JSON")
 @click.option("--quiet", is_flag=True, help="no progress lines")
+@click.option("--cluster", metavar="HOST:PORT", envvar="SWARMNET_CLUSTER", default=None,
+              help="run the nodes on this Ray cluster's hosts (see README, 'Running on a cluster')")
+@click.option("--hosts", type=int, default=None, help="with --cluster: how many of its hosts (default: all)")
 def run_cmd(scenario: str, seed: int | None, run_dir: Path | None, bugs: tuple[str, ...], as_json: bool,
-            quiet: bool) -> None:
+            quiet: bool, cluster: str | None, hosts: int | None) -> None:
     """Run SCENARIO (a TOML file, or a name from the shipped library) once and check it."""
+    from chaos.run.play import describe_error
     from chaos.run.runner import run_chaos
 
+    world = None
+    if cluster:
+        from chaos.run.cluster import ClusterProcesses
+
+        world = ClusterProcesses(cluster, hosts)
     try:
         sc = load_scenario(scenario)
         result = trio.run(lambda: run_chaos(sc, seed=seed, run_dir=run_dir, inject_bugs=bugs,
-                                            progress=progress(quiet)))
+                                            progress=progress(quiet), world=world))
     except (ScenarioError, ValueError) as exc:
         fail(str(exc))
+        return
+    except Exception as exc:  # the run itself broke (a boot that timed out, ...): say what, not a traceback
+        fail(f"the run broke: {describe_error(exc)['error']}")
         return
     if as_json:
         click.echo(json.dumps(result.verdict))
@@ -89,6 +101,10 @@ def replay(run_dir: Path, as_json: bool, quiet: bool) -> None:
         for name, c in compare["checkers"].items():
             click.echo(f"  {name:14} before {c['before']!s:7} after {c['after']!s:7}")
         click.echo("same verdict" if compare["same"] else "verdict differs (timing is not deterministic)")
+        for which, whys in compare["harness"].items():
+            if whys:
+                click.echo(f"the {'original' if which == 'before' else 'replay'} did not play its schedule as "
+                           f"planned: " + "; ".join(whys[:3]))
         click.echo(f"replay bundle: {result.run_dir}")
     sys.exit(result.exit_code)
 
@@ -145,23 +161,41 @@ def nightly(runs_dir: Path, keep_passing: bool, seeds: int, first_seed: int | No
     results = trio.run(lambda: do_nightly(paths, runs_dir=runs_dir, prune=not keep_passing, seeds=seeds,
                                           first_seed=first_seed, canaries=bug_list, progress=progress(False),
                                           replay_failures=replay_failures))
-    failing = [r for r in results if not r.get("passed")]
-    for r in results:
-        mark = "PASS" if r.get("passed") else "FAIL"
-        what = r["scenario"] + (f" +{r['inject_bug']}" if r.get("inject_bug") else "")
-        expect = f"(must fail {r['expect_failing']})" if r.get("inject_bug") else ""
-        click.echo(f"{mark}  {what:34} seed {r.get('seed')!s:11} failing: {','.join(r.get('failing', [])) or '-':28}"
-                   f" {expect} {r.get('error', '')}".rstrip())
     runs_dir.mkdir(parents=True, exist_ok=True)
     (runs_dir / "nightly.json").write_text(json.dumps(results, indent=2) + "\n")
-    click.echo(f"{len(failing)} failing bundle(s) of {len(results)}" + (":" if failing else ""))
-    for r in failing:
+    code = show_nightly(results)
+    sys.exit(code)
+
+
+def show_nightly(results: list[dict[str, Any]]) -> int:
+    """Print the nightly's results, harness errors first (runs that did not do what they
+    planned: neither pass nor fail), then failures, then passes; returns the exit code:
+    1 if any run failed, else 2 if any was a harness error, else 0."""
+    order = {"harness": 0, "fail": 1, "pass": 2}
+    ranked = sorted(results, key=lambda r: order.get(r.get("status", "fail"), 1))
+    for r in ranked:
+        status = r.get("status", "pass" if r.get("passed") else "fail")
+        mark = {"harness": "HARNESS", "fail": "FAIL", "pass": "PASS"}[status]
+        what = r["scenario"] + (f" +{r['inject_bug']}" if r.get("inject_bug") else "")
+        expect = f"(must fail {r['expect_failing']})" if r.get("inject_bug") else ""
+        click.echo(f"{mark:7}  {what:34} seed {r.get('seed')!s:11} failing: "
+                   f"{','.join(r.get('failing', [])) or '-':28} {expect}".rstrip())
+        for why in (r.get("harness") or [])[:5]:
+            click.echo(f"         {why[:240]}")
+    counts = {k: sum(1 for r in results if r.get("status", "pass" if r.get("passed") else "fail") == k)
+              for k in order}
+    click.echo(f"{counts['pass']} passed, {counts['fail']} failed, {counts['harness']} harness error(s) "
+               f"of {len(results)} runs" + (" (a harness error: the run did not do what it planned; "
+                                            "neither a pass nor a failure)" if counts["harness"] else ""))
+    for r in ranked:
+        if r.get("status") not in ("harness", "fail"):
+            continue
         rep = r.get("replay") or {}
         again = ("" if not rep else f"  (replay: {rep['error']})" if "error" in rep else
                  f"  (replay failed again: {','.join(rep['failing'])})" if rep["failing"] else
                  "  (replay passed: the failure needed its timing)")
-        click.echo(f"  {r.get('run_dir', r['scenario'])}{again}")
-    sys.exit(1 if failing else 0)
+        click.echo(f"  {r['status']:7} {r.get('run_dir', r['scenario'])}{again}")
+    return 1 if counts["fail"] else 2 if counts["harness"] else 0
 
 
 def current_membership(run_dir: Path, run: dict[str, Any]) -> tuple[dict[str, int] | None, set[str] | None]:
@@ -202,6 +236,13 @@ def check(run_dir: Path | None, checkers: tuple[str, ...], as_json: bool) -> Non
         return
     if not (path / "history.jsonl").exists():
         fail(f"{path} has no history.jsonl: run `swarmnet workload --run-dir {path}` first")
+    if run.get("cluster") and run.get("state") == "ready":
+        # A live cluster run: its hosts' databases and captures come home first (swarmnet collect).
+        try:
+            trio.run(lambda: rundir.control_call(run, path, "collect", timeout_s=300.0))
+        except rundir.RunDirError as exc:
+            click.echo(f"swarmnet: the hosts' files could not be brought home ({exc}); judging what is here",
+                       err=True)
     swarms, live = current_membership(path, run)
     kwargs: dict[str, Any] = {"swarms": swarms, "live": live, "swarms_source": "registry"}
     if checkers:

@@ -2,7 +2,9 @@
 
 Every nemesis is an async context manager ``inject(net, fault)``: entering
 starts the fault, leaving ends it, even on cancellation (heals are shielded
-and bounded).  A nemesis only injects and heals; it never judges.
+and bounded).  A start that fails part-way heals what it did, then raises;
+a heal that fails, or runs out of time, raises what failed (:class:`HealFailed`),
+once it has healed all it could.  A nemesis only injects and heals; it never judges.
 
 Families (see chaos.scenario.NEMESES):
 * link — Toxiproxy toxics (latency, bandwidth, timeout, reset_peer, slicer) or
@@ -23,10 +25,11 @@ never imports them (the runner loads them).
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import random
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 import trio
 
@@ -38,6 +41,31 @@ from chaos.schedule import Fault
 log = logging.getLogger("chaos.run.nemesis")
 
 HEAL_TIMEOUT_S = 30.0
+
+
+# When the phase being played took effect (see took_effect): set by the player per phase.
+_effect: contextvars.ContextVar[list[float | None] | None] = contextvars.ContextVar("swarmnet_fault_effect",
+                                                                                   default=None)
+
+
+def took_effect() -> None:
+    """Say that the phase of the fault being played took effect now — a restarted or added node
+    runs, before the nemesis waits for it to be ready (the network's recovery, not the fault)."""
+    holder = _effect.get()
+    if holder is not None:
+        holder[0] = trio.current_time()
+
+
+@contextmanager
+def effect_clock() -> Iterator[list[float | None]]:
+    """For the player: ``[when the phase took effect]`` once the block is over (None: it did
+    not say, so it took effect when done)."""
+    holder: list[float | None] = [None]
+    token = _effect.set(holder)
+    try:
+        yield holder
+    finally:
+        _effect.reset(token)
 
 
 class NemesisError(Exception):
@@ -151,100 +179,114 @@ def _toxics(kind: str, p: dict[str, Any]) -> list[tuple[str, dict[str, Any], str
     raise NemesisError(f"{kind} is not a toxic")
 
 
-async def _heal_all(calls: list[tuple[Any, tuple]]) -> None:
-    # The deadline grows with the calls: a partition of a large network heals thousands of
-    # proxies, and a heal cut short would leave links cut for the rest of the run.
+class HealFailed(Exception):
+    """A heal did not finish: the errors of the calls that failed (``errors``), or its deadline."""
+
+    def __init__(self, message: str, errors: list[BaseException] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+
+@contextmanager
+def healing(what: str, timeout_s: float) -> Iterator[None]:
+    """Shielded from cancellation (a nemesis always heals) and bounded by ``timeout_s``:
+    raises :class:`HealFailed`, naming ``what``, when the heal is cut off by its deadline."""
     with trio.CancelScope(shield=True):
-        with trio.move_on_after(HEAL_TIMEOUT_S + HEAL_S_PER_CALL * len(calls)):
-            async with trio.open_nursery() as nursery:
-                for fn, args in calls:
-                    async def one(fn=fn, args=args) -> None:
-                        try:
-                            await fn(*args)
-                        except (L.LinkError, NemesisError):
-                            pass
-                    nursery.start_soon(one)
+        with trio.move_on_after(timeout_s) as scope:
+            yield
+    if scope.cancelled_caught:
+        raise HealFailed(f"{what}: not healed within {timeout_s:g} s")
 
 
-HEAL_S_PER_CALL = 0.01  # Toxiproxy answers a call in a few ms; calls run 40 at a time (trio's threads)
-LINK_CALLS_AT_ONCE = 32  # Toxiproxy API calls in flight for one fault (a large partition is thousands)
+async def _heal_all(what: str, calls: list[tuple[Any, tuple]]) -> None:
+    """Every call at once, all tried whatever the others do; raises :class:`HealFailed` with
+    each error when some failed.  The deadline grows with the calls."""
+    errors: list[BaseException] = []
+    with healing(what, HEAL_TIMEOUT_S + HEAL_S_PER_CALL * len(calls)):
+        async with trio.open_nursery() as nursery:
+            for fn, args in calls:
+                async def one(fn=fn, args=args) -> None:
+                    try:
+                        await fn(*args)
+                    except L.ProxyGone:
+                        pass  # its link went with its node: nothing left to heal
+                    except Exception as exc:
+                        errors.append(exc)
+                nursery.start_soon(one)
+    if errors:
+        raise HealFailed(f"{what}: {len(errors)} of {len(calls)} heals failed", errors)
 
 
-async def _bounded_all(fn: Any, argss: list[tuple], limit: int = 8) -> None:
-    """Run fn(*args) for each, at most ``limit`` at once."""
-    sem = trio.Semaphore(limit)
+HEAL_S_PER_CALL = 0.01  # for the calls of one heal (one per node)
+HEAL_S_PER_LINK = 0.001  # a link fault's heal: its calls go in bulk, each connection bounded; this backs them up
 
-    async def one(args: tuple) -> None:
-        async with sem:
-            await fn(*args)
 
-    async with trio.open_nursery() as nursery:
-        for args in argss:
-            nursery.start_soon(one, args)
+def _cuts(fault: Fault) -> bool:
+    """True when ``fault`` cuts its links (a disabled proxy), False when it adds toxics."""
+    return fault.kind == "link-down" or fault.family == "partition"
 
 
 @asynccontextmanager
 async def link_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any]]:
+    """A cut (disabled proxies) or toxics on the fault's links, recorded at once for links not
+    made yet and sent in bulk to the made ones (testnet.proxies.ProxyTable.fault_links), healed
+    the same way.  A start that fails part-way heals what it did, then raises what failed."""
     api = net.api
     if api is None:
         raise NemesisError("link faults need Toxiproxy links (this run uses --links direct)")
     proxies, desc = await resolve_links(net, fault)
-    # What was applied is recorded as it happens, so that a start that fails half-way
-    # (found by the mixed scenario: a node left while its links were being faulted)
-    # still heals every toxic and proxy it touched.
-    disabled: list[str] = []
-    toxics: list[tuple[str, str]] = []
+    cut = _cuts(fault)
+    what = f"fault {fault.id} ({fault.kind})"
+    failed: L.BatchError | None = None
     try:
-        if fault.kind == "link-down" or fault.family == "partition":
-            # A disabled proxy closes live connections and refuses new ones: a cut link.
-            async def disable(p: str) -> None:
-                try:
-                    await api.set_enabled(p, False)
-                except L.ProxyGone:
-                    return  # the link went with its node: nothing left to cut
-                disabled.append(p)
+        applied = await api.fault_links(proxies, cut=cut, toxics=() if cut else _toxics(fault.kind, fault.params))
+    except L.BatchError as exc:
+        applied, failed = exc.done, exc
 
-            await _bounded_all(disable, [(p,) for p in proxies], LINK_CALLS_AT_ONCE)
-        else:
-            async def add(p: str, typ: str, attrs: dict[str, Any], stream: str) -> None:
-                try:
-                    toxics.append((p, await api.add_toxic(p, typ, attrs, stream=stream)))
-                except L.ProxyGone:
-                    return
+    async def heal() -> None:
+        with healing(what, HEAL_TIMEOUT_S + HEAL_S_PER_LINK * applied.links):
+            await api.heal_links(applied)
 
-            await _bounded_all(add, [(p, typ, a, s) for p in proxies for typ, a, s in _toxics(fault.kind, fault.params)],
-                               LINK_CALLS_AT_ONCE)
-        yield {**desc, "proxies": len(disabled) + len({p for p, _ in toxics})}
+    if failed is not None:
+        try:
+            await heal()
+        except (L.LinkError, HealFailed) as exc:
+            raise HealFailed("its start failed, and so did the heal of what it did", [failed, exc]) from None
+        raise failed
+    try:
+        yield {**desc, "proxies": applied.links}
     finally:
-        await _heal_all([(api.set_enabled, (p, True)) for p in disabled] +
-                        [(api.remove_toxic, (p, n)) for p, n in toxics])
+        await heal()
 
 
 @asynccontextmanager
 async def process_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any]]:
     kind = fault.kind
+    what = f"fault {fault.id} ({kind})"
     if kind == "join":
         added: list[str] = []
         try:
             for _ in range(int(fault.target.get("new", 1))):
-                added.append(await net.node_add())
+                added.append(await net.node_add(running=took_effect))
             yield {"nodes": added}
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(HEAL_TIMEOUT_S):
+            with healing(what, HEAL_TIMEOUT_S):
                 for name in added:
                     if name in net.nodes:
                         await net.node_remove(name)
         return
     nodes = await resolve_nodes(net, fault)
     if kind == "kill":
-        for n in nodes:
-            await net.node_kill(n)
+        killed = []
         try:
+            for n in nodes:
+                await net.node_kill(n)
+                killed.append(n)  # a kill that fails part-way still restarts those it killed
             yield {"nodes": nodes}
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(HEAL_TIMEOUT_S):
-                for n in nodes:
-                    await net.node_restart(n)
+            with healing(what, HEAL_TIMEOUT_S):
+                for n in killed:
+                    await net.node_restart(n, running=took_effect)
     elif kind == "pause":
         paused = []
         try:
@@ -253,20 +295,22 @@ async def process_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any]]
                 paused.append(n)
             yield {"nodes": nodes}
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(HEAL_TIMEOUT_S):
+            with healing(what, HEAL_TIMEOUT_S):
                 for n in paused:
                     await net.node_resume(n)
     elif kind == "leave":
-        for n in nodes:
-            await net.node_remove(n)
+        removed = []
         replacements: list[str] = []
         try:
+            for n in nodes:
+                await net.node_remove(n)
+                removed.append(n)
             yield {"nodes": nodes}
         finally:
             # Heal: the network gets its capacity back as a fresh node.
-            with trio.CancelScope(shield=True), trio.move_on_after(HEAL_TIMEOUT_S):
-                for _ in nodes:
-                    replacements.append(await net.node_add())
+            with healing(what, HEAL_TIMEOUT_S):
+                for _ in removed:
+                    replacements.append(await net.node_add(running=took_effect))
     else:
         raise NemesisError(f"{kind} is not a process fault")
 
@@ -285,7 +329,7 @@ async def clock_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any]]:
         async def reset(n: str) -> None:
             if n in net.nodes and net.nodes[n].state == "running":
                 await net.admin(n, "admin_clock", offset_ms=0)
-        await _heal_all([(reset, (n,)) for n in skewed])
+        await _heal_all(f"fault {fault.id} ({fault.kind})", [(reset, (n,)) for n in skewed])
 
 
 def inject(net: Any, fault: Fault) -> Any:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,11 +24,15 @@ from testnet import plan as P
 from testnet.base.bugs import CLIENT_BUGS, check_bugs
 
 from chaos.adversary import attacks as _adversary  # noqa: F401  registers the "adversary" fault family
-from chaos.run.nemesis import NemesisError, inject, live_swarms
+from chaos.adversary import byzantine as _byzantine  # noqa: F401  registers the "byzantine" fault family
+from chaos.run import disk as _disk  # noqa: F401  registers the "disk" fault family
+from chaos.run.nemesis import live_swarms
+from chaos.run.play import FaultLog, describe_error, play, wall_ms
 from chaos.scenario import Scenario, load_scenario
-from chaos.schedule import Fault, Schedule, expand
+from chaos.schedule import Schedule, expand
 
 Progress = Callable[[str], None]
+READY_S_PER_NODE = 0.5  # boot deadline per node, beyond the controller's default
 
 
 @dataclass
@@ -47,65 +50,6 @@ def node_names(scenario: Scenario) -> list[str]:
 
 def user_names(scenario: Scenario) -> list[str]:
     return [P.user_name(i) for i in range(1, scenario.topology.users + 1)]
-
-
-def wall_ms() -> int:
-    return int(time.time() * 1000)
-
-
-class FaultLog:
-    """faults.jsonl: what actually happened, when."""
-
-    def __init__(self, path: Path, now_ms: Callable[[], int] = wall_ms) -> None:
-        self._f = open(path, "a", encoding="utf-8")
-        self._now_ms = now_ms
-
-    def write(self, fault: Fault, phase: str, **extra: Any) -> None:
-        rec = {"t": self._now_ms(), "fault": fault.id, "kind": fault.kind, "phase": phase, **extra}
-        self._f.write(json.dumps(rec, default=str) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
-
-async def play(net: Any, schedule: Schedule, log: FaultLog, progress: Progress) -> None:
-    """Start each fault at its time, heal it after its duration; returns when all are healed."""
-    t0 = trio.current_time()
-
-    async def one(fault: Fault) -> None:
-        await trio.sleep_until(t0 + fault.at_s)
-        try:
-            async with inject(net, fault) as targets:
-                log.write(fault, "start", targets=targets)
-                progress(f"fault {fault.id} {fault.kind} started: {_short(targets)}")
-                await trio.sleep(fault.duration_s)
-            log.write(fault, "end", targets=targets)
-            if fault.family == "adversary":  # its summary is only known once it stopped
-                progress(f"fault {fault.id} {fault.kind} stopped: {targets.get('attempts', 0)} attempts, "
-                         f"{targets.get('refused', 0)} refused, {targets.get('accepted', 0)} accepted, "
-                         f"{targets.get('leaked', 0)} leaked; {targets.get('flood_waves', 0)} flood waves")
-            else:
-                progress(f"fault {fault.id} {fault.kind} healed")
-        except (NemesisError, LookupError, ValueError) as exc:
-            log.write(fault, "skipped", error=str(exc)[:300])
-            progress(f"fault {fault.id} {fault.kind} skipped: {exc}")
-        except Exception as exc:  # a controller error must not end the run unhealed
-            log.write(fault, "error", error=f"{type(exc).__name__}: {exc}"[:300])
-            progress(f"fault {fault.id} {fault.kind} failed: {type(exc).__name__}: {exc}")
-
-    async with trio.open_nursery() as nursery:
-        for fault in schedule.faults:
-            nursery.start_soon(one, fault)
-
-
-def _short(targets: dict[str, Any]) -> str:
-    parts = []
-    for k, v in targets.items():
-        if isinstance(v, list):
-            v = ",".join(map(str, v[:6])) + ("…" if len(v) > 6 else "")
-        parts.append(f"{k}={v}")
-    return " ".join(parts)
 
 
 def _scenario_text(scenario: Scenario) -> str:
@@ -144,8 +88,11 @@ async def run_chaos(scenario: Scenario, *, seed: int | None = None, run_dir: Pat
     seed = seed if seed is not None else (scenario.seed if scenario.seed is not None else secrets.randbits(31))
     schedule = schedule or expand(scenario, seed, node_names(scenario), user_names(scenario))
     topo = scenario.topology
+    # A large network's boot gets time in proportion to its size (as bench boot gives it): 300
+    # nodes on a busy 2-core machine took over the default 90 s.
     opts = Options(nodes=topo.nodes, users=topo.users, min_swarm=topo.min_swarm, links=topo.links, seed=seed,
-                   run_dir=run_dir, runs_dir=runs_dir, inject_bugs=inject_bugs)
+                   run_dir=run_dir, runs_dir=runs_dir, inject_bugs=inject_bugs,
+                   ready_timeout_s=max(Options.ready_timeout_s, READY_S_PER_NODE * topo.nodes))
     progress(f"scenario {scenario.name}, seed {seed}: {len(schedule.faults)} faults, "
              f"{topo.nodes} nodes, {topo.users} users, links {topo.links}")
     world = world or RealProcesses()
@@ -186,6 +133,9 @@ async def run_chaos(scenario: Scenario, *, seed: int | None = None, run_dir: Pat
         faults.close()
         progress(f"workload: {stats.sent} sent, {stats.ok} ok, {stats.failed} failed, {stats.unknown} unknown, "
                  f"{stats.received} received")
+        before_checks = getattr(world, "before_checks", None)
+        if before_checks is not None:
+            await before_checks(net)  # on a cluster: the hosts' files, home for the checkers
         swarms = await live_swarms(net)
         live = {n for n, rt in net.nodes.items() if rt.state == "running"}
         verdict = run_checks(rd, checkers=scenario.checkers, swarms=swarms, live=live, swarms_source="registry",
@@ -216,10 +166,16 @@ async def replay(run_dir: Path, *, runs_dir: Path = Path("runs"), progress: Prog
     result = await run_chaos(scenario, seed=chaos["seed"], runs_dir=runs_dir,
                              inject_bugs=tuple(chaos.get("inject_bugs") or ()), schedule=schedule or sched,
                              progress=progress)
+    from chaos.checkers.verdict import harness_errors
+
     compare = {name: {"before": v.get("valid"), "after": result.verdict["checkers"].get(name, {}).get("valid")}
                for name, v in before.get("checkers", {}).items()}
     same = all(c["before"] == c["after"] for c in compare.values())
-    return result, {"same": same, "checkers": compare, "original": str(run_dir), "replay": str(result.run_dir)}
+    # Whether each run did what it planned: a verdict from a run whose faults did not happen
+    # as scheduled says less than it seems to.
+    harness = {"before": harness_errors(before), "after": harness_errors(result.verdict)}
+    return result, {"same": same, "checkers": compare, "harness": harness, "original": str(run_dir),
+                    "replay": str(result.run_dir)}
 
 
 def failing_checkers(verdict: dict[str, Any]) -> set[str]:
@@ -234,15 +190,22 @@ CANARY_SCENARIOS = {
     "one-hop-path": "smoke",
     "skip-replication": "smoke",
     "ack-before-commit": "kill-restart",
+    "ack-before-sync": "power-loss",
     "wrong-inbox": "smoke",
     "local-delete": "smoke",
     "no-node-auth": "adversary",
+    "unsigned-peer-delete": "byzantine",
 }
 
 
 async def _nightly_entry(scenario: Scenario, *, seed: int | None, runs_dir: Path, progress: Progress, prune: bool,
                          bug: str | None = None, replay_failures: bool = False) -> dict[str, Any]:
+    """One nightly run: ``status`` "pass", "fail" or "harness" (the run did not do what it
+    planned — a fault failed, was skipped or came late, or the run itself broke: neither a
+    pass nor a failure, with ``harness`` saying why)."""
     from testnet.base.bugs import BUGS
+
+    from chaos.checkers.verdict import harness_errors
 
     entry: dict[str, Any] = {"scenario": scenario.name}
     if bug is not None:
@@ -251,24 +214,31 @@ async def _nightly_entry(scenario: Scenario, *, seed: int | None, runs_dir: Path
         r = await run_chaos(scenario, seed=seed, runs_dir=runs_dir, progress=progress,
                             inject_bugs=(bug,) if bug else ())
     except Exception as exc:
-        entry.update(valid="unknown", passed=False, error=f"{type(exc).__name__}: {exc}")
+        error = describe_error(exc)["error"]
+        entry.update(valid="unknown", passed=False, status="harness", error=error,
+                     harness=[f"the run broke: {error}"])
         return entry
     failing = sorted(failing_checkers(r.verdict))
     entry.update(seed=r.seed, valid=r.verdict.get("valid"), run_dir=str(r.run_dir), failing=failing)
+    harness = harness_errors(r.verdict)
     # A plain run passes when every checker holds; a canary passes when its checker caught the bug.
-    entry["passed"] = (entry["expect_failing"] in failing) if bug else (r.exit_code == 0)
+    entry["passed"] = not harness and ((entry["expect_failing"] in failing) if bug else (r.exit_code == 0))
+    entry["status"] = "harness" if harness else "pass" if entry["passed"] else "fail"
+    if harness:
+        entry["harness"] = harness
     if entry["passed"] and prune:
         shutil.rmtree(r.run_dir / "nodes", ignore_errors=True)  # keep the record, drop the bulk
         entry["pruned"] = True
-    if not entry["passed"] and replay_failures and bug is None:
+    if entry["status"] == "fail" and replay_failures and bug is None:
         # Once more with the same schedule, keys and workload: does it fail the same way?
         progress(f"replaying the failing {scenario.name} run (seed {r.seed})")
         try:
             again, compare = await replay(r.run_dir, runs_dir=runs_dir / "replays", progress=progress)
             entry["replay"] = {"run_dir": str(again.run_dir), "same_verdict": compare["same"],
-                               "failing": sorted(failing_checkers(again.verdict))}
+                               "failing": sorted(failing_checkers(again.verdict)),
+                               "harness": compare["harness"]["after"]}
         except Exception as exc:
-            entry["replay"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            entry["replay"] = {"error": describe_error(exc)["error"][:300]}
     return entry
 
 

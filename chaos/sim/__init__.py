@@ -5,5 +5,6 @@ random choice drawn from one seed (see README, "Simulation").
 May import: every room that runs or judges a scenario (``chaos.run``, the
 checkers, the report, the adversary) and the controller's parts it replaces
 with simulated ones; never the fuzzer.  Worker processes (``jobs``) run the
-seeds; ``cli`` and ``explore`` sit on top of them.
+seeds, or Ray tasks on a cluster (``cluster``); ``cli`` and ``explore`` sit
+on top of them.
 """

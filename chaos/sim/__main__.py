@@ -14,6 +14,7 @@ from typing import Any
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    from chaos.checkers.verdict import harness_errors
     from chaos.run.runner import failing_checkers
     from chaos.scenario import load_scenario
     from chaos.schedule import Schedule
@@ -34,6 +35,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         return out
     sim = result.verdict["sim"]
     out.update(valid=result.verdict.get("valid"), failing=sorted(failing_checkers(result.verdict)),
+               harness=harness_errors(result.verdict),
                run_dir=str(result.run_dir), wall_s=sim["wall_s"], virtual_s=sim["virtual_s"], sha256=sim["sha256"],
                run=sim["run"], max_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     if job.get("prune") and out["valid"] is True:

@@ -34,6 +34,7 @@ from typing import Any, AsyncIterator
 import trio
 
 from nodes.core import NodeConfig
+from nodes.disk import Disk
 from nodes.onion import install_onion
 from nodes.server import Clock, Node
 from testnet import plan as P
@@ -201,11 +202,12 @@ class SimLauncher:
         rundir.write_secret(n.config_file, json.dumps(cfg, indent=1))
         # Small capture buffers: a thousand nodes share this process's memory.
         config = NodeConfig.from_dict({**cfg, "log": None, "capture_buffer_bytes": 64 * 1024})
+        child = SimChild(n.name, self.world.net, n.host, (n.log,))
         node = Node(config, clock=Clock(config.clock_offset_ms, source=self.world.now_s),
                     randbytes=self.world.randbytes(n.name, life), rng=self.world.rng(n.name, life),
-                    network=self.world.net)
+                    network=self.world.net, disk=Disk(self.world.rng("disk", n.name, life), real_sync=False),
+                    halt=lambda code: child.kill())
         install_onion(node)
-        child = SimChild(n.name, self.world.net, n.host, (n.log,))
         rt.state, rt.exit_code, rt.child = "starting", None, child  # type: ignore[assignment]
 
         async def run(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:

@@ -35,11 +35,12 @@ from typing import Any
 
 import trio
 
-from testnet.links import TOXIC_TYPES, LinkError, ProxyGone
+from testnet.links import TOXIC_TYPES, BatchError, CallFailure, LinkError, ProxyGone
 
 from .network import SimListener, SimNetwork, SimStream
 
 RECEIVE_SIZE = 65536
+FAULT_CALLS_AT_ONCE = 32  # a fault's calls in flight (a heal's: all)
 
 
 @dataclass
@@ -289,6 +290,18 @@ class SimProxy:
                             "attributes": dict(t.attributes)} for t in self.toxics.values()]}
 
 
+@dataclass
+class SimLinkFault:
+    """What a fault did to the simulated links, in the order it did it (its heal goes the same way)."""
+
+    cut: bool
+    done: list[Any] = field(default_factory=list)  # links cut, or (link, toxic name) pairs
+
+    @property
+    def links(self) -> int:
+        return len(self.done) if self.cut else len({name for name, _ in self.done})
+
+
 class SimToxiproxy:
     """The simulated server; its proxies' tasks live in ``nursery``."""
 
@@ -351,6 +364,63 @@ class SimToxiproxy:
 
     async def remove_toxic(self, proxy: str, name: str) -> None:
         await self._proxy(proxy).remove_toxic(name)
+
+    # ------------------------------------------------------------------ many links at once
+    #
+    # What testnet.proxies.ProxyTable does in bulk, done here one call per link and toxic (a
+    # simulated call costs nothing): a fault's calls at most 32 at a time, a heal's all at once,
+    # in the order and with the tasks the nemeses used before they had bulk calls, so a seed
+    # replays as it did.  Failed calls are gathered into one BatchError, raised once every
+    # call has been made.
+
+    async def fault_links(self, names: list[str], *, cut: bool = False,
+                          toxics: Any = (), toxicity: float = 1.0) -> SimLinkFault:
+        applied = SimLinkFault(cut)
+
+        async def disable(name: str) -> None:
+            await self.set_enabled(name, False)
+            applied.done.append(name)
+
+        async def add(name: str, type: str, attributes: dict[str, Any], stream: str) -> None:
+            applied.done.append((name, await self.add_toxic(name, type, attributes, stream=stream,
+                                                           toxicity=toxicity)))
+
+        if cut:
+            await self._each(disable, [(name,) for name in names], applied, heal=False)
+        else:
+            await self._each(add, [(name, *toxic) for name in names for toxic in toxics], applied, heal=False)
+        return applied
+
+    async def heal_links(self, applied: SimLinkFault) -> None:
+        async def enable(name: str) -> None:
+            await self.set_enabled(name, True)
+
+        if applied.cut:
+            await self._each(enable, [(name,) for name in applied.done], applied, heal=True)
+        else:
+            await self._each(self.remove_toxic, list(applied.done), applied, heal=True)
+
+    async def _each(self, fn: Any, argss: list[tuple], applied: SimLinkFault, *, heal: bool) -> None:
+        failures: list[CallFailure] = []
+        sem = trio.Semaphore(FAULT_CALLS_AT_ONCE)
+
+        async def call(args: tuple) -> None:
+            try:
+                await fn(*args)
+            except ProxyGone:
+                return  # the link went with its node
+            except LinkError as exc:
+                failures.append(CallFailure(self.url, exc.call or fn.__name__, args[0], exc.status, str(exc)))
+
+        async def bounded(args: tuple) -> None:
+            async with sem:
+                await call(args)
+
+        async with trio.open_nursery() as nursery:
+            for args in argss:
+                nursery.start_soon(call if heal else bounded, args)
+        if failures:
+            raise BatchError(failures, len(argss), applied)
 
     async def reset(self) -> None:
         for p in self._proxies.values():

@@ -387,7 +387,7 @@ def journey(run: Run, key: str) -> dict[str, Any]:
     ok_commits = [c for c in commits if c["status"] == 200]
     copies = _copies(run, h, ok_commits, set(members))
     for c in ok_commits:
-        # A node commits before it fans out (nodes/server.py op_store); an answer naming its peers bounds it too.
+        # A node commits before it fans out (nodes/client_ops.py ClientOps.store); an answer naming its peers bounds it too.
         own = [x["sent_t"] for x in copies if x["from"] == c["node"] and x["via"] == "fan-out" and x["sent_t"]]
         c["committed_by_t"] = min(own + ([c["acked_t"]] if c["acked_t"] and len(c["swarm"]) > 1 else []),
                                   default=None)

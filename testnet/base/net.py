@@ -9,9 +9,21 @@ behave like TCP and listeners that ``trio.serve_listeners`` can serve.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Protocol
 
 import trio
+
+
+def may_listen_on(host: str) -> bool:
+    """Whether a swarmnet server may listen on ``host``: a loopback address, or one private
+    address (a cluster host's, on the cluster's own network) — never a wildcard, a public
+    or a link-local address."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or (ip.is_private and not ip.is_unspecified and not ip.is_link_local)
 
 
 class Network(Protocol):

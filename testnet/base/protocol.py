@@ -47,6 +47,7 @@ class Status(enum.IntEnum):
     BAD_GATEWAY = 502
     NOT_READY = 503
     GATEWAY_TIMEOUT = 504
+    INSUFFICIENT_STORAGE = 507  # the node's disk is full: nothing of the write was kept
 
 
 class ProtocolError(Exception):

@@ -18,7 +18,7 @@ import trio
 
 from .limits import AUTHENTICATED_SESSION_KEY, ConnectionGate, ConnectionLimits
 from .meter import COUNTS, ROLE
-from .net import TCP, Network
+from .net import TCP, Network, may_listen_on
 from .protocol import (
     DEFAULT_MAX_FRAME_SIZE,
     EOF,
@@ -374,8 +374,8 @@ async def serve(
     gate = _gate_for(limits, gate)
     listeners: list[trio.SocketListener] = []
     for host, port in listen:
-        if not host.startswith("127."):
-            raise ValueError(f"swarmnet servers listen on 127.0.0.0/8 only, not {host!r}")
+        if not may_listen_on(host):
+            raise ValueError(f"swarmnet servers listen on loopback or a private cluster address only, not {host!r}")
         listeners.extend(await network.open_tcp_listeners(port, host=host, backlog=1024))
     bound = [sock_address(l.socket.getsockname()) for l in listeners]
 
