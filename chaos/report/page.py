@@ -527,20 +527,23 @@ def _img(png: bytes, alt: str) -> str:
 
 
 def _flagged(run_dir: Path, verdict: Mapping[str, Any] | None, history: Sequence[Mapping[str, Any]],
-             lost_ids: Sequence[str]) -> str:
+             lost_ids: Sequence[str], trace_timeout_s: float | None) -> str:
     """The "Flagged messages" section (chaos.report.flagged), or why it is missing: a view never breaks the report."""
     try:
-        from chaos.report.flagged import CSS, flagged_section
+        from chaos.report.flagged import CSS, TRACE_TIMEOUT_S, flagged_section
 
-        return f"<style>{CSS}</style>\n" + flagged_section(run_dir, verdict, history, lost_ids)
+        return f"<style>{CSS}</style>\n" + flagged_section(run_dir, verdict, history, lost_ids,
+                                                           timeout_s=trace_timeout_s or TRACE_TIMEOUT_S)
     except Exception as exc:
         return (f'<h2 id="flagged">Flagged messages</h2>\n<p>could not be built: {_e(type(exc).__name__)}: '
                 f'{_e(exc)}</p>\n')
 
 
-def write_report(run_dir: Path) -> Path:
+def write_report(run_dir: Path, *, trace_timeout_s: float | None = None) -> Path:
     """Write ``report.html`` into ``run_dir`` from whatever of history.jsonl, faults.jsonl,
-    verdict.json, run.json and schedule.json it holds; returns the report's path."""
+    verdict.json, run.json and schedule.json it holds; returns the report's path.
+    ``trace_timeout_s``: how long the flagged messages' journeys may take (default: the
+    report's own budget, chaos.report.flagged.TRACE_TIMEOUT_S)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"report: {run_dir} is not a run directory")
@@ -625,7 +628,7 @@ def write_report(run_dir: Path) -> Path:
                              for mid, o in problems[:MAX_LISTED_MESSAGES]]))
         if len(problems) > MAX_LISTED_MESSAGES:
             parts.append(f'<p class="note">first {MAX_LISTED_MESSAGES} listed.</p>\n')
-    parts.append(_flagged(run_dir, verdict, history, [m for m, o in outcomes.items() if o == LOST]))
+    parts.append(_flagged(run_dir, verdict, history, [m for m, o in outcomes.items() if o == LOST], trace_timeout_s))
     parts += [f'<p class="note">{_e(n)}</p>\n' for n in notes]
     parts.append("</body></html>\n")
 

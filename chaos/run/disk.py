@@ -28,7 +28,7 @@ from testnet.base.protocol import RequestError
 from testnet.base.rpc import RpcError
 from testnet.runtime import ControllerError
 
-from chaos.run.nemesis import HEAL_TIMEOUT_S, NemesisError, _heal_all, register, resolve_nodes
+from chaos.run.nemesis import HEAL_TIMEOUT_S, NemesisError, _heal_all, healing, register, resolve_nodes, took_effect
 from chaos.schedule import Fault
 
 log = logging.getLogger("chaos.run.disk")
@@ -68,10 +68,11 @@ async def disk_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any]]:
             await _power_loss(net, nodes, fault)
             yield {"nodes": nodes, "torn": bool(fault.params.get("torn", False))}
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(HEAL_TIMEOUT_S * max(1, len(nodes))):
+            # The heal took effect once every node runs again (its readiness is the network's recovery).
+            with healing(f"fault {fault.id} ({fault.kind})", HEAL_TIMEOUT_S * max(1, len(nodes))):
                 for n in nodes:
                     if n in net.nodes:
-                        await net.node_restart(n)
+                        await net.node_restart(n, running=took_effect)
         return
     if fault.kind not in _ARMED:
         raise NemesisError(f"{fault.kind} is not a disk fault")
@@ -90,7 +91,7 @@ async def disk_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any]]:
                     await net.admin(n, "admin_disk", action="heal", fault=name)
                 except (RpcError, RequestError):  # gone meanwhile: its next process has a healthy disk
                     pass
-        await _heal_all([(heal, (n,)) for n in armed])
+        await _heal_all(f"fault {fault.id} ({fault.kind})", [(heal, (n,)) for n in armed])
 
 
 register("disk", disk_fault)
