@@ -170,12 +170,20 @@ class LocalRayCluster:
 
     def _spawn(self, name: str, argv: list[str]) -> RayNode:
         log = self.base_dir / f"{name}.log"
+        env = self._ray_env()
+        if name != "head":
+            # The host's own temporary directory (its agents' and seeds' scratch space), removed
+            # with the cluster: a host lost mid-run cannot clean up after itself, and these hosts
+            # share this machine's /tmp.
+            tmp = self.base_dir / name / "tmp"
+            tmp.mkdir(parents=True, exist_ok=True)
+            env["TMPDIR"] = str(tmp)
         # Linux sends the parent-death signal when the *thread* that forked exits: fork from one
         # thread that lives as long as this cluster, whichever thread asks (trio's worker threads
         # end when idle).
         popen = self._spawner.submit(
             subprocess.Popen, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=self._ray_env(), start_new_session=True, preexec_fn=_die_with_parent, cwd=self.base_dir).result()
+            env=env, start_new_session=True, preexec_fn=_die_with_parent, cwd=self.base_dir).result()
         node = RayNode(name, popen, log)
         node.reader = threading.Thread(target=node._read, name=f"ray-{name}-log", daemon=True)
         node.reader.start()
