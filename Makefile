@@ -37,8 +37,11 @@ toxiproxy: $(TOXIPROXY)
 testnet: install toxiproxy
 	$(VENV)/bin/swarmnet up
 
+# Two workers: the suite is half simulation (one core each) and half real networks that
+# mostly wait; the cluster tests share one session cluster, so they stay on one worker.
+TEST_JOBS ?= 2
 test: install toxiproxy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup
 
 bench: bench-node bench-boot bench-throughput bench-sim
 

@@ -159,7 +159,7 @@ def up(nodes: int, users: int, min_swarm: int, run_dir: Path | None, links: str,
     opts = Options(nodes=nodes, users=users, min_swarm=min_swarm, links=links, seed=seed, run_dir=run_dir,
                    inject_bugs=inject_bugs, ready_timeout_s=ready_timeout, zygote=not no_zygote, cluster=cluster,
                    hosts=hosts)
-    P.check_options(nodes=nodes, users=users, min_swarm=min_swarm, links=links)
+    P.check_options(nodes=nodes, users=users, min_swarm=min_swarm, links=links, hosts=hosts if cluster else 0)
     if links == "toxiproxy":
         from .links import find_toxiproxy
 

@@ -26,9 +26,13 @@ the link table stays one table.
 On a cluster (``swarmnet up --cluster``) the plan has a host dimension: each
 node is placed on a host (:class:`HostPlan`, round-robin: ``n01`` on the
 first, ``n02`` on the second, ...) and listens at that host's address (the
-one other hosts reach it by) on a port of its own; its outgoing proxies keep
-their addresses above, on its host's loopback, served by its host's own
-Toxiproxy server; the users' proxies stay with the controller (server 0).
+one other hosts reach it by) on a port of its own; its outgoing proxies
+listen on its host's own loopback, served by its host's own Toxiproxy server,
+at the address above of its place among that host's nodes (``n04``, the
+second node of ``h1``, takes source address 2 there), so each host can hold
+508 nodes and a cluster ``508 × hosts``, up to the 2,767 destinations a
+proxy port can name below the ephemeral range; the users' proxies stay with
+the controller (server 0).
 Which block a run gets is derived from its run id (:func:`candidate_blocks`);
 the controller takes the first one it can bind.  Every key seed is derived
 from the run seed, so replaying a run reproduces its identities.
@@ -58,6 +62,7 @@ MAX_USERS = 254
 CONTROL_PORT = 29555  # fixed so that binding it is how a run claims its block
 TOXIPROXY_PORT = 8474  # Toxiproxy's own default, on the run's own address
 PROXY_PORT_BASE = 30000  # + destination node index; below the ephemeral range (32768-60999)
+MAX_DESTINATIONS = 32767 - PROXY_PORT_BASE  # the highest node index a proxy's port can name
 DEFAULT_NODES = 30
 DEFAULT_USERS = 3
 DEFAULT_MIN_SWARM = 5
@@ -302,8 +307,28 @@ def node_host(block: Block, index: int) -> str:
 
 
 def proxy_source_host(block: Block, index: int) -> str:
-    """The listen address of node ``index``'s outgoing proxies (one port per destination)."""
+    """The listen address of the outgoing proxies (one port per destination) of the node in
+    source slot ``index``: its node index on one machine, its place among its host's nodes
+    on a cluster (:func:`source_slot`)."""
     return _ip(block, PROXY_SOURCE_OFFSETS[(index - 1) // 254], (index - 1) % 254 + 1)
+
+
+def source_slot(index: int, hosts: int) -> int:
+    """Node ``index``'s slot among the proxy source addresses: on a cluster (``hosts`` > 0)
+    each host's loopback is its own, so slots count only the nodes placed on the same host
+    (round-robin: the ``k``-th node of a host has slot ``k``)."""
+    return (index - 1) // hosts + 1 if hosts else index
+
+
+def max_nodes(links: str, hosts: int | None = 0) -> int:
+    """How many nodes a plan can address: 508 with Toxiproxy on one machine (their
+    proxies' source addresses), 1,016 direct; on a cluster of ``hosts`` hosts 508 a host,
+    up to what a proxy's port can name (``None``: hosts not known yet)."""
+    if links != "toxiproxy":
+        return MAX_NODES_DIRECT
+    if hosts is None:
+        return MAX_DESTINATIONS
+    return min(MAX_NODES * hosts, MAX_DESTINATIONS) if hosts else MAX_NODES
 
 
 def place_of(hosts: tuple[HostPlan, ...], index: int) -> HostPlan | None:
@@ -332,15 +357,15 @@ def make_user(run_dir: Path, seed: int, block: Block, index: int) -> UserPlan:
 
 
 def _links_between(block: Block, nodes: tuple[NodePlan, ...], users: tuple[UserPlan, ...],
-                   touching: NodePlan | None = None) -> tuple[LinkPlan, ...]:
+                   touching: NodePlan | None = None, hosts: int = 0) -> tuple[LinkPlan, ...]:
     """Every directed node->node and user->node link (only those touching ``touching`` when given)."""
     out = []
     for s in nodes:
+        source = proxy_source_host(block, source_slot(s.index, hosts))
         for d in nodes:
             if s is d or (touching is not None and touching not in (s, d)):
                 continue
-            out.append(LinkPlan(f"{s.name}->{d.name}", s.name, d.name,
-                                (proxy_source_host(block, s.index), PROXY_PORT_BASE + d.index), False))
+            out.append(LinkPlan(f"{s.name}->{d.name}", s.name, d.name, (source, PROXY_PORT_BASE + d.index), False))
     for u in users:
         for d in nodes:
             if touching is not None and d is not touching:
@@ -357,8 +382,8 @@ def plan_network(*, nodes: int = DEFAULT_NODES, users: int = DEFAULT_USERS, min_
     """The whole network for one run; raises :class:`PlanError` on options that cannot work.
     With ``hosts`` (a cluster), nodes are placed on them and each host gets a Toxiproxy
     server of its own after the controller's (``toxiproxy_servers`` is then 1 + hosts)."""
-    check_options(nodes=nodes, users=users, min_swarm=min_swarm, links=links)
     hosts = tuple(hosts)
+    check_options(nodes=nodes, users=users, min_swarm=min_swarm, links=links, hosts=len(hosts))
     if hosts:
         if links != "toxiproxy":
             raise PlanError("a cluster run needs Toxiproxy links: users share the controller's address and are "
@@ -372,20 +397,22 @@ def plan_network(*, nodes: int = DEFAULT_NODES, users: int = DEFAULT_USERS, min_
     run_dir = Path(run_dir)
     node_plans = tuple(make_node(run_dir, seed, block, i, hosts) for i in range(1, nodes + 1))
     user_plans = tuple(make_user(run_dir, seed, block, j) for j in range(1, users + 1))
-    link_plans = _links_between(block, node_plans, user_plans) if links == "toxiproxy" else ()
+    link_plans = _links_between(block, node_plans, user_plans, hosts=len(hosts)) if links == "toxiproxy" else ()
     return NetworkPlan(run_id=run_id, seed=seed, run_dir=run_dir, block=block, links_mode=links,  # type: ignore[arg-type]
                        min_swarm=min_swarm, nodes=node_plans, users=user_plans, links=link_plans,
                        inject_bugs=tuple(inject_bugs), capture=capture,
                        toxiproxy_servers=toxiproxy_servers if links == "toxiproxy" else 1, hosts=hosts)
 
 
-def check_options(*, nodes: int, users: int, min_swarm: int, links: str) -> None:
-    """Raise :class:`PlanError` if no network can be planned from these options."""
+def check_options(*, nodes: int, users: int, min_swarm: int, links: str, hosts: int | None = 0) -> None:
+    """Raise :class:`PlanError` if no network can be planned from these options (``hosts``:
+    a cluster's host count, ``None`` while not known yet)."""
     if links not in LINKS_MODES:
         raise PlanError(f"links mode must be one of {LINKS_MODES}, not {links!r}")
-    most = MAX_NODES if links == "toxiproxy" else MAX_NODES_DIRECT
+    most = max_nodes(links, hosts)
     if not 1 <= nodes <= most:
-        raise PlanError(f"--nodes must be 1..{most} with {links} links, not {nodes}")
+        where = f" on {hosts} hosts" if hosts else " on a cluster" if hosts is None else ""
+        raise PlanError(f"--nodes must be 1..{most} with {links} links{where}, not {nodes}")
     if not 0 <= users <= MAX_USERS:
         raise PlanError(f"--users must be 0..{MAX_USERS}, not {users}")
     if min_swarm < 1:
@@ -400,12 +427,13 @@ def with_node_added(plan: NetworkPlan, name: str | None = None) -> tuple[Network
     index = node_index(name) if name else max(taken, default=0) + 1
     if index in taken:
         raise PlanError(f"node {node_name(index)} already exists")
-    most = MAX_NODES if plan.links_mode == "toxiproxy" else MAX_NODES_DIRECT
+    most = max_nodes(plan.links_mode, len(plan.hosts))
     if not 1 <= index <= most:
         raise PlanError(f"node index must be 1..{most}, not {index}")
     node = make_node(plan.run_dir, plan.seed, plan.block, index, plan.hosts)
     nodes = tuple(sorted(plan.nodes + (node,), key=lambda n: n.index))
-    new_links = _links_between(plan.block, nodes, plan.users, touching=node) if plan.links_mode == "toxiproxy" else ()
+    new_links = (_links_between(plan.block, nodes, plan.users, touching=node, hosts=len(plan.hosts))
+                 if plan.links_mode == "toxiproxy" else ())
     return replace(plan, nodes=nodes, links=plan.links + new_links), node
 
 

@@ -16,7 +16,7 @@ from testnet.cluster.driver import ClusterError, connect
 from testnet.cluster.fixtures import requires_cluster
 from testnet.cluster.hosts import create_hosts, free_subnet, leftovers, netns_argv, remove_hosts
 
-pytestmark = [requires_cluster, pytest.mark.network]
+pytestmark = [requires_cluster, pytest.mark.xdist_group("cluster"), pytest.mark.network]
 
 SERVE = ("import socket,sys; s=socket.create_server((sys.argv[1], 7000)); print('up', flush=True); "
          "c,_=s.accept(); c.sendall(b'hi from ' + sys.argv[1].encode()); c.close()")

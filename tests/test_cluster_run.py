@@ -19,7 +19,7 @@ from testnet.fixtures import requires_toxiproxy
 from testnet.procs import proc_state
 from testnet.rundir import load_run, recorded_processes
 
-pytestmark = [requires_cluster, requires_toxiproxy, pytest.mark.network]
+pytestmark = [requires_cluster, pytest.mark.xdist_group("cluster"), requires_toxiproxy, pytest.mark.network]
 
 HOSTS = ("h1", "h2", "h3")
 

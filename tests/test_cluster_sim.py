@@ -13,7 +13,7 @@ import pytest
 
 from testnet.cluster.fixtures import requires_cluster
 
-pytestmark = [requires_cluster, pytest.mark.network]
+pytestmark = [requires_cluster, pytest.mark.xdist_group("cluster"), pytest.mark.network]
 
 # Seconds of two users and one kill: with a store acknowledged before it is committed,
 # seed 1 loses messages and seed 2 does not (the kill lands between stores).

@@ -158,8 +158,13 @@ def test_a_cluster_plan_places_nodes_round_robin_on_its_hosts():
     # One Toxiproxy server for the users' links (the controller's), one per host for its nodes' outgoing links.
     assert p.toxiproxy_servers == 4 and len(p.toxiproxy_apis) == 4
     assert p.server_of("alice->n03") == 0 and p.server_of("n03->n01") == 3 and p.server_of("n04->n02") == 1
-    # A node's outgoing proxies keep their loopback addresses (its host's own loopback).
-    assert p.link("n04", "n02").listen == (P.proxy_source_host(p.block, 4), P.PROXY_PORT_BASE + 2)
+    # A node's outgoing proxies listen on its host's own loopback, at its place among that host's
+    # nodes (n04 is h1's second): hosts reuse addresses, no two proxies of one host share one.
+    assert p.link("n04", "n02").listen == (P.proxy_source_host(p.block, 2), P.PROXY_PORT_BASE + 2)
+    for h in hosts:
+        on_host = [link.listen for link in p.links if not link.from_user and p.node(link.src).place == h.name]
+        assert len(set(on_host)) == len(on_host)
+        assert len({listen[0] for listen in on_host}) == len(p.nodes_on(h.name))
     grown, node = P.with_node_added(p)
     assert node.name == "n08" and node.place == "h2" and node.host == "10.213.47.12"
     assert grown.server_of("n08->n01") == 2
@@ -168,3 +173,17 @@ def test_a_cluster_plan_places_nodes_round_robin_on_its_hosts():
     with pytest.raises(P.PlanError, match="repeat"):
         make(nodes=3, hosts=hosts[:1] * 2)
     assert make(nodes=3).hosts == () and make(nodes=3).node("n01").place is None
+
+
+def test_a_cluster_addresses_508_nodes_a_host_up_to_what_a_proxy_port_names():
+    # One machine: 508 nodes' proxy sources; a cluster: 508 a host (sources repeat across
+    # hosts' loopbacks), at most 2,767 destinations below the ephemeral ports.
+    assert P.max_nodes("toxiproxy") == 508 and P.max_nodes("direct") == 1016
+    assert P.max_nodes("toxiproxy", 3) == 1524 and P.max_nodes("toxiproxy", 8) == 2767
+    P.check_options(nodes=2000, users=3, min_swarm=5, links="toxiproxy", hosts=8)
+    P.check_options(nodes=2000, users=3, min_swarm=5, links="toxiproxy", hosts=None)  # hosts not known yet
+    with pytest.raises(P.PlanError, match=r"1\.\.1524 with toxiproxy links on 3 hosts"):
+        P.check_options(nodes=2000, users=3, min_swarm=5, links="toxiproxy", hosts=3)
+    with pytest.raises(P.PlanError, match=r"1\.\.508 with toxiproxy links, not 509"):
+        P.check_options(nodes=509, users=3, min_swarm=5, links="toxiproxy")
+    assert [P.source_slot(i, 4) for i in (1, 4, 5, 9)] == [1, 1, 2, 3] and P.source_slot(9, 0) == 9

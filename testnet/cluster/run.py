@@ -215,7 +215,7 @@ async def open_cluster_testnet(opts: Options, *, progress: Progress | None = Non
     say = progress or (lambda m: None)
     if opts.links != "toxiproxy":
         raise ClusterError("a cluster run needs Toxiproxy links (--links toxiproxy)")
-    P.check_options(nodes=opts.nodes, users=opts.users, min_swarm=opts.min_swarm, links=opts.links)
+    P.check_options(nodes=opts.nodes, users=opts.users, min_swarm=opts.min_swarm, links=opts.links, hosts=opts.hosts)
     binary = L.find_toxiproxy(opts.toxiproxy_binary)  # the users' server, here; fail early
     procs.raise_open_files_limit()
     was_connected = "ray" in sys.modules and sys.modules["ray"].is_initialized()
