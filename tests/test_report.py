@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from chaos.report.page import (BAD, DELIVERED, FAILED, LOST, NOT_DELIVERED, UNKNOWN, ReportError, fault_spans,
-                          message_outcomes, node_timeline, read_jsonl, write_report)
+from chaos.report.model import (BAD, DELIVERED, FAILED, LOST, NOT_DELIVERED, UNKNOWN, ReportError, fault_spans,
+                                message_outcomes, node_timeline)
+from chaos.report.page import read_jsonl, write_report
 
 T0 = 1_700_000_000_000
 N_SENDS = 36
@@ -80,7 +81,7 @@ def full_report(tmp_path_factory: pytest.TempPathFactory) -> str:
         "run_id": "r-42", "seed": 7, "nodes": [{"name": f"n{i:02d}"} for i in range(1, 5)],
         "users": [{"name": "u1"}, {"name": "u2"}]}))
     (run_dir / "schedule.json").write_text(json.dumps({"scenario": "kill-restart", "seed": 7, "faults": []}))
-    path = write_report(run_dir)
+    path = write_report(run_dir, trace_timeout_s=300)
     assert path == run_dir / "report.html" and path.is_file()
     assert not (run_dir / "report.html.tmp").exists()
     return path.read_text(encoding="utf-8")
@@ -307,8 +308,8 @@ def test_a_tracer_past_its_time_leaves_every_message_listed_by_id(sim_runs: dict
     assert "<details>" not in section and "tracing took over 0.05 s" in section
     assert f"<td>{lost[0]}</td><td>delivery: lost; replication: missing</td>" in section
     assert f"<code>swarmnet trace {run_dir} {lost[0]}</code>" in section
-    # with time enough: the first N with journeys, in the order of the list
-    section = flagged_section(run_dir, verdict, history, max_journeys=3)
+    # with time enough (a budget no loaded machine runs out of): the first N with journeys, in the order of the list
+    section = flagged_section(run_dir, verdict, history, max_journeys=3, timeout_s=300)
     flagged = list(dict.fromkeys(lost + [m["msg_id"] for m in verdict["checkers"]["replication"]["missing"]]))
     assert [s.split("</code>")[0] for s in DETAILS.findall(section)] == [f"<code>{m}" for m in flagged[:3]]
 
@@ -323,7 +324,7 @@ def test_flagged_section_survives_a_run_dir_it_cannot_trace(full_report: str, tm
     # no run.json: nothing to trace by; every message listed by id, and the rest of the report is whole
     _jsonl(tmp_path / "history.jsonl", _history())
     (tmp_path / "verdict.json").write_text(json.dumps(VERDICT))
-    text = write_report(tmp_path).read_text(encoding="utf-8")
+    text = write_report(tmp_path, trace_timeout_s=300).read_text(encoding="utf-8")
     section = text[text.index('<h2 id="flagged">'):]
     assert len(_images(text)) == 3 and "could not be read for tracing" in section and "<details>" not in section
     for mid in LOST_IDS:
@@ -360,7 +361,7 @@ def test_flagged_messages_groups_every_checker_failure_per_message() -> None:
 def test_node_state_chart_of_a_large_network_shows_the_nodes_something_happened_to():
     import struct
 
-    from chaos.report.page import plot_nodes
+    from chaos.report.charts import plot_nodes
 
     def height(png: bytes) -> int:
         return struct.unpack(">II", png[16:24])[1]  # IHDR: width, height

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+from chaos.report.model import as_list
+
 MAX_JOURNEYS = 50  # flagged messages shown with their journey; the rest by id
 MAX_LISTED = 1000  # flagged messages listed by id past the journeys
 TRACE_TIMEOUT_S = 5.0  # the tracer (one capture replay, the journeys) is stopped after this; the rest by id
@@ -70,10 +72,6 @@ class Flagged:
     unjudged: list[str]  # checkers that could not judge ("authority: KeyError: ...")
 
 
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
 def _nodes(value: Any) -> str:
     return " ".join(map(str, value)) if isinstance(value, (list, dict)) else str(value)
 
@@ -98,32 +96,32 @@ def _entries(name: str, result: Mapping[str, Any], lost_ids: Sequence[str]) -> I
     if name == "delivery":
         from chaos.checkers.delivery import FAILURE_OUTCOMES
 
-        lost = {str(d.get("msg_id")): d for d in _list(result.get("lost_detail")) if isinstance(d, dict)}
+        lost = {str(d.get("msg_id")): d for d in as_list(result.get("lost_detail")) if isinstance(d, dict)}
         for outcome in FAILURE_OUTCOMES:
-            for e in _list(result.get(outcome)):
+            for e in as_list(result.get(outcome)):
                 yield e, Flag(name, outcome, _delivery_detail(outcome, e, lost))
-        listed = {str(e) for e in _list(result.get("lost"))}
+        listed = {str(e) for e in as_list(result.get("lost"))}
         for mid in lost_ids:  # past the list's cap: acknowledged, never received (chaos.report.page.message_outcomes)
             if mid not in listed:
                 yield mid, Flag(name, "lost", "acknowledged, never received")
     elif name == "replication":
-        for e in _list(result.get("missing")):
+        for e in as_list(result.get("missing")):
             if isinstance(e, dict):
-                on, members = _list(e.get("missing_on")), _list(e.get("members"))
+                on, members = as_list(e.get("missing_on")), as_list(e.get("members"))
                 yield e, Flag(name, "missing", f"not on {_nodes(on)} ({len(on)} of {len(members)} members of its swarm)"
                               + (f"; unreadable: {_nodes(e['unreadable'])}" if e.get("unreadable") else ""))
-        for e in _list(result.get("stray")):
+        for e in as_list(result.get("stray")):
             if isinstance(e, dict) and e.get("after_grace") and e.get("stray_on_live"):
                 yield e, Flag(name, "stray", f"on {_nodes(e['stray_on_live'])}, outside its swarm, past the grace")
-        for e in _list(result.get("resurrected")):
+        for e in as_list(result.get("resurrected")):
             if isinstance(e, dict):
                 yield e, Flag(name, "resurrected", f"still on {_nodes(e.get('held_by'))} after an ok delete")
     elif name == "unlinkability":
-        for e in _list(result.get("linked")):
+        for e in as_list(result.get("linked")):
             if isinstance(e, dict):
                 yield e, Flag(name, "linked", f"linked by {_nodes(sorted(e.get('linked_by') or {}))} alone")
     elif name == "authority":
-        for e in _list(result.get("planted")):
+        for e in as_list(result.get("planted")):
             if isinstance(e, dict):
                 yield e, Flag(name, "planted", f"planted by the adversary ({e.get('attack')} {e.get('op')}, "
                                                f"answered {e.get('status')}); held by {_nodes(e.get('held_by'))}")
@@ -174,7 +172,7 @@ def flagged_messages(verdict: Mapping[str, Any] | None, history: Iterable[Mappin
                 m.flags.append(flag)
         counts = result.get("counts") if isinstance(result.get("counts"), dict) else {}
         for count, list_name in _CAPPED.get(name, {}).items():
-            listed = [e for e in _list(result.get(list_name)) if count != "stray_after_grace"
+            listed = [e for e in as_list(result.get(list_name)) if count != "stray_after_grace"
                       or isinstance(e, dict) and e.get("after_grace")]
             n = counts.get(count)
             if isinstance(n, int) and n > len(listed):

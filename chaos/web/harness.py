@@ -9,7 +9,7 @@ when they move only these imports change.
 from __future__ import annotations
 
 from chaos.report.flagged import Journeys, build_journeys, flagged_messages
-from chaos.report.page import LOST, REPORT_NAME, FaultSpan, fault_spans, message_outcomes
+from chaos.report.model import LOST, REPORT_NAME, FaultSpan, fault_spans, message_outcomes
 from chaos.scenario import NEMESES
 from chaos.trace.view import JOURNEY_CSS, render_html_body
 
