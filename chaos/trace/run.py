@@ -9,12 +9,13 @@ Pure: files in, data out; nothing here talks to the network.
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import quote
 
 from chaos.checkers.replication import load_ground_truth
 from chaos.checkers.unlinkability import Observation, UserKeys
@@ -198,7 +199,20 @@ class Run:
 def _read_db(path: Path) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
     if not path.exists():
         raise TraceError(f"{path.name} does not exist")
-    db = sqlite3.connect(f"file:{quote(str(path.absolute()))}?mode=ro", uri=True, timeout=2.0)
+    # A private copy (with its write-ahead log): even a read-only opening of a WAL database
+    # makes and removes its shared-memory index beside it, and reading a run never writes
+    # into it (a finished run is evidence; the web page traces runs it only serves).
+    with tempfile.TemporaryDirectory(prefix="swarmnet-trace-") as tmp:
+        copy = Path(tmp) / "db.sqlite"
+        shutil.copyfile(path, copy)
+        wal = path.with_name(path.name + "-wal")
+        if wal.exists():
+            shutil.copyfile(wal, Path(tmp) / "db.sqlite-wal")
+        return _read_copy(copy)
+
+
+def _read_copy(path: Path) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
+    db = sqlite3.connect(path, timeout=2.0)
     try:
         rows = {h: (i, e) for h, i, e in db.execute("SELECT hash, id, expiry FROM messages")}
         try:
