@@ -35,8 +35,10 @@ WRITE_BEHIND_S = 3.0  # the ack-before-commit bug's delay
 class ClientOps:
     def __init__(self, *, me: str, storage: Storage, commit: GroupCommit, fanout: Fanout,
                  now_ms: Callable[[], int], view: Callable[[], SwarmView | None], stats: dict[str, int],
-                 bugs: set[str], nursery: trio.Nursery, hostile: Hostility | None = None) -> None:
+                 bugs: set[str], nursery: trio.Nursery, sign_result: Callable[[str], bytes],
+                 hostile: Hostility | None = None) -> None:
         self.me = me
+        self.sign_result = sign_result  # this node's signature over a store it holds (nodes.proofs)
         self.storage = storage
         self.commit = commit
         self.fanout = fanout
@@ -69,7 +71,11 @@ class ClientOps:
         if not view.is_mine(msg.pubkey):
             raise view.wrong_swarm(msg.pubkey)
         self.stats["stores"] += 1
-        results: dict[str, Any] = {self.me: {"status": Status.OK}}
+        # Each member's result is signed by that member (oxen-storage-server): ours once committed.
+        results: dict[str, Any] = {self.me: {"status": Status.OK, "signature": self.sign_result(msg.hash)}}
+        if self.hostile is not None and "drop-replication" in self.hostile:
+            self._store_hostile(msg, view, results, done)
+            return
         if "ack-before-commit" in self.bugs:
             # Deliberately broken: answer now, write (and forward) later.
             self._nursery.start_soon(self._write_behind, msg)
@@ -91,6 +97,20 @@ class ClientOps:
                 self.fanout.send_soon("replicate", msg, view, replicated)
 
         self.commit.commit_soon([msg], committed)
+
+    def _store_hostile(self, msg: StoredMessage, view: SwarmView, results: dict[str, Any],
+                       done: Callable[[dict | None, Exception | None], None]) -> None:
+        """A hostile target's store (nodes.hostile, drop-replication): answered at once, never
+        forwarded, kept here or not; its peers reported failed, or stored under signatures
+        made with this node's own key (which the client finds do not verify)."""
+        assert self.hostile is not None
+        keep, forge = self.hostile.store_plan()
+        for p in view.peers():
+            results[p.ed25519_public] = {"status": Status.OK, "signature": self.sign_result(msg.hash)} if forge \
+                else {"status": Status.BAD_GATEWAY, "error": "timeout"}
+        if keep:
+            self.commit.commit_soon([msg], lambda new, error: None)
+        done({"hash": msg.hash, "swarm": results}, None)
 
     async def store(self, args: dict) -> dict:
         outcome: list[Any] = []

@@ -38,7 +38,7 @@ from testnet.base.protocol import Request, RequestError, Status
 from testnet.base.rpc import ConnectionPool, Peer, Reply, Take, serve
 from testnet.base.turn import Timers
 
-from . import auth, core
+from . import auth, core, proofs
 from .admin import AdminOps
 from .hostile import Hostility
 from .anti_entropy import AntiEntropy
@@ -148,6 +148,8 @@ class Node:
         self.entitled = auth.Entitlements()
         self.bugs = set(config.inject_bugs)
         self.rate = core.TokenBucket(config.rate_limit_burst, config.rate_limit_per_second)
+        self.signature_budget = proofs.SignatureBudget()  # account signatures each peer may make us check
+        self.hostile = Hostility(self.rng)  # armed only by the byzantine nemesis (admin_byzantine)
         self.gate = ConnectionGate(config.connection_limits)  # shared by every listener of this node
         self.listening: list[tuple[str, int]] = []
         self.onion_handler: Callable[[Request, Peer], Awaitable[tuple[int, Any]]] | None = None
@@ -198,19 +200,20 @@ class Node:
         fanout = Fanout(nursery, pool, self.config.replication_timeout_s, self.timers)
         self.anti_entropy = AntiEntropy(self.config, me=self.ed_hex, storage=self.storage, commit=self.commit,
                                         pool=pool, now_ms=now_ms, rng=self.rng, view=view, stats=self.stats,
-                                        bugs=self.bugs)
+                                        bugs=self.bugs, hostile=self.hostile)
         self.follower = RegistryFollower(self.config, self.identity, dialer=self.dialer, wall_ms=self.clock.wall_ms,
                                          listening=lambda: self.listening, entitled=self.entitled, fanout=fanout,
                                          wake_anti_entropy=self.anti_entropy.wake)
-        hostile = Hostility(self.rng)
+        hostile = self.hostile
         self.clients = ClientOps(me=self.ed_hex, storage=self.storage, commit=self.commit, fanout=fanout,
                                  now_ms=now_ms, view=view, stats=self.stats, bugs=self.bugs, nursery=nursery,
-                                 hostile=hostile)
+                                 sign_result=self.sign_result, hostile=hostile)
         self.peers = PeerOps(storage=self.storage, commit=self.commit, now_ms=now_ms, view=view,
-                             entitled=self.entitled, anti_entropy=self.anti_entropy, stats=self.stats, bugs=self.bugs)
+                             entitled=self.entitled, anti_entropy=self.anti_entropy, stats=self.stats, bugs=self.bugs,
+                             sign_result=self.sign_result, signature_budget=self.signature_budget, hostile=hostile)
         self.admin = AdminOps(dialer=self.dialer, listen=self._listen_more, clock=self.clock, stop=self.stop,
                               nursery=nursery, hostile=hostile, disk=self.disk, own_host=self.host,
-                              **({"halt": self.halt} if self.halt else {}))
+                              honest_again=self.anti_entropy.wake, **({"halt": self.halt} if self.halt else {}))
         self._client_ops = {**self.clients.ops(), "info": self.op_info}
         self._peer_ops = self.peers.ops()
         self._admin_ops = self.admin.ops()
@@ -237,6 +240,10 @@ class Node:
             if self.capture is not None:
                 self.capture.close()
             self.storage.close()
+
+    def sign_result(self, message_hash: str) -> bytes:
+        """This node's signed result for a store of ``message_hash`` it holds (PROTOCOL.md, store)."""
+        return crypto.sign_fast(self.identity, crypto.store_result_message(self.ed_hex, message_hash))
 
     def stop(self) -> None:
         if self._cancel is not None:
@@ -287,14 +294,16 @@ class Node:
             if exc.status in (Status.UNAUTHORIZED, Status.FORBIDDEN):
                 self.stats[f"node_ops_refused_{exc.status}"] += 1
             raise
-        if not msgs:
-            reply(Status.OK, {"stored": 0})
+        peers = self.peers
+        assert peers is not None
+        if not msgs or peers.dropping(msgs):
+            reply(Status.OK, peers.answer(req.args, msgs))
             return
 
         def committed(new: list[bool] | None, error: StorageError | None) -> None:
             if error is None:
                 self.stats["replicated_in"] += sum(new)  # type: ignore[arg-type]
-                reply(Status.OK, {"stored": len(msgs)})
+                reply(Status.OK, peers.answer(req.args, msgs))
             elif isinstance(error, (StorageFull, StorageIOError, StorageCorrupt)):
                 refusal = disk_refusal(error)
                 reply(refusal.status, refusal.body)

@@ -28,7 +28,8 @@ def test_hostile_members_leave_every_swarm_an_honest_majority(swarms, per_swarm,
 
 
 def test_byzantine_params_name_what_is_wrong():
-    assert check_byzantine_params({})["behaviours"] == ["delete", "expire", "plant", "alter", "lie-retrieve"]
+    assert check_byzantine_params({})["behaviours"] == ["delete", "expire", "plant", "alter", "lie-retrieve",
+                                                         "drop-replication", "lie-digest", "misrelay"]
     with pytest.raises(ScenarioError, match="behaviours must be"):
         check_byzantine_params({"behaviours": ["delete", "lie"]})
     with pytest.raises(ScenarioError, match="unknown key"):
@@ -102,7 +103,7 @@ def test_a_lying_retrieve_leaves_out_repeats_and_alters_under_the_true_hash():
     h = Hostility(random.Random(7))
     assert h.tamper(msgs) and "lie-retrieve" not in h
     with pytest.raises(RequestError, match="unknown behaviour"):
-        h.arm(["lie-digest"])
+        h.arm(["lie-about-everything"])
     assert h.arm(["lie-retrieve"]) == ["lie-retrieve"] and "lie-retrieve" in h
     out = h.tamper(msgs)
     by_hash = Counter(m.hash for m in out)

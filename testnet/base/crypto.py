@@ -388,6 +388,20 @@ def expire_signature_message(expiry_ms: int, hashes: list[str]) -> bytes:
     return b"expire" + _int_text(expiry_ms, "expiry_ms") + _hashes_text(hashes)
 
 
+def store_result_message(member_ed25519_hex: str, message_hash: str) -> bytes:
+    """b"store_result" ‖ the member's ed25519 key as hex ‖ the message hash: what each member
+    of a swarm signs for a store it holds (its entry in the store's answer), so that a
+    target cannot claim a peer's acknowledgement (oxen-storage-server's members sign their
+    store results; the member's key is in the message so a result cannot pass as another's)."""
+    return b"store_result" + member_ed25519_hex.encode() + message_hash.encode()
+
+
+def sign_fast(identity: Identity, message: bytes) -> bytes:
+    """:meth:`Identity.sign` without rebuilding the signing key from its seed (half the cost):
+    for signatures a node makes per message."""
+    return sodium.crypto_sign(bytes(message), identity.ed25519_secret)[:SIGNATURE_BYTES]
+
+
 def link_open_message(src_ed25519_hex: str, dst_ed25519_hex: str) -> bytes:
     """b"open_link" ‖ the dialling node's ed25519 key ‖ b"->" ‖ the dialled node's, as hex: what a
     node signs to ask its testnet's controller for the proxy of one of its links (no timestamp:
