@@ -337,7 +337,8 @@ class Client:
             if sig is None or r.get("status") != Status.OK:
                 continue
             try:
-                crypto.verify_request(bytes.fromhex(key), crypto.store_result_message(key, want), sig)
+                root = crypto.results_root_from(want, r.get("proof") or [])
+                crypto.verify_request(bytes.fromhex(key), crypto.store_result_message(key, root), sig)
             except (ValueError, TypeError, crypto.CryptoError):
                 forged = True
                 continue

@@ -35,10 +35,10 @@ WRITE_BEHIND_S = 3.0  # the ack-before-commit bug's delay
 class ClientOps:
     def __init__(self, *, me: str, storage: Storage, commit: GroupCommit, fanout: Fanout,
                  now_ms: Callable[[], int], view: Callable[[], SwarmView | None], stats: dict[str, int],
-                 bugs: set[str], nursery: trio.Nursery, sign_result: Callable[[str], bytes],
+                 bugs: set[str], nursery: trio.Nursery, sign_root: Callable[[bytes], bytes],
                  hostile: Hostility | None = None) -> None:
         self.me = me
-        self.sign_result = sign_result  # this node's signature over a store it holds (nodes.proofs)
+        self.sign_root = sign_root  # this node's signature over a results root (PROTOCOL.md, store)
         self.storage = storage
         self.commit = commit
         self.fanout = fanout
@@ -97,6 +97,10 @@ class ClientOps:
                 self.fanout.send_soon("replicate", msg, view, replicated)
 
         self.commit.commit_soon([msg], committed)
+
+    def sign_result(self, message_hash: str) -> bytes:
+        """This node's signed result for one store it holds: its root is the hash's leaf."""
+        return self.sign_root(crypto.results_root([message_hash])[0])
 
     def _store_hostile(self, msg: StoredMessage, view: SwarmView, results: dict[str, Any],
                        done: Callable[[dict | None, Exception | None], None]) -> None:

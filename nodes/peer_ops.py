@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import trio
 
+from testnet.base import crypto
+
 from . import auth, core, proofs
 from .anti_entropy import AntiEntropy
 from .core import SwarmView, require_view
@@ -27,9 +29,9 @@ from .storage import Storage, StoredMessage, ae_bucket
 class PeerOps:
     def __init__(self, *, storage: Storage, commit: GroupCommit, now_ms: Callable[[], int],
                  view: Callable[[], SwarmView | None], entitled: auth.Entitlements, anti_entropy: AntiEntropy,
-                 stats: dict[str, int], bugs: set[str], sign_result: Callable[[str], bytes],
+                 stats: dict[str, int], bugs: set[str], sign_root: Callable[[bytes], bytes],
                  signature_budget: proofs.SignatureBudget, hostile: Hostility | None = None) -> None:
-        self.sign_result = sign_result  # this node's signed result for a copy it holds
+        self.sign_root = sign_root  # this node's signature over a results root (copies it holds)
         self.signature_budget = signature_budget  # account signatures a peer may make us check
         self.hostile = hostile  # armed only by the byzantine nemesis (nodes/hostile.py)
         self.storage = storage
@@ -67,11 +69,16 @@ class PeerOps:
 
     def answer(self, args: dict, msgs: list[StoredMessage]) -> dict:
         """A ``replicate``'s answer once ``msgs`` are committed: with ``sign``, this node's
-        signed result for each copy it holds (PROTOCOL.md, store), which the store's target
-        passes to the client."""
+        signed result for the copies it holds — one signature over the root of their hashes
+        in the request's order (testnet.base.crypto.results_root), and the request's hashes
+        it did not keep (``skipped``) — which the store's target passes to the client with
+        each copy's path (PROTOCOL.md, store).  One signature per request, not per copy."""
         out: dict[str, Any] = {"stored": len(msgs)}
         if args.get("sign") is True:
-            out["signatures"] = {m.hash: self.sign_result(m.hash) for m in msgs}
+            kept = [m.hash for m in msgs]
+            out["skipped"] = sorted({item[2] for item in args["messages"]} - set(kept))
+            if kept:
+                out["signature"] = self.sign_root(crypto.results_root(kept)[0])
         return out
 
     async def replicate(self, args: dict, caller: str | None) -> dict:

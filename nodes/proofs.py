@@ -200,7 +200,7 @@ def signed_expiries(args: Mapping[str, Any]) -> list[SignedExpire]:
 # checked, nothing done; its anti-entropy forwards the rest in a later round).
 MAX_SIGNED_PER_REQUEST = BATCH_COUNT
 SIGNATURE_BURST = 2_000
-SIGNATURES_PER_S = 1_000.0
+SIGNATURES_PER_S = 500.0
 
 
 class SignatureBudget:

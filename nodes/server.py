@@ -207,10 +207,10 @@ class Node:
         hostile = self.hostile
         self.clients = ClientOps(me=self.ed_hex, storage=self.storage, commit=self.commit, fanout=fanout,
                                  now_ms=now_ms, view=view, stats=self.stats, bugs=self.bugs, nursery=nursery,
-                                 sign_result=self.sign_result, hostile=hostile)
+                                 sign_root=self.sign_root, hostile=hostile)
         self.peers = PeerOps(storage=self.storage, commit=self.commit, now_ms=now_ms, view=view,
                              entitled=self.entitled, anti_entropy=self.anti_entropy, stats=self.stats, bugs=self.bugs,
-                             sign_result=self.sign_result, signature_budget=self.signature_budget, hostile=hostile)
+                             sign_root=self.sign_root, signature_budget=self.signature_budget, hostile=hostile)
         self.admin = AdminOps(dialer=self.dialer, listen=self._listen_more, clock=self.clock, stop=self.stop,
                               nursery=nursery, hostile=hostile, disk=self.disk, own_host=self.host,
                               honest_again=self.anti_entropy.wake, **({"halt": self.halt} if self.halt else {}))
@@ -241,9 +241,9 @@ class Node:
                 self.capture.close()
             self.storage.close()
 
-    def sign_result(self, message_hash: str) -> bytes:
-        """This node's signed result for a store of ``message_hash`` it holds (PROTOCOL.md, store)."""
-        return crypto.sign_fast(self.identity, crypto.store_result_message(self.ed_hex, message_hash))
+    def sign_root(self, root: bytes) -> bytes:
+        """This node's signature over a results root: the stores it holds (PROTOCOL.md, store)."""
+        return crypto.sign_fast(self.identity, crypto.store_result_message(self.ed_hex, root))
 
     def stop(self) -> None:
         if self._cancel is not None:
@@ -380,6 +380,7 @@ class Node:
             "swarm": [n.ed25519_public for n in view.members(view.my_swarm)] if view and view.my_swarm is not None else [],
             "clock_ms": self.clock.now_ms(), "clock_offset_ms": self.clock.offset_ms,
             "messages": self.storage.count(), "listening": [list(a) for a in self.listening],
-            "stats": dict(self.stats), "connections": dataclasses.asdict(self.gate.statistics()),
+            "stats": {**self.stats, "signature_checks_refused": self.signature_budget.refused},
+            "connections": dataclasses.asdict(self.gate.statistics()),
             "process_meter": meter.snapshot(),
         }
