@@ -70,6 +70,13 @@ class ClientOps:
         view = require_view(self.view())
         if not view.is_mine(msg.pubkey):
             raise view.wrong_swarm(msg.pubkey)
+        if self.storage.tombstoned(msg.pubkey, msg.hash):
+            # Stored once and deleted by its account since: a store again (a replay of the
+            # first — an onion relay may replay requests — or a late retry) must not bring it
+            # back.  Nothing is kept, so nothing is signed: the client learns nothing stored.
+            done({"hash": msg.hash, "deleted": True, "swarm": {self.me: {"status": Status.OK, "deleted": True}}},
+                 None)
+            return
         self.stats["stores"] += 1
         # Each member's result is signed by that member (oxen-storage-server): ours once committed.
         results: dict[str, Any] = {self.me: {"status": Status.OK, "signature": self.sign_result(msg.hash)}}

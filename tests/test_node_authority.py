@@ -356,6 +356,12 @@ async def test_a_member_cannot_delete_bobs_messages_on_any_other_member(testnet_
         assert all(r["status"] == 200 for r in resp.body["swarm"].values()), resp.body
         for n in net.nodes:
             assert m2 not in db_rows(net, n), n
+        # The same store again (a relay replaying it) keeps nothing and vouches for nothing.
+        resp = await net._pool.call("n01", "store", {"pubkey": bob.session_id, "namespace": 0,
+                                                     "data": b"sealed for bob 1", "ttl": 3_600_000,
+                                                     "timestamp": now_ms()}, timeout=5)
+        assert resp.status == 200 and resp.body["hash"] == m2 and resp.body["deleted"] is True, resp
+        assert "signature" not in str(resp.body) and m2 not in db_rows(net, "n01")
 
 
 @pytest.mark.network
