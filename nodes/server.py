@@ -155,8 +155,8 @@ class Node:
         self.onion_handler: Callable[[Request, Peer], Awaitable[tuple[int, Any]]] | None = None
         self.onion_take: Take | None = None  # the onion handler's fast path (nodes.onion)
         self.timers = Timers()  # deadlines of work answered from callbacks (forwarding, slow syncs)
-        self.stats = {"stores": 0, "replicated_in": 0, "ae_fetched": 0, "ae_pushed": 0, "rehomed": 0,
-                      "node_auth_ok": 0, "node_auth_refused": 0, "node_ops_refused_401": 0,
+        self.stats = {"stores": 0, "replicated_in": 0, "results_signed": 0, "ae_fetched": 0, "ae_pushed": 0,
+                      "rehomed": 0, "node_auth_ok": 0, "node_auth_refused": 0, "node_ops_refused_401": 0,
                       "node_ops_refused_403": 0}
         self.dialer = Dialer(config, self.identity, network=network, capture=self.capture, view=lambda: self.view)
         # The parts, made by run() (see the module docstring).
@@ -243,6 +243,7 @@ class Node:
 
     def sign_root(self, root: bytes) -> bytes:
         """This node's signature over a results root: the stores it holds (PROTOCOL.md, store)."""
+        self.stats["results_signed"] += 1
         return crypto.sign_fast(self.identity, crypto.store_result_message(self.ed_hex, root))
 
     def stop(self) -> None:
