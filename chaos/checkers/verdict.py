@@ -241,6 +241,9 @@ def summary(verdict: Mapping[str, Any]) -> str:
             lines.append(f"  sent {c.get('sent', 0)}, acknowledged {c.get('acknowledged', 0)}, "
                          f"delivered {c.get('delivered', 0)}, recovered {c.get('recovered', 0)}, "
                          f"unknown {c.get('unknown', 0)}, failed {c.get('failed', 0)}")
+            if c.get("honestly_vouched", c.get("acknowledged")) != c.get("acknowledged"):
+                lines.append(f"  vouched for by an honest member {c.get('honestly_vouched', 0)}; only by hostile "
+                             f"ones and never delivered (not owed) {c.get('unvouched', 0)}")
             for k in ("lost", "duplicated", "corrupted", "wrong_sender", "misdelivered", "unexpected",
                       "fail-but-delivered"):
                 if c.get(k):
