@@ -87,7 +87,6 @@ class Byzantine:
 
     def __init__(self, attacker: Attacker, hostile: list[str], in_node: list[str]) -> None:
         self.a = attacker
-        self.hostile = hostile
         self.hostile_eds = [attacker.net.nodes[n].plan.ed25519_public for n in hostile]
         self.in_node = in_node
         self.armed: dict[str, Any] = {}  # name -> the process (its child) armed: a restart is a new one
