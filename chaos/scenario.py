@@ -33,8 +33,10 @@ ADVERSARY_DEFAULTS: dict[str, Any] = {
 # What a hostile member of a swarm does (chaos/adversary/byzantine.py): deletes
 # and expiries of its swarm's messages without the account's signature, plants
 # of messages the store rules refuse, and real hashes with altered content (sent
-# with its key); and lies in its own answers (nodes/hostile.py): lie-retrieve.
-BYZANTINE_BEHAVIOURS = ("delete", "expire", "plant", "alter", "lie-retrieve")
+# with its key); and lies in its own work (nodes/hostile.py): lie-retrieve,
+# drop-replication, lie-digest, misrelay.
+BYZANTINE_BEHAVIOURS = ("delete", "expire", "plant", "alter", "lie-retrieve", "drop-replication", "lie-digest",
+                        "misrelay")
 BYZANTINE_DEFAULTS: dict[str, Any] = {
     "behaviours": list(BYZANTINE_BEHAVIOURS),
     "per_swarm": 1,  # hostile members per swarm, at most (always fewer than half of it)

@@ -30,6 +30,7 @@ PATH_HOPS = 3
 NODE_FAILURE_LIMIT = 3
 REQUEST_TIMEOUT_S = 10.0
 MAX_ATTEMPTS = 4
+STORE_ROUNDS = 2  # targets a store is made at when one's answer cannot be trusted
 DEFAULT_TTL_MS = 14 * 24 * 3600 * 1000
 
 
@@ -66,6 +67,8 @@ class RequestResult:
     # An earlier attempt may have taken effect (it was lost after sending): a refusal
     # now does not mean the operation did not happen.
     maybe_done_before: bool = False
+    # A store: the members (ed25519 hex) whose signed result says they hold it.
+    vouched: list[str] = field(default_factory=list)
 
     def refused(self, what: str) -> ClientError:
         """The error for a non-200 answer: certain only if no earlier attempt may have worked."""
@@ -295,13 +298,53 @@ class Client:
 
     async def store(self, recipient: str, data: bytes, *, namespace: int = 0, ttl_ms: int = DEFAULT_TTL_MS,
                     now_ms: int) -> RequestResult:
+        """Store at a member of the recipient's swarm.  Each member's result in the answer is
+        signed by that member (PROTOCOL.md, store); only results whose signature verifies
+        count (``vouched``).  A target whose answer carries a result that does not verify
+        lies about its peers: it is dropped and the store is made again through another
+        member, as is one that no member's signature vouches for."""
         args = {"pubkey": recipient, "namespace": namespace, "data": data, "ttl": ttl_ms, "timestamp": now_ms}
-        res = await self.request(recipient, "store", args)
-        if res.status != Status.OK:
-            # Found by the mixed scenario: a store lost after sending, retried on a node whose
-            # clock was skewed, came back 406 — yet the first attempt had stored it.
-            raise res.refused("store")
-        return res
+        want = crypto.message_hash(recipient, namespace, data)
+        maybe_done = False
+        why = ""
+        for _ in range(STORE_ROUNDS):
+            res = await self.request(recipient, "store", args)
+            res.maybe_done_before = res.maybe_done_before or maybe_done
+            if res.status != Status.OK:
+                # Found by the mixed scenario: a store lost after sending, retried on a node whose
+                # clock was skewed, came back 406 — yet the first attempt had stored it.
+                raise res.refused("store")
+            res.vouched, forged = self._vouched(recipient, want, res.body)
+            if res.vouched and not forged:
+                return res
+            maybe_done = True  # the target may hold it all the same
+            why = "a member's result does not verify" if forged else "no member's signed result"
+            for _ in range(NODE_FAILURE_LIMIT):  # a lying member: not asked again
+                self._fail(res.target)
+        raise OutcomeUnknown(f"store: {why} after {STORE_ROUNDS} targets")
+
+    def _vouched(self, recipient: str, want: str, body: Any) -> tuple[list[str], bool]:
+        """The members of ``recipient``'s swarm whose signed result in a store's answer says
+        they hold message ``want``, and whether any result carried a signature that does not
+        verify (a forged acknowledgement: an honest target passes on only its peers' own)."""
+        results = body.get("swarm") if isinstance(body, dict) else None
+        if not isinstance(results, dict) or body.get("hash") != want:
+            return [], False
+        members = {m.ed25519_public for m in self.swarm_for(recipient)}
+        vouched, forged = [], False
+        for key, r in results.items():
+            sig = r.get("signature") if isinstance(r, dict) else None
+            if sig is None or r.get("status") != Status.OK:
+                continue
+            try:
+                root = crypto.results_root_from(want, r.get("proof") or [])
+                crypto.verify_request(bytes.fromhex(key), crypto.store_result_message(key, root), sig)
+            except (ValueError, TypeError, crypto.CryptoError):
+                forged = True
+                continue
+            if key in members:
+                vouched.append(key)
+        return sorted(vouched), forged
 
     async def retrieve(self, *, namespace: int = 0, last_hash: str | None = None, now_ms: int,
                        last_hash_for: Callable[[str], str | None] | None = None) -> RequestResult:

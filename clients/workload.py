@@ -215,7 +215,8 @@ async def send_one(user: ScriptedUser, recipient: ScriptedUser, msg_id: str, *, 
     acked[msg_id] = recipient.spec.name
     h.write({**base, "type": "ok", "hash": res.body.get("hash"), "path": res.path, "target": res.target,
              "attempts": res.attempts, "latency_ms": h.now_ms() - t0,
-             "swarm": {k[:16]: v.get("status") for k, v in (res.body.get("swarm") or {}).items()}})
+             "swarm": {k[:16]: v.get("status") for k, v in (res.body.get("swarm") or {}).items()},
+             "vouched": [k[:16] for k in res.vouched]})
 
 
 async def run_workload(specs: Sequence[UserSpec], registry: tuple[str, int], history_path: str | os.PathLike[str], *,

@@ -29,8 +29,9 @@ POWER_LOSS_EXIT = 137  # as a SIGKILL: the controller sees a node that died
 class AdminOps:
     def __init__(self, *, dialer: Dialer, listen: Callable[[list[tuple[str, int]]], Awaitable[list[tuple[str, int]]]],
                  clock: Any, stop: Callable[[], None], nursery: trio.Nursery, hostile: Hostility,
-                 disk: Disk | None = None, own_host: str = "",
+                 disk: Disk | None = None, own_host: str = "", honest_again: Callable[[], None] = lambda: None,
                  halt: Callable[[int], None] = os._exit) -> None:
+        self.honest_again = honest_again  # a disarmed node catches up with its swarm (anti-entropy) at once
         self.disk = disk
         self.own_host = own_host  # where it listens: a cluster host's address may take more listeners too
         self.halt = halt  # a power loss ends the process on the spot: no cleanup, no reply
@@ -103,9 +104,13 @@ class AdminOps:
         return {"offset_ms": offset}
 
     async def set_hostile(self, args: dict) -> dict:
+        """Arm the behaviours named (nodes.hostile); the answer lists them and every lie told
+        since the node started (``acts``), which the nemesis records."""
         armed = self.hostile.arm(args.get("behaviours"))
         event(log, "hostile", behaviours=armed)
-        return {"behaviours": armed}
+        if not armed:
+            self.honest_again()
+        return {"behaviours": armed, "acts": dict(self.hostile.acts)}
 
     async def stop_soon(self, args: dict) -> dict:
         self._nursery.start_soon(self._stop_later)

@@ -30,6 +30,7 @@ from testnet.base.rpc import ConnectionPool, RpcError
 
 from . import core, proofs
 from .core import NodeConfig, SwarmView
+from .hostile import Hostility
 from .replication import GroupCommit
 from .storage import StorageError, Storage
 
@@ -39,7 +40,8 @@ log = logging.getLogger("node")
 class AntiEntropy:
     def __init__(self, config: NodeConfig, *, me: str, storage: Storage, commit: GroupCommit, pool: ConnectionPool,
                  now_ms: Callable[[], int], rng: random.Random, view: Callable[[], SwarmView | None],
-                 stats: dict[str, int], bugs: set[str]) -> None:
+                 stats: dict[str, int], bugs: set[str], hostile: Hostility | None = None) -> None:
+        self.hostile = hostile  # a node dropping replication heals nobody, itself included (nodes/hostile.py)
         self.config = config
         self.me = me
         self.storage = storage
@@ -79,7 +81,8 @@ class AntiEntropy:
                 await trio.sleep(2 * self.config.registry_settle_s)
             self._wake = trio.Event()
             view = self.view()
-            if view is None or "skip-replication" in self.bugs:
+            if view is None or "skip-replication" in self.bugs or \
+                    (self.hostile is not None and "drop-replication" in self.hostile):
                 continue
             state = (self.storage.index.version, view.height)
             try:

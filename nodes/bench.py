@@ -77,6 +77,9 @@ async def bench_node(*, nodes: int = 5, seconds: float = 5.0, concurrency: int =
             counts.update(ok=0, fail=0, replicas_ok=0)
             latencies.clear()
             me = psutil.Process()
+            signed0 = 0
+            for n in names:
+                signed0 += (await net.call(n, "info"))["stats"].get("results_signed", 0)
             cpu0, my0, t0 = cpu_seconds(pids), sum(me.cpu_times()[:2]), time.monotonic()
             stop_at[0] = trio.current_time() + seconds
             async with trio.open_nursery() as n:
@@ -84,9 +87,11 @@ async def bench_node(*, nodes: int = 5, seconds: float = 5.0, concurrency: int =
                     n.start_soon(worker, k)
             elapsed = time.monotonic() - t0
             cpu1, my1 = cpu_seconds(pids), sum(me.cpu_times()[:2])
-            handshakes = 0
+            handshakes = signed1 = 0
             for n in names:
-                handshakes += (await net.call(n, "info"))["stats"].get("node_auth_ok", 0)
+                stats = (await net.call(n, "info"))["stats"]
+                handshakes += stats.get("node_auth_ok", 0)
+                signed1 += stats.get("results_signed", 0)
             outer.cancel_scope.cancel()
     latencies.sort()
     ok = counts["ok"]
@@ -102,6 +107,8 @@ async def bench_node(*, nodes: int = 5, seconds: float = 5.0, concurrency: int =
         "latency_ms": {"p50": percentile_ms(latencies, 0.5), "p99": percentile_ms(latencies, 0.99)},
         "node_auth": auth_cost(nodes, ids, handshakes, counts["replicas_ok"] / ok - 1 if ok else 0,
                                (cpu1 - cpu0) / ok * 1e6 if ok else None),
+        "signed_results": result_cost((signed1 - signed0) / ok if ok else None, nodes,
+                                      (cpu1 - cpu0) / ok * 1e6 if ok else None),
         "target": ">= 2000 replicated stores/s on 2 cores",
     }
 
@@ -162,6 +169,33 @@ def auth_cost(nodes: int, accounts: list[str], handshakes: int, copies_per_store
             "share_of_network_cpu": round(per_store / network_us_per_store, 4) if network_us_per_store else None}
 
 
+def result_cost(signatures_per_store: float | None, members: int, network_us_per_store: float | None,
+                rounds: int = 500) -> dict[str, Any]:
+    """What signed store results cost (PROTOCOL.md, store): the signatures the nodes made per
+    store (counted by the nodes: each target signs its own result, each peer one root per
+    ``replicate`` request, however many copies it holds), one signature's cost timed here,
+    and what a client pays to check a store's answer (a path of a 16-copy request and one
+    verification per member)."""
+    me = crypto.Identity.from_seed(bytes([42]) * 32)
+    key = me.ed25519_public.hex()
+    root, paths = crypto.results_root([f"{k:043d}" for k in range(16)])
+    t = time.process_time()
+    for _ in range(rounds):
+        sig = crypto.sign_fast(me, crypto.store_result_message(key, root))
+    sign_us = (time.process_time() - t) / rounds * 1e6
+    t = time.process_time()
+    for _ in range(rounds):
+        crypto.verify_request(me.ed25519_public,
+                              crypto.store_result_message(key, crypto.results_root_from(f"{3:043d}", paths[3])), sig)
+    verify_us = (time.process_time() - t) / rounds * 1e6
+    per_store = signatures_per_store * sign_us if signatures_per_store is not None else None
+    return {"signatures_per_store": None if signatures_per_store is None else round(signatures_per_store, 2),
+            "sign_us": round(sign_us, 1), "us_per_store": None if per_store is None else round(per_store, 1),
+            "share_of_network_cpu": round(per_store / network_us_per_store, 4)
+            if per_store is not None and network_us_per_store else None,
+            "client_check_us_per_store": round(verify_us * members, 1)}
+
+
 def percentile_ms(values: list[float], q: float) -> float | None:
     """The ``q`` quantile (nearest rank) of durations in seconds, in ms."""
     if not values:
@@ -215,6 +249,11 @@ def _command():
                    f"{share} of network CPU); {a['signed_delete_verify_us']} µs per forwarded delete "
                    f"(the account's signature); {a['handshakes']} handshakes in all, {a['handshake_us']} µs each, "
                    f"once per node connection")
+        sr = r["signed_results"]
+        share = f"{sr['share_of_network_cpu'] * 100:.1f} %" if sr["share_of_network_cpu"] is not None else "n/a"
+        click.echo(f"signed store results: {sr['signatures_per_store']} signatures/store x {sr['sign_us']} µs "
+                   f"= {sr['us_per_store']} µs/store ({share} of network CPU); a client checks a store's "
+                   f"answer in {sr['client_check_us_per_store']} µs")
 
     return bench_command
 

@@ -35,8 +35,10 @@ WRITE_BEHIND_S = 3.0  # the ack-before-commit bug's delay
 class ClientOps:
     def __init__(self, *, me: str, storage: Storage, commit: GroupCommit, fanout: Fanout,
                  now_ms: Callable[[], int], view: Callable[[], SwarmView | None], stats: dict[str, int],
-                 bugs: set[str], nursery: trio.Nursery, hostile: Hostility | None = None) -> None:
+                 bugs: set[str], nursery: trio.Nursery, sign_root: Callable[[bytes], bytes],
+                 hostile: Hostility | None = None) -> None:
         self.me = me
+        self.sign_root = sign_root  # this node's signature over a results root (PROTOCOL.md, store)
         self.storage = storage
         self.commit = commit
         self.fanout = fanout
@@ -68,8 +70,19 @@ class ClientOps:
         view = require_view(self.view())
         if not view.is_mine(msg.pubkey):
             raise view.wrong_swarm(msg.pubkey)
+        if self.storage.tombstoned(msg.pubkey, msg.hash):
+            # Stored once and deleted by its account since: a store again (a replay of the
+            # first — an onion relay may replay requests — or a late retry) must not bring it
+            # back.  Nothing is kept, so nothing is signed: the client learns nothing stored.
+            done({"hash": msg.hash, "deleted": True, "swarm": {self.me: {"status": Status.OK, "deleted": True}}},
+                 None)
+            return
         self.stats["stores"] += 1
-        results: dict[str, Any] = {self.me: {"status": Status.OK}}
+        # Each member's result is signed by that member (oxen-storage-server): ours once committed.
+        results: dict[str, Any] = {self.me: {"status": Status.OK, "signature": self.sign_result(msg.hash)}}
+        if self.hostile is not None and "drop-replication" in self.hostile:
+            self._store_hostile(msg, view, results, done)
+            return
         if "ack-before-commit" in self.bugs:
             # Deliberately broken: answer now, write (and forward) later.
             self._nursery.start_soon(self._write_behind, msg)
@@ -91,6 +104,24 @@ class ClientOps:
                 self.fanout.send_soon("replicate", msg, view, replicated)
 
         self.commit.commit_soon([msg], committed)
+
+    def sign_result(self, message_hash: str) -> bytes:
+        """This node's signed result for one store it holds: its root is the hash's leaf."""
+        return self.sign_root(crypto.results_root([message_hash])[0])
+
+    def _store_hostile(self, msg: StoredMessage, view: SwarmView, results: dict[str, Any],
+                       done: Callable[[dict | None, Exception | None], None]) -> None:
+        """A hostile target's store (nodes.hostile, drop-replication): answered at once, never
+        forwarded, kept here or not; its peers reported failed, or stored under signatures
+        made with this node's own key (which the client finds do not verify)."""
+        assert self.hostile is not None
+        keep, forge = self.hostile.store_plan()
+        for p in view.peers():
+            results[p.ed25519_public] = {"status": Status.OK, "signature": self.sign_result(msg.hash)} if forge \
+                else {"status": Status.BAD_GATEWAY, "error": "timeout"}
+        if keep:
+            self.commit.commit_soon([msg], lambda new, error: None)
+        done({"hash": msg.hash, "swarm": results}, None)
 
     async def store(self, args: dict) -> dict:
         outcome: list[Any] = []

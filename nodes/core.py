@@ -568,10 +568,11 @@ class TokenBucket:
         self.max_sources = max_sources
         self._buckets: dict[Any, tuple[float, float]] = {}
 
-    def allow(self, source: Any, now_s: float) -> bool:
+    def allow(self, source: Any, now_s: float, cost: int = 1) -> bool:
+        """Take ``cost`` tokens from ``source``'s bucket; False (nothing taken) if it has fewer."""
         tokens, last = self._buckets.get(source, (float(self.burst), now_s))
         tokens = min(float(self.burst), tokens + (now_s - last) * self.per_second)
-        if tokens < 1.0:
+        if tokens < cost:
             self._buckets[source] = (tokens, now_s)
             return False
         if len(self._buckets) >= self.max_sources and source not in self._buckets:
@@ -579,5 +580,5 @@ class TokenBucket:
             full = [k for k, (t, l) in self._buckets.items() if t + (now_s - l) * self.per_second >= self.burst]
             for k in full:
                 del self._buckets[k]
-        self._buckets[source] = (tokens - 1.0, now_s)
+        self._buckets[source] = (tokens - cost, now_s)
         return True

@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Awaitable
 
+import trio
+
 from testnet.base import crypto, meter
 from testnet.base.limits import AUTHENTICATED_SESSION_KEY
 from testnet.base.protocol import Request, RequestError, Response, Status
@@ -81,6 +83,32 @@ def install_onion(node: Any) -> None:
         # Relays pass the reply back unchanged.
         return resp.status, resp.body
 
+    async def misrelay(act: str, delay_s: float, nxt: str, next_eph: bytes, next_data: bytes) -> tuple[int, Any]:
+        """A hostile relay (nodes/hostile.py, misrelay): drops the request (answering 504 once
+        its caller has stopped waiting), delays it, or forwards it and again later."""
+        if act == "drop":
+            await trio.sleep(RELAY_TIMEOUT_S)
+            raise RequestError(Status.GATEWAY_TIMEOUT, "next hop timed out")
+        if act == "delay":
+            await trio.sleep(delay_s)
+            return await relay(nxt, next_eph, next_data)
+
+        async def replay() -> None:
+            await trio.sleep(delay_s)
+            try:
+                await relay(nxt, next_eph, next_data)
+            except RequestError:
+                pass
+
+        node._nursery.start_soon(replay)
+        return await relay(nxt, next_eph, next_data)
+
+    def hostile_relay(nxt: str, next_eph: bytes, next_data: bytes) -> Awaitable[tuple[int, Any]] | None:
+        if "misrelay" not in node.hostile:
+            return None
+        act, delay_s = node.hostile.relay_act()
+        return None if act is None else misrelay(act, delay_s, nxt, next_eph, next_data)
+
     async def target(op: str, args: Any, key: bytes) -> tuple[int, Any]:
         meter.ROLE.set("target")
         if op not in ONION_OPS:
@@ -99,7 +127,8 @@ def install_onion(node: Any) -> None:
     async def handle_onion(req: Request, peer: Peer) -> tuple[int, Any]:
         kind, what, key = open_layer(req)
         if kind == "relay":
-            return await relay(*next_hop(what, peer))
+            hop = next_hop(what, peer)
+            return await (hostile_relay(*hop) or relay(*hop))
         return await target(*what, key)
 
     def take_onion(req: Request, peer: Peer, reply: Reply) -> Awaitable[tuple[int, Any]] | None:
@@ -129,6 +158,9 @@ def install_onion(node: Any) -> None:
                 stored(None, exc)
             return None
         nxt, next_eph, next_data = next_hop(what, peer)
+        lie = hostile_relay(nxt, next_eph, next_data)
+        if lie is not None:
+            return lie
         conn = node.pool.get_nowait(nxt)
         if conn is None:
             return relay(nxt, next_eph, next_data)  # a dial first: in a task

@@ -14,18 +14,26 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import trio
+
+from testnet.base import crypto
 
 from . import auth, core, proofs
 from .anti_entropy import AntiEntropy
 from .core import SwarmView, require_view
+from .hostile import Hostility
 from .replication import GroupCommit
-from .storage import Storage, StoredMessage
+from .storage import Storage, StoredMessage, ae_bucket
 
 
 class PeerOps:
     def __init__(self, *, storage: Storage, commit: GroupCommit, now_ms: Callable[[], int],
                  view: Callable[[], SwarmView | None], entitled: auth.Entitlements, anti_entropy: AntiEntropy,
-                 stats: dict[str, int], bugs: set[str]) -> None:
+                 stats: dict[str, int], bugs: set[str], sign_root: Callable[[bytes], bytes],
+                 signature_budget: proofs.SignatureBudget, hostile: Hostility | None = None) -> None:
+        self.sign_root = sign_root  # this node's signature over a results root (copies it holds)
+        self.signature_budget = signature_budget  # account signatures a peer may make us check
+        self.hostile = hostile  # armed only by the byzantine nemesis (nodes/hostile.py)
         self.storage = storage
         self.commit = commit
         self.now_ms = now_ms
@@ -52,15 +60,36 @@ class PeerOps:
         self._require_accounts(caller, (m.pubkey for m in msgs), rehoming=True)
         return [m for m in proofs.accept_copies(msgs, self.now_ms()) if not self.storage.tombstoned(m.pubkey, m.hash)]
 
+    def dropping(self, msgs: list[StoredMessage]) -> bool:
+        """Whether this (hostile) node acknowledges these copies without keeping them."""
+        if self.hostile is not None and "drop-replication" in self.hostile:
+            self.hostile.drop_copies(msgs)
+            return True
+        return False
+
+    def answer(self, args: dict, msgs: list[StoredMessage]) -> dict:
+        """A ``replicate``'s answer once ``msgs`` are committed: with ``sign``, this node's
+        signed result for the copies it holds — one signature over the root of their hashes
+        in the request's order (testnet.base.crypto.results_root), and the request's hashes
+        it did not keep (``skipped``) — which the store's target passes to the client with
+        each copy's path (PROTOCOL.md, store).  One signature per request, not per copy."""
+        out: dict[str, Any] = {"stored": len(msgs)}
+        if args.get("sign") is True:
+            kept = [m.hash for m in msgs]
+            out["skipped"] = sorted({item[2] for item in args["messages"]} - set(kept))
+            if kept:
+                out["signature"] = self.sign_root(crypto.results_root(kept)[0])
+        return out
+
     async def replicate(self, args: dict, caller: str | None) -> dict:
         """Forwarded copies (from a member, or a recent member rehoming them): held to the
         store rules (nodes.proofs.accept_copies), stored unless deleted here, never
         forwarded again."""
         msgs = self.replicated(args, caller)
-        if msgs:
+        if msgs and not self.dropping(msgs):
             new = await self.commit.commit(msgs)
             self.stats["replicated_in"] += sum(new)
-        return {"stored": len(msgs)}
+        return self.answer(args, msgs)
 
     def _require_signed(self, caller: str | None, requests: list[Any], verify: Callable[[Any], None]) -> bool:
         """Each request's account must be this swarm's (421) and must have signed it (401).
@@ -74,7 +103,11 @@ class PeerOps:
                 raise view.wrong_swarm(r.pubkey)
         if "unsigned-peer-delete" in self.bugs:  # injected: a member's word is taken for the account's
             return False
-        for r in requests:
+        # Each distinct request is verified once (a repeated one proves nothing more), and
+        # a peer pays for every check from its budget before any is made (nodes.proofs).
+        unique = list(dict.fromkeys(requests))
+        self.signature_budget.charge(caller, len(requests), len(unique), trio.current_time())
+        for r in unique:
             verify(r)
         return True
 
@@ -109,6 +142,10 @@ class PeerOps:
         if "skip-replication" in self.bugs:
             return {"buckets": {}}
         view = require_view(self.view())
+        if self.hostile is not None and "lie-digest" in self.hostile:
+            mine = [pk for pk in theirs if view.swarm_of(pk) == swarm_id]
+            lie = self.hostile.lie_digest(mine, self.storage.ae_buckets(mine[:50]), ae_bucket(self.now_ms()))
+            return {"buckets": {pk: [[b, d] for b, d in bs.items()] for pk, bs in lie.items()}}
         ours = self.storage.ae_digests(lambda pk: view.swarm_of(pk) == swarm_id)
         differ = [pk for pk in set(ours) | set(theirs) if ours.get(pk) != theirs.get(pk)][:1000]
         if not differ and caller is not None and swarm_id == view.my_swarm and caller in view.peer_keys():
@@ -129,6 +166,8 @@ class PeerOps:
         if "skip-replication" in self.bugs:
             return {"hashes": {}}
         hashes = self.storage.ae_hashes(dict(list(wanted.items())[:1000]), self.now_ms())
+        if self.hostile is not None and "lie-digest" in self.hostile:
+            hashes = self.hostile.lie_hashes({pk: hashes.get(pk, []) for pk in list(wanted)[:1000]})
         # Pubkeys whose hashes fit in one reply; the initiator compares only those this round.
         fit = core.fitting(hashes.items(), core.hash_list_bytes)
         return {"hashes": dict(fit)}

@@ -31,7 +31,7 @@ from testnet.base import crypto
 from testnet.base.protocol import RequestError, Status
 
 from . import core
-from .core import MAX_TTL_MS, STORE_CLOCK_WINDOW_MS
+from .core import BATCH_COUNT, MAX_TTL_MS, STORE_CLOCK_WINDOW_MS
 from .storage import StoredMessage
 
 # A copy's times were set by another node's clock (a store's timestamp within 10 s of
@@ -187,3 +187,41 @@ def signed_deletes(args: Mapping[str, Any]) -> list[SignedDelete]:
 def signed_expiries(args: Mapping[str, Any]) -> list[SignedExpire]:
     """``replicate_expire {messages: [[pubkey, [hash, …], expiry, pubkey_ed25519, signature], …]}`` (400)."""
     return [SignedExpire.from_wire(i) for i in core.arg_list(args, "messages")]
+
+
+# --------------------------------------------------------------------------- what checking costs
+
+# An account's signature costs ~160 µs to check (the key's conversion to the Session ID,
+# then the signature) and a peer's 1 MiB request may carry ~4,000 signed requests, all
+# valid (a member receives real signed deletes, and may replay them): 0.6 s of CPU per
+# request, unbounded.  So a peer op carries at most as many signed requests as an honest
+# sender puts in one (a batch: 500; 413 above that), and each peer may make this node
+# check at most SIGNATURES_PER_S a second, SIGNATURE_BURST at once (429 beyond: nothing
+# checked, nothing done; its anti-entropy forwards the rest in a later round).
+MAX_SIGNED_PER_REQUEST = BATCH_COUNT
+SIGNATURE_BURST = 2_000
+SIGNATURES_PER_S = 500.0
+
+
+class SignatureBudget:
+    """Per-peer budget of account-signature checks (a token bucket, as for client requests:
+    :class:`nodes.core.TokenBucket`), and the per-request cap."""
+
+    def __init__(self, burst: int = SIGNATURE_BURST, per_second: float = SIGNATURES_PER_S,
+                 max_per_request: int = MAX_SIGNED_PER_REQUEST) -> None:
+        self.max_per_request = max_per_request
+        self.bucket = core.TokenBucket(burst, per_second)
+        self.refused = 0  # requests refused (413 or 429), for the node's stats
+
+    def charge(self, peer: str, requests: int, checks: int, now_s: float) -> None:
+        """Take ``checks`` from ``peer``'s budget for a request of ``requests`` signed requests
+        (``now_s``: a monotonic clock): 413 over the per-request cap, 429 when the budget
+        cannot pay for all of them (nothing taken then)."""
+        if requests > self.max_per_request:
+            self.refused += 1
+            raise _bad(f"{requests} signed requests in one request; at most {self.max_per_request}",
+                       Status.TOO_LARGE)
+        if not self.bucket.allow(peer, now_s, cost=checks):
+            self.refused += 1
+            raise _bad(f"signature checks over budget ({self.bucket.per_second:g}/s per peer): try later",
+                       Status.RATE_LIMITED)

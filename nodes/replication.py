@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import trio
 
-from testnet.base import meter
+from testnet.base import crypto, meter
 from testnet.base.protocol import ProtocolError, Response, Status
 from testnet.base.rpc import ConnectionPool, RpcConnection, RpcError
 from testnet.base.turn import Timer, Timers, at_turn_end
@@ -34,8 +34,9 @@ MAX_BACKLOG = 20_000  # queued messages per peer before new ones fail at once
 # done(new, error) of a group commit: True per message where new, or what went wrong (the
 # storage's own error: a full disk stays a full disk, 507, and so on).
 Committed = Callable[[Optional[list], Optional[StorageError]], None]
-# done(error) of an item forwarded to a peer: None when the peer took it.
-Outcome = Callable[[Optional[str]], None]
+# done(error, result) of an item forwarded to a peer: error None when the peer took it, with
+# what the peer's answer says of this item (a replicate's: the peer's signed result).
+Outcome = Callable[[Optional[str], Any], None]
 
 
 def _tell(done: Callable[..., None], *args: Any) -> None:
@@ -156,8 +157,11 @@ class PeerSender:
 
     def __init__(self, peer: str, pool: ConnectionPool, op: str, timeout_s: float,
                  encode: Callable[[Any], Any], size: Callable[[Any], int],
-                 spawn: Callable[..., None]) -> None:
+                 spawn: Callable[..., None], extra: dict[str, Any] | None = None,
+                 per_item: Callable[[list[Any], Any], list[Any]] | None = None) -> None:
         self.peer = peer
+        self.extra = extra or {}  # more arguments of every request (replicate: ask for signed results)
+        self.per_item = per_item  # what an answer says of each item (replicate: its signed result)
         self.pool = pool
         self.op = op
         self.timeout_s = timeout_s
@@ -171,9 +175,9 @@ class PeerSender:
 
     def submit(self, item: Any, done: Outcome) -> None:
         if self.closed:
-            _tell(done, "peer left the swarm")
+            _tell(done, "peer left the swarm", None)
         elif len(self._queue) >= MAX_BACKLOG:
-            _tell(done, "replication backlog full")
+            _tell(done, "replication backlog full", None)
         else:
             self._queue.append((item, done))
             self._schedule()
@@ -182,7 +186,7 @@ class PeerSender:
         self.closed = True
         queue, self._queue = self._queue, []
         for _, done in queue:
-            _tell(done, "peer left the swarm")
+            _tell(done, "peer left the swarm", None)
 
     def _schedule(self) -> None:
         if not (self._scheduled or self._in_flight or self.closed) and self._queue:
@@ -217,7 +221,8 @@ class PeerSender:
 
     def _request(self, conn: RpcConnection, batch: list[tuple[Any, Outcome]]) -> None:
         try:
-            conn.call_soon(self.op, {"messages": [self.encode(i) for i, _ in batch]}, timeout=self.timeout_s,
+            conn.call_soon(self.op, {"messages": [self.encode(i) for i, _ in batch], **self.extra},
+                           timeout=self.timeout_s,
                            done=lambda resp, error: self._answered(batch, resp, error))
         except RpcError as exc:
             self._finish(batch, type(exc).__name__, drop=True)
@@ -230,18 +235,47 @@ class PeerSender:
             self._finish(batch, type(error).__name__, drop=True)
         else:
             assert resp is not None
-            self._finish(batch, None if resp.ok else f"status {resp.status}")
+            self._finish(batch, None if resp.ok else f"status {resp.status}", body=resp.body)
 
-    def _finish(self, batch: list[tuple[Any, Outcome]], error: str | None, *, drop: bool = False) -> None:
+    def _finish(self, batch: list[tuple[Any, Outcome]], error: str | None, *, drop: bool = False,
+                body: Any = None) -> None:
         if drop:
             self.pool.drop_soon(self.peer)
         self._in_flight = False
-        for _, done in batch:
-            _tell(done, error)
+        results = [None] * len(batch)
+        if error is None and self.per_item is not None:
+            try:
+                results = self.per_item([item for item, _ in batch], body)
+            except Exception:  # a peer's answer is input: a bad one vouches for nothing
+                log.warning("unreadable results from a peer", extra={"fields": {"peer": self.peer[:16]}})
+        for (_, done), result in zip(batch, results):
+            _tell(done, error, result)
         self._schedule()
 
 
 # What each forwarded op carries, and a generous estimate of its bytes on the wire.
+# A store's copies ask each peer for its signed result (PROTOCOL.md, store): the
+# client checks them.
+_EXTRA: dict[str, dict[str, Any]] = {"replicate": {"sign": True}}
+
+
+def signed_results(items: list[StoredMessage], body: Any) -> list[dict[str, Any] | None]:
+    """Each copy's signed result from a peer's ``replicate`` answer ``{"signature", "skipped"}``:
+    the peer signed the root of the hashes it kept (the request's, in order, less those
+    ``skipped``); each kept copy gets that signature and its path to the root, which the
+    client checks (nodes.proofs, PROTOCOL.md).  None for a copy it did not keep."""
+    out: list[dict[str, Any] | None] = [None] * len(items)
+    sig = body.get("signature") if isinstance(body, dict) else None
+    skipped = body.get("skipped") if isinstance(body, dict) else None
+    if not isinstance(sig, bytes) or not isinstance(skipped, list):
+        return out
+    gone = {h for h in skipped if isinstance(h, str)}
+    kept = [i for i, m in enumerate(items) if m.hash not in gone]
+    if kept:
+        _, paths = crypto.results_root([items[i].hash for i in kept])
+        for i, path in zip(kept, paths):
+            out[i] = {"signature": sig, "proof": path}
+    return out
 _CODECS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], int]]] = {
     "replicate": (message_to_wire, wire_bytes),  # a StoredMessage
     "replicate_delete": (SignedDelete.to_wire, SignedDelete.wire_bytes),  # the client's signed request
@@ -266,9 +300,13 @@ class Fanout:
     def send_soon(self, op: str, item: Any, view: SwarmView, done: Callable[[dict[str, Any]], None]) -> None:
         """Forward ``item`` (``op``: a key of ``_CODECS``) to every other swarm member in
         parallel; ``done(outcomes)`` (each peer's) runs once, when the last peer has
-        answered or at the timeout (those not answered yet: 504), with no task waiting."""
+        answered or at the timeout (those not answered yet: 504), with no task waiting.
+        A peer's 200 for a ``replicate`` carries its signed result for the copy it holds
+        (``signature`` and ``proof``: :func:`signed_results`; a peer that did not keep it,
+        deleted or expired there, signs none)."""
         peers = [p.ed25519_public for p in view.peers()]
         errors: dict[str, str | None] = {}
+        signed: dict[str, dict[str, Any]] = {}
         timer: Timer | None = None
 
         def finish() -> None:
@@ -278,14 +316,18 @@ class Fanout:
                     out[key] = {"status": Status.GATEWAY_TIMEOUT, "error": "timeout"}
                 elif errors[key] is not None:
                     out[key] = {"status": Status.BAD_GATEWAY, "error": errors[key]}
+                elif key in signed:
+                    out[key] = {"status": Status.OK, **signed[key]}
                 else:
                     out[key] = {"status": Status.OK}
             done(out)
 
-        def answered(key: str, error: str | None) -> None:
+        def answered(key: str, error: str | None, result: Any) -> None:
             if timer is not None and timer.cancelled:
                 return  # answered after the timeout: already reported
             errors[key] = error
+            if error is None and result is not None:
+                signed[key] = result
             if len(errors) == len(peers) and timer is not None:
                 timer.cancel()
                 finish()
@@ -314,7 +356,8 @@ class Fanout:
         s = self._senders.get((peer, op))
         if s is None or s.closed:
             encode, size = _CODECS[op]
-            s = PeerSender(peer, self._pool, op, self.timeout_s, encode, size, self._nursery.start_soon)
+            s = PeerSender(peer, self._pool, op, self.timeout_s, encode, size, self._nursery.start_soon,
+                           _EXTRA.get(op), signed_results if op == "replicate" else None)
             self._senders[(peer, op)] = s
         return s
 

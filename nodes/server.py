@@ -38,7 +38,7 @@ from testnet.base.protocol import Request, RequestError, Status
 from testnet.base.rpc import ConnectionPool, Peer, Reply, Take, serve
 from testnet.base.turn import Timers
 
-from . import auth, core
+from . import auth, core, proofs
 from .admin import AdminOps
 from .hostile import Hostility
 from .anti_entropy import AntiEntropy
@@ -148,13 +148,15 @@ class Node:
         self.entitled = auth.Entitlements()
         self.bugs = set(config.inject_bugs)
         self.rate = core.TokenBucket(config.rate_limit_burst, config.rate_limit_per_second)
+        self.signature_budget = proofs.SignatureBudget()  # account signatures each peer may make us check
+        self.hostile = Hostility(self.rng)  # armed only by the byzantine nemesis (admin_byzantine)
         self.gate = ConnectionGate(config.connection_limits)  # shared by every listener of this node
         self.listening: list[tuple[str, int]] = []
         self.onion_handler: Callable[[Request, Peer], Awaitable[tuple[int, Any]]] | None = None
         self.onion_take: Take | None = None  # the onion handler's fast path (nodes.onion)
         self.timers = Timers()  # deadlines of work answered from callbacks (forwarding, slow syncs)
-        self.stats = {"stores": 0, "replicated_in": 0, "ae_fetched": 0, "ae_pushed": 0, "rehomed": 0,
-                      "node_auth_ok": 0, "node_auth_refused": 0, "node_ops_refused_401": 0,
+        self.stats = {"stores": 0, "replicated_in": 0, "results_signed": 0, "ae_fetched": 0, "ae_pushed": 0,
+                      "rehomed": 0, "node_auth_ok": 0, "node_auth_refused": 0, "node_ops_refused_401": 0,
                       "node_ops_refused_403": 0}
         self.dialer = Dialer(config, self.identity, network=network, capture=self.capture, view=lambda: self.view)
         # The parts, made by run() (see the module docstring).
@@ -198,19 +200,20 @@ class Node:
         fanout = Fanout(nursery, pool, self.config.replication_timeout_s, self.timers)
         self.anti_entropy = AntiEntropy(self.config, me=self.ed_hex, storage=self.storage, commit=self.commit,
                                         pool=pool, now_ms=now_ms, rng=self.rng, view=view, stats=self.stats,
-                                        bugs=self.bugs)
+                                        bugs=self.bugs, hostile=self.hostile)
         self.follower = RegistryFollower(self.config, self.identity, dialer=self.dialer, wall_ms=self.clock.wall_ms,
                                          listening=lambda: self.listening, entitled=self.entitled, fanout=fanout,
                                          wake_anti_entropy=self.anti_entropy.wake)
-        hostile = Hostility(self.rng)
+        hostile = self.hostile
         self.clients = ClientOps(me=self.ed_hex, storage=self.storage, commit=self.commit, fanout=fanout,
                                  now_ms=now_ms, view=view, stats=self.stats, bugs=self.bugs, nursery=nursery,
-                                 hostile=hostile)
+                                 sign_root=self.sign_root, hostile=hostile)
         self.peers = PeerOps(storage=self.storage, commit=self.commit, now_ms=now_ms, view=view,
-                             entitled=self.entitled, anti_entropy=self.anti_entropy, stats=self.stats, bugs=self.bugs)
+                             entitled=self.entitled, anti_entropy=self.anti_entropy, stats=self.stats, bugs=self.bugs,
+                             sign_root=self.sign_root, signature_budget=self.signature_budget, hostile=hostile)
         self.admin = AdminOps(dialer=self.dialer, listen=self._listen_more, clock=self.clock, stop=self.stop,
                               nursery=nursery, hostile=hostile, disk=self.disk, own_host=self.host,
-                              **({"halt": self.halt} if self.halt else {}))
+                              honest_again=self.anti_entropy.wake, **({"halt": self.halt} if self.halt else {}))
         self._client_ops = {**self.clients.ops(), "info": self.op_info}
         self._peer_ops = self.peers.ops()
         self._admin_ops = self.admin.ops()
@@ -237,6 +240,11 @@ class Node:
             if self.capture is not None:
                 self.capture.close()
             self.storage.close()
+
+    def sign_root(self, root: bytes) -> bytes:
+        """This node's signature over a results root: the stores it holds (PROTOCOL.md, store)."""
+        self.stats["results_signed"] += 1
+        return crypto.sign_fast(self.identity, crypto.store_result_message(self.ed_hex, root))
 
     def stop(self) -> None:
         if self._cancel is not None:
@@ -287,14 +295,16 @@ class Node:
             if exc.status in (Status.UNAUTHORIZED, Status.FORBIDDEN):
                 self.stats[f"node_ops_refused_{exc.status}"] += 1
             raise
-        if not msgs:
-            reply(Status.OK, {"stored": 0})
+        peers = self.peers
+        assert peers is not None
+        if not msgs or peers.dropping(msgs):
+            reply(Status.OK, peers.answer(req.args, msgs))
             return
 
         def committed(new: list[bool] | None, error: StorageError | None) -> None:
             if error is None:
                 self.stats["replicated_in"] += sum(new)  # type: ignore[arg-type]
-                reply(Status.OK, {"stored": len(msgs)})
+                reply(Status.OK, peers.answer(req.args, msgs))
             elif isinstance(error, (StorageFull, StorageIOError, StorageCorrupt)):
                 refusal = disk_refusal(error)
                 reply(refusal.status, refusal.body)
@@ -371,6 +381,7 @@ class Node:
             "swarm": [n.ed25519_public for n in view.members(view.my_swarm)] if view and view.my_swarm is not None else [],
             "clock_ms": self.clock.now_ms(), "clock_offset_ms": self.clock.offset_ms,
             "messages": self.storage.count(), "listening": [list(a) for a in self.listening],
-            "stats": dict(self.stats), "connections": dataclasses.asdict(self.gate.statistics()),
+            "stats": {**self.stats, "signature_checks_refused": self.signature_budget.refused},
+            "connections": dataclasses.asdict(self.gate.statistics()),
             "process_meter": meter.snapshot(),
         }

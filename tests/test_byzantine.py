@@ -28,7 +28,8 @@ def test_hostile_members_leave_every_swarm_an_honest_majority(swarms, per_swarm,
 
 
 def test_byzantine_params_name_what_is_wrong():
-    assert check_byzantine_params({})["behaviours"] == ["delete", "expire", "plant", "alter", "lie-retrieve"]
+    assert check_byzantine_params({})["behaviours"] == ["delete", "expire", "plant", "alter", "lie-retrieve",
+                                                         "drop-replication", "lie-digest", "misrelay"]
     with pytest.raises(ScenarioError, match="behaviours must be"):
         check_byzantine_params({"behaviours": ["delete", "lie"]})
     with pytest.raises(ScenarioError, match="unknown key"):
@@ -102,7 +103,7 @@ def test_a_lying_retrieve_leaves_out_repeats_and_alters_under_the_true_hash():
     h = Hostility(random.Random(7))
     assert h.tamper(msgs) and "lie-retrieve" not in h
     with pytest.raises(RequestError, match="unknown behaviour"):
-        h.arm(["lie-digest"])
+        h.arm(["lie-about-everything"])
     assert h.arm(["lie-retrieve"]) == ["lie-retrieve"] and "lie-retrieve" in h
     out = h.tamper(msgs)
     by_hash = Counter(m.hash for m in out)
@@ -113,3 +114,76 @@ def test_a_lying_retrieve_leaves_out_repeats_and_alters_under_the_true_hash():
     again = Hostility(random.Random(7))
     again.tamper(msgs)
     assert again.tamper(msgs) == out  # the node's seeded Random: exact in the simulation
+
+
+def test_a_hostile_member_lies_in_replication_digests_and_relaying_and_counts_each_lie():
+    from nodes.hostile import Hostility
+    from nodes.storage import StoredMessage
+
+    h = Hostility(random.Random(3))
+    assert h.arm(["drop-replication", "lie-digest", "misrelay"]) == ["drop-replication", "lie-digest", "misrelay"]
+    pk = "05" + "ab" * 32
+    h.drop_copies([StoredMessage(pk, 0, f"d{i}", b"x", 1, 2) for i in range(3)])
+    plans = [h.store_plan() for _ in range(200)]
+    assert {True, False} == {keep for keep, _ in plans} == {forge for _, forge in plans}
+    digests = [h.lie_digest([pk], {}, 100) for _ in range(50)]
+    assert {} in digests and any(set(d.get(pk, {})) == {97, 98, 99, 100} for d in digests)
+    hashes = [h.lie_hashes({pk: ["real"]}) for _ in range(50)]
+    assert {pk: []} in hashes  # claims emptiness: honest peers push
+    claimed = next(x[pk] for x in hashes if x[pk])
+    assert {"real", "d0", "d1", "d2"} < set(claimed) and len(claimed) == 5  # what it dropped, and a made-up hash
+    acts = [h.relay_act()[0] for _ in range(1000)]
+    assert 50 < acts.count("drop") < 150 and 100 < acts.count("delay") < 200 and 100 < acts.count("replay") < 200
+    assert h.acts["copies-dropped"] == 3 and h.acts["stores-not-forwarded"] == 200
+    assert h.acts["relay-drop"] == acts.count("drop")
+    h.arm([])  # honest again: what it dropped is forgotten
+    assert not any("d0" in h.lie_hashes({pk: []})[pk] for _ in range(20))
+
+
+def test_a_client_counts_only_results_their_members_signed_and_catches_a_forged_one():
+    from clients.client import Client, ServiceNode
+    from testnet.base import crypto
+
+    members = [crypto.Identity.from_seed(bytes([i]) * 32) for i in (1, 2, 3)]
+    outsider = crypto.Identity.from_seed(bytes([9]) * 32)
+    nodes = [ServiceNode(m.ed25519_public.hex(), m.x25519_public.hex(), "127.0.0.1", 1, 0) for m in members]
+
+    class View:
+        def swarm_for(self, _):
+            return nodes
+
+    want = "h" * 43
+    root, paths = crypto.results_root(["other" * 8, want, "more" * 10])  # one peer's request of three copies
+
+    def signed(who, root=root):
+        return crypto.sign_fast(who, crypto.store_result_message(who.ed25519_public.hex(), root))
+
+    own_root = crypto.results_root([want])[0]
+    results = {nodes[0].ed25519_public: {"status": 200, "signature": signed(members[0], own_root)},
+               nodes[1].ed25519_public: {"status": 200, "signature": signed(members[1]), "proof": paths[1]},
+               nodes[2].ed25519_public: {"status": 502, "error": "timeout"},
+               outsider.ed25519_public.hex(): {"status": 200, "signature": signed(outsider, own_root)}}
+    vouched, forged = Client._vouched(View(), "05" + "00" * 32, want, {"hash": want, "swarm": results})
+    assert vouched == sorted(n.ed25519_public for n in nodes[:2]) and not forged
+    # The target claims a peer stored it, under its own signature (or the path of another copy).
+    for lie in ({"status": 200, "signature": signed(members[0], own_root)},
+                {"status": 200, "signature": signed(members[2]), "proof": paths[0]}):
+        results[nodes[2].ed25519_public] = lie
+        vouched, forged = Client._vouched(View(), "05" + "00" * 32, want, {"hash": want, "swarm": results})
+        assert forged and len(vouched) == 2
+    assert Client._vouched(View(), "05" + "00" * 32, want, {"hash": "x", "swarm": results}) == ([], False)
+
+
+def test_delivery_owes_only_what_an_honest_member_vouched_for():
+    from chaos.checkers.delivery import HostilePeriod, check_delivery
+
+    def send(mid, vouched, t):
+        return [{"type": "invoke", "op": "send", "msg_id": mid, "from": "a", "to": "b", "body_digest": "d",
+                 "hash": mid, "t": t},
+                {"type": "ok", "op": "send", "msg_id": mid, "hash": mid, "vouched": vouched, "t": t + 10}]
+
+    history = send("m1", ["evil"], 100) + send("m2", ["evil", "good"], 100) + send("m3", ["evil"], 900)
+    hostile = [HostilePeriod(frozenset({"evil"}), 50, 500)]
+    v = check_delivery(history, {"a": "05a", "b": "05b"}, hostile=hostile)
+    assert v["unvouched"] == ["m1"] and sorted(v["lost"]) == ["m2", "m3"] and v["counts"]["honestly_vouched"] == 2
+    assert sorted(check_delivery(history, {"a": "05a", "b": "05b"})["lost"]) == ["m1", "m2", "m3"]

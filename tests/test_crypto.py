@@ -450,3 +450,23 @@ def test_seeded_randomness_replays_every_ciphertext_and_real_runs_stay_random():
     # Without a seeded source every call draws fresh randomness.
     assert crypto.seal_message(alice, bob.session_id, b"hi") != crypto.seal_message(alice, bob.session_id, b"hi")
     assert crypto.seal_layer(b"x", bob.x25519_public) != crypto.seal_layer(b"x", bob.x25519_public)
+
+
+def test_one_signed_results_root_vouches_for_each_hash_and_no_other():
+    from testnet.base import crypto as c
+
+    member = c.Identity.from_seed(bytes([3]) * 32)
+    key = member.ed25519_public.hex()
+    for n in (1, 2, 3, 5, 8, 13):
+        hashes = [f"h{i:042d}" for i in range(n)]
+        root, paths = c.results_root(hashes)
+        sig = c.sign_fast(member, c.store_result_message(key, root))
+        assert sig == member.sign(c.store_result_message(key, root))
+        for h, path in zip(hashes, paths):
+            assert c.results_root_from(h, path) == root
+            c.verify_request(member.ed25519_public, c.store_result_message(key, c.results_root_from(h, path)), sig)
+        if n > 1:  # another hash on a member's path, or a path moved, leads elsewhere
+            assert c.results_root_from("x" * 43, paths[0]) != root
+            assert c.results_root_from(hashes[0], paths[1]) != root
+    with pytest.raises(c.CryptoError):
+        c.results_root_from("h", [b"\x02" + bytes(32)])

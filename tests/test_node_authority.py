@@ -37,7 +37,7 @@ def delete_args(identity: crypto.Identity, hashes: list[str], *, signed=None, ke
     over ``signed`` (default: the same hashes)."""
     key = key or identity
     return {"pubkey": identity.session_id, "hashes": hashes, "pubkey_ed25519": key.ed25519_public.hex(),
-            "signature": key.sign(crypto.delete_signature_message(signed or hashes))}
+            "signature": crypto.sign_fast(key, crypto.delete_signature_message(signed or hashes))}
 
 
 def expire_args(identity: crypto.Identity, hashes: list[str], expiry: int, *, signed_expiry=None, key=None) -> dict:
@@ -96,6 +96,17 @@ def test_a_forwarded_expiry_is_taken_only_with_the_accounts_signature_within_the
         assert status_of(proofs.SignedExpire.from_wire(entry).verify, NOW) == Status.UNAUTHORIZED, what
     for bad in ([BOB.session_id, [h]], [BOB.session_id, [h], "1"], [BOB.session_id, [h], True], [BOB.session_id, [h], 2**63]):
         assert status_of(proofs.SignedExpire.from_wire, bad) == Status.BAD_REQUEST, bad
+
+
+def test_a_peer_pays_for_the_signatures_it_makes_a_node_check():
+    budget = proofs.SignatureBudget(burst=1000, per_second=100.0, max_per_request=500)
+    assert status_of(budget.charge, "a", 501, 1, 0.0) == Status.TOO_LARGE  # cap on entries, however few distinct
+    budget.charge("a", 500, 500, 0.0)
+    budget.charge("a", 500, 500, 0.0)
+    assert status_of(budget.charge, "a", 10, 10, 0.0) == Status.RATE_LIMITED  # nothing taken: still empty
+    budget.charge("b", 500, 500, 0.0)  # each peer its own budget
+    budget.charge("a", 10, 10, 0.1)  # refilled at 100/s
+    assert status_of(budget.charge, "a", 1, 1, 0.1) == Status.RATE_LIMITED and budget.refused == 3
 
 
 def copy(ts: int, expiry: int, data: bytes = b"sealed") -> StoredMessage:
@@ -219,6 +230,39 @@ async def test_anti_entropy_takes_only_what_a_hostile_peer_can_prove(nursery, tm
         storage.close()
 
 
+async def test_a_peers_signature_checks_are_paid_from_its_budget_before_any_is_made(tmp_path):
+    from nodes.core import SwarmView
+    from nodes.peer_ops import PeerOps
+    from nodes.storage import Storage
+
+    me, peer, other = "aa" * 32, "bb" * 32, "cc" * 32
+    view = SwarmView.from_registry({"height": 1, "nodes": [
+        {"ed25519_public": k, "x25519_public": "00" * 32, "host": "127.0.0.1", "port": 1, "swarm_id": 0}
+        for k in (me, peer, other)]}, me)
+    entitled = auth.Entitlements()
+    entitled.update(view)
+    storage = Storage(tmp_path / "db.sqlite")
+    checks = []
+    budget = proofs.SignatureBudget(burst=4, per_second=1e-9, max_per_request=500)
+    ops = PeerOps(storage=storage, commit=None, now_ms=now_ms, view=lambda: view, entitled=entitled,
+                  anti_entropy=None, stats={}, bugs=set(), sign_root=lambda root: b"", signature_budget=budget)
+    deletes = [as_entry(delete_args(BOB, [f"{i:043d}"])) for i in range(3)]
+    real_verify = proofs.SignedDelete.verify
+    proofs.SignedDelete.verify = lambda d: (checks.append(d), real_verify(d))[1]
+    try:
+        # A signed delete repeated is checked (and paid for) once.
+        assert await ops.replicate_delete({"messages": deletes + deletes[:1] * 5}, peer) == {"deleted": 0}
+        assert len(checks) == 3
+        with pytest.raises(RequestError) as refused:  # 2 more: the budget holds 1
+            await ops.replicate_delete({"messages": deletes[:2]}, peer)
+        assert refused.value.status == Status.RATE_LIMITED and len(checks) == 3  # nothing checked
+        assert await ops.replicate_delete({"messages": deletes[:1]}, other) == {"deleted": 0}  # its own budget
+        assert budget.refused == 1
+    finally:
+        proofs.SignedDelete.verify = real_verify
+        storage.close()
+
+
 # --------------------------------------------------------------------------- a hostile member, real network
 
 
@@ -298,12 +342,26 @@ async def test_a_member_cannot_delete_bobs_messages_on_any_other_member(testnet_
         await wait_for(lambda: all(m1 not in db_rows(net, n) for n in net.nodes),
                        "bob's signed delete reached every member by anti-entropy")
 
+        # Checking bob's signatures costs the node CPU: a member may make it check at most 500 per
+        # request (413), however valid each (its budget per second: the in-process test above).
+        async with as_member(net, HOSTILE, "n05") as rpc:
+            fakes = [as_entry(delete_args(bob, [f"{i:043d}"])) for i in range(501)]
+            resp = await rpc.call("replicate_delete", {"messages": fakes}, timeout=5)
+            assert resp.status == Status.TOO_LARGE and "at most 500" in resp.body["error"], resp
+        assert (await net.call("n05", "info"))["stats"]["signature_checks_refused"] == 1
+
         # A client's delete through one node removes the message on every member at once.
         resp = await net._pool.call("n04", "delete", delete_args(bob, [m2]), timeout=5)
         assert resp.status == 200 and len(resp.body["swarm"]) == 5, resp
         assert all(r["status"] == 200 for r in resp.body["swarm"].values()), resp.body
         for n in net.nodes:
             assert m2 not in db_rows(net, n), n
+        # The same store again (a relay replaying it) keeps nothing and vouches for nothing.
+        resp = await net._pool.call("n01", "store", {"pubkey": bob.session_id, "namespace": 0,
+                                                     "data": b"sealed for bob 1", "ttl": 3_600_000,
+                                                     "timestamp": now_ms()}, timeout=5)
+        assert resp.status == 200 and resp.body["hash"] == m2 and resp.body["deleted"] is True, resp
+        assert "signature" not in str(resp.body) and m2 not in db_rows(net, "n01")
 
 
 @pytest.mark.network

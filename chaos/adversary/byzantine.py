@@ -20,12 +20,21 @@ node) and judged by the authority checker:
 
 and, armed in the node itself (admin op ``admin_byzantine``, :mod:`nodes.hostile`):
 
-* ``lie-retrieve`` — its retrieve answers leave out, repeat and alter messages.
+* ``lie-retrieve`` — its retrieve answers leave out, repeat and alter messages;
+* ``drop-replication`` — as a store's target it forwards nothing (and may keep
+  nothing), reporting its peers failed or forging their signed results; it
+  acknowledges copies its peers send and drops them, and heals nobody;
+* ``lie-digest`` — its anti-entropy digests and hash lists lie (equal, made
+  up, empty, or claiming what it dropped and hashes that exist nowhere);
+* ``misrelay`` — as an onion relay it drops, delays and replays requests.
 
 Every sent attempt must be refused; a planted hash must be held by no node; an
 altered message must reach its recipient intact and a hidden one through
-another member (delivery).  A hostile member killed and restarted comes back
-honest in its answers (its sent attempts go on).  At most ``per_swarm``
+another member (delivery, for every message an honest member's signed result
+vouches for).  A hostile member killed and restarted comes back honest; while
+the fault lasts the nemesis arms it again as soon as it runs (each round looks),
+and records what each node says it did (``op`` ``in-node``, ``expect`` ``lie``,
+``acts``) when it is disarmed.  At most ``per_swarm``
 members of a swarm turn hostile, and always fewer than half of it, so that
 every swarm keeps an honest majority.  The hostile members are drawn from the
 fault's seed (``target.pick``) among the swarms the registry lists when the
@@ -52,7 +61,7 @@ from .model import NetView
 __all__ = ["byzantine_fault", "hostile_members", "BEHAVIOURS", "SENT", "IN_NODE"]
 
 SENT = ("delete", "expire", "plant", "alter")  # sent with the member's key
-IN_NODE = ("lie-retrieve",)  # armed in the node (nodes/hostile.py)
+IN_NODE = ("lie-retrieve", "drop-replication", "lie-digest", "misrelay")  # armed in the node (nodes/hostile.py)
 BEHAVIOURS = SENT + IN_NODE
 DAY_MS = 24 * 3600 * 1000
 # Store rules a planted copy breaks (variant, ttl ms, timestamp offset ms).
@@ -76,9 +85,46 @@ class Byzantine:
     """The hostile members of one fault, acting through one :class:`Attacker` (its pool
     authenticates each connection with the hostile member's own key)."""
 
-    def __init__(self, attacker: Attacker, hostile: list[str]) -> None:
+    def __init__(self, attacker: Attacker, hostile: list[str], in_node: list[str]) -> None:
         self.a = attacker
         self.hostile_eds = [attacker.net.nodes[n].plan.ed25519_public for n in hostile]
+        self.in_node = in_node
+        self.armed: dict[str, Any] = {}  # name -> the process (its child) armed: a restart is a new one
+
+    async def arm(self, name: str) -> None:
+        """Arm ``name``'s in-node behaviours (raises what the admin op raised)."""
+        rt = self.a.net.nodes[name]
+        child = rt.child
+        await self.a.net.admin(name, "admin_byzantine", behaviours=self.in_node)
+        again = name in self.armed
+        self.armed[name] = child
+        if again:
+            self.a.log.write({"attack": "byzantine", "op": "in-node", "node": name, "as": name, "expect": "lie",
+                              "event": "armed again after a restart", "behaviours": self.in_node})
+
+    async def rearm(self) -> None:
+        """Arm again each hostile member that runs as a new process (it restarted honest)."""
+        for name in self.armed:
+            rt = self.a.net.nodes[name]
+            if rt.state == "running" and rt.child is not self.armed[name]:
+                try:
+                    await self.arm(name)
+                except Exception as exc:  # not answering yet: the next round tries again
+                    self.a.note("byzantine", f"{name} not armed again yet: {type(exc).__name__}")
+
+    async def disarm(self, name: str) -> str | None:
+        """Make ``name`` honest and record what it says it did; an error's text, or None."""
+        rt = self.a.net.nodes[name]
+        if rt.state != "running" or rt.child is not self.armed[name]:
+            return None  # a restarted node is honest already (its count died with the process)
+        try:
+            body = await self.a.net.admin(name, "admin_byzantine", behaviours=[])
+        except Exception as exc:  # named in faults.jsonl; the other members still heal
+            return f"{name}: {type(exc).__name__}: {exc}"[:200]
+        acts = body.get("acts") if isinstance(body, dict) else None
+        self.a.log.write({"attack": "byzantine", "op": "in-node", "node": name, "as": name, "expect": "lie",
+                          "behaviours": self.in_node, "acts": acts if isinstance(acts, dict) else {}})
+        return None
 
     async def round(self, view: NetView, r: int) -> None:
         """Each hostile member tries one behaviour (in turn) at each other member of its swarm."""
@@ -151,14 +197,12 @@ async def byzantine_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any
     if not hostile:
         raise NemesisError(f"fault {fault.id} (byzantine): no swarm has three members or more to hold a hostile one")
     attacker = Attacker(net, fault, {**params, "attacks": ["byzantine"]})
-    byz = Byzantine(attacker, hostile)
-    desc = {"nodes": hostile, "behaviours": list(params["behaviours"]), "log": attacker.describe()["log"]}
     in_node = [b for b in params["behaviours"] if b in IN_NODE]
-    armed: list[str] = []
+    byz = Byzantine(attacker, hostile, in_node)
+    desc = {"nodes": hostile, "behaviours": list(params["behaviours"]), "log": attacker.describe()["log"]}
     try:
         for name in hostile if in_node else ():
-            await net.admin(name, "admin_byzantine", behaviours=in_node)
-            armed.append(name)
+            await byz.arm(name)
         async with trio.open_nursery() as nursery:
             attacker.open_pool(nursery)
             nursery.start_soon(_rounds, attacker, byz)
@@ -168,14 +212,11 @@ async def byzantine_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(HEAL_TIMEOUT_S):
+            for name in list(byz.armed):
+                error = await byz.disarm(name)
+                if error:
+                    desc.setdefault("heal_errors", []).append(error)
             await attacker.close()
-            for name in armed:
-                if net.nodes[name].state != "running":  # a restarted node is honest already
-                    continue
-                try:
-                    await net.admin(name, "admin_byzantine", behaviours=[])
-                except Exception as exc:  # named in faults.jsonl; the other members still heal
-                    desc.setdefault("heal_errors", []).append(f"{name}: {type(exc).__name__}: {exc}"[:200])
         desc.update(attacker.summary())
 
 
@@ -183,6 +224,7 @@ async def _rounds(a: Attacker, byz: Byzantine) -> None:
     r = 0
     try:
         while not a.log.exhausted:
+            await byz.rearm()
             view = await a.refresh()
             if view is not None and view.nodes:
                 await byz.round(view, r)

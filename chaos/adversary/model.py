@@ -236,6 +236,9 @@ class AttemptLog:
         if rec.get("expect") == "serve":
             self.tally["flood_waves"] += 1
             return
+        if rec.get("expect") == "lie":  # what a hostile member says it did (nodes/hostile.py)
+            self.tally["lies"] += sum(v for v in (rec.get("acts") or {}).values() if isinstance(v, int))
+            return
         self.tally["attempts"] += 1
         self.tally[f"attack:{rec.get('attack')}"] += 1
         if rec.get("expect") == "refuse":

@@ -19,7 +19,10 @@ Rules, per attempt (``expect``):
   member of the account's swarm in a remembered assignment may push copies,
   PROTOCOL.md): reported, never a violation;
 * ``serve`` — a connection flood: the flooded node must keep answering
-  others (a failed probe is a finding; delivery judges the damage).
+  others (a failed probe is a finding; delivery judges the damage);
+* ``lie`` — what a hostile member says it did in its own work (``acts``:
+  answers it lied in, copies it dropped, requests it misrelayed): counted
+  under ``lies``, never a violation (delivery and replication judge the damage).
 
 A run without an adversary is skipped (valid, with a note); a run whose
 adversary got no answer at all is unknown.
@@ -40,7 +43,7 @@ from .replication import ReplicationError, load_ground_truth, read_node_hashes
 __all__ = ["ADVERSARY_FILE", "EXPECTS", "summarize_attempts", "adversary_scheduled", "check_authority"]
 
 ADVERSARY_FILE = "adversary.jsonl"
-EXPECTS = ("refuse", "withhold", "rehoming", "serve")
+EXPECTS = ("refuse", "withhold", "rehoming", "serve", "lie")
 OK = 200
 
 
@@ -73,6 +76,7 @@ def summarize_attempts(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     floods = Counter({k: 0 for k in ("waves", "connections", "opened", "closed_by_node", "probes",
                                      "probes_failed")})
     flood_statuses: Counter = Counter()
+    lies: Counter = Counter()
     accepted: list[dict[str, Any]] = []
     leaked: list[dict[str, Any]] = []
     rehomed: list[dict[str, Any]] = []
@@ -88,6 +92,12 @@ def summarize_attempts(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             continue
         if op == "skipped" or expect not in EXPECTS:
             counts["skipped"] += 1
+            continue
+        if expect == "lie":
+            acts = r.get("acts")
+            if isinstance(acts, Mapping):
+                lies.update({str(k): _count(acts, k) for k in acts})
+            lies["armed_again"] += r.get("event") == "armed again after a restart"
             continue
         if expect == "serve":
             floods["waves"] += 1
@@ -134,7 +144,8 @@ def summarize_attempts(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
                     planted.setdefault(h, {"hash": h, "attack": attack, "op": op, "victim": r.get("victim"),
                                            "status": status})
     return {"counts": dict(counts), "attacks": {a: dict(sorted(ops.items())) for a, ops in sorted(attacks.items())},
-            "floods": {**floods, "statuses": dict(flood_statuses)}, "accepted": accepted, "leaked": leaked, "rehomed": rehomed,
+            "floods": {**floods, "statuses": dict(flood_statuses)}, "lies": dict(lies), "accepted": accepted,
+            "leaked": leaked, "rehomed": rehomed,
             "planted_hashes": planted, "errors": errors}
 
 
@@ -194,6 +205,7 @@ def check_authority(run_dir: str | Path, *, records: Sequence[Mapping[str, Any]]
     else:
         valid = True
     return {"checker": "authority", "valid": valid, "counts": counts, "attacks": s["attacks"],
-            "floods": s["floods"], "accepted": capped(s["accepted"]), "leaked": capped(s["leaked"]),
+            "floods": s["floods"], "lies": s["lies"], "accepted": capped(s["accepted"]),
+            "leaked": capped(s["leaked"]),
             "planted": capped(planted_on), "rehomed": capped(s["rehomed"]), "errors": capped(s["errors"]),
             "unreadable_nodes": unreadable}

@@ -14,15 +14,34 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-__all__ = ["DeliveryError", "LIST_CAP", "FAILURE_OUTCOMES", "check_delivery", "capped", "percentiles"]
+__all__ = ["DeliveryError", "LIST_CAP", "FAILURE_OUTCOMES", "HostilePeriod", "check_delivery", "capped",
+           "honestly_vouched", "percentiles"]
 
 LIST_CAP = 100  # ids listed per outcome; counts are always complete
 
 # Outcomes that make the verdict invalid.
 FAILURE_OUTCOMES = ("lost", "duplicated", "corrupted", "wrong_sender", "misdelivered", "unexpected",
                     "fail-but-delivered")
-# Outcomes reported for information only.
-INFO_OUTCOMES = ("delivered", "recovered", "unknown", "failed")
+# Outcomes reported for information only.  "unvouched": acknowledged (ok) but no honest
+# member's signed result vouched for it, and never delivered — only hostile members said
+# they held it (a hostile target may acknowledge what it never kept).
+INFO_OUTCOMES = ("delivered", "recovered", "unknown", "failed", "unvouched")
+
+
+@dataclass(frozen=True)
+class HostilePeriod:
+    """Members that were hostile (by the 16-hex-digit prefix of their ed25519 key, as a
+    send's ``vouched`` names them) from ``start_ms`` to ``end_ms`` (None: to the end)."""
+
+    keys: frozenset[str]
+    start_ms: int
+    end_ms: int | None = None
+
+    def covers(self, key: str, t0: int | None, t1: int | None) -> bool:
+        """Whether ``key`` was hostile at some time of [t0, t1] (unknown times: the whole run)."""
+        if key[:16] not in self.keys:
+            return False
+        return (t1 is None or t1 >= self.start_ms) and (t0 is None or self.end_ms is None or t0 <= self.end_ms)
 
 
 class DeliveryError(Exception):
@@ -56,6 +75,7 @@ class _Sent:
     invoke_t: int | None = None
     done: str | None = None  # "ok" | "fail" | "info" | None (no completion: unknown)
     done_t: int | None = None
+    vouched: list[str] | None = None  # members whose signed result vouched for the store (ok)
     hashes: set[str] = field(default_factory=set)
     deliveries: list[dict[str, Any]] = field(default_factory=list)
 
@@ -77,19 +97,37 @@ def _collect_sends(history: Sequence[Mapping[str, Any]]) -> tuple[dict[str, _Sen
             # Several completions would be a workload bug; the most definite one wins.
             if s.done != "ok":
                 s.done, s.done_t = kind, r.get("t")
+                if kind == "ok" and isinstance(r.get("vouched"), list):
+                    s.vouched = [str(k) for k in r["vouched"]]
         if isinstance(r.get("hash"), str):
             s.hashes.add(r["hash"])
             by_hash.setdefault(r["hash"], mid)
     return sends, by_hash
 
 
+def honestly_vouched(vouched: Sequence[str] | None, t0: int | None, t1: int | None,
+                     hostile: Sequence[HostilePeriod]) -> bool:
+    """Whether an honest member's signed result (``vouched``: key prefixes) vouched for a
+    store made between ``t0`` and ``t1`` (an ok recorded without ``vouched`` — an older
+    history — is taken as vouched)."""
+    if vouched is None:
+        return True
+    return any(not any(p.covers(k, t0, t1) for p in hostile) for k in vouched)
+
+
+def _honestly_vouched(s: _Sent, hostile: Sequence[HostilePeriod]) -> bool:
+    return honestly_vouched(s.vouched, s.invoke_t, s.done_t, hostile)
+
+
 def check_delivery(history: Sequence[Mapping[str, Any]], users: Mapping[str, str], *,
-                   now_ms: int | None = None) -> dict[str, Any]:
+                   now_ms: int | None = None, hostile: Sequence[HostilePeriod] = ()) -> dict[str, Any]:
     """Judge delivery from ``history`` and ``users`` (name -> Session ID).
 
     ``now_ms`` is the end of the observation (default: the last record's
     ``t``); each lost message's age at that time (ms since its ack) is
-    reported.  Returns the verdict described in CHECKERS.md.
+    reported.  ``hostile``: the members hostile when (byzantine faults): a
+    message only they vouched for is not owed (``unvouched`` when never
+    delivered).  Returns the verdict described in CHECKERS.md.
     """
     if not isinstance(history, Sequence) or isinstance(history, (str, bytes)):
         raise DeliveryError("history must be a sequence of records")
@@ -160,6 +198,8 @@ def check_delivery(history: Sequence[Mapping[str, Any]], users: Mapping[str, str
             if first is not None and s.invoke_t is not None:
                 latencies.append(first - s.invoke_t)
             out[{"ok": "delivered", "fail": "fail-but-delivered"}.get(s.done or "", "recovered")].append(s.msg_id)
+        elif s.done == "ok" and not _honestly_vouched(s, hostile):
+            out["unvouched"].append(s.msg_id)
         elif s.done == "ok":
             out["lost"].append(s.msg_id)
             lost_detail.append({"msg_id": s.msg_id, "from": s.sender, "to": s.recipient,
@@ -173,7 +213,9 @@ def check_delivery(history: Sequence[Mapping[str, Any]], users: Mapping[str, str
     out["unexpected"] = unexpected
 
     counts = {k: len(v) for k, v in out.items()}
-    counts.update(sent=len(sends), acknowledged=sum(1 for s in sends.values() if s.done == "ok"), receives=receives,
+    counts.update(sent=len(sends), acknowledged=sum(1 for s in sends.values() if s.done == "ok"),
+                  honestly_vouched=sum(1 for s in sends.values() if s.done == "ok" and _honestly_vouched(s, hostile)),
+                  receives=receives,
                   foreign=foreign, rejected_copies=rejected)
     failed = any(counts[k] for k in FAILURE_OUTCOMES)
     if failed:

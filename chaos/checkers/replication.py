@@ -20,7 +20,7 @@ from urllib.parse import quote
 from testnet.base.swarm import SwarmError, swarm_for
 from testnet.rundir import RunDirError, load_run
 
-from .delivery import capped
+from .delivery import HostilePeriod, capped, honestly_vouched
 
 __all__ = ["ReplicationError", "GroundTruth", "DEFAULT_TTL_MS", "DEFAULT_GRACE_MS", "load_ground_truth",
            "live_nodes", "current_swarms_from_registry", "read_node_hashes", "check_replication"]
@@ -133,6 +133,7 @@ class _Acked:
     invoke_t: int | None
     ack_t: int | None
     ttl_ms: int
+    vouched: list[str] | None = None  # members whose signed result vouched for the store
 
 
 def _acked_messages(history: Sequence[Mapping[str, Any]], users: Mapping[str, str]) -> list[_Acked]:
@@ -151,8 +152,10 @@ def _acked_messages(history: Sequence[Mapping[str, Any]], users: Mapping[str, st
                 continue
             to = inv.get("to")
             ttl = inv.get("ttl_ms")
+            vouched = r.get("vouched")
             acked.append(_Acked(mid, h, to, users.get(to) if to else None, inv.get("t"), r.get("t"),
-                                ttl if isinstance(ttl, int) and not isinstance(ttl, bool) else DEFAULT_TTL_MS))
+                                ttl if isinstance(ttl, int) and not isinstance(ttl, bool) else DEFAULT_TTL_MS,
+                                [str(k) for k in vouched] if isinstance(vouched, list) else None))
     return acked
 
 
@@ -183,13 +186,15 @@ def _deleted_hashes(history: Sequence[Mapping[str, Any]],
 def check_replication(run_dir: str | Path, history: Sequence[Mapping[str, Any]], *, now_ms: int,
                       swarms: Mapping[str, int | None], live: Iterable[str],
                       grace_ms: int = DEFAULT_GRACE_MS, swarms_changed_ms: int | None = None,
-                      expiry_margin_ms: int = 60_000) -> dict[str, Any]:
+                      expiry_margin_ms: int = 60_000, hostile: Sequence[HostilePeriod] = ()) -> dict[str, Any]:
     """Judge replication at ``now_ms`` (ms) against ``swarms`` (node name -> swarm id) and ``live`` nodes.
 
     A message expiring within ``expiry_margin_ms`` of ``now_ms`` (by invoke t
     + ttl) is not judged: nodes with skewed clocks may have dropped it.  A copy
     on a live node outside the swarm ("stray") fails only once ``grace_ms``
-    have passed since the later of its ack and ``swarms_changed_ms``.
+    have passed since the later of its ack and ``swarms_changed_ms``.  A message no
+    honest member vouched for (``hostile``: the byzantine faults' members and when) was
+    never stored by the swarm as far as anyone honest knows: not judged (``unvouched``).
     """
     truth = load_ground_truth(run_dir)
     live = set(live)
@@ -207,7 +212,8 @@ def check_replication(run_dir: str | Path, history: Sequence[Mapping[str, Any]],
             unreadable[name] = str(exc)
 
     counts = {"acknowledged": len(acked), "checked": 0, "expired": 0, "deleted": 0, "no_recipient": 0,
-              "missing": 0, "stray": 0, "stray_after_grace": 0, "unjudged_missing": 0, "resurrected": 0}
+              "missing": 0, "stray": 0, "stray_after_grace": 0, "unjudged_missing": 0, "resurrected": 0,
+              "unvouched": 0}
     missing_msgs: list[dict[str, Any]] = []
     stray_msgs: list[dict[str, Any]] = []
     resurrected_msgs: list[dict[str, Any]] = []
@@ -224,6 +230,9 @@ def check_replication(run_dir: str | Path, history: Sequence[Mapping[str, Any]],
             if m.hash in surely_deleted and still_on:
                 counts["resurrected"] += 1
                 resurrected_msgs.append({"msg_id": m.msg_id, "hash": m.hash, "to": m.recipient, "held_by": still_on})
+            continue
+        if not honestly_vouched(m.vouched, m.invoke_t, m.ack_t, hostile):
+            counts["unvouched"] += 1
             continue
         start = m.invoke_t if m.invoke_t is not None else m.ack_t
         if start is not None and now_ms > start + m.ttl_ms - expiry_margin_ms:

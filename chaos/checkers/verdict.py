@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from testnet.base.jsonl import read_jsonl
 
 from .authority import check_authority
-from .delivery import check_delivery
+from .delivery import HostilePeriod, check_delivery
 from .replication import (ReplicationError, check_replication, current_swarms_from_registry, live_nodes,
                           load_ground_truth)
 from .unlinkability import check_unlinkability
@@ -63,6 +63,27 @@ def _planned_faults(run_dir: Path) -> dict[str, str] | None:
 
 def _secs(ms: Any) -> str:
     return f"{ms / 1000:.2f} s"
+
+
+def hostile_periods(run_dir: Path, truth: Any) -> list[HostilePeriod]:
+    """The byzantine faults' hostile members and when, from faults.jsonl (start to end; a
+    fault with no end recorded lasts to the end of the run)."""
+    path = run_dir / FAULTS_FILE
+    if not path.is_file():
+        return []
+    keys = {name: str(n.get("ed25519_public", ""))[:16] for name, n in truth.nodes.items()}
+    periods: dict[str, HostilePeriod] = {}
+    for r in read_jsonl(path):
+        if r.get("kind") != "byzantine" or not isinstance(r.get("t"), int):
+            continue
+        fid, nodes = str(r.get("fault")), (r.get("targets") or {}).get("nodes") or []
+        if r.get("phase") == "start":
+            # Armed before the start is recorded (``took_ms`` earlier), a second of slack.
+            took = r.get("took_ms") if isinstance(r.get("took_ms"), int) else 0
+            periods[fid] = HostilePeriod(frozenset(keys[n] for n in nodes if n in keys), r["t"] - took - 1000)
+        elif r.get("phase") in ("end", "error") and fid in periods:
+            periods[fid] = HostilePeriod(periods[fid].keys, periods[fid].start_ms, r["t"])
+    return list(periods.values())
 
 
 def fault_record(run_dir: Path, tolerance_ms: int = LATE_TOLERANCE_MS) -> dict[str, Any] | None:
@@ -144,7 +165,7 @@ def run_checks(run_dir: str | Path, *, checkers: Iterable[str] = CHECKERS, swarm
     for name in names:
         try:
             if name == "delivery":
-                results[name] = check_delivery(history, truth.users)
+                results[name] = check_delivery(history, truth.users, hostile=hostile_periods(run_dir, truth))
             elif name == "replication":
                 source = swarms_source
                 if swarms is None:
@@ -153,7 +174,8 @@ def run_checks(run_dir: str | Path, *, checkers: Iterable[str] = CHECKERS, swarm
                     except ReplicationError:
                         swarms, source = _swarms_from_run(truth), "run.json"
                 live_set = set(live) if live is not None else live_nodes(truth, swarms.keys())
-                results[name] = check_replication(run_dir, history, now_ms=now_ms, swarms=swarms, live=live_set)
+                results[name] = check_replication(run_dir, history, now_ms=now_ms, swarms=swarms, live=live_set,
+                                                  hostile=hostile_periods(run_dir, truth))
                 results[name]["swarms_source"] = source
             elif name == "authority":
                 results[name] = check_authority(run_dir)
@@ -219,6 +241,9 @@ def summary(verdict: Mapping[str, Any]) -> str:
             lines.append(f"  sent {c.get('sent', 0)}, acknowledged {c.get('acknowledged', 0)}, "
                          f"delivered {c.get('delivered', 0)}, recovered {c.get('recovered', 0)}, "
                          f"unknown {c.get('unknown', 0)}, failed {c.get('failed', 0)}")
+            if c.get("honestly_vouched", c.get("acknowledged")) != c.get("acknowledged"):
+                lines.append(f"  vouched for by an honest member {c.get('honestly_vouched', 0)}; only by hostile "
+                             f"ones and never delivered (not owed) {c.get('unvouched', 0)}")
             for k in ("lost", "duplicated", "corrupted", "wrong_sender", "misdelivered", "unexpected",
                       "fail-but-delivered"):
                 if c.get(k):
