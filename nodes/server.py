@@ -209,7 +209,8 @@ class Node:
         self.peers = PeerOps(storage=self.storage, commit=self.commit, now_ms=now_ms, view=view,
                              entitled=self.entitled, anti_entropy=self.anti_entropy, stats=self.stats, bugs=self.bugs)
         self.admin = AdminOps(dialer=self.dialer, listen=self._listen_more, clock=self.clock, stop=self.stop,
-                              nursery=nursery, hostile=hostile, disk=self.disk, own_host=self.host,
+                              nursery=nursery, hostile=hostile, disk=self.disk, storage=self.storage,
+                              own_host=self.host,
                               **({"halt": self.halt} if self.halt else {}))
         self._client_ops = {**self.clients.ops(), "info": self.op_info}
         self._peer_ops = self.peers.ops()

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from testnet.base.meter import COUNTS
 
 from .disk import Disk
 
-__all__ = ["SCHEMA_VERSION", "AE_BUCKET_MS", "StorageError", "StorageFull", "StorageIOError", "StorageCorrupt",
+__all__ = ["hashes_at_restart", "SCHEMA_VERSION", "AE_BUCKET_MS", "StorageError", "StorageFull", "StorageIOError", "StorageCorrupt",
            "StoredMessage", "StorageStatistics", "Storage", "DigestIndex", "ae_bucket", "SYNCHRONOUS"]
 
 SCHEMA_VERSION = 3
@@ -304,6 +306,11 @@ class Storage:
             self.close()
             raise
 
+    @property
+    def path(self) -> str:
+        """The database file's path."""
+        return self._path
+
     def _migrate(self, db: apsw.Connection) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
@@ -505,6 +512,11 @@ class Storage:
             rows = db.execute(sql, args).fetchall()
         return [StoredMessage(*r) for r in rows[:limit]], len(rows) > limit
 
+    def hashes(self) -> set[str]:
+        """Every stored message's hash (expired or not)."""
+        with self._guard("hashes") as db:
+            return {h for (h,) in db.execute("SELECT hash FROM messages")}
+
     def has(self, message_hash: str) -> bool:
         """Whether a message with this hash is stored (expired or not)."""
         with self._guard("has") as db:
@@ -586,3 +598,35 @@ class Storage:
         except OSError:
             wal_bytes = 0
         return StorageStatistics(messages, pubkeys, db_bytes, wal_bytes)
+
+
+def hashes_at_restart(path: str | os.PathLike[str]) -> tuple[set[str], str | None]:
+    """The message hashes a node restarting on these files now would hold, and why none
+    if its check at open would set the database aside (else None).
+
+    Reads a copy of the database and its WAL (SQLite recovers the WAL of the copy as it
+    would at the restart), so the files themselves, and whoever holds them open, are
+    left alone.  For the record of what a power loss took (nodes/admin.py).
+    """
+    base = os.fspath(path)
+    with tempfile.TemporaryDirectory(prefix=".restart-", dir=os.path.dirname(os.path.abspath(base))) as tmp:
+        copy = os.path.join(tmp, "db.sqlite")
+        for suffix in ("", "-wal"):
+            if os.path.exists(base + suffix):
+                shutil.copyfile(base + suffix, copy + suffix)
+        if not os.path.exists(copy):
+            return set(), None
+        db = None
+        try:
+            db = apsw.Connection(copy)
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                return set(), f"integrity check failed: {check:.200}"
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages'").fetchone():
+                return set(), None
+            return {h for (h,) in db.execute("SELECT hash FROM messages")}, None
+        except apsw.Error as e:
+            return set(), f"{type(e).__name__}: {e}"[:200]
+        finally:
+            if db is not None:
+                db.close()
