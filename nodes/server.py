@@ -100,7 +100,7 @@ async def _disk_refusals(work: Awaitable[tuple[int, Any]]) -> tuple[int, Any]:
         raise disk_refusal(exc) from None
 
 
-def open_storage(path: Any, disk: Disk, synchronous: str) -> Storage:
+def open_storage(path: Any, disk: Disk | None, synchronous: str) -> Storage:
     """The node's store; a database found corrupt is set aside (renamed ``.corrupt``, for
     a person to look at) and a fresh one opened, which anti-entropy fills from the swarm's
     peers: nothing is ever served from a damaged file, and no retrieve is answered from
@@ -143,7 +143,9 @@ class Node:
         # The harness's disk under SQLite (nodes.disk): faults armed by admin_disk, or
         # by the simulation on the same object.
         # Its own Random, seeded by the node's name: drawing from rng would shift every later draw.
-        self.disk = disk or Disk(random.Random(f"disk:{config.name}"))
+        # With config.disk "os" (bench node's comparison) SQLite runs on its own VFS: no disk faults.
+        self.disk: Disk | None = disk or (
+            Disk(random.Random(f"disk:{config.name}")) if config.disk == "model" else None)
         # Injected bug ack-before-sync: commits are acknowledged with nothing synced.
         self.storage = open_storage(config.db, self.disk,
                                     "OFF" if "ack-before-sync" in config.inject_bugs else SYNCHRONOUS)
