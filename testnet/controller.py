@@ -243,8 +243,9 @@ class Testnet:
         await self.ops.restart(name, timeout_s, running=running)
 
     async def node_restart_many(self, names: list[str], timeout_s: float = 30.0, *,
-                                running: Callable[[], None] | None = None) -> None:
-        await self.ops.restart_many(names, timeout_s, running=running)
+                                running: Callable[[], None] | None = None,
+                                spawned: Callable[[], None] | None = None) -> None:
+        await self.ops.restart_many(names, timeout_s, running=running, spawned=spawned)
 
     async def node_add(self, name: str | None = None, timeout_s: float = 30.0, *,
                        running: Callable[[], None] | None = None) -> str:

@@ -73,9 +73,11 @@ class NodeOps:
         await self.restart_many([name], timeout_s, running=running)
 
     async def restart_many(self, names: list[str], timeout_s: float = 30.0, *,
-                           running: Callable[[], None] | None = None) -> None:
+                           running: Callable[[], None] | None = None,
+                           spawned: Callable[[], None] | None = None) -> None:
         """:meth:`restart` for several nodes at once, as a rack comes back when its power
-        does: all stopped, then all started together (``running()`` once all run)."""
+        does: all stopped, then all started together (``spawned()`` once every process of
+        them runs, ``running()`` once they all listen)."""
         net = self.net
         async with self._lock:
             rts = [net.node(name) for name in names]
@@ -84,7 +86,8 @@ class NodeOps:
                 rt.state = "stopped"
             if live:
                 await procs.stop_children([rt.child for rt in live])
-            await net.launcher.start_nodes(net, list(names), timeout_s)
+            await net.launcher.start_nodes(net, list(names), timeout_s,
+                                           **({"spawned": spawned} if spawned is not None else {}))
             if net.api is not None:
                 await net.wiring.open_ingress(list(names))  # the proxies' upstreams, at the same ports again
             if running is not None:
