@@ -225,7 +225,11 @@ class SimLauncher:
         listening = await net.nursery.start(run)
         net.nursery.start_soon(watch_node, net, rt, child)
         rt.port = int(listening[0][1])
-        rt.state = "running"
+        # A new process listens at none of its users' ingress ports yet: open_ingress must open
+        # them again (as ProcessLauncher says).  Left True, a restarted node was never given
+        # them, so every user path through it broke; once a power loss had restarted every
+        # node, no user reached any node for the rest of the run.
+        rt.state, rt.ingress_open = "running", False
 
 
 class _ProcLogs(logging.Handler):
