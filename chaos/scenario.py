@@ -101,6 +101,9 @@ class WorkloadSpec:
     body_bytes: int = 64
     drain_s: float = 20.0
     delete_fraction: float = 0.0  # of received messages, deleted by their recipient
+    # How often each user checks its inbox: until then its messages wait in its swarm (what a
+    # power loss of the swarm may take).
+    poll_interval_s: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,7 @@ def parse_scenario(raw: Mapping[str, Any], *, name: str = "scenario", source: st
     topology = Topology(_num(t, "nodes", "topology", 8, 1, 1016, int), _num(t, "min_swarm", "topology", 3, 1, 50, int),
                         _num(t, "users", "topology", 4, 2, 100, int), links)
     w = _section(raw, "workload", {"rate", "duration_s", "messages", "namespaces", "body_bytes", "drain_s",
-                                   "delete_fraction"})
+                                   "delete_fraction", "poll_interval_s"})
     messages = _num(w, "messages", "workload", None, 1, 10_000_000, int)
     duration = _num(w, "duration_s", "workload", None if messages else 15.0, 0.1, 86_400)
     namespaces = w.get("namespaces", [0])
@@ -232,7 +235,8 @@ def parse_scenario(raw: Mapping[str, Any], *, name: str = "scenario", source: st
     workload = WorkloadSpec(_num(w, "rate", "workload", 10.0, 0.01, 100_000), duration, messages, tuple(namespaces),
                             _num(w, "body_bytes", "workload", 64, 0, 60_000, int),
                             _num(w, "drain_s", "workload", 20.0, 0, 3600),
-                            _num(w, "delete_fraction", "workload", 0.0, 0, 1))
+                            _num(w, "delete_fraction", "workload", 0.0, 0, 1),
+                            _num(w, "poll_interval_s", "workload", 0.5, 0.05, 600))
     f = _section(raw, "faults", {"timeline", "generator"})
     timeline = []
     for i, item in enumerate(f.get("timeline", [])):

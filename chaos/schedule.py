@@ -190,7 +190,8 @@ def schedule_as_scenario(scenario: Scenario, schedule: Schedule) -> dict[str, An
     t = scenario.topology
     w = scenario.workload
     workload: dict[str, Any] = {"rate": w.rate, "namespaces": list(w.namespaces), "body_bytes": w.body_bytes,
-                                "drain_s": w.drain_s, "delete_fraction": w.delete_fraction}
+                                "drain_s": w.drain_s, "delete_fraction": w.delete_fraction,
+                                "poll_interval_s": w.poll_interval_s}
     if w.messages is not None:
         workload["messages"] = w.messages
     else:

@@ -152,7 +152,7 @@ async def bench_throughput(**kw: Any) -> dict[str, Any]:
 async def _bench_throughput(stack: AsyncExitStack, *, nodes: int = 30, min_swarm: int = 5, users: int = 16,
                             seconds: float = 8.0, concurrency: int = 64, links: str = "direct",
                             runs_dir: str = "runs/bench", profile: Path | None = None, accounting_s: float = 5.0,
-                            progress: Any = None) -> dict[str, Any]:
+                            progress: Any = None, disk: str = "model") -> dict[str, Any]:
     from testnet.base import meter
     from testnet.controller import Options, open_testnet
 
@@ -175,7 +175,8 @@ async def _bench_throughput(stack: AsyncExitStack, *, nodes: int = 30, min_swarm
     # Each node arms its CPU sampler (started and stopped by the window's signals).
     os.environ["SWARMNET_NODE_PROFILE"] = str(profile.resolve())
     meter.install()
-    opts = Options(nodes=nodes, users=users, min_swarm=min_swarm, links=links, check=False, runs_dir=Path(runs_dir))
+    opts = Options(nodes=nodes, users=users, min_swarm=min_swarm, links=links, check=False, runs_dir=Path(runs_dir),
+                   disk=disk)
     async with open_testnet(opts, progress=say) as net:
         names = [u.name for u in net.plan.users]
         pids = [rt.child.pid for rt in net.nodes.values() if rt.child] + ([net.registry.pid] if net.registry else [])
@@ -326,12 +327,31 @@ def _command():
     @click.option("--profile", type=click.Path(file_okay=False, path_type=Path), default=None,
                   help="write a CPU profile of every node and of the clients over the full-load window here "
                        "(collapsed stacks, one file per process)")
+    @click.option("--disk", type=click.Choice(["model", "os"]), default="model", show_default=True,
+                  help="under each node's SQLite: the harness's disk model, or SQLite's own VFS")
+    @click.option("--compare-disk", "pairs", type=int, default=0,
+                  help="run PAIRS times on each disk, alternating, and print the model's cost")
     @click.option("--json", "as_json", is_flag=True)
     def bench_command(nodes: int, users: int, seconds: float, concurrency: int, links: str, profile: Path | None,
-                      as_json: bool) -> None:
+                      disk: str, pairs: int, as_json: bool) -> None:
         """Onion-routed stores/s, latency at half load, CPU per store against the crypto floor."""
+        if pairs > 0:
+            from nodes.bench import disk_cost, print_disk_cost
+
+            async def one(disk: str) -> dict[str, Any]:
+                r = await bench_throughput(nodes=nodes, users=users, seconds=seconds, concurrency=concurrency,
+                                           links=links, disk=disk)
+                return {"disk": disk, "stores_per_s": r["full_load"]["stores_per_s"],
+                        "network_cpu_us_per_store": r["cpu_us_per_store"]["network"], "result": r}
+
+            c = trio.run(lambda: disk_cost(one, pairs=pairs))
+            if as_json:
+                click.echo(_json.dumps(c))
+            else:
+                print_disk_cost(c, click.echo)
+            return
         r = trio.run(lambda: bench_throughput(nodes=nodes, users=users, seconds=seconds, concurrency=concurrency,
-                                              links=links, profile=profile))
+                                              links=links, profile=profile, disk=disk))
         if as_json:
             click.echo(_json.dumps(r))
             return

@@ -223,7 +223,7 @@ async def run_workload(specs: Sequence[UserSpec], registry: tuple[str, int], his
                        messages: int | None = None, duration_s: float | None = None, rate: float = 20.0,
                        namespaces: Sequence[int] = (0,), seed: int = 0, body_bytes: int = 64,
                        ttl_ms: int = DEFAULT_TTL_MS, drain_s: float = 20.0, client_bugs: Iterable[str] = (),
-                       delete_fraction: float = 0.0,
+                       delete_fraction: float = 0.0, poll_interval_s: float = POLL_INTERVAL_S,
                        senders: Sequence[str] | None = None, receivers: Sequence[str] | None = None,
                        on_progress: Any = None,
                        before_drain: Any = None, now_ms: Callable[[], int] = wall_ms, network: Network = TCP,
@@ -232,7 +232,8 @@ async def run_workload(specs: Sequence[UserSpec], registry: tuple[str, int], his
 
     ``senders`` limits who sends, ``receivers`` who is sent to.  After the last send,
     users keep polling for up to ``drain_s`` until every acknowledged message
-    has reached its recipient.  Recipients delete ``delete_fraction`` of what they
+    has reached its recipient.  Each user checks its inbox every ``poll_interval_s``
+    (±20 %): until then its new messages wait in its swarm.  Recipients delete ``delete_fraction`` of what they
     receive (Session's delete, signed, through onion paths).  ``before_drain`` (an async callable) runs
     between the last send and the drain, users still polling: a chaos run
     heals its faults and waits its quiet period there.
@@ -273,7 +274,7 @@ async def run_workload(specs: Sequence[UserSpec], registry: tuple[str, int], his
                 while not stop_polling.is_set():
                     n = await u.poll(namespaces)
                     stats.received += n
-                    with trio.move_on_after(POLL_INTERVAL_S * rng.uniform(0.8, 1.2)):
+                    with trio.move_on_after(poll_interval_s * rng.uniform(0.8, 1.2)):
                         await stop_polling.wait()
 
             async with trio.open_nursery() as pollers:

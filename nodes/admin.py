@@ -19,20 +19,24 @@ from . import core
 from .dialing import Dialer
 from .hostile import Hostility
 from .disk import Disk, DiskFaultError
+from .storage import Storage, StorageError, hashes_at_restart
 
 log = logging.getLogger("node")
 
 STOP_DELAY_S = 0.05  # let admin_stop's reply go out first
 POWER_LOSS_EXIT = 137  # as a SIGKILL: the controller sees a node that died
+LOST_LISTED = 5_000  # hashes of lost messages a power loss's log line names, at most
 
 
 class AdminOps:
     def __init__(self, *, dialer: Dialer, listen: Callable[[list[tuple[str, int]]], Awaitable[list[tuple[str, int]]]],
                  clock: Any, stop: Callable[[], None], nursery: trio.Nursery, hostile: Hostility,
-                 disk: Disk | None = None, own_host: str = "", honest_again: Callable[[], None] = lambda: None,
+                 disk: Disk | None = None, storage: Storage | None = None, own_host: str = "",
+                 honest_again: Callable[[], None] = lambda: None,
                  halt: Callable[[int], None] = os._exit) -> None:
         self.honest_again = honest_again  # a disarmed node catches up with its swarm (anti-entropy) at once
         self.disk = disk
+        self.storage = storage  # what a power loss took is read from it and from the files after
         self.own_host = own_host  # where it listens: a cluster host's address may take more listeners too
         self.halt = halt  # a power loss ends the process on the spot: no cleanup, no reply
         self.dialer = dialer
@@ -68,8 +72,7 @@ class AdminOps:
                     if not isinstance(seed, int) or isinstance(seed, bool):
                         raise DiskFaultError("'seed' must be an int")
                     self.disk.rng.seed(seed)
-                report = self.disk.power_loss(torn=bool(args.get("torn")))
-                event(log, "power loss", **report.to_json())
+                self._power_loss(bool(args.get("torn")))
                 self.halt(POWER_LOSS_EXIT)
                 await trio.sleep_forever()  # a simulated process: its cancel scope ends us here
             elif action != "status":
@@ -79,6 +82,24 @@ class AdminOps:
         if action in ("arm", "heal"):
             event(log, f"disk {action}", fault=args.get("fault"), status=self.disk.status())
         return self.disk.status()
+
+    def _power_loss(self, torn: bool) -> None:
+        """The disk loses power; the log says what it took: the messages this node held
+        (committed, perhaps acknowledged) that a restart on the files left will not hold —
+        for ``swarmnet trace`` to show an acknowledged write lost.  No await: nothing else
+        runs between the loss and the halt."""
+        assert self.disk is not None
+        held: set[str] = set()
+        if self.storage is not None:
+            try:
+                held = self.storage.hashes()
+            except StorageError:  # a failing disk: what it held cannot be listed
+                pass
+        report = self.disk.power_loss(torn=torn)
+        kept, unusable = hashes_at_restart(self.storage.path) if self.storage is not None else (set(), None)
+        lost = sorted(h[:16] for h in held - kept)
+        event(log, "power loss", **report.to_json(), held=len(held), lost=len(lost), lost_hashes=lost[:LOST_LISTED],
+              **({"unusable": unusable} if unusable else {}))
 
     async def set_links(self, args: dict) -> dict:
         links = core.arg_map(args, "links", 100_000)

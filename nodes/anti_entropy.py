@@ -36,6 +36,8 @@ from .storage import StorageError, Storage
 
 log = logging.getLogger("node")
 
+REBUILD_ROUNDS = 3  # rounds a rebuilding store waits for a swarm peer that never answers
+
 
 class AntiEntropy:
     def __init__(self, config: NodeConfig, *, me: str, storage: Storage, commit: GroupCommit, pool: ConnectionPool,
@@ -58,6 +60,26 @@ class AntiEntropy:
         # own messages changed since runs its round with us (the exchange is symmetric).
         self._matched: dict[str, tuple[int, int]] = {}
         self._rehomed_at: tuple[int, int] | None = None
+        self._rebuild_rounds = 0  # rounds since the store was set aside (while it is rebuilding)
+
+    def rebuild(self) -> None:
+        """The store was set aside and started empty: forget every match (they were the old
+        file's) and run a round with every peer soon."""
+        self._matched.clear()
+        self._rehomed_at = None
+        self._rebuild_rounds = 0
+        self.wake()
+
+    def _caught_up(self, peers: list[str], synced: set[str]) -> None:
+        """A rebuilding store has caught up once one round synced with every swarm peer, or,
+        with a peer that never answers, after REBUILD_ROUNDS rounds that each synced with some:
+        from then on it serves retrieves again."""
+        self._rebuild_rounds += 1
+        if (peers and synced >= set(peers)) or (synced and self._rebuild_rounds >= REBUILD_ROUNDS) or \
+                (not peers and self._rebuild_rounds >= REBUILD_ROUNDS):
+            self.storage.rebuilding = False
+            event(log, "database rebuilt from swarm peers", logging.WARNING, peers=len(synced),
+                  rounds=self._rebuild_rounds, messages=self.storage.count())
 
     def wake(self) -> None:
         """Run a round soon (a new view: new peers to fill, accounts to rehome)."""
@@ -85,13 +107,19 @@ class AntiEntropy:
                     (self.hostile is not None and "drop-replication" in self.hostile):
                 continue
             state = (self.storage.index.version, view.height)
+            rebuilding = self.storage.rebuilding
+            synced: set[str] = set()
+            peers: list[str] = []
+            failed = False
             try:
                 async with trio.open_nursery() as nursery:
                     if state != self._rehomed_at:
                         nursery.start_soon(self._rehome, view, state)
                     if view.my_swarm is not None:
                         peers = [p.ed25519_public for p in view.peers() if self._matched.get(p.ed25519_public) != state]
-                        if woken:
+                        if rebuilding:  # every peer, every round, until caught up
+                            peers = [p.ed25519_public for p in view.peers()]
+                        elif woken:
                             # Every member of a swarm wakes with the same new view: of each pair, the
                             # lower key asks at once (the exchange is symmetric, and the peer asked
                             # notes the match); the higher asks in its next round if still unmatched.
@@ -99,12 +127,16 @@ class AntiEntropy:
                         if peers:
                             ours = self.storage.ae_digests(view.is_mine)  # once per round, for all peers
                             for peer in peers:
-                                nursery.start_soon(self._sync_with, view, peer, ours, state)
+                                nursery.start_soon(self._sync_with, view, peer, ours, state, synced)
             except* StorageError as group:  # a failing disk: this round stops, the next tries again
                 event(log, "anti-entropy paused: disk failing", logging.WARNING,
                       error=type(group.exceptions[0]).__name__)
+                failed = True
+            if rebuilding and self.storage.rebuilding and not failed:
+                self._caught_up(peers, synced)
 
-    async def _sync_with(self, view: SwarmView, peer: str, ours: dict[str, str], state: tuple[int, int]) -> None:
+    async def _sync_with(self, view: SwarmView, peer: str, ours: dict[str, str], state: tuple[int, int],
+                         synced: set[str] | None = None) -> None:
         """Compare digests with ``peer``, then bucket digests where they differ, then
         hashes where buckets differ; fetch what we lack, push what it lacks, send deletes."""
         timeout = self.config.replication_timeout_s * 2
@@ -116,6 +148,8 @@ class AntiEntropy:
             their_buckets = {pk: bs for pk, bs in core.ae_digest_reply(resp.body).items() if view.is_mine(pk)}
             if not their_buckets:
                 self._matched[peer] = state  # equal: nothing to do until either side changes
+                if synced is not None:
+                    synced.add(peer)
                 return
             my_buckets = self.storage.ae_buckets(list(their_buckets))
             differ = {pk: sorted(b for b in set(mine) | set(their_buckets[pk])
@@ -123,6 +157,8 @@ class AntiEntropy:
                       for pk, mine in my_buckets.items()}
             differ = {pk: bs for pk, bs in differ.items() if bs}
             if not differ:
+                if synced is not None:
+                    synced.add(peer)
                 return
             resp = await self.pool.call(peer, "ae_hashes", {"buckets": differ}, timeout=timeout)
             if not resp.ok:
@@ -174,6 +210,8 @@ class AntiEntropy:
             for batch in core.batches(signed, proofs.SignedDelete.wire_bytes):
                 await self.pool.call(peer, "replicate_delete", {"messages": [d.to_wire() for d in batch]},
                                      timeout=timeout)
+            if synced is not None and not want:
+                synced.add(peer)  # we now hold everything it listed for our accounts
         except (RpcError, RequestError, StorageError) as exc:
             event(log, "anti-entropy failed", logging.DEBUG, peer=peer[:16], error=type(exc).__name__)
             await self.pool.drop(peer)

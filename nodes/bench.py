@@ -23,14 +23,16 @@ from testnet.base.rpc import open_rpc
 
 
 async def bench_node(*, nodes: int = 5, seconds: float = 5.0, concurrency: int = 256, connections: int = 16,
-                     accounts: int = 200, data_bytes: int = 100, runs_dir: str = "runs/bench") -> dict[str, Any]:
+                     accounts: int = 200, data_bytes: int = 100, runs_dir: str = "runs/bench",
+                     disk: str = "model") -> dict[str, Any]:
     from pathlib import Path
 
     from testnet.controller import Options, open_testnet
 
     rng = random.Random(1)
     ids = [crypto.Identity.from_seed(rng.randbytes(32)).session_id for _ in range(accounts)]
-    opts = Options(nodes=nodes, users=0, min_swarm=nodes, links="direct", check=False, runs_dir=Path(runs_dir))
+    opts = Options(nodes=nodes, users=0, min_swarm=nodes, links="direct", check=False, runs_dir=Path(runs_dir),
+                   disk=disk)
     async with open_testnet(opts) as net:
         names = list(net.nodes)
         pids = [net.nodes[n].child.pid for n in names] + ([net.registry.pid] if net.registry else [])
@@ -96,7 +98,7 @@ async def bench_node(*, nodes: int = 5, seconds: float = 5.0, concurrency: int =
     latencies.sort()
     ok = counts["ok"]
     return {
-        "nodes": nodes, "swarm_sizes": sorted(set(swarm_sizes.values())), "seconds": round(elapsed, 3),
+        "nodes": nodes, "disk": disk, "swarm_sizes": sorted(set(swarm_sizes.values())), "seconds": round(elapsed, 3),
         "concurrency": concurrency, "connections": connections, "data_bytes": data_bytes,
         "stores_ok": ok, "stores_failed": counts["fail"],
         "failures": {k: v for k, v in counts.items() if k.startswith("status_")},
@@ -111,6 +113,40 @@ async def bench_node(*, nodes: int = 5, seconds: float = 5.0, concurrency: int =
                                       (cpu1 - cpu0) / ok * 1e6 if ok else None),
         "target": ">= 2000 replicated stores/s on 2 cores",
     }
+
+
+async def disk_cost(bench: Any, *, pairs: int, **kw: Any) -> dict[str, Any]:
+    """The same load with SQLite on its own VFS ("os") and on the harness's disk model
+    ("model", no fault armed), ``pairs`` times each, alternating (os, model, then model,
+    os, ...: a machine whose load drifts favours neither), each run on a fresh network.
+    ``ratio`` = the model's mean stores/s over the OS's: the disk layer's cost is 1 - ratio."""
+    runs: list[dict[str, Any]] = []
+    for i in range(pairs):
+        for disk in (("os", "model") if i % 2 == 0 else ("model", "os")):
+            runs.append(await bench(disk=disk, **kw))
+    rate = {d: [r["stores_per_s"] for r in runs if r["disk"] == d] for d in ("os", "model")}
+    cpu = {d: [r["network_cpu_us_per_store"] for r in runs if r["disk"] == d and r["network_cpu_us_per_store"]]
+           for d in ("os", "model")}
+    mean = {d: sum(v) / len(v) for d, v in rate.items()}
+    cpu_mean = {d: sum(v) / len(v) if v else None for d, v in cpu.items()}
+    return {"pairs": pairs, "stores_per_s": rate, "mean": {d: round(m, 1) for d, m in mean.items()},
+            "ratio": round(mean["model"] / mean["os"], 4) if mean["os"] else None,
+            "cpu_us_per_store": cpu, "cpu_mean": {d: round(m, 1) if m else None for d, m in cpu_mean.items()},
+            "cpu_ratio": round(cpu_mean["model"] / cpu_mean["os"], 4) if cpu_mean["os"] and cpu_mean["model"]
+            else None, "runs": runs}
+
+
+def print_disk_cost(r: dict[str, Any], echo: Any) -> None:
+    for d in ("os", "model"):
+        echo(f"disk {d:<5}: " + ", ".join(f"{v:g}" for v in r["stores_per_s"][d]) + f" stores/s (mean {r['mean'][d]})")
+    for d in ("os", "model"):
+        echo(f"disk {d:<5}: network CPU " + ", ".join(f"{v:g}" for v in r["cpu_us_per_store"][d])
+             + f" µs/store (mean {r['cpu_mean'][d]})")
+    if r["ratio"] is not None:
+        echo(f"model / os = {r['ratio']:.3f}: the disk layer costs {(1 - r['ratio']) * 100:.1f} % of stores/s "
+             f"({r['pairs']} pair(s), alternating; target <= 5 %)")
+    if r["cpu_ratio"] is not None:
+        echo(f"network CPU per store, model / os = {r['cpu_ratio']:.3f}")
 
 
 def auth_cost(nodes: int, accounts: list[str], handshakes: int, copies_per_store: float,
@@ -229,10 +265,22 @@ def _command():
     @click.option("--nodes", type=int, default=5, show_default=True, help="swarm size (one swarm)")
     @click.option("--seconds", type=float, default=5.0, show_default=True)
     @click.option("--concurrency", type=int, default=256, show_default=True, help="stores in flight")
+    @click.option("--disk", type=click.Choice(["model", "os"]), default="model", show_default=True,
+                  help="under each node's SQLite: the harness's disk model, or SQLite's own VFS")
+    @click.option("--compare-disk", "pairs", type=int, default=0,
+                  help="run PAIRS times on each disk, alternating, and print the model's cost")
     @click.option("--json", "as_json", is_flag=True)
-    def bench_command(nodes: int, seconds: float, concurrency: int, as_json: bool) -> None:
+    def bench_command(nodes: int, seconds: float, concurrency: int, disk: str, pairs: int, as_json: bool) -> None:
         """Direct (non-onion) replicated stores/s into one swarm, and CPU µs per store over all processes."""
-        r = trio.run(lambda: bench_node(nodes=nodes, seconds=seconds, concurrency=concurrency))
+        if pairs > 0:
+            c = trio.run(lambda: disk_cost(bench_node, pairs=pairs, nodes=nodes, seconds=seconds,
+                                           concurrency=concurrency))
+            if as_json:
+                click.echo(_json.dumps(c))
+            else:
+                print_disk_cost(c, click.echo)
+            return
+        r = trio.run(lambda: bench_node(nodes=nodes, seconds=seconds, concurrency=concurrency, disk=disk))
         if as_json:
             click.echo(_json.dumps(r))
             return

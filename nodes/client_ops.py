@@ -150,6 +150,10 @@ class ClientOps:
         view = require_view(self.view())
         if not view.is_mine(pubkey):
             raise view.wrong_swarm(pubkey)
+        if self.storage.rebuilding or self.storage.damaged:
+            # A store set aside as damaged, or its replacement before it caught up with the
+            # swarm's peers, would answer with wrong or missing messages: the client asks another member.
+            raise RequestError(Status.NOT_READY, "database being rebuilt from swarm peers")
         msgs, more = self.storage.retrieve(pubkey, ns, last, self.now_ms())
         # A message's hash is a checksum of its content: a page the disk returned
         # damaged is never served (503; the client asks another member, which holds it).
@@ -160,7 +164,9 @@ class ClientOps:
                 intact = False
             if not intact:
                 event(log, "corrupt message read back: not served", logging.ERROR, hash=m.hash[:12])
-                raise StorageCorrupt(f"retrieve: message {m.hash[:12]} read back damaged")
+                exc = StorageCorrupt(f"retrieve: message {m.hash[:12]} read back damaged")
+                self.storage.found_corrupt(exc)  # a checksum failed: the file is set aside and rebuilt
+                raise exc
         # As many as fit in one reply; the client asks again after the last hash it got.
         fit = core.fitting(msgs, core.wire_bytes)
         msgs, more = fit, more or len(fit) < len(msgs)

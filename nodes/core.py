@@ -58,6 +58,12 @@ class ConfigError(Exception):
     """The node's configuration file is missing or wrong."""
 
 
+def _disk_kind(value: Any) -> str:
+    if value not in ("model", "os"):
+        raise ConfigError(f"'disk' must be 'model' or 'os', got {value!r:.40}")
+    return value
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     name: str
@@ -82,6 +88,7 @@ class NodeConfig:
     rate_limit_per_second: float = 300.0
     connection_limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     inject_bugs: tuple[str, ...] = ()
+    disk: str = "model"  # "model": the harness's disk (nodes/disk.py) under SQLite; "os": SQLite's own VFS
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> NodeConfig:
@@ -119,6 +126,7 @@ class NodeConfig:
                 rate_limit_per_second=float(rate.get("per_second", 300.0)),
                 connection_limits=ConnectionLimits(**(raw.get("connection_limits") or {})),
                 inject_bugs=bugs,
+                disk=_disk_kind(raw.get("disk", "model")),
             )
         except ConfigError:
             raise

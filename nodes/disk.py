@@ -42,6 +42,7 @@ _OPS = ("read", "write", "sync")
 # Pending bytes kept per file before they are written out (as an OS writes back
 # old dirty pages): bounds memory when SQLite never syncs.
 MAX_PENDING_BYTES = 2 * 1024 * 1024
+WRITE_RUN_BYTES = 64 * 1024  # pending writes that follow on from each other go out in runs of at most this
 _names = itertools.count()
 
 
@@ -235,8 +236,20 @@ class _DiskFile(apsw.VFSFile):
         cache = self.cache
         if cache is not None and cache.writes:
             write = super().xWrite
+            # Writes that follow on from the one before (a commit's WAL frames, header then
+            # page, one after another) go out as one: one system call per run of them, not
+            # two per page.  Order is kept, so later writes still win.
+            # At most WRITE_RUN_BYTES each: SQLite's unix VFS writes less than 128 KiB at a
+            # time (seekAndWrite masks the count with 0x1ffff; a larger one fails as "full").
+            start, parts, end = -1, [], -1
             for offset, data in cache.writes:
-                write(data, offset)
+                if offset != end or end - start + len(data) > WRITE_RUN_BYTES:
+                    if parts:
+                        write(b"".join(parts), start)
+                    start, parts = offset, []
+                parts.append(data)
+                end = offset + len(data)
+            write(b"".join(parts), start)
             cache.writes.clear()
             cache.bytes = 0
 

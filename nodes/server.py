@@ -36,7 +36,7 @@ from testnet.base.logs import event
 from testnet.base.net import TCP, Network
 from testnet.base.protocol import Request, RequestError, Status
 from testnet.base.rpc import ConnectionPool, Peer, Reply, Take, serve
-from testnet.base.turn import Timers
+from testnet.base.turn import Timers, at_turn_end
 
 from . import auth, core, proofs
 from .admin import AdminOps
@@ -100,10 +100,12 @@ async def _disk_refusals(work: Awaitable[tuple[int, Any]]) -> tuple[int, Any]:
         raise disk_refusal(exc) from None
 
 
-def open_storage(path: Any, disk: Disk, synchronous: str) -> Storage:
+def open_storage(path: Any, disk: Disk | None, synchronous: str) -> Storage:
     """The node's store; a database found corrupt is set aside (renamed ``.corrupt``, for
     a person to look at) and a fresh one opened, which anti-entropy fills from the swarm's
-    peers: nothing is ever served from a damaged file."""
+    peers: nothing is ever served from a damaged file, and no retrieve is answered from
+    the new one before it has caught up (``rebuilding``; :meth:`Node.rebuild_storage` does
+    the same for damage found at run time)."""
     try:
         return Storage(path, disk=disk, synchronous=synchronous)
     except StorageCorrupt as exc:
@@ -113,7 +115,13 @@ def open_storage(path: Any, disk: Disk, synchronous: str) -> Storage:
         for suffix in ("", "-wal", "-shm"):
             if os.path.exists(base + suffix):
                 os.replace(base + suffix, base + ".corrupt" + suffix)
-        return Storage(path, disk=disk, synchronous=synchronous)
+        storage = Storage(path, disk=disk, synchronous=synchronous)
+        storage.rebuilding = True
+        storage.set_aside_count = 1
+        return storage
+
+
+REBUILD_RETRY_S = 1.0  # a fresh file that would not open (the disk failing): try again after this
 
 
 class Node:
@@ -135,10 +143,13 @@ class Node:
         # The harness's disk under SQLite (nodes.disk): faults armed by admin_disk, or
         # by the simulation on the same object.
         # Its own Random, seeded by the node's name: drawing from rng would shift every later draw.
-        self.disk = disk or Disk(random.Random(f"disk:{config.name}"))
+        # With config.disk "os" (bench node's comparison) SQLite runs on its own VFS: no disk faults.
+        self.disk: Disk | None = disk or (
+            Disk(random.Random(f"disk:{config.name}")) if config.disk == "model" else None)
         # Injected bug ack-before-sync: commits are acknowledged with nothing synced.
         self.storage = open_storage(config.db, self.disk,
                                     "OFF" if "ack-before-sync" in config.inject_bugs else SYNCHRONOUS)
+        self.storage.on_corrupt = self._found_corrupt
         self.halt = halt  # how a power loss ends this node at once (the process's _exit by default)
         self._flusher = CaptureFlusher()
         self.capture = CaptureFile(config.capture, now_ms=self.clock.wall_ms,
@@ -192,6 +203,29 @@ class Node:
     def links(self) -> dict[str, tuple[str, int]]:
         return self.dialer.links
 
+    # ------------------------------------------------------------------ a damaged database
+
+    def _found_corrupt(self, exc: StorageCorrupt) -> None:
+        """Damage found at run time: nothing more is served from the file (retrieves answer
+        503 from now on), and at the end of this turn it is set aside and rebuilt."""
+        event(log, "database corrupt at run time: no longer served; setting it aside, rebuilding from swarm "
+                   "peers by anti-entropy", logging.ERROR, error=str(exc)[:200])
+        at_turn_end(self.rebuild_storage)
+
+    def rebuild_storage(self) -> None:
+        """Set the damaged file aside and start an empty one, which anti-entropy fills from
+        the swarm's peers; retrieves wait (503) until it has caught up with them."""
+        try:
+            self.storage.set_aside()
+        except StorageError as exc:  # the disk fails under the new file too: try again soon
+            event(log, "rebuild: a fresh database would not open", logging.ERROR, error=str(exc)[:200])
+            self.timers.call_after(REBUILD_RETRY_S, self.rebuild_storage)
+            return
+        event(log, "database set aside: rebuilding from swarm peers by anti-entropy", logging.WARNING,
+              set_aside=self.storage.set_aside_count)
+        if self.anti_entropy is not None:
+            self.anti_entropy.rebuild()
+
     # ------------------------------------------------------------------ lifecycle
 
     def _make_parts(self, nursery: trio.Nursery, pool: ConnectionPool) -> None:
@@ -212,8 +246,9 @@ class Node:
                              entitled=self.entitled, anti_entropy=self.anti_entropy, stats=self.stats, bugs=self.bugs,
                              sign_root=self.sign_root, signature_budget=self.signature_budget, hostile=hostile)
         self.admin = AdminOps(dialer=self.dialer, listen=self._listen_more, clock=self.clock, stop=self.stop,
-                              nursery=nursery, hostile=hostile, disk=self.disk, own_host=self.host,
-                              honest_again=self.anti_entropy.wake, **({"halt": self.halt} if self.halt else {}))
+                              nursery=nursery, hostile=hostile, disk=self.disk, storage=self.storage,
+                              own_host=self.host, honest_again=self.anti_entropy.wake,
+                              **({"halt": self.halt} if self.halt else {}))
         self._client_ops = {**self.clients.ops(), "info": self.op_info}
         self._peer_ops = self.peers.ops()
         self._admin_ops = self.admin.ops()

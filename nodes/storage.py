@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from testnet.base.meter import COUNTS
 
 from .disk import Disk
 
-__all__ = ["SCHEMA_VERSION", "AE_BUCKET_MS", "StorageError", "StorageFull", "StorageIOError", "StorageCorrupt",
+__all__ = ["hashes_at_restart", "SCHEMA_VERSION", "AE_BUCKET_MS", "StorageError", "StorageFull", "StorageIOError", "StorageCorrupt",
            "StoredMessage", "StorageStatistics", "Storage", "DigestIndex", "ae_bucket", "SYNCHRONOUS"]
 
 SCHEMA_VERSION = 3
@@ -267,12 +269,23 @@ class Storage:
         self.disk = disk
         if synchronous not in ("OFF", "NORMAL", "FULL"):
             raise StorageError(f"synchronous must be OFF, NORMAL or FULL, got {synchronous!r:.40}")
+        self._synchronous = synchronous
+        self._db: apsw.Connection | None = None
+        # Told (once per file) when SQLite or a caller finds this file damaged at run time.
+        self.on_corrupt: Callable[[StorageCorrupt], None] | None = None
+        self._damaged = False
+        # Set when this file replaced one set aside as damaged, until the node has caught up
+        # with its swarm's peers: what it lacks is not known yet (nodes.server).
+        self.rebuilding = False
+        self.set_aside_count = 0
+        self._open(version=0)
+
+    def _open(self, version: int) -> None:
         try:
             # apsw opens no implicit transactions: each write opens its own
             # with BEGIN IMMEDIATE and commits before returning.  With a disk,
             # every file SQLite touches goes through the harness's VFS.
-            self._db: apsw.Connection | None = apsw.Connection(
-                self._path, vfs=disk.vfs_name if disk is not None else None)
+            self._db = apsw.Connection(self._path, vfs=self.disk.vfs_name if self.disk is not None else None)
             self._db.setbusytimeout(2000)
         except apsw.Error as e:
             raise _storage_error(f"cannot open {self._path!r}", e) from e
@@ -286,7 +299,7 @@ class Storage:
                 # NORMAL syncs only at checkpoints (a power loss may lose the
                 # latest commits), OFF never.  Group commit lets one sync cover
                 # every store that arrived together.
-                db.execute(f"PRAGMA synchronous={synchronous}")
+                db.execute(f"PRAGMA synchronous={self._synchronous}")
             with self._guard("open") as db:
                 # A damaged file is never served from: the caller sets it aside and
                 # rebuilds from its swarm's peers (nodes.server.open_storage).
@@ -295,7 +308,9 @@ class Storage:
                     raise StorageCorrupt(f"{self._path!r}: integrity check failed: {check:.200}")
             with self._transaction("open") as db:
                 self._migrate(db)
+            # A new file's digests are a new state: never equal to a version the old file had.
             self.index = DigestIndex()
+            self.index.version = version
             with self._guard("open") as db:
                 for pubkey, message_hash, timestamp in db.execute("SELECT pubkey, hash, timestamp FROM messages"):
                     self.index.add(pubkey, message_hash, timestamp)
@@ -303,6 +318,38 @@ class Storage:
         except BaseException:
             self.close()
             raise
+
+    def set_aside(self) -> None:
+        """Close this (damaged) file, keep it beside the new one as ``.corrupt`` (for a
+        person to look at; the last one set aside), and start an empty one in its place:
+        :attr:`rebuilding` until the node has caught up with its swarm's peers."""
+        version = self.index.version + 1 if getattr(self, "index", None) is not None else 0
+        self.close()
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self._path + suffix):
+                os.replace(self._path + suffix, self._path + ".corrupt" + suffix)
+        self._damaged = False
+        self.rebuilding = True
+        self.set_aside_count += 1
+        self._open(version=version)
+
+    def found_corrupt(self, exc: StorageCorrupt) -> None:
+        """Say that this file was found damaged at run time (SQLite's own checks, or a
+        message read back whose content does not match its hash): the listener is told once."""
+        if not self._damaged:
+            self._damaged = True
+            if self.on_corrupt is not None:
+                self.on_corrupt(exc)
+
+    @property
+    def damaged(self) -> bool:
+        """Found damaged and not yet set aside: nothing read from it may be served."""
+        return self._damaged
+
+    @property
+    def path(self) -> str:
+        """The database file's path."""
+        return self._path
 
     def _migrate(self, db: apsw.Connection) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -330,7 +377,10 @@ class Storage:
         try:
             yield self._db
         except apsw.Error as e:
-            raise _storage_error(what, e) from e
+            error = _storage_error(what, e)
+            if isinstance(error, StorageCorrupt):
+                self.found_corrupt(error)
+            raise error from e
 
     @contextmanager
     def _transaction(self, what: str) -> Iterator[apsw.Connection]:
@@ -355,7 +405,10 @@ class Storage:
             try:
                 db.close()
             except apsw.Error:  # a disk that failed (or lost power) cannot checkpoint: the files stay as they are
-                pass
+                try:
+                    db.close(True)  # and statements still open are finalised
+                except apsw.Error:
+                    pass
 
     def store_many(self, messages: Sequence[StoredMessage]) -> list[bool]:
         """Store a batch in one transaction; per message, True if new and False if a duplicate.
@@ -505,6 +558,11 @@ class Storage:
             rows = db.execute(sql, args).fetchall()
         return [StoredMessage(*r) for r in rows[:limit]], len(rows) > limit
 
+    def hashes(self) -> set[str]:
+        """Every stored message's hash (expired or not)."""
+        with self._guard("hashes") as db:
+            return {h for (h,) in db.execute("SELECT hash FROM messages")}
+
     def has(self, message_hash: str) -> bool:
         """Whether a message with this hash is stored (expired or not)."""
         with self._guard("has") as db:
@@ -586,3 +644,35 @@ class Storage:
         except OSError:
             wal_bytes = 0
         return StorageStatistics(messages, pubkeys, db_bytes, wal_bytes)
+
+
+def hashes_at_restart(path: str | os.PathLike[str]) -> tuple[set[str], str | None]:
+    """The message hashes a node restarting on these files now would hold, and why none
+    if its check at open would set the database aside (else None).
+
+    Reads a copy of the database and its WAL (SQLite recovers the WAL of the copy as it
+    would at the restart), so the files themselves, and whoever holds them open, are
+    left alone.  For the record of what a power loss took (nodes/admin.py).
+    """
+    base = os.fspath(path)
+    with tempfile.TemporaryDirectory(prefix=".restart-", dir=os.path.dirname(os.path.abspath(base))) as tmp:
+        copy = os.path.join(tmp, "db.sqlite")
+        for suffix in ("", "-wal"):
+            if os.path.exists(base + suffix):
+                shutil.copyfile(base + suffix, copy + suffix)
+        if not os.path.exists(copy):
+            return set(), None
+        db = None
+        try:
+            db = apsw.Connection(copy)
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                return set(), f"integrity check failed: {check:.200}"
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages'").fetchone():
+                return set(), None
+            return {h for (h,) in db.execute("SELECT hash FROM messages")}, None
+        except apsw.Error as e:
+            return set(), f"{type(e).__name__}: {e}"[:200]
+        finally:
+            if db is not None:
+                db.close()

@@ -80,6 +80,10 @@ class Options:
     proxies_on_use: bool = True  # a node link's proxy is made when first dialled (False: all at boot)
     cluster: str | None = None  # a Ray cluster's head (HOST:PORT): nodes on its hosts (testnet/cluster)
     hosts: int | None = None  # how many of the cluster's hosts (None: all)
+    # The disk under each node's SQLite: the harness's model (nodes/disk.py: faults, power
+    # loss) or "os", SQLite's default VFS straight on the OS (no disk faults; bench node
+    # compares the two).
+    disk: str = "model"
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "run_dir": None if self.run_dir is None else str(self.run_dir),
@@ -238,6 +242,11 @@ class Testnet:
                            running: Callable[[], None] | None = None) -> None:
         await self.ops.restart(name, timeout_s, running=running)
 
+    async def node_restart_many(self, names: list[str], timeout_s: float = 30.0, *,
+                                running: Callable[[], None] | None = None,
+                                spawned: Callable[[], None] | None = None) -> None:
+        await self.ops.restart_many(names, timeout_s, running=running, spawned=spawned)
+
     async def node_add(self, name: str | None = None, timeout_s: float = 30.0, *,
                        running: Callable[[], None] | None = None) -> str:
         return await self.ops.add(name, timeout_s, running=running)
@@ -276,7 +285,7 @@ async def open_testnet(options: Options | None = None, *, progress: Progress | N
     block, claim = rundir.claim_block(run_id)  # options are checked: planning cannot fail now
     plan = P.plan_network(nodes=opts.nodes, users=opts.users, min_swarm=opts.min_swarm, seed=seed,
                           links=opts.links, run_dir=run_dir, run_id=run_id, block=block, inject_bugs=opts.inject_bugs,
-                          capture=opts.capture,
+                          capture=opts.capture, disk=opts.disk,
                           toxiproxy_servers=servers)
     (progress or (lambda m: None))(f"run {run_id} in {run_dir}")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import trio
 
@@ -42,9 +42,10 @@ class Launcher(Protocol):
     async def start_toxiproxy(self, net: Testnet) -> None:
         """The proxy servers answering; sets ``net.toxiproxies`` and ``net.api``."""
 
-    async def start_nodes(self, net: Testnet, names: list[str], timeout_s: float) -> None:
+    async def start_nodes(self, net: Testnet, names: list[str], timeout_s: float, *,
+                          spawned: Callable[[], None] | None = None) -> None:
         """Every node of ``names`` listening: its ``child``, ``port`` and state set, watched by
-        :func:`watch_node`."""
+        :func:`watch_node`; ``spawned()`` once every process of them runs (before they listen)."""
 
 
 async def watch_node(net: Testnet, rt: NodeRuntime, child: procs.Child) -> None:
@@ -102,13 +103,19 @@ class ProcessLauncher:
                                           preload=("nodes.server", "nodes.onion"))
         await net.zygote.wait_ready(net.nursery)
 
-    async def start_nodes(self, net: Testnet, names: list[str], timeout_s: float) -> None:
+    async def start_nodes(self, net: Testnet, names: list[str], timeout_s: float, *,
+                          spawned: Callable[[], None] | None = None) -> None:
         """Spawn the nodes and read their readiness lines, all at once."""
+        left = [len(names)]
+
         async def start(rt: NodeRuntime) -> None:
             rt.state, rt.exit_code = "starting", None
             child, rfd = await self._spawn_node(net, rt)
             rt.child = child
             net.nursery.start_soon(watch_node, net, rt, child)
+            left[0] -= 1
+            if left[0] == 0 and spawned is not None:
+                spawned()
             line = await procs.read_ready_line(child, rfd, timeout_s)
             rt.port = int(line["addresses"][0][1])
             rt.state, rt.ingress_open = "running", False

@@ -70,21 +70,32 @@ class NodeOps:
                       running: Callable[[], None] | None = None) -> None:
         """Stop the node if it runs, then start it with the same key, database and ports
         (``running()`` is called once it runs again, before it is waited for to be ready)."""
+        await self.restart_many([name], timeout_s, running=running)
+
+    async def restart_many(self, names: list[str], timeout_s: float = 30.0, *,
+                           running: Callable[[], None] | None = None,
+                           spawned: Callable[[], None] | None = None) -> None:
+        """:meth:`restart` for several nodes at once, as a rack comes back when its power
+        does: all stopped, then all started together (``spawned()`` once every process of
+        them runs, ``running()`` once they all listen)."""
         net = self.net
         async with self._lock:
-            rt = net.node(name)
-            if rt.child is not None and rt.child.running:
+            rts = [net.node(name) for name in names]
+            live = [rt for rt in rts if rt.child is not None and rt.child.running]
+            for rt in live:
                 rt.state = "stopped"
-                await procs.stop_children([rt.child])
-            await net.launcher.start_nodes(net, [name], timeout_s)
+            if live:
+                await procs.stop_children([rt.child for rt in live])
+            await net.launcher.start_nodes(net, list(names), timeout_s,
+                                           **({"spawned": spawned} if spawned is not None else {}))
             if net.api is not None:
-                await net.wiring.open_ingress([name])  # the proxies' upstreams, at the same ports again
+                await net.wiring.open_ingress(list(names))  # the proxies' upstreams, at the same ports again
             if running is not None:
                 running()
             net.save()
-        # Not holding the other node operations back while it catches up (a large network's
-        # node takes seconds): it runs again, and only it is waited for.
-        await net.wait_ready(timeout_s, [name])
+        # Not holding the other node operations back while they catch up (a large network's
+        # node takes seconds): they run again, and only they are waited for.
+        await net.wait_ready(timeout_s, list(names))
         net.save()
 
     async def add(self, name: str | None = None, timeout_s: float = 30.0, *,

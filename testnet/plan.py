@@ -50,6 +50,7 @@ from .base.crypto import Identity
 
 LinksMode = Literal["toxiproxy", "direct"]
 LINKS_MODES: tuple[str, ...] = ("toxiproxy", "direct")
+DISKS: tuple[str, ...] = ("model", "os")  # what sits under each node's SQLite (NetworkPlan.disk)
 Address = tuple[str, int]
 Block = tuple[int, int]
 
@@ -201,6 +202,7 @@ class NetworkPlan:
     capture: bool = True  # nodes record their traffic (capture.bin)
     toxiproxy_servers: int = 1  # the proxies are shared out among these many servers
     hosts: tuple[HostPlan, ...] = ()  # a cluster's hosts (none: one machine)
+    disk: str = "model"  # "model": the harness's disk under SQLite (nodes/disk.py); "os": SQLite's own VFS
 
     @property
     def controller(self) -> Address:
@@ -378,10 +380,12 @@ def _links_between(block: Block, nodes: tuple[NodePlan, ...], users: tuple[UserP
 def plan_network(*, nodes: int = DEFAULT_NODES, users: int = DEFAULT_USERS, min_swarm: int = DEFAULT_MIN_SWARM,
                  seed: int, links: str = "toxiproxy", run_dir: Path, run_id: str, block: Block,
                  inject_bugs: tuple[str, ...] | list[str] = (), capture: bool = True,
-                 toxiproxy_servers: int = 1, hosts: tuple[HostPlan, ...] = ()) -> NetworkPlan:
+                 toxiproxy_servers: int = 1, hosts: tuple[HostPlan, ...] = (), disk: str = "model") -> NetworkPlan:
     """The whole network for one run; raises :class:`PlanError` on options that cannot work.
     With ``hosts`` (a cluster), nodes are placed on them and each host gets a Toxiproxy
     server of its own after the controller's (``toxiproxy_servers`` is then 1 + hosts)."""
+    if disk not in DISKS:
+        raise PlanError(f"disk must be one of {DISKS}, not {disk!r}")
     hosts = tuple(hosts)
     check_options(nodes=nodes, users=users, min_swarm=min_swarm, links=links, hosts=len(hosts))
     if hosts:
@@ -401,7 +405,7 @@ def plan_network(*, nodes: int = DEFAULT_NODES, users: int = DEFAULT_USERS, min_
     return NetworkPlan(run_id=run_id, seed=seed, run_dir=run_dir, block=block, links_mode=links,  # type: ignore[arg-type]
                        min_swarm=min_swarm, nodes=node_plans, users=user_plans, links=link_plans,
                        inject_bugs=tuple(inject_bugs), capture=capture,
-                       toxiproxy_servers=toxiproxy_servers if links == "toxiproxy" else 1, hosts=hosts)
+                       toxiproxy_servers=toxiproxy_servers if links == "toxiproxy" else 1, hosts=hosts, disk=disk)
 
 
 def check_options(*, nodes: int, users: int, min_swarm: int, links: str, hosts: int | None = 0) -> None:
@@ -464,4 +468,5 @@ def node_config(plan: NetworkPlan, node: NodePlan, *, registry: Address, parent_
         "admin_token": plan.admin_token,
         "parent_pid": parent_pid,
         "inject_bugs": list(plan.inject_bugs),
+        **({"disk": plan.disk} if plan.disk != "model" else {}),
     }

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nodes.disk import Disk, DiskFaultError
-from nodes.storage import Storage, StorageFull, StorageIOError, StoredMessage
+from nodes.storage import Storage, StorageFull, StorageIOError, StoredMessage, hashes_at_restart
 
 PK = "05" + "ab" * 32
 
@@ -51,6 +51,21 @@ def test_unsynced_commits_are_lost(tmp_path: Path) -> None:
     again = reopen(tmp_path / "db.sqlite")
     assert again.count() == 5
     assert again._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_the_restart_view_names_what_a_power_loss_took(tmp_path: Path) -> None:
+    # What a node logs at a power loss (nodes/admin.py) for swarmnet trace: held before, not after.
+    disk = Disk(random.Random(1))
+    db = Storage(tmp_path / "db.sqlite", disk=disk, synchronous="FULL")
+    fill(db, 5)
+    db._db.execute("PRAGMA synchronous=OFF")
+    fill(db, 10, start=5)
+    held = db.hashes()
+    disk.power_loss()
+    kept, unusable = hashes_at_restart(tmp_path / "db.sqlite")
+    assert unusable is None and held - kept == {f"hash{i:04d}" for i in range(5, 15)}
+    db.close()
+    assert reopen(tmp_path / "db.sqlite").hashes() == kept
 
 
 def _torn_run(d: Path, seed: int) -> tuple[dict, list[str]]:

@@ -97,10 +97,11 @@ def test_a_faulted_scenario_replays_byte_for_byte_in_another_process(tmp_path):
     started = {f["kind"] for f in faults if f["phase"] == "start"}
     assert started == {"latency", "kill", "split-swarm", "blackhole", "pause", "clock-skew", "slicer"}, faults
     # On virtual time nothing waits for a CPU: every phase takes effect when planned (a killed
-    # node's heal then waits for it to be ready), and the run is held to its schedule as a real one.
+    # node's heal then waits for it to be ready: with its users' ingress opened again, which
+    # gives it the turns to fetch its view, it is ready when first asked), and the run is held
+    # to its schedule as a real one.
     timed = [f for f in faults if f["phase"] in ("start", "end")]
     assert len(timed) == 14 and all(f["late_ms"] == 0 for f in timed), faults
-    assert any(f["took_ms"] > 0 for f in timed if f["kind"] == "kill"), faults
     assert first["harness"] == [] and third["harness"] == []
     assert first["virtual_s"] > 12
 

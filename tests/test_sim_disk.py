@@ -77,3 +77,13 @@ def test_disk_faults_are_exact_and_lose_nothing_acknowledged_and_the_canary_is_c
     assert {f["kind"] for f in faults if f["phase"] == "start"} == {
         "disk-full", "disk-error", "disk-slow", "corrupt", "power-loss"}
     assert bad.get("valid") is False and "delivery" in bad["failing"], bad
+    # Its journey shows the write that was acknowledged and lost: each member's own record of the loss.
+    from chaos.trace.journey import journey, load_run
+
+    verdict = json.loads((Path(bad["run_dir"]) / "verdict.json").read_text())
+    lost = verdict["checkers"]["delivery"]["lost"][0]
+    j = journey(load_run(Path(bad["run_dir"])), lost)
+    assert j["sent"]["done"] == "ok" and j["losses"], j["losses"]
+    assert {x["node"] for x in j["losses"]} == set(j["swarm"]["members"])  # the whole rack lost it
+    assert any(e["kind"] == "lost" and "never synced" in e["text"] for e in j["events"])
+    assert "never synced" in j["trail"]["why"]

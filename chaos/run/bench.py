@@ -45,7 +45,7 @@ def every_fault_scenario(base: Scenario, kinds: list[str], *, start_s: float, in
             "topology": {"nodes": t.nodes, "min_swarm": t.min_swarm, "users": t.users, "links": t.links},
             "workload": {"rate": w.rate, "duration_s": round(start_s + len(kinds) * interval_s + 2, 3),
                          "namespaces": list(w.namespaces), "body_bytes": w.body_bytes, "drain_s": w.drain_s,
-                         "delete_fraction": w.delete_fraction},
+                         "delete_fraction": w.delete_fraction, "poll_interval_s": w.poll_interval_s},
             "faults": {"timeline": timeline}, "check": {"quiet_s": base.quiet_s, "checkers": list(base.checkers)}}
 
 

@@ -126,7 +126,7 @@ async def run_chaos(scenario: Scenario, *, seed: int | None = None, run_dir: Pat
             stats = await run_workload(
                 specs, net.registry_address, rd / "history.jsonl", messages=w.messages, duration_s=w.duration_s,
                 rate=w.rate, namespaces=w.namespaces, seed=seed, body_bytes=w.body_bytes, drain_s=w.drain_s,
-                delete_fraction=w.delete_fraction,
+                delete_fraction=w.delete_fraction, poll_interval_s=w.poll_interval_s,
                 client_bugs=[b for b in inject_bugs if b in CLIENT_BUGS], before_drain=heal_then_quiet,
                 now_ms=world.now_ms, entropy=world.entropy,
                 **({"network": world.network} if world.network is not None else {}))

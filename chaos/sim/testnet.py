@@ -29,7 +29,7 @@ import random
 import signal
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import trio
 
@@ -190,7 +190,10 @@ class SimLauncher:
     async def start_toxiproxy(self, net: Testnet) -> None:
         net.api = SimToxiproxy(self.world.net, net.nursery, self.world.rng("toxiproxy"))  # type: ignore[assignment]
 
-    async def start_nodes(self, net: Testnet, names: list[str], timeout_s: float) -> None:
+    async def start_nodes(self, net: Testnet, names: list[str], timeout_s: float, *,
+                          spawned: Callable[[], None] | None = None) -> None:
+        if spawned is not None:
+            spawned()  # a simulated process runs as soon as it is made
         for name in names:  # in order: the same seed starts them the same way
             await self._start_node(net, net.nodes[name])
 
@@ -222,7 +225,11 @@ class SimLauncher:
         listening = await net.nursery.start(run)
         net.nursery.start_soon(watch_node, net, rt, child)
         rt.port = int(listening[0][1])
-        rt.state = "running"
+        # A new process listens at none of its users' ingress ports yet: open_ingress must open
+        # them again (as ProcessLauncher says).  Left True, a restarted node was never given
+        # them, so every user path through it broke; once a power loss had restarted every
+        # node, no user reached any node for the rest of the run.
+        rt.state, rt.ingress_open = "running", False
 
 
 class _ProcLogs(logging.Handler):

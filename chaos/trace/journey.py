@@ -32,6 +32,7 @@ virtual, from 2030-01-01, and a kill loses no capture bytes)::
                   "source": "capture" | "history"}],
      "copies": [{"node", "from", "via", "sent_t", "t", "status", "arrived": bool, "authenticated": bool | null}],
      "storage": [{"node", "row": bool, "row_id", "expiry", "deleted_t", "member": bool, "live", "error"}],
+     "losses": [{"node", "t", "fault", "torn": bool}],
      "retrieves": [{"node", "user", "t", "replied_t", "path": [node], "first": bool, "foreign": bool}],
      "missed_retrieves": {node: {"since_t", "count", "more": n}},
      "receives": [{"user", "t", "error"}],
@@ -76,6 +77,11 @@ virtual, from 2030-01-01, and a kill loses no capture bytes)::
   there, on the node's own (possibly skewed) clock.  ``missed_retrieves``:
   the recipient's retrieves at a node, after the node had the message and
   before anything removed it there, that did not return it.
+* ``losses``: each power loss that took the message from a node that held it
+  (committed there, and perhaps acknowledged, but not yet synced): the node's own
+  record, written as it lost power (its log's ``power loss`` line lists what a
+  restart on the files left would no longer hold); ``fault`` is the power-loss
+  fault of faults.jsonl that hit it.
 * ``retrieves[].foreign``: the retrieve was signed by another user than the
   recipient (its account's inbox), yet returned this message.
 * ``deletes``: the history's deletes naming it (or one with ``id`` null when
@@ -311,6 +317,24 @@ def _storage(run: Run, h: str, members: list[str]) -> list[dict[str, Any]]:
     return out
 
 
+LOSS_MATCH_MS = 10_000  # a node's power-loss record and its fault's start: the call's time apart
+
+
+def _losses(run: Run, h: str) -> list[dict[str, Any]]:
+    """Each power loss that took ``h`` from a node, from the node's own record of what it lost."""
+    out = []
+    for node, events in sorted(run.logs.items()):
+        for e in events:
+            if e.get("event") != "power loss" or h[:16] not in (e.get("lost_hashes") or ()):
+                continue
+            bands = [b for b in run.faults if b.kind == "power-loss" and node in b.targets.get("nodes", ())
+                     and abs(b.start_t - e["t"]) <= LOSS_MATCH_MS]
+            band = min(bands, key=lambda b: abs(b.start_t - e["t"]), default=None)
+            out.append({"node": node, "t": e["t"], "fault": band.fault if band else None,
+                        "torn": bool(e.get("torn"))})
+    return sorted(out, key=lambda x: x["t"])
+
+
 def _retrieves(run: Run, h: str, recipient: str | None) -> list[dict[str, Any]]:
     """Every retrieve whose answer (opened with its target's layer key) included ``h``."""
     out = []
@@ -396,18 +420,19 @@ def journey(run: Run, key: str) -> dict[str, Any]:
                             f"when, or whether, it committed cannot be told from its capture")
 
     storage = _storage(run, h, members)
+    losses = _losses(run, h)
     retrieves = _retrieves(run, h, recipient)
     receives = [{"user": r.get("process"), "t": r.get("t"), "error": r.get("error")}
                 for r in records if r.get("op") == "receive"]
     deletes = _deletes(run, h, storage)
     missed = _missed(run, h, recipient, ok_commits, copies, deletes) \
         if recipient and not any(r["user"] == recipient for r in receives) else {}
-    faults = faults_touching(run, sent, attempts, copies, commits, storage, retrieves, deletes, recipient)
+    faults = faults_touching(run, sent, attempts, copies, commits, storage, retrieves, deletes, recipient, losses)
     j = {"schema": SCHEMA, "run_id": run.run.get("run_id"), "simulated": run.simulated, "msg_id": msg_id,
          "hash": h, "from": sender, "to": recipient, "namespace": (invoke or {}).get("namespace"),
          "outcomes": _outcomes(run, records, msg_id), "sent": sent,
          "swarm": {"id": swarm_id, "members": members, "source": run.swarms_source},
-         "attempts": attempts, "commits": commits, "copies": copies, "storage": storage,
+         "attempts": attempts, "commits": commits, "copies": copies, "storage": storage, "losses": losses,
          "retrieves": retrieves, "missed_retrieves": missed, "receives": receives, "deletes": deletes,
          "faults": faults, "unknowns": unknowns}
     j["findings"] = findings(run, j)
@@ -514,6 +539,9 @@ def timeline(run: Run, j: Mapping[str, Any]) -> list[dict[str, Any]]:
             add(x["sent_t"], x["from"], "copy", f"copy to {x['node']} ({x['via']}) "
                 + ("served, to a caller that never proved a node key" if x["authenticated"] is False
                    else "sent, never arrived") + f": {x['status']}")
+    for x in j.get("losses", ()):
+        add(x["t"], x["node"], "lost", "lost its copy at a power loss" + (f" (fault {x['fault']})" if x["fault"] else "")
+            + ": committed, never synced" + (" (torn)" if x["torn"] else ""))
     for r in j["retrieves"]:
         add(r["t"], r["node"], "retrieve", f"retrieve by {r['user']} returned it" + (" (first)" if r["first"] else "")
             + (f" (not {j['to']}'s inbox)" if r["foreign"] else ""), r["replied_t"])

@@ -26,7 +26,7 @@ from chaos.trace.captures import NodeKeys, Opened, Replayed, replay_captures
 
 __all__ = ["TraceError", "FaultBand", "Chain", "HistoryIndex", "Run", "load_faults", "load_run", "find_message"]
 
-LOG_EVENTS = {"listening", "clock offset", "rehomed", "expired", "swarm view"}
+LOG_EVENTS = {"listening", "clock offset", "rehomed", "expired", "swarm view", "power loss"}
 
 
 class TraceError(Exception):

@@ -31,12 +31,13 @@ def _holders(j: Mapping[str, Any]) -> dict[str, int]:
 
 def faults_touching(run: Run, sent: Mapping[str, Any] | None, attempts: list[dict[str, Any]], copies: list[dict[str, Any]],
             commits: list[dict[str, Any]], storage: list[dict[str, Any]], retrieves: list[dict[str, Any]],
-            deletes: list[dict[str, Any]], recipient: str | None) -> list[dict[str, Any]]:
+            deletes: list[dict[str, Any]], recipient: str | None,
+            losses: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """Faults active during the journey, each with the steps of this message it touched."""
     times = [t for a in attempts for t in (a["t"], a["end_t"]) if t] + [x["t"] or x["sent_t"] for x in copies] + \
         [r["t"] for r in retrieves] + [d["t"] for d in deletes if d["t"]] + \
         [(sent or {}).get("invoke_t"), (sent or {}).get("done_t")]
-    times = [t for t in times if isinstance(t, int)]
+    times = [t for t in times if isinstance(t, int)] + [x["t"] for x in losses]
     if not times:
         return []
     # A message stored but never delivered may yet be lost by a later fault: watch it to the end of the run.
@@ -79,6 +80,9 @@ def faults_touching(run: Run, sent: Mapping[str, Any] | None, attempts: list[dic
             if x["from"] and x["node"] and band.active(a, b) and \
                     (band.touches_link(src, dst) or band.touches_node(x["node"])):
                 touches.append(f"copy {x['from']}->{x['node']}" + ("" if x["arrived"] else " (never arrived)"))
+        for x in losses:
+            if x["fault"] == band.fault:
+                touches.append(f"{x['node']} lost its copy: committed, not synced")
         for node, got in sorted(holders.items()):
             if node not in rows and band is _first_loss(run, node, got):
                 touches.append(f"{node} held a copy and has no row now")
@@ -212,8 +216,9 @@ def findings(run: Run, j: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _first_loss(run: Run, node: str, got: int) -> FaultBand | None:
-    """The first process fault on ``node`` active at or after ``got``: what could have taken its copy."""
-    return next((b for b in run.faults if b.family == "process" and b.touches_node(node)
+    """The first process fault (or power loss) on ``node`` active at or after ``got``: what could have
+    taken its copy."""
+    return next((b for b in run.faults if (b.family == "process" or b.kind == "power-loss") and b.touches_node(node)
                  and (b.end_t is None or b.end_t >= got)), None)
 
 
@@ -283,7 +288,10 @@ def trail(run: Run, j: Mapping[str, Any]) -> dict[str, Any]:
     unreadable = [s["node"] for s in j["storage"] if s["row"] is None and s["member"]]
     parts.append(f"no readable database has a row or a tombstone for it (unreadable: {', '.join(unreadable)})"
                  if unreadable else "no node has a row or a tombstone for it now")
-    cause = [f for f in j["faults"] if any("has no row now" in t for t in f["touches"])]
+    lost_at = j.get("losses") or []
+    if lost_at:
+        parts.append(f"lost at a power loss, committed but never synced, on {_names([x['node'] for x in lost_at])}")
+    cause = [f for f in j["faults"] if any("has no row now" in t or "not synced" in t for t in f["touches"])]
     if cause:
         f = cause[0]
         parts.append(f"fault {f['fault']} {f['kind']} hit {', '.join(f['targets'].get('nodes') or [])} at "

@@ -375,8 +375,10 @@ class ClusterLauncher:
                     _raise(await link.call("start_zygote", timeout_s=AGENT_START_TIMEOUT_S), f"zygote on {link.name}")
                 nursery.start_soon(one)
 
-    async def start_nodes(self, net: Any, names: list[str], timeout_s: float) -> None:
-        """Start ``names`` on their hosts, all at once; each host's ingress listeners as its nodes come up."""
+    async def start_nodes(self, net: Any, names: list[str], timeout_s: float, *,
+                          spawned: Callable[[], None] | None = None) -> None:
+        """Start ``names`` on their hosts, all at once; each host's ingress listeners as its nodes come up
+        (a host answers once its nodes listen: ``spawned()`` is called then)."""
         by_host: dict[str, list[str]] = {}
         for name in names:
             by_host.setdefault(net.nodes[name].plan.place, []).append(name)
@@ -410,6 +412,8 @@ class ClusterLauncher:
         async with trio.open_nursery() as nursery:
             for host, group in by_host.items():
                 nursery.start_soon(on_host, host, group)
+        if spawned is not None:
+            spawned()
 
 
 async def watch_node(net: Any, rt: Any, child: Any) -> None:
