@@ -75,6 +75,10 @@ NEMESES: dict[str, tuple[str, dict[str, Any]]] = {
     "byzantine": ("byzantine", BYZANTINE_DEFAULTS),
 }
 
+# The time a simulated hop and sync take (chaos/sim/wire.py): measured loopback figures
+# (the default), a wide-area network, or none at all.  Real runs take the machine's own.
+WIRE_PROFILES = ("loopback", "wide-area", "instant")
+
 # Target selectors a fault may name instead of concrete nodes, resolved when
 # the schedule is expanded (names) or when the fault starts (swarms).
 SELECTORS = ("node", "nodes", "swarm-of-user", "all-links", "node-links", "new")
@@ -138,6 +142,7 @@ class Scenario:
     checkers: tuple[str, ...]
     seed: int | None = None
     source: str | None = None
+    wire: str = "loopback"  # [sim] wire: the simulation's link and disk timing profile
 
 
 def _section(raw: Mapping[str, Any], key: str, allowed: set[str]) -> Mapping[str, Any]:
@@ -216,7 +221,7 @@ def _kind(kind: Any, where: str) -> str:
 
 
 def parse_scenario(raw: Mapping[str, Any], *, name: str = "scenario", source: str | None = None) -> Scenario:
-    unknown = set(raw) - {"name", "description", "seed", "topology", "workload", "faults", "check"}
+    unknown = set(raw) - {"name", "description", "seed", "topology", "workload", "faults", "check", "sim"}
     if unknown:
         raise ScenarioError(f"unknown top-level key(s): {', '.join(sorted(unknown))}")
     t = _section(raw, "topology", {"nodes", "min_swarm", "users", "links"})
@@ -286,8 +291,12 @@ def parse_scenario(raw: Mapping[str, Any], *, name: str = "scenario", source: st
     seed = raw.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ScenarioError("seed must be an integer")
+    wire = _section(raw, "sim", {"wire"}).get("wire", "loopback")
+    if wire not in WIRE_PROFILES:
+        raise ScenarioError(f"sim.wire must be one of {', '.join(WIRE_PROFILES)}, got {wire!r:.40}")
     return Scenario(str(raw.get("name", name)), str(raw.get("description", "")), topology, workload,
-                    tuple(timeline), generator, _num(c, "quiet_s", "check", 5.0, 0, 3600), checkers, seed, source)
+                    tuple(timeline), generator, _num(c, "quiet_s", "check", 5.0, 0, 3600), checkers, seed, source,
+                    wire)
 
 
 def load_scenario(path: str | Path) -> Scenario:

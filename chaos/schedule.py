@@ -203,7 +203,8 @@ def schedule_as_scenario(scenario: Scenario, schedule: Schedule) -> dict[str, An
             "seed": schedule.seed,
             "topology": {"nodes": t.nodes, "min_swarm": t.min_swarm, "users": t.users, "links": t.links},
             "workload": workload, "faults": {"timeline": timeline},
-            "check": {"quiet_s": scenario.quiet_s, "checkers": list(scenario.checkers)}}
+            "check": {"quiet_s": scenario.quiet_s, "checkers": list(scenario.checkers)},
+            **({"sim": {"wire": scenario.wire}} if scenario.wire != "loopback" else {})}
 
 
 def to_toml(d: Mapping[str, Any]) -> str:

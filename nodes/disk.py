@@ -31,7 +31,7 @@ import itertools
 import os
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import apsw
 
@@ -75,9 +75,13 @@ class _Cache:
 class Disk:
     """One node's disk: the fault switches, the pending-write model and the VFS."""
 
-    def __init__(self, rng: random.Random, *, real_sync: bool = True) -> None:
+    def __init__(self, rng: random.Random, *, real_sync: bool = True,
+                 sync_time: Callable[[], float] | None = None) -> None:
         self.rng = rng
         self.real_sync = real_sync  # pass syncs to the OS (real runs); the model holds either way
+        # What a sync takes when no fault slows it (s), owed like a slow disk's: the
+        # simulation's seeded figures (chaos/sim/wire.py); a real disk takes its own time.
+        self.sync_time = sync_time
         self.vfs_name = f"swarmnet-disk-{next(_names)}"
         self._caches: dict[str, _Cache] = {}
         self.full = False
@@ -319,7 +323,7 @@ class _DiskFile(apsw.VFSFile):
         if disk.real_sync:
             super().xSync(flags)
         disk.counts["syncs"] += 1
-        disk._owed_s += disk.sync_s
+        disk._owed_s += disk.sync_s if disk.sync_time is None else disk.sync_s + disk.sync_time()
 
     def xClose(self) -> None:
         if not self.disk.powered_off:

@@ -74,6 +74,8 @@ def test_generator_never_overlaps_process_faults_on_one_node():
     ({"faults": {"timeline": [{"kind": "adversary", "params": {"attacks": []}}]}}, "params.attacks"),
     ({"faults": {"timeline": [{"kind": "adversary", "params": {"flood": 3}}]}}, "params: unknown"),
     ({"faults": {"timeline": [{"kind": "adversary", "params": {"flood_connections": 0}}]}}, "flood_connections"),
+    ({"sim": {"wire": "dial-up"}}, "sim.wire"),
+    ({"sim": {"latency": 3}}, r"unknown key\(s\) in \[sim\]"),
 ])
 def test_bad_scenarios_name_the_key(bad, words):
     with pytest.raises(ScenarioError, match=words):
@@ -97,7 +99,11 @@ def test_adversary_faults_expand_with_their_params_from_timelines_and_the_genera
     sched.write(tmp_path / "schedule.json")
     assert Schedule.read(tmp_path / "schedule.json") == sched
     shrunk = parse_scenario(tomllib.loads(to_toml(schedule_as_scenario(sc, sched.subset([timeline.id])))))
-    assert shrunk.timeline[0].params["attacks"] == ["liar", "stranger"]
+    assert shrunk.timeline[0].params["attacks"] == ["liar", "stranger"] and shrunk.wire == "loopback"
+    # The simulation's wire profile goes with a shrunk scenario.
+    far = parse_scenario({"sim": {"wire": "wide-area"}, "faults": {"timeline": [{"kind": "kill"}]}})
+    assert parse_scenario(tomllib.loads(to_toml(schedule_as_scenario(far, expand(far, 4, NODES, USERS))))).wire \
+        == "wide-area"
 
 
 def test_unknown_node_in_timeline_is_an_error():

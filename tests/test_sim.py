@@ -96,12 +96,14 @@ def test_a_faulted_scenario_replays_byte_for_byte_in_another_process(tmp_path):
     faults = [json.loads(line) for line in (Path(first["run_dir"]) / "faults.jsonl").read_text().splitlines()]
     started = {f["kind"] for f in faults if f["phase"] == "start"}
     assert started == {"latency", "kill", "split-swarm", "blackhole", "pause", "clock-skew", "slicer"}, faults
-    # On virtual time nothing waits for a CPU: every phase takes effect when planned (a killed
-    # node's heal then waits for it to be ready: with its users' ingress opened again, which
-    # gives it the turns to fetch its view, it is ready when first asked), and the run is held
-    # to its schedule as a real one.
+    # On virtual time nothing waits for a CPU: every phase takes effect when planned, but for the
+    # simulated wire's time on the calls a fault makes (the registry's swarms, a node's clock);
+    # one applied to the links alone takes none (a killed node's heal then waits for it to be
+    # ready: with its users' ingress opened again it is ready when first asked), and the run is
+    # held to its schedule as a real one.
     timed = [f for f in faults if f["phase"] in ("start", "end")]
-    assert len(timed) == 14 and all(f["late_ms"] == 0 for f in timed), faults
+    assert len(timed) == 14 and all(f["late_ms"] <= 5 for f in timed), faults
+    assert all(f["late_ms"] == 0 for f in timed if f["kind"] in ("latency", "blackhole", "slicer")), faults
     assert first["harness"] == [] and third["harness"] == []
     assert first["virtual_s"] > 12
 

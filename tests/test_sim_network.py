@@ -145,3 +145,30 @@ async def test_reset_peer_breaks_connections_and_slicer_keeps_the_bytes(autojump
                     await s.receive_some(10)
         assert abs(trio.current_time() - t0 - 0.2) < 0.01
         nursery.cancel_scope.cancel()
+
+
+async def test_the_wire_takes_each_route_its_time_keeps_order_and_ends_after_the_data(autojump_clock):
+    from chaos.sim.wire import LOOPBACK, Wire, model_for
+
+    wire = Wire(model_for("loopback", 7, random.Random(7)))
+    net = SimNetwork(wire)
+    net.attach_wire()
+    async with trio.open_nursery() as nursery:
+        await proxied(net, nursery)  # an echo server at 127.1.0.1 behind a proxy at 127.1.0.9:7000
+        addr = next(a for a in net._listeners if a[0] == "127.1.0.1")
+        direct = await net.open_tcp_stream(*addr, local_address="127.1.0.2")
+        via = await net.open_tcp_stream("127.1.0.9", 7000, local_address="127.1.0.2")
+        for s, (lo, _) in ((direct, LOOPBACK.direct_ms), (via, LOOPBACK.proxied_ms)):
+            t0 = trio.current_time()
+            assert await roundtrip(s) == b"ping"
+            assert 2 * lo / 1000 <= trio.current_time() - t0 < 0.05  # two legs of the route, and jitter
+        chunks = [b"%d," % i for i in range(300)]
+        for c in chunks:
+            await via.send_all(c)
+        await via.send_eof()  # the echo server closes after it: the end comes after every chunk
+        got = b""
+        while chunk := await via.receive_some(100_000):
+            got += chunk
+        assert got == b"".join(chunks)
+        assert wire.statistics()["jumps"] > 0 and wire.statistics()["in_flight"] == 0
+        nursery.cancel_scope.cancel()

@@ -5,9 +5,11 @@
 local_address=)`` — and hands out :class:`SimStream` objects that behave like
 TCP streams: bytes arrive in order, a close is seen as end of stream after
 the data before it, a reset breaks the other side at once, connecting to an
-address nobody listens on is refused.  Delivery takes no time: delays,
-bandwidth and loss come from the simulated Toxiproxy (``toxiproxy.py``),
-exactly where the real harness puts them.
+address nobody listens on is refused.  Delivery takes the time the run's wire
+model says (``wire.py``: a seeded delay per route and chunk, kept in order per
+connection; none with the ``instant`` profile); faults' delays, bandwidth and
+loss come on top from the simulated Toxiproxy (``toxiproxy.py``), exactly where
+the real harness puts them.
 
 Every choice is deterministic: ports are handed out in order per host, and
 waking a reader is a plain trio event, so with a seeded scheduler the same
@@ -23,6 +25,8 @@ import errno
 from typing import Any, Callable
 
 import trio
+
+from .wire import Wire
 
 Address = tuple[str, int]
 
@@ -48,23 +52,54 @@ class _Pipe:
     """One direction of a connection: a byte buffer, end of stream, or broken.
 
     ``forward``, when set by whoever reads this pipe (a simulated proxy), is offered the
-    bytes written while the buffer is empty, and returns True if it passed them on
+    bytes that arrive while the buffer is empty, and returns True if it passed them on
     itself: a proxy without toxics then costs no task step per chunk.
+
+    With a ``wire``, what is written (:meth:`put`, :meth:`shut`) arrives (:meth:`arrive`)
+    after the route's delay; without one, at once.  ``shut`` is the writer's end of
+    stream, ``eof`` the reader's (it arrives after the data before it).
     """
 
-    __slots__ = ("buf", "eof", "broken", "lot", "forward")
+    __slots__ = ("buf", "eof", "shut_", "broken", "lot", "forward", "wire", "base_s", "last_at")
 
-    def __init__(self) -> None:
+    def __init__(self, wire: Wire | None = None, base_s: float = 0.0) -> None:
         self.buf = bytearray()
         self.eof = False
+        self.shut_ = False
         self.broken = False
         self.lot = trio.lowlevel.ParkingLot()  # the reader waiting for bytes
         self.forward: Callable[[bytes], bool] | None = None
+        self.wire = wire
+        self.base_s = base_s
+        self.last_at = 0.0  # when the latest chunk in flight arrives (virtual s)
 
     def put(self, data: bytes | bytearray | memoryview) -> None:
-        if self.forward is not None and not self.buf and self.forward(bytes(data)):
+        if self.wire is not None:
+            self.wire.send(self, bytes(data))
+        else:
+            self.arrive(data)
+
+    def shut(self) -> None:
+        """The writer's end of stream (once)."""
+        if self.shut_:
             return
-        self.buf += data
+        self.shut_ = True
+        if self.wire is not None:
+            self.wire.send(self, None)
+        else:
+            self.arrive(None)
+
+    def arrive(self, data: bytes | bytearray | memoryview | None) -> None:
+        """Bytes (``None``: end of stream) reach the reader's side; lost if the pipe broke
+        while they were in flight (a reset overtakes what is on the wire)."""
+        if self.broken:
+            return
+        if data is None:
+            self.eof = True
+        elif self.forward is not None and not self.buf and self.forward(bytes(data)):
+            return
+        else:
+            self.buf += data
         self.notify()
 
     def notify(self) -> None:
@@ -93,7 +128,7 @@ class SimStream(trio.abc.HalfCloseableStream):
             await self._net.wait_running(self.host)
             if self._closed:
                 raise trio.ClosedResourceError("stream closed")
-        if self._out.broken or self._out.eof:
+        if self._out.broken or self._out.shut_:
             raise trio.BrokenResourceError("connection reset by peer")
         # Buffering never blocks: honour a cancellation, but do not give up the turn
         # (a yield per write was a measurable share of a simulated run).
@@ -109,7 +144,7 @@ class SimStream(trio.abc.HalfCloseableStream):
             raise trio.ClosedResourceError("stream closed")
         if self._net._paused and self.host in self._net._paused:
             return False
-        if self._out.broken or self._out.eof:
+        if self._out.broken or self._out.shut_:
             raise trio.BrokenResourceError("connection reset by peer")
         if data:
             self._out.put(data)
@@ -120,9 +155,7 @@ class SimStream(trio.abc.HalfCloseableStream):
 
     async def send_eof(self) -> None:
         await trio.lowlevel.checkpoint()
-        if not self._out.eof:
-            self._out.eof = True
-            self._out.notify()
+        self._out.shut()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._closed:
@@ -158,9 +191,7 @@ class SimStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            if not self._out.eof:
-                self._out.eof = True
-                self._out.notify()
+            self._out.shut()
             # Bytes the peer still sends are refused (a write to a closed socket is reset).
             self._in.buf.clear()
             self._in.broken = True
@@ -172,6 +203,7 @@ class SimListener(trio.abc.Listener[SimStream]):
     def __init__(self, net: SimNetwork, address: Address) -> None:
         self._net = net
         self.address = address
+        self.proxied = False  # a simulated Toxiproxy proxy's: its routes take the proxied figures
         self.socket = _SimSocket(address, ("0.0.0.0", 0))
         self._send, self._receive = trio.open_memory_channel[SimStream](1 << 30)
         self._closed = False
@@ -208,11 +240,13 @@ class SimListener(trio.abc.Listener[SimStream]):
 class SimNetwork:
     """Loopback addresses and ports in memory; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, wire: Wire | None = None) -> None:
         self._listeners: dict[Address, SimListener] = {}
         self._next_port: dict[str, int] = {}
         self._paused: dict[str, trio.Event] = {}
         self.connections = 0
+        # Delays on every connection (wire.py), once attached to the run (attach_wire).
+        self.wire = wire if wire is not None and not wire.model.instant else None
 
     # ------------------------------------------------------------------ the seam rpc uses
 
@@ -229,19 +263,36 @@ class SimNetwork:
         self._listeners[addr] = listener
         return [listener]
 
-    async def open_tcp_stream(self, host: str, port: int, *, local_address: str | None = None) -> SimStream:
+    async def open_tcp_stream(self, host: str, port: int, *, local_address: str | None = None,
+                              timed: bool = True) -> SimStream:
+        """A connection to (host, port); ``timed=False`` (a simulated proxy to its upstream):
+        no delay of its own, the hop's time having been taken on the way into the proxy."""
         await trio.lowlevel.checkpoint()
         listener = self._listeners.get((host, port))
         if listener is None:
             raise OSError(errno.ECONNREFUSED, f"connection to {host}:{port} refused")
         local = (local_address or "127.0.0.1", self._free_port(local_address or "127.0.0.1"))
-        a_to_b, b_to_a = _Pipe(), _Pipe()
+        wire = self.wire if timed else None
+        if wire is None:
+            a_to_b, b_to_a = _Pipe(), _Pipe()
+        else:
+            # A proxy's route is its link (one listen address per directed link); a direct
+            # one is the pair of hosts.
+            route = f"{local[0]}>{host}:{port}" if listener.proxied else f"{local[0]}>{host}"
+            base = wire.model.base_s(route, proxied=listener.proxied)
+            a_to_b, b_to_a = _Pipe(wire, base), _Pipe(wire, base)
         client = SimStream(self, local, (host, port), inbound=b_to_a, outbound=a_to_b)
         server = SimStream(self, (host, port), local, inbound=a_to_b, outbound=b_to_a)
         client._peer, server._peer = server, client
         listener.deliver(server)
         self.connections += 1
         return client
+
+    def attach_wire(self) -> None:
+        """Start delivering what is on the wire (once, from inside the run; nothing to do
+        when delivery is instant)."""
+        if self.wire is not None:
+            self.wire.attach()
 
     # ------------------------------------------------------------------ processes
 
@@ -278,4 +329,5 @@ class SimNetwork:
             del self._listeners[listener.address]
 
     def statistics(self) -> dict[str, Any]:
-        return {"listeners": len(self._listeners), "connections": self.connections, "paused": sorted(self._paused)}
+        return {"listeners": len(self._listeners), "connections": self.connections, "paused": sorted(self._paused),
+                "wire": self.wire.statistics() if self.wire is not None else {"profile": "instant"}}

@@ -55,7 +55,7 @@ def run_sim(scenario: Scenario, seed: int, *, variant: int = 0, runs_dir: Path =
     """Run ``scenario`` in the simulation with ``seed`` (and ``variant``, see
     :class:`SimWorld`): a fresh trio run, so call it from sync code, once per process
     when runs must compare (trio's scheduler state is per process)."""
-    world = SimWorld(seed, variant)
+    world = SimWorld(seed, variant, wire=scenario.wire)
     clock: dict[str, float] = {}
     t0 = time.monotonic()
     cpu0 = time.process_time()
@@ -89,7 +89,7 @@ def run_sim(scenario: Scenario, seed: int, *, variant: int = 0, runs_dir: Path =
         gc.set_threshold(*thresholds)
     wall = time.monotonic() - t0
     run_wall, run_cpu = clock.get("run_wall", wall), clock.get("run_cpu", wall)
-    sim = {"seed": seed, "variant": variant, "virtual_s": round(clock["virtual_s"], 3), "wall_s": round(wall, 3),
+    sim = {"seed": seed, "variant": variant, "wire": scenario.wire, "virtual_s": round(clock["virtual_s"], 3), "wall_s": round(wall, 3),
            "speedup": round(clock["virtual_s"] / wall, 1) if wall > 0 else None,
            # boot -> workload drained, without checkers and report
            "run": {"virtual_s": round(clock.get("run_virtual", clock["virtual_s"]), 3), "wall_s": round(run_wall, 3),

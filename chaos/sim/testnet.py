@@ -47,6 +47,7 @@ from testnet.registry import run_registry
 
 from .network import SimNetwork
 from .toxiproxy import SimToxiproxy
+from .wire import DEFAULT_PROFILE, Wire, model_for
 
 # Virtual time starts here (2030-01-01T00:00:00Z) in every run, so a seed
 # gives the same timestamps: histories compare byte for byte.
@@ -62,13 +63,16 @@ class SimWorld:
     ``seed`` is the run's seed (keys, schedule and workload, as in a real run);
     ``variant`` picks everything else — nonces, jitter, timer phases, the
     scheduler's choices — so one real run's plan can be tried under many
-    interleavings (``swarmnet sim reproduce``).
+    interleavings (``swarmnet sim reproduce``).  ``wire`` names the profile of
+    the time hops and syncs take (``wire.py``): each route's base delay comes
+    from the seed, each chunk's and sync's jitter from the variant.
     """
 
-    def __init__(self, seed: int, variant: int = 0) -> None:
+    def __init__(self, seed: int, variant: int = 0, wire: str = DEFAULT_PROFILE) -> None:
         self.seed = seed
         self.variant = variant
-        self.net = SimNetwork()
+        self.wire = model_for(wire, seed, self.rng("wire"))
+        self.net = SimNetwork(Wire(self.wire))
 
     @property
     def scheduler_seed(self) -> int:
@@ -86,6 +90,12 @@ class SimWorld:
 
     def randbytes(self, *names: object) -> Any:
         return self.rng("bytes", *names).randbytes
+
+    def disk(self, name: str, life: int) -> Disk:
+        """A node's simulated disk: no OS syncs; each sync takes the wire profile's time,
+        paid on the node's clock as a slow disk's is."""
+        sync_time = None if self.wire.instant else self.wire.sync_time(self.rng("sync", name, life))
+        return Disk(self.rng("disk", name, life), real_sync=False, sync_time=sync_time)
 
 
 class SimChild:
@@ -208,7 +218,7 @@ class SimLauncher:
         child = SimChild(n.name, self.world.net, n.host, (n.log,))
         node = Node(config, clock=Clock(config.clock_offset_ms, source=self.world.now_s),
                     randbytes=self.world.randbytes(n.name, life), rng=self.world.rng(n.name, life),
-                    network=self.world.net, disk=Disk(self.world.rng("disk", n.name, life), real_sync=False),
+                    network=self.world.net, disk=self.world.disk(n.name, life),
                     halt=lambda code: child.kill())
         install_onion(node)
         rt.state, rt.exit_code, rt.child = "starting", None, child  # type: ignore[assignment]
@@ -290,6 +300,7 @@ async def open_sim_testnet(options: Options, world: SimWorld, *, progress: Any =
         net = Testnet(plan, nursery, SimLauncher(world), progress=progress, network=world.net,
                       clock=world.now_ms, randbytes=world.randbytes("controller"), proxies_on_use=False)
         nets.append(net)
+        world.net.attach_wire()
         return net
 
     try:

@@ -22,6 +22,10 @@ connection to its upstream through a chain of toxics, per direction
 * ``toxicity`` — whether a toxic acts is decided once per connection;
 * a disabled proxy closes its connections and refuses new ones.
 
+A hop's own time (the wire model's, ``wire.py``) is taken on the connection
+into the proxy, both ways, with the figures measured through a real proxy;
+the proxy's connection to its upstream adds none.  Toxics add on top.
+
 Random draws (jitter, toxicity, slice sizes) come from the ``random.Random``
 given, in a fixed order, so a seed replays them.
 """
@@ -84,6 +88,7 @@ class SimProxy:
 
     async def start(self) -> None:
         (self._listener,) = await self.owner.net.open_tcp_listeners(self.listen[1], host=self.listen[0])
+        self._listener.proxied = True
         self.owner.nursery.start_soon(self._accept_loop, self._listener)
 
     async def stop(self) -> None:
@@ -104,7 +109,7 @@ class SimProxy:
 
     async def _serve(self, client: SimStream) -> None:
         try:
-            server = await self.owner.net.open_tcp_stream(*self.upstream, local_address="127.0.0.1")
+            server = await self.owner.net.open_tcp_stream(*self.upstream, local_address="127.0.0.1", timed=False)
         except OSError:
             client.reset()  # Toxiproxy closes the client when the upstream refuses
             return
