@@ -58,18 +58,8 @@ async def watch_node(net: Testnet, rt: NodeRuntime, child: procs.Child) -> None:
             net.save()
 
 
-# The nodes' CPU priority below the harness's (the controller, the registry, Toxiproxy).  A
-# large network saturates this machine, and a fault is thousands of Toxiproxy calls that then
-# waited for CPU behind the nodes (an all-links latency fault at 300 nodes: 2.5 s of Toxiproxy
-# CPU spread over 3.9 s, load 39); on a real network the wires take no CPU from the nodes, and
-# the harness's timing is the ground truth faults and histories are judged by.  The nodes keep
-# all the CPU the harness leaves, shared among themselves as before.
-NODE_NICE = 10
-
-
 class ProcessLauncher:
-    """Real processes, each in its own process group, that die with the controller; the nodes
-    at a lower CPU priority (:data:`NODE_NICE`)."""
+    """Real processes, each in its own process group, that die with the controller."""
 
     def __init__(self, *, zygote: bool = True, toxiproxy_binary: Path | None = None) -> None:
         self.uses_zygote = zygote
@@ -109,7 +99,7 @@ class ProcessLauncher:
 
     async def start_zygote(self, net: Testnet) -> None:
         net.zygote = procs.Zygote.launch("nodes.__main__:main", stderr=net.run_dir / "zygote.log",
-                                          preload=("nodes.server", "nodes.onion"), nice=NODE_NICE)
+                                          preload=("nodes.server", "nodes.onion"))
         await net.zygote.wait_ready(net.nursery)
 
     async def start_nodes(self, net: Testnet, names: list[str], timeout_s: float) -> None:
@@ -138,4 +128,4 @@ class ProcessLauncher:
         args = ["--config", str(n.config_file)]
         if net.zygote is not None:
             return await net.zygote.spawn(n.name, args, stderr=n.stderr, logs=(n.log,))
-        return procs.spawn(n.name, procs.python_argv("nodes", *args), stderr=n.stderr, logs=(n.log,), nice=NODE_NICE)
+        return procs.spawn(n.name, procs.python_argv("nodes", *args), stderr=n.stderr, logs=(n.log,))

@@ -63,14 +63,11 @@ class NotReady(ChildFailed):
     """A child did not announce or confirm readiness in time."""
 
 
-def _die_with_parent(parent_pid: int | None, nice: int = 0) -> None:
-    """Runs in the child between fork and exec (``parent_pid`` None: outlive the parent)."""
-    if parent_pid is not None:
-        _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent_pid:
-            os._exit(70)  # the parent died before the signal was armed
-    if nice:
-        os.nice(nice)
+def _die_with_parent(parent_pid: int) -> None:
+    """Runs in the child between fork and exec."""
+    _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(70)  # the parent died before the signal was armed
 
 
 def tail_lines(paths: Iterable[Path | None], n: int = 15) -> str:
@@ -187,9 +184,8 @@ class Child:
 def spawn(name: str, argv: list[str], *, stderr: Path, logs: tuple[Path | None, ...] = (),
           env: dict[str, str] | None = None, cwd: Path | None = None,
           parent_death: bool = True, ready_pipe: bool = True,
-          pass_fds: tuple[int, ...] = (), nice: int = 0) -> tuple[Child, int | None]:
+          pass_fds: tuple[int, ...] = ()) -> tuple[Child, int | None]:
     """Start ``argv`` in its own process group; returns the child and the read end of its stdout.
-    ``nice`` (0-19) lowers its CPU priority, and that of every process it starts.
 
     stdout is a pipe for the readiness line (``ready_pipe``; else it joins
     stderr and no fd is returned); stderr is appended to ``stderr``.
@@ -203,8 +199,7 @@ def spawn(name: str, argv: list[str], *, stderr: Path, logs: tuple[Path | None, 
             popen = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=err if wfd is None else wfd, stderr=err, cwd=cwd, env=env,
                 close_fds=True, pass_fds=pass_fds, process_group=0,
-                preexec_fn=((lambda: _die_with_parent(parent if parent_death else None, nice))
-                            if parent_death or nice else None),
+                preexec_fn=(lambda: _die_with_parent(parent)) if parent_death else None,
             )
     except OSError as exc:
         if rfd is not None:
@@ -373,17 +368,16 @@ class Zygote:
         self._loop_scope: trio.CancelScope | None = None
 
     @classmethod
-    def launch(cls, main: str, *, stderr: Path, preload: tuple[str, ...] = (), nice: int = 0) -> Zygote:
+    def launch(cls, main: str, *, stderr: Path, preload: tuple[str, ...] = ()) -> Zygote:
         """Start a zygote whose children run ``main`` (``"module:function"``, called with the args
-        list), at CPU priority ``nice`` as the zygote is; then :meth:`wait_ready`.  Its owner stops
-        it (:meth:`stop`), whatever happens."""
+        list); then :meth:`wait_ready`.  Its owner stops it (:meth:`stop`), whatever happens."""
         import socket as _socket
 
         ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         argv = python_argv("testnet.procs", "swarmnet-zygote", "--fd", str(theirs.fileno()), "--main", main,
                            *[f"--preload={m}" for m in preload])
         try:
-            child, _ = spawn("zygote", argv, stderr=stderr, ready_pipe=False, pass_fds=(theirs.fileno(),), nice=nice)
+            child, _ = spawn("zygote", argv, stderr=stderr, ready_pipe=False, pass_fds=(theirs.fileno(),))
         except BaseException:
             ours.close()
             raise
