@@ -186,7 +186,8 @@ async def _bench_throughput(stack: AsyncExitStack, *, nodes: int = 30, min_swarm
             clients = []
             for u in names:
                 c = Client(net.user_identity(u), name=u, host=net.user_host(u), nursery=nursery,
-                           registry=net.registry_address, rng=random.Random(rng.random()))
+                           registry=net.registry_address, rng=random.Random(rng.random()),
+                           link_opener=net.user_link_opener)
                 c.directory.dial = dict(net.user_links(u))
                 await c.refresh_nodes()
                 clients.append(c)

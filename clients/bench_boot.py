@@ -101,7 +101,7 @@ async def _one_onion_message(net: Any) -> float:
         clients = []
         for name in (a, b):
             c = Client(net.user_identity(name), name=name, host=net.user_host(name), nursery=nursery,
-                       registry=net.registry_address, rng=random.Random(name))
+                       registry=net.registry_address, rng=random.Random(name), link_opener=net.user_link_opener)
             c.directory.dial = dict(net.user_links(name))
             await c.refresh_nodes()
             clients.append(c)

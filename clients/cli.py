@@ -40,7 +40,7 @@ def load_user(run_dir: Path, run: dict[str, Any], name: str) -> UserSpec:
     except (OSError, ValueError, rundir.RunDirError) as exc:
         raise UserError(f"cannot read {name}'s key: {exc}") from None
     identity = crypto.Identity.from_seed(seed)
-    return UserSpec(name, identity, entry.get("host"), rundir.dial_table(run, name))
+    return UserSpec(name, identity, entry.get("host"), rundir.dial_table(run, name), rundir.link_opener(run))
 
 
 def client_bugs(run: dict[str, Any]) -> list[str]:
@@ -51,7 +51,7 @@ async def _with_client(run: dict[str, Any], spec: UserSpec, fn: Any) -> Any:
     reg = run["registry"]
     async with trio.open_nursery() as nursery:
         client = Client(spec.identity, name=spec.name, host=spec.host, nursery=nursery,
-                        registry=(reg["host"], reg["port"]), bugs=client_bugs(run))
+                        registry=(reg["host"], reg["port"]), bugs=client_bugs(run), link_opener=spec.link_opener)
         client.directory.dial = dict(spec.dial)
         try:
             return await fn(client)

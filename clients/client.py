@@ -125,7 +125,7 @@ class Client:
                  registry: tuple[str, int], directory: Directory | None = None,
                  bugs: Iterable[str] = (), rng: random.Random | None = None,
                  timeout_s: float = REQUEST_TIMEOUT_S, randbytes: crypto.RandBytes = crypto.random_bytes,
-                 network: Network = TCP) -> None:
+                 network: Network = TCP, link_opener: tuple[str, int] | None = None) -> None:
         self.identity = identity
         self.name = name
         self.host = host
@@ -140,7 +140,12 @@ class Client:
         self.failures: dict[str, int] = {}
         self.dropped: set[str] = set()
         self.swarm_cache: dict[str, list[ServiceNode]] = {}
-        self.pool = ConnectionPool(nursery, self._resolve, connect_timeout=min(5.0, timeout_s), network=network)
+        # Testnet plumbing, not the modelled network: where to ask for a link's proxy (made on
+        # first use), and the links it said exist.
+        self.link_opener = link_opener
+        self._links_open: set[str] = set()
+        self.pool = ConnectionPool(nursery, self._resolve, connect_timeout=min(5.0, timeout_s), network=network,
+                                   on_refused=self._open_link if link_opener else None)
 
     @property
     def session_id(self) -> str:
@@ -149,6 +154,26 @@ class Client:
     def _resolve(self, key: Any) -> tuple[str, int, str | None]:
         host, port = self.directory.address(key)
         return host, port, self.host
+
+    async def _open_link(self, key: Any, timeout: float) -> bool:
+        """A dial through one of our testnet links was refused: its proxy may not be made yet.
+        Ask the testnet's controller for it (``open_link``, signed with our key, as a node
+        does) and dial again.  Once it said the proxy exists, a refused dial is a cut link and
+        we do not ask again.  Nothing reached the node either way: a failure is a ConnectError."""
+        if key not in self.directory.dial or key in self._links_open or self.link_opener is None:
+            return False
+        me = self.identity.ed25519_public.hex()
+        args = {"src": me, "dst": key, "signature": self.identity.sign(crypto.link_open_message(me, key))}
+        try:
+            resp = await call_once(self.link_opener[0], self.link_opener[1], "open_link", args, timeout=timeout,
+                                   local_host=self.host, network=self.network)
+        except RpcError as exc:
+            raise ConnectError(f"no link to {str(key)[:12]}: its opener: {exc}", refused=True) from None
+        if resp is None or not resp.ok:
+            why = resp.body.get("error") if resp is not None and isinstance(resp.body, dict) else resp and resp.body
+            raise ConnectError(f"no link to {str(key)[:12]}: {why or 'no answer in time'}", refused=True)
+        self._links_open.add(key)
+        return True
 
     async def refresh_nodes(self) -> None:
         """Fetch the node list from the registry."""

@@ -66,6 +66,7 @@ class UserSpec:
     identity: crypto.Identity
     host: str | None
     dial: dict[str, tuple[str, int]] = field(default_factory=dict)
+    link_opener: tuple[str, int] | None = None  # where to ask for a link's proxy (testnet: made on first use)
 
 
 @dataclass
@@ -261,6 +262,7 @@ async def run_workload(specs: Sequence[UserSpec], registry: tuple[str, int], his
             for s in specs:
                 client = Client(s.identity, name=s.name, host=s.host, nursery=nursery, registry=registry,
                                 bugs=client_bugs, rng=random.Random(rng.random()), network=network,
+                                link_opener=s.link_opener,
                                 **({"randbytes": entropy(s.name)} if entropy else {}))
                 client.directory.dial = dict(s.dial)
                 await client.refresh_nodes()

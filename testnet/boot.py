@@ -91,9 +91,9 @@ async def boot(net: Testnet, ready_timeout_s: float) -> None:
             await wiring.open_ingress(names)
             made = wiring.boot_links()
             await wiring.populate(made)
-            net.progress(f"{len(made):,} proxies created" + (
-                f" (users' links); a node link's proxy is made when first used ({len(net.plan.links):,} "
-                "links in all)" if net.proxies_on_use else ""))
+            net.plan.link_names  # made now, not by the first fault on every link
+            net.progress(f"a link's proxy is made when first used ({len(net.plan.links):,} links in all)"
+                         if net.proxies_on_use else f"{len(made):,} proxies created")
         net.save()
         async with trio.open_nursery() as nursery:
             if net.proxies_on_use:
@@ -190,7 +190,10 @@ async def check_store_retrieve(net: Testnet, timeout_s: float = 10.0) -> dict[st
                (await net.call(any_node, "get_swarm", {"pubkey": rid.session_id}))["nodes"]]
 
     async def user_call(user: P.UserPlan, node: NodeRuntime, op: str, args: dict[str, Any]) -> Any:
-        host, port = net.plan.dial_table(user.name).get(node.plan.ed25519_public, node.address)
+        table = net.plan.dial_table(user.name)
+        host, port = table.get(node.plan.ed25519_public, node.address)
+        if node.plan.ed25519_public in table:  # through the user's link: made on first use
+            await net.wiring.open_user_link(user.name, node.plan.name)
         resp = await call_once(host, port, op, args, timeout=CALL_TIMEOUT_S, local_host=user.host,
                                network=net.network)
         if not resp.ok:

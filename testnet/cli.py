@@ -214,7 +214,7 @@ def _summary(run: dict[str, Any], run_dir: Path, detached: bool) -> str:
         f"  registry:      {run['registry']['host']}:{run['registry']['port']}",
         "  links:         " + (f"Toxiproxy at {tp['api']} ({proxies_needed(n, len(run['users'])):,} links"
                                 + (f" on {len(tp['servers'])} servers" if len(tp.get("servers") or ()) > 1 else "")
-                                + "; a node link's proxy is made when first used)" if tp
+                                + "; a link's proxy is made when first used)" if tp
                                 else "direct — link faults are OFF"),
         "",
         "Try next (in another shell):",

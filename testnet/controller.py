@@ -121,8 +121,7 @@ class Testnet:
         self.toxiproxies: list[procs.Child] = []  # the servers sharing the proxies (plan.toxiproxy_apis)
         self.api: L.ProxyTable | None = None
         self.zygote: procs.Zygote | None = None
-        # Node links' proxies made when a node first dials them (see links.ProxyTable); users'
-        # links, few, are made at boot.
+        # Links' proxies made when a node or a user first dials them (see links.ProxyTable).
         self.proxies_on_use = proxies_on_use and plan.links_mode == "toxiproxy"
         self.state = "starting"
         self.started_ms = self.now_ms()
@@ -196,6 +195,11 @@ class Testnet:
 
     async def open_link(self, args: dict[str, Any]) -> dict[str, Any]:
         return await self.wiring.open_link(args)
+
+    @property
+    def user_link_opener(self) -> tuple[str, int] | None:
+        """Where a user asks for its links' proxies (``None``: all made at boot)."""
+        return self.wiring.link_opener
 
     # ------------------------------------------------------------------ the record (testnet.record)
 

@@ -105,6 +105,7 @@ class NodeOps:
         net = self.net
         async with self._lock:
             net.plan, node = P.with_node_added(net.plan, name)
+            net.plan.link_names  # made now, not by the next fault on every link
             rundir.write_secret(node.seed_file, node.seed.hex() + "\n")
             await net.call("registry", "stake", {"token": net.plan.admin_token,
                                                  "ed25519_public": node.ed25519_public})

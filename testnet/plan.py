@@ -270,6 +270,12 @@ class NetworkPlan:
         return {link.name: link for link in self.links}
 
     @cached_property
+    def link_names(self) -> frozenset[str]:
+        """Every link's name, as one set made once: a fault on all links names them (92,100 at
+        300 nodes; building the set took 0.1-0.4 s of a loaded machine, at the fault's time)."""
+        return frozenset(self._links_by_name)
+
+    @cached_property
     def _links_by_src(self) -> dict[str, list[LinkPlan]]:
         out: dict[str, list[LinkPlan]] = {}
         for link in self.links:

@@ -245,6 +245,15 @@ def proxy_of(run: dict[str, Any], src: str, dst: str) -> dict[str, Any] | None:
     return None
 
 
+def link_opener(run: dict[str, Any]) -> tuple[str, int] | None:
+    """Where a user of the run asks for a link's proxy not made yet (its controller's
+    ``open_link``); ``None`` with direct links."""
+    ctl = run.get("controller") or {}
+    if run.get("links_mode") != "toxiproxy" or not ctl.get("host") or not ctl.get("port"):
+        return None
+    return ctl["host"], int(ctl["port"])
+
+
 def dial_table(run: dict[str, Any], src: str) -> dict[str, tuple[str, int]]:
     """Where ``src`` (node or user) dials each node, keyed by node ed25519 hex.
 

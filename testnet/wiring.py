@@ -5,9 +5,10 @@ The link table itself is planned (:mod:`testnet.plan`); :mod:`testnet.links`
 makes and faults proxies.  This part of the controller joins them to the
 running processes: a proxy leads to its destination node, or to that node's
 ingress listener for the user it carries (one listener per user, so a node
-tells users apart at the transport layer); users' proxies are made at boot,
-nodes' ones either at boot too or when a node first dials them
-(``open_link``); a node's dial table is pushed to it when the table changes.
+tells users apart at the transport layer).  Proxies are made either all at
+boot or each when its link is first dialled (``open_link``, asked by the node
+or the user whose dial was refused); a node's dial table is pushed to it when
+the table changes.
 """
 
 from __future__ import annotations
@@ -70,11 +71,31 @@ class Wiring:
 
     def boot_links(self, touching: str | None = None) -> list[P.LinkPlan]:
         """The links whose proxies are made at once (of those touching node ``touching``, if given):
-        all of them, or only the users' when node links are made on first use."""
-        plan = self.net.plan
-        links = ([link for user in plan.users for link in plan.links_from(user.name)]
-                 if self.net.proxies_on_use else plan.links)
-        return [link for link in links if touching in (None, link.src, link.dst)]
+        all of them, or none when links are made on first use.  Users' links too: a user dials
+        only its guards (an onion request's first hop), a few of its N links, while every link
+        made is a proxy that a fault on all links must call (300 nodes, 8 users: 2,400 of them)."""
+        if self.net.proxies_on_use:
+            return []
+        return [link for link in self.net.plan.links if touching in (None, link.src, link.dst)]
+
+    @property
+    def link_opener(self) -> tuple[str, int] | None:
+        """Where a user asks for the proxy of one of its links (``open_link``, as nodes do), or
+        ``None`` when every proxy is made at boot."""
+        return self.net.plan.controller if self.net.proxies_on_use else None
+
+    def _user_keys(self) -> dict[str, str]:
+        keys = getattr(self, "_users_by_key", None)
+        if keys is None:
+            keys = self._users_by_key = {u.identity.ed25519_public.hex(): u.name for u in self.net.plan.users}
+        return keys
+
+    async def open_user_link(self, user: str, node: str) -> None:
+        """Make user ``user``'s link to ``node`` now (the controller's own calls through it)."""
+        net = self.net
+        if net.api is not None and net.proxies_on_use:
+            with trio.fail_after(OPEN_LINK_TIMEOUT_S):
+                await net.api.open(net.plan.link(user, node).name)
 
     async def populate(self, wanted: tuple[P.LinkPlan, ...] | list[P.LinkPlan]) -> None:
         """Create the proxies of ``wanted`` links whose destination has run (has an upstream)."""
@@ -89,14 +110,16 @@ class Wiring:
     async def open_link(self, args: dict[str, Any]) -> dict[str, Any]:
         """A node asks for the proxy of its link to another when its first dial of it is refused
         (``open_link {src, dst, signature}``: both nodes' ed25519 keys, hex, signed by ``src``;
-        PROTOCOL.md).  Answers once the proxy exists, with every fault on the link applied."""
+        PROTOCOL.md), and so does a user (``src`` its own ed25519 key).  Answers once the proxy
+        exists, with every fault on the link applied."""
         net = self.net
         src_key, dst_key, sig = args.get("src"), args.get("dst"), args.get("signature")
         if not (isinstance(src_key, str) and isinstance(dst_key, str) and isinstance(sig, bytes)):
             raise RequestError(Status.BAD_REQUEST, "open_link needs 'src' and 'dst' (hex keys) and 'signature' (bytes)")
         src = net.by_key.get(src_key)
-        if src is None:
-            raise RequestError(Status.FORBIDDEN, "open_link: 'src' is not a node of this run")
+        user = self._user_keys().get(src_key) if src is None else None
+        if src is None and user is None:
+            raise RequestError(Status.FORBIDDEN, "open_link: 'src' is neither a node nor a user of this run")
         try:
             verify_request(bytes.fromhex(src_key), link_open_message(src_key, dst_key), sig)
         except BadSignature as exc:
@@ -106,7 +129,10 @@ class Wiring:
             raise RequestError(Status.NOT_FOUND, "open_link: 'dst' is not a node of this run")
         if net.api is None or net.state not in ("starting", "ready"):
             raise RequestError(Status.NOT_READY, f"open_link: no proxies to make (the run is {net.state})")
-        name = net.plan.link(src.plan.name, dst.plan.name).name
+        try:
+            name = net.plan.link(src.plan.name if src is not None else user, dst.plan.name).name
+        except P.PlanError as exc:
+            raise RequestError(Status.NOT_FOUND, f"open_link: {exc}") from None
         try:
             with trio.fail_after(OPEN_LINK_TIMEOUT_S):
                 await net.api.open(name)

@@ -23,7 +23,8 @@ async def test_a_refusal_after_a_lost_attempt_is_unknown_not_failed(tmp_path):
         alice = net.user_identity("alice")
         async with trio.open_nursery() as nursery:
             client = Client(alice, name="alice", host=net.user_host("alice"), nursery=nursery,
-                            registry=net.registry_address, timeout_s=3.0, rng=random.Random(1))
+                            registry=net.registry_address, timeout_s=3.0, rng=random.Random(1),
+                            link_opener=net.user_link_opener)
             client.directory.dial = dict(net.user_links("alice"))
             await client.refresh_nodes()
             # Every reply to alice is dropped: the first attempt stores the message, never hears back.

@@ -55,8 +55,8 @@ async def test_boot_record_secrets_and_clean_teardown(testnet_factory):
         assert (net.run_dir / "admin_token").read_text().strip() not in (net.run_dir / "run.json").read_text()
         assert [u["name"] for u in run["users"]] == ["alice", "bob"]
         assert len({n["host"] for n in run["nodes"]} | {u["host"] for u in run["users"]}) == 7
-        # One proxy per directed link, each leading to the node (or its ingress for that user);
-        # users' proxies made at boot, nodes' when first dialled.
+        # One proxy per directed link, each leading to the node (or its ingress for that user),
+        # made when first dialled.
         assert len(run["links"]) == 5 * 4 + 2 * 5
         # The link table lives apart (links.json), read back into the record by load_run.
         raw = json.loads((net.run_dir / "run.json").read_text())
@@ -68,14 +68,16 @@ async def test_boot_record_secrets_and_clean_teardown(testnet_factory):
             assert link["upstream"] == [dst["host"], want]
         proxies = set(await net.api.proxies())
         users_links = {link["name"] for link in run["links"] if link["src"] in ("alice", "bob")}
-        assert users_links <= proxies <= {link["name"] for link in run["links"]}
+        assert proxies <= {link["name"] for link in run["links"]}
+        # The boot check stored through alice's link and read through bob's: those made, no others.
+        assert 1 <= len(proxies & users_links) <= 2
         # The boot check's message went from one swarm member to the others: through node links
         # whose proxies the nodes asked for.
         assert proxies - users_links
         await _open_link_checks_the_asking_node(net)
         # What `swarmnet up` prints once ready, from the live record (no link table in it).
         from testnet.cli import _summary
-        assert "30 links; a node link's proxy is made when first used" in _summary(net.record(), net.run_dir, False)
+        assert "30 links; a link's proxy is made when first used" in _summary(net.record(), net.run_dir, False)
         pids = [pid for _, pid, _ in recorded_processes(run)]
         assert all(proc_state(pid) == "alive" for pid in pids) and len(pids) == 5 + 3
     run = load_run(net.run_dir)
@@ -85,7 +87,7 @@ async def test_boot_record_secrets_and_clean_teardown(testnet_factory):
 
 
 async def _open_link_checks_the_asking_node(net) -> None:
-    """open_link makes a proxy only for a node of the run, signing for its own link."""
+    """open_link makes a proxy only for a node or user of the run, signing for its own link."""
     n1, n2, alice = net.plan.node("n01"), net.plan.node("n02"), net.plan.user("alice")
 
     async def ask(src: str, dst: str, signer) -> tuple[int, object]:
@@ -98,8 +100,11 @@ async def _open_link_checks_the_asking_node(net) -> None:
     assert "n01->n02" in await net.api.proxies()
     status, body = await ask(n1.ed25519_public, n2.ed25519_public, n2.identity)  # n02 signing for n01
     assert status == 401 and "signature" in body["error"]
-    alice_key = alice.identity.ed25519_public.hex()  # a user is no node
-    assert (await ask(alice_key, n2.ed25519_public, alice.identity))[0] == 403
+    alice_key, bob = alice.identity.ed25519_public.hex(), net.plan.user("bob")
+    assert await ask(alice_key, n2.ed25519_public, alice.identity) == (200, {"link": "alice->n02"})
+    assert "alice->n02" in await net.api.proxies()
+    assert (await ask(alice_key, n2.ed25519_public, bob.identity))[0] == 401  # bob signing for alice
+    assert (await ask(n1.ed25519_public, n2.ed25519_public, alice.identity))[0] == 401  # alice for n01
     stranger = Identity.from_seed(bytes(32))
     assert (await ask(stranger.ed25519_public.hex(), n2.ed25519_public, stranger))[0] == 403
     assert (await ask(n1.ed25519_public, stranger.ed25519_public.hex(), n1.identity))[0] == 404
@@ -133,7 +138,9 @@ async def test_node_kill_pause_restart_add_remove(testnet_factory):
         assert name == "n06" and info["nodes"] == 6
         # The nodes already following the list heard of the new one by a delta, not the whole list.
         assert info["answers"]["delta"] >= answers["delta"] + 5
-        assert "alice->n06" in await net.api.proxies()  # users' links at once, nodes' on first use
+        assert "alice->n06" not in await net.api.proxies()  # made when alice first dials it
+        await net.wiring.open_user_link("alice", "n06")
+        assert "alice->n06" in await net.api.proxies()
         assert {"n06->n01", "n01->n06", "alice->n06"} <= {link["name"] for link in load_run(net.run_dir)["links"]}
         assert net.plan.link("n06", "n01") and net.plan.link("n01", "n06")
         # A new dial table redials only the routes that changed: the registry's long poll stays up.

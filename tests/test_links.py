@@ -306,6 +306,24 @@ async def test_a_fault_on_many_links_is_recorded_once_and_made_proxies_get_bulk_
     assert all(p["enabled"] for p in (await api.proxies()).values()) and t.faulted() == {}
 
 
+async def test_a_link_held_by_a_fault_on_many_links_waits_for_its_calls(table):
+    """Two faults on many links and a single-link fault at once, sharing links: the second
+    gets the shared links' calls once the first is done with them, and every call is made."""
+    t, api, addr = table
+    names = [f"x->y{i}" for i in range(20)]
+    await t.populate([{"name": n} for n in names])
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(
+                t.fault_links, names, toxics=[("latency", {"latency": 300, "jitter": 0}, "upstream")]))
+            nursery.start_soon(functools.partial(t.fault_links, names[:5], cut=True))
+            nursery.start_soon(t.set_enabled, "x->y7", False)
+    proxies = await api.proxies()
+    assert all(len(proxies[n]["toxics"]) == 1 for n in names)
+    assert [proxies[f"x->y{i}"]["enabled"] for i in range(9)] == [False] * 5 + [True, True, False, True]
+    assert not t._bulk and not t._locks  # nothing left held
+
+
 def _closed_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))

@@ -106,7 +106,8 @@ async def run_chaos(scenario: Scenario, *, seed: int | None = None, run_dir: Pat
         (rd / "chaos.json").write_text(json.dumps({"scenario": scenario.name, "seed": seed,
                                                    "inject_bugs": list(inject_bugs)}, indent=2) + "\n")
         faults = FaultLog(rd / "faults.jsonl", world.now_ms)
-        specs = [UserSpec(u, net.user_identity(u), net.user_host(u), net.user_links(u)) for u in user_names(scenario)]
+        specs = [UserSpec(u, net.user_identity(u), net.user_host(u), net.user_links(u),
+                          getattr(net, "user_link_opener", None)) for u in user_names(scenario)]
         w = scenario.workload
         async with trio.open_nursery() as nursery:
             schedule_done = trio.Event()
