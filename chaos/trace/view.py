@@ -126,7 +126,7 @@ def render_text(j: Mapping[str, Any]) -> str:
 
 KIND_COLOURS = {"send": "#4e79a7", "attempt": "#76b7b2", "hop": "#59a14f", "commit": "#edc948", "copy": "#b07aa1",
                 "retrieve": "#9c755f", "receive": "#4e79a7", "delete": "#e15759", "removed": "#e15759",
-                "fault": "#bab0ac"}
+                "fault": "#bab0ac", "lost": "#e15759"}
 
 
 def _axis(events: list[Mapping[str, Any]]) -> tuple[list[float], Any]:
