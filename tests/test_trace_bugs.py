@@ -138,7 +138,7 @@ def test_skip_replication_the_target_acknowledged_and_no_copy_ever_left_it(run_d
     assert {s["node"] for s in j["storage"] if s["row"]} == {target}
     lacking = {s["node"] for s in j["storage"] if s["member"] and not s["row"] and not s["deleted_t"]}
     assert lacking == set(j["swarm"]["members"]) - {target} and set(flagged["missing_on"]) <= lacking
-    assert kinds(j) == [("acked-alone", target), ("no-copies", target)]
+    assert sorted(kinds(j)) == [("acked-alone", target), ("no-copies", target)]  # in time order, which the wire may set either way
     assert "no copy of it ever left" in render_text(j)
 
 
