@@ -92,9 +92,14 @@ def _rng(seed: int, scenario: str) -> random.Random:
     return random.Random(int.from_bytes(digest, "big"))
 
 
+PROCESS_KINDS = ("kill", "pause", "leave", "clock-skew", "isolate")  # faults that hold one node for their span
+
+
 def resolve_target(spec: Mapping[str, Any], kind: str, nodes: Sequence[str], users: Sequence[str],
-                   rng: random.Random) -> dict[str, Any]:
-    """Concrete node names for name-decided selectors; swarm selectors keep a seeded pick."""
+                   rng: random.Random, busy: Sequence[str] = ()) -> dict[str, Any]:
+    """Concrete node names for name-decided selectors; swarm selectors keep a seeded pick.
+    A random node is drawn among those no other process fault holds then (``busy``), when
+    any is free: two overlapping leaves of "random" must not pick the same node."""
     t = dict(spec)
     names = list(nodes)
 
@@ -103,8 +108,9 @@ def resolve_target(spec: Mapping[str, Any], kind: str, nodes: Sequence[str], use
             raise ScenarioError(f"fault {kind}: no node named {name!r} (have {names[0]}..{names[-1]})")
         return name
 
-    if t.get("node") == "random" or (not t and kind in ("kill", "pause", "leave", "clock-skew", "isolate")):
-        t["node"] = rng.choice(names)
+    if t.get("node") == "random" or (not t and kind in PROCESS_KINDS):
+        free = [n for n in names if n not in busy]
+        t["node"] = rng.choice(free or names)
     if "node" in t:
         t["node"] = check(t["node"])
     if "nodes" in t:
@@ -146,7 +152,7 @@ def _generated(scenario: Scenario, rng: random.Random, nodes: Sequence[str], use
         kind = rng.choice(g.nemeses)
         dur = rng.uniform(*g.duration_s)
         target: dict[str, Any] = {}
-        if kind in ("kill", "pause", "leave", "clock-skew", "isolate") or NEMESES[kind][0] == "disk":
+        if kind in PROCESS_KINDS or NEMESES[kind][0] == "disk":
             free = [n for n in nodes if busy.get(n, -1.0) < t]
             if not free:
                 t += rng.expovariate(1.0 / g.interval_s)
@@ -179,8 +185,12 @@ def expand(scenario: Scenario, seed: int, nodes: Sequence[str], users: Sequence[
         specs += _generated(scenario, rng, nodes, users, workload_horizon_s(scenario))
     specs.sort(key=lambda f: (f.at_s, f.kind))
     faults = []
+    held: dict[str, float] = {}  # node -> until when a process fault holds it
     for i, spec in enumerate(specs, start=1):
-        target = resolve_target(spec.target, spec.kind, nodes, users, rng)
+        busy = [n for n, until in held.items() if until > spec.at_s]
+        target = resolve_target(spec.target, spec.kind, nodes, users, rng, busy)
+        if spec.kind in PROCESS_KINDS and "node" in target:
+            held[target["node"]] = spec.at_s + spec.duration_s
         faults.append(Fault(i, spec.at_s, spec.duration_s, spec.kind, target, dict(spec.params)))
     return Schedule(scenario.name, seed, tuple(faults))
 
