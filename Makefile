@@ -38,7 +38,7 @@ testnet: install toxiproxy
 	$(VENV)/bin/swarmnet up
 
 # Two workers: the suite is half simulation (one core each) and half real networks that
-# mostly wait; the cluster tests share one session cluster, so they stay on one worker.
+# mostly wait; a file's tests stay on one worker (tests/conftest.py), the cluster tests too.
 TEST_JOBS ?= 2
 test: install toxiproxy
 	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup
