@@ -38,10 +38,11 @@ testnet: install toxiproxy
 	$(VENV)/bin/swarmnet up
 
 # Two workers: the suite is half simulation (one core each) and half real networks that
-# mostly wait; a file's tests stay on one worker (tests/conftest.py), the cluster tests too.
+# mostly wait.  A file's tests stay on one worker, so a module's fixture (a simulated run, a
+# network; the cluster tests' one session cluster, all in tests/test_cluster.py) is built once.
 TEST_JOBS ?= 2
 test: install toxiproxy
-	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 bench: bench-node bench-boot bench-throughput bench-sim
 
