@@ -70,19 +70,7 @@ class ProcessLauncher:
         L.check_bindable(addresses)
 
     async def start_registry(self, net: Testnet) -> None:
-        d = net.run_dir / "registry"
-        argv = procs.python_argv("testnet.registry", "--host", net.plan.registry_host, "--port", "0",
-                                 "--min-swarm", str(net.plan.min_swarm), "--seed", str(net.plan.seed),
-                                 "--state", str(d / "state.json"), "--log", str(d / "registry.log"),
-                                 "--admin-token-file", str(net.run_dir / rundir.ADMIN_TOKEN_FILE),
-                                 "--stakes", str(d / "stakes.json"), "--genesis",
-                                 "--parent-pid", str(os.getpid()))
-        child, rfd = procs.spawn("registry", argv, stderr=d / "stderr.log", logs=(d / "registry.log",))
-        net.registry = child
-        net.nursery.start_soon(child.watch)
-        ready = await procs.read_ready_line(child, rfd, 20.0)
-        net.registry_address = tuple(ready["addresses"][0])  # type: ignore[assignment]
-        await net.call("registry", "info", timeout=5.0)
+        await spawn_registry(net, net.plan.registry_host)
 
     async def start_toxiproxy(self, net: Testnet) -> None:
         apis = []
@@ -136,3 +124,21 @@ class ProcessLauncher:
         if net.zygote is not None:
             return await net.zygote.spawn(n.name, args, stderr=n.stderr, logs=(n.log,))
         return procs.spawn(n.name, procs.python_argv("nodes", *args), stderr=n.stderr, logs=(n.log,))
+
+
+async def spawn_registry(net: Testnet, host: str) -> None:
+    """The registry process at ``host`` (a free port), for every launcher of real processes;
+    returns once it answers."""
+    d = net.run_dir / "registry"
+    argv = procs.python_argv("testnet.registry", "--host", host, "--port", "0",
+                             "--min-swarm", str(net.plan.min_swarm), "--seed", str(net.plan.seed),
+                             "--state", str(d / "state.json"), "--log", str(d / "registry.log"),
+                             "--admin-token-file", str(net.run_dir / rundir.ADMIN_TOKEN_FILE),
+                             "--stakes", str(d / "stakes.json"), "--genesis",
+                             "--parent-pid", str(os.getpid()))
+    child, rfd = procs.spawn("registry", argv, stderr=d / "stderr.log", logs=(d / "registry.log",))
+    net.registry = child
+    net.nursery.start_soon(child.watch)
+    ready = await procs.read_ready_line(child, rfd, 20.0)
+    net.registry_address = tuple(ready["addresses"][0])  # type: ignore[assignment]
+    await net.call("registry", "info", timeout=5.0)

@@ -87,8 +87,31 @@ def tail_lines(paths: Iterable[Path | None], n: int = 15) -> str:
     return "\n".join(out)
 
 
+class Signals:
+    """What every process handle (a real child here, one on a cluster host, a simulated one)
+    derives from its ``send_signal`` and ``exited``."""
+
+    exited: trio.Event
+
+    def send_signal(self, sig: int) -> bool:
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        return not self.exited.is_set()
+
+    def kill(self) -> bool:
+        return self.send_signal(signal.SIGKILL)
+
+    def pause(self) -> bool:
+        return self.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> bool:
+        return self.send_signal(signal.SIGCONT)
+
+
 @dataclass(eq=False)
-class Child:
+class Child(Signals):
     """One running (or finished) child process we started."""
 
     name: str
@@ -102,10 +125,6 @@ class Child:
     exited: trio.Event = field(default_factory=trio.Event)
     reaper: Zygote | None = None  # who reaps it when it is not our own child
     _watch_scope: trio.CancelScope | None = field(default=None, repr=False)
-
-    @property
-    def running(self) -> bool:
-        return not self.exited.is_set()
 
     def tail(self, n: int = 15) -> str:
         return tail_lines(self.logs, n)
@@ -125,15 +144,6 @@ class Child:
         except ProcessLookupError:
             return False
         return True
-
-    def kill(self) -> bool:
-        return self.send_signal(signal.SIGKILL)
-
-    def pause(self) -> bool:
-        return self.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> bool:
-        return self.send_signal(signal.SIGCONT)
 
     def state(self) -> ProcState:
         if self.exited.is_set():

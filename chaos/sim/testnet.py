@@ -98,7 +98,7 @@ class SimWorld:
         return Disk(self.rng("disk", name, life), real_sync=False, sync_time=sync_time)
 
 
-class SimChild:
+class SimChild(procs.Signals):
     """A simulated process: the same surface as :class:`testnet.procs.Child`, no pid."""
 
     pid = None
@@ -112,10 +112,6 @@ class SimChild:
         self.returncode: int | None = None
         self.exited = trio.Event()
         self.scope = trio.CancelScope()
-
-    @property
-    def running(self) -> bool:
-        return not self.exited.is_set()
 
     def tail(self, n: int = 15) -> str:
         return procs.tail_lines(self.logs, n)
@@ -136,15 +132,6 @@ class SimChild:
         elif sig == signal.SIGCONT:
             self.net.resume(self.host)
         return True
-
-    def kill(self) -> bool:
-        return self.send_signal(signal.SIGKILL)
-
-    def pause(self) -> bool:
-        return self.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> bool:
-        return self.send_signal(signal.SIGCONT)
 
     def state(self) -> str:
         if self.exited.is_set():

@@ -18,7 +18,6 @@ run's processes on the hosts.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 from pathlib import Path
@@ -28,7 +27,8 @@ import trio
 
 from .. import links as L
 from .. import plan as P
-from .. import procs, rundir
+from .. import procs
+from ..launch import spawn_registry
 from .agent import HostAgent
 
 AGENT_START_TIMEOUT_S = 60.0  # a Ray worker process for the actor, then the agent's own start
@@ -139,7 +139,7 @@ class HostLink:
             return f"(no log tail from host {self.name}: {type(exc).__name__})"
 
 
-class RemoteChild:
+class RemoteChild(procs.Signals):
     """A process on a cluster host, with the surface of :class:`testnet.procs.Child`."""
 
     def __init__(self, link: HostLink, name: str, pid: int, create_time: float | None, agent_name: str = "") -> None:
@@ -157,10 +157,6 @@ class RemoteChild:
     @property
     def host(self) -> str:
         return self.link.name
-
-    @property
-    def running(self) -> bool:
-        return not self.exited.is_set()
 
     def exit(self, code: int | None) -> None:
         self.returncode = code
@@ -186,15 +182,6 @@ class RemoteChild:
             self._paused = False
         self.link.fire("signal", self.agent_name, SIGNAL_NAMES[sig])
         return True
-
-    def kill(self) -> bool:
-        return self.send_signal(signal.SIGKILL)
-
-    def pause(self) -> bool:
-        return self.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> bool:
-        return self.send_signal(signal.SIGCONT)
 
     def state(self) -> str:
         if self.exited.is_set():
@@ -326,19 +313,7 @@ class ClusterLauncher:
         return len(octets) == 4 and octets[0] == "127" and int(octets[2]) % 8 in P.PROXY_SOURCE_OFFSETS
 
     async def start_registry(self, net: Any) -> None:
-        d = net.run_dir / "registry"
-        argv = procs.python_argv("testnet.registry", "--host", self.address, "--port", "0",
-                                 "--min-swarm", str(net.plan.min_swarm), "--seed", str(net.plan.seed),
-                                 "--state", str(d / "state.json"), "--log", str(d / "registry.log"),
-                                 "--admin-token-file", str(net.run_dir / rundir.ADMIN_TOKEN_FILE),
-                                 "--stakes", str(d / "stakes.json"), "--genesis",
-                                 "--parent-pid", str(os.getpid()))
-        child, rfd = procs.spawn("registry", argv, stderr=d / "stderr.log", logs=(d / "registry.log",))
-        net.registry = child
-        net.nursery.start_soon(child.watch)
-        ready = await procs.read_ready_line(child, rfd, 20.0)
-        net.registry_address = tuple(ready["addresses"][0])
-        await net.call("registry", "info", timeout=5.0)
+        await spawn_registry(net, self.address)  # other hosts' nodes reach it at the cluster address
 
     async def start_toxiproxy(self, net: Any) -> None:
         plan = net.plan
