@@ -191,3 +191,41 @@ async def test_a_fault_whose_calls_are_refused_makes_the_run_unknown_naming_what
     assert leaf["failed"] == leaf["calls"] > 0 and record["late_ms"] >= 0 and record["planned"] > 0
     assert {c["reason"] for c in leaf["calls_failed"]} == {"cannot connect (refused)"}
     assert "What failed" in (result.run_dir / "report.html").read_text()
+
+
+@network
+@pytest.mark.network
+async def test_a_change_to_many_links_is_centred_on_its_planned_times(tmp_path):
+    """A fault whose calls take a while begins half of them before its planned time and
+    says so (early_ms), for its start and for its heal; the verdict holds early to the
+    tolerance as it holds late."""
+    from chaos.checkers.verdict import fault_record
+    from chaos.run.play import FaultLog, play
+    from chaos.schedule import Schedule
+    from testnet.controller import open_testnet
+
+    async with open_testnet(nodes=4, users=1, min_swarm=2, seed=5, check=False, run_dir=tmp_path / "run") as net:
+        await net.api.populate([{"name": name} for name in sorted(net.plan.link_names)])
+        made = len(net.api.made)
+        # As if this run's bulk calls went at 2 x made a second: each phase's 2 x made calls
+        # (a latency toxic each way) are estimated at 1 s, half of it before the planned time.
+        net.api.bulk_rate = 2.0 * made
+        assert net.api.estimate_s(net.plan.link_names, 2) == pytest.approx(1.0)
+        fault = Fault(1, 1.2, 2.0, "latency", {"all-links": True}, NEMESES["latency"][1])
+        log = FaultLog(tmp_path / "run" / "faults.jsonl")
+        await play(net, Schedule("centred", 5, (fault,)), log, lambda msg: None)
+        log.close()
+        start, end = [json.loads(l) for l in (tmp_path / "run" / "faults.jsonl").read_text().splitlines()]
+        assert start["phase"] == "start" and end["phase"] == "end"
+        assert start["targets"]["calls"] == 2 * made
+        for phase in (start, end):
+            # Begun about 0.5 s early (a loaded machine wakes late, never early), done soon after.
+            assert 250 <= phase["early_ms"] <= 520 and phase["late_ms"] < 1000, phase
+            assert phase["took_ms"] >= phase["early_ms"] + phase["late_ms"] - 20, phase
+        assert not any(p["toxics"] for p in (await net.api.proxies()).values())
+    (tmp_path / "run" / "schedule.json").write_text(json.dumps({"faults": [{"id": 1, "kind": "latency"}]}))
+    assert fault_record(tmp_path / "run")["valid"] is True
+    with (tmp_path / "run" / "faults.jsonl").open("a") as f:
+        f.write(json.dumps({**start, "fault": 2, "early_ms": 1500}) + "\n" + json.dumps({**end, "fault": 2}) + "\n")
+    rec = fault_record(tmp_path / "run", tolerance_ms=1000)
+    assert rec["valid"] == "unknown" and any("beginning 1.50 s early" in w for w in rec["why"]), rec

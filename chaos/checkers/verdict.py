@@ -105,12 +105,17 @@ def fault_record(run_dir: Path, tolerance_ms: int = LATE_TOLERANCE_MS) -> dict[s
         phase, fid, kind = r.get("phase"), str(r.get("fault")), r.get("kind")
         seen.setdefault(fid, set()).add(str(phase))
         late = r.get("late_ms")
+        early = r.get("early_ms") if isinstance(r.get("early_ms"), (int, float)) else 0
         during = {"start": "start", "end": "heal"}.get(str(phase), r.get("during"))
         if isinstance(late, (int, float)) and phase in ("start", "end", "error"):
-            if out["worst"] is None or late > out["worst"]["late_ms"]:
-                out["worst"] = {"fault": r.get("fault"), "kind": kind, "phase": during, "late_ms": late}
-            if phase != "error" and late > tolerance_ms:
-                out["late"].append({"fault": r.get("fault"), "kind": kind, "phase": during, "late_ms": late})
+            # Off time either way: the work finished late, or (centred on its planned time) began early.
+            off = max(late, early)
+            if out["worst"] is None or off > max(out["worst"]["late_ms"], out["worst"].get("early_ms", 0)):
+                out["worst"] = {"fault": r.get("fault"), "kind": kind, "phase": during, "late_ms": late,
+                                **({"early_ms": early} if early else {})}
+            if phase != "error" and off > tolerance_ms:
+                out["late"].append({"fault": r.get("fault"), "kind": kind, "phase": during, "late_ms": late,
+                                    **({"early_ms": early} if early > tolerance_ms else {})})
         if phase == "start":
             out["started"] += 1
         elif phase == "end":
@@ -130,7 +135,10 @@ def fault_record(run_dir: Path, tolerance_ms: int = LATE_TOLERANCE_MS) -> dict[s
     why = [f"fault {e['fault']} {e['kind']}: failed to {e['during']}: {e['error'][:300]}" for e in out["errors"]]
     why += [f"fault {e['fault']} {e['kind']}: skipped: {e['error'][:200]}" for e in out["skipped"]]
     why += [f"fault {e['fault']} {e['kind']}: {'started' if e['phase'] == 'start' else 'healed'} "
-            f"{_secs(e['late_ms'])} late (tolerance {_secs(tolerance_ms)})" for e in out["late"]]
+            + (f"{_secs(e['late_ms'])} late" if e["late_ms"] > tolerance_ms else "")
+            + (" and " if e["late_ms"] > tolerance_ms and "early_ms" in e else "")
+            + (f"beginning {_secs(e['early_ms'])} early" if "early_ms" in e else "")
+            + f" (tolerance {_secs(tolerance_ms)})" for e in out["late"]]
     why += [f"fault {e['fault']} {e['kind']}: {e['why']}" for e in out["unplayed"]]
     out["valid"] = True if not why else "unknown"
     out["why"] = why
@@ -316,8 +324,9 @@ def faults_summary(f: Mapping[str, Any]) -> list[str]:
         line += f", {len(f['errors'])} failed"
     worst = f.get("worst")
     if worst is not None:
+        early = (f", its work begun {worst['early_ms'] / 1000:.2f} s early" if worst.get("early_ms") else "")
         line += (f"; worst lateness {worst['late_ms'] / 1000:.2f} s (fault {worst['fault']} {worst['kind']}, "
-                 f"{worst['phase']}; tolerance {f.get('tolerance_ms', LATE_TOLERANCE_MS) / 1000:g} s)")
+                 f"{worst['phase']}{early}; tolerance {f.get('tolerance_ms', LATE_TOLERANCE_MS) / 1000:g} s)")
     lines = [line]
     if f.get("valid", True) is not True:
         lines.append("harness error: the schedule did not play as planned, so the run is neither a pass nor a "

@@ -3,7 +3,8 @@ said, and if one failed, what failed.
 
 Read from faults.jsonl (each phase's ``planned`` time and ``late_ms``; an error's leaves)
 and the verdict's ``faults`` part (tolerance, and why the run did not play as planned).
-A bar per phase, its length the lateness, against the tolerance; a table of the same;
+A bar per phase from when its work began (before the planned time when it was centred on
+it: ``early_ms``) to when it took effect, against the tolerance either way; a table of the same;
 every failed call named.  Records from before lateness was recorded draw nothing.
 """
 
@@ -31,6 +32,7 @@ class Phase:
     late_ms: float | None
     took_ms: float | None
     failed: str | None = None
+    early_ms: float = 0.0  # how long before planned its work began (a change to thousands of links)
 
 
 def phases(records: Iterable[Mapping[str, Any]]) -> list[Phase]:
@@ -45,7 +47,7 @@ def phases(records: Iterable[Mapping[str, Any]]) -> list[Phase]:
         phase = "start" if kind == "start" else "heal" if kind == "end" else str(r.get("during") or "start")
         out.append(Phase(str(r.get("fault", "?")), str(r.get("kind") or "?"), phase, _num(r.get("planned")),
                          _num(r.get("late_ms")), _num(r.get("took_ms")),
-                         str(r.get("error")) if kind == "error" else None))
+                         str(r.get("error")) if kind == "error" else None, _num(r.get("early_ms")) or 0.0))
     return out
 
 
@@ -73,13 +75,19 @@ def plot_lateness(items: Sequence[Phase], tolerance_ms: float) -> bytes | None:
     for p in timed:
         y = index[(p.fault, p.kind)] + (-0.18 if p.phase == "start" else 0.18)
         late_s = max(p.late_ms or 0.0, 0.0) / 1000
-        ax.barh(y, late_s, height=0.34, color="tab:red" if p.failed else colours.get(p.phase, "tab:gray"))
+        early_s = p.early_ms / 1000
+        ax.barh(y, late_s + early_s, left=-early_s, height=0.34,
+                color="tab:red" if p.failed else colours.get(p.phase, "tab:gray"))
     ax.axvline(tolerance_ms / 1000, color="black", linestyle="--", linewidth=1)
+    earliest = max(p.early_ms for p in timed) / 1000
+    if earliest:
+        ax.axvline(-tolerance_ms / 1000, color="black", linestyle="--", linewidth=1)
+        ax.axvline(0, color="gray", linewidth=0.8)
     ax.set_yticks(range(len(rows)), [f"{fid} {kind}" for fid, kind in rows])
     ax.invert_yaxis()
     worst = max(max(p.late_ms or 0.0 for p in timed) / 1000, tolerance_ms / 1000)
-    ax.set_xlim(0, worst * 1.08)
-    ax.set_xlabel("lateness (s): took effect minus planned")
+    ax.set_xlim(-max(earliest, tolerance_ms / 1000) * 1.08 if earliest else 0, worst * 1.08)
+    ax.set_xlabel("lateness (s): took effect minus planned; left of 0, its work began early")
     ax.set_title(f"Fault timing: each start and heal against the tolerance ({tolerance_ms / 1000:g} s)")
     ax.legend(handles=[Patch(color="tab:blue", label="start"), Patch(color="tab:green", label="heal"),
                        Patch(color="tab:red", label="failed")], loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -112,8 +120,9 @@ def timing_section(records: Sequence[Mapping[str, Any]], verdict: Mapping[str, A
                      '(a harness error):</p>\n<ul>' + "".join(f"<li>{_e(w)}</li>" for w in whys) + "</ul>\n")
     worst = faults.get("worst")
     if worst:
+        early = f", its work begun {worst['early_ms'] / 1000:.2f} s early" if worst.get("early_ms") else ""
         parts.append(f"<p>Worst lateness: {worst['late_ms'] / 1000:.2f} s (fault {_e(worst['fault'])} "
-                     f"{_e(worst['kind'])}, {_e(worst['phase'])}); tolerance {tolerance / 1000:g} s.</p>\n")
+                     f"{_e(worst['kind'])}, {_e(worst['phase'])}{early}); tolerance {tolerance / 1000:g} s.</p>\n")
     try:
         png = plot_lateness(items, tolerance)
     except Exception as exc:  # a view never breaks the report
@@ -124,8 +133,10 @@ def timing_section(records: Sequence[Mapping[str, Any]], verdict: Mapping[str, A
                      f'alt="fault timing"></p>\n')
     rows = "".join(
         f"<tr><td>{_e(p.fault)}</td><td>{_e(p.kind)}</td><td>{_e(p.phase)}</td><td>{_ms(p.late_ms)}</td>"
+        f"<td>{_ms(p.early_ms or None)}</td>"
         f"<td>{_ms(p.took_ms)}</td><td>{_e(p.failed or '')}</td></tr>\n" for p in items)
-    parts.append("<table><tr><th>fault</th><th>kind</th><th>phase</th><th>late (ms)</th><th>its work took (ms)</th>"
+    parts.append("<table><tr><th>fault</th><th>kind</th><th>phase</th><th>late (ms)</th>"
+                 "<th>its work began early (ms)</th><th>its work took (ms)</th>"
                  f"<th>error</th></tr>\n{rows}</table>\n")
     parts.append(_failures(records))
     return "".join(parts)

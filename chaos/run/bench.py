@@ -24,6 +24,7 @@ import trio
 
 from testnet.base.jsonl import read_jsonl
 
+from chaos.run.play import describe_error
 from chaos.scenario import NEMESES, Scenario, ScenarioError, load_scenario
 from chaos.schedule import to_toml
 
@@ -50,16 +51,20 @@ def every_fault_scenario(base: Scenario, kinds: list[str], *, start_s: float, in
 
 
 def lateness_by_kind(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per kind, over every run: the worst start and heal lateness (ms) and the failures."""
+    """Per kind, over every run: the worst start and heal lateness (ms), the most any phase's
+    work began early (ms: centred on its planned time), and the failures."""
     out: dict[str, dict[str, Any]] = {}
     for run in runs:
         for r in run["faults"]:
-            k = out.setdefault(r.get("kind"), {"start_ms": None, "heal_ms": None, "errors": [], "runs": 0})
+            k = out.setdefault(r.get("kind"), {"start_ms": None, "heal_ms": None, "early_ms": None, "errors": [],
+                                               "runs": 0})
             phase = {"start": "start_ms", "end": "heal_ms"}.get(r.get("phase"))
             if r.get("phase") == "start":
                 k["runs"] += 1
             if phase and isinstance(r.get("late_ms"), (int, float)):
                 k[phase] = max(k[phase] or 0, r["late_ms"])
+            if phase and isinstance(r.get("early_ms"), (int, float)):
+                k["early_ms"] = max(k["early_ms"] or 0, r["early_ms"])
             if r.get("phase") in ("error", "skipped"):
                 k["errors"].append(f"seed {run['seed']}: {r.get('during', r['phase'])}: {str(r.get('error'))[:200]}")
     return out
@@ -97,7 +102,14 @@ def bench_command(base_name: str, seeds: int, first_seed: int, kinds: tuple[str,
 
     runs = []
     for seed in range(first_seed, first_seed + seeds):
-        result = trio.run(lambda: run_chaos(scenario, seed=seed, runs_dir=runs_dir, progress=say))
+        try:
+            result = trio.run(lambda: run_chaos(scenario, seed=seed, runs_dir=runs_dir, progress=say))
+        except Exception as exc:  # a run that could not be made (a boot that failed) is a harness error
+            error = describe_error(exc)["error"]
+            say(f"seed {seed}: the run failed: {error}")
+            runs.append({"seed": seed, "run_dir": None, "valid": "unknown", "worst": None,
+                         "harness": [f"the run failed: {error}"], "faults": []})
+            continue
         runs.append({"seed": seed, "run_dir": str(result.run_dir), "valid": result.verdict.get("valid"),
                      "worst": (result.verdict.get("faults") or {}).get("worst"),
                      "harness": harness_errors(result.verdict),
@@ -113,17 +125,17 @@ def bench_command(base_name: str, seeds: int, first_seed: int, kinds: tuple[str,
             return "-" if ms is None else f"{ms / 1000:.2f}"
 
         click.echo(f"{base.name} ({base.topology.nodes} nodes), seeds {', '.join(str(r['seed']) for r in runs)}: "
-                   "worst lateness per fault kind (s; done minus planned)")
-        click.echo(f"  {'kind':12} {'start':>7} {'heal':>7}  errors")
+                   "worst lateness per fault kind (s; done minus planned; early: its work begun before planned)")
+        click.echo(f"  {'kind':12} {'start':>7} {'heal':>7} {'early':>7}  errors")
         for kind in NEMESES:
             k = kinds_out.get(kind)
             if k is not None:
-                click.echo(f"  {kind:12} {s(k['start_ms']):>7} {s(k['heal_ms']):>7}  "
+                click.echo(f"  {kind:12} {s(k['start_ms']):>7} {s(k['heal_ms']):>7} {s(k['early_ms']):>7}  "
                            f"{'; '.join(k['errors'][:2]) or '-'}")
         for r in runs:
             w = r["worst"]
             click.echo(f"seed {r['seed']}: verdict {r['valid']}; worst "
                        + (f"{w['late_ms'] / 1000:.2f} s (fault {w['fault']} {w['kind']}, {w['phase']})" if w else "-")
                        + (f"; harness errors: {'; '.join(r['harness'][:3])}" if r["harness"] else "")
-                       + f"  {r['run_dir']}")
+                       + f"  {r['run_dir'] or ''}")
     sys.exit(2 if any(r["harness"] for r in runs) else 0)

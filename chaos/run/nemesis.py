@@ -43,29 +43,57 @@ log = logging.getLogger("chaos.run.nemesis")
 HEAL_TIMEOUT_S = 30.0
 
 
-# When the phase being played took effect (see took_effect): set by the player per phase.
-_effect: contextvars.ContextVar[list[float | None] | None] = contextvars.ContextVar("swarmnet_fault_effect",
-                                                                                   default=None)
+class PhaseClock:
+    """The times of the phase being played (set by the player per phase, read by nemeses):
+    ``planned`` (trio time), when it ``took_effect`` (None: when its work was done), when its
+    first change was made if that was before it was asked for (``began``), and — set by a
+    nemesis at its start — ``heal_estimate``: how long its heal's work would take, asked
+    just before the heal so that the player can centre that work on the planned end."""
+
+    __slots__ = ("planned", "effect", "began", "heal_estimate")
+
+    def __init__(self, planned: float | None = None) -> None:
+        self.planned = planned
+        self.effect: float | None = None
+        self.began: float | None = None
+        self.heal_estimate: Callable[[], float] | None = None
+
+    async def begin(self, work_s: float) -> None:
+        """Wait until the phase's work of about ``work_s`` should begin — half of it before the
+        planned time, half after — and note when it began if that is before the planned time."""
+        if self.planned is None:
+            return
+        await trio.sleep_until(self.planned - max(0.0, work_s) / 2)
+        now = trio.current_time()
+        if now < self.planned:
+            self.began = now
+
+
+# The phase being played (see PhaseClock): set by the player per phase.
+_clock: contextvars.ContextVar[PhaseClock | None] = contextvars.ContextVar("swarmnet_fault_clock", default=None)
+
+
+def phase_clock() -> PhaseClock | None:
+    """The clock of the phase being played in this task (None outside the player)."""
+    return _clock.get()
 
 
 def took_effect() -> None:
     """Say that the phase of the fault being played took effect now — a restarted or added node
     runs, before the nemesis waits for it to be ready (the network's recovery, not the fault)."""
-    holder = _effect.get()
-    if holder is not None:
-        holder[0] = trio.current_time()
+    clock = _clock.get()
+    if clock is not None:
+        clock.effect = trio.current_time()
 
 
 @contextmanager
-def effect_clock() -> Iterator[list[float | None]]:
-    """For the player: ``[when the phase took effect]`` once the block is over (None: it did
-    not say, so it took effect when done)."""
-    holder: list[float | None] = [None]
-    token = _effect.set(holder)
+def playing(clock: PhaseClock) -> Iterator[PhaseClock]:
+    """For the player: ``clock`` is the phase's clock for the block."""
+    token = _clock.set(clock)
     try:
-        yield holder
+        yield clock
     finally:
-        _effect.reset(token)
+        _clock.reset(token)
 
 
 class NemesisError(Exception):
@@ -245,12 +273,20 @@ async def link_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any]]:
     else:
         proxies, desc = await resolve_links(net, fault)
     cut = _cuts(fault)
+    toxics = () if cut else _toxics(fault.kind, fault.params)
     what = f"fault {fault.id} ({fault.kind})"
     failed: L.BatchError | None = None
+    clock = phase_clock()
+    if clock is not None and hasattr(api, "estimate_s"):
+        # Thousands of made links take a second or more of calls: half before the planned
+        # time, half after (the player woke this nemesis early for it: prepares()).
+        await clock.begin(api.estimate_s(proxies, 1 if cut else len(toxics)))
     try:
-        applied = await api.fault_links(proxies, cut=cut, toxics=() if cut else _toxics(fault.kind, fault.params))
+        applied = await api.fault_links(proxies, cut=cut, toxics=toxics)
     except L.BatchError as exc:
         applied, failed = exc.done, exc
+    if clock is not None and hasattr(api, "estimate_s"):
+        clock.heal_estimate = lambda: api.estimate_s(applied.names, applied.calls_per_link)
 
     async def heal() -> None:
         with healing(what, HEAL_TIMEOUT_S + HEAL_S_PER_LINK * applied.links):
@@ -263,7 +299,7 @@ async def link_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any]]:
             raise HealFailed("its start failed, and so did the heal of what it did", [failed, exc]) from None
         raise failed
     try:
-        yield {**desc, "proxies": applied.links}
+        yield {**desc, "proxies": applied.links, **({"calls": applied.calls} if hasattr(applied, "calls") else {})}
     finally:
         await heal()
 
@@ -339,6 +375,16 @@ async def clock_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any]]:
             if n in net.nodes and net.nodes[n].state == "running":
                 await net.admin(n, "admin_clock", offset_ms=0)
         await _heal_all(f"fault {fault.id} ({fault.kind})", [(reset, (n,)) for n in skewed])
+
+
+PREPARE_S = 1.0  # a nemesis that centres its work on the planned time is entered this early
+
+
+def prepares(net: Any, fault: Fault) -> bool:
+    """Whether ``fault``'s nemesis is entered :data:`PREPARE_S` before its planned time, to find
+    its links and begin its calls early (:meth:`PhaseClock.begin`): link faults on real proxies.
+    The simulation's proxies change at one instant, so its faults are entered on time."""
+    return fault.family in ("link", "partition") and hasattr(net.api, "estimate_s")
 
 
 def inject(net: Any, fault: Fault) -> Any:

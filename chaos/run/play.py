@@ -4,7 +4,12 @@ end, and ``faults.jsonl``, the record of what really happened and when (shape in
 Each phase of a fault — its start, its heal — is recorded with the time the schedule
 gave it (``planned``), how late it took effect (``late_ms``: minus planned; a restarted or
 added node takes effect when it runs, before it is ready — see ``nemesis.took_effect`` —
-anything else when its work is done) and how long its whole work took (``took_ms``).  A fault that failed is recorded with what failed: an
+anything else when its work is done) and how long its whole work took (``took_ms``).
+A change to thousands of links takes a second or more of Toxiproxy calls whatever is done,
+so its work is centred on the planned time: the nemesis is entered early, estimates its
+work from the rate this run's bulk calls last had, begins half of it before the planned
+time and records how early (``early_ms``); the verdict holds early to the same tolerance
+as late.  A fault that failed is recorded with what failed: an
 exception group is opened into its leaves, and a leaf that is a bulk Toxiproxy change
 says how many of how many calls failed, on which server, which call, and why.
 """
@@ -20,7 +25,7 @@ import trio
 
 from testnet import links as L
 
-from chaos.run.nemesis import HealFailed, NemesisError, effect_clock, inject
+from chaos.run.nemesis import PREPARE_S, HealFailed, NemesisError, PhaseClock, inject, playing, prepares
 from chaos.schedule import Fault, Schedule
 
 Progress = Callable[[str], None]
@@ -99,6 +104,14 @@ def _ms(seconds: float) -> int:
     return int(round(seconds * 1000))
 
 
+def _early(clock: PhaseClock) -> dict[str, int]:
+    """``early_ms``: how long before its planned time the phase's work began, when it did."""
+    if clock.began is None or clock.planned is None:
+        return {}
+    early = _ms(clock.planned - clock.began)
+    return {"early_ms": early} if early > 0 else {}
+
+
 def _late(late_s: float) -> str:
     return f" {late_s:.2f} s late" if late_s >= 0.1 else ""
 
@@ -112,33 +125,36 @@ async def play(net: Any, schedule: Schedule, log: FaultLog, progress: Progress) 
     async def one(fault: Fault) -> None:
         start_at, heal_at = t0 + fault.at_s, t0 + fault.end_s
         planned = {"start": t0_ms + _ms(fault.at_s), "heal": t0_ms + _ms(fault.end_s)}
-        await trio.sleep_until(start_at)
+        early = prepares(net, fault)
+        await trio.sleep_until(max(t0, start_at - PREPARE_S) if early else start_at)
         during, began = "start", trio.current_time()
         targets: dict[str, Any] = {}
+        clock = PhaseClock(start_at if early else None)
         # A phase took effect when its nemesis says (took_effect: a restarted node runs), else
         # when its work was done; its lateness is measured there, its work (took_ms) to the end.
-        with effect_clock() as effect:
+        # A phase whose work began before its planned time (PhaseClock.begin: thousands of
+        # links) also records how early (early_ms).
+        with playing(clock):
             try:
                 async with inject(net, fault) as targets:
                     now = trio.current_time()
-                    late = (effect[0] if effect[0] is not None else now) - start_at
+                    late = (clock.effect if clock.effect is not None else now) - start_at
+                    began = clock.began if clock.began is not None else max(began, start_at)
                     log.write(fault, "start", planned=planned["start"], late_ms=_ms(late), took_ms=_ms(now - began),
-                              targets=targets)
+                              **_early(clock), targets=targets)
                     progress(f"fault {fault.id} {fault.kind} started{_late(late)}: {_short(targets)}")
-                    # Healed at the planned end: a late start shortens the fault rather than moving it.
-                    await trio.sleep(max(0.0, fault.duration_s - late) if late > ON_TIME_S else fault.duration_s)
-                    during, began, effect[0] = "heal", trio.current_time(), None
+                    if clock.heal_estimate is not None:  # centre the heal's work on the planned end too
+                        await trio.sleep_until(heal_at - PREPARE_S)
+                        await trio.sleep_until(heal_at - min(PREPARE_S, clock.heal_estimate() / 2))
+                    else:  # healed at the planned end: a late start shortens the fault rather than moving it
+                        await trio.sleep(max(0.0, fault.duration_s - late) if late > ON_TIME_S else fault.duration_s)
+                    during, began = "heal", trio.current_time()
+                    clock.planned, clock.effect, clock.heal_estimate = heal_at, None, None
+                    clock.began = began if began < heal_at else None
                 now = trio.current_time()
-                late = (effect[0] if effect[0] is not None else now) - heal_at
+                late = (clock.effect if clock.effect is not None else now) - heal_at
                 log.write(fault, "end", planned=planned["heal"], late_ms=_ms(late), took_ms=_ms(now - began),
-                          targets=targets)
-                if fault.family in ("adversary", "byzantine"):  # its summary is only known once it stopped
-                    progress(f"fault {fault.id} {fault.kind} stopped{_late(late)}: "
-                             f"{targets.get('attempts', 0)} attempts, "
-                             f"{targets.get('refused', 0)} refused, {targets.get('accepted', 0)} accepted, "
-                             f"{targets.get('leaked', 0)} leaked; {targets.get('flood_waves', 0)} flood waves")
-                else:
-                    progress(f"fault {fault.id} {fault.kind} healed{_late(late)}")
+                          **_early(clock), targets=targets)
             except Exception as exc:  # a controller error must not end the run unhealed
                 now = trio.current_time()
                 late_ms = _ms(now - (start_at if during == "start" else heal_at))
