@@ -7,7 +7,7 @@ import itertools
 import json
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AbstractSet, Any, AsyncIterator, Callable, Sequence
+from typing import AbstractSet, Any, AsyncIterator, Callable, Iterable, Sequence
 
 import trio
 
@@ -455,17 +455,9 @@ class ProxyTable:
                      fine: tuple[int, ...]) -> tuple[list[CallFailure], int]:
         """Send ``calls_for(name)`` for every made proxy of ``fault``, all at once per server (a
         status in ``fine`` counts as done); returns the failed calls and how many were made.  A
-        made link another fault holds right now gets its calls once that is over."""
-        mine, busy = [], []
-        done = trio.Event()
+        made link another bulk change holds right now gets its calls once that change is over,
+        in bulk again with the others that waited for it; one a single-link fault holds, after it."""
         bulk, locks = self._bulk, self._locks
-        # Links being made are not waited for: their making reads what the faults ask (_reconcile).
-        for name in self.made & fault.names:  # iterates the smaller of the two
-            if name in locks or name in bulk:  # another fault's call on it, right now
-                busy.append(name)
-            else:
-                bulk[name] = done
-                mine.append(name)
         failures: list[CallFailure] = []
         count = 0
 
@@ -473,23 +465,6 @@ class ProxyTable:
             for call, failure in zip(batch, await self.apis[server].calls(batch)):
                 if failure is not None and failure.status not in fine:
                     failures.append(failure)
-
-        try:
-            by_server: dict[int, list[Call]] = {}
-            for name in mine:
-                by_server.setdefault(self.servers.server_of(name), []).extend(calls_for(name))
-            count = sum(map(len, by_server.values()))
-            began = trio.current_time()
-            async with trio.open_nursery() as nursery:
-                for server, batch in by_server.items():
-                    nursery.start_soon(send, server, batch)
-            took = trio.current_time() - began
-            if count >= BULK_RATE_MIN_CALLS and took > 0 and not failures:
-                self.bulk_rate = count / took
-        finally:
-            for name in mine:
-                del bulk[name]
-            done.set()
 
         async def later(name: str) -> None:
             nonlocal count
@@ -499,10 +474,49 @@ class ProxyTable:
                     count += len(batch)
                     await send(self.servers.server_of(name), batch)
 
-        async with trio.open_nursery() as nursery:
-            for name in busy:
-                nursery.start_soon(later, name)
-        return failures, count
+        # Links being made are not waited for: their making reads what the faults ask (_reconcile).
+        pending: Iterable[str] = self.made & fault.names  # iterates the smaller of the two
+        first = True
+        while True:
+            mine, locked, waited = [], [], []
+            holders: set[trio.Event] = set()
+            done = trio.Event()
+            for name in pending:
+                holder = bulk.get(name)
+                if holder is not None:  # another bulk change's call on it, right now
+                    holders.add(holder)
+                    waited.append(name)
+                elif name in locks:  # a single-link fault's, or its making's
+                    locked.append(name)
+                else:
+                    bulk[name] = done
+                    mine.append(name)
+            try:
+                by_server: dict[int, list[Call]] = {}
+                for name in mine:
+                    by_server.setdefault(self.servers.server_of(name), []).extend(calls_for(name))
+                calls = sum(map(len, by_server.values()))
+                count += calls
+                began = trio.current_time()
+                async with trio.open_nursery() as nursery:
+                    for server, batch in by_server.items():
+                        nursery.start_soon(send, server, batch)
+                took = trio.current_time() - began
+                if first and calls >= BULK_RATE_MIN_CALLS and took > 0 and not failures:
+                    self.bulk_rate = calls / took
+            finally:
+                for name in mine:
+                    del bulk[name]
+                done.set()
+            first = False
+            async with trio.open_nursery() as nursery:
+                for name in locked:
+                    nursery.start_soon(later, name)
+            if not waited:
+                return failures, count
+            for holder in holders:
+                await holder.wait()
+            pending = [name for name in waited if name in self.made]
 
 
 async def _undo(action: Any, *args: Any) -> None:
