@@ -18,6 +18,7 @@ grace period, then the zygote.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
@@ -75,32 +76,52 @@ async def boot(net: Testnet, ready_timeout_s: float) -> None:
     launcher, wiring = net.launcher, net.wiring
     net.recorder.write_secrets()
     net.save()
-    with trio.fail_after(ready_timeout_s + 30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(launcher.start_registry, net)
-            if net.plan.links_mode == "toxiproxy":
-                nursery.start_soon(launcher.start_toxiproxy, net)
-            if launcher.uses_zygote:
-                nursery.start_soon(launcher.start_zygote, net)
-        net.progress(f"registry at {net.registry_address[0]}:{net.registry_address[1]}"
-                     + (f", Toxiproxy at {net.api.url}" if net.api else ", links direct (no link faults)"))
-        names = list(net.nodes)
-        await launcher.start_nodes(net, names, ready_timeout_s)
-        net.progress(f"{len(names)} nodes listening")
-        if net.api is not None:
-            await wiring.open_ingress(names)
-            made = wiring.boot_links()
-            await wiring.populate(made)
-            net.plan.link_names  # made now, not by the first fault on every link
-            net.progress(f"a link's proxy is made when first used ({len(net.plan.links):,} links in all)"
-                         if net.proxies_on_use else f"{len(made):,} proxies created")
-        net.save()
-        async with trio.open_nursery() as nursery:
-            if net.proxies_on_use:
-                nursery.start_soon(wiring.make_swarm_links, ready_timeout_s)
-            await wait_ready(net, ready_timeout_s)
+    budget_s = ready_timeout_s + 30
+    deadline = trio.current_time() + budget_s
+    step = "starting the registry, Toxiproxy and the zygote"
+    try:
+        with trio.fail_at(deadline):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(launcher.start_registry, net)
+                if net.plan.links_mode == "toxiproxy":
+                    nursery.start_soon(launcher.start_toxiproxy, net)
+                if launcher.uses_zygote:
+                    nursery.start_soon(launcher.start_zygote, net)
+            net.progress(f"registry at {net.registry_address[0]}:{net.registry_address[1]}"
+                         + (f", Toxiproxy at {net.api.url}" if net.api else ", links direct (no link faults)"))
+            names = list(net.nodes)
+            step = f"starting {len(names)} nodes"
+            await launcher.start_nodes(net, names, ready_timeout_s)
+            net.progress(f"{len(names)} nodes listening")
+            if net.api is not None:
+                step = "making the users' and the first links' proxies"
+                await wiring.open_ingress(names)
+                made = wiring.boot_links()
+                await wiring.populate(made)
+                net.plan.link_names  # made now, not by the first fault on every link
+                net.progress(f"a link's proxy is made when first used ({len(net.plan.links):,} links in all)"
+                             if net.proxies_on_use else f"{len(made):,} proxies created")
+            net.save()
+            step = "waiting for every node to be ready (a swarm, the registry's height)"
+            async with trio.open_nursery() as nursery:
+                if net.proxies_on_use:
+                    nursery.start_soon(wiring.make_swarm_links, ready_timeout_s)
+                # Its own deadline ends before the boot's, so that it can say which node is not ready.
+                await wait_ready(net, max(1.0, min(ready_timeout_s, deadline - trio.current_time() - 3.0)))
+    except trio.TooSlowError:
+        raise procs.NotReady("network", f"not ready within {budget_s:g} s: still {step}{_load_note()}") from None
     net.state = "ready"
     net.save()
+
+
+def _load_note() -> str:
+    """The machine's load, when it may be why a deadline passed (more runnable processes than cores)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return ""
+    cores = os.cpu_count() or 1
+    return f" (load average {load:.0f} on {cores} cores)" if load > 2 * cores else ""
 
 
 async def wait_ready(net: Testnet, timeout_s: float = 30.0, names: list[str] | None = None) -> None:
