@@ -63,6 +63,14 @@ class NotReady(ChildFailed):
     """A child did not announce or confirm readiness in time."""
 
 
+def _in_child(parent_pid: int | None, nice: int) -> None:
+    """Runs in the child between fork and exec: its priority, its parent's death."""
+    if nice:
+        os.nice(nice)
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
+
+
 def _die_with_parent(parent_pid: int) -> None:
     """Runs in the child between fork and exec."""
     _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
@@ -194,8 +202,9 @@ class Child(Signals):
 def spawn(name: str, argv: list[str], *, stderr: Path, logs: tuple[Path | None, ...] = (),
           env: dict[str, str] | None = None, cwd: Path | None = None,
           parent_death: bool = True, ready_pipe: bool = True,
-          pass_fds: tuple[int, ...] = ()) -> tuple[Child, int | None]:
+          pass_fds: tuple[int, ...] = (), nice: int = 0) -> tuple[Child, int | None]:
     """Start ``argv`` in its own process group; returns the child and the read end of its stdout.
+    ``nice``: how much lower its CPU priority is than ours (nodes: ``launch.NODE_NICE``).
 
     stdout is a pipe for the readiness line (``ready_pipe``; else it joins
     stderr and no fd is returned); stderr is appended to ``stderr``.
@@ -209,7 +218,7 @@ def spawn(name: str, argv: list[str], *, stderr: Path, logs: tuple[Path | None, 
             popen = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=err if wfd is None else wfd, stderr=err, cwd=cwd, env=env,
                 close_fds=True, pass_fds=pass_fds, process_group=0,
-                preexec_fn=(lambda: _die_with_parent(parent)) if parent_death else None,
+                preexec_fn=(lambda: _in_child(parent if parent_death else None, nice)) if parent_death or nice else None,
             )
     except OSError as exc:
         if rfd is not None:
@@ -378,16 +387,17 @@ class Zygote:
         self._loop_scope: trio.CancelScope | None = None
 
     @classmethod
-    def launch(cls, main: str, *, stderr: Path, preload: tuple[str, ...] = ()) -> Zygote:
+    def launch(cls, main: str, *, stderr: Path, preload: tuple[str, ...] = (), nice: int = 0) -> Zygote:
         """Start a zygote whose children run ``main`` (``"module:function"``, called with the args
-        list); then :meth:`wait_ready`.  Its owner stops it (:meth:`stop`), whatever happens."""
+        list); then :meth:`wait_ready`.  Its owner stops it (:meth:`stop`), whatever happens.
+        ``nice``: it and so every child it forks run that much below our CPU priority."""
         import socket as _socket
 
         ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         argv = python_argv("testnet.procs", "swarmnet-zygote", "--fd", str(theirs.fileno()), "--main", main,
                            *[f"--preload={m}" for m in preload])
         try:
-            child, _ = spawn("zygote", argv, stderr=stderr, ready_pipe=False, pass_fds=(theirs.fileno(),))
+            child, _ = spawn("zygote", argv, stderr=stderr, ready_pipe=False, pass_fds=(theirs.fileno(),), nice=nice)
         except BaseException:
             ours.close()
             raise
