@@ -18,8 +18,10 @@ OPEN_BATCH_S = 0.01  # proxies asked for within this long of the first are made 
 HEAL_TIMEOUT_S = 5.0  # for one call that undoes what a failed make did
 RECONCILE_ROUNDS = 5  # a new proxy's calls re-read the faults at most this often (each round: one bulk call)
 # Bulk calls a second, all servers together, until this run has measured its own (estimate_s):
-# 6,226 calls of an all-links latency on 300 nodes took 1.0-1.3 s on a quiet 2-core machine.
-BULK_RATE_DEFAULT = 5000.0
+# toxics added or removed — 6,226 calls of an all-links latency on 300 nodes took 1.0-1.3 s on a
+# quiet 2-core machine — and links cut or enabled, which close or reopen a listener and every
+# connection through it (536 in 0.6-1.0 s at load 44).
+BULK_RATES_DEFAULT = {"toxic": 5000.0, "cut": 800.0}
 BULK_RATE_MIN_CALLS = 500  # a bulk change of fewer calls says little about the rate (latency, not work)
 ToxicSpec = tuple[str, dict[str, Any], str]  # (type, attributes, stream)
 
@@ -86,6 +88,11 @@ class LinkFault:
         return 1 if not self.enabled else len(self.toxics)
 
     @property
+    def work(self) -> str:
+        """What its calls do, for their rate (:meth:`ProxyTable.estimate_s`): "cut" or "toxic"."""
+        return "toxic" if self.enabled else "cut"
+
+    @property
     def links(self) -> int:
         return len(self.names)
 
@@ -136,7 +143,7 @@ class ProxyTable:
         self._bulk: dict[str, trio.Event] = {}
         self._opening: dict[str, _Opening] = {}
         self._queues: dict[int, list[str]] = {}  # server -> names waiting to be made
-        self.bulk_rate = BULK_RATE_DEFAULT  # calls a second of a large bulk change, as last measured
+        self.bulk_rates = dict(BULK_RATES_DEFAULT)  # calls a second of a large bulk change, as last measured
 
     @property
     def url(self) -> str:
@@ -393,13 +400,13 @@ class ProxyTable:
 
     # ---------------------------------------------------------------- faults on many links
 
-    def estimate_s(self, names: Sequence[str] | AbstractSet[str], calls_per_link: int) -> float:
+    def estimate_s(self, names: Sequence[str] | AbstractSet[str], calls_per_link: int, work: str) -> float:
         """How long a bulk change of ``calls_per_link`` calls on each made link of ``names``
-        would take now, at the rate this table last measured (:attr:`bulk_rate`): a fault on
-        thousands of links cannot change them all at one instant, so the player centres that
-        span on the planned time (chaos.run.play)."""
+        would take now, at the rate this table last measured for that ``work`` ("cut" or
+        "toxic": :attr:`bulk_rates`): a fault on thousands of links cannot change them all at
+        one instant, so the player centres that span on the planned time (chaos.run.play)."""
         made = self.made & names if isinstance(names, AbstractSet) else [n for n in names if n in self.made]
-        return len(made) * calls_per_link / self.bulk_rate
+        return len(made) * calls_per_link / self.bulk_rates[work]
 
     async def fault_links(self, names: Sequence[str] | AbstractSet[str], *, cut: bool = False,
                           toxics: Sequence[ToxicSpec] = (), toxicity: float = 1.0) -> LinkFault:
@@ -503,7 +510,7 @@ class ProxyTable:
                         nursery.start_soon(send, server, batch)
                 took = trio.current_time() - began
                 if first and calls >= BULK_RATE_MIN_CALLS and took > 0 and not failures:
-                    self.bulk_rate = calls / took
+                    self.bulk_rates[fault.work] = calls / took
             finally:
                 for name in mine:
                     del bulk[name]

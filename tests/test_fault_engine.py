@@ -198,19 +198,24 @@ async def test_a_fault_whose_calls_are_refused_makes_the_run_unknown_naming_what
 async def test_a_change_to_many_links_is_centred_on_its_planned_times(tmp_path):
     """A fault whose calls take a while begins half of them before its planned time and
     says so (early_ms), for its start and for its heal; the verdict holds early to the
-    tolerance as it holds late."""
+    tolerance as it holds late.  The nodes run at a lower CPU priority than the harness."""
     from chaos.checkers.verdict import fault_record
     from chaos.run.play import FaultLog, play
     from chaos.schedule import Schedule
     from testnet.controller import open_testnet
+    from testnet.launch import NODE_NICE
 
     async with open_testnet(nodes=4, users=1, min_swarm=2, seed=5, check=False, run_dir=tmp_path / "run") as net:
+        # The harness keeps the CPU first: its nodes run below it, Toxiproxy beside it.
+        ours = psutil.Process().nice()
+        assert {psutil.Process(rt.child.pid).nice() for rt in net.nodes.values()} == {ours + NODE_NICE}
+        assert {psutil.Process(c.pid).nice() for c in net.toxiproxies} == {ours}
         await net.api.populate([{"name": name} for name in sorted(net.plan.link_names)])
         made = len(net.api.made)
         # As if this run's bulk calls went at 2 x made a second: each phase's 2 x made calls
         # (a latency toxic each way) are estimated at 1 s, half of it before the planned time.
-        net.api.bulk_rate = 2.0 * made
-        assert net.api.estimate_s(net.plan.link_names, 2) == pytest.approx(1.0)
+        net.api.bulk_rates["toxic"] = 2.0 * made
+        assert net.api.estimate_s(net.plan.link_names, 2, "toxic") == pytest.approx(1.0)
         fault = Fault(1, 1.2, 2.0, "latency", {"all-links": True}, NEMESES["latency"][1])
         log = FaultLog(tmp_path / "run" / "faults.jsonl")
         await play(net, Schedule("centred", 5, (fault,)), log, lambda msg: None)

@@ -280,13 +280,13 @@ async def link_fault(net: Any, fault: Fault) -> AsyncIterator[dict[str, Any]]:
     if clock is not None and hasattr(api, "estimate_s"):
         # Thousands of made links take a second or more of calls: half before the planned
         # time, half after (the player woke this nemesis early for it: prepares()).
-        await clock.begin(api.estimate_s(proxies, 1 if cut else len(toxics)))
+        await clock.begin(api.estimate_s(proxies, 1 if cut else len(toxics), "cut" if cut else "toxic"))
     try:
         applied = await api.fault_links(proxies, cut=cut, toxics=toxics)
     except L.BatchError as exc:
         applied, failed = exc.done, exc
     if clock is not None and hasattr(api, "estimate_s"):
-        clock.heal_estimate = lambda: api.estimate_s(applied.names, applied.calls_per_link)
+        clock.heal_estimate = lambda: api.estimate_s(applied.names, applied.calls_per_link, applied.work)
 
     async def heal() -> None:
         with healing(what, HEAL_TIMEOUT_S + HEAL_S_PER_LINK * applied.links):
