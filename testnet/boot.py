@@ -107,7 +107,7 @@ async def boot(net: Testnet, ready_timeout_s: float) -> None:
                 if net.proxies_on_use:
                     nursery.start_soon(wiring.make_swarm_links, ready_timeout_s)
                 # Its own deadline ends before the boot's, so that it can say which node is not ready.
-                await wait_ready(net, max(1.0, min(ready_timeout_s, deadline - trio.current_time() - 3.0)))
+                await wait_ready(net, max(1.0, min(ready_timeout_s, deadline - trio.current_time() - 10.0)))
     except trio.TooSlowError:
         raise procs.NotReady("network", f"not ready within {budget_s:g} s: still {step}{_load_note()}") from None
     net.state = "ready"

@@ -63,7 +63,8 @@ async def watch_node(net: Testnet, rt: NodeRuntime, child: procs.Child) -> None:
 # processes than cores — 300 nodes on two — the controller, which starts and heals faults on time,
 # and the Toxiproxy servers, which are the network, get a core first when they need one, and the
 # nodes have the rest (they are the system under test, not the clock it is tested against).
-NODE_NICE = 5
+# SWARMNET_NODE_NICE=0 runs them beside the harness.
+NODE_NICE = int(os.environ.get("SWARMNET_NODE_NICE", "5"))
 
 
 class ProcessLauncher:
