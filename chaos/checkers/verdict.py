@@ -324,9 +324,14 @@ def faults_summary(f: Mapping[str, Any]) -> list[str]:
         line += f", {len(f['errors'])} failed"
     worst = f.get("worst")
     if worst is not None:
-        early = (f", its work begun {worst['early_ms'] / 1000:.2f} s early" if worst.get("early_ms") else "")
-        line += (f"; worst lateness {worst['late_ms'] / 1000:.2f} s (fault {worst['fault']} {worst['kind']}, "
-                 f"{worst['phase']}{early}; tolerance {f.get('tolerance_ms', LATE_TOLERANCE_MS) / 1000:g} s)")
+        tolerance = f"tolerance {f.get('tolerance_ms', LATE_TOLERANCE_MS) / 1000:g} s"
+        if worst.get("early_ms", 0) > worst["late_ms"]:  # a change centred on its planned time
+            line += (f"; worst timing: fault {worst['fault']} {worst['kind']}, {worst['phase']}, its work begun "
+                     f"{worst['early_ms'] / 1000:.2f} s early and done {worst['late_ms'] / 1000:.2f} s late "
+                     f"({tolerance} either way)")
+        else:
+            line += (f"; worst lateness {worst['late_ms'] / 1000:.2f} s (fault {worst['fault']} {worst['kind']}, "
+                     f"{worst['phase']}; {tolerance})")
     lines = [line]
     if f.get("valid", True) is not True:
         lines.append("harness error: the schedule did not play as planned, so the run is neither a pass nor a "

@@ -120,9 +120,13 @@ def timing_section(records: Sequence[Mapping[str, Any]], verdict: Mapping[str, A
                      '(a harness error):</p>\n<ul>' + "".join(f"<li>{_e(w)}</li>" for w in whys) + "</ul>\n")
     worst = faults.get("worst")
     if worst:
-        early = f", its work begun {worst['early_ms'] / 1000:.2f} s early" if worst.get("early_ms") else ""
-        parts.append(f"<p>Worst lateness: {worst['late_ms'] / 1000:.2f} s (fault {_e(worst['fault'])} "
-                     f"{_e(worst['kind'])}, {_e(worst['phase'])}{early}); tolerance {tolerance / 1000:g} s.</p>\n")
+        if worst.get("early_ms", 0) > worst["late_ms"]:  # a change centred on its planned time
+            parts.append(f"<p>Worst timing: fault {_e(worst['fault'])} {_e(worst['kind'])}, {_e(worst['phase'])}: "
+                         f"its work begun {worst['early_ms'] / 1000:.2f} s early and done "
+                         f"{worst['late_ms'] / 1000:.2f} s late; tolerance {tolerance / 1000:g} s either way.</p>\n")
+        else:
+            parts.append(f"<p>Worst lateness: {worst['late_ms'] / 1000:.2f} s (fault {_e(worst['fault'])} "
+                         f"{_e(worst['kind'])}, {_e(worst['phase'])}); tolerance {tolerance / 1000:g} s.</p>\n")
     try:
         png = plot_lateness(items, tolerance)
     except Exception as exc:  # a view never breaks the report
