@@ -11,7 +11,7 @@ import trio
 
 from .net import TCP, Network
 from .protocol import DEFAULT_MAX_FRAME_SIZE, Response
-from .rpc_client import DEFAULT_CONNECT_TIMEOUT, ConnectError, RpcConnection, connect
+from .rpc_client import DEFAULT_CONNECT_TIMEOUT, ConnectError, RpcConnection, RpcTimeout, connect
 from .rpc_wire import CaptureSink
 
 POOL_IDLE_S = 30.0  # a pooled connection idle this long is replaced (servers close theirs at 60 s)
@@ -111,7 +111,13 @@ class ConnectionPool:
         deadline = trio.current_time() + timeout
         conn = await self.get(key, timeout=timeout)
         remaining = max(deadline - trio.current_time(), 0.0)
-        return await conn.call(op, args, timeout=remaining)
+        if remaining >= 0.9 * timeout:
+            return await conn.call(op, args, timeout=remaining)
+        try:
+            return await conn.call(op, args, timeout=remaining)
+        except RpcTimeout:  # say the whole budget and where it went, not "no response in 0 s"
+            raise RpcTimeout(f"{op} to {conn.name or conn.remote}: no response within {timeout:.3g} s "
+                             f"(connecting took {timeout - remaining:.3g} s of it)") from None
 
     async def drop(self, key: Hashable) -> None:
         """Close the connection to ``key`` (the next call dials again)."""
