@@ -9,13 +9,14 @@ changes, so a reader never sees half of it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
 import socket
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterable, Iterator
 
 SCHEMA_VERSION = 1
 RUN_JSON = "run.json"
@@ -160,11 +161,18 @@ def read_links(run_dir: Path | str, run: dict[str, Any]) -> list[dict[str, Any]]
 _LINK_ENCODER = json.JSONEncoder(separators=(", ", ": "))  # one for all links: json.dumps makes one per call
 
 
-def write_links(path: Path, links: list[dict[str, Any]]) -> None:
-    """The link table as JSON, one link a line (readable, and quick to write at 250,000 links)."""
+def write_links(path: Path, links: Iterable[dict[str, Any]]) -> None:
+    """The link table as JSON, one link a line (readable, and quick to write at 250,000 links);
+    ``links`` is consumed as it is written, a batch at a time, never held whole."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    encode, rows = _LINK_ENCODER.encode, iter(links)
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write("[\n" + ",\n".join(map(_LINK_ENCODER.encode, links)) + "\n]\n")
+        f.write("[")
+        sep = "\n"
+        while batch := list(itertools.islice(rows, 4096)):
+            f.write(sep + ",\n".join(map(encode, batch)))
+            sep = ",\n"
+        f.write("\n]\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -216,15 +224,14 @@ def build_record(net: Any) -> dict[str, Any]:
     }
 
 
-def build_links(net: Any) -> list[dict[str, Any]]:
+def build_links(net: Any) -> Iterator[dict[str, Any]]:
     """``links.json`` of a live :class:`testnet.controller.Testnet`: every planned link, its
-    proxy's listen address and upstream (``null`` until its destination has listened)."""
-    out = []
+    proxy's listen address and upstream (``null`` until its destination has listened), made
+    one at a time as they are written (the plan lists no links: N² of them)."""
     for link in net.plan.links:
         up = net.upstream(link)
-        out.append({"name": link.name, "src": link.src, "dst": link.dst, "listen": list(link.listen),
-                    "upstream": list(up) if up else None})
-    return out
+        yield {"name": link.name, "src": link.src, "dst": link.dst, "listen": list(link.listen),
+               "upstream": list(up) if up else None}
 
 
 # --------------------------------------------------------------------------- readers for tools
