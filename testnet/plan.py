@@ -49,9 +49,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal, Union
 
 from .base.crypto import Identity
-from .plan_links import LinkNames, LinkPlan, LinkTable
-
-__all__ = ["LinkPlan", "LinkNames", "LinkTable"]  # the links live in plan_links; named here too
+from .plan_links import LinkNames, LinkPlan, LinkTable  # LinkPlan is known here as P.LinkPlan too
 
 LinksMode = Literal["toxiproxy", "direct"]
 LINKS_MODES: tuple[str, ...] = ("toxiproxy", "direct")
@@ -368,12 +366,21 @@ class NetworkPlan:
                     out.append(self._link_between(s, d))
         return out
 
+    def proxy_sources(self) -> dict[str, str]:
+        """Where each source's outgoing proxies listen (one address, a port per destination),
+        by source name in the plan's order; empty without proxies."""
+        if not self.proxied:
+            return {}
+        return {s.name: self._source_host(s) for s in (*self.nodes, *self.users)}
+
+    def proxy_ports(self) -> dict[str, int]:
+        """The port that names each destination node in its proxies' addresses."""
+        return {d.name: PROXY_PORT_BASE + d.index for d in self.nodes} if self.proxied else {}
+
     def proxy_hosts(self) -> set[str]:
         """Every address a proxy of the plan listens at (a source's proxies share one)."""
-        if not self.proxied:
-            return set()
-        hosts = {self._source_host(n) for n in self.nodes} if len(self.nodes) > 1 else set()
-        return hosts | {self._source_host(u) for u in self.users} if self.nodes else hosts
+        n = len(self.nodes)
+        return {h for name, h in self.proxy_sources().items() if n > (1 if name in self._nodes_by_name else 0)}
 
     def dial_table(self, src: str) -> dict[str, Address]:
         """What ``src`` (node or user) dials to reach each node, by node ed25519 hex.

@@ -167,6 +167,41 @@ def listed_names(p):
     return [l.name for l in listed(p)]
 
 
+def test_the_run_directory_keeps_the_links_rule_and_reads_back_every_row(tmp_path):
+    import json
+
+    from testnet import rundir
+
+    p, _ = P.with_node_added(P.with_node_removed(make(nodes=6, users=2, hosts=HOSTS3), "n02"))
+    # As run.json has them: each node's address (n05 has not listened yet), users' ingress ports.
+    nodes = [{"name": n.name, "host": n.host, "port": 0 if n.name == "n05" else 40000 + n.index,
+              "dial_host": n.host, "dial_port": 40000 + n.index, "ed25519_public": n.ed25519_public} for n in p.nodes]
+    ingress = {n.name: {"alice": 41000 + n.index} for n in p.nodes if n.name != "n05"}
+    run = {"run_id": "r", "nodes": nodes, "ingress": ingress, "links_file": "links.json"}
+    rundir.write_links(tmp_path / "links.json", {"sources": p.proxy_sources(), "destinations": p.proxy_ports()})
+    assert len((tmp_path / "links.json").read_bytes()) < 1000  # the rule, not the rows
+    links = rundir.read_links(tmp_path, run)
+
+    def upstream(l):
+        node = next(n for n in nodes if n["name"] == l.dst)
+        port = node["port"] if not l.from_user else ingress.get(l.dst, {}).get(l.src)
+        return [node["host"], port] if node["port"] and port else None
+
+    rows = [{"name": l.name, "src": l.src, "dst": l.dst, "listen": list(l.listen), "upstream": upstream(l)}
+            for l in listed(p)]
+    assert list(links) == rows and len(links) == len(rows) == 6 * 5 + 2 * 6 and rows[3] in links
+    assert sum(r["upstream"] is None for r in rows) == 5 + 2 + 5  # to n05, and bob's (no ingress)
+    assert links.row("n04", "n07") == next(r for r in rows if r["name"] == "n04->n07")
+    assert links.row("n02", "n01") is None and links.row("n01", "n01") is None
+    assert links.from_source("alice") == [r for r in rows if r["src"] == "alice"]
+    assert rundir.proxy_of({**run, "links": links}, "bob", "n03") == next(r for r in rows if r["name"] == "bob->n03")
+    # A user dials each node through its proxies: the plan's dial table.
+    assert rundir.dial_table({**run, "links": links}, "alice") == p.dial_table("alice")
+    # A run directory from before the rule (its rows listed) reads as it did.
+    (tmp_path / "links.json").write_text(json.dumps(rows))
+    assert rundir.read_links(tmp_path, run) == rows
+
+
 def test_node_config_follows_the_contract():
     p = make(nodes=3)
     n = p.node("n02")
