@@ -121,8 +121,9 @@ def bench_command(address: str | None, hosts: int, nodes: int, rounds: int, scen
     click.echo(f"cluster bench ({hosts if address is None else 'given'} hosts; load average "
                f"{result['load_avg_1m']} at the end)")
     for where, rs in result["up_message_down"].items():
-        click.echo(f"  {where:>8}: " + "; ".join(f"up {x['ready_s']} s + message {x['message_s']} s + down "
-                                                  f"{x['down_s']} s = {x['total_s']} s (load {x['load_1m']})" for x in rs))
+        click.echo(f"  {where:>8}: " + "; ".join(
+            f"up {x['ready_s']} s + message {x['message_s']} s + down {x['down_s']} s = {x['total_s']} s "
+            f"(load {x['load_1m']})" for x in rs))
     click.echo(f"  {nodes} nodes up + one onion message + down: cluster / one host = {result['ratio']} (target <= 2)")
     ex = result.get("explore")
     if ex:

@@ -64,7 +64,8 @@ def _no_toxiproxy_here() -> str:
     env = os.environ.get("SWARMNET_TOXIPROXY")
     looked = []
     if env:
-        looked.append(f"$SWARMNET_TOXIPROXY={env} is " + ("not an executable file" if os.path.exists(env) else "not there"))
+        what = "not an executable file" if os.path.exists(env) else "not there"
+        looked.append(f"$SWARMNET_TOXIPROXY={env} is {what}")
     looked += [f"nothing at {L.PROJECT_BIN}", "no toxiproxy-server on PATH"]
     return (f"no Toxiproxy server binary on this host ({'; '.join(looked)}); every host needs one: "
             "`make toxiproxy` in its swarmnet, $SWARMNET_TOXIPROXY or PATH in the environment of its `ray start`")
