@@ -369,7 +369,7 @@ def test_a_broken_host_is_named_with_why_and_nothing_is_left(ray_cluster, tmp_pa
         assert errors[0].startswith("swarmnet: error: Toxiproxy cannot start on host h2: "), errors
     if case == "toxiproxy-missing":
         assert "no Toxiproxy server binary on this host" in errors[0]
-        assert f"$SWARMNET_TOXIPROXY={os.environ['SWARMNET_TOXIPROXY']} is not an executable file" in errors[0] \
+        assert f"$SWARMNET_TOXIPROXY: {os.environ['SWARMNET_TOXIPROXY']} is not an executable file" in errors[0] \
             or "SWARMNET_TOXIPROXY" not in os.environ
     if case == "toxiproxy-exits":  # what it said on its way out comes with the error
         assert "exited before its API answered (exit code 3)" in errors[0]

@@ -61,12 +61,12 @@ def _error(exc: BaseException) -> dict[str, Any]:
 
 def _no_toxiproxy_here() -> str:
     """Why :func:`testnet.links.find_toxiproxy` found no binary on this host, naming where it looked."""
+    def said(path: str | os.PathLike[str]) -> str:
+        return f"{path} is not an executable file" if os.path.exists(path) else f"nothing at {path}"
+
     env = os.environ.get("SWARMNET_TOXIPROXY")
-    looked = []
-    if env:
-        what = "not an executable file" if os.path.exists(env) else "not there"
-        looked.append(f"$SWARMNET_TOXIPROXY={env} is {what}")
-    looked += [f"nothing at {L.PROJECT_BIN}", "no toxiproxy-server on PATH"]
+    looked = [f"$SWARMNET_TOXIPROXY: {said(env)}"] if env else []
+    looked += [said(L.PROJECT_BIN), "no toxiproxy-server on PATH"]
     return (f"no Toxiproxy server binary on this host ({'; '.join(looked)}); every host needs one: "
             "`make toxiproxy` in its swarmnet, $SWARMNET_TOXIPROXY or PATH in the environment of its `ray start`")
 
