@@ -35,9 +35,11 @@ from testnet.controller import Options, open_testnet
 
 
 async def up_message_down(opts: Options) -> dict[str, float]:
-    """Seconds to a ready network, for one onion message, and to tear it down."""
+    """Seconds to a ready network, for one onion message, and to tear it down (and the load
+    average as it began: the machine is shared)."""
     from testnet.cluster.run import open_network
 
+    load = psutil.getloadavg()[0]
     t0 = time.monotonic()
     async with (open_network(opts) if opts.cluster else open_testnet(opts)) as net:
         ready = time.monotonic() - t0
@@ -45,7 +47,7 @@ async def up_message_down(opts: Options) -> dict[str, float]:
         t1 = time.monotonic()
     down = time.monotonic() - t1
     return {"ready_s": round(ready, 2), "message_s": round(message, 2), "down_s": round(down, 2),
-            "total_s": round(ready + message + down, 2)}
+            "total_s": round(ready + message + down, 2), "load_1m": round(load, 1)}
 
 
 def explore(scenario: str, seeds: int, env: dict[str, str], *where: str) -> dict[str, Any]:
@@ -119,8 +121,9 @@ def bench_command(address: str | None, hosts: int, nodes: int, rounds: int, scen
     click.echo(f"cluster bench ({hosts if address is None else 'given'} hosts; load average "
                f"{result['load_avg_1m']} at the end)")
     for where, rs in result["up_message_down"].items():
-        click.echo(f"  {where:>8}: " + "; ".join(f"up {x['ready_s']} s + message {x['message_s']} s + down "
-                                                  f"{x['down_s']} s = {x['total_s']} s" for x in rs))
+        click.echo(f"  {where:>8}: " + "; ".join(
+            f"up {x['ready_s']} s + message {x['message_s']} s + down {x['down_s']} s = {x['total_s']} s "
+            f"(load {x['load_1m']})" for x in rs))
     click.echo(f"  {nodes} nodes up + one onion message + down: cluster / one host = {result['ratio']} (target <= 2)")
     ex = result.get("explore")
     if ex:

@@ -98,7 +98,6 @@ async def boot(net: Testnet, ready_timeout_s: float) -> None:
                 await wiring.open_ingress(names)
                 made = wiring.boot_links()
                 await wiring.populate(made)
-                net.plan.link_names  # made now, not by the first fault on every link
                 net.progress(f"a link's proxy is made when first used ({len(net.plan.links):,} links in all)"
                              if net.proxies_on_use else f"{len(made):,} proxies created")
             net.save()

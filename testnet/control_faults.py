@@ -167,8 +167,7 @@ class ControlFaults:
                 if not side:
                     raise _refusal(f"no swarm {want:016x} in the registry's list now")
             a, b = set(sides[0]), set(sides[1])
-            proxies = [link.name for link in net.plan.links if not link.from_user
-                       and ((link.src in a and link.dst in b) or (link.src in b and link.dst in a))]
+            proxies = [link.name for link in net.plan.links_between(a, b)]
             disabled: list[str] = []
 
             async def cut(p: str) -> None:

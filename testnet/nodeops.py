@@ -105,7 +105,6 @@ class NodeOps:
         net = self.net
         async with self._lock:
             net.plan, node = P.with_node_added(net.plan, name)
-            net.plan.link_names  # made now, not by the next fault on every link
             rundir.write_secret(node.seed_file, node.seed.hex() + "\n")
             await net.call("registry", "stake", {"token": net.plan.admin_token,
                                                  "ed25519_public": node.ed25519_public})
@@ -137,7 +136,7 @@ class NodeOps:
                     rt.child.resume()
                 await procs.stop_children([rt.child])
             await net.hang_up(name)
-            gone = [link.name for link in net.plan.links if name in (link.src, link.dst)]
+            gone = [link.name for link in net.plan.links_touching([name])]
             net.plan = P.with_node_removed(net.plan, name)
             rec = next(n for n in net.record()["nodes"] if n["name"] == name)
             net.removed.append({**rec, "state": "removed"})

@@ -20,8 +20,10 @@ of 8, laid out so an address alone says what it is:
 (``T`` = :data:`TOXIPROXY_PORT`; ``P`` = :data:`PROXY_PORT_BASE`, below
 Linux's ephemeral port range.)  A large network's proxies are shared out
 among several Toxiproxy servers by source (:meth:`NetworkPlan.server_of`),
-so no process holds more listening sockets than its descriptor limit allows;
-the link table stays one table.
+so no process holds more listening sockets than its descriptor limit allows.
+The links are not listed: each is derived from its two ends by the rules
+above (:mod:`testnet.plan_links`), so a plan costs what its nodes cost, not
+the N² of their links.
 
 On a cluster (``swarmnet up --cluster``) the plan has a host dimension: each
 node is placed on a host (:class:`HostPlan`, round-robin: ``n01`` on the
@@ -44,9 +46,10 @@ import hashlib
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterable, Iterator, Literal, Union
 
 from .base.crypto import Identity
+from .plan_links import LinkNames, LinkPlan, LinkTable  # LinkPlan is known here as P.LinkPlan too
 
 LinksMode = Literal["toxiproxy", "direct"]
 LINKS_MODES: tuple[str, ...] = ("toxiproxy", "direct")
@@ -171,24 +174,15 @@ class NodePlan:
         return self.identity.x25519_public.hex()
 
 
-@dataclass(frozen=True)
-class LinkPlan:
-    """One directed link through Toxiproxy: ``src`` (node or user) -> node ``dst``.
-
-    The proxy listens at ``listen``; its upstream (``dst``'s main address, or
-    its ingress listener for ``src`` when ``src`` is a user) is known only once
-    ``dst`` runs.
-    """
-
-    name: str
-    src: str
-    dst: str
-    listen: Address
-    from_user: bool
+Endpoint = Union[NodePlan, UserPlan]  # a link's source
 
 
 @dataclass(frozen=True)
 class NetworkPlan:
+    """A run's plan.  Its links are not listed but derived from its nodes and users
+    (:mod:`testnet.plan_links`): every ordered pair of nodes, and every user to every node,
+    with Toxiproxy links; none direct."""
+
     run_id: str
     seed: int
     run_dir: Path
@@ -197,7 +191,6 @@ class NetworkPlan:
     min_swarm: int
     nodes: tuple[NodePlan, ...]
     users: tuple[UserPlan, ...]
-    links: tuple[LinkPlan, ...]
     inject_bugs: tuple[str, ...] = ()
     capture: bool = True  # nodes record their traffic (capture.bin)
     toxiproxy_servers: int = 1  # the proxies are shared out among these many servers
@@ -260,53 +253,144 @@ class NetworkPlan:
         return found
 
     def user(self, name: str) -> UserPlan:
-        for u in self.users:
-            if u.name == name:
-                return u
+        found = self._users_by_name.get(name)
+        if found is not None:
+            return found
         raise PlanError(f"no user named {name!r} in this run")
 
-    @cached_property
-    def _links_by_name(self) -> dict[str, LinkPlan]:
-        return {link.name: link for link in self.links}
+    # ------------------------------------------------------------------ links, derived (plan_links)
+
+    @property
+    def proxied(self) -> bool:
+        """Whether links go through Toxiproxy (every directed link a proxy)."""
+        return self.links_mode == "toxiproxy"
+
+    @property
+    def link_count(self) -> int:
+        """How many links the plan has: N(N-1) between nodes, U*N from users (0 direct)."""
+        n = len(self.nodes)
+        return n * (n - 1) + len(self.users) * n if self.proxied else 0
 
     @cached_property
-    def link_names(self) -> frozenset[str]:
-        """Every link's name, as one set made once: a fault on all links names them (92,100 at
-        300 nodes; building the set took 0.1-0.4 s of a loaded machine, at the fault's time)."""
-        return frozenset(self._links_by_name)
+    def links(self) -> LinkTable:
+        """Every link, made as iterated (N² of them: see :class:`LinkTable`)."""
+        return LinkTable(self)
 
     @cached_property
-    def _links_by_src(self) -> dict[str, list[LinkPlan]]:
-        out: dict[str, list[LinkPlan]] = {}
-        for link in self.links:
-            out.setdefault(link.src, []).append(link)
-        return out
+    def link_names(self) -> LinkNames:
+        """Every link's name, as a set that lists nothing (``len`` and ``in`` are cheap: a
+        fault on all links names them, and the proxy table asks which of them are made)."""
+        return LinkNames(self)
 
     @cached_property
     def _nodes_by_name(self) -> dict[str, NodePlan]:
         return {n.name: n for n in self.nodes}
 
+    @cached_property
+    def _users_by_name(self) -> dict[str, UserPlan]:
+        return {u.name: u for u in self.users}
+
+    def _source(self, name: str) -> Endpoint | None:
+        return self._nodes_by_name.get(name) or self._users_by_name.get(name)
+
+    def _ends(self, name: str) -> tuple[Endpoint, NodePlan] | None:
+        """The ends of link ``name`` (``src->dst``), if the plan has that link."""
+        src, sep, dst = name.partition("->")
+        if not sep or not self.proxied:
+            return None
+        s, d = self._source(src), self._nodes_by_name.get(dst)
+        return None if s is None or d is None or s is d else (s, d)
+
+    def _sources(self) -> Iterator[tuple[Endpoint, list[NodePlan]]]:
+        """Every source with the nodes it links to, in the plan's order of links."""
+        if not self.proxied:
+            return
+        for s in self.nodes:
+            yield s, [d for d in self.nodes if d is not s]
+        for u in self.users:
+            yield u, list(self.nodes)
+
+    def _source_host(self, src: Endpoint) -> str:
+        """Where ``src``'s outgoing proxies listen (one port per destination)."""
+        if isinstance(src, UserPlan):
+            return _ip(self.block, 4, src.index)
+        return proxy_source_host(self.block, source_slot(src.index, len(self.hosts)))
+
+    def _link_between(self, src: Endpoint, dst: NodePlan) -> LinkPlan:
+        return LinkPlan(f"{src.name}->{dst.name}", src.name, dst.name,
+                        (self._source_host(src), PROXY_PORT_BASE + dst.index), isinstance(src, UserPlan))
+
     def link(self, src: str, dst: str) -> LinkPlan:
-        found = self._links_by_name.get(f"{src}->{dst}")
-        if found is None:
+        ends = self._ends(f"{src}->{dst}")
+        if ends is None:
             raise PlanError(f"no proxied link {src}->{dst} in this run")
-        return found
+        return self._link_between(*ends)
 
     def link_named(self, name: str) -> LinkPlan | None:
         """The link whose proxy is called ``name`` (``src->dst``), if the plan has it."""
-        return self._links_by_name.get(name)
+        ends = self._ends(name)
+        return None if ends is None else self._link_between(*ends)
 
     def links_from(self, src: str) -> list[LinkPlan]:
-        """The links leaving ``src`` (node or user)."""
-        return self._links_by_src.get(src, [])
+        """The links leaving ``src`` (node or user), in node order."""
+        s = self._source(src) if self.proxied else None
+        if s is None:
+            return []
+        return [self._link_between(s, d) for d in self.nodes if d is not s]
+
+    def links_touching(self, names: Iterable[str], *, users: bool = True) -> list[LinkPlan]:
+        """The links from or to any of ``names`` (users' links too unless ``users`` is false),
+        in the plan's order: time in proportion to what is returned, not to every link."""
+        want = set(names)
+        if not self.proxied or not want:
+            return []
+        touched = [d for d in self.nodes if d.name in want]
+        sources: list[Endpoint] = [*self.nodes, *(self.users if users else ())]
+        out = []
+        for s in sources:
+            dsts = self.nodes if s.name in want else touched
+            out += [self._link_between(s, d) for d in dsts if d is not s]
+        return out
+
+    def links_between(self, side_a: Iterable[str], side_b: Iterable[str], *, both: bool = True) -> list[LinkPlan]:
+        """The node links from ``side_a`` to ``side_b`` (and back, with ``both``), in the plan's
+        order."""
+        a, b = set(side_a), set(side_b)
+        if not self.proxied:
+            return []
+        ends = [n for n in self.nodes if n.name in a or n.name in b]
+        out = []
+        for s in ends:
+            for d in ends:
+                if s is not d and ((s.name in a and d.name in b) or (both and s.name in b and d.name in a)):
+                    out.append(self._link_between(s, d))
+        return out
+
+    def proxy_sources(self) -> dict[str, str]:
+        """Where each source's outgoing proxies listen (one address, a port per destination),
+        by source name in the plan's order; empty without proxies."""
+        if not self.proxied:
+            return {}
+        return {s.name: self._source_host(s) for s in (*self.nodes, *self.users)}
+
+    def proxy_ports(self) -> dict[str, int]:
+        """The port that names each destination node in its proxies' addresses."""
+        return {d.name: PROXY_PORT_BASE + d.index for d in self.nodes} if self.proxied else {}
+
+    def proxy_hosts(self) -> set[str]:
+        """Every address a proxy of the plan listens at (a source's proxies share one)."""
+        n = len(self.nodes)
+        return {h for name, h in self.proxy_sources().items() if n > (1 if name in self._nodes_by_name else 0)}
 
     def dial_table(self, src: str) -> dict[str, Address]:
         """What ``src`` (node or user) dials to reach each node, by node ed25519 hex.
 
         Empty in direct mode: everyone dials the addresses the registry publishes.
         """
-        by_name = self._nodes_by_name
-        return {by_name[link.dst].ed25519_public: link.listen for link in self.links_from(src)}
+        s = self._source(src) if self.proxied else None
+        if s is None:
+            return {}
+        return {d.ed25519_public: (self._source_host(s), PROXY_PORT_BASE + d.index) for d in self.nodes if d is not s}
 
 
 def node_host(block: Block, index: int) -> str:
@@ -364,25 +448,6 @@ def make_user(run_dir: Path, seed: int, block: Block, index: int) -> UserPlan:
                     dir=d, seed_file=d / "seed")
 
 
-def _links_between(block: Block, nodes: tuple[NodePlan, ...], users: tuple[UserPlan, ...],
-                   touching: NodePlan | None = None, hosts: int = 0) -> tuple[LinkPlan, ...]:
-    """Every directed node->node and user->node link (only those touching ``touching`` when given)."""
-    out = []
-    for s in nodes:
-        source = proxy_source_host(block, source_slot(s.index, hosts))
-        for d in nodes:
-            if s is d or (touching is not None and touching not in (s, d)):
-                continue
-            out.append(LinkPlan(f"{s.name}->{d.name}", s.name, d.name, (source, PROXY_PORT_BASE + d.index), False))
-    for u in users:
-        for d in nodes:
-            if touching is not None and d is not touching:
-                continue
-            out.append(LinkPlan(f"{u.name}->{d.name}", u.name, d.name,
-                                (_ip(block, 4, u.index), PROXY_PORT_BASE + d.index), True))
-    return tuple(out)
-
-
 def plan_network(*, nodes: int = DEFAULT_NODES, users: int = DEFAULT_USERS, min_swarm: int = DEFAULT_MIN_SWARM,
                  seed: int, links: str = "toxiproxy", run_dir: Path, run_id: str, block: Block,
                  inject_bugs: tuple[str, ...] | list[str] = (), capture: bool = True,
@@ -407,9 +472,8 @@ def plan_network(*, nodes: int = DEFAULT_NODES, users: int = DEFAULT_USERS, min_
     run_dir = Path(run_dir)
     node_plans = tuple(make_node(run_dir, seed, block, i, hosts) for i in range(1, nodes + 1))
     user_plans = tuple(make_user(run_dir, seed, block, j) for j in range(1, users + 1))
-    link_plans = _links_between(block, node_plans, user_plans, hosts=len(hosts)) if links == "toxiproxy" else ()
     return NetworkPlan(run_id=run_id, seed=seed, run_dir=run_dir, block=block, links_mode=links,  # type: ignore[arg-type]
-                       min_swarm=min_swarm, nodes=node_plans, users=user_plans, links=link_plans,
+                       min_swarm=min_swarm, nodes=node_plans, users=user_plans,
                        inject_bugs=tuple(inject_bugs), capture=capture,
                        toxiproxy_servers=toxiproxy_servers if links == "toxiproxy" else 1, hosts=hosts, disk=disk)
 
@@ -442,16 +506,13 @@ def with_node_added(plan: NetworkPlan, name: str | None = None) -> tuple[Network
         raise PlanError(f"node index must be 1..{most}, not {index}")
     node = make_node(plan.run_dir, plan.seed, plan.block, index, plan.hosts)
     nodes = tuple(sorted(plan.nodes + (node,), key=lambda n: n.index))
-    new_links = (_links_between(plan.block, nodes, plan.users, touching=node, hosts=len(plan.hosts))
-                 if plan.links_mode == "toxiproxy" else ())
-    return replace(plan, nodes=nodes, links=plan.links + new_links), node
+    return replace(plan, nodes=nodes), node
 
 
 def with_node_removed(plan: NetworkPlan, name: str) -> NetworkPlan:
-    """The plan without node ``name`` and the links that touch it."""
+    """The plan without node ``name`` (and so without the links that touch it)."""
     plan.node(name)
-    return replace(plan, nodes=tuple(n for n in plan.nodes if n.name != name),
-                   links=tuple(link for link in plan.links if name not in (link.src, link.dst)))
+    return replace(plan, nodes=tuple(n for n in plan.nodes if n.name != name))
 
 
 def node_config(plan: NetworkPlan, node: NodePlan, *, registry: Address, parent_pid: int | None,

@@ -44,8 +44,10 @@ class Recorder:
         """Write run.json, and links.json first if the link table changed since it was written
         (a 500-node network has 251,000 links: run.json alone is rewritten on every node event)."""
         net = self.net
-        if net.plan.links and all(rt.port for rt in net.nodes.values()):  # else upstreams are unknown
-            key = (id(net.plan.links), tuple((rt.port, tuple(rt.ingress.items())) for rt in net.nodes.values()))
+        if net.plan.link_count:
+            # links.json is the table's rule, which changes only with the nodes and users (the
+            # rows' upstreams are read from run.json: testnet.rundir.RunLinks).
+            key = (tuple(u.name for u in net.plan.users), tuple(n.name for n in net.plan.nodes))
             if key != self._links_saved:
                 rundir.write_links(net.run_dir / rundir.LINKS_JSON, rundir.build_links(net))
                 self._links_saved = key

@@ -14,6 +14,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator
 
@@ -139,8 +140,9 @@ def load_run(run_dir: Path | str) -> dict[str, Any]:
     return run
 
 
-def read_links(run_dir: Path | str, run: dict[str, Any]) -> list[dict[str, Any]]:
-    """The link table a run record names (``links_file``; [] when it names none)."""
+def read_links(run_dir: Path | str, run: dict[str, Any]) -> Collection[dict[str, Any]]:
+    """The link table a run record names (``links_file``; [] when it names none): every link's
+    row, made when iterated (:class:`RunLinks`), or the rows listed by an older run."""
     name = run.get("links_file")
     if not name:
         return []
@@ -152,22 +154,65 @@ def read_links(run_dir: Path | str, run: dict[str, Any]) -> list[dict[str, Any]]
         return []  # the run has not made its links yet
     except (OSError, json.JSONDecodeError) as exc:
         raise RunDirError(f"cannot read {path}: {exc}") from None
-    if not isinstance(links, list):
+    if isinstance(links, list):  # a run directory written before the table was a rule
+        return links
+    if not isinstance(links, dict) or not isinstance(links.get("sources"), dict) \
+            or not isinstance(links.get("destinations"), dict):
         raise RunDirError(f"{path} is not a link table")
-    return links
+    return RunLinks(links, run)
 
 
-_LINK_ENCODER = json.JSONEncoder(separators=(", ", ": "))  # one for all links: json.dumps makes one per call
+class RunLinks(Collection):
+    """``run["links"]``: every link of a run as a row (``name``, ``src``, ``dst``, ``listen``,
+    ``upstream``), made from ``links.json`` (where each source's proxies listen, the port that
+    names each destination) and the record (where each destination listens) as it is
+    iterated, in the plan's order.  ``len()``, :meth:`row` and :meth:`from_source` list
+    nothing else."""
+
+    def __init__(self, table: dict[str, Any], run: dict[str, Any]) -> None:
+        self.sources: dict[str, str] = table["sources"]
+        self.ports: dict[str, int] = table["destinations"]
+        self._nodes = {n["name"]: n for n in run.get("nodes") or ()}
+        self._ingress = run.get("ingress") or {}
+
+    def _row(self, src: str, dst: str) -> dict[str, Any]:
+        node = self._nodes.get(dst) or {}
+        up = None
+        if node.get("host") and node.get("port"):
+            if src in self.ports:  # a node's link leads to the node
+                up = [node["host"], node["port"]]
+            elif self._ingress.get(dst, {}).get(src):  # a user's, to its ingress listener there
+                up = [node["host"], self._ingress[dst][src]]
+        return {"name": f"{src}->{dst}", "src": src, "dst": dst, "listen": [self.sources[src], self.ports[dst]],
+                "upstream": up}
+
+    def row(self, src: str, dst: str) -> dict[str, Any] | None:
+        """The row of link ``src`` -> ``dst``, if the run has it."""
+        if src == dst or src not in self.sources or dst not in self.ports:
+            return None
+        return self._row(src, dst)
+
+    def from_source(self, src: str) -> list[dict[str, Any]]:
+        """The rows of the links leaving ``src``."""
+        return [self._row(src, d) for d in self.ports if d != src] if src in self.sources else []
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for src in self.sources:
+            for dst in self.ports:
+                if dst != src:
+                    yield self._row(src, dst)
+
+    def __len__(self) -> int:
+        n = len(self.ports)
+        return sum(n - 1 if src in self.ports else n for src in self.sources)
+
+    def __contains__(self, row: object) -> bool:
+        return isinstance(row, dict) and row == self.row(row.get("src", ""), row.get("dst", ""))
 
 
-def write_links(path: Path, links: list[dict[str, Any]]) -> None:
-    """The link table as JSON, one link a line (readable, and quick to write at 250,000 links)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("[\n" + ",\n".join(map(_LINK_ENCODER.encode, links)) + "\n]\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_links(path: Path, table: dict[str, Any]) -> None:
+    """``links.json`` (:func:`build_links`), replaced in one step."""
+    write_json_atomic(path, table)
 
 
 # --------------------------------------------------------------------------- the record
@@ -209,22 +254,19 @@ def build_record(net: Any) -> dict[str, Any]:
         "users": [{"name": u.name, "session_id": u.identity.session_id, "ed25519_public":
                    u.identity.ed25519_public.hex(), "host": u.host, "seed_file": rel(u.seed_file)}
                   for u in plan.users],
-        "links_file": LINKS_JSON if plan.links else None,
+        "links_file": LINKS_JSON if plan.link_count else None,
         "ingress": {name: dict(rt.ingress) for name, rt in net.nodes.items() if rt.ingress},
         "secrets": {"admin_token": ADMIN_TOKEN_FILE, "control_token": CONTROL_TOKEN_FILE},
         "check": net.check_result,
     }
 
 
-def build_links(net: Any) -> list[dict[str, Any]]:
-    """``links.json`` of a live :class:`testnet.controller.Testnet`: every planned link, its
-    proxy's listen address and upstream (``null`` until its destination has listened)."""
-    out = []
-    for link in net.plan.links:
-        up = net.upstream(link)
-        out.append({"name": link.name, "src": link.src, "dst": link.dst, "listen": list(link.listen),
-                    "upstream": list(up) if up else None})
-    return out
+def build_links(net: Any) -> dict[str, Any]:
+    """``links.json`` of a live :class:`testnet.controller.Testnet`: the link table as its rule
+    (RUNDIR.md) — where each source's proxies listen and the port naming each destination —
+    not as its N² rows: :class:`RunLinks` makes those when they are read."""
+    plan = net.plan
+    return {"sources": plan.proxy_sources(), "destinations": plan.proxy_ports()}
 
 
 # --------------------------------------------------------------------------- readers for tools
@@ -239,7 +281,10 @@ def node_entry(run: dict[str, Any], name: str) -> dict[str, Any]:
 
 def proxy_of(run: dict[str, Any], src: str, dst: str) -> dict[str, Any] | None:
     """The Toxiproxy proxy carrying ``src`` -> ``dst`` (``None`` in direct mode)."""
-    for link in run.get("links") or ():
+    links = run.get("links") or ()
+    if isinstance(links, RunLinks):
+        return links.row(src, dst)
+    for link in links:
         if link["src"] == src and link["dst"] == dst:
             return link
     return None
@@ -261,7 +306,8 @@ def dial_table(run: dict[str, Any], src: str) -> dict[str, tuple[str, int]]:
     """
     by_name = {n["name"]: n for n in run["nodes"]}
     table = {n["ed25519_public"]: (n["dial_host"], n["dial_port"]) for n in run["nodes"]}
-    for link in run.get("links") or ():
+    links = run.get("links") or ()
+    for link in links.from_source(src) if isinstance(links, RunLinks) else links:
         if link["src"] == src and link["dst"] in by_name:
             host, port = link["listen"]
             table[by_name[link["dst"]]["ed25519_public"]] = (host, port)

@@ -76,7 +76,8 @@ class Wiring:
         made is a proxy that a fault on all links must call (300 nodes, 8 users: 2,400 of them)."""
         if self.net.proxies_on_use:
             return []
-        return [link for link in self.net.plan.links if touching in (None, link.src, link.dst)]
+        plan = self.net.plan
+        return list(plan.links) if touching is None else plan.links_touching([touching])
 
     @property
     def link_opener(self) -> tuple[str, int] | None:

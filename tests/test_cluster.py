@@ -18,6 +18,8 @@ file on one worker).
 """
 
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,6 +27,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import trio
 
@@ -37,6 +40,7 @@ from testnet.cluster.driver import ClusterError, connect
 from testnet.cluster.fixtures import requires_cluster
 from testnet.cluster.hosts import create_hosts, free_subnet, leftovers, netns_argv, remove_hosts
 from testnet.fixtures import requires_toxiproxy
+from testnet.links import PROJECT_BIN
 from testnet.procs import proc_state
 from testnet.rundir import load_run, recorded_processes
 
@@ -306,6 +310,76 @@ async def test_a_canary_fails_its_checker_though_a_host_is_lost_mid_run(ray_clus
     assert (result.run_dir / "nodes" / "n01" / "capture.bin").exists()
     assert not (result.run_dir / "nodes" / "n03" / "capture.bin").exists()  # went with h3
     assert_nothing_left(run)
+
+
+def toxiproxy_binaries() -> list[Path]:
+    """Every Toxiproxy server binary a host agent could find (testnet.links.find_toxiproxy)."""
+    found = {os.environ.get("SWARMNET_TOXIPROXY"), str(PROJECT_BIN), shutil.which("toxiproxy-server")}
+    return sorted(Path(p).resolve() for p in found if p and Path(p).is_file())
+
+
+def run_processes(token: str) -> list[str]:
+    """A run's processes still here, on any host or on this machine: Toxiproxy servers, zygotes
+    (and the nodes they fork), registries, started with this cluster's token in their
+    environment (everything a driver or a host agent starts inherits it)."""
+    marks = ("toxiproxy", "swarmnet-zygote", "testnet.registry", "nodes.__main__")
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or ())
+            if any(m in cmd for m in marks) and p.environ().get("RAY_AUTH_TOKEN") == token:
+                out.append(f"{p.pid} ({cmd[:80]})")
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
+
+
+ANOTHER = Path(__file__).resolve().parents[1] / "chaos" / "__init__.py"  # any source file of swarmnet's
+
+
+def broken_h2(case: str) -> tuple[list[Path], bytes, int]:
+    """What h2 alone shows in place of which files (paths, content, mode) for ``case``."""
+    if case == "toxiproxy-missing":  # as on a host without `make toxiproxy`
+        return toxiproxy_binaries(), b"not a program\n", 0o644
+    if case == "toxiproxy-exits":  # it runs, and exits saying why
+        return toxiproxy_binaries(), b"#!/bin/sh\necho 'listen tcp: address already in use' >&2\nexit 3\n", 0o755
+    assert case == "another-swarmnet"  # one source file differs: the same version number, other code
+    return [ANOTHER], ANOTHER.read_bytes() + b"\n# changed on this host only\n", 0o644
+
+
+@requires_toxiproxy
+@pytest.mark.parametrize("case", ["toxiproxy-missing", "toxiproxy-exits", "another-swarmnet"])
+def test_a_broken_host_is_named_with_why_and_nothing_is_left(ray_cluster, tmp_path, case):
+    # h2 alone is broken, for real: its files differ from the other hosts' and this machine's.
+    from testnet.cluster.driver import code_identity
+
+    assert run_processes(ray_cluster.token) == []
+    with ray_cluster.covered("h2", *broken_h2(case)[:2], mode=broken_h2(case)[2]):
+        out = subprocess.run([sys.executable, "-m", "testnet.cli", "up", "--cluster", ray_cluster.address,
+                              "--hosts", "2", "--nodes", "4", "--min-swarm", "3", "--run-dir", str(tmp_path / "run")],
+                             env=ray_cluster.env(), capture_output=True, text=True, timeout=180)
+    assert out.returncode == 1, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("swarmnet: error:")]
+    assert len(errors) == 1, out.stderr[-3000:]
+    if case == "another-swarmnet":  # both versions said, only h2 named
+        mine = code_identity()
+        assert f"this controller runs swarmnet {mine['version']} (code {mine['code']}); h2 runs swarmnet " \
+               f"{mine['version']} (code " in errors[0] and "h1" not in errors[0], errors
+    else:
+        assert errors[0].startswith("swarmnet: error: Toxiproxy cannot start on host h2: "), errors
+    if case == "toxiproxy-missing":
+        assert "no Toxiproxy server binary on this host" in errors[0]
+        assert f"$SWARMNET_TOXIPROXY: {os.environ['SWARMNET_TOXIPROXY']} is not an executable file" in errors[0] \
+            or "SWARMNET_TOXIPROXY" not in os.environ
+    if case == "toxiproxy-exits":  # what it said on its way out comes with the error
+        assert "exited before its API answered (exit code 3)" in errors[0]
+        assert "listen tcp: address already in use" in out.stderr
+    run = load_run(tmp_path / "run")
+    assert run["state"] == "failed" and [h["name"] for h in run["cluster"]["hosts"]] == ["h1", "h2"]
+    # Nothing of the run is left on any host or here: the agents, the hosts' Toxiproxy servers
+    # and zygotes, the registry and the users' Toxiproxy server.
+    assert_nothing_left(run)
+    assert run_processes(ray_cluster.token) == []
 
 
 # --------------------------------------------------------------------------- sim explore --cluster

@@ -61,7 +61,8 @@ def test_thirty_node_default_counts():
 
 def test_direct_mode_has_no_links_and_no_toxiproxy():
     p = make(links="direct")
-    assert p.links == () and p.toxiproxy is None and p.dial_table("n01") == {}
+    assert len(p.links) == 0 and not p.link_names and list(p.links) == [] and p.toxiproxy is None
+    assert p.dial_table("n01") == {} and p.link_named("n01->n02") is None and p.links_touching(["n01"]) == []
 
 
 def test_seeds_are_deterministic_per_run_seed_and_distinct():
@@ -103,6 +104,102 @@ def test_node_added_and_removed():
     assert all("n02" not in (link.src, link.dst) for link in p3.links)
     p4, n2 = P.with_node_added(p3, "n02")
     assert n2.seed == p.node("n02").seed  # a name always means the same key in one run
+
+
+def listed(p):
+    """The links as the planner once listed them, in its order: each node to every other, then
+    each user to every node (the reference the derived links are checked against)."""
+    out = []
+    for s in p.nodes:
+        source = P.proxy_source_host(p.block, P.source_slot(s.index, len(p.hosts)))
+        out += [P.LinkPlan(f"{s.name}->{d.name}", s.name, d.name, (source, P.PROXY_PORT_BASE + d.index), False)
+                for d in p.nodes if d is not s]
+    for u in p.users:
+        out += [P.LinkPlan(f"{u.name}->{d.name}", u.name, d.name, (f"127.12.44.{u.index}", P.PROXY_PORT_BASE + d.index),
+                           True) for d in p.nodes]
+    return out
+
+
+HOSTS3 = (P.HostPlan("h1", "10.213.47.11"), P.HostPlan("h2", "10.213.47.12"), P.HostPlan("h3", "10.213.47.13"))
+
+
+@pytest.mark.parametrize("hosts", [(), HOSTS3])
+def test_links_are_derived_from_their_ends_as_they_were_listed(hosts):
+    p = make(nodes=9, users=3, hosts=hosts)
+    p, _ = P.with_node_added(P.with_node_removed(p, "n04"), "n12")  # a gap and a late node
+    ref = listed(p)
+    assert list(p.links) == ref and list(p.link_names) == [l.name for l in ref]
+    assert len(p.links) == len(p.link_names) == p.link_count == len(ref) == 9 * 8 + 3 * 9
+    for l in ref:
+        assert p.link(l.src, l.dst) == l and p.link_named(l.name) == l and l.name in p.link_names and l in p.links
+    for name in ("n04->n01", "n01->n04", "n01->n01", "alice->bob", "n02->alice", "n02-n03", "zed->n01", "n1->n02"):
+        assert name not in p.link_names and p.link_named(name) is None
+        with pytest.raises(P.PlanError):
+            p.link(*name.split("->", 1)) if "->" in name else p.link(name, "n01")
+    assert 42 not in p.link_names and "n01->n02" not in make(links="direct").link_names
+    # What the faults ask, each in the plan's order of links: never by listing every link.
+    picks = {"n03", "n12", "alice"}
+    assert p.links_touching(picks) == [l for l in ref if l.src in picks or l.dst in picks]
+    assert p.links_touching(picks, users=False) == [l for l in ref if (l.src in picks or l.dst in picks)
+                                                    and not l.from_user]
+    a, b = ["n01", "n12", "n07"], ["n02", "n07", "n09"]
+    assert p.links_between(a, b) == [l for l in ref if not l.from_user and
+                                     (l.src in a and l.dst in b or l.src in b and l.dst in a)]
+    assert p.links_between(a, b, both=False) == [l for l in ref if not l.from_user and l.src in a and l.dst in b]
+    assert p.links_from("bob") == [l for l in ref if l.src == "bob"] and p.links_from("n04") == []
+    assert p.proxy_hosts() == {l.listen[0] for l in ref}
+
+
+def test_link_names_is_a_set_the_proxy_table_can_use_without_listing_it():
+    p = make(nodes=300, users=3)
+    names = p.link_names
+    assert len(names) == 300 * 299 + 3 * 300 and names is p.link_names
+    made = {"n01->n02", "alice->n300", "n02->n02", "gone->n01"}
+    # ProxyTable: `made & fault.names` (a plain set on the left) and `name in fault.names`.
+    both = made & names
+    assert both == {"n01->n02", "alice->n300"} and isinstance(both, frozenset)
+    assert names & made == both and made - names == {"n02->n02", "gone->n01"}
+    assert not names.isdisjoint(made) and {"n01->n02"} <= names
+    assert names == frozenset(listed_names(p)) and names == make(nodes=300, users=3).link_names
+
+
+def listed_names(p):
+    return [l.name for l in listed(p)]
+
+
+def test_the_run_directory_keeps_the_links_rule_and_reads_back_every_row(tmp_path):
+    import json
+
+    from testnet import rundir
+
+    p, _ = P.with_node_added(P.with_node_removed(make(nodes=6, users=2, hosts=HOSTS3), "n02"))
+    # As run.json has them: each node's address (n05 has not listened yet), users' ingress ports.
+    nodes = [{"name": n.name, "host": n.host, "port": 0 if n.name == "n05" else 40000 + n.index,
+              "dial_host": n.host, "dial_port": 40000 + n.index, "ed25519_public": n.ed25519_public} for n in p.nodes]
+    ingress = {n.name: {"alice": 41000 + n.index} for n in p.nodes if n.name != "n05"}
+    run = {"run_id": "r", "nodes": nodes, "ingress": ingress, "links_file": "links.json"}
+    rundir.write_links(tmp_path / "links.json", {"sources": p.proxy_sources(), "destinations": p.proxy_ports()})
+    assert len((tmp_path / "links.json").read_bytes()) < 1000  # the rule, not the rows
+    links = rundir.read_links(tmp_path, run)
+
+    def upstream(l):
+        node = next(n for n in nodes if n["name"] == l.dst)
+        port = node["port"] if not l.from_user else ingress.get(l.dst, {}).get(l.src)
+        return [node["host"], port] if node["port"] and port else None
+
+    rows = [{"name": l.name, "src": l.src, "dst": l.dst, "listen": list(l.listen), "upstream": upstream(l)}
+            for l in listed(p)]
+    assert list(links) == rows and len(links) == len(rows) == 6 * 5 + 2 * 6 and rows[3] in links
+    assert sum(r["upstream"] is None for r in rows) == 5 + 2 + 5  # to n05, and bob's (no ingress)
+    assert links.row("n04", "n07") == next(r for r in rows if r["name"] == "n04->n07")
+    assert links.row("n02", "n01") is None and links.row("n01", "n01") is None
+    assert links.from_source("alice") == [r for r in rows if r["src"] == "alice"]
+    assert rundir.proxy_of({**run, "links": links}, "bob", "n03") == next(r for r in rows if r["name"] == "bob->n03")
+    # A user dials each node through its proxies: the plan's dial table.
+    assert rundir.dial_table({**run, "links": links}, "alice") == p.dial_table("alice")
+    # A run directory from before the rule (its rows listed) reads as it did.
+    (tmp_path / "links.json").write_text(json.dumps(rows))
+    assert rundir.read_links(tmp_path, run) == rows
 
 
 def test_node_config_follows_the_contract():

@@ -51,7 +51,7 @@ def planned_hosts(plan: Any) -> set[str]:
         hosts.add(plan.toxiproxy[0])
     hosts.update(n.host for n in plan.nodes)
     hosts.update(u.host for u in plan.users)
-    hosts.update(link.listen[0] for link in plan.links)
+    hosts.update(plan.proxy_hosts())
     return hosts
 
 

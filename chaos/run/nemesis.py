@@ -139,19 +139,13 @@ async def resolve_nodes(net: Any, fault: Fault) -> list[str]:
 
 
 def _node_links(net: Any, nodes: Iterable[str], *, users: bool = True) -> list[str]:
-    names = set(nodes)
-    return [l.name for l in net.plan.links if (l.src in names or l.dst in names) and (users or not l.from_user)]
+    """The links from or to ``nodes``, in the plan's order (never every link listed)."""
+    return [l.name for l in net.plan.links_touching(nodes, users=users)]
 
 
 def _cut(net: Any, side_a: Iterable[str], side_b: Iterable[str], *, both: bool = True) -> list[str]:
-    a, b = set(side_a), set(side_b)
-    out = []
-    for l in net.plan.links:
-        if l.from_user:
-            continue
-        if (l.src in a and l.dst in b) or (both and l.src in b and l.dst in a):
-            out.append(l.name)
-    return out
+    """The node links from ``side_a`` to ``side_b`` (and back, with ``both``), in the plan's order."""
+    return [l.name for l in net.plan.links_between(side_a, side_b, both=both)]
 
 
 _SIDED = ("isolate", "split-swarm", "halves", "one-way", "bridge")  # kinds whose links resolve_links picks
@@ -179,7 +173,9 @@ async def resolve_links(net: Any, fault: Fault) -> tuple[list[str], dict[str, An
         a, b = [n for n in t["side_a"] if n in net.nodes], [n for n in t["side_b"] if n in net.nodes]
         return _cut(net, a, b), {"side_a": a, "side_b": b, "bridge": t.get("bridge")}
     if t.get("all-links"):
-        return [l.name for l in net.plan.links], {"all_links": True}
+        # Listed in the plan's order (the simulation's replay depends on it); a real run's
+        # proxy table takes the plan's set itself (link_fault).
+        return list(net.plan.link_names), {"all_links": True}
     if "node-links" in t:
         return _node_links(net, [t["node-links"]]), {"nodes": [t["node-links"]]}
     if "links" in t:

@@ -59,6 +59,18 @@ def _error(exc: BaseException) -> dict[str, Any]:
     return out
 
 
+def _no_toxiproxy_here() -> str:
+    """Why :func:`testnet.links.find_toxiproxy` found no binary on this host, naming where it looked."""
+    def said(path: str | os.PathLike[str]) -> str:
+        return f"{path} is not an executable file" if os.path.exists(path) else f"nothing at {path}"
+
+    env = os.environ.get("SWARMNET_TOXIPROXY")
+    looked = [f"$SWARMNET_TOXIPROXY: {said(env)}"] if env else []
+    looked += [said(L.PROJECT_BIN), "no toxiproxy-server on PATH"]
+    return (f"no Toxiproxy server binary on this host ({'; '.join(looked)}); every host needs one: "
+            "`make toxiproxy` in its swarmnet, $SWARMNET_TOXIPROXY or PATH in the environment of its `ray start`")
+
+
 class HostAgent:
     """One run's agent on one host (see the module docstring)."""
 
@@ -150,14 +162,25 @@ class HostAgent:
         return self._in_trio(wait)
 
     def start_toxiproxy(self, host: str, port: int, seed: int, log_name: str) -> dict[str, Any]:
-        """This host's Toxiproxy server, its API at ``host:port`` on the host's loopback."""
+        """This host's Toxiproxy server, its API at ``host:port`` on the host's loopback; an error
+        record saying why it cannot start here (no binary, its address taken, it exits)."""
         async def start() -> dict[str, Any]:
-            binary = L.find_toxiproxy()
-            child, api = L.spawn_toxiproxy(host, port, log=self.root / log_name, seed=seed, binary=binary)
+            try:
+                binary = L.find_toxiproxy()
+            except L.ToxiproxyMissing:
+                return {"error": _no_toxiproxy_here()}
+            log = self.root / log_name
+            try:
+                child, api = L.spawn_toxiproxy(host, port, log=log, seed=seed, binary=binary)
+            except (L.LinkError, procs.ProcError, OSError) as exc:
+                return {"error": f"{binary} would not start: {exc}"}
             self.children["toxiproxy"] = child
             assert self._nursery is not None
             self._nursery.start_soon(self._watch, "toxiproxy", child)
-            version = await L.wait_toxiproxy(child, api)
+            try:
+                version = await L.wait_toxiproxy(child, api)
+            except procs.ChildFailed as exc:
+                return {"error": f"{binary} {exc.reason} (exit code {exc.exit_code}); its log ends:\n{exc.log_tail}"}
             self.api = api
             return {"pid": child.pid, "create_time": child.create_time, "version": version}
 

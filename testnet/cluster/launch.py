@@ -37,6 +37,7 @@ EVENTS_WAIT_S = 2.0
 UNAVAILABLE_GRACE_S = 20.0  # an agent Ray calls unavailable this long is lost
 SIGNAL_NAMES = {signal.SIGKILL: "kill", signal.SIGTERM: "term", signal.SIGSTOP: "stop", signal.SIGCONT: "cont"}
 CONCURRENCY = {"control": 1, "events": 1, "io": 16}  # signals in order; the exits' long poll apart
+AGENTS_ERROR_SAID_S = 5.0  # see ClusterLauncher.agents_up
 BULK_S_PER_CALL = 0.01  # a host's Toxiproxy answers a pipelined call in well under this
 
 
@@ -282,6 +283,10 @@ class ClusterLauncher:
         else:
             await self._agents_up.wait()
             if self._agents_error is not None:
+                # The first caller raises the agents' error in this same boot, whose nursery then
+                # cancels this step: wait for that rather than say it again (once per host and
+                # step, it was).  Bounded, should this caller be outside that nursery.
+                await trio.sleep(AGENTS_ERROR_SAID_S)
                 raise procs.SpawnError(f"the host agents did not start ({self._agents_error})")
 
     async def _hello_all(self, net: Any) -> None:
@@ -332,7 +337,7 @@ class ClusterLauncher:
             await self.agents_up(net)
             link = self.links[plan.hosts[s - 1].name]
             got = _raise(await link.call("start_toxiproxy", h, p, plan.seed + s, f"toxiproxy-{s}.log"),
-                         f"Toxiproxy on host {link.name}")
+                         f"Toxiproxy cannot start on host {link.name}")
             net.toxiproxies.append(RemoteChild(link, f"toxiproxy-{s}", got["pid"], got["create_time"], "toxiproxy"))
 
         async with trio.open_nursery() as nursery:

@@ -37,8 +37,10 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import psutil
 
@@ -249,6 +251,31 @@ class LocalRayCluster:
                                             f"(code {node.popen.poll()}):\n{node.tail()}")
                 if time.monotonic() > deadline:
                     raise ClusterStartError(f"ray node {node.name} did not start in time:\n{node.tail()}")
+
+    # ------------------------------------------------------------------ a host unlike the others
+
+    @contextmanager
+    def covered(self, name: str, paths: list[Path], content: bytes, *, mode: int = 0o644) -> Iterator[None]:
+        """On host ``name`` only, each of ``paths`` shows ``content`` (a plain file of ``mode``)
+        for the duration of the block: a host whose install differs from the others' (a missing
+        binary, another swarmnet's source), as on a real cluster.  A bind mount in the host's
+        own mount namespace; the other hosts and this machine still see the real files."""
+        node = self.nodes[name]
+        stand_in = self.base_dir / name / f"covered-{len(os.listdir(self.base_dir / name))}"
+        stand_in.write_bytes(content)
+        os.chmod(stand_in, mode)
+        into = ["nsenter", f"--target={node.popen.pid}", "--mount", "--"]
+        done: list[Path] = []
+        try:
+            for path in paths:
+                subprocess.run([*into, "mount", "--bind", str(stand_in), str(path)], check=True,
+                               capture_output=True, timeout=10)
+                done.append(path)
+            yield
+        finally:
+            for path in reversed(done):
+                subprocess.run([*into, "umount", str(path)], check=True, capture_output=True, timeout=10)
+            stand_in.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ stop
 
