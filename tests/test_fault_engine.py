@@ -112,7 +112,6 @@ async def test_a_toxiproxy_server_killed_or_stalled_mid_fault_fails_the_heal_nam
     async with open_testnet(nodes=4, users=1, min_swarm=2, seed=5, check=False, run_dir=tmp_path / "run",
                             toxiproxy_servers=2) as net:
         pids = [c.pid for c in net.children()]
-        net.api.apis[1].timeout_s = 1.0  # a stalled server's calls give up after this long
         server = net.api.apis[1].server
         fault = Fault(1, 0, 1, "latency", {"all-links": True}, NEMESES["latency"][1])
         with pytest.raises(L.LinkError) as info:
@@ -121,6 +120,9 @@ async def test_a_toxiproxy_server_killed_or_stalled_mid_fault_fails_the_heal_nam
                 proxies = await net.api.proxies()
                 assert proxies and all(len(p["toxics"]) == 2 for p in proxies.values())
                 victim = net.toxiproxies[1]
+                # A stalled server's heal calls give up after this long (set after the start: at
+                # 1 s a loaded machine's start could time out too).
+                net.api.apis[1].timeout_s = 1.0
                 if how == "killed":
                     victim.kill()
                     assert await victim.wait_exit(5)
