@@ -166,6 +166,7 @@ class Node:
         self.onion_handler: Callable[[Request, Peer], Awaitable[tuple[int, Any]]] | None = None
         self.onion_take: Take | None = None  # the onion handler's fast path (nodes.onion)
         self.timers = Timers()  # deadlines of work answered from callbacks (forwarding, slow syncs)
+        self.window_timers: Timers | None = None  # the replica commit window's, when it has one
         self.stats = {"stores": 0, "replicated_in": 0, "results_signed": 0, "ae_fetched": 0, "ae_pushed": 0,
                       "rehomed": 0, "node_auth_ok": 0, "node_auth_refused": 0, "node_ops_refused_401": 0,
                       "node_ops_refused_403": 0}
@@ -230,7 +231,9 @@ class Node:
 
     def _make_parts(self, nursery: trio.Nursery, pool: ConnectionPool) -> None:
         now_ms, view = self.clock.now_ms, lambda: self.view
-        self.commit = GroupCommit(self.storage, self.timers)
+        window_s = self.config.replica_commit_window_ms / 1000
+        self.window_timers = Timers() if window_s > 0 else None
+        self.commit = GroupCommit(self.storage, self.timers, window_s=window_s, window_timers=self.window_timers)
         fanout = Fanout(nursery, pool, self.config.replication_timeout_s, self.timers)
         self.anti_entropy = AntiEntropy(self.config, me=self.ed_hex, storage=self.storage, commit=self.commit,
                                         pool=pool, now_ms=now_ms, rng=self.rng, view=view, stats=self.stats,
@@ -262,6 +265,8 @@ class Node:
                 self._make_parts(nursery, pool)
                 assert self.commit is not None and self.follower is not None and self.anti_entropy is not None
                 await nursery.start(self.timers.run)
+                if self.window_timers is not None:  # the replica commit window's (one delay: kept apart)
+                    await nursery.start(self.window_timers.run)
                 self.listening = await nursery.start(self._serve, list(self.config.listen))
                 event(log, "listening", node=self.config.name, addresses=self.listening,
                       ed25519=self.ed_hex[:16])
@@ -346,7 +351,7 @@ class Node:
             else:  # as a failed write in a handler: logged by the group commit, answered 500
                 reply(Status.INTERNAL_ERROR, {"error": "internal error"})
 
-        self.commit.commit_soon(msgs, committed)  # type: ignore[union-attr]
+        self.commit.commit_soon(msgs, committed, hold=True)  # type: ignore[union-attr]
 
     def _rate_limit(self, peer: Peer) -> None:
         if not self.rate.allow((peer.remote[0], peer.local[1]), trio.current_time()):
