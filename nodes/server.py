@@ -21,6 +21,7 @@ connection pool) and live as long as that run.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 import random
@@ -179,7 +180,7 @@ class Node:
         self.admin: AdminOps | None = None
         self.commit: GroupCommit | None = None
         self._client_ops: dict[str, Callable[[dict], Awaitable[Any]]] = {}
-        self._peer_ops: dict[str, Callable[[dict, str | None], Awaitable[Any]]] = {}
+        self._peer_ops: dict[str, Callable[[dict, str | None], Any]] = {}  # replicate's awaitable
         self._admin_ops: dict[str, Callable[[dict], Awaitable[Any]]] = {}
         self._nursery: trio.Nursery | None = None
         self._cancel: trio.CancelScope | None = None
@@ -307,13 +308,19 @@ class Node:
     def take(self, req: Request, peer: Peer, reply: Reply) -> Awaitable[tuple[int, Any]] | None:
         """The server's fast path (testnet.base.rpc_server.Take): a replicated copy, an
         onion layer to relay and a store for this node as the onion target are handled
-        on the reader's turn and answered from callbacks, with no task of their own;
+        on the reader's turn and answered from callbacks, and the other node ops (anti-
+        entropy's, forwarded deletes and expiries: plain calls) answered at once, with no
+        task of their own;
         everything else, and whatever must wait for a dial, goes on as :meth:`handle`
         in a task.  Refusals are answered as :meth:`handle` answers them."""
         op = req.op
         try:
             if op == "replicate" and "no-node-auth" not in self.bugs and self.peers is not None:
                 self._replicate_now(req, peer, reply)
+                return None
+            if op in PeerOps.SYNC_OPS and "no-node-auth" not in self.bugs and self.peers is not None:
+                meter.ROLE.set(_ROLES[op])
+                reply(Status.OK, self._node_op(op, req, peer))
                 return None
             if op == "onion" and self.onion_take is not None:
                 meter.ROLE.set("onion-open")
@@ -332,8 +339,7 @@ class Node:
             caller = auth.authenticated_node(peer.session, self.entitled.is_registered)
             msgs = self.peers.replicated(req.args, caller)  # type: ignore[union-attr]
         except RequestError as exc:
-            if exc.status in (Status.UNAUTHORIZED, Status.FORBIDDEN):
-                self.stats[f"node_ops_refused_{exc.status}"] += 1
+            self._count_refusal(exc)
             raise
         peers = self.peers
         assert peers is not None
@@ -352,6 +358,21 @@ class Node:
                 reply(Status.INTERNAL_ERROR, {"error": "internal error"})
 
         self.commit.commit_soon(msgs, committed, hold=True)  # type: ignore[union-attr]
+
+    def _node_op(self, op: str, req: Request, peer: Peer) -> Any:
+        """A node op's answer (an awaitable for ``replicate``), once its caller is known to be
+        a registered node; refusals counted."""
+        try:
+            caller = None if "no-node-auth" in self.bugs else \
+                auth.authenticated_node(peer.session, self.entitled.is_registered)
+            return self._peer_ops[op](req.args, caller)
+        except RequestError as exc:
+            self._count_refusal(exc)
+            raise
+
+    def _count_refusal(self, exc: RequestError) -> None:
+        if exc.status in (Status.UNAUTHORIZED, Status.FORBIDDEN):
+            self.stats[f"node_ops_refused_{exc.status}"] += 1
 
     def _rate_limit(self, peer: Peer) -> None:
         if not self.rate.allow((peer.remote[0], peer.local[1]), trio.current_time()):
@@ -377,14 +398,14 @@ class Node:
             return Status.OK, {"node": caller}
         if op in NODE_OPS:
             # oxen-storage-server: node-to-node requests only from a node on the service-node list.
-            try:
-                caller = None if "no-node-auth" in self.bugs else \
-                    auth.authenticated_node(peer.session, self.entitled.is_registered)
-                return Status.OK, await self._peer_ops[op](req.args, caller)
-            except RequestError as exc:
-                if exc.status in (Status.UNAUTHORIZED, Status.FORBIDDEN):
-                    self.stats[f"node_ops_refused_{exc.status}"] += 1
-                raise
+            result = self._node_op(op, req, peer)
+            if inspect.isawaitable(result):
+                try:
+                    result = await result
+                except RequestError as exc:
+                    self._count_refusal(exc)
+                    raise
+            return Status.OK, result
         if op in ADMIN_OPS:
             token = req.args.get("token")
             # compare_digest takes str only when ASCII: compare the UTF-8 bytes.
