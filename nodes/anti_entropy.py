@@ -114,7 +114,12 @@ class AntiEntropy:
             try:
                 async with trio.open_nursery() as nursery:
                     if state != self._rehomed_at:
-                        nursery.start_soon(self._rehome, view, state)
+                        # Checked here, not in a task of its own: nearly every round finds none.
+                        stray = [pk for pk in self.storage.pubkeys() if not view.is_mine(pk)]
+                        if stray:
+                            nursery.start_soon(self._rehome, view, stray)
+                        else:
+                            self._rehomed_at = state
                     if view.my_swarm is not None:
                         peers = [p.ed25519_public for p in view.peers() if self._matched.get(p.ed25519_public) != state]
                         if rebuilding:  # every peer, every round, until caught up
@@ -216,14 +221,11 @@ class AntiEntropy:
             event(log, "anti-entropy failed", logging.DEBUG, peer=peer[:16], error=type(exc).__name__)
             await self.pool.drop(peer)
 
-    async def _rehome(self, view: SwarmView, state: tuple[int, int]) -> None:
-        """Push messages that belong to another swarm to all its members, then drop them here.
-        Once none is left astray at ``state``, the next rounds skip this until it changes."""
+    async def _rehome(self, view: SwarmView, stray: list[str]) -> None:
+        """Push the messages of ``stray`` accounts (of another swarm now) to all that swarm's
+        members, then drop them here.  (Once none is left astray at a state, the rounds skip
+        the check until it changes.)"""
         now = self.now_ms()
-        stray = [pk for pk in self.storage.pubkeys() if not view.is_mine(pk)]
-        if not stray:
-            self._rehomed_at = state
-            return
         by_swarm: dict[int, list[str]] = {}
         for pk in stray:
             target = view.swarm_of(pk)

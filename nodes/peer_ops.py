@@ -43,6 +43,10 @@ class PeerOps:
         self.stats = stats
         self.bugs = bugs
 
+    # The ops answered by plain calls, on the reader's own turn (Node.take): no task each.
+    # ``replicate`` waits for the group commit (the node's fast path answers it from there).
+    SYNC_OPS = frozenset({"replicate_delete", "replicate_expire", "ae_digest", "ae_hashes", "ae_fetch"})
+
     def ops(self) -> dict[str, Callable[[dict, str | None], Any]]:
         return {"replicate": self.replicate, "replicate_delete": self.replicate_delete,
                 "replicate_expire": self.replicate_expire, "ae_digest": self.ae_digest,
@@ -111,7 +115,7 @@ class PeerOps:
             verify(r)
         return True
 
-    async def replicate_delete(self, args: dict, caller: str | None) -> dict:
+    def replicate_delete(self, args: dict, caller: str | None) -> dict:
         """Deletes forwarded by a member: each is the account's signed request, verified here."""
         deletes = proofs.signed_deletes(args)
         self._require_accounts(caller, (d.pubkey for d in deletes))
@@ -122,7 +126,7 @@ class PeerOps:
                                             proof=d.to_bytes() if verified else None))
         return {"deleted": len(done)}
 
-    async def replicate_expire(self, args: dict, caller: str | None) -> dict:
+    def replicate_expire(self, args: dict, caller: str | None) -> dict:
         """Expiry changes forwarded by a member: each is the account's signed request, verified here."""
         expiries = proofs.signed_expiries(args)
         self._require_accounts(caller, (e.pubkey for e in expiries))
@@ -133,7 +137,7 @@ class PeerOps:
             n += len(self.storage.expire(e.pubkey, e.hashes, max(e.expiry, 1)))
         return {"updated": n}
 
-    async def ae_digest(self, args: dict, caller: str | None) -> dict:
+    def ae_digest(self, args: dict, caller: str | None) -> dict:
         """Anti-entropy, step 1: the pubkeys of that swarm whose digests differ from the
         caller's, each with our digest per bucket."""
         swarm_id, theirs = core.ae_digest_args(args)
@@ -159,7 +163,7 @@ class PeerOps:
         fit = core.fitting(buckets.items(), core.hash_list_bytes)
         return {"buckets": {pk: [[b, d] for b, d in bs.items()] for pk, bs in fit}}
 
-    async def ae_hashes(self, args: dict, caller: str | None) -> dict:
+    def ae_hashes(self, args: dict, caller: str | None) -> dict:
         """Anti-entropy, step 2: our hashes in the buckets asked for, per pubkey."""
         wanted = core.ae_buckets_args(args)
         self._require_accounts(caller, wanted)
@@ -172,7 +176,7 @@ class PeerOps:
         fit = core.fitting(hashes.items(), core.hash_list_bytes)
         return {"hashes": dict(fit)}
 
-    async def ae_fetch(self, args: dict, caller: str | None) -> dict:
+    def ae_fetch(self, args: dict, caller: str | None) -> dict:
         """The messages with these hashes that we hold and the caller may hold too, as
         many as fit in one reply (in order).  A hash names no account, so messages of
         other swarms are left out rather than refused."""

@@ -30,6 +30,7 @@ from .storage import Storage, StorageError, StoredMessage
 log = logging.getLogger("node.replication")
 
 MAX_BACKLOG = 20_000  # queued messages per peer before new ones fail at once
+HOLD_MAX = 256  # copies held by a replica commit window before they commit at once
 
 # done(new, error) of a group commit: True per message where new, or what went wrong (the
 # storage's own error: a full disk stays a full disk, 507, and so on).
@@ -59,20 +60,50 @@ class GroupCommit:
     owes sync time are told when it has passed (``timers``), and later writes wait for
     it, as behind a disk busy syncing."""
 
-    def __init__(self, storage: Storage, timers: Timers | None = None) -> None:
+    def __init__(self, storage: Storage, timers: Timers | None = None, *, window_s: float = 0.0,
+                 window_timers: Timers | None = None) -> None:
         self.storage = storage
         self._timers = timers
         self._pending: list[tuple[Sequence[StoredMessage], Committed]] = []
         self._syncing = False  # a commit's sync time has not passed yet
+        self._turn_end = False  # a commit is queued for this turn's end
+        # The replica commit window (NodeConfig.replica_commit_window_ms): copies that may
+        # wait (``hold``) are committed up to this long after the first of them, with what
+        # arrives meanwhile, unless a write that may not wait, or HOLD_MAX held copies,
+        # commit them sooner.  Its timers have the one delay, so they stay in order.
+        self.window_s = window_s if window_timers is not None else 0.0
+        self._window_timers = window_timers
+        self._window: Timer | None = None
+        self._held = 0  # copies pending under the window
         self.commits = 0
         self.messages = 0
 
-    def commit_soon(self, messages: Sequence[StoredMessage], done: Committed) -> None:
+    def commit_soon(self, messages: Sequence[StoredMessage], done: Committed, *, hold: bool = False) -> None:
         """Store ``messages`` at the end of this turn; then ``done(new, None)`` (True where
-        new) or ``done(None, error)``, once, from outside any task."""
+        new) or ``done(None, error)``, once, from outside any task.  With ``hold`` (a
+        replica's copies) the commit may wait for the window (``window_s``) to share a
+        transaction with later writes."""
         self._pending.append((messages, done))
-        if len(self._pending) == 1 and not self._syncing:
+        if self._syncing or self._turn_end:
+            return  # committed with what is already due
+        if hold and self.window_s > 0:
+            self._held += len(messages)
+            if self._held < HOLD_MAX:
+                if self._window is None:
+                    self._window = self._window_timers.call_after(self.window_s, self._window_closed)  # type: ignore[union-attr]
+                return
+        self._due()
+
+    def _due(self) -> None:
+        """Commit what is pending at the end of this turn."""
+        if not self._turn_end:
+            self._turn_end = True
             at_turn_end(self._commit)
+
+    def _window_closed(self) -> None:
+        self._window = None
+        if not self._syncing:
+            self._due()
 
     async def commit(self, messages: Sequence[StoredMessage]) -> list[bool]:
         """Store ``messages``; returns once committed: True where new."""
@@ -91,9 +122,14 @@ class GroupCommit:
         return outcome[0]
 
     def _commit(self) -> None:
+        self._turn_end = False
         if self._syncing:
             return
         batch, self._pending = self._pending, []
+        self._held = 0
+        if self._window is not None:
+            self._window.cancel()
+            self._window = None
         if not batch:
             return
         token = meter.ROLE.set("storage")
@@ -129,7 +165,7 @@ class GroupCommit:
         self._syncing = False
         self._tell_all(batch, results)
         if self._pending:
-            at_turn_end(self._commit)
+            self._due()  # what waited behind the sync (held copies too: they have waited)
 
     def _commit_alone(self, messages: Sequence[StoredMessage], done: Committed) -> None:
         try:

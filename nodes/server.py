@@ -21,6 +21,7 @@ connection pool) and live as long as that run.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 import random
@@ -166,6 +167,7 @@ class Node:
         self.onion_handler: Callable[[Request, Peer], Awaitable[tuple[int, Any]]] | None = None
         self.onion_take: Take | None = None  # the onion handler's fast path (nodes.onion)
         self.timers = Timers()  # deadlines of work answered from callbacks (forwarding, slow syncs)
+        self.window_timers: Timers | None = None  # the replica commit window's, when it has one
         self.stats = {"stores": 0, "replicated_in": 0, "results_signed": 0, "ae_fetched": 0, "ae_pushed": 0,
                       "rehomed": 0, "node_auth_ok": 0, "node_auth_refused": 0, "node_ops_refused_401": 0,
                       "node_ops_refused_403": 0}
@@ -178,7 +180,7 @@ class Node:
         self.admin: AdminOps | None = None
         self.commit: GroupCommit | None = None
         self._client_ops: dict[str, Callable[[dict], Awaitable[Any]]] = {}
-        self._peer_ops: dict[str, Callable[[dict, str | None], Awaitable[Any]]] = {}
+        self._peer_ops: dict[str, Callable[[dict, str | None], Any]] = {}  # replicate's awaitable
         self._admin_ops: dict[str, Callable[[dict], Awaitable[Any]]] = {}
         self._nursery: trio.Nursery | None = None
         self._cancel: trio.CancelScope | None = None
@@ -230,7 +232,9 @@ class Node:
 
     def _make_parts(self, nursery: trio.Nursery, pool: ConnectionPool) -> None:
         now_ms, view = self.clock.now_ms, lambda: self.view
-        self.commit = GroupCommit(self.storage, self.timers)
+        window_s = self.config.replica_commit_window_ms / 1000
+        self.window_timers = Timers() if window_s > 0 else None
+        self.commit = GroupCommit(self.storage, self.timers, window_s=window_s, window_timers=self.window_timers)
         fanout = Fanout(nursery, pool, self.config.replication_timeout_s, self.timers)
         self.anti_entropy = AntiEntropy(self.config, me=self.ed_hex, storage=self.storage, commit=self.commit,
                                         pool=pool, now_ms=now_ms, rng=self.rng, view=view, stats=self.stats,
@@ -262,6 +266,8 @@ class Node:
                 self._make_parts(nursery, pool)
                 assert self.commit is not None and self.follower is not None and self.anti_entropy is not None
                 await nursery.start(self.timers.run)
+                if self.window_timers is not None:  # the replica commit window's (one delay: kept apart)
+                    await nursery.start(self.window_timers.run)
                 self.listening = await nursery.start(self._serve, list(self.config.listen))
                 event(log, "listening", node=self.config.name, addresses=self.listening,
                       ed25519=self.ed_hex[:16])
@@ -302,13 +308,19 @@ class Node:
     def take(self, req: Request, peer: Peer, reply: Reply) -> Awaitable[tuple[int, Any]] | None:
         """The server's fast path (testnet.base.rpc_server.Take): a replicated copy, an
         onion layer to relay and a store for this node as the onion target are handled
-        on the reader's turn and answered from callbacks, with no task of their own;
+        on the reader's turn and answered from callbacks, and the other node ops (anti-
+        entropy's, forwarded deletes and expiries: plain calls) answered at once, with no
+        task of their own;
         everything else, and whatever must wait for a dial, goes on as :meth:`handle`
         in a task.  Refusals are answered as :meth:`handle` answers them."""
         op = req.op
         try:
             if op == "replicate" and "no-node-auth" not in self.bugs and self.peers is not None:
                 self._replicate_now(req, peer, reply)
+                return None
+            if op in PeerOps.SYNC_OPS and "no-node-auth" not in self.bugs and self.peers is not None:
+                meter.ROLE.set(_ROLES[op])
+                reply(Status.OK, self._node_op(op, req, peer))
                 return None
             if op == "onion" and self.onion_take is not None:
                 meter.ROLE.set("onion-open")
@@ -327,8 +339,7 @@ class Node:
             caller = auth.authenticated_node(peer.session, self.entitled.is_registered)
             msgs = self.peers.replicated(req.args, caller)  # type: ignore[union-attr]
         except RequestError as exc:
-            if exc.status in (Status.UNAUTHORIZED, Status.FORBIDDEN):
-                self.stats[f"node_ops_refused_{exc.status}"] += 1
+            self._count_refusal(exc)
             raise
         peers = self.peers
         assert peers is not None
@@ -346,7 +357,22 @@ class Node:
             else:  # as a failed write in a handler: logged by the group commit, answered 500
                 reply(Status.INTERNAL_ERROR, {"error": "internal error"})
 
-        self.commit.commit_soon(msgs, committed)  # type: ignore[union-attr]
+        self.commit.commit_soon(msgs, committed, hold=True)  # type: ignore[union-attr]
+
+    def _node_op(self, op: str, req: Request, peer: Peer) -> Any:
+        """A node op's answer (an awaitable for ``replicate``), once its caller is known to be
+        a registered node; refusals counted."""
+        try:
+            caller = None if "no-node-auth" in self.bugs else \
+                auth.authenticated_node(peer.session, self.entitled.is_registered)
+            return self._peer_ops[op](req.args, caller)
+        except RequestError as exc:
+            self._count_refusal(exc)
+            raise
+
+    def _count_refusal(self, exc: RequestError) -> None:
+        if exc.status in (Status.UNAUTHORIZED, Status.FORBIDDEN):
+            self.stats[f"node_ops_refused_{exc.status}"] += 1
 
     def _rate_limit(self, peer: Peer) -> None:
         if not self.rate.allow((peer.remote[0], peer.local[1]), trio.current_time()):
@@ -372,14 +398,14 @@ class Node:
             return Status.OK, {"node": caller}
         if op in NODE_OPS:
             # oxen-storage-server: node-to-node requests only from a node on the service-node list.
-            try:
-                caller = None if "no-node-auth" in self.bugs else \
-                    auth.authenticated_node(peer.session, self.entitled.is_registered)
-                return Status.OK, await self._peer_ops[op](req.args, caller)
-            except RequestError as exc:
-                if exc.status in (Status.UNAUTHORIZED, Status.FORBIDDEN):
-                    self.stats[f"node_ops_refused_{exc.status}"] += 1
-                raise
+            result = self._node_op(op, req, peer)
+            if inspect.isawaitable(result):
+                try:
+                    result = await result
+                except RequestError as exc:
+                    self._count_refusal(exc)
+                    raise
+            return Status.OK, result
         if op in ADMIN_OPS:
             token = req.args.get("token")
             # compare_digest takes str only when ASCII: compare the UTF-8 bytes.

@@ -251,12 +251,12 @@ async def test_a_peers_signature_checks_are_paid_from_its_budget_before_any_is_m
     proofs.SignedDelete.verify = lambda d: (checks.append(d), real_verify(d))[1]
     try:
         # A signed delete repeated is checked (and paid for) once.
-        assert await ops.replicate_delete({"messages": deletes + deletes[:1] * 5}, peer) == {"deleted": 0}
+        assert ops.replicate_delete({"messages": deletes + deletes[:1] * 5}, peer) == {"deleted": 0}
         assert len(checks) == 3
         with pytest.raises(RequestError) as refused:  # 2 more: the budget holds 1
-            await ops.replicate_delete({"messages": deletes[:2]}, peer)
+            ops.replicate_delete({"messages": deletes[:2]}, peer)
         assert refused.value.status == Status.RATE_LIMITED and len(checks) == 3  # nothing checked
-        assert await ops.replicate_delete({"messages": deletes[:1]}, other) == {"deleted": 0}  # its own budget
+        assert ops.replicate_delete({"messages": deletes[:1]}, other) == {"deleted": 0}  # its own budget
         assert budget.refused == 1
     finally:
         proofs.SignedDelete.verify = real_verify

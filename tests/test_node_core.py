@@ -116,6 +116,11 @@ def test_config_errors_are_clear(tmp_path):
     with pytest.raises(core.ConfigError, match="unknown injected bugs"):
         core.NodeConfig.from_dict({"name": "n", "seed_file": "s", "listen": [["127.0.0.1", 0]], "db": "d",
                                    "registry": ["127.0.0.1", 1], "inject_bugs": ["nope"]})
+    base = {"name": "n", "seed_file": "s", "listen": [["127.0.0.1", 0]], "db": "d", "registry": ["127.0.0.1", 1]}
+    assert core.NodeConfig.from_dict({**base, "replica_commit_window_ms": 3}).replica_commit_window_ms == 3.0
+    for bad in (-1, "soon", float("nan"), 5000):
+        with pytest.raises(core.ConfigError, match="replica_commit_window_ms"):
+            core.NodeConfig.from_dict({**base, "replica_commit_window_ms": bad})
 
 
 def test_batches_keep_to_the_wire_budget():

@@ -603,3 +603,40 @@ class StorageMachine(RuleBasedStateMachine):
 
 StorageMachine.TestCase.settings = settings(max_examples=50, stateful_step_count=30, deadline=None)
 TestStorageModel = StorageMachine.TestCase
+
+
+async def test_a_replica_commit_window_groups_held_copies_and_yields_to_a_write_that_cannot_wait(
+        storage: Storage, autojump_clock):
+    """Held copies (a replica's) share one transaction up to the window's end; a write that
+    may not wait (a target's own store) commits at its turn's end, taking the held ones."""
+    import trio
+
+    from nodes.replication import GroupCommit
+    from testnet.base.turn import Timers
+
+    timers = Timers()
+    told: list[tuple[str, float]] = []
+
+    def done(name: str):
+        return lambda new, error: told.append((name, trio.current_time()))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(timers.run)
+        commit = GroupCommit(storage, window_s=0.005, window_timers=timers)
+        start = trio.current_time()
+        commit.commit_soon([msg(n=1)], done("a"), hold=True)
+        await trio.sleep(0.002)
+        commit.commit_soon([msg(n=2)], done("b"), hold=True)
+        await trio.sleep(0.01)
+        assert [(n, round(t - start, 3)) for n, t in told] == [("a", 0.005), ("b", 0.005)]
+        assert commit.commits == 1
+        told.clear()
+        commit.commit_soon([msg(n=3)], done("c"), hold=True)
+        await trio.sleep(0.001)
+        commit.commit_soon([msg(n=4)], done("d"))  # cannot wait: now, with the held copy
+        await trio.sleep(0)
+        assert [n for n, _ in told] == ["c", "d"] and told[0][1] - start == pytest.approx(0.013)
+        assert commit.commits == 2
+        await trio.sleep(0.01)  # the window's timer, cancelled, commits nothing more
+        assert commit.commits == 2 and len(storage.messages_for([ALICE])) == 4
+        nursery.cancel_scope.cancel()
