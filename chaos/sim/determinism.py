@@ -39,13 +39,13 @@ import math
 from typing import Any, Awaitable, Callable
 
 import trio
-import trio.testing
+from trio._core import MockClock  # trio.testing's, without trio.testing (which imports pytest when it can)
 from trio._core import _run as _trio_run
 
 HASH_SEED = "0"
 
 
-def sim_clock() -> trio.testing.MockClock:
+def sim_clock() -> MockClock:
     """trio's ``MockClock`` with autojump at rate 0, read without the real clock.
 
     trio and every timeout in the network ask for the time about half a million times
@@ -57,7 +57,7 @@ def sim_clock() -> trio.testing.MockClock:
     autojumps is one), so this one's methods are replaced on the instance; ``jump``
     (autojump's, the simulated wire's) still moves the base.  trio's private names, as
     :func:`run_exact`'s: pyproject pins the versions."""
-    clock = trio.testing.MockClock(rate=0.0, autojump_threshold=0)
+    clock = MockClock(rate=0.0, autojump_threshold=0)
     clock.current_time = functools.partial(getattr, clock, "_virtual_base")  # type: ignore[method-assign]
 
     def deadline_to_sleep_time(deadline: float) -> float:
