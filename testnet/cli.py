@@ -514,10 +514,18 @@ def supervise_command(options_json: str) -> None:
 # --------------------------------------------------------------------------- entry point
 
 
+# Commands whose process must start with a fixed string-hash seed (``module:function``
+# deciding from the command line): a simulated run replays the order of sets and dicts
+# exactly only then.  Asked before any command is imported, so that the process it
+# replaces costs an interpreter start and not a command's imports.
+HASH_SEEDED = "chaos.sim.hashseed:ensure_for"
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``swarmnet`` console command: runs the CLI; errors become a message and an exit code."""
-    from .controller import error_leaves
-
+    if argv is None:  # the process's own command line (a caller's argv is never re-executed)
+        module, _, attr = HASH_SEEDED.partition(":")
+        getattr(importlib.import_module(module), attr)(sys.argv[1:])
     try:
         rv = cli.main(args=argv, prog_name="swarmnet", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -528,7 +536,11 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return EXIT_ERROR
+    except SystemExit:
+        raise  # a command's own exit status, not an error (and no error types to import for it)
     except BaseException as exc:
+        from .controller import error_leaves
+
         leaves = error_leaves(exc)
         known = _known_errors()
         if all(isinstance(e, known) for e in leaves):

@@ -492,3 +492,35 @@ def test_a_run_that_did_not_play_its_schedule_is_unknown_whatever_the_checkers_s
     (run / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hist))
     v = run_checks(run, **check)
     assert v["valid"] == "unknown" and v["checkers"]["delivery"]["valid"] is False and exit_code(v) == 2
+
+
+def test_capture_frames_cut_a_capture_as_capture_messages_does(tmp_path):
+    """The unlinkability checker's undecoded reader: the same frames, connections and
+    statistics as nodes.capture.capture_messages, so decoding only some changes nothing."""
+    from collections import Counter
+
+    from chaos.checkers.unlinkability import capture_frames
+    from nodes.capture import capture_messages
+    from testnet.base.protocol import decode_body, encode_frame
+
+    path = tmp_path / "capture.bin"
+    cap = CaptureFile(str(path), now_ms=itertools.count(1000).__next__)
+    a, b = (("127.0.0.1", 1), ("127.0.0.2", 2)), (("127.0.0.1", 1), ("127.0.0.3", 3))
+    onion = encode_frame({"id": 1, "op": "onion", "args": {"ephemeral_key": b"k" * 32, "data": b"x" * 40}})
+    store = encode_frame({"id": 2, "op": "store", "args": {"data": b"onion"}})
+    answer = encode_frame({"id": 1, "status": 200, "body": {"data": b"r"}})
+    cap.record(1, "in", *a, onion[:7])  # a frame cut over two reads
+    cap.record(1, "in", *a, onion[7:] + store)
+    cap.record(1, "out", *a, answer)
+    cap.record(2, "in", *b, b"\xff\xff\xff\xff broken")  # announces a frame past the limit
+    cap.record(2, "in", *b, store)  # the stream is read no further
+    cap.record(2, "out", *b, encode_frame({"id": 9, "status": 421, "body": None}))
+    cap.close()
+    with open(path, "ab") as f:
+        f.write(b"\x93\x01\x02\x03")  # a record of the wrong shape
+        f.write(b"\x96\xcd")  # torn
+    want_stats, got_stats = Counter(), Counter()
+    want = list(capture_messages(str(path), stats=want_stats))
+    got = [(*rest, decode_body(body)) for *rest, body in capture_frames(str(path), stats=got_stats)]
+    assert got == want and len(want) == 4
+    assert got_stats == want_stats == Counter(bad_records=1, broken_streams=1)

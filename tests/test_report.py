@@ -87,9 +87,9 @@ def full_report(tmp_path_factory: pytest.TempPathFactory) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def test_report_embeds_three_png_plots(full_report: str) -> None:
+def test_report_embeds_one_png_chart_of_the_run_over_time(full_report: str) -> None:
     images = _images(full_report)
-    assert len(images) == 3
+    assert len(images) == 1  # latency, throughput and node state on one time axis; no lateness plot (none late)
     assert all(img.startswith(b"\x89PNG\r\n\x1a\n") and len(img) > 5000 for img in images)
 
 
@@ -116,7 +116,7 @@ def test_report_escapes_text(full_report: str) -> None:
 def test_history_only_run_dir_still_reports(tmp_path: Path) -> None:
     _jsonl(tmp_path / "history.jsonl", _history(), extra_lines=('{"t": 1, "op": "se',))  # torn last line
     text = write_report(tmp_path).read_text(encoding="utf-8")
-    assert len(_images(text)) == 3
+    assert len(_images(text)) == 1
     assert "no verdict" in text
     assert f"<td>messages sent</td><td>{N_SENDS}</td>" in text
     # without a verdict, unreceived acknowledged messages are "not delivered", not "lost"
@@ -129,7 +129,7 @@ def test_malformed_fault_lines_are_skipped(tmp_path: Path) -> None:
     _jsonl(tmp_path / "faults.jsonl", FAULTS[:2], extra_lines=("", "   ", "{not json", "[1, 2]", '"kill"'))
     assert len(read_jsonl(tmp_path / "faults.jsonl")) == 2
     text = write_report(tmp_path).read_text(encoding="utf-8")
-    assert len(_images(text)) == 3
+    assert len(_images(text)) == 1
     # The kill once in the faults table, and its start and heal in the timing table.
     assert text.count("<td>kill</td>") == 3 and "<td>halves</td>" not in text
 
@@ -328,7 +328,7 @@ def test_flagged_section_survives_a_run_dir_it_cannot_trace(full_report: str, tm
     (tmp_path / "verdict.json").write_text(json.dumps(VERDICT))
     text = write_report(tmp_path, trace_timeout_s=300).read_text(encoding="utf-8")
     section = text[text.index('<h2 id="flagged">'):]
-    assert len(_images(text)) == 3 and "could not be read for tracing" in section and "<details>" not in section
+    assert len(_images(text)) == 1 and "could not be read for tracing" in section and "<details>" not in section
     for mid in LOST_IDS:
         assert f"<td>{mid}</td><td>delivery: lost</td>" in section
 
@@ -363,10 +363,13 @@ def test_flagged_messages_groups_every_checker_failure_per_message() -> None:
 def test_node_state_chart_of_a_large_network_shows_the_nodes_something_happened_to():
     import struct
 
-    from chaos.report.charts import plot_nodes
+    from chaos.report.charts import plot_over_time
 
     def height(png: bytes) -> int:
         return struct.unpack(">II", png[16:24])[1]  # IHDR: width, height
+
+    def plot_nodes(timeline: dict, t0: float, end: float) -> bytes:
+        return plot_over_time({}, {}, [], [], timeline, t0, end)
 
     t0 = 1_000_000
     small = {f"n{i:02d}": [] for i in range(1, 11)}
@@ -397,6 +400,11 @@ def test_the_report_draws_each_phase_lateness_and_names_what_failed(tmp_path: Pa
     assert "Fault timing" in text and 'alt="fault timing"' in text and "Worst lateness: 4.00 s" in text
     assert "fault 2 halves: failed to start" in text and "3 of 40 calls failed" in text
     assert "127.9.8.3:8474 PATCH /proxies/n03-&gt;n04: no answer in 5 s" in text
+    # Every phase within the tolerance: the sentence says so, and no plot is drawn.
+    _jsonl(tmp_path / "faults.jsonl", faults[:2])
+    (tmp_path / "verdict.json").write_text(json.dumps({"valid": True, "faults": {"tolerance_ms": 1000, "valid": True}}))
+    text = write_report(tmp_path).read_text(encoding="utf-8")
+    assert "Fault timing" in text and "within the tolerance (1 s)" in text and 'alt="fault timing"' not in text
     # A run from before lateness was recorded draws no timing plot.
     _jsonl(tmp_path / "faults.jsonl", FAULTS)
     (tmp_path / "verdict.json").unlink()

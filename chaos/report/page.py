@@ -1,7 +1,8 @@
 """The run report: one self-contained ``report.html`` per run directory.
 
 A view of the run's data, never a source of it (Jepsen-style): latency over
-time with fault bands, throughput over time, and a per-node state timeline,
+time with fault bands, throughput over time, and a per-node state timeline
+(one chart on one time axis: :mod:`chaos.report.charts`),
 plus tables of the verdict, the faults (and how late each started and healed:
 :mod:`chaos.report.timing`) and the run facts, and every message a
 checker flagged with its journey inline (:mod:`chaos.report.flagged`).  Every
@@ -25,7 +26,7 @@ from testnet.base.jsonl import read_jsonl
 
 from chaos.checkers.authority import ADVERSARY_FILE, summarize_attempts
 from chaos.report.timing import timing_section
-from chaos.report.charts import plot_latency, plot_nodes, plot_throughput
+from chaos.report.charts import plot_over_time
 from chaos.report.model import (ALWAYS_COUNTED, NOTED_KEYS, BAD, FAILED, LOST, MAX_LISTED_MESSAGES, OUTCOMES,
                                 REPORT_NAME, UNKNOWN, ReportError, checker_results, as_list, as_number, collect_sends,
                                 fault_spans, message_outcomes, node_timeline, read_json, schedule_spans)
@@ -179,11 +180,7 @@ def write_report(run_dir: Path, *, trace_timeout_s: float | None = None) -> Path
                           if (x.get("name") if isinstance(x, dict) else x) is not None] for key in ("nodes", "users"))
     timeline = node_timeline(spans, node_names, run_end)
 
-    pngs = [
-        (plot_latency(sends, outcomes, spans, t0, run_end), "store latency with fault bands"),
-        (plot_throughput(history, spans, t0, run_end), "throughput with fault bands"),
-        (plot_nodes(timeline, t0, run_end), "node state timeline"),
-    ]
+    chart = plot_over_time(sends, outcomes, history, spans, timeline, t0, run_end)
 
     results = [s.result for s in sends.values()]
     receives = sum(1 for r in history if r.get("op") == "receive" and r.get("type", "ok") == "ok")
@@ -213,9 +210,8 @@ def write_report(run_dir: Path, *, trace_timeout_s: float | None = None) -> Path
              if verdict and verdict.get("valid") is False else "",
              "<h3>Delivery outcome per message sent</h3>\n",
              _table(("outcome", "messages"), [(o, list(outcomes.values()).count(o)) for o in OUTCOMES]),
-             "<h2>Latency and faults</h2>\n", _img(*pngs[0]),
-             "<h2>Throughput</h2>\n", _img(*pngs[1]),
-             "<h2>Node state</h2>\n", _img(*pngs[2]),
+             "<h2>Latency, throughput and node state, with faults</h2>\n",
+             _img(chart, "store latency, throughput and node state over time, with fault bands"),
              "<h2>Faults</h2>\n",
              _table(("id", "kind", "start (s)", "end (s)", "status", "targets", "errors"),
                     [(s.fault, s.kind, _secs(s.start_ms, t0), _secs(s.end_ms, t0), s.status,

@@ -4,15 +4,15 @@ said, and if one failed, what failed.
 Read from faults.jsonl (each phase's ``planned`` time and ``late_ms``; an error's leaves)
 and the verdict's ``faults`` part (tolerance, and why the run did not play as planned).
 A bar per phase from when its work began (before the planned time when it was centred on
-it: ``early_ms``) to when it took effect, against the tolerance either way; a table of the same;
-every failed call named.  Records from before lateness was recorded draw nothing.
+it: ``early_ms``) to when it took effect, against the tolerance either way (drawn when a phase
+failed or came off time); a table of the same; every failed call named.  Records from before
+lateness was recorded draw nothing.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -55,21 +55,27 @@ def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
+def needs_plot(items: Sequence[Phase], tolerance_ms: float) -> bool:
+    """Whether the lateness plot shows more than the section's sentence: a phase failed or came
+    later (or began earlier) than the tolerance.  When every phase came in time, the worst lateness and the table
+    say all there is, and the plot (a quarter of a report's time) is not drawn."""
+    return any(p.late_ms is not None and (p.failed or p.late_ms > tolerance_ms or p.early_ms > tolerance_ms)
+               for p in items)
+
+
 def plot_lateness(items: Sequence[Phase], tolerance_ms: float) -> bytes | None:
     """PNG: per fault, how late its start and its heal were (s), the tolerance dashed; a failed
     phase in red.  None when no phase has a lateness."""
     timed = [p for p in items if p.late_ms is not None][: 2 * MAX_ROWS]
     if not timed:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: nightly runs are headless
-    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
+
+    from chaos.report.charts import figure, png
 
     rows = list(dict.fromkeys((p.fault, p.kind) for p in timed))
     index = {key: i for i, key in enumerate(rows)}
-    fig = Figure(figsize=(12, 0.6 + 0.32 * len(rows) + 0.9), dpi=100)
+    fig = figure(12, 0.6 + 0.32 * len(rows) + 0.9)
     ax = fig.add_subplot()
     colours = {"start": "tab:blue", "heal": "tab:green"}
     for p in timed:
@@ -93,9 +99,7 @@ def plot_lateness(items: Sequence[Phase], tolerance_ms: float) -> bytes | None:
                        Patch(color="tab:red", label="failed")], loc="upper left", bbox_to_anchor=(1.01, 1))
     height = fig.get_size_inches()[1]
     fig.subplots_adjust(left=0.12, right=0.86, bottom=0.6 / height, top=1 - 0.4 / height)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return png(fig)
 
 
 def _e(value: Any) -> str:
@@ -127,11 +131,15 @@ def timing_section(records: Sequence[Mapping[str, Any]], verdict: Mapping[str, A
         else:
             parts.append(f"<p>Worst lateness: {worst['late_ms'] / 1000:.2f} s (fault {_e(worst['fault'])} "
                          f"{_e(worst['kind'])}, {_e(worst['phase'])}); tolerance {tolerance / 1000:g} s.</p>\n")
-    try:
-        png = plot_lateness(items, tolerance)
-    except Exception as exc:  # a view never breaks the report
-        parts.append(f'<p class="note">lateness plot failed: {_e(type(exc).__name__)}: {_e(exc)}</p>\n')
-        png = None
+    png = None
+    if needs_plot(items, tolerance):
+        try:
+            png = plot_lateness(items, tolerance)
+        except Exception as exc:  # a view never breaks the report
+            parts.append(f'<p class="note">lateness plot failed: {_e(type(exc).__name__)}: {_e(exc)}</p>\n')
+    elif any(p.late_ms is not None for p in items):
+        parts.append(f"<p>Every start and heal took effect within the tolerance "
+                     f"({tolerance / 1000:g} s) either way.</p>\n")
     if png:
         parts.append(f'<p><img src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}" '
                      f'alt="fault timing"></p>\n')

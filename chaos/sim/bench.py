@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -54,16 +55,23 @@ quiet_s = 2
 
 def command_wall(scenario: str, seed: int, out: Path) -> dict[str, Any]:
     """``swarmnet sim run SCENARIO --seed SEED`` in a fresh process, as a user types it (it
-    re-executes itself with the fixed hash seed): its wall time from start to exit, and the
+    re-executes itself with the fixed hash seed): its wall time from start to exit, its CPU, and the
     parts of it — the run's own figures from its verdict, the report timed again on the
     finished run directory, the rest (interpreter start, imports, re-execution) by
     difference."""
     run_dir = out / f"{scenario}-{seed}"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
+    load0 = os.getloadavg()[0]
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "testnet.cli", "sim", "run", scenario, "--seed", str(seed),
                            "--run-dir", str(run_dir), "--json", "--quiet"], env=env, capture_output=True, text=True)
     wall = time.monotonic() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # The command's own CPU (user + system; the re-executed process is the same one): on a
+    # machine other work loads, wall time measures the load as much as the command.
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    load = [round(load0, 1), round(os.getloadavg()[0], 1)]
     try:
         verdict = json.loads(done.stdout)
     except json.JSONDecodeError:
@@ -77,6 +85,7 @@ def command_wall(scenario: str, seed: int, out: Path) -> dict[str, Any]:
     run = sim["run"]["wall_s"]
     return {"scenario": scenario, "seed": seed, "valid": verdict.get("valid"), "virtual_s": sim["virtual_s"],
             "wall_s": round(wall, 2), "wall_per_virtual": round(wall / sim["virtual_s"], 3),
+            "cpu_s": round(cpu, 2), "cpu_per_virtual": round(cpu / sim["virtual_s"], 3), "load_1min": load,
             "parts_s": {"start, imports, re-exec": round(wall - sim["wall_s"], 2), "boot to drained workload": run,
                         "checkers, teardown": round(max(sim["wall_s"] - run - report, 0.0), 2),
                         "report": round(report, 2)},
@@ -151,9 +160,12 @@ def _command() -> click.Command:
                 click.echo(f"command sim run {c['scenario']}: failed: {c['error']}")
             else:
                 parts = ", ".join(f"{k} {v} s" for k, v in c["parts_s"].items())
-                click.echo(f"command sim run {c['scenario']} --seed {c['seed']}: {c['virtual_s']} s virtual in "
-                           f"{c['wall_s']} s of wall time = 1/{1 / c['wall_per_virtual']:.1f} (target <= 1/20); "
-                           f"{parts}; valid {c['valid']}")
+                click.echo(f"command sim run {c['scenario']} --seed {c['seed']} (whole, as a user waits for it): "
+                           f"{c['virtual_s']} s virtual in {c['wall_s']} s of wall time = "
+                           f"1/{1 / c['wall_per_virtual']:.1f} of its virtual span (target <= 1/20); "
+                           f"{c['cpu_s']} s of CPU = 1/{1 / c['cpu_per_virtual']:.1f}; "
+                           f"load {c['load_1min'][0]}-{c['load_1min'][1]}; valid {c['valid']}\n"
+                           f"  wall parts: {parts}")
         for s in r.get("speed", []):
             click.echo(f"speed {s['scenario']}: {s['virtual_s']} s virtual in {s['cpu_s']} s CPU = "
                        f"{s['virtual_per_cpu_s']}x on one core (target >= 10); valid {s['valid']}")
