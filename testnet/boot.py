@@ -31,7 +31,7 @@ from .base.bugs import NODE_BUGS
 from .base.crypto import open_message, retrieve_signature_message, seal_message
 from .base.protocol import RequestError
 from .base.rpc import RpcError, call_once
-from .runtime import CALL_TIMEOUT_S, ControllerError, NodeRuntime
+from .runtime import ControllerError, NodeRuntime
 
 if TYPE_CHECKING:
     from .controller import Testnet
@@ -214,7 +214,9 @@ async def check_store_retrieve(net: Testnet, timeout_s: float = 10.0) -> dict[st
         host, port = table.get(node.plan.ed25519_public, node.address)
         if node.plan.ed25519_public in table:  # through the user's link: made on first use
             await net.wiring.open_user_link(user.name, node.plan.name)
-        resp = await call_once(host, port, op, args, timeout=CALL_TIMEOUT_S, local_host=user.host,
+        # The check's whole budget, not one call's: right after a large boot a store's fan-out
+        # makes its members' links first (a 300-node boot's check store once took over 2 s).
+        resp = await call_once(host, port, op, args, timeout=timeout_s, local_host=user.host,
                                network=net.network)
         if not resp.ok:
             raise ControllerError(f"check: {op} at {node.plan.name} answered {resp.status}: {resp.body!r:.200}")
