@@ -87,6 +87,15 @@ def capture_messages(path: str, *, stats: Counter | None = None,
     what :func:`testnet.base.protocol.decode_body` makes of the frame.  A record that
     does not parse is skipped (``stats["bad_records"]``); a direction whose framing
     breaks is read no further (``stats["broken_streams"]``)."""
+    for t, conn, direction, local, remote, body in capture_frames(path, stats=stats, max_frame_size=max_frame_size):
+        yield t, conn, direction, local, remote, decode_body(body)
+
+
+def capture_frames(path: str, *, stats: Counter | None = None,
+                   max_frame_size: int = CAPTURE_MAX_FRAME_BYTES) -> Iterator[tuple[Any, tuple, str, Address,
+                                                                                     Address, bytes]]:
+    """:func:`capture_messages` with each frame's body left undecoded (the same records,
+    connections, framing and ``stats``), so a reader decodes only the frames it reads."""
     splitters: dict[tuple, FrameSplitter] = {}
     broken: set[tuple] = set()
     for record in read_capture(path):
@@ -117,4 +126,4 @@ def capture_messages(path: str, *, stats: Counter | None = None,
                 break
             if not isinstance(body, bytes):
                 break
-            yield t, conn, direction, local, remote, decode_body(body)
+            yield t, conn, direction, local, remote, body

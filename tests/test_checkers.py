@@ -495,12 +495,11 @@ def test_a_run_that_did_not_play_its_schedule_is_unknown_whatever_the_checkers_s
 
 
 def test_capture_frames_cut_a_capture_as_capture_messages_does(tmp_path):
-    """The unlinkability checker's undecoded reader: the same frames, connections and
+    """The undecoded reader the unlinkability checker uses: the same frames, connections and
     statistics as nodes.capture.capture_messages, so decoding only some changes nothing."""
     from collections import Counter
 
-    from chaos.checkers.unlinkability import capture_frames
-    from nodes.capture import capture_messages
+    from nodes.capture import capture_frames, capture_messages
     from testnet.base.protocol import decode_body, encode_frame
 
     path = tmp_path / "capture.bin"

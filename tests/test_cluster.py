@@ -369,7 +369,7 @@ def test_a_broken_host_is_named_with_why_and_nothing_is_left(ray_cluster, tmp_pa
         assert errors[0].startswith("swarmnet: error: Toxiproxy cannot start on host h2: "), errors
     if case == "toxiproxy-missing":
         assert "no Toxiproxy server binary on this host" in errors[0]
-        explicit = os.environ.get("SWARMNET_TOXIPROXY")  # CI has none: the project's bin/ is covered then
+        explicit = os.environ.get("SWARMNET_TOXIPROXY") or None  # CI has none: the project's bin/ is covered then
         assert explicit is None or f"$SWARMNET_TOXIPROXY: {explicit} is not an executable file" in errors[0], errors
     if case == "toxiproxy-exits":  # what it said on its way out comes with the error
         assert "exited before its API answered (exit code 3)" in errors[0]

@@ -31,10 +31,10 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import msgpack
 from nacl import bindings as sodium
 
-from nodes.capture import CAPTURE_MAX_FRAME_BYTES, read_capture
+from nodes.capture import capture_frames
 from testnet.base.onion import LayerError, parse_layer
 from testnet.base import crypto
-from testnet.base.protocol import FrameSplitter, RemoteProtocolError, Request, Response, decode_body
+from testnet.base.protocol import Request, Response, decode_body
 
 from .delivery import capped
 from .replication import GroundTruth, load_ground_truth
@@ -164,45 +164,6 @@ def observe_node(name: str, capture_path: Path, x25519_secret: bytes, users: Seq
 
 
 _ONION = b"onion"
-
-
-def capture_frames(path: str, *, stats: Counter | None = None,
-                   max_frame_size: int = CAPTURE_MAX_FRAME_BYTES) -> Iterator[tuple[Any, tuple, str, tuple[str, int],
-                                                                                     tuple[str, int], bytes]]:
-    """:func:`nodes.capture.capture_messages` with each frame's body left undecoded: the
-    same records, connections, framing and ``stats`` (``bad_records``, ``broken_streams``),
-    so a reader decodes (``decode_body``) only the frames it reads."""
-    splitters: dict[tuple, FrameSplitter] = {}
-    broken: set[tuple] = set()
-    for record in read_capture(path):
-        try:
-            t, cid, direction, local, remote, data = record
-            local, remote = (str(local[0]), int(local[1])), (str(remote[0]), int(remote[1]))
-        except (TypeError, ValueError, IndexError):
-            if stats is not None:
-                stats["bad_records"] += 1
-            continue
-        if direction not in ("in", "out") or not isinstance(data, bytes) or not data:
-            continue
-        conn = (cid, local, remote)
-        stream = (conn, direction)
-        if stream in broken:
-            continue
-        splitter = splitters.get(stream)
-        if splitter is None:
-            splitter = splitters[stream] = FrameSplitter(max_frame_size)
-        splitter.receive_data(data)
-        while True:
-            try:
-                body = splitter.next_body()
-            except RemoteProtocolError:
-                broken.add(stream)
-                if stats is not None:
-                    stats["broken_streams"] += 1
-                break
-            if not isinstance(body, bytes):
-                break
-            yield t, conn, direction, local, remote, body
 
 
 def _observe(node: str, t: Any, local: tuple[str, int], remote: tuple[str, int], args: Mapping[str, Any],
